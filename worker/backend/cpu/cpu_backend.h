@@ -1,0 +1,100 @@
+// The CPU backend: the reference implementation of every Backend op, fp32 arithmetic over F32 or
+// BF16 weights, matrix products through OpenBLAS, loops threaded with OpenMP. Ops run at the
+// moment they are enqueued (the CPU stream is the calling thread).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "worker/backend/backend.h"
+
+namespace gemma {
+
+class CpuBuffer final : public Buffer {
+ public:
+  CpuBuffer(DType dtype, int64_t numel);
+  uint8_t* data() { return storage_.get(); }
+  const uint8_t* data() const { return storage_.get(); }
+  float* f32() { return reinterpret_cast<float*>(data()); }
+  const float* f32() const { return reinterpret_cast<const float*>(data()); }
+  int32_t* i32() { return reinterpret_cast<int32_t*>(data()); }
+  const int32_t* i32() const { return reinterpret_cast<const int32_t*>(data()); }
+  const uint16_t* bf16() const { return reinterpret_cast<const uint16_t*>(data()); }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t, Free> storage_;
+};
+
+// Accessors that check the buffer came from the CPU backend and has the expected dtype.
+CpuBuffer& AsCpu(Buffer& b);
+const CpuBuffer& AsCpu(const Buffer& b);
+float* F32Data(Buffer& b);
+const float* F32Data(const Buffer& b);
+const int32_t* I32Data(const Buffer& b);
+int32_t* I32Data(Buffer& b);
+// Element `i` of an F32 or BF16 buffer as float.
+float LoadF32(const Buffer& b, int64_t i);
+// Copies `count` elements starting at `offset` of an F32 or BF16 buffer into `dst` as floats.
+void LoadF32Range(const Buffer& b, int64_t offset, int64_t count, float* dst);
+
+struct CpuBackendOptions {
+  int num_threads = 0;  // 0: all cores
+};
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(CpuBackendOptions options = {});
+  std::string Name() const override { return "cpu"; }
+
+  absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
+  absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src,
+                                         int64_t numel) override;
+  void Write(Buffer& dst, const void* src, size_t bytes, size_t offset) override;
+  absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset) override;
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab, int64_t hidden,
+             float scale, Buffer& out) override;
+  void MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k, Buffer& y,
+              int64_t w_row_offset) override;
+  void RmsNorm(const Buffer& x, const Buffer* w, int64_t rows, int64_t dim, float eps,
+               Buffer& out) override;
+  void AddRmsNorm(Buffer& residual, const Buffer& x, const Buffer& w, const Buffer* scalar,
+                  int64_t rows, int64_t dim, float eps) override;
+  void Add(const Buffer& a, const Buffer& b, int64_t n, Buffer& out) override;
+  void HeadNormRope(Buffer& x, const Buffer* w, const Buffer& positions, int64_t num_tokens,
+                    int64_t num_heads, const RopeSpec& rope, float eps) override;
+  void WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots, int64_t num_tokens,
+               int64_t row_elems, Buffer* k_cache, Buffer& v_cache) override;
+  void Attention(const AttentionArgs& args) override;
+  void GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer& out) override;
+  void MoeRoute(const MoeRouteArgs& args) override;
+  void MoeExperts(const MoeExpertsArgs& args) override;
+  void Softcap(Buffer& x, int64_t n, float cap) override;
+  void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
+                  Buffer& out) override;
+  void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
+              const std::vector<SamplingParams>& params, Buffer& ids) override;
+
+ private:
+  int num_threads_;
+};
+
+// Shared CPU kernels, also used directly by tests as the scalar reference.
+namespace cpu {
+// y[m, n] = x[m, k] . w[n, k]^T with w F32 or BF16 starting at row `w_row_offset`.
+void MatMulF32(const float* x, const Buffer& w, int64_t w_row_offset, int64_t m, int64_t n,
+               int64_t k, float* y);
+// Rotates one head vector in place at `position`.
+void ApplyRope(float* head, int64_t position, const RopeSpec& rope);
+// The inverse frequencies of `rope` (head_dim / 2 entries, zeros past rotary_pairs).
+std::vector<float> RopeInvFreq(const RopeSpec& rope);
+float GeluTanh(float x);
+}  // namespace cpu
+
+}  // namespace gemma

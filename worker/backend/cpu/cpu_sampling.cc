@@ -1,0 +1,68 @@
+// Token sampling of the CPU backend: greedy, or temperature / top-k / top-p with the keyed
+// uniform of SamplingUniform, so a seeded draw depends only on (seed, request, position).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "glog/logging.h"
+#include "worker/backend/cpu/cpu_backend.h"
+
+namespace gemma {
+
+void CpuBackend::Sample(const Buffer& logits, int64_t rows, int64_t vocab,
+                        const std::vector<SamplingParams>& params, Buffer& ids) {
+  CHECK_EQ(static_cast<int64_t>(params.size()), rows);
+  const float* l = F32Data(logits);
+  int32_t* out = I32Data(ids);
+  std::vector<int32_t> order;
+  std::vector<double> probs;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = l + r * vocab;
+    const SamplingParams& p = params[r];
+    if (p.temperature <= 0.0f) {
+      out[r] = static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+      continue;
+    }
+    int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
+    order.resize(vocab);
+    std::iota(order.begin(), order.end(), 0);
+    auto by_logit = [&](int32_t i, int32_t j) { return row[i] != row[j] ? row[i] > row[j] : i < j; };
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
+    // Softmax of the kept candidates at this temperature (largest first).
+    probs.resize(keep);
+    double max_scaled = row[order[0]] / p.temperature;
+    double total = 0.0;
+    for (int64_t i = 0; i < keep; ++i) {
+      probs[i] = std::exp(row[order[i]] / p.temperature - max_scaled);
+      total += probs[i];
+    }
+    // Top-p: the smallest prefix whose probability reaches top_p.
+    int64_t nucleus = keep;
+    if (p.top_p < 1.0f) {
+      double cumulative = 0.0;
+      for (int64_t i = 0; i < keep; ++i) {
+        cumulative += probs[i] / total;
+        if (cumulative >= p.top_p) {
+          nucleus = i + 1;
+          break;
+        }
+      }
+    }
+    double nucleus_total = 0.0;
+    for (int64_t i = 0; i < nucleus; ++i) nucleus_total += probs[i];
+    double target = SamplingUniform(p.seed, p.request_key, p.position) * nucleus_total;
+    int64_t chosen = nucleus - 1;
+    double cumulative = 0.0;
+    for (int64_t i = 0; i < nucleus; ++i) {
+      cumulative += probs[i];
+      if (target < cumulative) {
+        chosen = i;
+        break;
+      }
+    }
+    out[r] = order[chosen];
+  }
+}
+
+}  // namespace gemma

@@ -1,0 +1,58 @@
+#include "worker/cli/cli_common.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "common/status_macros.h"
+#include "worker/backend/cpu/cpu_backend.h"
+
+namespace gemma::cli {
+
+void NormalizeFlagDashes(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    char* arg = argv[i];
+    if (arg[0] != '-' || arg[1] != '-') continue;
+    if (arg[2] == '\0') break;  // "--": the rest are positional
+    for (char* p = arg + 2; *p != '\0' && *p != '='; ++p) {
+      if (*p == '-') *p = '_';
+    }
+  }
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text) {
+  std::vector<int32_t> ids;
+  if (absl::StripAsciiWhitespace(text).empty()) {
+    return absl::InvalidArgumentError("--tokens is empty; give comma-separated ids, e.g. 2,17,301");
+  }
+  int index = 0;
+  for (absl::string_view item : absl::StrSplit(text, ',')) {
+    item = absl::StripAsciiWhitespace(item);
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(item, &id) || id < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tokens item ", index, " (\"", item, "\") is not a non-negative integer id"));
+    }
+    ids.push_back(id);
+    ++index;
+  }
+  return ids;
+}
+
+absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
+                                       int64_t max_tokens, int64_t page_size) {
+  if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  LoadedModel loaded;
+  CpuBackendOptions options;
+  options.num_threads = threads;
+  loaded.backend = std::make_unique<CpuBackend>(options);
+  ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend));
+  KvCacheOptions cache_options;
+  cache_options.page_size = page_size;
+  cache_options.default_tokens = max_tokens + page_size;
+  ASSIGN_OR_RETURN(loaded.cache,
+                   KvCache::Create(loaded.model->config(), *loaded.backend, cache_options));
+  return loaded;
+}
+
+}  // namespace gemma::cli

@@ -1,0 +1,35 @@
+// Helpers shared by the command-line tools: parsing token lists and building the CPU backend,
+// model and cache from flags. Errors are Statuses the tools print before exiting non-zero.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/model.h"
+
+namespace gemma::cli {
+
+// Rewrites "--some-flag[=v]" as "--some_flag[=v]" in place, so flags may be spelled with dashes
+// (as documented) while absl's parser sees underscores. Arguments after "--" are left alone.
+void NormalizeFlagDashes(int argc, char** argv);
+
+// "2,17,301" -> {2, 17, 301}. INVALID_ARGUMENT naming the bad item.
+absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text);
+
+struct LoadedModel {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<gemma4::Model> model;
+  std::unique_ptr<KvCache> cache;
+};
+
+// Loads `model_dir` on the CPU backend with a cache able to hold `max_tokens` positions.
+absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
+                                       int64_t max_tokens, int64_t page_size);
+
+}  // namespace gemma::cli

@@ -1,0 +1,83 @@
+// gemma-generate: generates token ids after a prompt and prints them on one line.
+//   gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32 [--temperature T
+//                  --top-k K --top-p P --seed S]
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+#include "worker/cli/cli_common.h"
+#include "worker/engine/generate.h"
+
+ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
+ABSL_FLAG(std::string, tokens, "", "comma-separated prompt token ids, e.g. 2,17,301");
+ABSL_FLAG(int64_t, max_new_tokens, 32, "tokens to generate");
+ABSL_FLAG(double, temperature, 0.0, "sampling temperature; 0 = greedy");
+ABSL_FLAG(int32_t, top_k, 0, "keep the k most likely tokens (0 = all)");
+ABSL_FLAG(double, top_p, 1.0, "nucleus probability in (0, 1]");
+ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
+ABSL_FLAG(bool, stop_at_eos, false, "stop after an end-of-sequence id of config.json");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores)");
+ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
+ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+
+namespace {
+
+absl::Status Run() {
+  const double temperature = absl::GetFlag(FLAGS_temperature);
+  const double top_p = absl::GetFlag(FLAGS_top_p);
+  const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
+  if (temperature < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--temperature must be >= 0, got ", temperature));
+  }
+  if (!(top_p > 0 && top_p <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--top-p must be in (0, 1], got ", top_p));
+  }
+  if (absl::GetFlag(FLAGS_top_k) < 0) {
+    return absl::InvalidArgumentError("--top-k must be >= 0 (0 keeps every token)");
+  }
+  if (max_new < 0) return absl::InvalidArgumentError("--max-new-tokens must be >= 0");
+  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
+  ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
+                   gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads),
+                                          static_cast<int64_t>(tokens.size()) + max_new,
+                                          absl::GetFlag(FLAGS_page_size)));
+  gemma::GenerateOptions options;
+  options.max_new_tokens = max_new;
+  options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
+  options.sampling.temperature = static_cast<float>(temperature);
+  options.sampling.top_k = absl::GetFlag(FLAGS_top_k);
+  options.sampling.top_p = static_cast<float>(top_p);
+  options.sampling.seed = absl::GetFlag(FLAGS_seed);
+  if (absl::GetFlag(FLAGS_stop_at_eos)) {
+    for (int64_t id : loaded.model->config().eos_token_ids) {
+      options.stop_ids.push_back(static_cast<int32_t>(id));
+    }
+  }
+  ASSIGN_OR_RETURN(std::vector<int32_t> output,
+                   gemma::Generate(*loaded.model, *loaded.cache, tokens, options));
+  std::cout << absl::StrJoin(output, " ") << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "generates token ids after a prompt and prints them space separated\n"
+      "  gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32");
+  gemma::cli::NormalizeFlagDashes(argc, argv);
+  absl::ParseCommandLine(argc, argv);
+  google::InitGoogleLogging(argv[0]);
+  FLAGS_logtostderr = true;
+  absl::Status status = Run();
+  if (!status.ok()) {
+    std::cerr << "gemma-generate: " << status.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
