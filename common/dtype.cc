@@ -41,8 +41,8 @@ absl::StatusOr<DType> ParseDType(std::string_view name) {
   if (name == "F16") return DType::kF16;
   if (name == "I32") return DType::kI32;
   if (name == "I64") return DType::kI64;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unsupported dtype \"", std::string(name), "\" (supported: F32, BF16, F16, I32, I64)"));
+  return absl::InvalidArgumentError(absl::StrCat("unsupported dtype \"", std::string(name),
+                                                 "\" (supported: F32, BF16, F16, I32, I64)"));
 }
 
 float F16ToF32(uint16_t h) {

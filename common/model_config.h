@@ -33,8 +33,9 @@ struct ModelConfig {
   int64_t num_hidden_layers = 30;
   int64_t num_attention_heads = 8;
   int64_t num_key_value_heads = 4;
-  // KV heads of full layers; used only with attention_k_eq_v, as in HF (the parser stores 0
-  // otherwise). 0 -> same as num_key_value_heads.
+  // KV heads of full layers. As in HF, the config key counts only with attention_k_eq_v (the
+  // parser stores 0 otherwise); a per_layer_config override always counts.
+  // 0 -> same as num_key_value_heads.
   int64_t num_global_key_value_heads = 0;
   int64_t head_dim = 256;
   int64_t global_head_dim = 512;
@@ -65,10 +66,12 @@ struct ModelConfig {
 
   // Derived helpers.
   bool IsFull(int layer_idx) const { return layer_types[layer_idx] == LayerType::kFull; }
-  int64_t LayerHeadDim(int layer_idx) const { return IsFull(layer_idx) ? global_head_dim : head_dim; }
+  int64_t LayerHeadDim(int layer_idx) const {
+    return IsFull(layer_idx) ? global_head_dim : head_dim;
+  }
   int64_t LayerKvHeads(int layer_idx) const {
     return IsFull(layer_idx) && num_global_key_value_heads > 0 ? num_global_key_value_heads
-                                                                : num_key_value_heads;
+                                                               : num_key_value_heads;
   }
   // True when layer `layer_idx` derives V from the K projection (no v_proj).
   bool LayerKEqV(int layer_idx) const { return attention_k_eq_v && IsFull(layer_idx); }

@@ -2,8 +2,6 @@
 // Attention runs one task per (sequence, kv head): it gathers that head's keys and values for
 // the positions the sequence's queries can see (deriving K from V on k_eq_v layers), then
 // serves every query head of the group.
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -67,35 +65,35 @@ void CpuBackend::HeadNormRope(Buffer& x, const Buffer* w, const Buffer& position
   std::vector<float> inv = cpu::RopeInvFreq(rope);
   const int64_t half = d / 2;
   const int64_t pairs = std::min(half, rope.rotary_pairs);
-#pragma omp parallel for if (num_tokens * num_heads > 16)
-  for (int64_t th = 0; th < num_tokens * num_heads; ++th) {
-    float* h = xs + th * d;
-    double sum = 0.0;
-    for (int64_t i = 0; i < d; ++i) sum += static_cast<double>(h[i]) * h[i];
-    float inv_rms = 1.0f / std::sqrt(static_cast<float>(sum / d) + eps);
-    for (int64_t i = 0; i < d; ++i) {
-      float v = h[i] * inv_rms;
-      h[i] = weight.empty() ? v : v * weight[i];
-    }
-    if (pairs > 0) {
-      int64_t t = th / num_heads;
-      float angle_pos = static_cast<float>(pos[t]);
-      for (int64_t i = 0; i < pairs; ++i) {
-        float angle = inv[i] * angle_pos;
-        float c = std::cos(angle);
-        float s = std::sin(angle);
-        float a = h[i];
-        float b = h[i + half];
-        h[i] = a * c - b * s;
-        h[i + half] = b * c + a * s;
+  pool_.ParallelFor(num_tokens * num_heads, 8, [&](int64_t th_begin, int64_t th_end) {
+    for (int64_t th = th_begin; th < th_end; ++th) {
+      float* h = xs + th * d;
+      double sum = 0.0;
+      for (int64_t i = 0; i < d; ++i) sum += static_cast<double>(h[i]) * h[i];
+      float inv_rms = 1.0f / std::sqrt(static_cast<float>(sum / d) + eps);
+      for (int64_t i = 0; i < d; ++i) {
+        float v = h[i] * inv_rms;
+        h[i] = weight.empty() ? v : v * weight[i];
+      }
+      if (pairs > 0) {
+        int64_t t = th / num_heads;
+        float angle_pos = static_cast<float>(pos[t]);
+        for (int64_t i = 0; i < pairs; ++i) {
+          float angle = inv[i] * angle_pos;
+          float c = std::cos(angle);
+          float s = std::sin(angle);
+          float a = h[i];
+          float b = h[i + half];
+          h[i] = a * c - b * s;
+          h[i + half] = b * c + a * s;
+        }
       }
     }
-  }
+  });
 }
 
-void CpuBackend::WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots,
-                         int64_t num_tokens, int64_t row_elems, Buffer* k_cache,
-                         Buffer& v_cache) {
+void CpuBackend::WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots, int64_t num_tokens,
+                         int64_t row_elems, Buffer* k_cache, Buffer& v_cache) {
   const int32_t* slot = I32Data(slots);
   const float* vs = F32Data(v);
   float* vc = F32Data(v_cache);
@@ -136,11 +134,9 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   const int64_t num_seqs = layout.num_seqs;
   const int64_t row_elems = num_kv * d;
 
-#pragma omp parallel
-  {
+  pool_.ParallelFor(num_seqs * num_kv, 1, [&](int64_t task_begin, int64_t task_end) {
     std::vector<float> keys, values, scores;
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < num_seqs * num_kv; ++task) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t s = task / num_kv;
       const int64_t g = task % num_kv;
       const int64_t q_begin = layout.host_query_start[s];
@@ -166,8 +162,8 @@ void CpuBackend::Attention(const AttentionArgs& a) {
         CHECK_LT(logical_page, layout.max_pages_per_seq);
         int32_t page = table[logical_page];
         CHECK_GE(page, 0) << "position " << p << " of sequence " << s << " is not cached";
-        int64_t src = (static_cast<int64_t>(page) * a.page_size + p % a.page_size) * row_elems +
-                      g * d;
+        int64_t src =
+            (static_cast<int64_t>(page) * a.page_size + p % a.page_size) * row_elems + g * d;
         std::memcpy(&values[j * d], vc + src, d * sizeof(float));
         float* kj = &keys[j * d];
         if (!derive_k) {
@@ -219,7 +215,7 @@ void CpuBackend::Attention(const AttentionArgs& a) {
         }
       }
     }
-  }
+  });
 }
 
 }  // namespace gemma

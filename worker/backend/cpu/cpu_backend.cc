@@ -1,11 +1,12 @@
 #include "worker/backend/cpu/cpu_backend.h"
 
-#include <omp.h>
+#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "glog/logging.h"
@@ -71,8 +72,10 @@ void LoadF32Range(const Buffer& b, int64_t offset, int64_t count, float* dst) {
 }
 
 CpuBackend::CpuBackend(CpuBackendOptions options)
-    : num_threads_(options.num_threads > 0 ? options.num_threads : omp_get_max_threads()) {
-  omp_set_num_threads(num_threads_);
+    : pool_(options.num_threads > 0 ? options.num_threads
+                                    : static_cast<int>(std::thread::hardware_concurrency())) {
+  // OpenBLAS runs inside our pool's threads, one thread each (see cpu_matmul.cc).
+  openblas_set_num_threads(1);
 }
 
 absl::StatusOr<BufferPtr> CpuBackend::Alloc(DType dtype, int64_t numel) {
@@ -107,8 +110,8 @@ void CpuBackend::Write(Buffer& dst, const void* src, size_t bytes, size_t offset
 
 absl::Status CpuBackend::Read(const Buffer& src, void* dst, size_t bytes, size_t offset) {
   if (offset + bytes > src.bytes()) {
-    return absl::OutOfRangeError(absl::StrCat("read of ", bytes, " bytes at ", offset,
-                                              " past a buffer of ", src.bytes()));
+    return absl::OutOfRangeError(
+        absl::StrCat("read of ", bytes, " bytes at ", offset, " past a buffer of ", src.bytes()));
   }
   std::memcpy(dst, AsCpu(src).data() + offset, bytes);
   return absl::OkStatus();
@@ -118,13 +121,14 @@ void CpuBackend::Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_
                        int64_t hidden, float scale, Buffer& out) {
   const int32_t* id = I32Data(ids);
   float* o = F32Data(out);
-#pragma omp parallel for
-  for (int64_t t = 0; t < n; ++t) {
-    CHECK(id[t] >= 0 && id[t] < vocab) << "token id " << id[t] << " outside the vocabulary";
-    float* row = o + t * hidden;
-    LoadF32Range(table, static_cast<int64_t>(id[t]) * hidden, hidden, row);
-    for (int64_t i = 0; i < hidden; ++i) row[i] *= scale;
-  }
+  pool_.ParallelFor(n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      CHECK(id[t] >= 0 && id[t] < vocab) << "token id " << id[t] << " outside the vocabulary";
+      float* row = o + t * hidden;
+      LoadF32Range(table, static_cast<int64_t>(id[t]) * hidden, hidden, row);
+      for (int64_t i = 0; i < hidden; ++i) row[i] *= scale;
+    }
+  });
 }
 
 void CpuBackend::MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k,
@@ -132,7 +136,7 @@ void CpuBackend::MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, 
   CHECK_LE((w_row_offset + n) * k, w.numel()) << "weight too small for the product";
   CHECK_LE(m * k, x.numel());
   CHECK_LE(m * n, y.numel());
-  cpu::MatMulF32(F32Data(x), w, w_row_offset, m, n, k, F32Data(y));
+  cpu::MatMulF32(&pool_, F32Data(x), w, w_row_offset, m, n, k, F32Data(y));
 }
 
 namespace {
@@ -154,16 +158,17 @@ void CpuBackend::RmsNorm(const Buffer& x, const Buffer* w, int64_t rows, int64_t
     weight.resize(dim);
     LoadF32Range(*w, 0, dim, weight.data());
   }
-#pragma omp parallel for if (rows > 4)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xs + r * dim;
-    float* orow = o + r * dim;
-    float inv = InvRms(xr, dim, eps);
-    for (int64_t i = 0; i < dim; ++i) {
-      float v = xr[i] * inv;
-      orow[i] = weight.empty() ? v : v * weight[i];
+  pool_.ParallelFor(rows, std::max<int64_t>(1, 8192 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xs + r * dim;
+      float* orow = o + r * dim;
+      float inv = InvRms(xr, dim, eps);
+      for (int64_t i = 0; i < dim; ++i) {
+        float v = xr[i] * inv;
+        orow[i] = weight.empty() ? v : v * weight[i];
+      }
     }
-  }
+  });
 }
 
 void CpuBackend::AddRmsNorm(Buffer& residual, const Buffer& x, const Buffer& w,
@@ -173,16 +178,17 @@ void CpuBackend::AddRmsNorm(Buffer& residual, const Buffer& x, const Buffer& w,
   std::vector<float> weight(dim);
   LoadF32Range(w, 0, dim, weight.data());
   float s = scalar != nullptr ? LoadF32(*scalar, 0) : 1.0f;
-#pragma omp parallel for if (rows > 4)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xs + r * dim;
-    float* rr = res + r * dim;
-    float inv = InvRms(xr, dim, eps);
-    for (int64_t i = 0; i < dim; ++i) {
-      float v = rr[i] + (xr[i] * inv) * weight[i];
-      rr[i] = scalar != nullptr ? v * s : v;
+  pool_.ParallelFor(rows, std::max<int64_t>(1, 8192 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xs + r * dim;
+      float* rr = res + r * dim;
+      float inv = InvRms(xr, dim, eps);
+      for (int64_t i = 0; i < dim; ++i) {
+        float v = rr[i] + (xr[i] * inv) * weight[i];
+        rr[i] = scalar != nullptr ? v * s : v;
+      }
     }
-  }
+  });
 }
 
 void CpuBackend::Add(const Buffer& a, const Buffer& b, int64_t n, Buffer& out) {
@@ -195,19 +201,21 @@ void CpuBackend::Add(const Buffer& a, const Buffer& b, int64_t n, Buffer& out) {
 void CpuBackend::GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer& out) {
   const float* gu = F32Data(gate_up);
   float* o = F32Data(out);
-#pragma omp parallel for if (n > 4)
-  for (int64_t t = 0; t < n; ++t) {
-    const float* g = gu + t * 2 * inter;
-    const float* u = g + inter;
-    float* orow = o + t * inter;
-    for (int64_t i = 0; i < inter; ++i) orow[i] = cpu::GeluTanh(g[i]) * u[i];
-  }
+  pool_.ParallelFor(n, std::max<int64_t>(1, 4096 / inter), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gu + t * 2 * inter;
+      const float* u = g + inter;
+      float* orow = o + t * inter;
+      for (int64_t i = 0; i < inter; ++i) orow[i] = cpu::GeluTanh(g[i]) * u[i];
+    }
+  });
 }
 
 void CpuBackend::Softcap(Buffer& x, int64_t n, float cap) {
   float* p = F32Data(x);
-#pragma omp parallel for if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) p[i] = cap * std::tanh(p[i] / cap);
+  pool_.ParallelFor(n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) p[i] = cap * std::tanh(p[i] / cap);
+  });
 }
 
 void CpuBackend::GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,

@@ -1,6 +1,6 @@
 // The CPU backend: the reference implementation of every Backend op, fp32 arithmetic over F32 or
-// BF16 weights, matrix products through OpenBLAS, loops threaded with OpenMP. Ops run at the
-// moment they are enqueued (the CPU stream is the calling thread).
+// BF16 weights, matrix products through OpenBLAS, loops split over a blocking thread pool. Ops run
+// at the moment they are enqueued (the CPU stream is the calling thread).
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/thread_pool.h"
 #include "worker/backend/backend.h"
 
 namespace gemma {
@@ -52,16 +53,15 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
 
   absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
-  absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src,
-                                         int64_t numel) override;
-  void Write(Buffer& dst, const void* src, size_t bytes, size_t offset) override;
-  absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset) override;
+  absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src, int64_t numel) override;
+  void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;
+  absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
   void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab, int64_t hidden,
              float scale, Buffer& out) override;
   void MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k, Buffer& y,
-              int64_t w_row_offset) override;
+              int64_t w_row_offset = 0) override;
   void RmsNorm(const Buffer& x, const Buffer* w, int64_t rows, int64_t dim, float eps,
                Buffer& out) override;
   void AddRmsNorm(Buffer& residual, const Buffer& x, const Buffer& w, const Buffer* scalar,
@@ -82,14 +82,15 @@ class CpuBackend final : public Backend {
               const std::vector<SamplingParams>& params, Buffer& ids) override;
 
  private:
-  int num_threads_;
+  ThreadPool pool_;
 };
 
 // Shared CPU kernels, also used directly by tests as the scalar reference.
 namespace cpu {
 // y[m, n] = x[m, k] . w[n, k]^T with w F32 or BF16 starting at row `w_row_offset`.
-void MatMulF32(const float* x, const Buffer& w, int64_t w_row_offset, int64_t m, int64_t n,
-               int64_t k, float* y);
+// Threaded over `pool` (null: the calling thread only).
+void MatMulF32(ThreadPool* pool, const float* x, const Buffer& w, int64_t w_row_offset, int64_t m,
+               int64_t n, int64_t k, float* y);
 // Rotates one head vector in place at `position`.
 void ApplyRope(float* head, int64_t position, const RopeSpec& rope);
 // The inverse frequencies of `rope` (head_dim / 2 entries, zeros past rotary_pairs).

@@ -33,7 +33,8 @@ void CpuBackend::MoeRoute(const MoeRouteArgs& a) {
     for (int64_t i = 0; i < hidden; ++i) z[t * hidden + i] = (xr[i] * inv) * scale[i] * root;
   }
   std::vector<float> logits(a.num_tokens * num_experts);
-  cpu::MatMulF32(z.data(), *a.router_proj, 0, a.num_tokens, num_experts, hidden, logits.data());
+  cpu::MatMulF32(&pool_, z.data(), *a.router_proj, 0, a.num_tokens, num_experts, hidden,
+                 logits.data());
 
   int32_t* ids = I32Data(*a.topk_ids);
   float* weights = F32Data(*a.topk_weights);
@@ -95,14 +96,15 @@ void CpuBackend::MoeExperts(const MoeExpertsArgs& a) {
       std::copy_n(x + (rows[r] / top_k) * hidden, hidden, &xin[r * hidden]);
     }
     gate_up.resize(n * 2 * inter);
-    cpu::MatMulF32(xin.data(), *a.gate_up, e * 2 * inter, n, 2 * inter, hidden, gate_up.data());
+    cpu::MatMulF32(&pool_, xin.data(), *a.gate_up, e * 2 * inter, n, 2 * inter, hidden,
+                   gate_up.data());
     act.resize(n * inter);
     for (int64_t r = 0; r < n; ++r) {
       const float* g = &gate_up[r * 2 * inter];
       for (int64_t i = 0; i < inter; ++i) act[r * inter + i] = cpu::GeluTanh(g[i]) * g[inter + i];
     }
     y.resize(n * hidden);
-    cpu::MatMulF32(act.data(), *a.down, e * hidden, n, hidden, inter, y.data());
+    cpu::MatMulF32(&pool_, act.data(), *a.down, e * hidden, n, hidden, inter, y.data());
     for (int64_t r = 0; r < n; ++r) {
       std::copy_n(&y[r * hidden], hidden, &slot_out[rows[r] * hidden]);
     }

@@ -27,7 +27,9 @@ void CpuBackend::Sample(const Buffer& logits, int64_t rows, int64_t vocab,
     int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
     order.resize(vocab);
     std::iota(order.begin(), order.end(), 0);
-    auto by_logit = [&](int32_t i, int32_t j) { return row[i] != row[j] ? row[i] > row[j] : i < j; };
+    auto by_logit = [&](int32_t i, int32_t j) {
+      return row[i] != row[j] ? row[i] > row[j] : i < j;
+    };
     std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
     // Softmax of the kept candidates at this temperature (largest first).
     probs.resize(keep);

@@ -1,0 +1,17 @@
+// The numeric tolerances of every test, in one place, with what each bounds.
+#pragma once
+
+namespace gemma::testing {
+
+// fp32 engine vs transformers fp32 eager: max |ours - ref| <= kLogitRelTol * max |ref|.
+inline constexpr double kLogitRelTol = 1e-4;
+// Per-layer hidden states, same rule per layer.
+inline constexpr double kHiddenRelTol = 1e-4;
+// Two runs of our own engine that must agree up to float reassociation (batching, chunking).
+inline constexpr double kSelfRelTol = 1e-5;
+// bf16 weights: top-1 agreement with the transformers bf16 run.
+inline constexpr double kBf16Top1Agreement = 0.99;
+// A recorded reference margin must exceed the error we measured by this factor.
+inline constexpr double kMarginFactor = 100.0;
+
+}  // namespace gemma::testing

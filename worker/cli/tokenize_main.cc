@@ -1,0 +1,103 @@
+// gemma-tokenize: encodes, decodes and renders chat prompts with a tokenizer.json, for tests
+// and for checking a tokenizer file by hand.
+//
+//   gemma-tokenize --tokenizer tokenizer.json --encode < text      ids, space-separated
+//   gemma-tokenize --tokenizer tokenizer.json --decode < ids       text
+//   gemma-tokenize --tokenizer tokenizer.json --chat chat.json     {"prompt": ..., "ids": ...}
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_join.h"
+#include "common/tokenizer/chat_format.h"
+#include "common/tokenizer/tokenizer.h"
+#include "glog/logging.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, tokenizer, "", "Path to tokenizer.json.");
+ABSL_FLAG(bool, encode, false, "Encode standard input to ids.");
+ABSL_FLAG(bool, decode, false, "Decode whitespace- or comma-separated ids from standard input.");
+ABSL_FLAG(std::string, chat, "", "Render this chat JSON file to a prompt and its ids.");
+ABSL_FLAG(bool, add_special_tokens, false, "With --encode: apply the post-processor (<bos>).");
+ABSL_FLAG(bool, split_special_tokens, false, "With --encode: special tokens in the text are "
+          "plain text.");
+ABSL_FLAG(bool, skip_special_tokens, false, "With --decode: drop special tokens.");
+
+namespace {
+
+namespace tok = gemma::tokenizer;
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "gemma-tokenize: %s\n", message.c_str());
+  return 1;
+}
+
+std::string ReadAll(std::istream& in) {
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  google::InitGoogleLogging(argv[0]);
+  const std::string path = absl::GetFlag(FLAGS_tokenizer);
+  const int modes = absl::GetFlag(FLAGS_encode) + absl::GetFlag(FLAGS_decode) +
+                    !absl::GetFlag(FLAGS_chat).empty();
+  if (path.empty() || modes != 1) {
+    return Fail("usage: --tokenizer FILE.json and exactly one of --encode, --decode, "
+                "--chat FILE.json");
+  }
+  auto tokenizer = tok::Tokenizer::FromFile(path);
+  if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().ToString()));
+
+  if (absl::GetFlag(FLAGS_encode)) {
+    tok::EncodeOptions options;
+    options.add_special_tokens = absl::GetFlag(FLAGS_add_special_tokens);
+    options.split_special_tokens = absl::GetFlag(FLAGS_split_special_tokens);
+    const std::vector<int32_t> ids = (*tokenizer)->Encode(ReadAll(std::cin), options);
+    std::cout << absl::StrJoin(ids, " ") << "\n";
+    return 0;
+  }
+  if (absl::GetFlag(FLAGS_decode)) {
+    std::string input = ReadAll(std::cin);
+    for (char& c : input) {
+      if (c == ',' || c == '[' || c == ']') c = ' ';
+    }
+    std::istringstream stream(input);
+    std::vector<int32_t> ids;
+    std::string word;
+    while (stream >> word) {
+      char* end = nullptr;
+      const long value = std::strtol(word.c_str(), &end, 10);
+      if (*end != '\0' || value < 0 || value > INT32_MAX) return Fail("bad id: " + word);
+      ids.push_back(static_cast<int32_t>(value));
+    }
+    tok::DecodeOptions options;
+    options.skip_special_tokens = absl::GetFlag(FLAGS_skip_special_tokens);
+    std::cout << (*tokenizer)->Decode(ids, options);
+    return 0;
+  }
+  std::ifstream chat_file(absl::GetFlag(FLAGS_chat), std::ios::binary);
+  if (!chat_file) return Fail("cannot open " + absl::GetFlag(FLAGS_chat));
+  const nlohmann::json request = nlohmann::json::parse(ReadAll(chat_file), nullptr, false);
+  if (request.is_discarded()) return Fail(absl::GetFlag(FLAGS_chat) + ": not valid JSON");
+  std::vector<tok::ChatMessage> messages;
+  tok::ChatOptions options;
+  if (absl::Status status = tok::ParseChatRequest(request, &messages, &options); !status.ok()) {
+    return Fail(std::string(status.message()));
+  }
+  auto prompt = tok::RenderGemma4Chat(messages, options);
+  if (!prompt.ok()) return Fail(std::string(prompt.status().message()));
+  nlohmann::json out;
+  out["prompt"] = *prompt;
+  out["ids"] = (*tokenizer)->Encode(*prompt);
+  std::cout << out.dump() << "\n";
+  return 0;
+}
