@@ -1,0 +1,131 @@
+// The command-line tools as users and outside checks call them: real processes, real files.
+// gemma-forward's .npy equals the transformers logits; gemma-generate prints the greedy ids;
+// bad flags and inputs exit non-zero with a message saying what was wrong.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "common/npy.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/compare.h"
+#include "tests/testing/tolerances.h"
+
+namespace gemma {
+namespace {
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+RunResult RunTool(const std::string& tool, const std::string& args) {
+  std::string command = absl::StrCat(GEMMA_BINARY_DIR, "/bin/", tool, " ", args, " 2>&1");
+  RunResult result;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return result;
+  std::array<char, 4096> buffer;
+  size_t n;
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
+  int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+nlohmann::json Manifest(const std::string& model) {
+  std::ifstream in(testing::GoldenPath(absl::StrCat("reference/", model, "/manifest.json")));
+  return nlohmann::json::parse(in);
+}
+
+TEST(CliTest, ForwardWritesTransformersLogitsAsNpy) {
+  nlohmann::json manifest = Manifest("tiny-moe");
+  const auto& prompt = manifest["prompts"][4];
+  std::vector<int32_t> tokens = prompt["tokens"].get<std::vector<int32_t>>();
+  std::string out = absl::StrCat(::testing::TempDir(), "/cli_logits.npy");
+  RunResult r = RunTool("gemma-forward", absl::StrCat("--model ", testing::GoldenPath("tiny-moe"),
+                                                  " --tokens ", absl::StrJoin(tokens, ","),
+                                                  " --logits-out ", out, " --threads 2"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto ours = ReadNpy(out);
+  ASSERT_TRUE(ours.ok()) << ours.status();
+  auto ref = ReadNpy(testing::GoldenPath(
+      absl::StrCat("reference/tiny-moe/", prompt["logits"].get<std::string>())));
+  ASSERT_TRUE(ref.ok());
+  EXPECT_EQ(ours->dtype, DType::kF32);
+  EXPECT_EQ(ours->shape, ref->shape);
+  auto cmp = testing::Compare(ours->AsFloat(), ref->AsFloat());
+  EXPECT_LE(cmp.Relative(), testing::kLogitRelTol) << cmp.ToString();
+}
+
+TEST(CliTest, GeneratePrintsGreedyIdsOnOneLine) {
+  nlohmann::json manifest = Manifest("tiny-dense");
+  const auto& g = manifest["greedy"][1];
+  RunResult r = RunTool("gemma-generate",
+                    absl::StrCat("--model ", testing::GoldenPath("tiny-dense"), " --tokens ",
+                                 absl::StrJoin(g["prompt"].get<std::vector<int32_t>>(), ","),
+                                 " --max-new-tokens ", g["max_new_tokens"].get<int>()));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(absl::StripAsciiWhitespace(r.output),
+            absl::StrJoin(g["output"].get<std::vector<int32_t>>(), " "));
+}
+
+TEST(CliTest, SeededSamplingIsReproducible) {
+  std::string args = absl::StrCat("--model ", testing::GoldenPath("tiny-moe"),
+                                  " --tokens 2,17,301,42 --max-new-tokens 12 --temperature 1.0 "
+                                  "--top-k 50 --top-p 0.9 --seed 7");
+  RunResult a = RunTool("gemma-generate", args);
+  RunResult b = RunTool("gemma-generate", args);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  EXPECT_EQ(a.output, b.output);
+  std::vector<std::string> ids =
+      absl::StrSplit(absl::StripAsciiWhitespace(a.output), ' ', absl::SkipEmpty());
+  EXPECT_EQ(ids.size(), 12u);
+}
+
+struct BadCase {
+  std::string tool;
+  std::string args;
+  std::string expected;  // substring of the error message
+};
+
+TEST(CliTest, BadFlagsAndInputsFailWithAClearMessage) {
+  const std::string model = testing::GoldenPath("tiny-dense");
+  const std::string out = absl::StrCat(::testing::TempDir(), "/unused.npy");
+  const std::vector<BadCase> cases = {
+      {"gemma-forward", absl::StrCat("--tokens 2,3 --logits-out ", out), "--model"},
+      {"gemma-forward", absl::StrCat("--model ", model, " --tokens 2,3"), "--logits-out"},
+      {"gemma-forward", absl::StrCat("--model ", model, " --logits-out ", out), "--tokens"},
+      {"gemma-forward", absl::StrCat("--model ", model, " --tokens 2,x,3 --logits-out ", out),
+       "\"x\""},
+      {"gemma-forward", absl::StrCat("--model ", model, " --tokens 2,999999 --logits-out ", out),
+       "outside the vocabulary"},
+      {"gemma-forward", absl::StrCat("--model /nonexistent --tokens 2 --logits-out ", out),
+       "/nonexistent"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --temperature -1"),
+       "--temperature"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --top-p 0"), "--top-p"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --top-p 1.5"), "--top-p"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --top-k -3"), "--top-k"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --max-new-tokens -1"),
+       "--max-new-tokens"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --no-such-flag"),
+       "no_such_flag"},
+  };
+  for (const BadCase& c : cases) {
+    RunResult r = RunTool(c.tool, c.args);
+    EXPECT_NE(r.exit_code, 0) << c.tool << " " << c.args;
+    EXPECT_NE(r.output.find(c.expected), std::string::npos)
+        << c.tool << " " << c.args << "\nprinted: " << r.output;
+  }
+}
+
+}  // namespace
+}  // namespace gemma
