@@ -1,0 +1,217 @@
+#include "worker/parallel/step_plan.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+
+namespace gemma::parallel {
+namespace {
+
+class Writer {
+ public:
+  void U32(uint32_t v) { Raw(&v, sizeof(v)); }
+  void U64(uint64_t v) { Raw(&v, sizeof(v)); }
+  void I32(int32_t v) { Raw(&v, sizeof(v)); }
+  void F32(float v) { Raw(&v, sizeof(v)); }
+  void I32s(const std::vector<int32_t>& v) {
+    U32(static_cast<uint32_t>(v.size()));
+    for (int32_t x : v) I32(x);
+  }
+  std::string Take() { return std::move(out_); }
+
+ private:
+  // The build targets little-endian hosts (x86-64, aarch64), so native order is the wire order.
+  void Raw(const void* p, size_t n) { out_.append(static_cast<const char*>(p), n); }
+  std::string out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view data) : data_(data) {}
+  bool U32(uint32_t* v) { return Raw(v, sizeof(*v)); }
+  bool U64(uint64_t* v) { return Raw(v, sizeof(*v)); }
+  bool I32(int32_t* v) { return Raw(v, sizeof(*v)); }
+  bool F32(float* v) { return Raw(v, sizeof(*v)); }
+  // A count of elements of `elem_size` bytes, checked against what is left.
+  bool Count(size_t elem_size, uint32_t* n) {
+    return U32(n) && static_cast<uint64_t>(*n) * elem_size <= data_.size();
+  }
+  bool I32s(std::vector<int32_t>* v) {
+    uint32_t n;
+    if (!Count(4, &n)) return false;
+    v->resize(n);
+    for (int32_t& x : *v) I32(&x);
+    return true;
+  }
+  bool done() const { return data_.empty(); }
+
+ private:
+  bool Raw(void* p, size_t n) {
+    if (data_.size() < n) return false;
+    std::memcpy(p, data_.data(), n);
+    data_.remove_prefix(n);
+    return true;
+  }
+  absl::string_view data_;
+};
+
+constexpr uint32_t kStepPlanFormat = 1;
+
+absl::Status Malformed(absl::string_view what) {
+  return absl::DataLossError(absl::StrCat("malformed step plan: ", what));
+}
+
+}  // namespace
+
+std::string SerializeStepPlan(const StepPlan& plan) {
+  Writer w;
+  w.U32(kStepPlanFormat);
+  w.U64(plan.sequence_number);
+  w.U64(plan.placement_epoch);
+  w.U32(static_cast<uint32_t>(plan.joined.size()));
+  for (const JoinedSequence& seq : plan.joined) {
+    w.U64(seq.sequence_id);
+    w.I32s(seq.token_ids);
+    w.I32s(seq.positions);
+    w.U32(static_cast<uint32_t>(seq.pages_per_pool.size()));
+    for (const std::vector<int32_t>& pages : seq.pages_per_pool) w.I32s(pages);
+    w.F32(seq.sampling.temperature);
+    w.I32(seq.sampling.top_k);
+    w.F32(seq.sampling.top_p);
+    w.U64(seq.sampling.seed);
+  }
+  w.U32(static_cast<uint32_t>(plan.finished.size()));
+  for (uint64_t id : plan.finished) w.U64(id);
+  w.U32(static_cast<uint32_t>(plan.entries.size()));
+  for (const StepEntry& e : plan.entries) {
+    w.U64(e.sequence_id);
+    w.I32(e.num_new_tokens);
+    w.I32(e.start_position);
+  }
+  return w.Take();
+}
+
+absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
+  Reader r(bytes);
+  StepPlan plan;
+  uint32_t format;
+  if (!r.U32(&format)) return Malformed("truncated header");
+  if (format != kStepPlanFormat) {
+    return Malformed(absl::StrCat("unknown format ", format));
+  }
+  if (!r.U64(&plan.sequence_number) || !r.U64(&plan.placement_epoch)) {
+    return Malformed("truncated header");
+  }
+  uint32_t num_joined;
+  // A joined sequence takes at least 8 + 4 + 4 + 4 + 20 bytes.
+  if (!r.Count(40, &num_joined)) return Malformed("joined count");
+  plan.joined.resize(num_joined);
+  for (JoinedSequence& seq : plan.joined) {
+    uint32_t num_pools;
+    if (!r.U64(&seq.sequence_id) || !r.I32s(&seq.token_ids) || !r.I32s(&seq.positions) ||
+        !r.Count(4, &num_pools)) {
+      return Malformed("joined sequence");
+    }
+    seq.pages_per_pool.resize(num_pools);
+    for (std::vector<int32_t>& pages : seq.pages_per_pool) {
+      if (!r.I32s(&pages)) return Malformed("page list");
+    }
+    if (!r.F32(&seq.sampling.temperature) || !r.I32(&seq.sampling.top_k) ||
+        !r.F32(&seq.sampling.top_p) || !r.U64(&seq.sampling.seed)) {
+      return Malformed("sampling parameters");
+    }
+  }
+  uint32_t num_finished;
+  if (!r.Count(8, &num_finished)) return Malformed("finished count");
+  plan.finished.resize(num_finished);
+  for (uint64_t& id : plan.finished) r.U64(&id);
+  uint32_t num_entries;
+  if (!r.Count(16, &num_entries)) return Malformed("entry count");
+  plan.entries.resize(num_entries);
+  for (StepEntry& e : plan.entries) {
+    r.U64(&e.sequence_id);
+    r.I32(&e.num_new_tokens);
+    r.I32(&e.start_position);
+  }
+  if (!r.done()) return Malformed("trailing bytes");
+  return plan;
+}
+
+uint64_t HashStepPlanBytes(absl::string_view bytes) {
+  uint64_t hash = 0xcbf29ce484222325ull;
+  for (unsigned char c : bytes) {
+    hash ^= c;
+    hash *= 0x100000001b3ull;
+  }
+  return hash;
+}
+
+StepPlanChannel::StepPlanChannel(Communicator* control, int root) : control_(control), root_(root) {
+  CHECK(control_ != nullptr) << "StepPlanChannel needs a control communicator";
+  CHECK(root >= 0 && root < control_->world_size()) << "root " << root;
+}
+
+absl::Status StepPlanChannel::Send(const StepPlan& plan) {
+  CHECK_EQ(control_->rank(), root_) << "only the root sends step plans";
+  if (plan.sequence_number != last_sequence_number_ + 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("step plan out of order on the sender: expected ", last_sequence_number_ + 1,
+                     " got ", plan.sequence_number));
+  }
+  const std::string bytes = SerializeStepPlan(plan);
+  RETURN_IF_ERROR(Broadcast(plan.sequence_number, HashStepPlanBytes(bytes), bytes));
+  last_sequence_number_ = plan.sequence_number;
+  return absl::OkStatus();
+}
+
+absl::Status StepPlanChannel::SendRawForTest(uint64_t sequence_number, uint64_t hash,
+                                             absl::string_view bytes) {
+  CHECK_EQ(control_->rank(), root_) << "only the root sends step plans";
+  return Broadcast(sequence_number, hash, bytes);
+}
+
+absl::Status StepPlanChannel::Broadcast(uint64_t sequence_number, uint64_t hash,
+                                        absl::string_view bytes) {
+  int64_t header[3] = {static_cast<int64_t>(sequence_number), static_cast<int64_t>(hash),
+                       static_cast<int64_t>(bytes.size())};
+  RETURN_IF_ERROR(control_->Broadcast(header, 3, DType::kI64, root_));
+  std::vector<int64_t> words((bytes.size() + 7) / 8, 0);
+  if (!bytes.empty()) std::memcpy(words.data(), bytes.data(), bytes.size());
+  return control_->Broadcast(words.data(), words.size(), DType::kI64, root_);
+}
+
+absl::StatusOr<StepPlan> StepPlanChannel::Receive() {
+  CHECK_NE(control_->rank(), root_) << "the root does not receive step plans";
+  int64_t header[3] = {0, 0, 0};
+  RETURN_IF_ERROR(control_->Broadcast(header, 3, DType::kI64, root_));
+  const uint64_t sequence_number = static_cast<uint64_t>(header[0]);
+  const uint64_t hash = static_cast<uint64_t>(header[1]);
+  const int64_t length = header[2];
+  if (length < 0 || length > (int64_t{1} << 32)) {
+    return absl::DataLossError(
+        absl::StrCat("step plan length ", length, " invalid at step ", sequence_number));
+  }
+  std::vector<int64_t> words((length + 7) / 8, 0);
+  // Always take the payload so the group stays in step even when the plan is rejected.
+  RETURN_IF_ERROR(control_->Broadcast(words.data(), words.size(), DType::kI64, root_));
+  if (sequence_number != last_sequence_number_ + 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step plan gap: expected ", last_sequence_number_ + 1, " got ", sequence_number));
+  }
+  const absl::string_view bytes(reinterpret_cast<const char*>(words.data()),
+                                static_cast<size_t>(length));
+  if (HashStepPlanBytes(bytes) != hash) {
+    return absl::DataLossError(absl::StrCat("step plan hash mismatch at step ", sequence_number));
+  }
+  ASSIGN_OR_RETURN(StepPlan plan, ParseStepPlan(bytes));
+  if (plan.sequence_number != sequence_number) {
+    return absl::DataLossError(absl::StrCat("step plan header says step ", sequence_number,
+                                            " but the plan says ", plan.sequence_number));
+  }
+  last_sequence_number_ = sequence_number;
+  return plan;
+}
+
+}  // namespace gemma::parallel
