@@ -141,11 +141,18 @@ class Backend {
   virtual absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) = 0;
   // Waits for all enqueued work; returns (and keeps) the first error an op hit.
   virtual absl::Status Synchronize() = 0;
+  // A buffer aliasing elements [offset, offset + numel) of `base` (which must outlive it).
+  virtual absl::StatusOr<BufferPtr> View(Buffer& base, int64_t offset, int64_t numel) = 0;
+  // The address of the buffer's first element in the backend's memory space, for collectives
+  // (host memory on the CPU backend, device memory on a GPU). The model never dereferences it.
+  virtual void* RawData(Buffer& b) = 0;
 
   // ---- ops (all activations f32; weights F32 or BF16) ----
-  // out[t] = table[ids[t]] * scale. ids i32 [n]; table [vocab, hidden]; out [n, hidden].
+  // out[t] = table[ids[t] - vocab_offset] * scale for ids in [vocab_offset, vocab_offset +
+  // vocab), zeros for other ids (rows held by another rank). ids i32 [n]; table [vocab, hidden];
+  // out [n, hidden].
   virtual void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab,
-                     int64_t hidden, float scale, Buffer& out) = 0;
+                     int64_t vocab_offset, int64_t hidden, float scale, Buffer& out) = 0;
   // y[m, n] = x[m, k] . w[n, k]^T (w rows starting at row `w_row_offset`).
   virtual void MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k,
                       Buffer& y, int64_t w_row_offset = 0) = 0;
@@ -176,6 +183,13 @@ class Backend {
   // out[r] = x[rows[r]]; rows i32 [num_rows]; x [*, dim].
   virtual void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
                           Buffer& out) = 0;
+  // The k largest values of each row of x (rows x cols), largest first (lower index first on
+  // ties): values f32 [rows, k] and their column + id_offset, i32 [rows, k].
+  virtual void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
+                    Buffer& values, Buffer& ids) = 0;
+  // out[r] = log(sum_j exp(x[r, j] * inv_temperature[r])), f32 [rows].
+  virtual void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
+                         const std::vector<float>& inv_temperature, Buffer& out) = 0;
   // ids[r] = a token drawn from logits[r] (rows x vocab) under params[r].
   virtual void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
                       const std::vector<SamplingParams>& params, Buffer& ids) = 0;

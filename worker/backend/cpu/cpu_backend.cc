@@ -24,7 +24,10 @@ CpuBuffer::CpuBuffer(DType dtype, int64_t numel) : Buffer(dtype, numel) {
   bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   storage_.reset(static_cast<uint8_t*>(std::aligned_alloc(kAlignment, bytes)));
   CHECK(storage_ != nullptr) << "CPU allocation of " << bytes << " bytes failed";
+  data_ = storage_.get();
 }
+
+CpuBuffer::CpuBuffer(DType dtype, int64_t numel, uint8_t* data) : Buffer(dtype, numel), data_(data) {}
 
 CpuBuffer& AsCpu(Buffer& b) {
   auto* cpu = dynamic_cast<CpuBuffer*>(&b);
@@ -103,6 +106,15 @@ absl::StatusOr<BufferPtr> CpuBackend::UploadWeight(DType src_dtype, const void* 
   }
 }
 
+absl::StatusOr<BufferPtr> CpuBackend::View(Buffer& base, int64_t offset, int64_t numel) {
+  if (offset < 0 || numel < 0 || offset + numel > base.numel()) {
+    return absl::OutOfRangeError(absl::StrCat("view [", offset, ", ", offset + numel,
+                                              ") outside a buffer of ", base.numel()));
+  }
+  return std::make_unique<CpuBuffer>(base.dtype(), numel,
+                                     AsCpu(base).data() + offset * DTypeSize(base.dtype()));
+}
+
 void CpuBackend::Write(Buffer& dst, const void* src, size_t bytes, size_t offset) {
   CHECK_LE(offset + bytes, dst.bytes()) << "write past the end of a buffer";
   std::memcpy(AsCpu(dst).data() + offset, src, bytes);
@@ -118,14 +130,18 @@ absl::Status CpuBackend::Read(const Buffer& src, void* dst, size_t bytes, size_t
 }
 
 void CpuBackend::Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab,
-                       int64_t hidden, float scale, Buffer& out) {
+                       int64_t vocab_offset, int64_t hidden, float scale, Buffer& out) {
   const int32_t* id = I32Data(ids);
   float* o = F32Data(out);
   pool_.ParallelFor(n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      CHECK(id[t] >= 0 && id[t] < vocab) << "token id " << id[t] << " outside the vocabulary";
       float* row = o + t * hidden;
-      LoadF32Range(table, static_cast<int64_t>(id[t]) * hidden, hidden, row);
+      const int64_t local = id[t] - vocab_offset;
+      if (local < 0 || local >= vocab) {
+        std::fill(row, row + hidden, 0.0f);
+        continue;
+      }
+      LoadF32Range(table, local * hidden, hidden, row);
       for (int64_t i = 0; i < hidden; ++i) row[i] *= scale;
     }
   });

@@ -16,8 +16,10 @@ namespace gemma {
 class CpuBuffer final : public Buffer {
  public:
   CpuBuffer(DType dtype, int64_t numel);
-  uint8_t* data() { return storage_.get(); }
-  const uint8_t* data() const { return storage_.get(); }
+  // A view of `numel` elements at `data` owned by another buffer.
+  CpuBuffer(DType dtype, int64_t numel, uint8_t* data);
+  uint8_t* data() { return data_; }
+  const uint8_t* data() const { return data_; }
   float* f32() { return reinterpret_cast<float*>(data()); }
   const float* f32() const { return reinterpret_cast<const float*>(data()); }
   int32_t* i32() { return reinterpret_cast<int32_t*>(data()); }
@@ -28,7 +30,8 @@ class CpuBuffer final : public Buffer {
   struct Free {
     void operator()(uint8_t* p) const;
   };
-  std::unique_ptr<uint8_t, Free> storage_;
+  std::unique_ptr<uint8_t, Free> storage_;  // null for views
+  uint8_t* data_ = nullptr;
 };
 
 // Accessors that check the buffer came from the CPU backend and has the expected dtype.
@@ -57,9 +60,11 @@ class CpuBackend final : public Backend {
   void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;
   absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::StatusOr<BufferPtr> View(Buffer& base, int64_t offset, int64_t numel) override;
+  void* RawData(Buffer& b) override { return AsCpu(b).data(); }
 
-  void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab, int64_t hidden,
-             float scale, Buffer& out) override;
+  void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab,
+             int64_t vocab_offset, int64_t hidden, float scale, Buffer& out) override;
   void MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k, Buffer& y,
               int64_t w_row_offset = 0) override;
   void RmsNorm(const Buffer& x, const Buffer* w, int64_t rows, int64_t dim, float eps,
@@ -78,6 +83,10 @@ class CpuBackend final : public Backend {
   void Softcap(Buffer& x, int64_t n, float cap) override;
   void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
                   Buffer& out) override;
+  void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
+            Buffer& values, Buffer& ids) override;
+  void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
+                 const std::vector<float>& inv_temperature, Buffer& out) override;
   void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
               const std::vector<SamplingParams>& params, Buffer& ids) override;
 

@@ -10,6 +10,41 @@
 
 namespace gemma {
 
+void CpuBackend::TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
+                      Buffer& values, Buffer& ids) {
+  CHECK_LE(k, cols);
+  const float* xs = F32Data(x);
+  float* v = F32Data(values);
+  int32_t* id = I32Data(ids);
+  std::vector<int32_t> order(cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xs + r * cols;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t i, int32_t j) {
+      return row[i] != row[j] ? row[i] > row[j] : i < j;
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      v[r * k + i] = row[order[i]];
+      id[r * k + i] = static_cast<int32_t>(order[i] + id_offset);
+    }
+  }
+}
+
+void CpuBackend::LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
+                           const std::vector<float>& inv_temperature, Buffer& out) {
+  CHECK_EQ(static_cast<int64_t>(inv_temperature.size()), rows);
+  const float* xs = F32Data(x);
+  float* o = F32Data(out);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xs + r * cols;
+    const double scale = inv_temperature[r];
+    double max_scaled = *std::max_element(row, row + cols) * scale;
+    double total = 0.0;
+    for (int64_t j = 0; j < cols; ++j) total += std::exp(row[j] * scale - max_scaled);
+    o[r] = static_cast<float>(max_scaled + std::log(total));
+  }
+}
+
 void CpuBackend::Sample(const Buffer& logits, int64_t rows, int64_t vocab,
                         const std::vector<SamplingParams>& params, Buffer& ids) {
   CHECK_EQ(static_cast<int64_t>(params.size()), rows);

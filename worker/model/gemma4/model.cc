@@ -180,7 +180,7 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
 
   // ---- the network ----
   const int64_t hidden = c.hidden_size;
-  backend_.Embed(*token_ids_, *weights_->embed_tokens, num_tokens, c.vocab_size, hidden,
+  backend_.Embed(*token_ids_, *weights_->embed_tokens, num_tokens, c.vocab_size, 0, hidden,
                  std::sqrt(static_cast<float>(hidden)), *hidden_);
   Observe("embed", *hidden_, {num_tokens, hidden});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
