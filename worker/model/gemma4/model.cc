@@ -204,6 +204,30 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   return logits_.get();
 }
 
+absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& params) {
+  const int64_t rows = num_logit_rows_;
+  if (static_cast<int64_t>(params.size()) != rows) {
+    return absl::InvalidArgumentError(absl::StrCat("Sample got ", params.size(),
+                                                   " parameter sets for ", rows, " logit rows"));
+  }
+  std::vector<int32_t> ids(rows);
+  if (rows == 0) return ids;
+  if (sampled_ == nullptr || sampled_->numel() < rows) {
+    ASSIGN_OR_RETURN(sampled_, backend_.Alloc(DType::kI32, std::max<int64_t>(rows, 16)));
+  }
+  backend_.Sample(*logits_, rows, config_.vocab_size, params, *sampled_);
+  RETURN_IF_ERROR(backend_.Read(*sampled_, ids.data(), rows * sizeof(int32_t)));
+  return ids;
+}
+
+absl::StatusOr<std::vector<float>> Model::LogitsToHost() {
+  std::vector<float> host(num_logit_rows_ * config_.vocab_size);
+  if (!host.empty()) {
+    RETURN_IF_ERROR(backend_.Read(*logits_, host.data(), host.size() * sizeof(float)));
+  }
+  return host;
+}
+
 void Model::AttentionBlock(int l, const BatchLayout& layout, KvCache& cache) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_->layers[l];

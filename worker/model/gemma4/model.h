@@ -51,6 +51,10 @@ class Model {
   absl::StatusOr<const Buffer*> Forward(std::span<const SequenceStep> steps, KvCache& cache);
   // Rows of logits produced by the last Forward.
   int64_t num_logit_rows() const { return num_logit_rows_; }
+  // One token per logit row of the last Forward, drawn under params[row] (see SamplingParams).
+  absl::StatusOr<std::vector<int32_t>> Sample(const std::vector<SamplingParams>& params);
+  // The logits of the last Forward as host floats [num_logit_rows, vocab_size].
+  absl::StatusOr<std::vector<float>> LogitsToHost();
 
   void set_observer(TensorObserver observer) { observer_ = std::move(observer); }
   const ModelConfig& config() const { return config_; }
@@ -90,6 +94,7 @@ class Model {
   BufferPtr rows_;        // [R] i32
   BufferPtr row_hidden_;  // [R, H]
   BufferPtr logits_;      // [R, V]
+  BufferPtr sampled_;     // [R] i32
   // Step metadata.
   BufferPtr token_ids_, positions_, query_start_, seq_lens_;
   BufferPtr page_tables_[2], slots_[2];
