@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Prefill and decode tokens/s (one sequence, batch 1) of the C++ CPU engine against Hugging Face
+# transformers (torch on the CPU, eager attention, float32 both, the same thread count), on a
+# random Gemma 4-shaped MoE checkpoint: hidden 1024, 8 layers, 32 experts (top 4), vocab 32768.
+#
+#   scripts/bench_cpu.sh [--threads N] [--prompt-len 128] [--decode-tokens 64] [--runs 5]
+#
+# Idempotent: creates <repo>/.venv-bench with pinned packages on first use, builds gemma-bench
+# in <repo>/build, writes the checkpoint once to <repo>/build/bench-model, then runs both engines
+# and prints a markdown table of the medians over --runs runs (min-max in brackets).
+#
+# Environment:
+#   BENCH_PYTHON=/path/to/python  use this interpreter (which must already have the pinned
+#                                 packages) instead of creating .venv-bench
+#   BENCH_SKIP_DEPS=1             do not call scripts/setup_deps.sh
+#   BENCH_TORCH_INDEX=URL         wheel index to take torch from (e.g. the CPU-only index)
+#   BENCH_BUILD_DIR=DIR           build (and keep the checkpoint) in DIR instead of <repo>/build
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD="${BENCH_BUILD_DIR:-${REPO}/build}"
+MODEL_DIR="${BUILD}/bench-model"
+OUT_DIR="${BUILD}/bench-cpu"
+VENV="${REPO}/.venv-bench"
+
+THREADS="$(nproc)"
+PROMPT_LEN=128
+DECODE_TOKENS=64
+RUNS=5
+
+usage() {
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --threads) THREADS="$2"; shift 2 ;;
+    --threads=*) THREADS="${1#*=}"; shift ;;
+    --prompt-len) PROMPT_LEN="$2"; shift 2 ;;
+    --prompt-len=*) PROMPT_LEN="${1#*=}"; shift ;;
+    --decode-tokens) DECODE_TOKENS="$2"; shift 2 ;;
+    --decode-tokens=*) DECODE_TOKENS="${1#*=}"; shift ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    --runs=*) RUNS="${1#*=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench_cpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+for v in "${THREADS}" "${PROMPT_LEN}" "${DECODE_TOKENS}" "${RUNS}"; do
+  if ! [[ "$v" =~ ^[1-9][0-9]*$ ]]; then
+    echo "bench_cpu.sh: --threads, --prompt-len, --decode-tokens and --runs take positive integers" >&2
+    exit 2
+  fi
+done
+
+log() { echo "[bench_cpu] $*" >&2; }
+
+# --- system packages --------------------------------------------------------------------------
+if [[ "${BENCH_SKIP_DEPS:-0}" != "1" && -x "${REPO}/scripts/setup_deps.sh" ]]; then
+  log "scripts/setup_deps.sh"
+  "${REPO}/scripts/setup_deps.sh" >&2
+fi
+
+# --- Python environment -----------------------------------------------------------------------
+# Pinned: the versions the numbers in docs/perf.md were measured with.
+PINS=(
+  "torch==2.15.0"
+  "transformers==5.23.0"
+  "safetensors==0.8.0"
+  "numpy==2.4.6"
+)
+if [[ -n "${BENCH_PYTHON:-}" ]]; then
+  PY="${BENCH_PYTHON}"
+  log "using ${PY}"
+else
+  if [[ ! -x "${VENV}/bin/python" ]]; then
+    log "creating ${VENV}"
+    python3 -m venv "${VENV}"
+  fi
+  PY="${VENV}/bin/python"
+  # No-ops when the pinned versions are already installed.
+  if [[ -n "${BENCH_TORCH_INDEX:-}" ]]; then
+    "${PY}" -m pip install --quiet --disable-pip-version-check \
+      --index-url "${BENCH_TORCH_INDEX}" "${PINS[0]}"
+  fi
+  "${PY}" -m pip install --quiet --disable-pip-version-check "${PINS[@]}"
+fi
+
+# --- gemma-bench --------------------------------------------------------------------------------
+if [[ ! -f "${BUILD}/CMakeCache.txt" ]]; then
+  GEN=()
+  if command -v ninja >/dev/null 2>&1; then GEN=(-G Ninja); fi
+  log "configuring ${BUILD}"
+  cmake -S "${REPO}" -B "${BUILD}" "${GEN[@]}" >&2
+fi
+log "building gemma-bench"
+cmake --build "${BUILD}" --target gemma-bench >&2
+BENCH_BIN="$(find "${BUILD}" -type f -name gemma-bench -perm -u+x | head -n 1)"
+if [[ -z "${BENCH_BIN}" ]]; then
+  echo "bench_cpu.sh: gemma-bench not found under ${BUILD}" >&2
+  exit 1
+fi
+
+# --- the checkpoint -----------------------------------------------------------------------------
+if [[ ! -f "${MODEL_DIR}/config.json" || ! -f "${MODEL_DIR}/model.safetensors" ]]; then
+  log "writing the random checkpoint to ${MODEL_DIR}"
+  rm -rf "${MODEL_DIR}.tmp"
+  "${PY}" "${REPO}/scripts/bench_cpu.py" make-model "${MODEL_DIR}.tmp" >&2
+  rm -rf "${MODEL_DIR}"
+  mv "${MODEL_DIR}.tmp" "${MODEL_DIR}"
+fi
+
+# --- the two engines ----------------------------------------------------------------------------
+mkdir -p "${OUT_DIR}"
+ARGS=(--prompt-len "${PROMPT_LEN}" --decode-tokens "${DECODE_TOKENS}" --runs "${RUNS}"
+      --threads "${THREADS}")
+log "gemma-bench ${ARGS[*]}"
+"${BENCH_BIN}" --model "${MODEL_DIR}" "${ARGS[@]}" --json | tail -n 1 > "${OUT_DIR}/ours.json"
+log "transformers ${ARGS[*]}"
+"${PY}" "${REPO}/scripts/bench_cpu.py" torch "${MODEL_DIR}" "${ARGS[@]}" 2>/dev/null \
+  | tail -n 1 > "${OUT_DIR}/transformers.json"
+
+"${PY}" - "${OUT_DIR}/ours.json" "${OUT_DIR}/transformers.json" <<'EOF'
+import json
+import sys
+
+ours = json.load(open(sys.argv[1]))
+ref = json.load(open(sys.argv[2]))
+
+
+def cell(s):
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+print(f"prompt {ours['prompt_len']} tokens, decode {ours['decode_tokens']} tokens, "
+      f"{ours['runs']} runs, {ours['threads']} threads; transformers {ref['transformers']}, "
+      f"torch {ref['torch']}, attention {ref['attn_implementation']}, "
+      f"experts {ref['experts_implementation']}")
+print()
+print("| metric (batch 1, median (min-max)) | ours | transformers | ratio |")
+print("|---|---:|---:|---:|")
+for key, name in (("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s")):
+    a, b = ours[key], ref[key]
+    print(f"| {name} | {cell(a)} | {cell(b)} | {a['median'] / b['median']:.2f}x |")
+EOF
