@@ -187,9 +187,11 @@ class Backend {
   // ties): values f32 [rows, k] and their column + id_offset, i32 [rows, k].
   virtual void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
                     Buffer& values, Buffer& ids) = 0;
-  // out[r] = log(sum_j exp(x[r, j] * inv_temperature[r])), f32 [rows].
+  // Per row r, with y_j = x[r, j] / temperature[r] (in f32, as Sample scales): max_out[r] =
+  // max_j y_j and sum_out[r] = sum_j exp(y_j - max_out[r]) (accumulated in double, stored f32).
   virtual void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
-                         const std::vector<float>& inv_temperature, Buffer& out) = 0;
+                         const std::vector<float>& temperature, Buffer& max_out,
+                         Buffer& sum_out) = 0;
   // ids[r] = a token drawn from logits[r] (rows x vocab) under params[r].
   virtual void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
                       const std::vector<SamplingParams>& params, Buffer& ids) = 0;

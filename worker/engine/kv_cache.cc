@@ -45,12 +45,20 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& conf
     cache->pools_[p] = std::make_unique<PagePool>(pages);
   }
   const int num_layers = static_cast<int>(config.num_hidden_layers);
+  if (!options.kv_heads_per_layer.empty() &&
+      static_cast<int>(options.kv_heads_per_layer.size()) != num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("kv_heads_per_layer has ",
+                                                   options.kv_heads_per_layer.size(),
+                                                   " entries for ", num_layers, " layers"));
+  }
   cache->k_.resize(num_layers);
   cache->v_.resize(num_layers);
   for (int l = 0; l < num_layers; ++l) {
     int pool = config.IsFull(l) ? kFullPool : kSlidingPool;
-    int64_t numel = cache->pools_[pool]->num_pages() * options.page_size *
-                    config.LayerKvHeads(l) * config.LayerHeadDim(l);
+    const int64_t kv_heads = options.kv_heads_per_layer.empty() ? config.LayerKvHeads(l)
+                                                                : options.kv_heads_per_layer[l];
+    int64_t numel =
+        cache->pools_[pool]->num_pages() * options.page_size * kv_heads * config.LayerHeadDim(l);
     ASSIGN_OR_RETURN(cache->v_[l], backend.Alloc(DType::kF32, numel));
     if (!config.LayerKEqV(l)) {
       ASSIGN_OR_RETURN(cache->k_[l], backend.Alloc(DType::kF32, numel));

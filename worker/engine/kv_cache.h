@@ -44,6 +44,9 @@ struct KvCacheOptions {
   int64_t page_size = 16;
   int64_t num_pages[2] = {0, 0};  // per pool; 0 picks room for `default_tokens` tokens
   int64_t default_tokens = 4096;
+  // KV heads stored per layer (this rank's share under tensor parallelism); empty: the
+  // config's.
+  std::vector<int64_t> kv_heads_per_layer;
 };
 
 class KvCache {

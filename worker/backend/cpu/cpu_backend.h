@@ -86,7 +86,8 @@ class CpuBackend final : public Backend {
   void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
             Buffer& values, Buffer& ids) override;
   void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
-                 const std::vector<float>& inv_temperature, Buffer& out) override;
+                 const std::vector<float>& temperature, Buffer& max_out,
+                 Buffer& sum_out) override;
   void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
               const std::vector<SamplingParams>& params, Buffer& ids) override;
 

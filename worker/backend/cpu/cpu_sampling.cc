@@ -31,17 +31,20 @@ void CpuBackend::TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, in
 }
 
 void CpuBackend::LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
-                           const std::vector<float>& inv_temperature, Buffer& out) {
-  CHECK_EQ(static_cast<int64_t>(inv_temperature.size()), rows);
+                           const std::vector<float>& temperature, Buffer& max_out,
+                           Buffer& sum_out) {
+  CHECK_EQ(static_cast<int64_t>(temperature.size()), rows);
   const float* xs = F32Data(x);
-  float* o = F32Data(out);
+  float* mx = F32Data(max_out);
+  float* sm = F32Data(sum_out);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = xs + r * cols;
-    const double scale = inv_temperature[r];
-    double max_scaled = *std::max_element(row, row + cols) * scale;
+    const float t = temperature[r];
+    float max_scaled = *std::max_element(row, row + cols) / t;
     double total = 0.0;
-    for (int64_t j = 0; j < cols; ++j) total += std::exp(row[j] * scale - max_scaled);
-    o[r] = static_cast<float>(max_scaled + std::log(total));
+    for (int64_t j = 0; j < cols; ++j) total += std::exp(row[j] / t - static_cast<double>(max_scaled));
+    mx[r] = max_scaled;
+    sm[r] = static_cast<float>(total);
   }
 }
 

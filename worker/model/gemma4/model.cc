@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -25,19 +26,53 @@ absl::StatusOr<BufferPtr> AllocI32(Backend& backend, const std::vector<int32_t>&
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
-                                                   Backend& backend) {
+                                                   Backend& backend,
+                                                   const ModelParallel& parallel) {
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
-  return Create(config, *checkpoint, backend);
+  return Create(config, *checkpoint, backend, parallel);
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
                                                      const Checkpoint& checkpoint,
-                                                     Backend& backend) {
-  std::unique_ptr<Model> model(new Model(config, backend));
-  ASSIGN_OR_RETURN(model->weights_, LoadWeights(config, checkpoint, backend));
+                                                     Backend& backend,
+                                                     const ModelParallel& parallel) {
+  const ShardLayout& layout = parallel.layout;
+  auto check_comm = [](const parallel::Communicator* comm, int size, int rank,
+                       const char* what) -> absl::Status {
+    if (size == 1 && comm == nullptr) return absl::OkStatus();
+    if (comm == nullptr || comm->world_size() != size || comm->rank() != rank) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " communicator does not match the layout: expected rank ", rank, " of ", size,
+          comm == nullptr ? ", got none" : absl::StrCat(", got rank ", comm->rank(), " of ",
+                                                         comm->world_size())));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check_comm(parallel.tp_comm, layout.tp_size, layout.tp_rank, "tensor-parallel"));
+  if (parallel.ep_comm != nullptr) {
+    RETURN_IF_ERROR(check_comm(parallel.ep_comm, layout.ep_size, layout.ep_rank, "expert-parallel"));
+  } else if (layout.ep_size != layout.tp_size || layout.ep_rank != layout.tp_rank) {
+    return absl::InvalidArgumentError(
+        "without an expert-parallel communicator, experts are split over the tp group: ep size "
+        "and rank must equal tp size and rank");
+  }
+  std::unique_ptr<Model> model(new Model(config, backend, parallel));
+  ASSIGN_OR_RETURN(model->dims_, ComputeLocalDims(config, layout));
+  ASSIGN_OR_RETURN(model->weights_, LoadWeights(config, checkpoint, model->dims_, backend));
   RETURN_IF_ERROR(backend.Synchronize());
   return model;
+}
+
+KvCacheOptions Model::CacheOptions(KvCacheOptions base) const {
+  base.kv_heads_per_layer.clear();
+  for (const LocalLayerDims& l : dims_.layers) base.kv_heads_per_layer.push_back(l.kv_heads);
+  return base;
+}
+
+absl::Status Model::TpAllReduce(Buffer& buffer, int64_t count) {
+  if (parallel_.tp_comm == nullptr || count == 0) return absl::OkStatus();
+  return parallel_.tp_comm->AllReduce(backend_.RawData(buffer), count, DType::kF32);
 }
 
 absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
@@ -45,27 +80,28 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
   if (num_tokens > scratch_tokens_) {
     const int64_t t = std::max<int64_t>(num_tokens, 16);
     const int64_t h = c.hidden_size;
-    const int64_t max_d = std::max(c.head_dim, c.global_head_dim);
-    const int64_t max_kv =
-        std::max(c.num_key_value_heads, std::max<int64_t>(c.num_global_key_value_heads, 1));
-    const int64_t max_inter = std::max(c.intermediate_size, c.moe_intermediate_size);
+    int64_t max_q = 0, max_kv = 0, max_inter = c.moe_intermediate_size;
+    for (const LocalLayerDims& l : dims_.layers) {
+      max_q = std::max(max_q, l.q_heads * l.head_dim);
+      max_kv = std::max(max_kv, l.kv_heads * l.head_dim);
+      max_inter = std::max(max_inter, l.inter);
+    }
     auto alloc = [&](BufferPtr& b, DType dtype, int64_t n) -> absl::Status {
       ASSIGN_OR_RETURN(b, backend_.Alloc(dtype, n));
       return absl::OkStatus();
     };
     RETURN_IF_ERROR(alloc(hidden_, DType::kF32, t * h));
     RETURN_IF_ERROR(alloc(normed_, DType::kF32, t * h));
-    RETURN_IF_ERROR(alloc(q_, DType::kF32, t * c.num_attention_heads * max_d));
-    RETURN_IF_ERROR(alloc(k_, DType::kF32, t * max_kv * max_d));
-    RETURN_IF_ERROR(alloc(v_, DType::kF32, t * max_kv * max_d));
-    RETURN_IF_ERROR(alloc(attn_, DType::kF32, t * c.num_attention_heads * max_d));
+    RETURN_IF_ERROR(alloc(q_, DType::kF32, t * max_q));
+    RETURN_IF_ERROR(alloc(k_, DType::kF32, t * max_kv));
+    RETURN_IF_ERROR(alloc(v_, DType::kF32, t * max_kv));
+    RETURN_IF_ERROR(alloc(attn_, DType::kF32, t * max_q));
     RETURN_IF_ERROR(alloc(proj_, DType::kF32, t * h));
     RETURN_IF_ERROR(alloc(gate_up_, DType::kF32, t * 2 * max_inter));
     RETURN_IF_ERROR(alloc(act_, DType::kF32, t * max_inter));
-    RETURN_IF_ERROR(alloc(mlp_out_, DType::kF32, t * h));
+    RETURN_IF_ERROR(alloc(ffn_pair_, DType::kF32, 2 * t * h));
     if (c.enable_moe_block) {
       RETURN_IF_ERROR(alloc(moe_in_, DType::kF32, t * h));
-      RETURN_IF_ERROR(alloc(moe_out_, DType::kF32, t * h));
       RETURN_IF_ERROR(alloc(topk_ids_, DType::kI32, t * c.top_k_experts));
       RETURN_IF_ERROR(alloc(topk_weights_, DType::kF32, t * c.top_k_experts));
     }
@@ -74,7 +110,7 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
   if (num_rows > scratch_rows_) {
     const int64_t r = std::max<int64_t>(num_rows, 4);
     ASSIGN_OR_RETURN(row_hidden_, backend_.Alloc(DType::kF32, r * c.hidden_size));
-    ASSIGN_OR_RETURN(logits_, backend_.Alloc(DType::kF32, r * c.vocab_size));
+    ASSIGN_OR_RETURN(logits_, backend_.Alloc(DType::kF32, r * dims_.vocab));
     scratch_rows_ = r;
   }
   return absl::OkStatus();
@@ -87,7 +123,6 @@ void Model::Observe(std::string_view name, const Buffer& buffer, std::vector<int
 absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps,
                                              KvCache& cache) {
   const ModelConfig& c = config_;
-  if (steps.empty()) return absl::InvalidArgumentError("Forward called with no sequences");
   // ---- host metadata ----
   StepHost host;
   std::vector<int32_t> query_start = {0};
@@ -154,6 +189,9 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
     }
   }
   RETURN_IF_ERROR(EnsureScratch(num_tokens, num_rows));
+  const int64_t hidden = c.hidden_size;
+  ASSIGN_OR_RETURN(mlp_out_, backend_.View(*ffn_pair_, 0, num_tokens * hidden));
+  ASSIGN_OR_RETURN(moe_out_, backend_.View(*ffn_pair_, num_tokens * hidden, num_tokens * hidden));
   ASSIGN_OR_RETURN(token_ids_, AllocI32(backend_, host.token_ids));
   ASSIGN_OR_RETURN(positions_, AllocI32(backend_, host.positions));
   ASSIGN_OR_RETURN(query_start_, AllocI32(backend_, query_start));
@@ -179,13 +217,13 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   num_tokens_ = num_tokens;
 
   // ---- the network ----
-  const int64_t hidden = c.hidden_size;
-  backend_.Embed(*token_ids_, *weights_->embed_tokens, num_tokens, c.vocab_size, 0, hidden,
-                 std::sqrt(static_cast<float>(hidden)), *hidden_);
+  backend_.Embed(*token_ids_, *weights_->embed_tokens, num_tokens, dims_.vocab, dims_.vocab_offset,
+                 hidden, std::sqrt(static_cast<float>(hidden)), *hidden_);
+  RETURN_IF_ERROR(TpAllReduce(*hidden_, num_tokens * hidden));
   Observe("embed", *hidden_, {num_tokens, hidden});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    AttentionBlock(l, layout, cache);
-    FeedForwardBlock(l);
+    RETURN_IF_ERROR(AttentionBlock(l, layout, cache));
+    RETURN_IF_ERROR(FeedForwardBlock(l));
     Observe(absl::StrCat("layers.", l, ".out"), *hidden_, {num_tokens, hidden});
   }
   num_logit_rows_ = num_rows;
@@ -193,9 +231,9 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
     backend_.GatherRows(*hidden_, *rows_, num_rows, hidden, *row_hidden_);
     backend_.RmsNorm(*row_hidden_, weights_->final_norm.get(), num_rows, hidden,
                      static_cast<float>(c.rms_norm_eps), *row_hidden_);
-    backend_.MatMul(*row_hidden_, weights_->LmHead(), num_rows, c.vocab_size, hidden, *logits_);
+    backend_.MatMul(*row_hidden_, weights_->LmHead(), num_rows, dims_.vocab, hidden, *logits_);
     if (c.final_logit_softcapping > 0) {
-      backend_.Softcap(*logits_, num_rows * c.vocab_size,
+      backend_.Softcap(*logits_, num_rows * dims_.vocab,
                        static_cast<float>(c.final_logit_softcapping));
     }
   }
@@ -212,6 +250,7 @@ absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingPar
   }
   std::vector<int32_t> ids(rows);
   if (rows == 0) return ids;
+  if (parallel_.tp_comm != nullptr) return SampleSharded(params);
   if (sampled_ == nullptr || sampled_->numel() < rows) {
     ASSIGN_OR_RETURN(sampled_, backend_.Alloc(DType::kI32, std::max<int64_t>(rows, 16)));
   }
@@ -221,21 +260,40 @@ absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingPar
 }
 
 absl::StatusOr<std::vector<float>> Model::LogitsToHost() {
-  std::vector<float> host(num_logit_rows_ * config_.vocab_size);
-  if (!host.empty()) {
+  const int64_t rows = num_logit_rows_;
+  const int64_t local = dims_.vocab;
+  std::vector<float> host(rows * config_.vocab_size);
+  if (host.empty()) return host;
+  if (parallel_.tp_comm == nullptr) {
     RETURN_IF_ERROR(backend_.Read(*logits_, host.data(), host.size() * sizeof(float)));
+    return host;
+  }
+  // Gather the vocabulary shards [tp, rows, local] and interleave them into [rows, vocab].
+  const int tp = parallel_.layout.tp_size;
+  ASSIGN_OR_RETURN(BufferPtr gathered, backend_.Alloc(DType::kF32, tp * rows * local));
+  RETURN_IF_ERROR(parallel_.tp_comm->AllGather(backend_.RawData(*logits_),
+                                               backend_.RawData(*gathered), rows * local,
+                                               DType::kF32));
+  std::vector<float> shards(tp * rows * local);
+  RETURN_IF_ERROR(backend_.Read(*gathered, shards.data(), shards.size() * sizeof(float)));
+  for (int r = 0; r < tp; ++r) {
+    for (int64_t row = 0; row < rows; ++row) {
+      std::copy_n(&shards[(r * rows + row) * local], local,
+                  &host[row * config_.vocab_size + r * local]);
+    }
   }
   return host;
 }
 
-void Model::AttentionBlock(int l, const BatchLayout& layout, KvCache& cache) {
+absl::Status Model::AttentionBlock(int l, const BatchLayout& layout, KvCache& cache) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_->layers[l];
+  const LocalLayerDims& ld = dims_.layers[l];
   const int64_t t = num_tokens_;
   const int64_t hidden = c.hidden_size;
-  const int64_t d = c.LayerHeadDim(l);
-  const int64_t heads = c.num_attention_heads;
-  const int64_t kv_heads = c.LayerKvHeads(l);
+  const int64_t d = ld.head_dim;
+  const int64_t heads = ld.q_heads;
+  const int64_t kv_heads = ld.kv_heads;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const RopeParams& rp = c.LayerRope(l);
   RopeSpec rope;
@@ -281,23 +339,27 @@ void Model::AttentionBlock(int l, const BatchLayout& layout, KvCache& cache) {
   args.out = attn_.get();
   backend_.Attention(args);
   backend_.MatMul(*attn_, *w.o_proj, t, hidden, heads * d, *proj_);
+  // o_proj is row-parallel: sum the partials before the norm that follows.
+  RETURN_IF_ERROR(TpAllReduce(*proj_, t * hidden));
   backend_.AddRmsNorm(*hidden_, *proj_, *w.post_attention_layernorm, nullptr, t, hidden, eps);
+  return absl::OkStatus();
 }
 
-void Model::FeedForwardBlock(int l) {
+absl::Status Model::FeedForwardBlock(int l) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_->layers[l];
   const int64_t t = num_tokens_;
   const int64_t hidden = c.hidden_size;
-  const int64_t inter = c.intermediate_size;
+  const int64_t inter = dims_.layers[l].inter;
   const float eps = static_cast<float>(c.rms_norm_eps);
 
   backend_.RmsNorm(*hidden_, w.pre_feedforward_layernorm.get(), t, hidden, eps, *normed_);
   backend_.MatMul(*normed_, *w.mlp_gate_up, t, 2 * inter, hidden, *gate_up_);
   backend_.GeluMul(*gate_up_, t, inter, *act_);
   backend_.MatMul(*act_, *w.mlp_down, t, hidden, inter, *mlp_out_);
-  if (c.enable_moe_block) {
-    backend_.RmsNorm(*mlp_out_, w.post_feedforward_layernorm_1.get(), t, hidden, eps, *mlp_out_);
+  if (!c.enable_moe_block) {
+    RETURN_IF_ERROR(TpAllReduce(*mlp_out_, t * hidden));
+  } else {
     MoeRouteArgs route;
     route.x = hidden_.get();
     route.router_scale = w.router_scale.get();
@@ -312,26 +374,307 @@ void Model::FeedForwardBlock(int l) {
     route.topk_weights = topk_weights_.get();
     backend_.MoeRoute(route);
     Observe(absl::StrCat("layers.", l, ".router_ids"), *topk_ids_, {t, c.top_k_experts});
+    if (parallel_.check_routing) RETURN_IF_ERROR(CheckRouting(l));
     backend_.RmsNorm(*hidden_, w.pre_feedforward_layernorm_2.get(), t, hidden, eps, *moe_in_);
-    MoeExpertsArgs experts;
-    experts.x = moe_in_.get();
-    experts.topk_ids = topk_ids_.get();
-    experts.topk_weights = topk_weights_.get();
-    experts.gate_up = w.experts_gate_up.get();
-    experts.down = w.experts_down.get();
-    experts.num_tokens = t;
-    experts.hidden = hidden;
-    experts.inter = c.moe_intermediate_size;
-    experts.top_k = c.top_k_experts;
-    experts.first_expert = 0;
-    experts.num_local_experts = c.num_experts;
-    experts.out = moe_out_.get();
-    backend_.MoeExperts(experts);
+    if (parallel_.ep_comm != nullptr) {
+      RETURN_IF_ERROR(DispatchExperts(l));
+    } else {
+      MoeExpertsArgs experts;
+      experts.x = moe_in_.get();
+      experts.topk_ids = topk_ids_.get();
+      experts.topk_weights = topk_weights_.get();
+      experts.gate_up = w.experts_gate_up.get();
+      experts.down = w.experts_down.get();
+      experts.num_tokens = t;
+      experts.hidden = hidden;
+      experts.inter = c.moe_intermediate_size;
+      experts.top_k = c.top_k_experts;
+      experts.first_expert = dims_.expert_offset;
+      experts.num_local_experts = dims_.experts;
+      experts.out = moe_out_.get();
+      backend_.MoeExperts(experts);
+    }
+    // The dense and expert partials feed two different norms: one collective for both.
+    RETURN_IF_ERROR(TpAllReduce(*ffn_pair_, 2 * t * hidden));
+    backend_.RmsNorm(*mlp_out_, w.post_feedforward_layernorm_1.get(), t, hidden, eps, *mlp_out_);
     backend_.RmsNorm(*moe_out_, w.post_feedforward_layernorm_2.get(), t, hidden, eps, *moe_out_);
     backend_.Add(*mlp_out_, *moe_out_, t * hidden, *mlp_out_);
   }
   backend_.AddRmsNorm(*hidden_, *mlp_out_, *w.post_feedforward_layernorm, w.layer_scalar.get(),
                       t, hidden, eps);
+  return absl::OkStatus();
+}
+
+absl::Status Model::CheckRouting(int l) {
+  if (parallel_.tp_comm == nullptr) return absl::OkStatus();
+  const int64_t n = num_tokens_ * config_.top_k_experts;
+  std::vector<int32_t> ids(n);
+  if (n > 0) RETURN_IF_ERROR(backend_.Read(*topk_ids_, ids.data(), n * sizeof(int32_t)));
+  uint64_t hash = 1469598103934665603ULL;  // FNV-1a over the chosen ids
+  for (int32_t id : ids) {
+    hash = (hash ^ static_cast<uint32_t>(id)) * 1099511628211ULL;
+  }
+  const int tp = parallel_.layout.tp_size;
+  std::vector<int64_t> all(tp);
+  int64_t mine = static_cast<int64_t>(hash);
+  RETURN_IF_ERROR(parallel_.tp_comm->AllGather(&mine, all.data(), 1, DType::kI64));
+  for (int r = 0; r < tp; ++r) {
+    if (all[r] != all[0]) {
+      return absl::InternalError(absl::StrCat("routing of layer ", l, " differs across tp ranks: ",
+                                              "rank 0 hash ", all[0], ", rank ", r, " hash ",
+                                              all[r]));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Model::DispatchExperts(int l) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = weights_->layers[l];
+  parallel::Communicator& comm = *parallel_.ep_comm;
+  const int world = comm.world_size();
+  const int64_t hidden = c.hidden_size;
+  const int64_t top_k = c.top_k_experts;
+  const int64_t t = num_tokens_;
+  const int64_t per_rank = dims_.experts;
+  // This tp rank dispatches only its share of the group's tokens.
+  const int64_t share_begin = t * parallel_.layout.tp_rank / parallel_.layout.tp_size;
+  const int64_t share_end = t * (parallel_.layout.tp_rank + 1) / parallel_.layout.tp_size;
+  const int64_t share = share_end - share_begin;
+
+  std::vector<int32_t> ids(t * top_k);
+  std::vector<float> weights(t * top_k);
+  std::vector<float> x(t * hidden);
+  if (t > 0) {
+    RETURN_IF_ERROR(backend_.Read(*topk_ids_, ids.data(), ids.size() * sizeof(int32_t)));
+    RETURN_IF_ERROR(backend_.Read(*topk_weights_, weights.data(), weights.size() * sizeof(float)));
+    RETURN_IF_ERROR(backend_.Read(*moe_in_, x.data(), x.size() * sizeof(float)));
+  }
+  // One (token, owner rank) pair per rank a token needs, ordered by rank then token. Each pair
+  // carries the token's activation row and, as metadata, the ids and weights of the experts it
+  // needs there (padded with -1).
+  std::vector<std::vector<int64_t>> pairs(world);
+  for (int64_t tok = share_begin; tok < share_end; ++tok) {
+    int last_owner = -1;
+    for (int64_t k = 0; k < top_k; ++k) {  // ids are ascending, so owners are too
+      int owner = static_cast<int>(ids[tok * top_k + k] / per_rank);
+      if (owner != last_owner) pairs[owner].push_back(tok);
+      last_owner = owner;
+    }
+  }
+  std::vector<int64_t> send_pairs(world), recv_pairs(world);
+  for (int r = 0; r < world; ++r) send_pairs[r] = static_cast<int64_t>(pairs[r].size());
+  {
+    std::vector<int64_t> ones(world, 1);
+    RETURN_IF_ERROR(comm.AllToAllV(send_pairs.data(), ones, recv_pairs.data(), ones, DType::kI64));
+  }
+  const int64_t meta = 2 * top_k;  // ids, then weight bits
+  std::vector<float> send_x;
+  std::vector<int32_t> send_meta;
+  for (int r = 0; r < world; ++r) {
+    for (int64_t tok : pairs[r]) {
+      send_x.insert(send_x.end(), x.begin() + tok * hidden, x.begin() + (tok + 1) * hidden);
+      std::vector<int32_t> m(meta, -1);
+      int64_t n = 0;
+      for (int64_t k = 0; k < top_k; ++k) {
+        int32_t e = ids[tok * top_k + k];
+        if (e / per_rank != r) continue;
+        m[n] = e;
+        std::memcpy(&m[top_k + n], &weights[tok * top_k + k], sizeof(float));
+        ++n;
+      }
+      send_meta.insert(send_meta.end(), m.begin(), m.end());
+    }
+  }
+  int64_t total_recv = 0;
+  std::vector<int64_t> send_x_counts(world), recv_x_counts(world), send_m_counts(world),
+      recv_m_counts(world);
+  for (int r = 0; r < world; ++r) {
+    total_recv += recv_pairs[r];
+    send_x_counts[r] = send_pairs[r] * hidden;
+    recv_x_counts[r] = recv_pairs[r] * hidden;
+    send_m_counts[r] = send_pairs[r] * meta;
+    recv_m_counts[r] = recv_pairs[r] * meta;
+  }
+  std::vector<float> recv_x(total_recv * hidden);
+  std::vector<int32_t> recv_meta(total_recv * meta);
+  RETURN_IF_ERROR(comm.AllToAllV(send_x.data(), send_x_counts, recv_x.data(), recv_x_counts,
+                                 DType::kF32));
+  RETURN_IF_ERROR(comm.AllToAllV(send_meta.data(), send_m_counts, recv_meta.data(), recv_m_counts,
+                                 DType::kI32));
+  // Run the local experts over what arrived: each pair's partial sum over this rank's experts.
+  std::vector<float> result(total_recv * hidden, 0.0f);
+  if (total_recv > 0) {
+    std::vector<int32_t> local_ids(total_recv * top_k);
+    std::vector<float> local_weights(total_recv * top_k);
+    for (int64_t p = 0; p < total_recv; ++p) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        local_ids[p * top_k + k] = recv_meta[p * meta + k];
+        std::memcpy(&local_weights[p * top_k + k], &recv_meta[p * meta + top_k + k],
+                    sizeof(float));
+      }
+    }
+    ASSIGN_OR_RETURN(BufferPtr xb, backend_.Alloc(DType::kF32, total_recv * hidden));
+    ASSIGN_OR_RETURN(BufferPtr ib, backend_.Alloc(DType::kI32, total_recv * top_k));
+    ASSIGN_OR_RETURN(BufferPtr wb, backend_.Alloc(DType::kF32, total_recv * top_k));
+    ASSIGN_OR_RETURN(BufferPtr ob, backend_.Alloc(DType::kF32, total_recv * hidden));
+    backend_.Write(*xb, recv_x.data(), recv_x.size() * sizeof(float));
+    backend_.Write(*ib, local_ids.data(), local_ids.size() * sizeof(int32_t));
+    backend_.Write(*wb, local_weights.data(), local_weights.size() * sizeof(float));
+    MoeExpertsArgs experts;
+    experts.x = xb.get();
+    experts.topk_ids = ib.get();
+    experts.topk_weights = wb.get();
+    experts.gate_up = w.experts_gate_up.get();
+    experts.down = w.experts_down.get();
+    experts.num_tokens = total_recv;
+    experts.hidden = hidden;
+    experts.inter = c.moe_intermediate_size;
+    experts.top_k = top_k;
+    experts.first_expert = dims_.expert_offset;
+    experts.num_local_experts = dims_.experts;
+    experts.out = ob.get();
+    backend_.MoeExperts(experts);
+    RETURN_IF_ERROR(backend_.Read(*ob, result.data(), result.size() * sizeof(float)));
+  }
+  // Send the results back the way they came, and sum each token's partials in rank (= expert)
+  // order. Tokens outside this rank's share stay zero; the tp all-reduce fills them.
+  std::vector<float> returned(share > 0 ? send_x.size() : 0);
+  RETURN_IF_ERROR(comm.AllToAllV(result.data(), recv_x_counts, returned.data(), send_x_counts,
+                                 DType::kF32));
+  std::vector<float> out(t * hidden, 0.0f);
+  int64_t p = 0;
+  for (int r = 0; r < world; ++r) {
+    for (int64_t tok : pairs[r]) {
+      float* o = &out[tok * hidden];
+      const float* src = &returned[p * hidden];
+      for (int64_t i = 0; i < hidden; ++i) o[i] += src[i];
+      ++p;
+    }
+  }
+  if (t > 0) backend_.Write(*moe_out_, out.data(), out.size() * sizeof(float));
+  return backend_.Synchronize();
+}
+
+absl::StatusOr<std::vector<int32_t>> Model::SampleSharded(
+    const std::vector<SamplingParams>& params) {
+  parallel::Communicator& comm = *parallel_.tp_comm;
+  const int tp = comm.world_size();
+  const int64_t rows = num_logit_rows_;
+  const int64_t local = dims_.vocab;
+  const int64_t vocab = config_.vocab_size;
+  std::vector<float> temperature(rows);
+  int64_t want = 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const SamplingParams& p = params[r];
+    temperature[r] = p.temperature > 0 ? p.temperature : 1.0f;
+    if (p.temperature > 0) want = std::max<int64_t>(want, p.top_k > 0 ? p.top_k : 64);
+  }
+  // Each shard's log-sum-exp pieces: the mass of the whole vocabulary without whole rows.
+  ASSIGN_OR_RETURN(BufferPtr max_b, backend_.Alloc(DType::kF32, rows));
+  ASSIGN_OR_RETURN(BufferPtr sum_b, backend_.Alloc(DType::kF32, rows));
+  backend_.LogSumExp(*logits_, rows, local, temperature, *max_b, *sum_b);
+  std::vector<float> maxes(tp * rows), sums(tp * rows);
+  RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*max_b), maxes.data(), rows, DType::kF32));
+  RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*sum_b), sums.data(), rows, DType::kF32));
+
+  std::vector<int32_t> out(rows, -1);
+  std::vector<bool> done(rows, false);
+  for (int64_t per_shard = std::min(want, local);; per_shard = std::min(local, per_shard * 4)) {
+    ASSIGN_OR_RETURN(BufferPtr values_b, backend_.Alloc(DType::kF32, rows * per_shard));
+    ASSIGN_OR_RETURN(BufferPtr ids_b, backend_.Alloc(DType::kI32, rows * per_shard));
+    backend_.TopK(*logits_, rows, local, per_shard, dims_.vocab_offset, *values_b, *ids_b);
+    std::vector<float> values(tp * rows * per_shard);
+    std::vector<int32_t> ids(tp * rows * per_shard);
+    RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*values_b), values.data(), rows * per_shard,
+                                   DType::kF32));
+    RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*ids_b), ids.data(), rows * per_shard,
+                                   DType::kI32));
+    const bool complete = per_shard == local;  // every logit is among the candidates
+    for (int64_t r = 0; r < rows; ++r) {
+      if (done[r]) continue;
+      const SamplingParams& p = params[r];
+      // Merge the shards' candidates: largest first, lower id on ties (as the full-row path).
+      std::vector<std::pair<float, int32_t>> cand;
+      for (int s = 0; s < tp; ++s) {
+        for (int64_t i = 0; i < per_shard; ++i) {
+          int64_t at = (s * rows + r) * per_shard + i;
+          cand.emplace_back(values[at], ids[at]);
+        }
+      }
+      std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
+      if (p.temperature <= 0.0f) {
+        out[r] = cand[0].second;
+        done[r] = true;
+        continue;
+      }
+      const int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
+      const int64_t have = std::min<int64_t>(keep, static_cast<int64_t>(cand.size()));
+      const double max_scaled = cand[0].first / p.temperature;
+      std::vector<double> probs(have);
+      double gathered_total = 0.0;
+      for (int64_t i = 0; i < have; ++i) {
+        probs[i] = std::exp(cand[i].first / p.temperature - max_scaled);
+        gathered_total += probs[i];
+      }
+      double total = gathered_total;
+      if (keep == vocab && !complete) {
+        total = 0.0;  // the whole vocabulary's mass, from the shards' log-sum-exp pieces
+        for (int s = 0; s < tp; ++s) {
+          total += std::exp(static_cast<double>(maxes[s * rows + r]) - max_scaled) *
+                   sums[s * rows + r];
+        }
+      }
+      int64_t nucleus = keep;
+      bool need_more = false;
+      if (p.top_p < 1.0f) {
+        double cumulative = 0.0;
+        nucleus = -1;
+        for (int64_t i = 0; i < have; ++i) {
+          cumulative += probs[i] / total;
+          if (cumulative >= p.top_p) {
+            nucleus = i + 1;
+            break;
+          }
+        }
+        if (nucleus < 0) {
+          if (have < keep && !complete) {
+            need_more = true;
+          } else {
+            nucleus = have;
+          }
+        }
+      }
+      if (!need_more) {
+        double nucleus_total = 0.0;
+        if (nucleus > have) {
+          nucleus_total = total;
+        } else {
+          for (int64_t i = 0; i < nucleus; ++i) nucleus_total += probs[i];
+        }
+        double target = SamplingUniform(p.seed, p.request_key, p.position) * nucleus_total;
+        double cumulative = 0.0;
+        int64_t chosen = -1;
+        for (int64_t i = 0; i < std::min(nucleus, have); ++i) {
+          cumulative += probs[i];
+          if (target < cumulative) {
+            chosen = i;
+            break;
+          }
+        }
+        if (chosen < 0 && (nucleus <= have || complete)) chosen = std::min(nucleus, have) - 1;
+        if (chosen >= 0) {
+          out[r] = cand[chosen].second;
+          done[r] = true;
+        }
+      }
+    }
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    if (complete) return absl::InternalError("sharded sampling could not place a draw");
+  }
+  return out;
 }
 
 }  // namespace gemma::gemma4

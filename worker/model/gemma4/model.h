@@ -16,7 +16,9 @@
 #include "common/safetensors.h"
 #include "worker/backend/backend.h"
 #include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/sharding.h"
 #include "worker/model/gemma4/weights.h"
+#include "worker/parallel/communicator.h"
 
 namespace gemma::gemma4 {
 
@@ -36,18 +38,37 @@ struct SequenceStep {
 using TensorObserver = std::function<void(std::string_view name, const Buffer& buffer,
                                           const std::vector<int64_t>& shape)>;
 
+// How this rank takes part in a model spread over several ranks (design.md, "Parallelism
+// inside a replica"). The default is one rank holding everything.
+struct ModelParallel {
+  ShardLayout layout;
+  // The tensor-parallel group (attention heads, MLP columns, vocabulary rows); null if tp 1.
+  parallel::Communicator* tp_comm = nullptr;
+  // dp-ep mode: every rank of the replica, over which tokens travel to their experts' owners
+  // by all-to-all. Null in tp mode, where each tp rank owns experts and sums partials.
+  parallel::Communicator* ep_comm = nullptr;
+  // Compare a hash of each layer's routing across the tp group (debug; one host sync a layer).
+  bool check_routing = false;
+};
+
 class Model {
  public:
-  // Loads config.json and the weights of `model_dir` onto `backend`.
+  // Loads config.json and the weights of `model_dir` onto `backend` (this rank's slices).
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& model_dir,
-                                                     Backend& backend);
+                                                     Backend& backend,
+                                                     const ModelParallel& parallel = {});
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
                                                        const Checkpoint& checkpoint,
-                                                       Backend& backend);
+                                                       Backend& backend,
+                                                       const ModelParallel& parallel = {});
+  // KV-cache options for this rank (its KV heads per layer), from `base`.
+  KvCacheOptions CacheOptions(KvCacheOptions base) const;
 
   // Runs one step. Returns the logits of the requested positions, in sequence order, as a
-  // device buffer [num_rows, vocab] (valid until the next Forward). INVALID_ARGUMENT for token
-  // ids outside the vocabulary, empty steps, or positions past max_position_embeddings.
+  // device buffer [num_rows, local vocab] (this rank's vocabulary shard; valid until the next
+  // Forward). INVALID_ARGUMENT for token ids outside the vocabulary or positions past
+  // max_position_embeddings. With tensor or expert parallelism every rank of the group calls
+  // Forward for the same step (in dp-ep mode a group with no sequences passes an empty span).
   absl::StatusOr<const Buffer*> Forward(std::span<const SequenceStep> steps, KvCache& cache);
   // Rows of logits produced by the last Forward.
   int64_t num_logit_rows() const { return num_logit_rows_; }
@@ -58,17 +79,29 @@ class Model {
 
   void set_observer(TensorObserver observer) { observer_ = std::move(observer); }
   const ModelConfig& config() const { return config_; }
+  const LocalDims& local_dims() const { return dims_; }
+  const ModelParallel& parallel() const { return parallel_; }
   Backend& backend() { return backend_; }
 
  private:
-  Model(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
+  Model(const ModelConfig& config, Backend& backend, const ModelParallel& parallel)
+      : config_(config), backend_(backend), parallel_(parallel) {}
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows);
-  void AttentionBlock(int layer_idx, const BatchLayout& layout, KvCache& cache);
-  void FeedForwardBlock(int layer_idx);
+  absl::Status AttentionBlock(int layer_idx, const BatchLayout& layout, KvCache& cache);
+  absl::Status FeedForwardBlock(int layer_idx);
+  // Sums `buffer`'s first `count` floats over the tp group (no-op without one).
+  absl::Status TpAllReduce(Buffer& buffer, int64_t count);
+  // dp-ep: sends this rank's share of the tokens to their experts' owners, runs the local
+  // experts on what arrives, and returns the results into moe_out_.
+  absl::Status DispatchExperts(int layer_idx);
+  absl::Status CheckRouting(int layer_idx);
+  absl::StatusOr<std::vector<int32_t>> SampleSharded(const std::vector<SamplingParams>& params);
   void Observe(std::string_view name, const Buffer& buffer, std::vector<int64_t> shape);
 
   ModelConfig config_;
   Backend& backend_;
+  ModelParallel parallel_;
+  LocalDims dims_;
   std::unique_ptr<Weights> weights_;
   TensorObserver observer_;
   int64_t num_tokens_ = 0;
@@ -86,9 +119,10 @@ class Model {
   BufferPtr proj_;        // [T, H]
   BufferPtr gate_up_;     // [T, 2 * max_inter]
   BufferPtr act_;         // [T, max_inter]
-  BufferPtr mlp_out_;     // [T, H]
+  BufferPtr ffn_pair_;    // [2, T, H]: dense and expert partials, reduced in one collective
+  BufferPtr mlp_out_;     // view of ffn_pair_[0]
+  BufferPtr moe_out_;     // view of ffn_pair_[1]
   BufferPtr moe_in_;      // [T, H]
-  BufferPtr moe_out_;     // [T, H]
   BufferPtr topk_ids_;    // [T, top_k]
   BufferPtr topk_weights_;// [T, top_k]
   BufferPtr rows_;        // [R] i32

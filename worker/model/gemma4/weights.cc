@@ -1,6 +1,7 @@
 #include "worker/model/gemma4/weights.h"
 
 #include <cstring>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -8,38 +9,45 @@
 namespace gemma::gemma4 {
 namespace {
 
+// This rank's bytes of one tensor.
+struct Slice {
+  DType dtype = DType::kF32;
+  int64_t numel = 0;
+  std::vector<uint8_t> gathered;    // used when the slice is not contiguous in the file
+  const uint8_t* data = nullptr;    // the slice's bytes (into the mapping or `gathered`)
+};
+
 class Loader {
  public:
-  Loader(const ModelConfig& config, const Checkpoint& checkpoint, Backend& backend)
-      : config_(config), checkpoint_(checkpoint), backend_(backend) {}
+  Loader(const ModelConfig& config, const Checkpoint& checkpoint, const LocalDims& dims,
+         Backend& backend)
+      : config_(config), checkpoint_(checkpoint), dims_(dims), backend_(backend) {}
 
-  absl::StatusOr<BufferPtr> Load(const std::string& name, const std::vector<int64_t>& shape) {
-    ASSIGN_OR_RETURN(TensorView view,
-                     checkpoint_.GetWithShape(config_.tensor_prefix + name, shape));
-    RETURN_IF_ERROR(CheckFloat(view));
-    return backend_.UploadWeight(view.dtype, view.data, view.NumElements());
+  // `name` below the prefix; `shape` the whole tensor's shape; `layer_idx` for per-layer dims.
+  absl::StatusOr<BufferPtr> Load(const std::string& name, const std::vector<int64_t>& shape,
+                                 int layer_idx = -1) {
+    ASSIGN_OR_RETURN(Slice slice, Read(name, shape, layer_idx));
+    return backend_.UploadWeight(slice.dtype, slice.data, slice.numel);
   }
 
-  // Several tensors of one dtype concatenated along their first axis.
+  // Several tensors of one dtype (each sliced) concatenated along their first axis.
   absl::StatusOr<BufferPtr> LoadConcat(const std::vector<std::string>& names,
-                                       const std::vector<int64_t>& shape) {
-    std::vector<TensorView> views;
-    for (const auto& name : names) {
-      ASSIGN_OR_RETURN(TensorView view,
-                       checkpoint_.GetWithShape(config_.tensor_prefix + name, shape));
-      RETURN_IF_ERROR(CheckFloat(view));
-      if (!views.empty() && view.dtype != views.front().dtype) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "tensor '", view.name, "' in ", view.file, " has dtype ", DTypeName(view.dtype),
-            " but '", views.front().name, "' has ", DTypeName(views.front().dtype)));
-      }
-      views.push_back(view);
-    }
+                                       const std::vector<int64_t>& shape, int layer_idx) {
     std::vector<uint8_t> joined;
-    for (const auto& view : views) joined.insert(joined.end(), view.data, view.data + view.num_bytes);
     int64_t numel = 0;
-    for (const auto& view : views) numel += view.NumElements();
-    return backend_.UploadWeight(views.front().dtype, joined.data(), numel);
+    DType dtype = DType::kF32;
+    for (size_t i = 0; i < names.size(); ++i) {
+      ASSIGN_OR_RETURN(Slice slice, Read(names[i], shape, layer_idx));
+      if (i > 0 && slice.dtype != dtype) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", config_.tensor_prefix, names[i], "' has dtype ", DTypeName(slice.dtype),
+            " but '", config_.tensor_prefix, names[0], "' has ", DTypeName(dtype)));
+      }
+      dtype = slice.dtype;
+      joined.insert(joined.end(), slice.data, slice.data + slice.numel * DTypeSize(dtype));
+      numel += slice.numel;
+    }
+    return backend_.UploadWeight(dtype, joined.data(), numel);
   }
 
  private:
@@ -52,8 +60,45 @@ class Loader {
                                                    "; weights must be F32, BF16 or F16"));
   }
 
+  absl::StatusOr<Slice> Read(const std::string& name, const std::vector<int64_t>& shape,
+                             int layer_idx) {
+    ASSIGN_OR_RETURN(TensorView view,
+                     checkpoint_.GetWithShape(config_.tensor_prefix + name, shape));
+    RETURN_IF_ERROR(CheckFloat(view));
+    Slice slice;
+    slice.dtype = view.dtype;
+    const ShardSpec spec = ShardSpecFor(name);
+    const size_t elem = DTypeSize(view.dtype);
+    if (spec.kind == ShardKind::kReplicated) {
+      slice.numel = view.NumElements();
+      slice.data = view.data;
+      return slice;
+    }
+    const int64_t begin = dims_.RangeBegin(spec.dim, layer_idx);
+    const int64_t size = dims_.RangeSize(spec.dim, layer_idx);
+    if (spec.kind == ShardKind::kSplitCols) {
+      // [rows, cols] -> [rows, size]: a strided gather touching only the slice's pages.
+      const int64_t rows = shape[0], cols = shape[1];
+      slice.numel = rows * size;
+      slice.gathered.resize(slice.numel * elem);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(slice.gathered.data() + r * size * elem, view.data + (r * cols + begin) * elem,
+                    size * elem);
+      }
+      slice.data = slice.gathered.data();
+      return slice;
+    }
+    // Split along axis 0 (rows of a projection, or whole experts): contiguous.
+    int64_t inner = 1;
+    for (size_t i = 1; i < shape.size(); ++i) inner *= shape[i];
+    slice.numel = size * inner;
+    slice.data = view.data + begin * inner * elem;
+    return slice;
+  }
+
   const ModelConfig& config_;
   const Checkpoint& checkpoint_;
+  const LocalDims& dims_;
   Backend& backend_;
 };
 
@@ -61,16 +106,19 @@ class Loader {
 
 absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
                                                      const Checkpoint& checkpoint,
-                                                     Backend& backend) {
-  Loader loader(config, checkpoint, backend);
+                                                     const LocalDims& dims, Backend& backend) {
+  Loader loader(config, checkpoint, dims, backend);
   auto w = std::make_unique<Weights>();
   const int64_t hidden = config.hidden_size;
   const int64_t vocab = config.vocab_size;
   ASSIGN_OR_RETURN(w->embed_tokens, loader.Load("embed_tokens.weight", {vocab, hidden}));
   ASSIGN_OR_RETURN(w->final_norm, loader.Load("norm.weight", {hidden}));
   if (!config.tie_word_embeddings) {
-    ASSIGN_OR_RETURN(TensorView head, checkpoint.GetWithShape("lm_head.weight", {vocab, hidden}));
-    ASSIGN_OR_RETURN(w->lm_head, backend.UploadWeight(head.dtype, head.data, head.NumElements()));
+    // lm_head sits outside the decoder prefix; read it through a loader with an empty prefix.
+    ModelConfig top = config;
+    top.tensor_prefix = "";
+    Loader head_loader(top, checkpoint, dims, backend);
+    ASSIGN_OR_RETURN(w->lm_head, head_loader.Load("lm_head.weight", {vocab, hidden}));
   }
   w->layers.resize(config.num_hidden_layers);
   for (int l = 0; l < config.num_hidden_layers; ++l) {
@@ -80,14 +128,14 @@ absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
     const int64_t heads = config.num_attention_heads;
     const int64_t kv_heads = config.LayerKvHeads(l);
     ASSIGN_OR_RETURN(lw.input_layernorm, loader.Load(p + "input_layernorm.weight", {hidden}));
-    ASSIGN_OR_RETURN(lw.q_proj, loader.Load(p + "self_attn.q_proj.weight", {heads * d, hidden}));
+    ASSIGN_OR_RETURN(lw.q_proj, loader.Load(p + "self_attn.q_proj.weight", {heads * d, hidden}, l));
     ASSIGN_OR_RETURN(lw.k_proj,
-                     loader.Load(p + "self_attn.k_proj.weight", {kv_heads * d, hidden}));
+                     loader.Load(p + "self_attn.k_proj.weight", {kv_heads * d, hidden}, l));
     if (!config.LayerKEqV(l)) {
       ASSIGN_OR_RETURN(lw.v_proj,
-                       loader.Load(p + "self_attn.v_proj.weight", {kv_heads * d, hidden}));
+                       loader.Load(p + "self_attn.v_proj.weight", {kv_heads * d, hidden}, l));
     }
-    ASSIGN_OR_RETURN(lw.o_proj, loader.Load(p + "self_attn.o_proj.weight", {hidden, heads * d}));
+    ASSIGN_OR_RETURN(lw.o_proj, loader.Load(p + "self_attn.o_proj.weight", {hidden, heads * d}, l));
     ASSIGN_OR_RETURN(lw.q_norm, loader.Load(p + "self_attn.q_norm.weight", {d}));
     ASSIGN_OR_RETURN(lw.k_norm, loader.Load(p + "self_attn.k_norm.weight", {d}));
     ASSIGN_OR_RETURN(lw.post_attention_layernorm,
@@ -97,8 +145,8 @@ absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
     const int64_t inter = config.intermediate_size;
     ASSIGN_OR_RETURN(lw.mlp_gate_up,
                      loader.LoadConcat({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"},
-                                       {inter, hidden}));
-    ASSIGN_OR_RETURN(lw.mlp_down, loader.Load(p + "mlp.down_proj.weight", {hidden, inter}));
+                                       {inter, hidden}, l));
+    ASSIGN_OR_RETURN(lw.mlp_down, loader.Load(p + "mlp.down_proj.weight", {hidden, inter}, l));
     ASSIGN_OR_RETURN(lw.post_feedforward_layernorm,
                      loader.Load(p + "post_feedforward_layernorm.weight", {hidden}));
     ASSIGN_OR_RETURN(lw.layer_scalar, loader.Load(p + "layer_scalar", {1}));
@@ -109,9 +157,9 @@ absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
       ASSIGN_OR_RETURN(lw.router_scale, loader.Load(p + "router.scale", {hidden}));
       ASSIGN_OR_RETURN(lw.per_expert_scale, loader.Load(p + "router.per_expert_scale", {experts}));
       ASSIGN_OR_RETURN(lw.experts_gate_up,
-                       loader.Load(p + "experts.gate_up_proj", {experts, 2 * moe_inter, hidden}));
+                       loader.Load(p + "experts.gate_up_proj", {experts, 2 * moe_inter, hidden}, l));
       ASSIGN_OR_RETURN(lw.experts_down,
-                       loader.Load(p + "experts.down_proj", {experts, hidden, moe_inter}));
+                       loader.Load(p + "experts.down_proj", {experts, hidden, moe_inter}, l));
       ASSIGN_OR_RETURN(lw.pre_feedforward_layernorm_2,
                        loader.Load(p + "pre_feedforward_layernorm_2.weight", {hidden}));
       ASSIGN_OR_RETURN(lw.post_feedforward_layernorm_1,

@@ -10,6 +10,7 @@
 #include "common/model_config.h"
 #include "common/safetensors.h"
 #include "worker/backend/backend.h"
+#include "worker/model/gemma4/sharding.h"
 
 namespace gemma::gemma4 {
 
@@ -47,10 +48,12 @@ struct Weights {
   const Buffer& LmHead() const { return lm_head ? *lm_head : *embed_tokens; }
 };
 
-// Loads every text-decoder weight of `checkpoint` (names under config.tensor_prefix) onto
-// `backend`. Errors name the tensor, its file, and the expected and found shapes.
+// Loads this rank's slice (`dims`, split as ShardSpecFor says) of every text-decoder weight of
+// `checkpoint` (names under config.tensor_prefix) onto `backend`, reading only the slice's bytes
+// of the memory-mapped files. Shapes are checked whole, against the config, before slicing.
+// Errors name the tensor, its file, and the expected and found shapes.
 absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
                                                      const Checkpoint& checkpoint,
-                                                     Backend& backend);
+                                                     const LocalDims& dims, Backend& backend);
 
 }  // namespace gemma::gemma4
