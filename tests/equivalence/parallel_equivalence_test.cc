@@ -1,0 +1,348 @@
+// The same model spread over W ranks (threads with in-process communicators) gives the
+// single-rank result: logits within kSelfRelTol, identical greedy continuations and identical
+// seeded samples, in tp mode (tp 1, 2, 4: above the global layers' single KV head) and in
+// dp-ep mode (groups of T = 1 and 2, each group with its own sequences, one group idle for
+// several steps). Also: the traffic the byte counters record is what the design says.
+#include <functional>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/testing/compare.h"
+#include "tests/testing/tolerances.h"
+#include "worker/backend/cpu/cpu_backend.h"
+#include "worker/engine/generate.h"
+#include "worker/model/gemma4/model.h"
+#include "worker/parallel/in_process_communicator.h"
+
+namespace gemma {
+namespace {
+
+using gemma4::LogitsMode;
+using gemma4::Model;
+using gemma4::ModelParallel;
+using gemma4::SequenceStep;
+
+// One rank's model and cache.
+struct Rank {
+  std::unique_ptr<CpuBackend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<KvCache> cache;
+  std::unique_ptr<parallel::Communicator> tp_comm, ep_comm;
+};
+
+// W ranks: tp mode when `dp_ep` is false (one group of W), else groups of `tp` ranks with
+// experts over all W.
+class Replica {
+ public:
+  Replica(const std::string& model, int world, int tp, bool dp_ep) : world_(world), tp_(tp) {
+    const int groups = dp_ep ? world / tp : 1;
+    for (int g = 0; g < groups; ++g) {
+      tp_groups_.push_back(std::make_unique<parallel::InProcessGroup>(dp_ep ? tp : world));
+    }
+    if (dp_ep) ep_group_ = std::make_unique<parallel::InProcessGroup>(world);
+    ranks_.resize(world);
+    RunAll([&](int r) {
+      Rank& rank = ranks_[r];
+      rank.backend = std::make_unique<CpuBackend>(CpuBackendOptions{1});
+      const int group = dp_ep ? r / tp : 0;
+      const int tp_rank = dp_ep ? r % tp : r;
+      const int tp_size = dp_ep ? tp : world;
+      ModelParallel p;
+      p.layout = {tp_size, tp_rank, dp_ep ? world : tp_size, dp_ep ? r : tp_rank};
+      p.check_routing = true;
+      if (tp_size > 1) {
+        rank.tp_comm = tp_groups_[group]->communicator(tp_rank);
+        p.tp_comm = rank.tp_comm.get();
+      }
+      if (dp_ep) {
+        rank.ep_comm = ep_group_->communicator(r);
+        p.ep_comm = rank.ep_comm.get();
+      }
+      auto m = Model::Load(testing::GoldenPath(model), *rank.backend, p);
+      ASSERT_TRUE(m.ok()) << m.status();
+      rank.model = *std::move(m);
+      KvCacheOptions options;
+      options.page_size = 4;
+      options.default_tokens = 512;
+      auto cache = KvCache::Create(rank.model->config(), *rank.backend,
+                                   rank.model->CacheOptions(options));
+      ASSERT_TRUE(cache.ok()) << cache.status();
+      rank.cache = *std::move(cache);
+    });
+  }
+
+  // Runs fn(rank) on one thread per rank and waits.
+  void RunAll(const std::function<void(int)>& fn) {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < world_; ++r) threads.emplace_back(fn, r);
+    for (auto& t : threads) t.join();
+  }
+  Rank& rank(int r) { return ranks_[r]; }
+  int world() const { return world_; }
+  int tp() const { return tp_; }
+
+ private:
+  int world_, tp_;
+  std::vector<std::unique_ptr<parallel::InProcessGroup>> tp_groups_;
+  std::unique_ptr<parallel::InProcessGroup> ep_group_;
+  std::vector<Rank> ranks_;
+};
+
+std::vector<int32_t> RandomPrompt(int length, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> tokens = {2};
+  while (static_cast<int>(tokens.size()) < length) tokens.push_back(5 + rng() % 500);
+  return tokens;
+}
+
+struct Single {
+  std::vector<float> logits;
+  std::vector<int32_t> greedy, sampled;
+};
+
+GenerateOptions SampledOptions() {
+  GenerateOptions o;
+  o.max_new_tokens = 16;
+  o.sampling.temperature = 0.9f;
+  o.sampling.top_k = 40;
+  o.sampling.top_p = 0.95f;
+  o.sampling.seed = 1234;
+  o.sampling.request_key = 5;
+  return o;
+}
+
+GenerateOptions FullVocabSampledOptions() {
+  GenerateOptions o = SampledOptions();
+  o.sampling.top_k = 0;
+  o.sampling.top_p = 1.0f;
+  o.sampling.temperature = 1.3f;
+  return o;
+}
+
+Single RunSingle(const std::string& model, const std::vector<int32_t>& prompt) {
+  Replica one(model, 1, 1, false);
+  Rank& r = one.rank(0);
+  Single s;
+  s.logits = *PromptLogits(*r.model, *r.cache, prompt);
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 20;
+  s.greedy = *Generate(*r.model, *r.cache, prompt, greedy);
+  s.sampled = *Generate(*r.model, *r.cache, prompt, SampledOptions());
+  auto full = *Generate(*r.model, *r.cache, prompt, FullVocabSampledOptions());
+  s.sampled.insert(s.sampled.end(), full.begin(), full.end());
+  return s;
+}
+
+struct Case {
+  std::string model;
+  int world;
+  int tp;
+  bool dp_ep;
+};
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  std::string name = absl::StrCat(c.model, c.dp_ep ? "_dpep_w" : "_tp", c.world);
+  if (c.dp_ep) absl::StrAppend(&name, "_t", c.tp);
+  for (char& ch : name) {
+    if (ch == '-') ch = '_';
+  }
+  return name;
+}
+
+class EquivalenceTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(EquivalenceTest, LogitsGreedyAndSeededSamplesEqualOneRank) {
+  const Case& c = GetParam();
+  Replica replica(c.model, c.world, c.tp, c.dp_ep);
+  const int groups = c.dp_ep ? c.world / c.tp : 1;
+  // Each data-parallel group gets its own prompt; tp ranks of a group share it.
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<Single> expected;
+  for (int g = 0; g < groups; ++g) {
+    prompts.push_back(RandomPrompt(19 + 7 * g, 100 + g));
+    expected.push_back(RunSingle(c.model, prompts[g]));
+  }
+  std::vector<Single> got(c.world);
+  replica.RunAll([&](int r) {
+    Rank& rank = replica.rank(r);
+    const auto& prompt = prompts[c.dp_ep ? r / c.tp : 0];
+    auto logits = PromptLogits(*rank.model, *rank.cache, prompt);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    got[r].logits = *logits;
+    GenerateOptions greedy;
+    greedy.max_new_tokens = 20;
+    auto g = Generate(*rank.model, *rank.cache, prompt, greedy);
+    ASSERT_TRUE(g.ok()) << g.status();
+    got[r].greedy = *g;
+    auto s = Generate(*rank.model, *rank.cache, prompt, SampledOptions());
+    ASSERT_TRUE(s.ok()) << s.status();
+    got[r].sampled = *s;
+    auto f = Generate(*rank.model, *rank.cache, prompt, FullVocabSampledOptions());
+    ASSERT_TRUE(f.ok()) << f.status();
+    got[r].sampled.insert(got[r].sampled.end(), f->begin(), f->end());
+  });
+  for (int r = 0; r < c.world; ++r) {
+    const Single& want = expected[c.dp_ep ? r / c.tp : 0];
+    auto cmp = testing::Compare(got[r].logits, want.logits);
+    EXPECT_LE(cmp.Relative(), testing::kSelfRelTol) << "rank " << r << ": " << cmp.ToString();
+    EXPECT_EQ(got[r].greedy, want.greedy) << "rank " << r;
+    EXPECT_EQ(got[r].sampled, want.sampled) << "rank " << r;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Modes, EquivalenceTest,
+    ::testing::Values(Case{"tiny-dense", 2, 2, false}, Case{"tiny-dense", 4, 4, false},
+                      Case{"tiny-moe", 2, 2, false}, Case{"tiny-moe", 4, 4, false},
+                      Case{"tiny-moe", 2, 1, true}, Case{"tiny-moe", 4, 1, true},
+                      Case{"tiny-moe", 4, 2, true}),
+    CaseName);
+
+TEST(DpEpTest, IdleGroupRunsEmptyStepsWhileTheOtherDecodes) {
+  // Two groups of one rank: group 0 decodes 12 tokens, group 1 only 3, then runs empty steps
+  // (its rank still serves its experts to group 0's tokens). A small all-reduce per step
+  // carries the number of active groups, and both stop together.
+  Replica replica("tiny-moe", 2, 1, true);
+  std::vector<int32_t> prompts[2] = {RandomPrompt(11, 7), RandomPrompt(6, 8)};
+  const int budget[2] = {12, 3};
+  std::vector<Single> expected = {RunSingle("tiny-moe", prompts[0]),
+                                  RunSingle("tiny-moe", prompts[1])};
+  std::vector<std::vector<int32_t>> out(2);
+  std::vector<int> empty_steps(2, 0);
+  replica.RunAll([&](int r) {
+    Rank& rank = replica.rank(r);
+    SequenceKv kv;
+    std::vector<int32_t> pending = prompts[r];
+    while (true) {
+      int64_t active = static_cast<int64_t>(out[r].size()) < budget[r] ? 1 : 0;
+      ASSERT_TRUE(rank.ep_comm->AllReduce(&active, 1, DType::kI64).ok());
+      if (active == 0) break;
+      std::vector<SequenceStep> steps;
+      if (static_cast<int64_t>(out[r].size()) < budget[r]) {
+        ASSERT_TRUE(rank.cache->Grow(kv, kv.length + static_cast<int64_t>(pending.size())).ok());
+        steps.push_back({pending, &kv, LogitsMode::kLast});
+      } else {
+        ++empty_steps[r];
+      }
+      auto logits = rank.model->Forward(steps, *rank.cache);
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      if (!steps.empty()) {
+        rank.cache->TrimSliding(kv);
+        auto next = rank.model->Sample({SamplingParams{}});
+        ASSERT_TRUE(next.ok());
+        out[r].push_back((*next)[0]);
+        pending = {(*next)[0]};
+      }
+    }
+    rank.cache->Release(kv);
+  });
+  EXPECT_EQ(empty_steps[1], budget[0] - budget[1]);
+  for (int r = 0; r < 2; ++r) {
+    std::vector<int32_t> want(expected[r].greedy.begin(), expected[r].greedy.begin() + budget[r]);
+    EXPECT_EQ(out[r], want) << "group " << r;
+  }
+}
+
+TEST(TrafficTest, TpAllReducesCarryWhatTheDesignSays) {
+  // tp 2 on the MoE: per step one all-reduce of [T, H] after the embedding, one after each
+  // attention block, and one of [2, T, H] (dense and expert partials together) per layer.
+  Replica replica("tiny-moe", 2, 2, false);
+  const std::vector<int32_t> prompt = RandomPrompt(13, 3);
+  replica.RunAll([&](int r) {
+    Rank& rank = replica.rank(r);
+    const auto& c = rank.model->config();
+    SequenceKv kv;
+    ASSERT_TRUE(rank.cache->Grow(kv, static_cast<int64_t>(prompt.size())).ok());
+    SequenceStep step{prompt, &kv, LogitsMode::kNone};
+    rank.tp_comm->ResetTraffic();
+    ASSERT_TRUE(rank.model->Forward({&step, 1}, *rank.cache).ok());
+    const auto& traffic = rank.tp_comm->traffic();
+    const uint64_t t = prompt.size(), h = c.hidden_size, layers = c.num_hidden_layers;
+    // W = 2: an all-reduce of N bytes sends N bytes (half in reduce-scatter, half in gather).
+    const uint64_t expected = 4 * (t * h + layers * (t * h + 2 * t * h));
+    EXPECT_EQ(traffic.BytesSent(parallel::CollectiveOp::kAllReduce), expected) << "rank " << r;
+    EXPECT_EQ(traffic.Calls(parallel::CollectiveOp::kAllReduce), 1u + 2u * layers);
+    EXPECT_EQ(traffic.BytesSent(parallel::CollectiveOp::kAllToAllV), 0u);
+    rank.cache->Release(kv);
+  });
+}
+
+TEST(TrafficTest, DpEpDispatchSendsOnlyTokensRoutedOffRank) {
+  // dp-ep over 2 ranks of one: each MoE layer's all-to-alls carry the counts, one activation
+  // row and its expert metadata per (token, other rank) pair, and the results coming back for
+  // the pairs this rank served: never whole activations.
+  Replica replica("tiny-moe", 2, 1, true);
+  std::vector<int32_t> prompts[2] = {RandomPrompt(17, 11), RandomPrompt(9, 12)};
+  std::vector<std::vector<std::vector<int32_t>>> routing(2);  // [rank][layer] -> ids
+  std::vector<uint64_t> sent(2);
+  replica.RunAll([&](int r) {
+    Rank& rank = replica.rank(r);
+    rank.model->set_observer([&](std::string_view name, const Buffer& b,
+                                 const std::vector<int64_t>& shape) {
+      if (name.find(".router_ids") == std::string_view::npos) return;
+      std::vector<int32_t> ids(shape[0] * shape[1]);
+      ASSERT_TRUE(rank.backend->Read(b, ids.data(), ids.size() * sizeof(int32_t)).ok());
+      routing[r].push_back(ids);
+    });
+    SequenceKv kv;
+    ASSERT_TRUE(rank.cache->Grow(kv, static_cast<int64_t>(prompts[r].size())).ok());
+    SequenceStep step{prompts[r], &kv, LogitsMode::kNone};
+    rank.ep_comm->ResetTraffic();
+    ASSERT_TRUE(rank.model->Forward({&step, 1}, *rank.cache).ok());
+    sent[r] = rank.ep_comm->traffic().BytesSent(parallel::CollectiveOp::kAllToAllV);
+    rank.cache->Release(kv);
+  });
+  const auto& c = replica.rank(0).model->config();
+  const uint64_t h = c.hidden_size, k = c.top_k_experts, per_rank = c.num_experts / 2;
+  // pairs[src][layer]: tokens of rank src that need an expert on the other rank.
+  auto off_rank_pairs = [&](int src, int layer) {
+    uint64_t n = 0;
+    const auto& ids = routing[src][layer];
+    for (size_t tok = 0; tok < ids.size() / k; ++tok) {
+      bool other = false;
+      for (uint64_t j = 0; j < k; ++j) other |= ids[tok * k + j] / static_cast<int>(per_rank) != src;
+      n += other;
+    }
+    return n;
+  };
+  for (int r = 0; r < 2; ++r) {
+    uint64_t expected = 0, pairs = 0;
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      expected += 8;                                        // pair counts to the other rank
+      expected += off_rank_pairs(r, l) * (h + 2 * k) * 4;   // dispatch rows + metadata
+      expected += off_rank_pairs(1 - r, l) * h * 4;         // results returned to the other
+      pairs += off_rank_pairs(r, l);
+    }
+    EXPECT_EQ(sent[r], expected) << "rank " << r;
+    // Tokens whose experts all live on their own rank travel nowhere, so fewer rows leave than
+    // an all-gather of every token would send.
+    EXPECT_LT(pairs, c.num_hidden_layers * prompts[r].size()) << "rank " << r;
+  }
+}
+
+TEST(ParallelConfigTest, SplitsThatDoNotDivideAreRefusedAtStartUp) {
+  ModelConfig c = *LoadModelConfig(testing::GoldenPath("tiny-moe"));
+  auto three = gemma4::ComputeLocalDims(c, {3, 0, 3, 0});
+  ASSERT_FALSE(three.ok());
+  EXPECT_NE(three.status().message().find("num_attention_heads"), std::string::npos)
+      << three.status();
+  auto experts = gemma4::ComputeLocalDims(c, {1, 0, 32, 0});
+  ASSERT_FALSE(experts.ok());
+  EXPECT_NE(experts.status().message().find("num_experts"), std::string::npos) << experts.status();
+  // tp 4 exceeds the full layers' single KV head: it is replicated, not refused.
+  auto four = gemma4::ComputeLocalDims(c, {4, 3, 4, 3});
+  ASSERT_TRUE(four.ok()) << four.status();
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    if (c.IsFull(l)) {
+      EXPECT_EQ(four->layers[l].kv_heads, 1);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace gemma
