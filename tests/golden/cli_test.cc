@@ -77,6 +77,23 @@ TEST(CliTest, GeneratePrintsGreedyIdsOnOneLine) {
             absl::StrJoin(g["output"].get<std::vector<int32_t>>(), " "));
 }
 
+TEST(CliTest, RanksAsThreadsGiveTheSameIds) {
+  nlohmann::json manifest = Manifest("tiny-moe");
+  const auto& g = manifest["greedy"][0];
+  const std::string want = absl::StrJoin(g["output"].get<std::vector<int32_t>>(), " ");
+  for (const std::string& flags :
+       {std::string("--tp 2"), std::string("--tp 4 --check-routing"),
+        std::string("--mode dp-ep --ep 2"), std::string("--mode dp-ep --ep 4 --tp 2")}) {
+    RunResult r = RunTool("gemma-generate",
+                          absl::StrCat("--model ", testing::GoldenPath("tiny-moe"), " --tokens ",
+                                       absl::StrJoin(g["prompt"].get<std::vector<int32_t>>(), ","),
+                                       " --max-new-tokens ", g["max_new_tokens"].get<int>(), " ",
+                                       flags));
+    ASSERT_EQ(r.exit_code, 0) << flags << ": " << r.output;
+    EXPECT_EQ(absl::StripAsciiWhitespace(r.output), want) << flags;
+  }
+}
+
 TEST(CliTest, SeededSamplingIsReproducible) {
   std::string args = absl::StrCat("--model ", testing::GoldenPath("tiny-moe"),
                                   " --tokens 2,17,301,42 --max-new-tokens 12 --temperature 1.0 "

@@ -1,5 +1,8 @@
 #include "worker/cli/cli_common.h"
 
+#include <algorithm>
+#include <thread>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -40,18 +43,25 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text) {
 }
 
 absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
-                                       int64_t max_tokens, int64_t page_size) {
+                                       int64_t max_tokens, int64_t page_size,
+                                       const gemma4::ModelParallel& parallel,
+                                       int ranks_in_process) {
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  if (page_size <= 0) return absl::InvalidArgumentError("--page-size must be positive");
+  if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   LoadedModel loaded;
   CpuBackendOptions options;
-  options.num_threads = threads;
+  options.num_threads =
+      threads > 0 ? threads
+                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
+                                    std::max(1, ranks_in_process));
   loaded.backend = std::make_unique<CpuBackend>(options);
-  ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend));
+  ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend, parallel));
   KvCacheOptions cache_options;
   cache_options.page_size = page_size;
   cache_options.default_tokens = max_tokens + page_size;
-  ASSIGN_OR_RETURN(loaded.cache,
-                   KvCache::Create(loaded.model->config(), *loaded.backend, cache_options));
+  ASSIGN_OR_RETURN(loaded.cache, KvCache::Create(loaded.model->config(), *loaded.backend,
+                                                 loaded.model->CacheOptions(cache_options)));
   return loaded;
 }
 

@@ -28,8 +28,11 @@ struct LoadedModel {
   std::unique_ptr<KvCache> cache;
 };
 
-// Loads `model_dir` on the CPU backend with a cache able to hold `max_tokens` positions.
+// Loads this rank's share of `model_dir` on the CPU backend with a cache able to hold
+// `max_tokens` positions. threads 0: the machine's cores divided among `ranks_in_process`.
 absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
-                                       int64_t max_tokens, int64_t page_size);
+                                       int64_t max_tokens, int64_t page_size,
+                                       const gemma4::ModelParallel& parallel = {},
+                                       int ranks_in_process = 1);
 
 }  // namespace gemma::cli

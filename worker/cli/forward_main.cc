@@ -1,6 +1,8 @@
 // gemma-forward: the float32 logits of every position of a token sequence, as a .npy file
 // [num_tokens, vocab_size].
 //   gemma-forward --model DIR --tokens 2,17,301 --logits-out logits.npy
+// Spread over ranks as threads (--tp N, or --mode dp-ep --ep W [--tp T]) or as processes
+// (--world-size W --rank R --rendezvous HOST:PORT, one process per rank; rank 0 writes).
 #include <iostream>
 
 #include "absl/flags/flag.h"
@@ -10,32 +12,46 @@
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
-#include "worker/engine/generate.h"
+#include "worker/cli/parallel_ranks.h"
+#include "worker/cli/rank_driver.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
-ABSL_FLAG(std::string, tokens, "", "comma-separated token ids, e.g. 2,17,301");
-ABSL_FLAG(std::string, logits_out, "", "output .npy file for the logits");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores)");
+ABSL_FLAG(std::string, tokens, "",
+          "comma-separated token ids, e.g. 2,17,301 (ranks other than 0 of a multi-process run "
+          "take them from rank 0)");
+ABSL_FLAG(std::string, logits_out, "", "output .npy file for the logits (written by rank 0)");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
 ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least the prompt)");
 
 namespace {
 
 absl::Status Run() {
-  if (absl::GetFlag(FLAGS_logits_out).empty()) {
+  std::vector<int32_t> tokens;
+  if (!absl::GetFlag(FLAGS_tokens).empty() || absl::GetFlag(FLAGS_rank) <= 0) {
+    ASSIGN_OR_RETURN(tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
+  }
+  const bool leader = absl::GetFlag(FLAGS_rank) <= 0;
+  if (leader && absl::GetFlag(FLAGS_logits_out).empty()) {
     return absl::InvalidArgumentError("--logits-out FILE.npy is required");
   }
-  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
-  ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                   gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads),
-                                          static_cast<int64_t>(tokens.size()),
-                                          absl::GetFlag(FLAGS_page_size)));
-  ASSIGN_OR_RETURN(std::vector<float> logits,
-                   gemma::PromptLogits(*loaded.model, *loaded.cache, tokens,
-                                       absl::GetFlag(FLAGS_prefill_chunk)));
-  const int64_t vocab = loaded.model->config().vocab_size;
-  return gemma::WriteNpy(absl::GetFlag(FLAGS_logits_out), gemma::DType::kF32,
-                         {static_cast<int64_t>(tokens.size()), vocab}, logits.data());
+  const int64_t capacity =
+      std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens), static_cast<int64_t>(tokens.size()));
+  return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
+    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
+                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
+                                            absl::GetFlag(FLAGS_threads), capacity,
+                                            absl::GetFlag(FLAGS_page_size), env.parallel,
+                                            env.ranks_in_process));
+    ASSIGN_OR_RETURN(std::vector<float> logits,
+                     gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
+                                                  absl::GetFlag(FLAGS_prefill_chunk)));
+    if (!env.writes_output()) return absl::OkStatus();
+    const int64_t vocab = loaded.model->config().vocab_size;
+    return gemma::WriteNpy(absl::GetFlag(FLAGS_logits_out), gemma::DType::kF32,
+                           {static_cast<int64_t>(logits.size()) / vocab, vocab}, logits.data());
+  });
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // gemma-generate: generates token ids after a prompt and prints them on one line.
 //   gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32 [--temperature T
 //                  --top-k K --top-p P --seed S]
+#include <algorithm>
 #include <iostream>
 
 #include "absl/flags/flag.h"
@@ -11,6 +12,8 @@
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
+#include "worker/cli/parallel_ranks.h"
+#include "worker/cli/rank_driver.h"
 #include "worker/engine/generate.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
@@ -21,9 +24,10 @@ ABSL_FLAG(int32_t, top_k, 0, "keep the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus probability in (0, 1]");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(bool, stop_at_eos, false, "stop after an end-of-sequence id of config.json");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores)");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
 ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least prompt + new)");
 
 namespace {
 
@@ -41,11 +45,12 @@ absl::Status Run() {
     return absl::InvalidArgumentError("--top-k must be >= 0 (0 keeps every token)");
   }
   if (max_new < 0) return absl::InvalidArgumentError("--max-new-tokens must be >= 0");
-  ASSIGN_OR_RETURN(std::vector<int32_t> tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
-  ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                   gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads),
-                                          static_cast<int64_t>(tokens.size()) + max_new,
-                                          absl::GetFlag(FLAGS_page_size)));
+  std::vector<int32_t> tokens;
+  if (!absl::GetFlag(FLAGS_tokens).empty() || absl::GetFlag(FLAGS_rank) <= 0) {
+    ASSIGN_OR_RETURN(tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
+  }
+  const int64_t capacity = std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens),
+                                             static_cast<int64_t>(tokens.size()) + max_new);
   gemma::GenerateOptions options;
   options.max_new_tokens = max_new;
   options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
@@ -53,15 +58,24 @@ absl::Status Run() {
   options.sampling.top_k = absl::GetFlag(FLAGS_top_k);
   options.sampling.top_p = static_cast<float>(top_p);
   options.sampling.seed = absl::GetFlag(FLAGS_seed);
-  if (absl::GetFlag(FLAGS_stop_at_eos)) {
-    for (int64_t id : loaded.model->config().eos_token_ids) {
-      options.stop_ids.push_back(static_cast<int32_t>(id));
+  return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
+    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
+                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
+                                            absl::GetFlag(FLAGS_threads), capacity,
+                                            absl::GetFlag(FLAGS_page_size), env.parallel,
+                                            env.ranks_in_process));
+    gemma::GenerateOptions rank_options = options;
+    if (absl::GetFlag(FLAGS_stop_at_eos)) {
+      for (int64_t id : loaded.model->config().eos_token_ids) {
+        rank_options.stop_ids.push_back(static_cast<int32_t>(id));
+      }
     }
-  }
-  ASSIGN_OR_RETURN(std::vector<int32_t> output,
-                   gemma::Generate(*loaded.model, *loaded.cache, tokens, options));
-  std::cout << absl::StrJoin(output, " ") << "\n";
-  return absl::OkStatus();
+    ASSIGN_OR_RETURN(std::vector<int32_t> output,
+                     gemma::cli::RankGenerate(env, *loaded.model, *loaded.cache, tokens,
+                                              rank_options));
+    if (env.writes_output()) std::cout << absl::StrJoin(output, " ") << "\n" << std::flush;
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace

@@ -206,7 +206,8 @@ class GlooCommunicator : public Communicator {
       total_send += send_bytes[p];
       total_recv += recv_bytes[p];
     }
-    if (total_send == 0 && total_recv == 0) return absl::OkStatus();
+    // Every rank takes part (and takes a tag) even with nothing to move: ranks' tag counters
+    // must stay in step, or the next collective pairs up the wrong messages.
     uint8_t dummy_send = 0, dummy_recv = 0;
     uint8_t* send_ptr =
         total_send > 0 ? static_cast<uint8_t*>(const_cast<void*>(send)) : &dummy_send;

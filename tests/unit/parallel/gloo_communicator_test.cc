@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "glog/logging.h"
 #include "gtest/gtest.h"
+#include "tests/testing/child_process.h"
 #include "worker/parallel/tcp_store.h"
 
 namespace gemma::parallel {
@@ -25,56 +26,7 @@ using Clock = std::chrono::steady_clock;
 
 const char kRankBinary[] = GEMMA_BINARY_DIR "/bin/parallel_gloo_rank";
 
-// A child process, SIGKILLed and reaped on destruction if still running.
-class ChildProcess {
- public:
-  explicit ChildProcess(const std::vector<std::string>& args) {
-    std::vector<char*> argv;
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    pid_ = fork();
-    CHECK_GE(pid_, 0) << "fork failed";
-    if (pid_ == 0) {
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~ChildProcess() {
-    if (!exit_status_.has_value()) {
-      kill(pid_, SIGKILL);
-      int status;
-      waitpid(pid_, &status, 0);
-    }
-  }
-
-  void Signal(int sig) { kill(pid_, sig); }
-
-  void Kill() {
-    kill(pid_, SIGKILL);
-    int status;
-    waitpid(pid_, &status, 0);
-    exit_status_ = status;
-  }
-
-  // Polls for exit until `deadline`; the raw wait status, or nullopt if still running.
-  std::optional<int> WaitUntil(Clock::time_point deadline) {
-    while (!exit_status_.has_value()) {
-      int status;
-      pid_t r = waitpid(pid_, &status, WNOHANG);
-      if (r == pid_) {
-        exit_status_ = status;
-        break;
-      }
-      if (Clock::now() >= deadline) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    return exit_status_;
-  }
-
- private:
-  pid_t pid_ = -1;
-  std::optional<int> exit_status_;
-};
+using testing::ChildProcess;
 
 struct RankResult {
   absl::StatusCode code;

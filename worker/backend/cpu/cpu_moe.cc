@@ -1,6 +1,8 @@
-// MoE routing and expert compute of the CPU backend. Experts run one at a time over the tokens
-// routed to them (gathered into a dense block), each product a BLAS call; outputs are combined
-// per token in ascending expert order, so the sum does not depend on which rank owns what.
+// MoE routing and expert compute of the CPU backend. Each expert runs over the tokens routed to
+// it (gathered into a dense block), each product a BLAS call: with few tokens per expert
+// (decode) the experts run in parallel, each on one thread; otherwise one at a time with
+// threaded products. Outputs are combined per token in ascending expert order, so the sum does
+// not depend on which rank or thread owns what.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -10,6 +12,12 @@
 #include "worker/backend/cpu/cpu_backend.h"
 
 namespace gemma {
+namespace {
+// Up to this many tokens routed to every expert, experts run in parallel (each product on one
+// thread) instead of one after the other with threaded products: at decode each product is
+// too small to be worth two synchronisations of the pool.
+constexpr int64_t kMoeExpertParallelMaxRows = 4;
+}  // namespace
 
 void CpuBackend::MoeRoute(const MoeRouteArgs& a) {
   const int64_t hidden = a.hidden;
@@ -86,28 +94,55 @@ void CpuBackend::MoeExperts(const MoeExpertsArgs& a) {
   }
   // Each (token, slot)'s expert output, combined afterwards in slot (= expert id) order.
   std::vector<float> slot_out(a.num_tokens * top_k * hidden, 0.0f);
-  std::vector<float> xin, gate_up, act, y;
+  std::vector<int64_t> active;
+  int64_t max_rows = 0;
   for (int64_t e = 0; e < a.num_local_experts; ++e) {
+    if (assigned[e].empty()) continue;
+    active.push_back(e);
+    max_rows = std::max<int64_t>(max_rows, static_cast<int64_t>(assigned[e].size()));
+  }
+  // One expert over its rows: gather, gate/up product, GELU-tanh times up, down product, scatter
+  // to the slots. `pool` null runs both products on the calling thread.
+  auto run_expert = [&](ThreadPool* pool, int64_t e, std::vector<float>& xin,
+                        std::vector<float>& gate_up, std::vector<float>& act,
+                        std::vector<float>& y) {
     const auto& rows = assigned[e];
-    if (rows.empty()) continue;
     const int64_t n = static_cast<int64_t>(rows.size());
     xin.resize(n * hidden);
     for (int64_t r = 0; r < n; ++r) {
       std::copy_n(x + (rows[r] / top_k) * hidden, hidden, &xin[r * hidden]);
     }
     gate_up.resize(n * 2 * inter);
-    cpu::MatMulF32(&pool_, xin.data(), *a.gate_up, e * 2 * inter, n, 2 * inter, hidden,
+    cpu::MatMulF32(pool, xin.data(), *a.gate_up, e * 2 * inter, n, 2 * inter, hidden,
                    gate_up.data());
     act.resize(n * inter);
     for (int64_t r = 0; r < n; ++r) {
       const float* g = &gate_up[r * 2 * inter];
       for (int64_t i = 0; i < inter; ++i) act[r * inter + i] = cpu::GeluTanh(g[i]) * g[inter + i];
     }
+    if (n == 1) {  // one row: straight into its slot
+      cpu::MatMulF32(pool, act.data(), *a.down, e * hidden, 1, hidden, inter,
+                     &slot_out[rows[0] * hidden]);
+      return;
+    }
     y.resize(n * hidden);
-    cpu::MatMulF32(&pool_, act.data(), *a.down, e * hidden, n, hidden, inter, y.data());
+    cpu::MatMulF32(pool, act.data(), *a.down, e * hidden, n, hidden, inter, y.data());
     for (int64_t r = 0; r < n; ++r) {
       std::copy_n(&y[r * hidden], hidden, &slot_out[rows[r] * hidden]);
     }
+  };
+  const int64_t num_active = static_cast<int64_t>(active.size());
+  if (max_rows <= kMoeExpertParallelMaxRows && num_active > 1) {
+    // Few tokens (decode): whole experts in parallel, each single-threaded. Every slot is
+    // written by exactly one expert, so the parts write disjoint memory.
+    pool_.ParallelFor(num_active, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> xin, gate_up, act, y;
+      for (int64_t i = begin; i < end; ++i) run_expert(nullptr, active[i], xin, gate_up, act, y);
+    });
+  } else {
+    // Many tokens: one expert at a time, each product threaded.
+    std::vector<float> xin, gate_up, act, y;
+    for (int64_t e : active) run_expert(&pool_, e, xin, gate_up, act, y);
   }
   for (int64_t t = 0; t < a.num_tokens; ++t) {
     float* o = out + t * hidden;

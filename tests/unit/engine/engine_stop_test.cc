@@ -1,0 +1,257 @@
+// Stop conditions and request plumbing of the engine loop, on scripted tokens of the real test
+// tokenizer: stop strings that span tokens, stop ids, end ids, max_tokens, finish reasons,
+// validation, cancellation of waiting requests, and the threaded Run() loop with a queue.
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "glog/logging.h"
+#include "gtest/gtest.h"
+#include "tests/unit/engine/engine_test_util.h"
+#include "worker/backend/cpu/cpu_backend.h"
+
+namespace gemma::engine {
+namespace {
+
+using testing::Collector;
+using testing::ScriptedExecutor;
+
+constexpr int64_t kPromptLength = 3;
+const std::vector<int32_t> kPrompt = {2, 400, 401};
+
+ModelConfig ScriptConfig(int64_t vocab) {
+  ModelConfig c;
+  c.vocab_size = vocab;
+  c.num_hidden_layers = 2;
+  c.layer_types = {LayerType::kSliding, LayerType::kFull};
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.num_global_key_value_heads = 1;
+  c.head_dim = 4;
+  c.global_head_dim = 8;
+  c.attention_k_eq_v = true;
+  c.sliding_window = 8;
+  c.max_position_embeddings = 4096;
+  c.eos_token_ids = {1, 106};
+  return c;
+}
+
+class EngineStopTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto tok = tokenizer::Tokenizer::FromFile(std::string(GEMMA_SOURCE_DIR) +
+                                              "/tests/golden/data/tokenizer/gemma4_test_tokenizer.json");
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = std::move(*tok);
+    config_ = ScriptConfig(tokenizer_->vocab_size());
+    KvCacheOptions options;
+    options.page_size = 4;
+    options.num_pages[kSlidingPool] = 64;
+    options.num_pages[kFullPool] = 64;
+    auto cache = KvCache::Create(config_, backend_, options);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    cache_ = std::move(*cache);
+  }
+
+  // An engine playing `scripts` (request key -> generated tokens).
+  std::unique_ptr<Engine> MakeEngine(absl::flat_hash_map<uint64_t, std::vector<int32_t>> scripts,
+                                     bool with_tokenizer = true) {
+    EngineOptions options;
+    options.tokenizer = with_tokenizer ? tokenizer_.get() : nullptr;
+    auto engine = Engine::Create(std::make_unique<ScriptedExecutor>(kPromptLength, std::move(scripts)),
+                                 config_, cache_.get(), options);
+    CHECK(engine.ok()) << engine.status();
+    return std::move(*engine);
+  }
+
+  Request MakeRequest(uint64_t key, int64_t max_tokens) {
+    Request r;
+    r.prompt = kPrompt;
+    r.sampling.key = key;
+    r.max_tokens = max_tokens;
+    return r;
+  }
+
+  std::vector<int32_t> Encode(const std::string& text) { return tokenizer_->Encode(text); }
+
+  CpuBackend backend_;
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
+  ModelConfig config_;
+  std::unique_ptr<KvCache> cache_;
+};
+
+TEST_F(EngineStopTest, StopStringSpanningTokensEndsAndIsWithheld) {
+  const std::string text = "Hello world, stop here please.";
+  const std::string stop = "lo wo";
+  std::vector<int32_t> ids = Encode(text);
+  // The claim needs a stop string that no single token contains.
+  int tokens_touching = 0;
+  for (int32_t id : ids) {
+    std::string piece = tokenizer_->Decode(std::vector<int32_t>{id});
+    ASSERT_EQ(piece.find(stop), std::string::npos) << "one token holds the stop string";
+    for (char ch : piece) {
+      if (stop.find(ch) != std::string::npos) {
+        ++tokens_touching;
+        break;
+      }
+    }
+  }
+  ASSERT_GE(tokens_touching, 2);
+  // The request should stop at the first prefix of ids whose text contains the stop string.
+  size_t expected_tokens = 0;
+  for (size_t k = 1; k <= ids.size(); ++k) {
+    std::vector<int32_t> prefix(ids.begin(), ids.begin() + k);
+    if (tokenizer_->Decode(prefix).find(stop) != std::string::npos) {
+      expected_tokens = k;
+      break;
+    }
+  }
+  ASSERT_GT(expected_tokens, 1u);
+
+  auto engine = MakeEngine({{7, ids}});
+  Collector collector;
+  Request request = MakeRequest(7, 100);
+  request.stop_strings = {"never appears", stop};
+  ASSERT_TRUE(engine->Submit(request, collector.For("a")).ok());
+  ASSERT_TRUE(engine->RunUntilIdle().ok());
+  const testing::Collected& a = collector["a"];
+  EXPECT_EQ(a.reason, FinishReason::kStopString);
+  EXPECT_EQ(a.text, "Hel");
+  EXPECT_EQ(a.tokens, std::vector<int32_t>(ids.begin(), ids.begin() + expected_tokens));
+  EXPECT_EQ(a.num_final_events, 1);
+  EXPECT_EQ(cache_->pool(kFullPool).num_used(), 0);
+  EXPECT_EQ(cache_->pool(kSlidingPool).num_used(), 0);
+}
+
+TEST_F(EngineStopTest, TextWithoutStopIsReleasedWhole) {
+  const std::string text = "Hello world";
+  std::vector<int32_t> ids = Encode(text);
+  auto engine = MakeEngine({{1, ids}});
+  Collector collector;
+  Request request = MakeRequest(1, static_cast<int64_t>(ids.size()));
+  request.stop_strings = {"world!"};  // a prefix of it ends the text: held, then flushed
+  ASSERT_TRUE(engine->Submit(request, collector.For("a")).ok());
+  ASSERT_TRUE(engine->RunUntilIdle().ok());
+  EXPECT_EQ(collector["a"].reason, FinishReason::kMaxTokens);
+  EXPECT_EQ(collector["a"].text, text);
+  EXPECT_EQ(collector["a"].tokens, ids);
+}
+
+TEST_F(EngineStopTest, EndIdsStopTokensAndMaxTokensReportTheirReasons) {
+  std::vector<int32_t> hello = Encode("Hello world");
+  ASSERT_GE(hello.size(), 2u);
+  std::vector<int32_t> with_eos = {hello[0], 1, hello[1]};
+  std::vector<int32_t> with_turn_end = {hello[0], hello[1], 106, hello[0]};
+  std::vector<int32_t> with_stop_id = {hello[0], 450, hello[1]};
+  std::vector<int32_t> plain = {hello[0], hello[1], hello[0], hello[1], hello[0]};
+  auto engine = MakeEngine(
+      {{1, with_eos}, {2, with_turn_end}, {3, with_stop_id}, {4, plain}, {5, with_eos}});
+  Collector collector;
+  ASSERT_TRUE(engine->Submit(MakeRequest(1, 10), collector.For("eos")).ok());
+  ASSERT_TRUE(engine->Submit(MakeRequest(2, 10), collector.For("turn")).ok());
+  Request stop_id = MakeRequest(3, 10);
+  stop_id.stop_token_ids = {450};
+  ASSERT_TRUE(engine->Submit(stop_id, collector.For("stop_id")).ok());
+  ASSERT_TRUE(engine->Submit(MakeRequest(4, 4), collector.For("max")).ok());
+  Request ignore = MakeRequest(5, 3);
+  ignore.ignore_end_ids = true;
+  ASSERT_TRUE(engine->Submit(ignore, collector.For("ignore")).ok());
+  ASSERT_TRUE(engine->RunUntilIdle().ok());
+
+  EXPECT_EQ(collector["eos"].reason, FinishReason::kEndId);
+  EXPECT_EQ(collector["eos"].tokens, (std::vector<int32_t>{hello[0], 1}));
+  EXPECT_EQ(collector["eos"].text, tokenizer_->Decode(std::vector<int32_t>{hello[0]}));
+  EXPECT_EQ(collector["turn"].reason, FinishReason::kEndId);
+  EXPECT_EQ(collector["turn"].tokens, (std::vector<int32_t>{hello[0], hello[1], 106}));
+  EXPECT_EQ(collector["turn"].text, tokenizer_->Decode(std::vector<int32_t>{hello[0], hello[1]}));
+  EXPECT_EQ(collector["stop_id"].reason, FinishReason::kStopToken);
+  EXPECT_EQ(collector["stop_id"].tokens, (std::vector<int32_t>{hello[0], 450}));
+  EXPECT_EQ(collector["max"].reason, FinishReason::kMaxTokens);
+  EXPECT_EQ(collector["max"].tokens.size(), 4u);
+  EXPECT_EQ(collector["ignore"].reason, FinishReason::kMaxTokens);
+  EXPECT_EQ(collector["ignore"].tokens, with_eos);
+  for (const char* name : {"eos", "turn", "stop_id", "max", "ignore"}) {
+    EXPECT_EQ(collector[name].num_final_events, 1) << name;
+    // One event per token, the last of which is the final one.
+    EXPECT_EQ(collector[name].num_events, static_cast<int>(collector[name].tokens.size())) << name;
+  }
+  EXPECT_EQ(engine->counters().requests_finished, 5);
+}
+
+TEST_F(EngineStopTest, SubmitRejectsBadRequests) {
+  auto engine = MakeEngine({}, /*with_tokenizer=*/false);
+  Request empty = MakeRequest(1, 4);
+  empty.prompt.clear();
+  EXPECT_EQ(engine->Submit(empty, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  Request bad_id = MakeRequest(1, 4);
+  bad_id.prompt.push_back(static_cast<int32_t>(config_.vocab_size));
+  EXPECT_EQ(engine->Submit(bad_id, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine->Submit(MakeRequest(1, 0), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  Request stop = MakeRequest(1, 4);
+  stop.stop_strings = {"x"};
+  EXPECT_EQ(engine->Submit(stop, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  Request top_p = MakeRequest(1, 4);
+  top_p.sampling.top_p = 0.0f;
+  EXPECT_EQ(engine->Submit(top_p, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(engine->Submit(MakeRequest(1, 5000), nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // 64 full pages of 4 positions cannot hold 300 positions.
+  EXPECT_EQ(engine->Submit(MakeRequest(1, 300), nullptr).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(engine->HasWork());
+}
+
+TEST_F(EngineStopTest, CancelOfAWaitingRequestAnswersAtTheNextStep) {
+  std::vector<int32_t> ids = Encode("Hello world, stop here please.");
+  auto engine = MakeEngine({{1, ids}});
+  Collector collector;
+  auto id = engine->Submit(MakeRequest(1, 5), collector.For("a"));
+  ASSERT_TRUE(id.ok());
+  engine->Cancel(*id);
+  auto stats = engine->Step();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->num_scheduled, 0);
+  EXPECT_EQ(collector["a"].reason, FinishReason::kCancelled);
+  EXPECT_TRUE(collector["a"].tokens.empty());
+  EXPECT_FALSE(engine->HasWork());
+  EXPECT_EQ(engine->counters().requests_cancelled, 1);
+}
+
+TEST_F(EngineStopTest, RunLoopServesRequestsSubmittedFromAnotherThread) {
+  std::vector<int32_t> ids = Encode("Hello world, stop here please.");
+  auto engine = MakeEngine({{1, ids}, {2, ids}});
+  std::atomic<bool> stop{false};
+  absl::Status run_status;
+  std::thread loop([&] { run_status = engine->Run(&stop); });
+  OutputQueue queue_a, queue_b;
+  ASSERT_TRUE(engine->Submit(MakeRequest(1, 4), queue_a.AsCallback()).ok());
+  ASSERT_TRUE(engine->Submit(MakeRequest(2, 6), queue_b.AsCallback()).ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  auto drain = [&](OutputQueue& queue) {
+    std::vector<int32_t> tokens;
+    FinishReason reason = FinishReason::kNone;
+    while (reason == FinishReason::kNone) {
+      std::optional<RequestOutput> out = queue.PopUntil(deadline);
+      if (!out.has_value()) break;
+      tokens.insert(tokens.end(), out->token_ids.begin(), out->token_ids.end());
+      if (out->finished) reason = out->finish_reason;
+    }
+    return std::make_pair(tokens, reason);
+  };
+  auto [a_tokens, a_reason] = drain(queue_a);
+  auto [b_tokens, b_reason] = drain(queue_b);
+  stop = true;
+  loop.join();
+  EXPECT_TRUE(run_status.ok()) << run_status;
+  EXPECT_EQ(a_reason, FinishReason::kMaxTokens);
+  EXPECT_EQ(a_tokens, std::vector<int32_t>(ids.begin(), ids.begin() + 4));
+  EXPECT_EQ(b_reason, FinishReason::kMaxTokens);
+  EXPECT_EQ(b_tokens, std::vector<int32_t>(ids.begin(), ids.begin() + 6));
+}
+
+}  // namespace
+}  // namespace gemma::engine

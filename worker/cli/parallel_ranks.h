@@ -1,0 +1,39 @@
+// Running a command-line tool as one model spread over several ranks: as threads of this
+// process (--tp, --ep, --mode), or as this process being one rank of several
+// (--world-size, --rank, --rendezvous, over Gloo). Builds each rank's communicators (data plane,
+// and the CPU control group that carries step plans) and its ModelParallel.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/flags/declare.h"
+#include "absl/status/status.h"
+#include "worker/model/gemma4/model.h"
+#include "worker/parallel/communicator.h"
+#include "worker/parallel/world_config.h"
+
+// This process's rank when ranks run as processes (-1 otherwise).
+ABSL_DECLARE_FLAG(int32_t, rank);
+
+namespace gemma::cli {
+
+struct RankEnv {
+  parallel::WorldConfig world;
+  gemma4::ModelParallel parallel;
+  // The CPU process group of the replica (every rank), for step plans and lockstep flags.
+  parallel::Communicator* control = nullptr;
+  // Ranks sharing this process (threads), to divide the cores among them.
+  int ranks_in_process = 1;
+  // Ranks as processes: this process is one of several.
+  bool is_process_rank = false;
+  bool writes_output() const { return world.rank() == 0; }
+};
+
+// Reads the parallelism flags, checks them (INVALID_ARGUMENT naming the flag), sets up the
+// ranks and runs `body` on each rank this process hosts (threads run concurrently). Returns the
+// first error of any rank, prefixed with the rank.
+absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body);
+
+}  // namespace gemma::cli

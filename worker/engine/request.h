@@ -1,0 +1,67 @@
+// What a client hands the engine loop (a request: prompt ids, sampling, stop conditions) and
+// what it gets back (token events and a finish reason). Plain data: knows nothing of the
+// scheduler, the KV cache or the model.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace gemma::engine {
+
+struct SamplingOptions {
+  float temperature = 0.0f;  // <= 0: greedy (the argmax, lowest id on ties)
+  int32_t top_k = 0;         // 0: no top-k cut
+  float top_p = 1.0f;        // 1: no nucleus cut
+  // Seeded draws are keyed by (seed, key, position of the generated token), so a seeded request
+  // yields the same tokens whatever shares its batch and after a preemption. Without a seed the
+  // engine picks one at submission.
+  std::optional<uint64_t> seed;
+  uint64_t key = 0;
+};
+
+struct Request {
+  std::vector<int32_t> prompt;  // token ids, BOS included; not empty
+  SamplingOptions sampling;
+  int64_t max_tokens = 16;                // generated tokens at most; >= 1
+  std::vector<int32_t> stop_token_ids;    // generation ends after emitting one of these
+  std::vector<std::string> stop_strings;  // needs an engine with a tokenizer
+  bool ignore_end_ids = false;            // do not stop at the model's end ids (benchmarks)
+  int32_t priority = 0;                   // higher is scheduled first; ties by arrival
+  std::string client_id;                  // shown in log lines beside the engine's id
+};
+
+enum class FinishReason : uint8_t {
+  kNone,        // still running
+  kEndId,       // the model emitted one of its end ids (<eos>, <turn|>)
+  kStopToken,   // one of the request's stop_token_ids
+  kStopString,  // one of the request's stop_strings completed in the text
+  kMaxTokens,   // max_tokens generated
+  kCancelled,   // Engine::Cancel
+  kError,       // the step failed; see RequestOutput::status
+};
+
+const char* FinishReasonName(FinishReason reason);
+
+// One delivery to a request's callback. A request gets one event per generated token and
+// exactly one event with finished = true (which may carry the last token, or none).
+struct RequestOutput {
+  uint64_t request_id = 0;
+  std::vector<int32_t> token_ids;  // new ids since the previous event (a stop id included)
+  std::string text;                // new text when the engine has a tokenizer; the stop
+                                   // string and end/stop ids are never part of it
+  bool finished = false;
+  FinishReason finish_reason = FinishReason::kNone;
+  int64_t num_generated = 0;  // generated tokens so far, this event's included
+  absl::Status status;        // not OK only with kError
+};
+
+// Called on the thread that runs Engine::Step(), outside the engine's lock: it may Submit or
+// Cancel, and must not block for long.
+using OutputCallback = std::function<void(const RequestOutput&)>;
+
+}  // namespace gemma::engine

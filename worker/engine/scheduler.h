@@ -1,0 +1,113 @@
+// The engine loop's scheduler: the waiting queue and the running set, and for each step which
+// sequences advance by how many tokens under a token budget, admission by free KV pages, and
+// preemption of the youngest sequence when pages run out. Owns no model and no threads; it
+// grows and releases pages in the KvCache it is given.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "common/tokenizer/stop_matcher.h"
+#include "common/tokenizer/stream_decoder.h"
+#include "worker/backend/backend.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/engine/request.h"
+
+namespace gemma::engine {
+
+enum class SequenceState : uint8_t { kWaiting, kRunning };
+
+// One request inside the engine. tokens = prompt then generated ids; the positions
+// [kv.length, tokens.size()) still have to be fed (one for a decode, more for a prefill or for
+// the recomputation that follows a preemption).
+struct Sequence {
+  uint64_t id = 0;
+  uint64_t arrival = 0;  // submission order; preempted sequences keep theirs
+  Request request;
+  SamplingParams sampling;  // resolved seed; position is set per step
+  OutputCallback callback;
+  std::vector<int32_t> tokens;
+  int64_t num_prompt_tokens = 0;
+  SequenceKv kv;
+  SequenceState state = SequenceState::kWaiting;
+  int64_t num_preemptions = 0;
+  // Text streaming (engines with a tokenizer only).
+  std::unique_ptr<tokenizer::StreamDecoder> decoder;
+  std::unique_ptr<tokenizer::StopStringMatcher> matcher;
+  // Of the latest step that scheduled it: tokens fed, and the sliding positions held once its
+  // pages were grown for them (the most the sliding pool held for it during that step).
+  int64_t last_chunk = 0;
+  int64_t sliding_positions_peak = 0;
+
+  int64_t num_generated() const {
+    return static_cast<int64_t>(tokens.size()) - num_prompt_tokens;
+  }
+  int64_t num_pending() const { return static_cast<int64_t>(tokens.size()) - kv.length; }
+};
+
+struct SchedulerOptions {
+  int64_t max_step_tokens = 512;  // tokens fed per step, decodes and prefill chunks together
+  int64_t max_running = 256;      // sequences in the running set
+  int64_t headroom_pages = 1;     // free pages per pool left after admitting a first chunk
+};
+
+// A sequence's work in the step being planned.
+struct ScheduledChunk {
+  Sequence* sequence = nullptr;
+  int64_t num_tokens = 0;
+  bool is_decode = false;  // one pending token of an already running decode
+  bool samples = false;    // the chunk reaches the last known token: its logits give a new one
+};
+
+struct Schedule {
+  std::vector<ScheduledChunk> chunks;
+  std::vector<uint64_t> preempted;  // sequences preempted while planning this step
+  int64_t num_decode_tokens = 0;
+  int64_t num_prefill_tokens = 0;
+};
+
+// Not thread-safe: the engine calls it from its stepping thread.
+class Scheduler {
+ public:
+  Scheduler(KvCache* cache, const SchedulerOptions& options);
+  ~Scheduler();
+
+  // Queues a new sequence (state kWaiting, no pages).
+  void Add(std::unique_ptr<Sequence> sequence);
+  // Takes a sequence out of the scheduler, its pages released; nullptr if unknown.
+  std::unique_ptr<Sequence> Remove(uint64_t id);
+  Sequence* Find(uint64_t id);
+
+  // Plans one step: running sequences oldest first (decodes always, prefill chunks within the
+  // budget left after the decodes), then admissions from the waiting queue while the budget
+  // and free pages allow. Pages are grown for every chunk; when a running sequence cannot get
+  // a page, the youngest running sequence is preempted (pages released, back to the waiting
+  // queue for recomputation), possibly itself.
+  Schedule Plan();
+  // After the step ran: returns the sliding pages no future query of each chunk's sequence sees.
+  void AfterStep(const Schedule& schedule);
+
+  const std::vector<Sequence*>& running() const { return running_; }
+  const std::vector<Sequence*>& waiting() const { return waiting_; }
+  int64_t total_preemptions() const { return total_preemptions_; }
+  const SchedulerOptions& options() const { return options_; }
+
+ private:
+  // Largest n <= want whose pages fit in the free pages of both pools, less `headroom` each.
+  int64_t FitTokens(const Sequence& sequence, int64_t want, int64_t headroom) const;
+  void Preempt(Sequence* sequence, Schedule* schedule);
+  // Inserts by (priority desc, arrival asc).
+  static void InsertOrdered(std::vector<Sequence*>* queue, Sequence* sequence);
+  static void Erase(std::vector<Sequence*>* queue, Sequence* sequence);
+
+  KvCache* cache_;
+  SchedulerOptions options_;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
+  std::vector<Sequence*> running_;
+  std::vector<Sequence*> waiting_;
+  int64_t total_preemptions_ = 0;
+};
+
+}  // namespace gemma::engine
