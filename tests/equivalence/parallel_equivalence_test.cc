@@ -203,13 +203,16 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"tiny-moe", 4, 2, true}),
     CaseName);
 
-TEST(DpEpTest, IdleGroupRunsEmptyStepsWhileTheOtherDecodes) {
-  // Two groups of one rank: group 0 decodes 12 tokens, group 1 only 3, then runs empty steps
-  // (its rank still serves its experts to group 0's tokens). A small all-reduce per step
-  // carries the number of active groups, and both stop together.
+class DpEpIdleTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(DpEpIdleTest, IdleGroupRunsEmptyStepsWhileTheOtherDecodes) {
+  // Two groups of one rank: group 0 decodes 12 tokens, group 1 only GetParam() (0: idle from
+  // the very first step), then runs empty steps (its rank still serves its experts to group
+  // 0's tokens). A small all-reduce per step carries the number of active groups, and both
+  // stop together.
   Replica replica("tiny-moe", 2, 1, true);
   std::vector<int32_t> prompts[2] = {RandomPrompt(11, 7), RandomPrompt(6, 8)};
-  const int budget[2] = {12, 3};
+  const int budget[2] = {12, GetParam()};
   std::vector<Single> expected = {RunSingle("tiny-moe", prompts[0]),
                                   RunSingle("tiny-moe", prompts[1])};
   std::vector<std::vector<int32_t>> out(2);
@@ -242,11 +245,14 @@ TEST(DpEpTest, IdleGroupRunsEmptyStepsWhileTheOtherDecodes) {
     rank.cache->Release(kv);
   });
   EXPECT_EQ(empty_steps[1], budget[0] - budget[1]);
+  EXPECT_EQ(empty_steps[0], 0);
   for (int r = 0; r < 2; ++r) {
     std::vector<int32_t> want(expected[r].greedy.begin(), expected[r].greedy.begin() + budget[r]);
     EXPECT_EQ(out[r], want) << "group " << r;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Budgets, DpEpIdleTest, ::testing::Values(3, 0));
 
 TEST(TrafficTest, TpAllReducesCarryWhatTheDesignSays) {
   // tp 2 on the MoE: per step one all-reduce of [T, H] after the embedding, one after each

@@ -77,7 +77,7 @@ absl::Status Model::TpAllReduce(Buffer& buffer, int64_t count) {
 
 absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
   const ModelConfig& c = config_;
-  if (num_tokens > scratch_tokens_) {
+  if (num_tokens > scratch_tokens_ || hidden_ == nullptr) {
     const int64_t t = std::max<int64_t>(num_tokens, 16);
     const int64_t h = c.hidden_size;
     int64_t max_q = 0, max_kv = 0, max_inter = c.moe_intermediate_size;
@@ -107,7 +107,7 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
     }
     scratch_tokens_ = t;
   }
-  if (num_rows > scratch_rows_) {
+  if (num_rows > scratch_rows_ || logits_ == nullptr) {
     const int64_t r = std::max<int64_t>(num_rows, 4);
     ASSIGN_OR_RETURN(row_hidden_, backend_.Alloc(DType::kF32, r * c.hidden_size));
     ASSIGN_OR_RETURN(logits_, backend_.Alloc(DType::kF32, r * dims_.vocab));
