@@ -1,7 +1,6 @@
-// The engine loop's scheduler: the waiting queue and the running set, and for each step which
-// sequences advance by how many tokens under a token budget, admission by free KV pages, and
-// preemption of the youngest sequence when pages run out. Owns no model and no threads; it
-// grows and releases pages in the KvCache it is given.
+// The engine loop's scheduler: waiting queue and running set, per-step chunks under a token
+// budget, admission by free KV pages, preemption of the youngest sequence when pages run out.
+// Owns no model and no threads; grows and releases pages in the KvCache it is given.
 #pragma once
 
 #include <cstdint>

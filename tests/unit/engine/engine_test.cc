@@ -92,32 +92,38 @@ class EngineTest : public ::testing::Test {
     return *out;
   }
 
-  // Steps `engine` until idle, checking after every step that each sequence's sliding pages
-  // stayed within window - 1 + chunk positions (rounded out to whole pages) and that the pools'
-  // used pages are exactly the pages the sequences hold.
+  // Steps `engine` until idle, checking its pages after every step.
   void RunChecked(Engine& engine, Collector& collector, int max_steps = 10000) {
-    const int64_t window = engine.cache().sliding_window();
-    const int64_t page = engine.cache().page_size();
     for (int step = 0; step < max_steps && engine.HasWork(); ++step) {
       collector.set_current_step(engine.counters().steps + 1);
       auto stats = engine.Step();
       ASSERT_TRUE(stats.ok()) << stats.status();
-      int64_t held[2] = {0, 0};
-      for (const SequenceView& s : engine.Sequences()) {
-        held[0] += s.pages_held[0];
-        held[1] += s.pages_held[1];
-        if (s.state != SequenceState::kRunning) continue;
-        const int64_t bound = (CeilDiv(window - 1 + s.last_chunk, page) + 1) * page;
-        ASSERT_LE(s.sliding_positions_peak, bound) << "request " << s.id << " chunk "
-                                                    << s.last_chunk;
-        ASSERT_LE(s.sliding_positions_held, (CeilDiv(window - 1, page) + 1) * page)
-            << "request " << s.id << " after trimming";
-      }
-      ASSERT_EQ(held[kSlidingPool], stats->pages_used[kSlidingPool]);
-      ASSERT_EQ(held[kFullPool], stats->pages_used[kFullPool]);
+      CheckPages(engine, *stats);
     }
     ASSERT_FALSE(engine.HasWork()) << "the engine did not finish";
   }
+
+  // Checks that each running sequence's sliding pages stayed within window - 1 + chunk
+  // positions (rounded out to whole pages) during the step, within window - 1 after trimming,
+  // and that the pools' used pages are exactly the pages the sequences hold.
+  void CheckPages(Engine& engine, const StepStats& stats) {
+    const int64_t window = engine.cache().sliding_window();
+    const int64_t page = engine.cache().page_size();
+    int64_t held[2] = {0, 0};
+    for (const SequenceView& s : engine.Sequences()) {
+      held[0] += s.pages_held[0];
+      held[1] += s.pages_held[1];
+      if (s.state != SequenceState::kRunning) continue;
+      const int64_t bound = (CeilDiv(window - 1 + s.last_chunk, page) + 1) * page;
+      ASSERT_LE(s.sliding_positions_peak, bound) << "request " << s.id << " chunk "
+                                                  << s.last_chunk;
+      ASSERT_LE(s.sliding_positions_held, (CeilDiv(window - 1, page) + 1) * page)
+          << "request " << s.id << " after trimming";
+    }
+    ASSERT_EQ(held[kSlidingPool], stats.pages_used[kSlidingPool]);
+    ASSERT_EQ(held[kFullPool], stats.pages_used[kFullPool]);
+  }
+
 
   static CpuBackend* backend_;
   static gemma4::Model* model_;
@@ -190,6 +196,7 @@ TEST_F(EngineTest, LongPromptIsChunkedWhileEightSequencesDecodeEveryStep) {
     ASSERT_TRUE(stats.ok()) << stats.status();
     ++prefill_steps;
     ASSERT_LE(stats->tokens_prefilled + stats->tokens_decoded, 512);
+    CheckPages(*engine, *stats);
     for (int i = 0; i < 8; ++i) {
       ASSERT_EQ(collector[std::to_string(i)].tokens.size(), before[i] + 1)
           << "decoder " << i << " got no token in prefill step " << prefill_steps;
