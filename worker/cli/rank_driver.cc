@@ -91,7 +91,12 @@ absl::StatusOr<std::vector<int32_t>> RankGenerate(RankEnv& env, gemma4::Model& m
         if (stop) {
           next.finished.push_back(kSequenceId);
         } else {
-          next.entries.push_back({kSequenceId, 1, static_cast<int32_t>(kv.length)});
+          parallel::StepEntry entry;
+          entry.sequence_id = kSequenceId;
+          entry.num_new_tokens = 1;
+          entry.start_position = static_cast<int32_t>(kv.length);
+          entry.token_ids = pending;
+          next.entries.push_back(entry);
         }
         ASSIGN_OR_RETURN(plan, Exchange(channel, env, next));
         if (!plan.finished.empty()) break;

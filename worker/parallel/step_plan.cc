@@ -57,7 +57,20 @@ class Reader {
   absl::string_view data_;
 };
 
-constexpr uint32_t kStepPlanFormat = 1;
+constexpr uint32_t kStepPlanFormat = 2;
+
+void WriteSampling(Writer& w, const SamplingParams& s) {
+  w.F32(s.temperature);
+  w.I32(s.top_k);
+  w.F32(s.top_p);
+  w.U64(s.seed);
+  w.U64(s.request_key);
+}
+
+bool ReadSampling(Reader& r, SamplingParams* s) {
+  return r.F32(&s->temperature) && r.I32(&s->top_k) && r.F32(&s->top_p) && r.U64(&s->seed) &&
+         r.U64(&s->request_key);
+}
 
 absl::Status Malformed(absl::string_view what) {
   return absl::DataLossError(absl::StrCat("malformed step plan: ", what));
@@ -77,10 +90,7 @@ std::string SerializeStepPlan(const StepPlan& plan) {
     w.I32s(seq.positions);
     w.U32(static_cast<uint32_t>(seq.pages_per_pool.size()));
     for (const std::vector<int32_t>& pages : seq.pages_per_pool) w.I32s(pages);
-    w.F32(seq.sampling.temperature);
-    w.I32(seq.sampling.top_k);
-    w.F32(seq.sampling.top_p);
-    w.U64(seq.sampling.seed);
+    WriteSampling(w, seq.sampling);
   }
   w.U32(static_cast<uint32_t>(plan.finished.size()));
   for (uint64_t id : plan.finished) w.U64(id);
@@ -89,7 +99,11 @@ std::string SerializeStepPlan(const StepPlan& plan) {
     w.U64(e.sequence_id);
     w.I32(e.num_new_tokens);
     w.I32(e.start_position);
+    w.I32s(e.token_ids);
+    w.U32(e.sample ? 1 : 0);
+    WriteSampling(w, e.sampling);
   }
+  w.U32(plan.stop ? 1 : 0);
   return w.Take();
 }
 
@@ -105,8 +119,8 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
     return Malformed("truncated header");
   }
   uint32_t num_joined;
-  // A joined sequence takes at least 8 + 4 + 4 + 4 + 20 bytes.
-  if (!r.Count(40, &num_joined)) return Malformed("joined count");
+  // A joined sequence takes at least 8 + 4 + 4 + 4 + 28 bytes.
+  if (!r.Count(48, &num_joined)) return Malformed("joined count");
   plan.joined.resize(num_joined);
   for (JoinedSequence& seq : plan.joined) {
     uint32_t num_pools;
@@ -118,23 +132,30 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
     for (std::vector<int32_t>& pages : seq.pages_per_pool) {
       if (!r.I32s(&pages)) return Malformed("page list");
     }
-    if (!r.F32(&seq.sampling.temperature) || !r.I32(&seq.sampling.top_k) ||
-        !r.F32(&seq.sampling.top_p) || !r.U64(&seq.sampling.seed)) {
-      return Malformed("sampling parameters");
-    }
+    if (!ReadSampling(r, &seq.sampling)) return Malformed("sampling parameters");
   }
   uint32_t num_finished;
   if (!r.Count(8, &num_finished)) return Malformed("finished count");
   plan.finished.resize(num_finished);
   for (uint64_t& id : plan.finished) r.U64(&id);
   uint32_t num_entries;
-  if (!r.Count(16, &num_entries)) return Malformed("entry count");
+  // An entry takes at least 8 + 4 + 4 + 4 + 4 + 28 bytes.
+  if (!r.Count(52, &num_entries)) return Malformed("entry count");
   plan.entries.resize(num_entries);
   for (StepEntry& e : plan.entries) {
-    r.U64(&e.sequence_id);
-    r.I32(&e.num_new_tokens);
-    r.I32(&e.start_position);
+    uint32_t sample;
+    if (!r.U64(&e.sequence_id) || !r.I32(&e.num_new_tokens) || !r.I32(&e.start_position) ||
+        !r.I32s(&e.token_ids) || !r.U32(&sample) || !ReadSampling(r, &e.sampling)) {
+      return Malformed("step entry");
+    }
+    if (e.num_new_tokens != static_cast<int32_t>(e.token_ids.size())) {
+      return Malformed("entry token count disagrees with its tokens");
+    }
+    e.sample = sample != 0;
   }
+  uint32_t stop;
+  if (!r.U32(&stop)) return Malformed("stop flag");
+  plan.stop = stop != 0;
   if (!r.done()) return Malformed("trailing bytes");
   return plan;
 }

@@ -20,6 +20,7 @@ struct SamplingParams {
   int32_t top_k = 0;  // 0: no top-k cut
   float top_p = 1.0f;
   uint64_t seed = 0;
+  uint64_t request_key = 0;  // keys the seeded draws with the seed and the position
   bool operator==(const SamplingParams&) const = default;
 };
 
@@ -39,6 +40,11 @@ struct StepEntry {
   uint64_t sequence_id = 0;
   int32_t num_new_tokens = 0;
   int32_t start_position = 0;
+  // The tokens appended this step (num_new_tokens of them), and whether the last position is
+  // sampled, under which parameters.
+  std::vector<int32_t> token_ids;
+  bool sample = false;
+  SamplingParams sampling;
   bool operator==(const StepEntry&) const = default;
 };
 
@@ -48,6 +54,7 @@ struct StepPlan {
   std::vector<JoinedSequence> joined;
   std::vector<uint64_t> finished;  // sequence ids leaving the batch
   std::vector<StepEntry> entries;
+  bool stop = false;  // the replica is shutting down: followers leave their loop
   bool operator==(const StepPlan&) const = default;
 };
 

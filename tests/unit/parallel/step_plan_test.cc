@@ -31,8 +31,20 @@ StepPlan MakePlan(uint64_t sequence_number) {
     plan.joined.push_back(seq);
   }
   if (sequence_number % 3 == 0) plan.finished = {1000 + sequence_number - 2, 42};
-  plan.entries = {{.sequence_id = 1000 + sequence_number, .num_new_tokens = 6, .start_position = 0},
-                  {.sequence_id = 42, .num_new_tokens = 1, .start_position = 311}};
+  plan.entries = {{.sequence_id = 1000 + sequence_number,
+                   .num_new_tokens = 6,
+                   .start_position = 0,
+                   .token_ids = {2, 10, 11, 12, 13, static_cast<int32_t>(sequence_number)},
+                   .sample = false,
+                   .sampling = {}},
+                  {.sequence_id = 42,
+                   .num_new_tokens = 1,
+                   .start_position = 311,
+                   .token_ids = {99},
+                   .sample = true,
+                   .sampling = {.temperature = 0.5f, .top_k = 0, .top_p = 1.0f, .seed = 3,
+                                .request_key = 8}}};
+  plan.stop = sequence_number == 6;
   return plan;
 }
 
