@@ -1,5 +1,7 @@
 #include "common/model_config.h"
 
+#include "common/json_util.h"
+
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -14,6 +16,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/json_util.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "nlohmann/json.hpp"
@@ -412,37 +415,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text,
                                              std::string_view source_name) {
   // Debian's Abseil has its own string_view, distinct from std::string_view.
   const absl::string_view source(source_name.data(), source_name.size());
-  Json root = Json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) {
-    // Re-parse with a SAX consumer that records where the parser gave up.
-    struct ErrorPosition : nlohmann::json_sax<Json> {
-      bool null() override { return true; }
-      bool boolean(bool) override { return true; }
-      bool number_integer(number_integer_t) override { return true; }
-      bool number_unsigned(number_unsigned_t) override { return true; }
-      bool number_float(number_float_t, const string_t&) override { return true; }
-      bool string(string_t&) override { return true; }
-      bool binary(binary_t&) override { return true; }
-      bool start_object(std::size_t) override { return true; }
-      bool key(string_t&) override { return true; }
-      bool end_object() override { return true; }
-      bool start_array(std::size_t) override { return true; }
-      bool end_array() override { return true; }
-      bool parse_error(std::size_t position, const std::string&,
-                       const nlohmann::detail::exception& error) override {
-        byte = position;
-        message = error.what();
-        return false;
-      }
-      size_t byte = 0;
-      std::string message = "unknown parse error";
-    } sax;
-    Json::sax_parse(json_text.begin(), json_text.end(), &sax,
-                    nlohmann::detail::input_format_t::json,
-                    /*strict=*/true);
-    return absl::InvalidArgumentError(
-        absl::StrCat(source, ": not valid JSON at byte ", sax.byte, ": ", sax.message));
-  }
+  ASSIGN_OR_RETURN(Json root, ParseJson(absl::string_view(json_text.data(), json_text.size()),
+                                         source));
   if (!root.is_object()) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": the top level is ", root.type_name(), ", expected a JSON object"));

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
+#include "common/json_util.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "nlohmann/json.hpp"
@@ -30,38 +31,6 @@ using Json = nlohmann::json;
 
 constexpr char kIndexFile[] = "model.safetensors.index.json";
 constexpr char kSingleFile[] = "model.safetensors";
-
-// Parses JSON without exceptions; on failure the error says where the parser stopped.
-absl::StatusOr<Json> ParseJson(absl::string_view text, absl::string_view what) {
-  Json value = Json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (!value.is_discarded()) return value;
-  struct ErrorPosition : nlohmann::json_sax<Json> {
-    bool null() override { return true; }
-    bool boolean(bool) override { return true; }
-    bool number_integer(number_integer_t) override { return true; }
-    bool number_unsigned(number_unsigned_t) override { return true; }
-    bool number_float(number_float_t, const string_t&) override { return true; }
-    bool string(string_t&) override { return true; }
-    bool binary(binary_t&) override { return true; }
-    bool start_object(std::size_t) override { return true; }
-    bool key(string_t&) override { return true; }
-    bool end_object() override { return true; }
-    bool start_array(std::size_t) override { return true; }
-    bool end_array() override { return true; }
-    bool parse_error(std::size_t position, const std::string&,
-                     const nlohmann::detail::exception& error) override {
-      byte = position;
-      message = error.what();
-      return false;
-    }
-    size_t byte = 0;
-    std::string message = "unknown parse error";
-  } sax;
-  Json::sax_parse(text.begin(), text.end(), &sax, nlohmann::detail::input_format_t::json,
-                  /*strict=*/true);
-  return absl::InvalidArgumentError(
-      absl::StrCat(what, " is not valid JSON at byte ", sax.byte, ": ", sax.message));
-}
 
 std::string Show(const Json& value) {
   std::string text = value.dump();
