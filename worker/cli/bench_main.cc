@@ -215,10 +215,10 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
   RETURN_IF_ERROR(control.Barrier());
   ASSIGN_OR_RETURN(const int64_t rss_before, RssAnonBytes());
   RETURN_IF_ERROR(control.Barrier());
-  ASSIGN_OR_RETURN(cli::LoadedModel loaded,
-                   cli::LoadForCli(absl::GetFlag(FLAGS_model), s.threads,
-                                   s.prompt_len + s.decode_tokens, absl::GetFlag(FLAGS_page_size),
-                                   env.parallel, env.ranks_in_process));
+  ASSIGN_OR_RETURN(
+      cli::LoadedModel loaded,
+      cli::LoadForCli(absl::GetFlag(FLAGS_model), s.threads, s.prompt_len + s.decode_tokens,
+                      absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
   RETURN_IF_ERROR(control.Barrier());
   ASSIGN_OR_RETURN(const int64_t rss_after, RssAnonBytes());
   RETURN_IF_ERROR(control.Barrier());
@@ -235,8 +235,7 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
   std::uniform_int_distribution<int32_t> pick(kFirstRandomId, static_cast<int32_t>(vocab - 1));
   while (static_cast<int64_t>(prompt.size()) < s.prompt_len) prompt.push_back(pick(rng));
 
-  const bool active =
-      env.world.mode() == parallel::ParallelMode::kTp || env.world.dp_group() == 0;
+  const bool active = env.world.mode() == parallel::ParallelMode::kTp || env.world.dp_group() == 0;
   // Warm-up: first touches of scratch, cache pages and thread pools are not timed. Every group
   // runs the sequence here: Model::Forward sizes its scratch from the step's tokens and fails on
   // a first step with none, so idle groups must have stepped with tokens once before.
@@ -257,8 +256,8 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
   const double steps = static_cast<double>(step_s.size());
 
   RankReport mine;
-  mine.weight_mib = static_cast<double>(rss_after - rss_before) / env.ranks_in_process /
-                    (1024.0 * 1024.0);
+  mine.weight_mib =
+      static_cast<double>(rss_after - rss_before) / env.ranks_in_process / (1024.0 * 1024.0);
   mine.decode_ms_per_step = 1e3 * Summarize(step_s).median;
   mine.bytes_per_step = static_cast<double>(bytes) / steps;
   mine.calls_per_step = static_cast<double>(calls) / steps;
@@ -285,12 +284,12 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
     std::vector<std::string> per_rank;
     for (int r = 0; r < world; ++r) {
       const RankReport& p = reports[r];
-      per_rank.push_back(absl::StrFormat(
-          "{\"rank\": %d, \"weight_mib\": %.2f, \"decode_ms_per_step\": %.4f, "
-          "\"bytes_sent_per_step\": %.1f, \"collectives_per_step\": %.2f, "
-          "\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f}",
-          r, p.weight_mib, p.decode_ms_per_step, p.bytes_per_step, p.calls_per_step,
-          p.prefill_tok_s, p.decode_tok_s));
+      per_rank.push_back(
+          absl::StrFormat("{\"rank\": %d, \"weight_mib\": %.2f, \"decode_ms_per_step\": %.4f, "
+                          "\"bytes_sent_per_step\": %.1f, \"collectives_per_step\": %.2f, "
+                          "\"prefill_tok_s\": %.3f, \"decode_tok_s\": %.3f}",
+                          r, p.weight_mib, p.decode_ms_per_step, p.bytes_per_step, p.calls_per_step,
+                          p.prefill_tok_s, p.decode_tok_s));
     }
     std::cout << absl::StrFormat(
         "{\"engine\": \"gemma-cpu\", \"threads\": %d, \"prompt_len\": %d, \"decode_tokens\": %d, "
@@ -299,17 +298,17 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
         "\"mode\": \"%s\", \"world_size\": %d, \"tp_size\": %d, \"ranks_as\": \"%s\", "
         "\"threads_per_rank\": %d, \"weight_mib_per_rank\": %.2f, \"decode_ms_per_step\": %.4f, "
         "\"bytes_sent_per_step_per_rank\": %.1f, \"ranks\": [%s]}\n",
-        s.threads, s.prompt_len, s.decode_tokens, s.runs, prefill.median, prefill.min,
-        prefill.max, decode.median, decode.min, decode.max, mode, world, env.world.tp_size(),
-        ranks_as, threads_per_rank, weight_mean, lead.decode_ms_per_step, bytes_mean,
+        s.threads, s.prompt_len, s.decode_tokens, s.runs, prefill.median, prefill.min, prefill.max,
+        decode.median, decode.min, decode.max, mode, world, env.world.tp_size(), ranks_as,
+        threads_per_rank, weight_mean, lead.decode_ms_per_step, bytes_mean,
         absl::StrJoin(per_rank, ", "));
   } else {
     std::cout << absl::StrFormat(
         "prompt %d tokens, decode %d tokens, %d runs, threads %d (0: all cores)\n"
         "prefill tokens/s: median %.2f (min %.2f, max %.2f)\n"
         "decode  tokens/s: median %.2f (min %.2f, max %.2f)\n",
-        s.prompt_len, s.decode_tokens, s.runs, s.threads, prefill.median, prefill.min,
-        prefill.max, decode.median, decode.min, decode.max);
+        s.prompt_len, s.decode_tokens, s.runs, s.threads, prefill.median, prefill.min, prefill.max,
+        decode.median, decode.min, decode.max);
     if (world > 1) {
       for (int r = 0; r < world; ++r) {
         const RankReport& p = reports[r];
@@ -322,8 +321,7 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
     std::cout << absl::StrFormat(
         "%s W=%d as %s, %d threads/rank: weight %.1f MiB/rank, decode %.3f ms/step, "
         "sent %.0f bytes/step/rank\n",
-        mode, world, ranks_as, threads_per_rank, weight_mean, lead.decode_ms_per_step,
-        bytes_mean);
+        mode, world, ranks_as, threads_per_rank, weight_mean, lead.decode_ms_per_step, bytes_mean);
   }
   std::cout << std::flush;
   return absl::OkStatus();
@@ -346,18 +344,10 @@ absl::Status Run() {
 }  // namespace gemma
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  return gemma::cli::ToolMain(
+      argc, argv, "gemma-bench",
       "prefill and decode tokens/s of one sequence on the CPU backend, on one rank or several\n"
       "  gemma-bench --model DIR --prompt-len 128 --decode-tokens 64 --runs 5 --threads N\n"
-      "  [--tp N | --mode dp-ep --ep W | --world-size W --rank R --rendezvous HOST:PORT]");
-  gemma::cli::NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
-  google::InitGoogleLogging(argv[0]);
-  FLAGS_logtostderr = true;
-  absl::Status status = gemma::Run();
-  if (!status.ok()) {
-    std::cerr << "gemma-bench: " << status.message() << "\n";
-    return 1;
-  }
-  return 0;
+      "  [--tp N | --mode dp-ep --ep W | --world-size W --rank R --rendezvous HOST:PORT]",
+      gemma::Run);
 }

@@ -1,13 +1,17 @@
 #include "worker/cli/cli_common.h"
 
 #include <algorithm>
+#include <iostream>
 #include <thread>
 
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/status_macros.h"
+#include "glog/logging.h"
 #include "worker/backend/cpu/cpu_backend.h"
 
 namespace gemma::cli {
@@ -23,6 +27,21 @@ void NormalizeFlagDashes(int argc, char** argv) {
   }
 }
 
+int ToolMain(int argc, char** argv, const char* name, const char* usage,
+             const std::function<absl::Status()>& run) {
+  absl::SetProgramUsageMessage(usage);
+  NormalizeFlagDashes(argc, argv);
+  absl::ParseCommandLine(argc, argv);
+  google::InitGoogleLogging(argv[0]);
+  FLAGS_logtostderr = true;
+  absl::Status status = run();
+  if (!status.ok()) {
+    std::cerr << name << ": " << status.message() << "\n";
+    return 1;
+  }
+  return 0;
+}
+
 absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text) {
   std::vector<int32_t> ids;
   if (absl::StripAsciiWhitespace(text).empty()) {
@@ -33,8 +52,8 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text) {
     item = absl::StripAsciiWhitespace(item);
     int32_t id = 0;
     if (!absl::SimpleAtoi(item, &id) || id < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--tokens item ", index, " (\"", item, "\") is not a non-negative integer id"));
+      return absl::InvalidArgumentError(absl::StrCat("--tokens item ", index, " (\"", item,
+                                                     "\") is not a non-negative integer id"));
     }
     ids.push_back(id);
     ++index;
@@ -51,10 +70,10 @@ absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   LoadedModel loaded;
   CpuBackendOptions options;
-  options.num_threads =
-      threads > 0 ? threads
-                  : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                    std::max(1, ranks_in_process));
+  options.num_threads = threads > 0
+                            ? threads
+                            : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
+                                              std::max(1, ranks_in_process));
   loaded.backend = std::make_unique<CpuBackend>(options);
   ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend, parallel));
   KvCacheOptions cache_options;

@@ -3,12 +3,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "worker/backend/backend.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/model/gemma4/model.h"
@@ -18,6 +19,11 @@ namespace gemma::cli {
 // Rewrites "--some-flag[=v]" as "--some_flag[=v]" in place, so flags may be spelled with dashes
 // (as documented) while absl's parser sees underscores. Arguments after "--" are left alone.
 void NormalizeFlagDashes(int argc, char** argv);
+
+// The main() of a tool: sets the usage text, parses the flags (dashes allowed), sends logs to
+// stderr, runs `run`, and on error prints "NAME: message" and returns 1.
+int ToolMain(int argc, char** argv, const char* name, const char* usage,
+             const std::function<absl::Status()>& run);
 
 // "2,17,301" -> {2, 17, 301}. INVALID_ARGUMENT naming the bad item.
 absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text);

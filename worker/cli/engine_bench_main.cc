@@ -82,8 +82,8 @@ absl::StatusOr<RunResult> RunOnce(gemma4::Model& model, int64_t concurrency, int
   const int64_t budget = absl::GetFlag(FLAGS_max_step_tokens);
   cache_options.num_pages[kFullPool] =
       concurrency * ((prompt_len + decode_tokens + page - 1) / page + 1) + 1;
-  cache_options.num_pages[kSlidingPool] = concurrency * ((window + page - 1) / page + 2) +
-                                          (window + budget + page - 1) / page + 2;
+  cache_options.num_pages[kSlidingPool] =
+      concurrency * ((window + page - 1) / page + 2) + (window + budget + page - 1) / page + 2;
   ASSIGN_OR_RETURN(std::unique_ptr<KvCache> cache,
                    KvCache::Create(model.config(), model.backend(), cache_options));
   engine::EngineOptions options;
@@ -93,8 +93,8 @@ absl::StatusOr<RunResult> RunOnce(gemma4::Model& model, int64_t concurrency, int
                    engine::Engine::Create(&model, cache.get(), options));
 
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> pick(
-      kFirstRandomId, static_cast<int32_t>(model.config().vocab_size - 1));
+  std::uniform_int_distribution<int32_t> pick(kFirstRandomId,
+                                              static_cast<int32_t>(model.config().vocab_size - 1));
   std::vector<std::vector<Clock::time_point>> token_times(concurrency);
   std::vector<Clock::time_point> submitted(concurrency);
   const Clock::time_point start = Clock::now();
@@ -109,9 +109,11 @@ absl::StatusOr<RunResult> RunOnce(gemma4::Model& model, int64_t concurrency, int
     request.client_id = absl::StrCat("bench-", r);
     submitted[r] = Clock::now();
     auto* times = &token_times[r];
-    RETURN_IF_ERROR(eng->Submit(std::move(request), [times](const engine::RequestOutput& out) {
-                         if (!out.token_ids.empty()) times->push_back(Clock::now());
-                       }).status());
+    RETURN_IF_ERROR(eng->Submit(std::move(request),
+                                [times](const engine::RequestOutput& out) {
+                                  if (!out.token_ids.empty()) times->push_back(Clock::now());
+                                })
+                        .status());
   }
   RunResult result;
   result.concurrency = concurrency;
@@ -181,7 +183,8 @@ absl::Status Run() {
     const double steps_per_s = static_cast<double>(r.steps) / r.wall_s;
     const double decode_tps =
         r.decode_steps_s > 0 ? static_cast<double>(r.decode_step_tokens) / r.decode_steps_s : 0;
-    const double step50 = Percentile(r.decode_step_ms, 50), step90 = Percentile(r.decode_step_ms, 90);
+    const double step50 = Percentile(r.decode_step_ms, 50),
+                 step90 = Percentile(r.decode_step_ms, 90);
     const double ttft50 = Percentile(r.ttft_ms, 50), ttft90 = Percentile(r.ttft_ms, 90),
                  ttft99 = Percentile(r.ttft_ms, 99);
     const double itl50 = Percentile(r.itl_ms, 50), itl90 = Percentile(r.itl_ms, 90),
@@ -194,9 +197,8 @@ absl::Status Run() {
           "\"ttft_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, "
           "\"itl_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, \"generated\": %d, "
           "\"preemptions\": %d}\n",
-          n, prompt_len, decode_tokens, threads, r.steps, r.wall_s, steps_per_s, decode_tps,
-          step50, step90, ttft50, ttft90, ttft99, itl50, itl90, itl99, r.generated,
-          r.preemptions);
+          n, prompt_len, decode_tokens, threads, r.steps, r.wall_s, steps_per_s, decode_tps, step50,
+          step90, ttft50, ttft90, ttft99, itl50, itl90, itl99, r.generated, r.preemptions);
     } else {
       std::cout << absl::StrFormat(
           "| %d | %.2f | %.1f | %.2f / %.2f | %.1f / %.1f / %.1f | %.2f / %.2f / %.2f | %d |\n", n,
@@ -211,17 +213,9 @@ absl::Status Run() {
 }  // namespace gemma
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  return gemma::cli::ToolMain(
+      argc, argv, "gemma-engine-bench",
       "decode tokens/s, step time, TTFT and inter-token latency of the engine loop\n"
-      "  gemma-engine-bench --model DIR --concurrency 1,8,32 --prompt-len 64 --decode-tokens 64");
-  gemma::cli::NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
-  google::InitGoogleLogging(argv[0]);
-  FLAGS_logtostderr = true;
-  absl::Status status = gemma::Run();
-  if (!status.ok()) {
-    std::cerr << "gemma-engine-bench: " << status.message() << "\n";
-    return 1;
-  }
-  return 0;
+      "  gemma-engine-bench --model DIR --concurrency 1,8,32 --prompt-len 64 --decode-tokens 64",
+      gemma::Run);
 }

@@ -39,11 +39,10 @@ absl::Status Run() {
   const int64_t capacity =
       std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens), static_cast<int64_t>(tokens.size()));
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
-                                            absl::GetFlag(FLAGS_threads), capacity,
-                                            absl::GetFlag(FLAGS_page_size), env.parallel,
-                                            env.ranks_in_process));
+    ASSIGN_OR_RETURN(
+        gemma::cli::LoadedModel loaded,
+        gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
+                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
     ASSIGN_OR_RETURN(std::vector<float> logits,
                      gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
                                                   absl::GetFlag(FLAGS_prefill_chunk)));
@@ -57,17 +56,9 @@ absl::Status Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  return gemma::cli::ToolMain(
+      argc, argv, "gemma-forward",
       "writes the float32 logits of every position as .npy [num_tokens, vocab_size]\n"
-      "  gemma-forward --model DIR --tokens 2,17,301 --logits-out FILE.npy");
-  gemma::cli::NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
-  google::InitGoogleLogging(argv[0]);
-  FLAGS_logtostderr = true;
-  absl::Status status = Run();
-  if (!status.ok()) {
-    std::cerr << "gemma-forward: " << status.message() << "\n";
-    return 1;
-  }
-  return 0;
+      "  gemma-forward --model DIR --tokens 2,17,301 --logits-out FILE.npy",
+      Run);
 }

@@ -36,7 +36,8 @@ absl::Status Run() {
   const double top_p = absl::GetFlag(FLAGS_top_p);
   const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   if (temperature < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--temperature must be >= 0, got ", temperature));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--temperature must be >= 0, got ", temperature));
   }
   if (!(top_p > 0 && top_p <= 1)) {
     return absl::InvalidArgumentError(absl::StrCat("--top-p must be in (0, 1], got ", top_p));
@@ -59,20 +60,19 @@ absl::Status Run() {
   options.sampling.top_p = static_cast<float>(top_p);
   options.sampling.seed = absl::GetFlag(FLAGS_seed);
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
-                                            absl::GetFlag(FLAGS_threads), capacity,
-                                            absl::GetFlag(FLAGS_page_size), env.parallel,
-                                            env.ranks_in_process));
+    ASSIGN_OR_RETURN(
+        gemma::cli::LoadedModel loaded,
+        gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
+                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
     gemma::GenerateOptions rank_options = options;
     if (absl::GetFlag(FLAGS_stop_at_eos)) {
       for (int64_t id : loaded.model->config().eos_token_ids) {
         rank_options.stop_ids.push_back(static_cast<int32_t>(id));
       }
     }
-    ASSIGN_OR_RETURN(std::vector<int32_t> output,
-                     gemma::cli::RankGenerate(env, *loaded.model, *loaded.cache, tokens,
-                                              rank_options));
+    ASSIGN_OR_RETURN(
+        std::vector<int32_t> output,
+        gemma::cli::RankGenerate(env, *loaded.model, *loaded.cache, tokens, rank_options));
     if (env.writes_output()) std::cout << absl::StrJoin(output, " ") << "\n" << std::flush;
     return absl::OkStatus();
   });
@@ -81,17 +81,8 @@ absl::Status Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "generates token ids after a prompt and prints them space separated\n"
-      "  gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32");
-  gemma::cli::NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
-  google::InitGoogleLogging(argv[0]);
-  FLAGS_logtostderr = true;
-  absl::Status status = Run();
-  if (!status.ok()) {
-    std::cerr << "gemma-generate: " << status.message() << "\n";
-    return 1;
-  }
-  return 0;
+  return gemma::cli::ToolMain(argc, argv, "gemma-generate",
+                              "generates token ids after a prompt and prints them space separated\n"
+                              "  gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32",
+                              Run);
 }

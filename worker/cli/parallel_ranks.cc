@@ -173,8 +173,9 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
   store_options.timeout = timeout;
   ASSIGN_OR_RETURN(std::unique_ptr<parallel::TcpStoreClient> store,
                    parallel::TcpStoreClient::Connect(plan.host, plan.port, store_options));
-  auto gloo = [&](int rank, int size, const std::string& prefix)
-      -> absl::StatusOr<std::unique_ptr<parallel::Communicator>> {
+  auto gloo =
+      [&](int rank, int size,
+          const std::string& prefix) -> absl::StatusOr<std::unique_ptr<parallel::Communicator>> {
     parallel::GlooOptions options;
     options.rank = rank;
     options.world_size = size;
@@ -191,8 +192,8 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
   ASSIGN_OR_RETURN(auto control, gloo(world.rank(), world.world_size(), "control"));
   std::unique_ptr<parallel::Communicator> tp_comm;
   if (world.mode() == ParallelMode::kDpEp && world.tp_size() > 1) {
-    ASSIGN_OR_RETURN(tp_comm, gloo(world.tp_rank(), world.tp_size(),
-                                   absl::StrCat("tp", world.dp_group())));
+    ASSIGN_OR_RETURN(tp_comm,
+                     gloo(world.tp_rank(), world.tp_size(), absl::StrCat("tp", world.dp_group())));
   }
   RankEnv env{world, {}, control.get(), 1, true};
   SetParallel(env, world.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),

@@ -39,9 +39,9 @@ StepPlan JoinPlan(std::span<const int32_t> prompt, const SamplingParams& samplin
 
 absl::Status CheckJoin(const StepPlan& plan) {
   if (plan.joined.size() != 1 || plan.joined[0].token_ids.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "step plan ", plan.sequence_number, " should add one sequence, it adds ",
-        plan.joined.size()));
+    return absl::FailedPreconditionError(absl::StrCat("step plan ", plan.sequence_number,
+                                                      " should add one sequence, it adds ",
+                                                      plan.joined.size()));
   }
   return absl::OkStatus();
 }
@@ -49,8 +49,7 @@ absl::Status CheckJoin(const StepPlan& plan) {
 }  // namespace
 
 absl::StatusOr<std::vector<float>> RankPromptLogits(RankEnv& env, gemma4::Model& model,
-                                                    KvCache& cache,
-                                                    std::span<const int32_t> prompt,
+                                                    KvCache& cache, std::span<const int32_t> prompt,
                                                     int64_t prefill_chunk) {
   if (env.world.world_size() == 1) return PromptLogits(model, cache, prompt, prefill_chunk);
   parallel::StepPlanChannel channel(env.control);
@@ -84,10 +83,10 @@ absl::StatusOr<std::vector<int32_t>> RankGenerate(RankEnv& env, gemma4::Model& m
       if (!first) {
         StepPlan next;
         const bool stop =
-            leader && (static_cast<int64_t>(output.size()) >= max_new ||
-                       (!output.empty() && std::find(options.stop_ids.begin(),
-                                                     options.stop_ids.end(),
-                                                     output.back()) != options.stop_ids.end()));
+            leader &&
+            (static_cast<int64_t>(output.size()) >= max_new ||
+             (!output.empty() && std::find(options.stop_ids.begin(), options.stop_ids.end(),
+                                           output.back()) != options.stop_ids.end()));
         if (stop) {
           next.finished.push_back(kSequenceId);
         } else {
@@ -101,9 +100,9 @@ absl::StatusOr<std::vector<int32_t>> RankGenerate(RankEnv& env, gemma4::Model& m
         ASSIGN_OR_RETURN(plan, Exchange(channel, env, next));
         if (!plan.finished.empty()) break;
         if (plan.entries.size() != 1 || plan.entries[0].start_position != kv.length) {
-          return absl::FailedPreconditionError(absl::StrCat(
-              "step plan ", plan.sequence_number, " disagrees with this rank's state at position ",
-              kv.length));
+          return absl::FailedPreconditionError(
+              absl::StrCat("step plan ", plan.sequence_number,
+                           " disagrees with this rank's state at position ", kv.length));
         }
       } else if (max_new == 0) {
         first = false;

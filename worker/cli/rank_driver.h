@@ -16,8 +16,7 @@ namespace gemma::cli {
 // Logits [prompt.size(), vocab] of every prompt position; followers take the prompt from the
 // leader's plan (their own `prompt` is ignored).
 absl::StatusOr<std::vector<float>> RankPromptLogits(RankEnv& env, gemma4::Model& model,
-                                                    KvCache& cache,
-                                                    std::span<const int32_t> prompt,
+                                                    KvCache& cache, std::span<const int32_t> prompt,
                                                     int64_t prefill_chunk);
 
 // Generated ids (identical on every rank).

@@ -25,7 +25,8 @@ ABSL_FLAG(bool, encode, false, "Encode standard input to ids.");
 ABSL_FLAG(bool, decode, false, "Decode whitespace- or comma-separated ids from standard input.");
 ABSL_FLAG(std::string, chat, "", "Render this chat JSON file to a prompt and its ids.");
 ABSL_FLAG(bool, add_special_tokens, false, "With --encode: apply the post-processor (<bos>).");
-ABSL_FLAG(bool, split_special_tokens, false, "With --encode: special tokens in the text are "
+ABSL_FLAG(bool, split_special_tokens, false,
+          "With --encode: special tokens in the text are "
           "plain text.");
 ABSL_FLAG(bool, skip_special_tokens, false, "With --decode: drop special tokens.");
 
@@ -51,8 +52,9 @@ int main(int argc, char** argv) {
   const int modes = absl::GetFlag(FLAGS_encode) + absl::GetFlag(FLAGS_decode) +
                     !absl::GetFlag(FLAGS_chat).empty();
   if (path.empty() || modes != 1) {
-    return Fail("usage: --tokenizer FILE.json and exactly one of --encode, --decode, "
-                "--chat FILE.json");
+    return Fail(
+        "usage: --tokenizer FILE.json and exactly one of --encode, --decode, "
+        "--chat FILE.json");
   }
   auto tokenizer = tok::Tokenizer::FromFile(path);
   if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().ToString()));
