@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/npy.h"
+#include "glog/logging.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/compare.h"
@@ -83,6 +84,9 @@ TEST_P(GoldenTest, PromptLogitsMatchReferenceAndMarginsHold) {
     auto ours = PromptLogits(*loaded_.model, *loaded_.cache, tokens);
     ASSERT_TRUE(ours.ok()) << ours.status();
     auto cmp = Compare(*ours, ref.AsFloat());
+    LOG(INFO) << GetParam() << " prompt " << prompt["name"] << " (" << tokens.size()
+              << " tokens): " << cmp.ToString() << "; reference min top-1 margin "
+              << prompt["min_top1_margin"].get<double>();
     EXPECT_FALSE(cmp.nan_mismatch);
     EXPECT_LE(cmp.Relative(), testing::kLogitRelTol)
         << "prompt " << prompt["name"] << " (" << tokens.size() << " tokens): " << cmp.ToString();
@@ -205,6 +209,7 @@ TEST(GoldenBf16Test, Top1AgreesWithTransformersBf16Run) {
     total += static_cast<int64_t>(a.size());
   }
   ASSERT_GT(total, 0);
+  LOG(INFO) << "bf16 top-1 agreement with the transformers bf16 run: " << agree << " of " << total;
   EXPECT_GE(static_cast<double>(agree) / total, testing::kBf16Top1Agreement)
       << agree << " of " << total << " positions agree";
 }
