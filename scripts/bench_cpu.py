@@ -5,8 +5,8 @@
       Writes a random Gemma 4-shaped MoE checkpoint (fp32 safetensors, seeded) to DIR.
   bench_cpu.py torch DIR [--prompt-len 128 --decode-tokens 64 --runs 5 --threads N]
       Measures prefill and greedy decode tokens/s of Hugging Face transformers (eager
-      attention, float32, CPU) on DIR, the same way gemma-bench measures the C++ engine,
-      and prints one JSON line with the median, min and max over the runs.
+      attention, eager experts, float32, CPU) on DIR, the same way gemma-bench measures the
+      C++ engine, and prints one JSON line with the median, min and max over the runs.
 
 Run through scripts/bench_cpu.sh, which pins the Python environment.
 """
@@ -115,8 +115,11 @@ def summarize(values):
 
 def bench_torch(args) -> None:
     torch.set_num_threads(args.threads)
+    # Eager both ways: eager attention, and the experts as a Python loop over experts rather
+    # than transformers' default "grouped_mm" kernel.
     model = Gemma4ForConditionalGeneration.from_pretrained(
-        args.model, dtype=torch.float32, attn_implementation="eager"
+        args.model, dtype=torch.float32, attn_implementation="eager",
+        experts_implementation="eager",
     )
     model.eval()
     vocab = model.config.get_text_config().vocab_size

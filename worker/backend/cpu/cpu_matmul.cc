@@ -1,8 +1,9 @@
-// Matrix products of the CPU backend. OpenBLAS runs single-threaded inside our OpenMP threads
-// (two thread pools spinning against each other on few cores cost more than they give): F32
-// weights are split by output rows across threads, each slice one OpenBLAS call; BF16 weights
-// use a threaded dot-product kernel when there are few rows (decode), otherwise blocks of the
-// weight widened to F32 and handed to OpenBLAS.
+// Matrix products of the CPU backend, split by output rows over the thread pool, OpenBLAS
+// single-threaded inside it (two thread pools fighting over few cores cost more than they
+// give). One row of x: OpenBLAS sgemv. A few rows (batched decode): a dot-product kernel that
+// reads each weight row once and applies it to every row of x while it sits in L1 (sgemm would
+// repack the weight slice on every call, which dominated batched decode). More rows: sgemm.
+// BF16 weights are widened row by row for the few-row kernel, in blocks for sgemm.
 #include <cblas.h>
 
 #include <algorithm>
@@ -14,19 +15,77 @@
 namespace gemma::cpu {
 namespace {
 
-// Rows of x below which BF16 products use the dot-product kernel.
-constexpr int64_t kBf16DotMaxRows = 8;
+// Rows of x up to which products use the dot-product kernel.
+constexpr int64_t kDotMaxRows = 64;
 // Elements of a widened weight block (16 MiB of floats).
 constexpr int64_t kBf16BlockElems = int64_t{4} << 20;
 
 // Minimum multiply-adds per thread worth a parallel split.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 15;
 
-// y[m, n] (row stride ldy) = x[m, k] . w[n, k]^T, output rows split across OpenMP threads.
+// a . b over k floats, in 16 independent lanes so the compiler vectorises it; built for
+// AVX-512, AVX2 and a baseline, picked at run time.
+__attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const float* a,
+                                                                        const float* b,
+                                                                        int64_t k) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  for (; i < k; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[r] = x[r] . w for four rows of x (row stride k): each chunk of w is loaded once for the
+// four products, which halves the loads per multiply-add against four separate dots.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void Dot4(const float* x,
+                                                                        const float* w, int64_t k,
+                                                                        float* out) {
+  float lanes[4][16] = {};
+  const float* x0 = x;
+  const float* x1 = x + k;
+  const float* x2 = x + 2 * k;
+  const float* x3 = x + 3 * k;
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    for (int l = 0; l < 16; ++l) {
+      const float wv = w[i + l];
+      lanes[0][l] += x0[i + l] * wv;
+      lanes[1][l] += x1[i + l] * wv;
+      lanes[2][l] += x2[i + l] * wv;
+      lanes[3][l] += x3[i + l] * wv;
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float sum = 0.0f;
+    for (int l = 0; l < 16; ++l) sum += lanes[r][l];
+    for (int64_t j = i; j < k; ++j) sum += x[r * k + j] * w[j];
+    out[r] = sum;
+  }
+}
+
+// y[r * ldy + j] = x[r] . w_row for every row r of x: one weight row against all of x.
+void RowAgainstAll(const float* x, const float* w_row, int64_t m, int64_t k, float* y,
+                   int64_t ldy) {
+  int64_t r = 0;
+  float out[4];
+  for (; r + 4 <= m; r += 4) {
+    Dot4(x + r * k, w_row, k, out);
+    for (int q = 0; q < 4; ++q) y[(r + q) * ldy] = out[q];
+  }
+  for (; r < m; ++r) y[r * ldy] = Dot(x + r * k, w_row, k);
+}
+
+// y[m, n] (row stride ldy) = x[m, k] . w[n, k]^T, output rows split across the pool.
 void F32Product(ThreadPool* pool, const float* x, const float* w, int64_t m, int64_t n, int64_t k,
                 float* y, int64_t ldy) {
   auto slice = [&](int64_t begin, int64_t end) {
-    if (m == 1) {
+    if (m > 1 && m <= kDotMaxRows) {
+      for (int64_t j = begin; j < end; ++j) RowAgainstAll(x, w + j * k, m, k, y + j, ldy);
+    } else if (m == 1) {
       cblas_sgemv(CblasRowMajor, CblasNoTrans, end - begin, k, 1.0f, w + begin * k, k, x, 1, 0.0f,
                   y + begin, 1);
     } else {
@@ -49,12 +108,7 @@ void MatMulBf16Dot(ThreadPool* pool, const float* x, const uint16_t* w, int64_t 
     for (int64_t j = begin; j < end; ++j) {
       const uint16_t* wr = w + j * k;
       for (int64_t i = 0; i < k; ++i) row[i] = Bf16ToF32(wr[i]);
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * k;
-        float acc = 0.0f;
-        for (int64_t i = 0; i < k; ++i) acc += xr[i] * row[i];
-        y[r * n + j] = acc;
-      }
+      RowAgainstAll(x, row.data(), m, k, y + j, n);
     }
   };
   if (pool == nullptr) {
@@ -89,7 +143,7 @@ void MatMulF32(ThreadPool* pool, const float* x, const Buffer& w, int64_t w_row_
   }
   CHECK(w.dtype() == DType::kBF16) << "matmul weights must be F32 or BF16";
   const uint16_t* wb = cw.bf16() + w_row_offset * k;
-  if (m <= kBf16DotMaxRows) {
+  if (m <= kDotMaxRows) {
     MatMulBf16Dot(pool, x, wb, m, n, k, y);
   } else {
     MatMulBf16Blocked(pool, x, wb, m, n, k, y);
