@@ -1,0 +1,40 @@
+// Paged attention over a KV cache laid out [num_pages, page_size, num_kv_heads, head_dim] f32,
+// for prefill and decode alike: causal, optionally with an inclusive sliding window, grouped
+// query heads, and K derived from cached V (K = RoPE(V * k_norm_weight)) on k_eq_v layers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/kernel_types.h"
+
+namespace gemma::kernels {
+
+struct PagedAttentionParams {
+  const float* q = nullptr;        // [num_tokens, num_heads, head_dim], normed and rotated
+  const float* k_cache = nullptr;  // null: K derived from V
+  const float* v_cache = nullptr;
+  const void* k_norm_weight = nullptr;  // [head_dim], used when k_cache is null
+  ElemType k_norm_type = ElemType::kF32;
+  Rope rope;                            // rotation of derived keys
+  const int32_t* positions = nullptr;    // [num_tokens] absolute position of each query
+  const int32_t* query_start = nullptr;  // [num_seqs + 1] first token of each sequence
+  const int32_t* page_tables = nullptr;  // [num_seqs, max_pages_per_seq] physical page or -1
+  int64_t num_tokens = 0;
+  int64_t num_seqs = 0;
+  int64_t max_pages_per_seq = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;  // even, at most 512
+  int64_t page_size = 0;
+  int64_t window = 0;  // query at p sees keys (p - window, p]; 0: all keys <= p
+  float scale = 1.0f;
+  float* out = nullptr;  // [num_tokens, num_heads, head_dim]
+};
+
+// One block per (token, head); keys whose page is -1 are skipped (the cache must hold every
+// visible key). Returns cudaErrorInvalidValue for a head_dim it does not support.
+cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
+
+}  // namespace gemma::kernels

@@ -1,0 +1,129 @@
+// The golden fixtures (transformers on tiny Gemma 4 checkpoints) on the CUDA backend: prompt
+// logits, the same through decode steps and chunked prefill over the paged cache, chosen
+// experts, and greedy continuations. F32 checkpoints are held to the CPU engine's bound; the
+// bf16 checkpoint to kCudaRelTol (its prefill products round activations to bf16).
+// Skipped, saying so, where no CUDA device is present.
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/npy.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/compare.h"
+#include "tests/testing/tolerances.h"
+#include "worker/backend/cuda/cuda_backend.h"
+#include "worker/engine/generate.h"
+#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/model.h"
+
+namespace gemma {
+namespace {
+
+using testing::GoldenPath;
+
+std::vector<int32_t> Tokens(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
+
+class CudaGoldenTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (CudaBackend::DeviceCount() == 0) {
+      GTEST_SKIP() << "no CUDA device present: GPU golden test skipped";
+    }
+    std::ifstream in(GoldenPath(absl::StrCat("reference/", GetParam(), "/manifest.json")));
+    ASSERT_TRUE(in.good()) << "missing fixture for " << GetParam();
+    manifest_ = nlohmann::json::parse(in);
+    CudaBackendOptions options;
+    options.arena_bytes = size_t{1} << 30;
+    auto backend = CudaBackend::Create(options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = *std::move(backend);
+    auto model = gemma4::Model::Load(GoldenPath(manifest_["model"].get<std::string>()), *backend_);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = *std::move(model);
+    KvCacheOptions cache_options;
+    cache_options.page_size = 4;
+    cache_options.default_tokens = 1024;
+    auto cache = KvCache::Create(model_->config(), *backend_, cache_options);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    cache_ = *std::move(cache);
+    tol_ = GetParam().find("bf16") != std::string::npos ? testing::kCudaRelTol
+                                                         : testing::kLogitRelTol;
+  }
+  void TearDown() override {
+    cache_.reset();
+    model_.reset();
+    backend_.reset();
+  }
+  std::vector<float> Fixture(const std::string& file) {
+    auto array = ReadNpy(GoldenPath(absl::StrCat("reference/", GetParam(), "/", file)));
+    EXPECT_TRUE(array.ok()) << array.status();
+    return array.ok() ? array->AsFloat() : std::vector<float>{};
+  }
+
+  nlohmann::json manifest_;
+  std::unique_ptr<CudaBackend> backend_;
+  std::unique_ptr<gemma4::Model> model_;
+  std::unique_ptr<KvCache> cache_;
+  double tol_ = 0.0;
+};
+
+TEST_P(CudaGoldenTest, PromptLogitsMatchReferenceInOneStepAndInChunks) {
+  for (const auto& prompt : manifest_["prompts"]) {
+    std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
+    std::vector<float> ref = Fixture(prompt["logits"]);
+    for (int64_t chunk : {0, 1, 3}) {
+      auto ours = PromptLogits(*model_, *cache_, tokens, chunk);
+      ASSERT_TRUE(ours.ok()) << ours.status();
+      auto cmp = testing::Compare(*ours, ref);
+      EXPECT_FALSE(cmp.nan_mismatch);
+      EXPECT_LE(cmp.Relative(), tol_)
+          << "prompt " << prompt["name"] << " in steps of " << chunk << ": " << cmp.ToString();
+    }
+  }
+}
+
+TEST_P(CudaGoldenTest, GreedyContinuationsIdentical) {
+  for (const auto& g : manifest_["greedy"]) {
+    std::vector<int32_t> prompt = Tokens(g["prompt"]);
+    GenerateOptions options;
+    options.max_new_tokens = g["max_new_tokens"].get<int64_t>();
+    auto ours = Generate(*model_, *cache_, prompt, options);
+    ASSERT_TRUE(ours.ok()) << ours.status();
+    EXPECT_EQ(*ours, Tokens(g["output"])) << "prompt of " << prompt.size() << " tokens";
+  }
+}
+
+TEST_P(CudaGoldenTest, ChosenExpertsMatch) {
+  const auto& config = model_->config();
+  if (!config.enable_moe_block) GTEST_SKIP() << "dense model: no experts";
+  for (const auto& prompt : manifest_["prompts"]) {
+    std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
+    auto array = ReadNpy(GoldenPath(absl::StrCat("reference/", GetParam(), "/",
+                                                 prompt["experts"].get<std::string>())));
+    ASSERT_TRUE(array.ok()) << array.status();
+    std::vector<int64_t> ref = array->AsInt64();
+    const int64_t t = static_cast<int64_t>(tokens.size());
+    const int64_t k = config.top_k_experts;
+    std::vector<int64_t> ours(ref.size(), -1);
+    model_->set_observer([&](std::string_view name, const Buffer& buffer,
+                             const std::vector<int64_t>&) {
+      if (name.find(".router_ids") == std::string_view::npos) return;
+      int layer = std::stoi(std::string(name.substr(7)));
+      std::vector<int32_t> ids(t * k);
+      ASSERT_TRUE(backend_->Read(buffer, ids.data(), ids.size() * sizeof(int32_t)).ok());
+      std::copy(ids.begin(), ids.end(), ours.begin() + layer * t * k);
+    });
+    ASSERT_TRUE(PromptLogits(*model_, *cache_, tokens).ok());
+    model_->set_observer(nullptr);
+    EXPECT_EQ(ours, ref) << "prompt " << prompt["name"];
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaGoldenTest,
+                         ::testing::Values("tiny-dense", "tiny-moe", "tiny-moe-bf16"));
+
+}  // namespace
+}  // namespace gemma

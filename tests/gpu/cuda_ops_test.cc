@@ -1,0 +1,400 @@
+// Every op of the CUDA backend against the CPU backend on random inputs at awkward sizes: one
+// token, odd counts, exactly the sliding window and one past, head dims 256 and 512, partly
+// filled pages, experts that receive no token. Outputs start as NaN so an unwritten element
+// fails. Skipped, saying so, where no CUDA device is present.
+#include <algorithm>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "tests/gpu/cuda_test_util.h"
+
+namespace gemma {
+namespace {
+
+using testing::CudaVsCpuTest;
+using testing::Pair;
+
+class CudaOpsTest : public CudaVsCpuTest {};
+
+TEST_F(CudaOpsTest, EmbedMatchesForBothDtypesAndForeignIds) {
+  const int64_t vocab = 37, hidden = 130, offset = 10;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (int64_t n : {1, 7}) {
+      std::vector<int32_t> ids(n);
+      for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<int32_t>((i * 13) % 60);  // some foreign
+      Pair id = I32(ids);
+      Pair table = Weight(Random(vocab * hidden), dtype);
+      Pair out = Poisoned(DType::kF32, n * hidden);
+      cpu_->Embed(*id.cpu, *table.cpu, n, vocab, offset, hidden, 3.5f, *out.cpu);
+      gpu_->Embed(*id.gpu, *table.gpu, n, vocab, offset, hidden, 3.5f, *out.gpu);
+      ExpectClose(out, n * hidden, absl::StrCat("embed n=", n));
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, MatMulMatchesAcrossRowCountsDtypesAndRowOffset) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (int64_t k : {129, 256}) {
+      for (int64_t m : {1, 5, 8, 9, 33}) {
+        const int64_t n = 67, offset = 3;
+        Pair x = F32(Random(m * k));
+        Pair w = Weight(Random((n + offset) * k), dtype);
+        Pair y = Poisoned(DType::kF32, m * n);
+        cpu_->MatMul(*x.cpu, *w.cpu, m, n, k, *y.cpu, offset);
+        gpu_->MatMul(*x.gpu, *w.gpu, m, n, k, *y.gpu, offset);
+        ExpectClose(y, m * n, absl::StrCat("matmul ", DTypeName(dtype), " m=", m, " k=", k));
+      }
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, RmsNormAndAddRmsNormMatch) {
+  const int64_t rows = 3, dim = 257;
+  for (bool weighted : {false, true}) {
+    Pair x = F32(Random(rows * dim, 3.0f));
+    Pair w = Weight(Random(dim), DType::kBF16);
+    Pair out = Poisoned(DType::kF32, rows * dim);
+    cpu_->RmsNorm(*x.cpu, weighted ? w.cpu.get() : nullptr, rows, dim, 1e-6f, *out.cpu);
+    gpu_->RmsNorm(*x.gpu, weighted ? w.gpu.get() : nullptr, rows, dim, 1e-6f, *out.gpu);
+    ExpectClose(out, rows * dim, "rmsnorm");
+    // In place.
+    cpu_->RmsNorm(*x.cpu, w.cpu.get(), rows, dim, 1e-6f, *x.cpu);
+    gpu_->RmsNorm(*x.gpu, w.gpu.get(), rows, dim, 1e-6f, *x.gpu);
+    ExpectClose(x, rows * dim, "rmsnorm in place");
+  }
+  for (bool with_scalar : {false, true}) {
+    Pair residual = F32(Random(rows * dim));
+    Pair x = F32(Random(rows * dim, 2.0f));
+    Pair w = Weight(Random(dim), DType::kF32);
+    Pair scalar = Weight({0.37f}, DType::kF32);
+    cpu_->AddRmsNorm(*residual.cpu, *x.cpu, *w.cpu, with_scalar ? scalar.cpu.get() : nullptr,
+                     rows, dim, 1e-6f);
+    gpu_->AddRmsNorm(*residual.gpu, *x.gpu, *w.gpu, with_scalar ? scalar.gpu.get() : nullptr,
+                     rows, dim, 1e-6f);
+    ExpectClose(residual, rows * dim, absl::StrCat("add_rmsnorm scalar=", with_scalar));
+  }
+}
+
+TEST_F(CudaOpsTest, ElementwiseOpsMatch) {
+  const int64_t n = 1001, inter = 333, tokens = 3;
+  Pair a = F32(Random(n)), b = F32(Random(n));
+  Pair sum = Poisoned(DType::kF32, n);
+  cpu_->Add(*a.cpu, *b.cpu, n, *sum.cpu);
+  gpu_->Add(*a.gpu, *b.gpu, n, *sum.gpu);
+  ExpectClose(sum, n, "add");
+
+  Pair gate_up = F32(Random(tokens * 2 * inter, 4.0f));
+  Pair act = Poisoned(DType::kF32, tokens * inter);
+  cpu_->GeluMul(*gate_up.cpu, tokens, inter, *act.cpu);
+  gpu_->GeluMul(*gate_up.gpu, tokens, inter, *act.gpu);
+  ExpectClose(act, tokens * inter, "gelu_mul");
+
+  Pair logits = F32(Random(n, 80.0f));
+  cpu_->Softcap(*logits.cpu, n, 30.0f);
+  gpu_->Softcap(*logits.gpu, n, 30.0f);
+  ExpectClose(logits, n, "softcap");
+
+  const int64_t dim = 71;
+  Pair x = F32(Random(9 * dim));
+  Pair rows = I32({8, 0, 3, 3});
+  Pair gathered = Poisoned(DType::kF32, 4 * dim);
+  cpu_->GatherRows(*x.cpu, *rows.cpu, 4, dim, *gathered.cpu);
+  gpu_->GatherRows(*x.gpu, *rows.gpu, 4, dim, *gathered.gpu);
+  ExpectClose(gathered, 4 * dim, "gather_rows");
+}
+
+TEST_F(CudaOpsTest, HeadNormRopeMatchesForHeadDims256And512) {
+  struct Case {
+    int64_t head_dim, pairs;
+    bool weighted;
+  };
+  for (const Case& c : {Case{256, 128, true}, Case{512, 64, true}, Case{512, 0, false},
+                        Case{256, 128, false}}) {
+    const int64_t tokens = 3, heads = 5;
+    RopeSpec rope{c.head_dim, c.pairs, c.head_dim == 512 ? 1e6 : 1e4, 1.0};
+    Pair x = F32(Random(tokens * heads * c.head_dim, 2.0f));
+    Pair w = Weight(Random(c.head_dim), DType::kBF16);
+    Pair pos = I32({0, 17, 40000});
+    cpu_->HeadNormRope(*x.cpu, c.weighted ? w.cpu.get() : nullptr, *pos.cpu, tokens, heads, rope,
+                       1e-6f);
+    gpu_->HeadNormRope(*x.gpu, c.weighted ? w.gpu.get() : nullptr, *pos.gpu, tokens, heads, rope,
+                       1e-6f);
+    ExpectClose(x, tokens * heads * c.head_dim,
+                absl::StrCat("head_norm_rope d=", c.head_dim, " pairs=", c.pairs));
+  }
+}
+
+// A batch of sequences over a paged cache with shuffled physical pages.
+struct AttentionCase {
+  int64_t head_dim;
+  int64_t window;
+  bool k_eq_v;
+  std::vector<int32_t> seq_lens;   // cached length after the step
+  std::vector<int32_t> new_tokens; // queries of each sequence (the last positions)
+};
+
+class CudaAttentionTest : public CudaVsCpuTest {
+ protected:
+  void Run(const AttentionCase& c) {
+    const int64_t page_size = 16, heads = 8, kv_heads = 2, d = c.head_dim;
+    const int64_t num_seqs = static_cast<int64_t>(c.seq_lens.size());
+    int64_t max_pages = 0, total_pages = 0;
+    for (int32_t len : c.seq_lens) {
+      max_pages = std::max<int64_t>(max_pages, (len + page_size - 1) / page_size);
+    }
+    total_pages = max_pages * num_seqs + 3;
+    std::vector<int32_t> physical(total_pages);
+    std::iota(physical.begin(), physical.end(), 0);
+    std::shuffle(physical.begin(), physical.end(), rng_);
+    std::vector<int32_t> table(num_seqs * max_pages, -1);
+    std::vector<int32_t> query_start{0}, positions;
+    int64_t next = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t pages = (c.seq_lens[s] + page_size - 1) / page_size;
+      for (int64_t p = 0; p < pages; ++p) table[s * max_pages + p] = physical[next++];
+      for (int32_t i = c.seq_lens[s] - c.new_tokens[s]; i < c.seq_lens[s]; ++i) positions.push_back(i);
+      query_start.push_back(static_cast<int32_t>(positions.size()));
+    }
+    const int64_t tokens = static_cast<int64_t>(positions.size());
+    const int64_t cache_elems = total_pages * page_size * kv_heads * d;
+    Pair k_cache = F32(Random(cache_elems));
+    Pair v_cache = F32(Random(cache_elems));
+    Pair q = F32(Random(tokens * heads * d, 0.2f));
+    Pair k_norm = Weight(Random(d), DType::kBF16);
+    Pair pos = I32(positions), qs = I32(query_start), lens = I32(c.seq_lens), pt = I32(table);
+    Pair out = Poisoned(DType::kF32, tokens * heads * d);
+    auto layout_for = [&](bool gpu) {
+      BatchLayout l;
+      l.num_tokens = tokens;
+      l.num_seqs = num_seqs;
+      l.max_pages_per_seq = max_pages;
+      l.positions = gpu ? pos.gpu.get() : pos.cpu.get();
+      l.query_start = gpu ? qs.gpu.get() : qs.cpu.get();
+      l.seq_lens = gpu ? lens.gpu.get() : lens.cpu.get();
+      l.page_tables[1] = gpu ? pt.gpu.get() : pt.cpu.get();
+      l.host_query_start = query_start;
+      l.host_seq_lens = c.seq_lens;
+      return l;
+    };
+    BatchLayout cpu_layout = layout_for(false), gpu_layout = layout_for(true);
+    auto args_for = [&](bool gpu) {
+      AttentionArgs a;
+      a.layout = gpu ? &gpu_layout : &cpu_layout;
+      a.pool = 1;
+      a.q = gpu ? q.gpu.get() : q.cpu.get();
+      a.k_cache = c.k_eq_v ? nullptr : (gpu ? k_cache.gpu.get() : k_cache.cpu.get());
+      a.v_cache = gpu ? v_cache.gpu.get() : v_cache.cpu.get();
+      a.k_norm_weight = gpu ? k_norm.gpu.get() : k_norm.cpu.get();
+      a.rope = RopeSpec{d, d == 512 ? 64 : d / 2, d == 512 ? 1e6 : 1e4, 1.0};
+      a.num_heads = heads;
+      a.num_kv_heads = kv_heads;
+      a.head_dim = d;
+      a.page_size = page_size;
+      a.window = c.window;
+      a.scale = 1.0f;
+      a.out = gpu ? out.gpu.get() : out.cpu.get();
+      return a;
+    };
+    cpu_->Attention(args_for(false));
+    gpu_->Attention(args_for(true));
+    ExpectClose(out, tokens * heads * d,
+                absl::StrCat("attention d=", d, " window=", c.window, " k_eq_v=", c.k_eq_v));
+  }
+};
+
+TEST_F(CudaAttentionTest, DecodeOverPartlyFilledPages) {
+  for (int64_t d : {256, 512}) {
+    Run({d, 0, false, {1, 37, 100}, {1, 1, 1}});
+    Run({d, 0, true, {1, 37, 100}, {1, 1, 1}});
+  }
+}
+
+TEST_F(CudaAttentionTest, PrefillAndMixedBatchCausal) {
+  for (int64_t d : {256, 512}) {
+    Run({d, 0, false, {5, 40, 23}, {5, 9, 1}});
+    Run({d, 0, true, {5, 40, 23}, {5, 9, 1}});
+  }
+}
+
+TEST_F(CudaAttentionTest, SlidingWindowAtExactlyTheWindowAndOnePast) {
+  const int64_t w = 32;
+  Run({256, w, false, {w, w + 1, w + 2}, {w, 1, 3}});
+  Run({256, w, false, {w + 1, 2 * w + 1}, {w + 1, 2}});
+  Run({512, w, false, {w, w + 1}, {1, w + 1}});
+}
+
+TEST_F(CudaOpsTest, WriteKvScattersToSlots) {
+  const int64_t tokens = 5, row = 2 * 256, cache_rows = 40;
+  Pair k = F32(Random(tokens * row)), v = F32(Random(tokens * row));
+  Pair slots = I32({3, 39, 0, 17, 18});
+  Pair k_cache = F32(Random(cache_rows * row)), v_cache = F32(Random(cache_rows * row));
+  cpu_->WriteKv(k.cpu.get(), *v.cpu, *slots.cpu, tokens, row, k_cache.cpu.get(), *v_cache.cpu);
+  gpu_->WriteKv(k.gpu.get(), *v.gpu, *slots.gpu, tokens, row, k_cache.gpu.get(), *v_cache.gpu);
+  ExpectClose(k_cache, cache_rows * row, "write_kv k", 0.0);
+  ExpectClose(v_cache, cache_rows * row, "write_kv v", 0.0);
+  Pair v_only = F32(Random(cache_rows * row));
+  cpu_->WriteKv(nullptr, *v.cpu, *slots.cpu, tokens, row, nullptr, *v_only.cpu);
+  gpu_->WriteKv(nullptr, *v.gpu, *slots.gpu, tokens, row, nullptr, *v_only.gpu);
+  ExpectClose(v_only, cache_rows * row, "write_kv v only", 0.0);
+}
+
+TEST_F(CudaOpsTest, MoeRouteChoosesTheSameExpertsWithWeightsAndCounts) {
+  const int64_t hidden = 96, experts = 128, top_k = 8;
+  for (int64_t tokens : {1, 13}) {
+    Pair x = F32(Random(tokens * hidden, 2.0f));
+    Pair scale = Weight(Random(hidden), DType::kF32);
+    Pair proj = Weight(Random(experts * hidden), DType::kBF16);
+    Pair per_expert = Weight(Random(experts), DType::kF32);
+    Pair ids = Poisoned(DType::kI32, tokens * top_k);
+    Pair weights = Poisoned(DType::kF32, tokens * top_k);
+    Pair counts = I32(std::vector<int32_t>(experts, 2));
+    auto args_for = [&](bool gpu) {
+      auto pick = [&](const Pair& p) { return gpu ? p.gpu.get() : p.cpu.get(); };
+      MoeRouteArgs a;
+      a.x = pick(x);
+      a.router_scale = pick(scale);
+      a.router_proj = pick(proj);
+      a.per_expert_scale = pick(per_expert);
+      a.num_tokens = tokens;
+      a.hidden = hidden;
+      a.num_experts = experts;
+      a.top_k = top_k;
+      a.topk_ids = pick(ids);
+      a.topk_weights = pick(weights);
+      a.expert_counts = pick(counts);
+      return a;
+    };
+    cpu_->MoeRoute(args_for(false));
+    gpu_->MoeRoute(args_for(true));
+    ExpectEqualI32(ids, tokens * top_k, "router ids");
+    ExpectClose(weights, tokens * top_k, "router weights");
+    ExpectEqualI32(counts, experts, "expert counts");
+  }
+}
+
+TEST_F(CudaOpsTest, MoeExpertsMatchOnFusedAndGroupedPathsWithIdleExperts) {
+  const int64_t hidden = 64, inter = 48, experts = 16, top_k = 4;
+  const int64_t first = 4, local = 8;  // this "rank" owns experts 4..11
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    Pair gate_up = Weight(Random(local * 2 * inter * hidden, 0.3f), dtype);
+    Pair down = Weight(Random(local * hidden * inter, 0.3f), dtype);
+    for (int64_t tokens : {1, 5, 37}) {
+      // Ascending distinct ids per token, avoiding expert 9 so one local expert gets nothing.
+      std::vector<int32_t> ids;
+      for (int64_t t = 0; t < tokens; ++t) {
+        std::vector<int32_t> all;
+        for (int32_t e = 0; e < experts; ++e) if (e != 9) all.push_back(e);
+        std::shuffle(all.begin(), all.end(), rng_);
+        std::sort(all.begin(), all.begin() + top_k);
+        ids.insert(ids.end(), all.begin(), all.begin() + top_k);
+      }
+      Pair id = I32(ids);
+      Pair w = F32(Random(tokens * top_k));
+      Pair x = F32(Random(tokens * hidden));
+      Pair out = Poisoned(DType::kF32, tokens * hidden);
+      auto args_for = [&](bool gpu) {
+        auto pick = [&](const Pair& p) { return gpu ? p.gpu.get() : p.cpu.get(); };
+        MoeExpertsArgs a;
+        a.x = pick(x);
+        a.topk_ids = pick(id);
+        a.topk_weights = pick(w);
+        a.gate_up = pick(gate_up);
+        a.down = pick(down);
+        a.num_tokens = tokens;
+        a.hidden = hidden;
+        a.inter = inter;
+        a.top_k = top_k;
+        a.first_expert = first;
+        a.num_local_experts = local;
+        a.out = gpu ? out.gpu.get() : out.cpu.get();
+        return a;
+      };
+      cpu_->MoeExperts(args_for(false));
+      gpu_->MoeExperts(args_for(true));
+      ExpectClose(out, tokens * hidden,
+                  absl::StrCat("moe experts ", DTypeName(dtype), " tokens=", tokens));
+    }
+  }
+}
+
+TEST_F(CudaOpsTest, TopKAndLogSumExpMatch) {
+  const int64_t rows = 3, cols = 1001, k = 17;
+  Pair x = F32(Random(rows * cols, 10.0f));
+  Pair values = Poisoned(DType::kF32, rows * k);
+  Pair ids = Poisoned(DType::kI32, rows * k);
+  cpu_->TopK(*x.cpu, rows, cols, k, 500, *values.cpu, *ids.cpu);
+  gpu_->TopK(*x.gpu, rows, cols, k, 500, *values.gpu, *ids.gpu);
+  ExpectClose(values, rows * k, "topk values", 0.0);
+  ExpectEqualI32(ids, rows * k, "topk ids");
+  std::vector<float> temperature{1.0f, 0.7f, 1.3f};
+  Pair mx = Poisoned(DType::kF32, rows), sm = Poisoned(DType::kF32, rows);
+  cpu_->LogSumExp(*x.cpu, rows, cols, temperature, *mx.cpu, *sm.cpu);
+  gpu_->LogSumExp(*x.gpu, rows, cols, temperature, *mx.gpu, *sm.gpu);
+  ExpectClose(mx, rows, "lse max");
+  ExpectClose(sm, rows, "lse sum");
+}
+
+TEST_F(CudaOpsTest, SampleDrawsTheSameTokensAsTheCpuBackend) {
+  const int64_t rows = 5, vocab = 3001;
+  Pair logits = F32(Random(rows * vocab, 6.0f));
+  std::vector<SamplingParams> params(rows);
+  params[0] = {};  // greedy
+  params[1] = {0.8f, 0, 1.0f, 7, 11, 3};
+  params[2] = {1.0f, 40, 1.0f, 7, 12, 9};
+  params[3] = {1.2f, 0, 0.9f, 8, 13, 100};
+  params[4] = {0.6f, 100, 0.5f, 9, 14, 1};
+  for (int trial = 0; trial < 4; ++trial) {
+    for (auto& p : params) p.position += 1;
+    Pair ids = Poisoned(DType::kI32, rows);
+    cpu_->Sample(*logits.cpu, rows, vocab, params, *ids.cpu);
+    gpu_->Sample(*logits.gpu, rows, vocab, params, *ids.gpu);
+    ExpectEqualI32(ids, rows, absl::StrCat("sample trial ", trial));
+  }
+}
+
+// A chain of ops captured once as a CUDA graph and replayed on new inputs gives the tokens that
+// eager launches give.
+TEST_F(CudaOpsTest, GraphReplayGivesTheSameTokensAsEagerLaunches) {
+  const int64_t rows = 3, hidden = 96, vocab = 301;
+  Pair x = F32(Random(rows * hidden));
+  Pair norm_w = Weight(Random(hidden), DType::kBF16);
+  Pair head = Weight(Random(vocab * hidden), DType::kBF16);
+  auto normed = *gpu_->Alloc(DType::kF32, rows * hidden);
+  auto logits = *gpu_->Alloc(DType::kF32, rows * vocab);
+  auto ids = *gpu_->Alloc(DType::kI32, rows);
+  std::vector<SamplingParams> greedy(rows);
+  auto step = [&] {
+    gpu_->RmsNorm(*x.gpu, norm_w.gpu.get(), rows, hidden, 1e-6f, *normed);
+    gpu_->MatMul(*normed, *head.gpu, rows, vocab, hidden, *logits);
+    gpu_->Softcap(*logits, rows * vocab, 30.0f);
+    gpu_->Sample(*logits, rows, vocab, greedy, *ids);
+  };
+  ASSERT_TRUE(gpu_->BeginCapture().ok());
+  step();
+  ASSERT_TRUE(gpu_->EndCapture(rows).ok());
+  for (int trial = 0; trial < 3; ++trial) {
+    std::vector<float> input = Random(rows * hidden, 3.0f);
+    gpu_->Write(*x.gpu, input.data(), input.size() * sizeof(float));
+    step();
+    std::vector<int32_t> eager = ReadI32(*gpu_, *ids, rows);
+    std::vector<int32_t> poison(rows, -7);
+    gpu_->Write(*ids, poison.data(), rows * sizeof(int32_t));
+    ASSERT_TRUE(gpu_->Replay(rows).ok());
+    EXPECT_EQ(ReadI32(*gpu_, *ids, rows), eager) << "trial " << trial;
+  }
+}
+
+TEST_F(CudaOpsTest, CaptureMisuseBecomesAStickyError) {
+  // Capturing forbids host reads: the refusal becomes the sticky error.
+  ASSERT_TRUE(gpu_->BeginCapture().ok());
+  std::vector<float> host(4, 1.0f);
+  auto buf = *gpu_->Alloc(DType::kF32, 4);
+  gpu_->Write(*buf, host.data(), 16);
+  EXPECT_FALSE(gpu_->EndCapture(0).ok());
+  absl::Status s = gpu_->Synchronize();
+  EXPECT_FALSE(s.ok());
+  EXPECT_FALSE(gpu_->Synchronize().ok()) << "the error must stay";
+}
+
+}  // namespace
+}  // namespace gemma

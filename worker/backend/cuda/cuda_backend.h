@@ -1,0 +1,165 @@
+// The CUDA backend: every Backend op on one CUDA stream, kernels from kernels/ and cuBLASLt /
+// cuBLAS for matrix products. Device memory is one arena taken at start-up (plain cudaMalloc)
+// and carved by DeviceArena; buffers are arena blocks or views of them. Errors from launches and
+// library calls are sticky Statuses with file and line, reported by Synchronize() and Read().
+// Decode steps can be captured once per batch-size bucket as CUDA graphs and replayed.
+// Not thread-safe: one thread drives a backend.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kernels/kernel_types.h"
+#include "worker/backend/backend.h"
+#include "worker/backend/cuda/device_arena.h"
+
+namespace gemma {
+
+struct CudaBackendOptions {
+  int device = 0;
+  // Bytes of the arena; 0 takes `arena_fraction` of the device's free memory.
+  size_t arena_bytes = 0;
+  double arena_fraction = 0.9;
+  // cuBLASLt workspace carved from the arena.
+  size_t blas_workspace_bytes = size_t{32} << 20;
+};
+
+// The device memory region and its allocator, shared by the backend and its buffers so that
+// whichever is destroyed last frees the region.
+struct DeviceRegion {
+  DeviceRegion(void* base, size_t bytes) : base(base), arena(bytes) {}
+  ~DeviceRegion();
+  void* base;
+  DeviceArena arena;
+};
+
+class CudaBuffer final : public Buffer {
+ public:
+  // An arena block (freed on destruction) or, with `region` null, a view.
+  CudaBuffer(DType dtype, int64_t numel, void* data, std::shared_ptr<DeviceRegion> region,
+             size_t offset);
+  ~CudaBuffer() override;
+  void* data() const { return data_; }
+  float* f32() const { return static_cast<float*>(data_); }
+  int32_t* i32() const { return static_cast<int32_t*>(data_); }
+
+ private:
+  void* data_;
+  std::shared_ptr<DeviceRegion> region_;
+  size_t offset_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  // Number of usable CUDA devices; 0 when there is no device or driver.
+  static int DeviceCount();
+  // Selects the device, creates the stream and the library handles, takes the arena.
+  // UNAVAILABLE when there is no device.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(CudaBackendOptions options = {});
+  ~CudaBackend() override;
+
+  std::string Name() const override { return "cuda"; }
+
+  absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
+  absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src, int64_t numel) override;
+  void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;
+  absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) override;
+  absl::Status Synchronize() override;
+  absl::StatusOr<BufferPtr> View(Buffer& base, int64_t offset, int64_t numel) override;
+  void* RawData(Buffer& b) override;
+
+  void Embed(const Buffer& ids, const Buffer& table, int64_t n, int64_t vocab,
+             int64_t vocab_offset, int64_t hidden, float scale, Buffer& out) override;
+  void MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n, int64_t k, Buffer& y,
+              int64_t w_row_offset = 0) override;
+  void RmsNorm(const Buffer& x, const Buffer* w, int64_t rows, int64_t dim, float eps,
+               Buffer& out) override;
+  void AddRmsNorm(Buffer& residual, const Buffer& x, const Buffer& w, const Buffer* scalar,
+                  int64_t rows, int64_t dim, float eps) override;
+  void Add(const Buffer& a, const Buffer& b, int64_t n, Buffer& out) override;
+  void HeadNormRope(Buffer& x, const Buffer* w, const Buffer& positions, int64_t num_tokens,
+                    int64_t num_heads, const RopeSpec& rope, float eps) override;
+  void WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots, int64_t num_tokens,
+               int64_t row_elems, Buffer* k_cache, Buffer& v_cache) override;
+  void Attention(const AttentionArgs& args) override;
+  void GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer& out) override;
+  void MoeRoute(const MoeRouteArgs& args) override;
+  void MoeExperts(const MoeExpertsArgs& args) override;
+  void Softcap(Buffer& x, int64_t n, float cap) override;
+  void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
+                  Buffer& out) override;
+  void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
+            Buffer& values, Buffer& ids) override;
+  void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
+                 const std::vector<float>& temperature, Buffer& max_out,
+                 Buffer& sum_out) override;
+  void Sample(const Buffer& logits, int64_t rows, int64_t vocab,
+              const std::vector<SamplingParams>& params, Buffer& ids) override;
+
+  // ---- CUDA graphs ----
+  // Between BeginCapture() and EndCapture(key) ops are recorded, not run; EndCapture
+  // instantiates them as the graph for `key` (e.g. a decode batch-size bucket), replacing any
+  // earlier one. Replay(key) launches it on the stream. A captured graph reads and writes the
+  // same buffers every replay, so inputs are written into those buffers (Write) before Replay
+  // and outputs read after. Scratch taken by ops during capture is kept with the graph. Not
+  // allowed while capturing (sticky FAILED_PRECONDITION): Write, Read, Synchronize, and ops
+  // whose arguments live on the host (LogSumExp, and Sample with a non-greedy row); MoeExperts
+  // takes its fused path, which needs no host round trip.
+  absl::Status BeginCapture();
+  absl::Status EndCapture(int64_t key);
+  absl::Status Replay(int64_t key);
+  bool HasGraph(int64_t key) const { return graphs_.count(key) > 0; }
+  void DropGraphs();
+  bool capturing() const { return capturing_; }
+
+  cudaStream_t stream() const { return stream_; }
+  const DeviceArena& arena() const { return region_->arena; }
+
+  // Records `err` (if not success) as the sticky error, at file:line. Returns err == success.
+  bool Check(cudaError_t err, const char* file, int line);
+  bool CheckStatus(const absl::Status& status);
+
+ private:
+  CudaBackend() = default;
+
+  struct LtPlan;
+  LtPlan* GetLtPlan(int64_t m, int64_t n, int64_t k, kernels::ElemType w_type,
+                    uint32_t w_align);
+  void LtMatMul(const float* x, const void* w, kernels::ElemType w_type, int64_t m, int64_t n,
+                int64_t k, float* y);
+  // Scratch from the arena, released when the returned buffer dies (stream order makes reuse
+  // by later ops safe). Null, with the sticky error set, when the arena is full.
+  std::shared_ptr<Buffer> Scratch(DType dtype, int64_t numel);
+  // Copies a host array into fresh scratch (the host copy may die after the call).
+  std::shared_ptr<Buffer> UploadScratch(DType dtype, const void* src, int64_t numel);
+  // Records FAILED_PRECONDITION naming `what` when capturing; returns true if capturing.
+  bool RefuseWhileCapturing(const char* what);
+  void MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_type);
+  bool MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type);
+
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  std::shared_ptr<DeviceRegion> region_;
+  void* blas_handle_ = nullptr;     // cublasHandle_t
+  void* lt_handle_ = nullptr;       // cublasLtHandle_t
+  std::shared_ptr<Buffer> blas_workspace_;
+  // shared_ptr: LtPlan is complete only in cuda_matmul.cc.
+  std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::shared_ptr<LtPlan>> lt_plans_;
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    std::vector<std::shared_ptr<Buffer>> scratch;  // addresses the graph's nodes use
+  };
+  std::map<int64_t, Graph> graphs_;
+  bool capturing_ = false;
+  std::vector<std::shared_ptr<Buffer>> capture_scratch_;
+  bool grouped_gemm_unsupported_ = false;
+  absl::Status sticky_;
+};
+
+}  // namespace gemma
