@@ -5,7 +5,10 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -29,7 +32,15 @@ using testing::ChildProcess;
 using Clock = std::chrono::steady_clock;
 
 std::string Tool(const std::string& name) { return absl::StrCat(GEMMA_BINARY_DIR, "/bin/", name); }
-std::string Temp(const std::string& name) { return absl::StrCat(::testing::TempDir(), "/", name); }
+// Files of this test process (ctest runs the cases as concurrent processes).
+std::string Temp(const std::string& name) {
+  static const std::string dir = [] {
+    std::string d = absl::StrCat(::testing::TempDir(), "/gemma_multiprocess_", getpid());
+    std::filesystem::create_directories(d);
+    return d;
+  }();
+  return absl::StrCat(dir, "/", name);
+}
 
 const char kPrompt[] = "2,17,301,42,7,256,106,107,105,88,107,33,44,55,66,77,88,99,111";
 

@@ -1,5 +1,7 @@
 // A rank loads only its share: a subprocess loading a ~250 MB checkpoint as rank r of 4 grows
 // its resident set by about a quarter of what one rank holding everything grows by.
+#include <unistd.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -71,7 +73,9 @@ std::string WriteBigCheckpoint() {
     offset += 2 * n;
   }
   std::string json = header.dump();
-  std::ofstream out(dir / "model.safetensors", std::ios::binary);
+  // Written under a temporary name and renamed, so an interrupted run leaves no half file.
+  const fs::path partial = dir / absl::StrCat("model.safetensors.", getpid());
+  std::ofstream out(partial, std::ios::binary);
   uint64_t len = json.size();
   out.write(reinterpret_cast<const char*>(&len), 8);
   out << json;
@@ -82,12 +86,14 @@ std::string WriteBigCheckpoint() {
     int64_t bytes = std::min<int64_t>(2 * chunk.size(), offset - written);
     out.write(reinterpret_cast<const char*>(chunk.data()), bytes);
   }
+  out.close();
+  fs::rename(partial, dir / "model.safetensors");
   return dir.string();
 }
 
 // Anonymous memory (our copies of the weights) grown by loading as rank r of w, in KiB.
 int64_t LoadGrowthKb(const std::string& dir, int w, int r) {
-  const std::string log = absl::StrCat(::testing::TempDir(), "/load_rank.log");
+  const std::string log = absl::StrCat(::testing::TempDir(), "/load_rank_", getpid(), ".log");
   testing::ChildProcess p({absl::StrCat(GEMMA_BINARY_DIR, "/bin/load_rank"), dir,
                            std::to_string(w), std::to_string(r)},
                           log);

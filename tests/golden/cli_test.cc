@@ -2,6 +2,7 @@
 // gemma-forward's .npy equals the transformers logits; gemma-generate prints the greedy ids;
 // bad flags and inputs exit non-zero with a message saying what was wrong.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -49,7 +50,7 @@ TEST(CliTest, ForwardWritesTransformersLogitsAsNpy) {
   nlohmann::json manifest = Manifest("tiny-moe");
   const auto& prompt = manifest["prompts"][4];
   std::vector<int32_t> tokens = prompt["tokens"].get<std::vector<int32_t>>();
-  std::string out = absl::StrCat(::testing::TempDir(), "/cli_logits.npy");
+  std::string out = absl::StrCat(::testing::TempDir(), "/cli_logits_", getpid(), ".npy");
   RunResult r = RunTool("gemma-forward", absl::StrCat("--model ", testing::GoldenPath("tiny-moe"),
                                                   " --tokens ", absl::StrJoin(tokens, ","),
                                                   " --logits-out ", out, " --threads 2"));
@@ -115,7 +116,7 @@ struct BadCase {
 
 TEST(CliTest, BadFlagsAndInputsFailWithAClearMessage) {
   const std::string model = testing::GoldenPath("tiny-dense");
-  const std::string out = absl::StrCat(::testing::TempDir(), "/unused.npy");
+  const std::string out = absl::StrCat(::testing::TempDir(), "/unused_", getpid(), ".npy");
   const std::vector<BadCase> cases = {
       {"gemma-forward", absl::StrCat("--tokens 2,3 --logits-out ", out), "--model"},
       {"gemma-forward", absl::StrCat("--model ", model, " --tokens 2,3"), "--logits-out"},
