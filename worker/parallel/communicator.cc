@@ -161,4 +161,10 @@ void CountTraffic(CollectiveOp op, int rank, int world_size, size_t count, DType
   counters->calls[static_cast<size_t>(op)] += 1;
 }
 
+absl::Status CommunicatorBase::Precheck(CollectiveOp op) const {
+  if (dead_reason_.empty()) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(error_prefix(), OpContext(op, rank_, world_size_),
+                                             ": communicator is dead after: ", dead_reason_));
+}
+
 }  // namespace gemma::parallel

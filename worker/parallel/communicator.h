@@ -106,6 +106,32 @@ class Communicator {
   virtual void ResetTraffic() = 0;
 };
 
+// The identity, health and traffic counters every implementation keeps, and the fail-fast
+// check of a dead communicator.
+class CommunicatorBase : public Communicator {
+ public:
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_size_; }
+  bool healthy() const override { return dead_reason_.empty(); }
+  const TrafficCounters& traffic() const override { return traffic_; }
+  void ResetTraffic() override { traffic_.Reset(); }
+
+ protected:
+  CommunicatorBase(int rank, int world_size) : rank_(rank), world_size_(world_size) {
+    traffic_.all_to_all_bytes_to_peer.assign(world_size, 0);
+  }
+  // OK while healthy; afterwards UNAVAILABLE "<prefix><op on rank r of W>: communicator is
+  // dead after: <first failure>".
+  absl::Status Precheck(CollectiveOp op) const;
+  // "Gloo ", "NCCL ", or "" for the in-process group.
+  virtual const char* error_prefix() const { return ""; }
+
+  const int rank_;
+  const int world_size_;
+  std::string dead_reason_;  // empty while healthy
+  TrafficCounters traffic_;
+};
+
 // ---- Shared by implementations --------------------------------------------------------------
 
 // Argument checks common to all implementations; INVALID_ARGUMENT naming the op and rank.

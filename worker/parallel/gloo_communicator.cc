@@ -62,22 +62,15 @@ void SumIntoBf16(void* out, const void* a, const void* b, size_t n) {
   for (size_t i = 0; i < n; ++i) o[i] = F32ToBf16(Bf16ToF32(x[i]) + Bf16ToF32(y[i]));
 }
 
-class GlooCommunicator : public Communicator {
+class GlooCommunicator : public CommunicatorBase {
  public:
   GlooCommunicator(std::shared_ptr<gloo::Context> context, const GlooOptions& options)
-      : context_(std::move(context)),
-        rank_(options.rank),
-        world_size_(options.world_size),
-        timeout_(options.timeout) {
-    traffic_.all_to_all_bytes_to_peer.assign(world_size_, 0);
-  }
+      : CommunicatorBase(options.rank, options.world_size),
+        context_(std::move(context)),
+        timeout_(options.timeout) {}
 
-  int rank() const override { return rank_; }
-  int world_size() const override { return world_size_; }
+  const char* error_prefix() const override { return "Gloo "; }
   const char* backend_name() const override { return "gloo"; }
-  bool healthy() const override { return dead_reason_.empty(); }
-  const TrafficCounters& traffic() const override { return traffic_; }
-  void ResetTraffic() override { traffic_.Reset(); }
 
   absl::Status AllReduce(void* data, size_t count, DType dtype) override {
     const CollectiveOp op = CollectiveOp::kAllReduce;
@@ -224,12 +217,6 @@ class GlooCommunicator : public Communicator {
 
   uint32_t NextTag() { return next_tag_++; }
 
-  absl::Status Precheck(CollectiveOp op) const {
-    if (dead_reason_.empty()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat("Gloo ", OpContext(op, rank_, world_size_),
-                                               ": communicator is dead after: ", dead_reason_));
-  }
-
   template <typename Fn>
   absl::Status Run(CollectiveOp op, Fn&& fn) {
     absl::Status status = CallGloo(absl::StrCat("Gloo ", OpContext(op, rank_, world_size_),
@@ -249,12 +236,8 @@ class GlooCommunicator : public Communicator {
   }
 
   std::shared_ptr<gloo::Context> context_;
-  const int rank_;
-  const int world_size_;
   const std::chrono::milliseconds timeout_;
   uint32_t next_tag_ = 1;
-  std::string dead_reason_;
-  TrafficCounters traffic_;
 };
 
 }  // namespace

@@ -105,20 +105,13 @@ class InProcessGroupState {
 
 namespace {
 
-class InProcessCommunicator : public Communicator {
+class InProcessCommunicator : public CommunicatorBase {
  public:
   InProcessCommunicator(std::shared_ptr<InProcessGroupState> state, int rank, int world_size,
                         std::chrono::milliseconds timeout)
-      : state_(std::move(state)), rank_(rank), world_size_(world_size), timeout_(timeout) {
-    traffic_.all_to_all_bytes_to_peer.assign(world_size, 0);
-  }
+      : CommunicatorBase(rank, world_size), state_(std::move(state)), timeout_(timeout) {}
 
-  int rank() const override { return rank_; }
-  int world_size() const override { return world_size_; }
   const char* backend_name() const override { return "in-process"; }
-  bool healthy() const override { return dead_reason_.empty(); }
-  const TrafficCounters& traffic() const override { return traffic_; }
-  void ResetTraffic() override { traffic_.Reset(); }
 
   absl::Status AllReduce(void* data, size_t count, DType dtype) override {
     const CollectiveOp op = CollectiveOp::kAllReduce;
@@ -256,12 +249,6 @@ class InProcessCommunicator : public Communicator {
     return post;
   }
 
-  absl::Status Precheck(CollectiveOp op) const {
-    if (dead_reason_.empty()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat(OpContext(op, rank_, world_size_),
-                                               ": communicator is dead after: ", dead_reason_));
-  }
-
   absl::Status Fail(absl::Status status) {
     if (dead_reason_.empty()) dead_reason_ = status.ToString();
     return status;
@@ -294,11 +281,7 @@ class InProcessCommunicator : public Communicator {
   }
 
   std::shared_ptr<InProcessGroupState> state_;
-  const int rank_;
-  const int world_size_;
   const std::chrono::milliseconds timeout_;
-  std::string dead_reason_;
-  TrafficCounters traffic_;
 };
 
 }  // namespace

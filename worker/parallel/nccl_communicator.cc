@@ -61,18 +61,15 @@ absl::Status WaitNotInProgress(ncclComm_t comm, Clock::time_point deadline,
   }
 }
 
-class NcclCommunicator : public Communicator {
+class NcclCommunicator : public CommunicatorBase {
  public:
   NcclCommunicator(ncclComm_t comm, cudaStream_t stream, int32_t* scratch,
                    const NcclOptions& options)
-      : comm_(comm),
+      : CommunicatorBase(options.rank, options.world_size),
+        comm_(comm),
         stream_(stream),
         scratch_(scratch),
-        rank_(options.rank),
-        world_size_(options.world_size),
-        timeout_(options.timeout) {
-    traffic_.all_to_all_bytes_to_peer.assign(world_size_, 0);
-  }
+        timeout_(options.timeout) {}
 
   ~NcclCommunicator() override {
     if (comm_aborted_) {
@@ -91,12 +88,8 @@ class NcclCommunicator : public Communicator {
     cudaFree(scratch_);
   }
 
-  int rank() const override { return rank_; }
-  int world_size() const override { return world_size_; }
+  const char* error_prefix() const override { return "NCCL "; }
   const char* backend_name() const override { return "nccl"; }
-  bool healthy() const override { return dead_reason_.empty(); }
-  const TrafficCounters& traffic() const override { return traffic_; }
-  void ResetTraffic() override { traffic_.Reset(); }
 
   absl::Status AllReduce(void* data, size_t count, DType dtype) override {
     const CollectiveOp op = CollectiveOp::kAllReduce;
@@ -167,12 +160,6 @@ class NcclCommunicator : public Communicator {
   }
 
  private:
-  absl::Status Precheck(CollectiveOp op) const {
-    if (dead_reason_.empty()) return absl::OkStatus();
-    return absl::UnavailableError(absl::StrCat("NCCL ", OpContext(op, rank_, world_size_),
-                                               ": communicator is dead after: ", dead_reason_));
-  }
-
   // The watchdog: after enqueueing (result `enqueued`), waits for the work to finish while
   // polling for asynchronous errors; aborts the communicator past the deadline.
   absl::Status Run(CollectiveOp op, ncclResult_t enqueued) {
@@ -224,12 +211,8 @@ class NcclCommunicator : public Communicator {
   ncclComm_t comm_;
   cudaStream_t stream_;
   int32_t* scratch_;
-  const int rank_;
-  const int world_size_;
   const std::chrono::milliseconds timeout_;
   bool comm_aborted_ = false;
-  std::string dead_reason_;
-  TrafficCounters traffic_;
 };
 
 }  // namespace
