@@ -40,7 +40,7 @@ export PATH="/usr/local/cuda/bin:${PATH}"
 
 configure() {
   cmake -S "${ROOT}" -B "${BUILD}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGEMMA_ENABLE_CUDA=ON \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGEMMA_ENABLE_CUDA=ON -DGEMMA_BUILD_SERVICES=OFF \
     -DCMAKE_PREFIX_PATH="${PREFIX}/usr;${LIBDIR}/cmake" \
     -DCMAKE_LIBRARY_PATH="${LIBDIR};${LIBDIR}/openblas-pthread" \
     -DCMAKE_INCLUDE_PATH="${PREFIX}/usr/include;${PREFIX}/usr/include/x86_64-linux-gnu/openblas-pthread"

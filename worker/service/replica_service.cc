@@ -1,0 +1,203 @@
+#include "worker/service/replica_service.h"
+
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "glog/logging.h"
+
+namespace gemma::service {
+namespace {
+
+using gemma::v1::GenerateRequest;
+using gemma::v1::GenerateResponse;
+
+constexpr int64_t kDefaultMaxTokens = 16;
+
+// The one place where an absl::Status becomes a grpc::Status in the worker.
+grpc::Status ToGrpc(const absl::Status& status) {
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                      std::string(status.message()));
+}
+
+absl::StatusOr<engine::Request> ToEngineRequest(const GenerateRequest& proto,
+                                                const tokenizer::Tokenizer* tokenizer) {
+  engine::Request request;
+  switch (proto.input_case()) {
+    case GenerateRequest::kTokenIds:
+      request.prompt.assign(proto.token_ids().ids().begin(), proto.token_ids().ids().end());
+      break;
+    case GenerateRequest::kText:
+      if (tokenizer == nullptr) {
+        return absl::InvalidArgumentError(
+            "this replica has no tokenizer; send token_ids or start the worker with --tokenizer");
+      }
+      request.prompt = tokenizer->Encode(proto.text());
+      break;
+    default:
+      break;
+  }
+  if (request.prompt.empty()) {
+    return absl::InvalidArgumentError("the request has no input; set text or token_ids");
+  }
+  const gemma::v1::SamplingParams& sampling = proto.sampling();
+  if (sampling.temperature() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be >= 0, got ", sampling.temperature()));
+  }
+  if (sampling.top_k() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", sampling.top_k()));
+  }
+  if (sampling.has_top_p() && !(sampling.top_p() > 0 && sampling.top_p() <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top_p must be in (0, 1], got ", sampling.top_p()));
+  }
+  if (proto.max_tokens() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be >= 0 (0: the default), got ", proto.max_tokens()));
+  }
+  request.sampling.temperature = sampling.temperature();
+  request.sampling.top_k = sampling.top_k();
+  request.sampling.top_p = sampling.has_top_p() ? sampling.top_p() : 1.0f;
+  if (sampling.has_seed()) request.sampling.seed = sampling.seed();
+  request.max_tokens = proto.max_tokens() > 0 ? proto.max_tokens() : kDefaultMaxTokens;
+  request.stop_token_ids.assign(proto.stop_token_ids().begin(), proto.stop_token_ids().end());
+  request.stop_strings.assign(proto.stop_strings().begin(), proto.stop_strings().end());
+  request.client_id = proto.request_id();
+  return request;
+}
+
+// Streams one engine request. The engine's callback (stepping thread) queues events; one write
+// is in flight at a time; the final event is written with the OK status.
+class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+ public:
+  GenerateReactor(engine::Engine* engine, const tokenizer::Tokenizer* tokenizer,
+                  const GenerateRequest& proto)
+      : engine_(engine), shared_(std::make_shared<Shared>()) {
+    shared_->reactor = this;
+    absl::StatusOr<engine::Request> request = ToEngineRequest(proto, tokenizer);
+    if (!request.ok()) {
+      FinishOnce(ToGrpc(request.status()));
+      return;
+    }
+    prompt_tokens_ = static_cast<int64_t>(request->prompt.size());
+    std::shared_ptr<Shared> shared = shared_;
+    const int64_t prompt_tokens = prompt_tokens_;
+    absl::StatusOr<uint64_t> id =
+        engine_->Submit(std::move(*request), [shared, prompt_tokens](const engine::RequestOutput& out) {
+          absl::MutexLock lock(&shared->mutex);
+          if (shared->reactor == nullptr) return;
+          shared->reactor->OnEvent(out, prompt_tokens);
+        });
+    if (!id.ok()) {
+      FinishOnce(ToGrpc(id.status()));
+      return;
+    }
+    absl::MutexLock lock(&shared_->mutex);
+    engine_id_ = *id;
+    if (cancelled_) engine_->Cancel(engine_id_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&shared_->mutex);
+    writing_ = false;
+    if (!ok) {
+      if (engine_id_ != 0) engine_->Cancel(engine_id_);
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed"));
+      return;
+    }
+    WriteNextLocked();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&shared_->mutex);
+    cancelled_ = true;
+    if (engine_id_ != 0) engine_->Cancel(engine_id_);
+    if (!writing_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&shared_->mutex);
+      shared_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  struct Shared {
+    absl::Mutex mutex;
+    GenerateReactor* reactor = nullptr;  // null once the call is done
+  };
+
+  // Called with shared_->mutex held, from the engine's stepping thread.
+  void OnEvent(const engine::RequestOutput& out, int64_t prompt_tokens) {
+    if (finished_) return;
+    if (out.finished && out.finish_reason == engine::FinishReason::kError) {
+      LOG(ERROR) << "request " << out.request_id << " failed: " << out.status;
+      FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                absl::StrCat("the replica failed: ", out.status.message())));
+      return;
+    }
+    GenerateResponse response;
+    response.mutable_token_ids()->Add(out.token_ids.begin(), out.token_ids.end());
+    response.set_text(out.text);
+    if (out.finished) {
+      gemma::v1::GenerateFinal* final = response.mutable_final();
+      final->set_finish_reason(engine::FinishReasonName(out.finish_reason));
+      final->set_prompt_tokens(prompt_tokens);
+      final->set_generated_tokens(out.num_generated);
+    }
+    pending_.push_back({std::move(response), out.finished});
+    if (!writing_) WriteNextLocked();
+  }
+
+  void WriteNextLocked() {
+    if (finished_ || pending_.empty()) return;
+    current_ = std::move(pending_.front().first);
+    const bool last = pending_.front().second;
+    pending_.pop_front();
+    if (last) {
+      finished_ = true;
+      StartWriteAndFinish(&current_, grpc::WriteOptions(), grpc::Status::OK);
+    } else {
+      writing_ = true;
+      StartWrite(&current_);
+    }
+  }
+
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+  void FinishOnce(const grpc::Status& status) {
+    absl::MutexLock lock(&shared_->mutex);
+    FinishLocked(status);
+  }
+
+  engine::Engine* engine_;
+  std::shared_ptr<Shared> shared_;
+  int64_t prompt_tokens_ = 0;
+  // Guarded by shared_->mutex.
+  uint64_t engine_id_ = 0;
+  bool writing_ = false;
+  bool finished_ = false;
+  bool cancelled_ = false;
+  std::deque<std::pair<GenerateResponse, bool>> pending_;
+  GenerateResponse current_;
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<GenerateResponse>* ReplicaService::Generate(
+    grpc::CallbackServerContext* /*context*/, const GenerateRequest* request) {
+  return new GenerateReactor(engine_, tokenizer_, *request);
+}
+
+}  // namespace gemma::service
