@@ -27,6 +27,8 @@ from packaging.version import Version
 from transformers import Gemma4Config, Gemma4ForConditionalGeneration, GenerationConfig
 
 MIN_TRANSFORMERS = "5.5.0"
+# The versions the committed fixtures were generated with (make_golden.sh installs these).
+PINNED = {"torch": "2.15.0", "transformers": "5.23.0", "safetensors": "0.8.0", "numpy": "2.4.6"}
 
 # ----------------------------------------------------------------------------
 # Fixed choices
@@ -158,6 +160,12 @@ def check_versions():
     tv = Version(transformers.__version__)
     if tv < Version(MIN_TRANSFORMERS):
         sys.exit(f"transformers >= {MIN_TRANSFORMERS} required, found {transformers.__version__}")
+    found = {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+             "safetensors": safetensors.__version__, "numpy": np.__version__}
+    for name, want in PINNED.items():
+        if found[name] != want:
+            print(f"warning: {name} {found[name]} is not the pinned {want}; the fixtures may "
+                  f"not come out byte-identical", file=sys.stderr, flush=True)
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, numpy {np.__version__}, "
