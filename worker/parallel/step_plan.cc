@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/fnv.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 
@@ -160,14 +161,7 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
   return plan;
 }
 
-uint64_t HashStepPlanBytes(absl::string_view bytes) {
-  uint64_t hash = 0xcbf29ce484222325ull;
-  for (unsigned char c : bytes) {
-    hash ^= c;
-    hash *= 0x100000001b3ull;
-  }
-  return hash;
-}
+uint64_t HashStepPlanBytes(absl::string_view bytes) { return Fnv1a64(bytes.data(), bytes.size()); }
 
 StepPlanChannel::StepPlanChannel(Communicator* control, int root) : control_(control), root_(root) {
   CHECK(control_ != nullptr) << "StepPlanChannel needs a control communicator";

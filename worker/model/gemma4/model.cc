@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/fnv.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 
@@ -410,10 +411,7 @@ absl::Status Model::CheckRouting(int l) {
   const int64_t n = num_tokens_ * config_.top_k_experts;
   std::vector<int32_t> ids(n);
   if (n > 0) RETURN_IF_ERROR(backend_.Read(*topk_ids_, ids.data(), n * sizeof(int32_t)));
-  uint64_t hash = 1469598103934665603ULL;  // FNV-1a over the chosen ids
-  for (int32_t id : ids) {
-    hash = (hash ^ static_cast<uint32_t>(id)) * 1099511628211ULL;
-  }
+  const uint64_t hash = Fnv1a64(ids.data(), ids.size() * sizeof(int32_t));
   const int tp = parallel_.layout.tp_size;
   std::vector<int64_t> all(tp);
   int64_t mine = static_cast<int64_t>(hash);
