@@ -60,34 +60,10 @@ done
 
 log() { echo "[bench_parallel] $*" >&2; }
 
-# --- gemma-bench --------------------------------------------------------------------------------
-if [[ ! -f "${BUILD}/CMakeCache.txt" ]]; then
-  GEN=()
-  if command -v ninja >/dev/null 2>&1; then GEN=(-G Ninja); fi
-  log "configuring ${BUILD}"
-  cmake -S "${REPO}" -B "${BUILD}" "${GEN[@]}" >&2
-fi
-log "building gemma-bench"
-cmake --build "${BUILD}" --target gemma-bench >&2
-BENCH_BIN="$(find "${BUILD}" -type f -name gemma-bench -perm -u+x | head -n 1)"
-if [[ -z "${BENCH_BIN}" ]]; then
-  echo "bench_parallel.sh: gemma-bench not found under ${BUILD}" >&2
-  exit 1
-fi
-
-# --- the checkpoint -----------------------------------------------------------------------------
-if [[ ! -f "${MODEL_DIR}/config.json" || ! -f "${MODEL_DIR}/model.safetensors" ]]; then
-  if [[ ! -x "${PY}" ]]; then
-    echo "bench_parallel.sh: no checkpoint in ${MODEL_DIR} and no interpreter ${PY} to write" \
-      "it (run scripts/bench_cpu.sh once, or set BENCH_PYTHON)" >&2
-    exit 1
-  fi
-  log "writing the random checkpoint to ${MODEL_DIR}"
-  rm -rf "${MODEL_DIR}.tmp"
-  "${PY}" "${REPO}/scripts/bench_cpu.py" make-model "${MODEL_DIR}.tmp" >&2
-  rm -rf "${MODEL_DIR}"
-  mv "${MODEL_DIR}.tmp" "${MODEL_DIR}"
-fi
+# --- gemma-bench and the checkpoint -------------------------------------------------------------
+source "${REPO}/scripts/bench_lib.sh"
+BENCH_BIN="$(bench_build_target "${BUILD}" gemma-bench)"
+bench_ensure_model "${PY}" "${MODEL_DIR}"
 
 # --- the runs -----------------------------------------------------------------------------------
 NPROC="$(nproc)"
