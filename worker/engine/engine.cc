@@ -100,6 +100,13 @@ absl::Status Engine::Validate(const Request& request) const {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens must be >= 1, got ", request.max_tokens));
   }
+  if (request.num_resumed < 0 ||
+      request.num_resumed >= static_cast<int64_t>(request.prompt.size()) ||
+      request.num_resumed >= request.max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_resumed ", request.num_resumed, " must be >= 0, below the ", request.prompt.size(),
+        " input ids and below max_tokens ", request.max_tokens));
+  }
   const SamplingOptions& sampling = request.sampling;
   if (!std::isfinite(sampling.temperature)) {
     return absl::InvalidArgumentError("temperature must be finite");
@@ -115,10 +122,11 @@ absl::Status Engine::Validate(const Request& request) const {
     return absl::InvalidArgumentError("stop strings need an engine with a tokenizer");
   }
   // The last generated token is never fed, so the cache holds prompt + max_tokens - 1 positions.
-  const int64_t positions = static_cast<int64_t>(request.prompt.size()) + request.max_tokens - 1;
+  const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
+  const int64_t positions = prompt_tokens + request.max_tokens - 1;
   if (positions > config_.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "prompt of ", request.prompt.size(), " tokens plus max_tokens ", request.max_tokens,
+        "prompt of ", prompt_tokens, " tokens plus max_tokens ", request.max_tokens,
         " needs ", positions, " positions, past max_position_embeddings ",
         config_.max_position_embeddings));
   }
@@ -136,7 +144,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback
   RETURN_IF_ERROR(Validate(request));
   auto s = std::make_unique<Sequence>();
   s->tokens = request.prompt;
-  s->num_prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  s->num_prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
   s->sampling.temperature = request.sampling.temperature;
   s->sampling.top_k = request.sampling.top_k;
   s->sampling.top_p = request.sampling.top_p;
@@ -145,6 +153,12 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback
     s->decoder = std::make_unique<tokenizer::StreamDecoder>(options_.tokenizer);
     if (!request.stop_strings.empty()) {
       s->matcher = std::make_unique<tokenizer::StopStringMatcher>(request.stop_strings);
+    }
+    // Bring the decoder and the matcher to where the failed replica left them: what they would
+    // release now was delivered there; what they hold back was not.
+    for (int64_t i = s->num_prompt_tokens; i < static_cast<int64_t>(s->tokens.size()); ++i) {
+      std::string piece = s->decoder->Push(s->tokens[i]);
+      if (s->matcher != nullptr) s->matcher->Push(piece);
     }
   }
   s->callback = std::move(callback);
@@ -349,7 +363,8 @@ absl::StatusOr<StepStats> Engine::Step() {
     counters_.requests_finished += num_finished;
     counters_.requests_cancelled += num_cancelled;
   }
-  if (stats.step != 0 && step_observer_) step_observer_(stats);
+  // Also after a step that only cancelled, so observers see the freed pages.
+  if ((stats.step != 0 || num_finished > 0) && step_observer_) step_observer_(stats);
   Deliver(&events);
   if (!step_status.ok()) return step_status;
   return stats;

@@ -33,6 +33,10 @@ struct Request {
   bool ignore_end_ids = false;            // do not stop at the model's end ids (benchmarks)
   int32_t priority = 0;                   // higher is scheduled first; ties by arrival
   std::string client_id;                  // shown in log lines beside the engine's id
+  // A request resumed after another replica failed: the last `num_resumed` ids of `prompt` were
+  // generated (and streamed) there. They count toward max_tokens and the stop strings, and
+  // their text is not delivered again.
+  int64_t num_resumed = 0;
 };
 
 enum class FinishReason : uint8_t {

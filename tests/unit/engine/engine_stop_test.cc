@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "glog/logging.h"
 #include "gtest/gtest.h"
@@ -124,6 +125,55 @@ TEST_F(EngineStopTest, StopStringSpanningTokensEndsAndIsWithheld) {
   EXPECT_EQ(a.num_final_events, 1);
   EXPECT_EQ(cache_->pool(kFullPool).num_used(), 0);
   EXPECT_EQ(cache_->pool(kSlidingPool).num_used(), 0);
+}
+
+// A request resumed after k generated tokens (they end its prompt, num_resumed = k) yields the
+// rest of the uninterrupted run: the same tokens, the same finish, and exactly the text not yet
+// delivered, also when the resume point falls inside a held-back stop-string prefix.
+TEST_F(EngineStopTest, ResumedRequestDeliversExactlyTheRest) {
+  const std::string text = "Hello world, stop here please.";
+  const std::vector<int32_t> ids = Encode(text);
+  ASSERT_GE(ids.size(), 6u);
+  for (const std::vector<std::string>& stops :
+       {std::vector<std::string>{}, std::vector<std::string>{"lo wo"},
+        std::vector<std::string>{"here pl"}}) {
+    auto engine = MakeEngine({{7, ids}});
+    Collector collector;
+    Request whole = MakeRequest(7, static_cast<int64_t>(ids.size()));
+    whole.stop_strings = stops;
+    ASSERT_TRUE(engine->Submit(whole, collector.For("whole")).ok());
+    ASSERT_TRUE(engine->RunUntilIdle().ok());
+    const testing::Collected full = collector["whole"];
+    ASSERT_TRUE(full.finished);
+    for (size_t k = 1; k < full.tokens.size(); ++k) {
+      SCOPED_TRACE(::testing::Message() << "stops " << stops.size() << ", resumed after " << k);
+      Request resumed = whole;
+      resumed.prompt.insert(resumed.prompt.end(), full.tokens.begin(), full.tokens.begin() + k);
+      resumed.num_resumed = static_cast<int64_t>(k);
+      const std::string name = absl::StrCat("resumed", k, "_", stops.size());
+      ASSERT_TRUE(engine->Submit(resumed, collector.For(name)).ok());
+      ASSERT_TRUE(engine->RunUntilIdle().ok());
+      const testing::Collected& rest = collector[name];
+      EXPECT_EQ(rest.tokens, std::vector<int32_t>(full.tokens.begin() + k, full.tokens.end()));
+      EXPECT_EQ(rest.reason, full.reason);
+      std::string delivered;  // what the first run had sent after k tokens (one per event)
+      for (size_t e = 0; e < k; ++e) delivered += full.event_texts[e];
+      EXPECT_EQ(delivered + rest.text, full.text);
+    }
+  }
+}
+
+TEST_F(EngineStopTest, ResumeBeyondItsLimitsIsInvalid) {
+  auto engine = MakeEngine({{7, Encode("Hello world")}});
+  Request r = MakeRequest(7, 4);
+  r.num_resumed = 3;  // the prompt has 3 ids: nothing of the original prompt would be left
+  EXPECT_EQ(engine->Submit(r, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  r.prompt.push_back(500);
+  r.prompt.push_back(501);
+  r.prompt.push_back(502);
+  r.prompt.push_back(503);
+  r.num_resumed = 4;  // as many as max_tokens: the request was already complete
+  EXPECT_EQ(engine->Submit(r, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(EngineStopTest, TextWithoutStopIsReleasedWhole) {

@@ -16,6 +16,7 @@ namespace gemma::engine::testing {
 struct Collected {
   std::vector<int32_t> tokens;
   std::string text;
+  std::vector<std::string> event_texts;  // the text of each event, in order
   int num_events = 0;
   int num_final_events = 0;
   bool finished = false;
@@ -32,6 +33,7 @@ class Collector {
       Collected& c = by_name_[name];
       c.tokens.insert(c.tokens.end(), output.token_ids.begin(), output.token_ids.end());
       c.text += output.text;
+      c.event_texts.push_back(output.text);
       ++c.num_events;
       if (!output.token_ids.empty()) c.last_step = current_step_;
       if (output.finished) {
