@@ -1,10 +1,21 @@
 // gemmactl: the cluster's command-line client.
 //   gemmactl [--coordinator HOST:PORT] generate "text" | generate --tokens 2,17,301
 //            [--max-tokens N] [--temperature T] [--json]
+//   gemmactl [--coordinator HOST:PORT] chat [--system "text"] [--max-tokens N]
+//            [--temperature T] [--json] [--echo]
 //   gemmactl [--coordinator HOST:PORT] status [--json]
 // --coordinator defaults to $GEMMA_COORDINATOR, else localhost:50051.
+//
+// chat reads one user turn per line of stdin ("you> " is shown when stdin is a terminal), sends
+// the whole conversation (the optional system message, every earlier turn, the new user turn)
+// as GenerateRequest.chat, streams the model's reply and keeps it in the history, until EOF or
+// "/exit"; "/reset" forgets the history. Piped stdin gives one turn per line.
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -29,11 +40,14 @@
 ABSL_FLAG(std::string, coordinator, "", "coordinator HOST:PORT (default $GEMMA_COORDINATOR or "
                                         "localhost:50051)");
 ABSL_FLAG(std::string, tokens, "", "generate: comma-separated prompt token ids");
-ABSL_FLAG(int64_t, max_tokens, 0, "generate: tokens to generate (0: the server default)");
-ABSL_FLAG(double, temperature, 0.0, "generate: sampling temperature; 0 = greedy");
-ABSL_FLAG(int64_t, timeout_ms, 60000, "deadline of the whole call");
+ABSL_FLAG(std::string, system, "", "chat: a system message that leads the conversation");
+ABSL_FLAG(bool, echo, false, "chat: print each user line after \"you> \" (for piped stdin)");
+ABSL_FLAG(int64_t, max_tokens, 0,
+          "generate, chat: tokens to generate per reply (0: the server default)");
+ABSL_FLAG(double, temperature, 0.0, "generate, chat: sampling temperature; 0 = greedy");
+ABSL_FLAG(int64_t, timeout_ms, 60000, "deadline of each call (of each turn for chat)");
 ABSL_FLAG(int64_t, connect_timeout_ms, 3000, "how long to wait for the coordinator to answer");
-ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate)");
+ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate and chat)");
 
 namespace {
 
@@ -41,6 +55,8 @@ constexpr char kUsage[] =
     "talks to a gemma-coordinator\n"
     "  gemmactl generate \"text\" | generate --tokens 2,17,301 [--max-tokens N] "
     "[--temperature T] [--json]\n"
+    "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--json] [--echo]\n"
+    "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)";
 
@@ -90,6 +106,37 @@ std::string ToJson(const google::protobuf::Message& message) {
   return json;
 }
 
+// The sampling and length flags shared by generate and chat.
+void SetSampling(gemma::v1::GenerateRequest* request) {
+  request->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
+  request->mutable_sampling()->set_temperature(
+      static_cast<float>(absl::GetFlag(FLAGS_temperature)));
+}
+
+// One Inference.Generate call: `on_response` sees every response as it arrives; the last one's
+// final is copied to `final`. A refused or failed call returns its gRPC status.
+absl::Status StreamGenerate(
+    gemma::v1::Inference::Stub& stub, const gemma::v1::GenerateRequest& request,
+    const std::function<void(const gemma::v1::GenerateResponse&)>& on_response,
+    gemma::v1::GenerateFinal* final) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
+  std::unique_ptr<grpc::ClientReader<gemma::v1::GenerateResponse>> reader =
+      stub.Generate(&context, request);
+  gemma::v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    on_response(response);
+    if (response.has_final()) *final = response.final();
+  }
+  return FromGrpc(reader->Finish());
+}
+
+void PrintFinal(const gemma::v1::GenerateFinal& final) {
+  std::cerr << absl::StrFormat("[%s: %d prompt tokens, %d generated]\n", final.finish_reason(),
+                               final.prompt_tokens(), final.generated_tokens());
+}
+
 absl::Status Generate(const std::vector<char*>& args) {
   gemma::v1::GenerateRequest request;
   const std::string tokens = absl::GetFlag(FLAGS_tokens);
@@ -107,44 +154,146 @@ absl::Status Generate(const std::vector<char*>& args) {
   } else {
     return absl::InvalidArgumentError("generate needs one text argument or --tokens");
   }
-  request.set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
-  request.mutable_sampling()->set_temperature(static_cast<float>(absl::GetFlag(FLAGS_temperature)));
+  SetSampling(&request);
   const std::string address = CoordinatorAddress();
   auto channel = Connect(address);
   if (!channel.ok()) return channel.status();
   auto stub = gemma::v1::Inference::NewStub(*channel);
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
-  std::unique_ptr<grpc::ClientReader<gemma::v1::GenerateResponse>> reader =
-      stub->Generate(&context, request);
   const bool json = absl::GetFlag(FLAGS_json);
   const bool ids = request.has_token_ids();
-  gemma::v1::GenerateResponse response;
-  gemma::v1::GenerateFinal final;
   bool first = true;
-  while (reader->Read(&response)) {
-    if (json) {
-      std::cout << ToJson(response) << "\n" << std::flush;
-    } else if (ids) {
-      for (int32_t id : response.token_ids()) {
-        std::cout << (first ? "" : " ") << id;
-        first = false;
-      }
-      std::cout << std::flush;
-    } else {
-      std::cout << response.text() << std::flush;
-    }
-    if (response.has_final()) final = response.final();
-  }
-  const grpc::Status status = reader->Finish();
+  gemma::v1::GenerateFinal final;
+  const absl::Status status = StreamGenerate(
+      *stub, request,
+      [&](const gemma::v1::GenerateResponse& response) {
+        if (json) {
+          std::cout << ToJson(response) << "\n" << std::flush;
+        } else if (ids) {
+          for (int32_t id : response.token_ids()) {
+            std::cout << (first ? "" : " ") << id;
+            first = false;
+          }
+          std::cout << std::flush;
+        } else {
+          std::cout << response.text() << std::flush;
+        }
+      },
+      &final);
   if (!json) std::cout << "\n";
-  if (!status.ok()) return FromGrpc(status);
-  if (!json) {
-    std::cerr << absl::StrFormat("[%s: %d prompt tokens, %d generated]\n", final.finish_reason(),
-                                 final.prompt_tokens(), final.generated_tokens());
+  if (!status.ok()) return status;
+  if (!json) PrintFinal(final);
+  return absl::OkStatus();
+}
+
+absl::Status Chat() {
+  const std::string address = CoordinatorAddress();
+  auto channel = Connect(address);
+  if (!channel.ok()) return channel.status();
+  auto stub = gemma::v1::Inference::NewStub(*channel);
+  const bool json = absl::GetFlag(FLAGS_json);
+  const bool interactive = isatty(STDIN_FILENO) != 0;
+  const bool echo = absl::GetFlag(FLAGS_echo) && !interactive;
+  const std::string system = absl::GetFlag(FLAGS_system);
+  std::vector<gemma::v1::ChatMessage> history;
+  std::string line;
+  while (true) {
+    if (interactive) std::cout << "you> " << std::flush;
+    if (!std::getline(std::cin, line)) {
+      if (interactive) std::cout << "\n";
+      break;
+    }
+    const std::string user(absl::StripAsciiWhitespace(line));
+    if (user.empty()) continue;
+    if (echo && !json) std::cout << "you> " << user << "\n" << std::flush;
+    if (user == "/exit" || user == "/quit") break;
+    if (user == "/reset") {
+      history.clear();
+      if ((interactive || echo) && !json) std::cout << "(conversation cleared)\n" << std::flush;
+      continue;
+    }
+    gemma::v1::GenerateRequest request;
+    gemma::v1::Chat* chat = request.mutable_chat();
+    if (!system.empty()) {
+      gemma::v1::ChatMessage* message = chat->add_messages();
+      message->set_role("system");
+      message->set_content(system);
+    }
+    for (const gemma::v1::ChatMessage& message : history) *chat->add_messages() = message;
+    gemma::v1::ChatMessage* turn = chat->add_messages();
+    turn->set_role("user");
+    turn->set_content(user);
+    SetSampling(&request);
+
+    std::string reply;
+    bool labelled = false;  // "model> " goes out with the first response
+    gemma::v1::GenerateFinal final;
+    const absl::Status status = StreamGenerate(
+        *stub, request,
+        [&](const gemma::v1::GenerateResponse& response) {
+          reply += response.text();
+          if (json) {
+            std::cout << ToJson(response) << "\n" << std::flush;
+            return;
+          }
+          if (!labelled) std::cout << "model> ";
+          labelled = true;
+          std::cout << response.text() << std::flush;
+        },
+        &final);
+    if (!labelled && status.ok() && !json) std::cout << "model> ";  // an empty reply
+    if (labelled || (status.ok() && !json)) std::cout << "\n" << std::flush;
+    if (!status.ok()) return status;
+    if (!json) PrintFinal(final);
+    history.push_back(*turn);
+    gemma::v1::ChatMessage answer;
+    answer.set_role("model");
+    answer.set_content(reply);
+    history.push_back(std::move(answer));
   }
   return absl::OkStatus();
+}
+
+// A text table: columns padded to their widest cell, numbers right-aligned.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> header) : rows_{std::move(header)} {}
+  void Add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
+  // `right[i]`: column i is right-aligned.
+  std::string Render(const std::vector<bool>& right) const {
+    std::vector<size_t> width;
+    for (const std::vector<std::string>& row : rows_) {
+      width.resize(std::max(width.size(), row.size()), 0);
+      for (size_t i = 0; i < row.size(); ++i) width[i] = std::max(width[i], row[i].size());
+    }
+    std::string out;
+    for (const std::vector<std::string>& row : rows_) {
+      std::string line;
+      for (size_t i = 0; i < row.size(); ++i) {
+        const std::string pad(width[i] - row[i].size(), ' ');
+        const bool align_right = i < right.size() && right[i];
+        absl::StrAppend(&line, i == 0 ? "" : "  ", align_right ? pad : "", row[i],
+                        align_right ? "" : pad);
+      }
+      absl::StrAppend(&out, absl::StripTrailingAsciiWhitespace(line), "\n");
+    }
+    return out;
+  }
+
+ private:
+  std::vector<std::vector<std::string>> rows_;
+};
+
+std::string PoolUsage(const gemma::v1::KvPoolUsage& pool) {
+  if (pool.pages_total() <= 0) return absl::StrCat(pool.pages_used(), "/-");
+  return absl::StrFormat(
+      "%d/%d %.0f%%", pool.pages_used(), pool.pages_total(),
+      100.0 * static_cast<double>(pool.pages_used()) / static_cast<double>(pool.pages_total()));
+}
+
+std::string HeartbeatAge(int64_t ms) {
+  if (ms < 0) return "-";
+  if (ms < 10000) return absl::StrFormat("%.1fs", static_cast<double>(ms) / 1000.0);
+  return absl::StrFormat("%ds", ms / 1000);
 }
 
 absl::Status Status() {
@@ -161,23 +310,65 @@ absl::Status Status() {
     std::cout << ToJson(response) << "\n";
     return absl::OkStatus();
   }
-  std::cout << absl::StrFormat("coordinator %s, protocol %d, model fingerprint %s, %d replicas\n",
-                               address, response.protocol_version(),
-                               response.model_fingerprint().empty() ? "-"
-                                                                    : response.model_fingerprint(),
-                               response.replicas_size());
-  std::cout << absl::StrFormat("%-6s %-22s %-9s %8s %8s %12s %s\n", "ID", "ADDRESS", "HEALTH",
-                               "RUNNING", "WAITING", "OUTSTANDING", "KV PAGES (used/total)");
+  int healthy = 0;
+  // One KV column per pool name, in the order the replicas report them.
+  std::vector<std::string> pool_names;
   for (const gemma::v1::ReplicaStatus& replica : response.replicas()) {
-    std::vector<std::string> pools;
+    healthy += replica.healthy() ? 1 : 0;
     for (const gemma::v1::KvPoolUsage& pool : replica.kv_pools()) {
-      pools.push_back(absl::StrCat(pool.name(), " ", pool.pages_used(), "/", pool.pages_total()));
+      if (std::find(pool_names.begin(), pool_names.end(), pool.name()) == pool_names.end()) {
+        pool_names.push_back(pool.name());
+      }
     }
-    std::cout << absl::StrFormat("%-6s %-22s %-9s %8d %8d %12d %s\n", replica.id(),
-                                 replica.address(), replica.healthy() ? "healthy" : "UNHEALTHY",
-                                 replica.running(), replica.waiting(), replica.outstanding(),
-                                 absl::StrJoin(pools, ", "));
   }
+  std::cout << absl::StrFormat(
+      "coordinator %s  protocol %d  model %s\n", address, response.protocol_version(),
+      response.model_fingerprint().empty() ? "-" : response.model_fingerprint());
+  std::cout << absl::StrFormat(
+      "replicas %d (%d healthy)  requests in flight %d  re-queued %d  admission limit %s per "
+      "replica\n",
+      response.replicas_size(), healthy, response.requests_in_flight(),
+      response.requests_requeued(),
+      response.max_outstanding_per_replica() > 0
+          ? absl::StrCat(response.max_outstanding_per_replica())
+          : std::string("-"));
+  if (response.replicas_size() == 0) {
+    std::cout << "no replica has registered\n";
+    return absl::OkStatus();
+  }
+  std::vector<std::string> header = {"ID",    "ADDRESS",  "HEALTH",     "PARALLEL",
+                                     "WORLD", "RUN/WAIT", "OUTSTANDING"};
+  std::vector<bool> right = {false, false, false, false, true, true, true};
+  for (const std::string& name : pool_names) {
+    header.push_back(absl::StrCat("KV ", name));
+    right.push_back(true);
+  }
+  for (const char* name : {"PREEMPTIONS", "HEARTBEAT"}) {
+    header.push_back(name);
+    right.push_back(true);
+  }
+  Table table(header);
+  for (const gemma::v1::ReplicaStatus& replica : response.replicas()) {
+    std::vector<std::string> row = {
+        replica.id(),
+        replica.address(),
+        replica.healthy() ? "healthy" : "UNHEALTHY",
+        replica.parallel().empty() ? "-" : replica.parallel(),
+        replica.world_size() > 0 ? absl::StrCat(replica.world_size()) : "-",
+        absl::StrCat(replica.running(), "/", replica.waiting()),
+        absl::StrCat(replica.outstanding())};
+    for (const std::string& name : pool_names) {
+      std::string cell = "-";
+      for (const gemma::v1::KvPoolUsage& pool : replica.kv_pools()) {
+        if (pool.name() == name) cell = PoolUsage(pool);
+      }
+      row.push_back(cell);
+    }
+    row.push_back(absl::StrCat(replica.preemptions()));
+    row.push_back(HeartbeatAge(replica.ms_since_heartbeat()));
+    table.Add(std::move(row));
+  }
+  std::cout << table.Render(right);
   return absl::OkStatus();
 }
 
@@ -188,17 +379,22 @@ int main(int argc, char** argv) {
   NormalizeFlagDashes(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   absl::Status status;
-  if (args.size() >= 2 && std::string(args[1]) == "generate") {
+  const std::string command = args.size() >= 2 ? args[1] : "";
+  if (command == "generate") {
     status = Generate(args);
-  } else if (args.size() == 2 && std::string(args[1]) == "status") {
+  } else if (command == "chat" && args.size() == 2) {
+    status = Chat();
+  } else if (command == "status" && args.size() == 2) {
     status = Status();
   } else {
     std::cerr << "gemmactl: " << kUsage << "\n";
     return 2;
   }
   if (!status.ok()) {
-    std::cerr << "gemmactl: " << absl::StatusCodeToString(status.code()) << ": "
-              << status.message() << "\n";
+    // One line, whatever the server wrote.
+    std::string message(status.message());
+    std::replace(message.begin(), message.end(), '\n', ' ');
+    std::cerr << "gemmactl: " << absl::StatusCodeToString(status.code()) << ": " << message << "\n";
     return 1;
   }
   return 0;

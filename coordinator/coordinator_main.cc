@@ -1,7 +1,9 @@
-// gemma-coordinator: the cluster's front door. Serves gemma.v1.Inference (routed to the healthy
-// replica with the fewest outstanding requests), gemma.v1.Cluster, the internal Coordinator
-// service for workers, grpc.health.v1 and reflection, until SIGTERM or SIGINT.
+// gemma-coordinator: the cluster's front door. Serves gemma.v1.Inference (admitted, routed to the
+// healthy replica with the fewest outstanding requests, moved to another replica when one
+// fails), gemma.v1.Cluster, the internal Coordinator service for workers (membership and the
+// rendezvous store), grpc.health.v1 and reflection, until SIGTERM or SIGINT.
 //   gemma-coordinator --listen HOST:PORT [--heartbeat-timeout-ms 3000]
+//                     [--max-outstanding-per-replica 256] [--max-attempts 3]
 #include <signal.h>
 
 #include <atomic>
@@ -15,8 +17,10 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
+#include "coordinator/store.h"
 #include "glog/logging.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
@@ -24,9 +28,29 @@
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "address to serve on, HOST:PORT");
 ABSL_FLAG(int64_t, heartbeat_timeout_ms, 3000,
-          "a replica without a heartbeat for this long is unhealthy");
+          "a replica without a heartbeat for this long is unhealthy; also how long a request "
+          "whose replica failed waits for a healthy replica to take it over");
+ABSL_FLAG(int64_t, max_outstanding_per_replica, 256,
+          "admission limit: requests in flight on one replica; when every healthy replica is "
+          "at it, new requests get RESOURCE_EXHAUSTED");
+ABSL_FLAG(int32_t, max_attempts, 3,
+          "sends of one request to replicas, the first included, before it fails with "
+          "UNAVAILABLE (each failure moves it to another replica)");
 
 namespace {
+
+constexpr char kUsage[] =
+    "routes gemma.v1 requests to the registered replicas\n"
+    "  gemma-coordinator --listen HOST:PORT [--heartbeat-timeout-ms 3000]\n"
+    "                    [--max-outstanding-per-replica 256] [--max-attempts 3]\n"
+    "  --listen HOST:PORT               where to serve (default 0.0.0.0:50051)\n"
+    "  --heartbeat-timeout-ms N         a replica without a heartbeat for N ms is unhealthy;\n"
+    "                                   a request whose replica failed waits up to N ms for a\n"
+    "                                   healthy replica to take it over (default 3000)\n"
+    "  --max-outstanding-per-replica N  admission: new requests get RESOURCE_EXHAUSTED when\n"
+    "                                   every healthy replica has N in flight (default 256)\n"
+    "  --max-attempts N                 sends of one request, the first included, when\n"
+    "                                   replicas fail (default 3)";
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
@@ -45,14 +69,31 @@ void NormalizeFlagDashes(int argc, char** argv) {
 
 int Run() {
   const int64_t timeout_ms = absl::GetFlag(FLAGS_heartbeat_timeout_ms);
+  const int64_t max_outstanding = absl::GetFlag(FLAGS_max_outstanding_per_replica);
+  const int32_t max_attempts = absl::GetFlag(FLAGS_max_attempts);
   if (timeout_ms <= 0) {
     std::cerr << "gemma-coordinator: --heartbeat-timeout-ms must be positive\n";
     return 1;
   }
-  gemma::coordinator::Registry registry{std::chrono::milliseconds(timeout_ms)};
-  gemma::coordinator::InferenceService inference(&registry);
+  if (max_outstanding <= 0) {
+    std::cerr << "gemma-coordinator: --max-outstanding-per-replica must be positive\n";
+    return 1;
+  }
+  if (max_attempts <= 0) {
+    std::cerr << "gemma-coordinator: --max-attempts must be positive\n";
+    return 1;
+  }
+  gemma::coordinator::RegistryOptions registry_options;
+  registry_options.heartbeat_timeout = std::chrono::milliseconds(timeout_ms);
+  registry_options.max_outstanding_per_replica = max_outstanding;
+  gemma::coordinator::Registry registry(registry_options);
+  gemma::coordinator::Store store;
+  gemma::coordinator::ProxyOptions proxy_options;
+  proxy_options.max_attempts = max_attempts;
+  proxy_options.requeue_wait = std::chrono::milliseconds(timeout_ms);
+  gemma::coordinator::InferenceService inference(&registry, proxy_options);
   gemma::coordinator::ClusterService cluster(&registry);
-  gemma::coordinator::CoordinatorService coordinator(&registry);
+  gemma::coordinator::CoordinatorService coordinator(&registry, &store);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -66,7 +107,9 @@ int Run() {
     std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen) << "\n";
     return 1;
   }
-  LOG(INFO) << "coordinator serving on port " << port;
+  LOG(INFO) << "coordinator serving on port " << port << " (heartbeat timeout " << timeout_ms
+            << " ms, at most " << max_outstanding << " requests per replica, "
+            << max_attempts << " attempts per request)";
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -78,9 +121,7 @@ int Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "routes gemma.v1 requests to the registered replicas\n"
-      "  gemma-coordinator --listen HOST:PORT [--heartbeat-timeout-ms 3000]");
+  absl::SetProgramUsageMessage(kUsage);
   NormalizeFlagDashes(argc, argv);
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);

@@ -1,6 +1,7 @@
 #include "coordinator/registry.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "glog/logging.h"
@@ -8,10 +9,18 @@
 
 namespace gemma::coordinator {
 
+Registry::Registry(RegistryOptions options) : options_(std::move(options)) {}
+
 absl::StatusOr<std::string> Registry::Register(
     const gemma::internal::v1::RegisterRequest& request) {
   if (request.address().empty()) {
     return absl::InvalidArgumentError("Register: the worker sent no address to dial");
+  }
+  if (request.vocab_size() < 0 || request.max_context() < 0 || request.world_size() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Register: the worker at ", request.address(), " sent vocab_size ",
+        request.vocab_size(), ", max_context ", request.max_context(), ", world_size ",
+        request.world_size(), "; none may be negative"));
   }
   absl::MutexLock lock(&mutex_);
   if (have_reference_) {
@@ -34,7 +43,10 @@ absl::StatusOr<std::string> Registry::Register(
   }
   entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
                                 [&](const Entry& e) {
-                                  return e.replica->address == request.address();
+                                  if (e.replica->address != request.address()) return false;
+                                  LOG(INFO) << "replica " << e.replica->id << " at "
+                                            << e.replica->address << " is replaced";
+                                  return true;
                                 }),
                  entries_.end());
   auto replica = std::make_shared<Replica>();
@@ -42,38 +54,66 @@ absl::StatusOr<std::string> Registry::Register(
   replica->address = request.address();
   replica->stub = gemma::internal::v1::Replica::NewStub(
       grpc::CreateChannel(request.address(), grpc::InsecureChannelCredentials()));
+  replica->vocab_size = request.vocab_size();
+  replica->max_context = request.max_context();
+  replica->world_size = request.world_size();
+  replica->parallel = request.parallel();
   Entry entry;
   entry.replica = replica;
-  entry.last_heartbeat = Clock::now();
+  entry.last_heartbeat = Now();
   entries_.push_back(std::move(entry));
   LOG(INFO) << "replica " << replica->id << " registered at " << replica->address
-            << ", fingerprint " << request.model_fingerprint();
+            << ", fingerprint " << request.model_fingerprint() << ", vocab "
+            << request.vocab_size() << ", max context " << request.max_context() << ", "
+            << request.world_size() << " rank(s) " << request.parallel();
   return replica->id;
 }
 
 bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
   absl::MutexLock lock(&mutex_);
   for (Entry& entry : entries_) {
-    if (entry.replica->id == request.replica_id()) {
-      entry.last_heartbeat = Clock::now();
-      entry.load = request;
-      return true;
+    if (entry.replica->id != request.replica_id()) continue;
+    if (entry.failed) {
+      LOG(INFO) << "replica " << entry.replica->id << " failed a request; asking it to register "
+                << "again";
+      return false;
     }
+    entry.last_heartbeat = Now();
+    entry.load = request;
+    return true;
   }
   return false;
 }
 
-absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick() {
+absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick(const std::vector<std::string>& exclude,
+                                                        bool admit) {
   absl::MutexLock lock(&mutex_);
-  const Clock::time_point now = Clock::now();
+  const Clock::time_point now = Now();
+  const int64_t limit = options_.max_outstanding_per_replica;
   std::shared_ptr<Replica> best;
+  int64_t healthy = 0;
+  int64_t in_flight = 0;
   for (const Entry& entry : entries_) {
     if (!Healthy(entry, now)) continue;
-    if (best == nullptr || entry.replica->outstanding.load() < best->outstanding.load()) {
-      best = entry.replica;
-    }
+    if (std::find(exclude.begin(), exclude.end(), entry.replica->id) != exclude.end()) continue;
+    const int64_t outstanding = entry.replica->outstanding.load();
+    ++healthy;
+    in_flight += outstanding;
+    if (admit && outstanding >= limit) continue;
+    if (best == nullptr || outstanding < best->outstanding.load()) best = entry.replica;
+  }
+  if (best == nullptr && healthy > 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the cluster is full: ", in_flight, " requests in flight on ", healthy,
+        " healthy replica", healthy == 1 ? "" : "s", " (limit ", limit,
+        " each); retry later or add replicas"));
   }
   if (best == nullptr) {
+    if (!exclude.empty()) {
+      return absl::UnavailableError(absl::StrCat(
+          "no other healthy replica (", entries_.size(), " registered, ", exclude.size(),
+          " failed this request)"));
+    }
     return absl::UnavailableError(absl::StrCat(
         "no healthy replica (", entries_.size(),
         " registered); start a gemma-worker or wait for one to heartbeat"));
@@ -82,10 +122,45 @@ absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick() {
   return best;
 }
 
+void Registry::MarkFailed(const Replica& replica, absl::string_view reason) {
+  absl::MutexLock lock(&mutex_);
+  for (Entry& entry : entries_) {
+    if (entry.replica.get() != &replica) continue;
+    if (!entry.failed) {
+      LOG(WARNING) << "replica " << replica.id << " at " << replica.address
+                   << " is unhealthy until it registers again: " << reason;
+    }
+    entry.failed = true;
+    return;
+  }
+}
+
+ModelLimits Registry::Limits() const {
+  absl::MutexLock lock(&mutex_);
+  const Clock::time_point now = Now();
+  ModelLimits limits;
+  bool any_healthy = false;
+  for (const Entry& entry : entries_) any_healthy |= Healthy(entry, now);
+  for (const Entry& entry : entries_) {
+    if (any_healthy && !Healthy(entry, now)) continue;
+    const Replica& r = *entry.replica;
+    if (r.vocab_size > 0 && (limits.vocab_size == 0 || r.vocab_size < limits.vocab_size)) {
+      limits.vocab_size = r.vocab_size;
+    }
+    if (r.max_context > 0 && (limits.max_context == 0 || r.max_context < limits.max_context)) {
+      limits.max_context = r.max_context;
+    }
+  }
+  return limits;
+}
+
 gemma::v1::GetStatusResponse Registry::Status() const {
   gemma::v1::GetStatusResponse response;
+  response.set_requests_in_flight(in_flight_.load());
+  response.set_requests_requeued(requeued_.load());
+  response.set_max_outstanding_per_replica(options_.max_outstanding_per_replica);
   absl::MutexLock lock(&mutex_);
-  const Clock::time_point now = Clock::now();
+  const Clock::time_point now = Now();
   response.set_protocol_version(protocol_version_);
   response.set_model_fingerprint(fingerprint_);
   for (const Entry& entry : entries_) {
@@ -99,6 +174,10 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     status->set_outstanding(entry.replica->outstanding.load());
     status->set_ms_since_heartbeat(
         std::chrono::duration_cast<std::chrono::milliseconds>(now - entry.last_heartbeat).count());
+    status->set_world_size(entry.replica->world_size);
+    status->set_parallel(entry.replica->parallel);
+    status->set_preemptions(entry.load.preemptions());
+    status->set_max_context(entry.replica->max_context);
   }
   return response;
 }

@@ -1,16 +1,25 @@
 // The coordinator's view of the replicas: registration (protocol version and model fingerprint
-// must match the first replica's), heartbeats, health by heartbeat age, and routing to the
-// healthy replica with the fewest outstanding requests. Thread-safe. Knows no engine.
+// must match the first replica's), heartbeats, health, admission and routing to the healthy
+// replica with the fewest outstanding requests, and the cluster's counters. Thread-safe. Knows
+// no engine.
+//
+// Health: a replica is healthy while its heartbeats are fresh (younger than the heartbeat
+// timeout) and no request has failed on it since it registered. A failed replica gets no
+// requests; its heartbeats are answered `known = false`, so a worker that is still alive
+// registers again (a new entry, healthy), and one that died stays out. A worker restarted at
+// the same address replaces its old entry when it registers.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "gemma/v1/cluster.pb.h"
@@ -22,24 +31,60 @@ struct Replica {
   std::string id;
   std::string address;
   std::unique_ptr<gemma::internal::v1::Replica::Stub> stub;
+  // From its registration; 0 or empty: not sent (an older worker).
+  int32_t vocab_size = 0;
+  int64_t max_context = 0;
+  int32_t world_size = 0;
+  std::string parallel;
   std::atomic<int64_t> outstanding{0};
+};
+
+// What requests must fit, over the healthy replicas (the smallest of those that sent them).
+struct ModelLimits {
+  int32_t vocab_size = 0;   // 0: unknown, not checked
+  int64_t max_context = 0;  // 0: unknown, not checked
+};
+
+struct RegistryOptions {
+  using Clock = std::chrono::steady_clock;
+  std::chrono::milliseconds heartbeat_timeout{3000};
+  // Admission: requests in flight on one replica before new requests are refused.
+  int64_t max_outstanding_per_replica = 256;
+  // The clock (tests pass a fake one); null: steady_clock.
+  std::function<Clock::time_point()> now;
 };
 
 class Registry {
  public:
   using Clock = std::chrono::steady_clock;
-  explicit Registry(std::chrono::milliseconds heartbeat_timeout)
-      : heartbeat_timeout_(heartbeat_timeout) {}
+  explicit Registry(RegistryOptions options);
 
   // The new replica's id. FAILED_PRECONDITION naming both values when the protocol version or
   // the fingerprint differs from the first registered replica's; INVALID_ARGUMENT for an empty
   // address. A worker registering again at the same address replaces its old entry.
   absl::StatusOr<std::string> Register(const gemma::internal::v1::RegisterRequest& request);
-  // False when `id` is unknown (the worker should register again).
+  // False when `id` is unknown or has failed a request since it registered (the worker should
+  // register again).
   bool Heartbeat(const gemma::internal::v1::HeartbeatRequest& request);
-  // The healthy replica with the fewest outstanding requests (its count already incremented;
-  // the caller decrements it when the call ends). UNAVAILABLE when none is healthy.
-  absl::StatusOr<std::shared_ptr<Replica>> Pick();
+  // The healthy replica with the fewest outstanding requests whose id is not in `exclude`, its
+  // count already incremented (the caller decrements it when the call ends). UNAVAILABLE when
+  // there is none. With `admit`, only replicas below the admission limit count, and
+  // RESOURCE_EXHAUSTED says the cluster is full when every healthy one is at it (a request
+  // that moves after a failure was admitted already and is not refused).
+  absl::StatusOr<std::shared_ptr<Replica>> Pick(const std::vector<std::string>& exclude = {},
+                                                bool admit = true);
+  // A request failed on `replica` (its process or its connection is gone): unhealthy at once,
+  // until its worker registers again. Nothing when that entry is gone already.
+  void MarkFailed(const Replica& replica, absl::string_view reason);
+  ModelLimits Limits() const;
+
+  // Counters shown by Status.
+  void RequestStarted() { in_flight_.fetch_add(1); }
+  void RequestEnded() { in_flight_.fetch_sub(1); }
+  void CountRequeue() { requeued_.fetch_add(1); }
+
+  std::chrono::milliseconds heartbeat_timeout() const { return options_.heartbeat_timeout; }
+  int64_t max_outstanding_per_replica() const { return options_.max_outstanding_per_replica; }
   gemma::v1::GetStatusResponse Status() const;
 
  private:
@@ -47,12 +92,16 @@ class Registry {
     std::shared_ptr<Replica> replica;
     Clock::time_point last_heartbeat;
     gemma::internal::v1::HeartbeatRequest load;
+    bool failed = false;
   };
   bool Healthy(const Entry& entry, Clock::time_point now) const {
-    return now - entry.last_heartbeat <= heartbeat_timeout_;
+    return !entry.failed && now - entry.last_heartbeat <= options_.heartbeat_timeout;
   }
+  Clock::time_point Now() const { return options_.now ? options_.now() : Clock::now(); }
 
-  const std::chrono::milliseconds heartbeat_timeout_;
+  const RegistryOptions options_;
+  std::atomic<int64_t> in_flight_{0};
+  std::atomic<int64_t> requeued_{0};
   mutable absl::Mutex mutex_;
   std::vector<Entry> entries_ ABSL_GUARDED_BY(mutex_);
   uint64_t next_id_ ABSL_GUARDED_BY(mutex_) = 1;

@@ -1,27 +1,36 @@
-// The coordinator's gRPC services: gemma.v1.Inference (validates, then proxies the stream to a
-// replica chosen by the registry), gemma.v1.Cluster, and the internal gemma.internal.v1
-// Coordinator (Register, Heartbeat). The only place where Statuses become grpc::Status.
+// The coordinator's gRPC services: gemma.v1.Inference (Generate: checked, admitted and proxied
+// to a replica by proxy.h, moved to another replica when one fails), gemma.v1.Cluster, and the
+// internal gemma.internal.v1.Coordinator for workers (Register, Heartbeat, and the rendezvous
+// store's StoreSet, StoreGet, StoreAdd, StoreDeletePrefix). ToGrpc is the one conversion of a
+// Status into a grpc::Status.
 #pragma once
 
 #include "absl/status/status.h"
+#include "coordinator/proxy.h"
 #include "coordinator/registry.h"
+#include "coordinator/store.h"
+#include "coordinator/timer.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
 
 namespace gemma::coordinator {
 
-// INVALID_ARGUMENT with a message for a request no replica could serve.
-absl::Status ValidateGenerateRequest(const gemma::v1::GenerateRequest& request);
+// The code and the message, unchanged.
+grpc::Status ToGrpc(const absl::Status& status);
 
 class InferenceService final : public gemma::v1::Inference::CallbackService {
  public:
-  explicit InferenceService(Registry* registry) : registry_(registry) {}
+  InferenceService(Registry* registry, ProxyOptions options)
+      : registry_(registry), options_(options) {}
   grpc::ServerWriteReactor<gemma::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const gemma::v1::GenerateRequest* request) override;
 
  private:
   Registry* registry_;
+  const ProxyOptions options_;
+  Timer timer_;  // the waits for a replica after a failure
 };
 
 class ClusterService final : public gemma::v1::Cluster::CallbackService {
@@ -37,16 +46,31 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
 
 class CoordinatorService final : public gemma::internal::v1::Coordinator::CallbackService {
  public:
-  explicit CoordinatorService(Registry* registry) : registry_(registry) {}
+  CoordinatorService(Registry* registry, Store* store) : registry_(registry), store_(store) {}
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* context,
                                      const gemma::internal::v1::RegisterRequest* request,
                                      gemma::internal::v1::RegisterResponse* response) override;
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context,
                                       const gemma::internal::v1::HeartbeatRequest* request,
                                       gemma::internal::v1::HeartbeatResponse* response) override;
+  grpc::ServerUnaryReactor* StoreSet(grpc::CallbackServerContext* context,
+                                     const gemma::internal::v1::StoreSetRequest* request,
+                                     gemma::internal::v1::StoreSetResponse* response) override;
+  // Waits for the key without holding a gRPC thread.
+  grpc::ServerUnaryReactor* StoreGet(grpc::CallbackServerContext* context,
+                                     const gemma::internal::v1::StoreGetRequest* request,
+                                     gemma::internal::v1::StoreGetResponse* response) override;
+  grpc::ServerUnaryReactor* StoreAdd(grpc::CallbackServerContext* context,
+                                     const gemma::internal::v1::StoreAddRequest* request,
+                                     gemma::internal::v1::StoreAddResponse* response) override;
+  grpc::ServerUnaryReactor* StoreDeletePrefix(
+      grpc::CallbackServerContext* context,
+      const gemma::internal::v1::StoreDeletePrefixRequest* request,
+      gemma::internal::v1::StoreDeletePrefixResponse* response) override;
 
  private:
   Registry* registry_;
+  Store* store_;
 };
 
 }  // namespace gemma::coordinator

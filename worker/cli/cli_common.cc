@@ -13,6 +13,9 @@
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "worker/backend/cpu/cpu_backend.h"
+#ifdef GEMMA_HAVE_CUDA_BACKEND
+#include "worker/backend/cuda/cuda_backend.h"
+#endif
 
 namespace gemma::cli {
 
@@ -64,17 +67,34 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text) {
 absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
                                        int64_t max_tokens, int64_t page_size,
                                        const gemma4::ModelParallel& parallel,
-                                       int ranks_in_process) {
+                                       int ranks_in_process, const std::string& backend) {
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
   if (page_size <= 0) return absl::InvalidArgumentError("--page-size must be positive");
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   LoadedModel loaded;
-  CpuBackendOptions options;
-  options.num_threads = threads > 0
-                            ? threads
-                            : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
-                                              std::max(1, ranks_in_process));
-  loaded.backend = std::make_unique<CpuBackend>(options);
+  if (backend == "cuda") {
+#ifdef GEMMA_HAVE_CUDA_BACKEND
+    if (CudaBackend::DeviceCount() <= 0) {
+      return absl::FailedPreconditionError(
+          "--backend cuda: no CUDA device is visible to this process; use --backend cpu");
+    }
+    ASSIGN_OR_RETURN(loaded.backend, CudaBackend::Create());
+#else
+    return absl::FailedPreconditionError(
+        "--backend cuda: this build has no CUDA backend (configure with the CUDA toolkit and "
+        "-DGEMMA_ENABLE_CUDA=ON); use --backend cpu");
+#endif
+  } else if (backend == "cpu") {
+    CpuBackendOptions options;
+    options.num_threads = threads > 0
+                              ? threads
+                              : std::max(1, static_cast<int>(std::thread::hardware_concurrency()) /
+                                                std::max(1, ranks_in_process));
+    loaded.backend = std::make_unique<CpuBackend>(options);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
+  }
   ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend, parallel));
   KvCacheOptions cache_options;
   cache_options.page_size = page_size;

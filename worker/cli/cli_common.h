@@ -34,11 +34,13 @@ struct LoadedModel {
   std::unique_ptr<KvCache> cache;
 };
 
-// Loads this rank's share of `model_dir` on the CPU backend with a cache able to hold
-// `max_tokens` positions. threads 0: the machine's cores divided among `ranks_in_process`.
+// Loads this rank's share of `model_dir` with a cache able to hold `max_tokens` positions, on
+// `backend`: "cpu" (threads 0: the machine's cores divided among `ranks_in_process`) or "cuda"
+// (the first visible device; FAILED_PRECONDITION without one or in a build without CUDA).
 absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
                                        int64_t max_tokens, int64_t page_size,
                                        const gemma4::ModelParallel& parallel = {},
-                                       int ranks_in_process = 1);
+                                       int ranks_in_process = 1,
+                                       const std::string& backend = "cpu");
 
 }  // namespace gemma::cli

@@ -155,6 +155,44 @@ absl::Status RunThreads(const Plan& plan, const std::function<absl::Status(RankE
   return absl::OkStatus();
 }
 
+// Joins the Gloo groups of this rank through `store` and runs `body`.
+absl::Status JoinAndRun(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
+                        bool barrier_at_end, const std::function<absl::Status(RankEnv&)>& body) {
+  ASSIGN_OR_RETURN(WorldConfig world, WorldConfig::Create(options.world));
+  auto gloo = [&](int rank, int size, const std::string& prefix, std::chrono::milliseconds timeout)
+      -> absl::StatusOr<std::unique_ptr<parallel::Communicator>> {
+    parallel::GlooOptions gloo_options;
+    gloo_options.rank = rank;
+    gloo_options.world_size = size;
+    gloo_options.timeout = timeout;
+    gloo_options.key_prefix = prefix;
+    if (absl::GetFlag(FLAGS_interface).empty()) {
+      gloo_options.hostname = options.hostname;
+    } else {
+      gloo_options.interface = absl::GetFlag(FLAGS_interface);
+    }
+    return parallel::CreateGlooCommunicator(gloo_options, store);
+  };
+  ASSIGN_OR_RETURN(auto world_comm,
+                   gloo(world.rank(), world.world_size(), "world", options.timeout));
+  ASSIGN_OR_RETURN(auto control,
+                   gloo(world.rank(), world.world_size(), "control", options.control_timeout));
+  std::unique_ptr<parallel::Communicator> tp_comm;
+  if (world.mode() == ParallelMode::kDpEp && world.tp_size() > 1) {
+    ASSIGN_OR_RETURN(tp_comm, gloo(world.tp_rank(), world.tp_size(),
+                                   absl::StrCat("tp", world.dp_group()), options.timeout));
+  }
+  RankEnv env{world, {}, control.get(), 1, true};
+  SetParallel(env, world.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
+              world_comm.get());
+  absl::Status status = body(env);
+  if (!status.ok()) {
+    return absl::Status(status.code(), absl::StrCat("rank ", world.rank(), ": ", status.message()));
+  }
+  if (barrier_at_end) return control->Barrier();
+  return absl::OkStatus();
+}
+
 absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankEnv&)>& body) {
   ASSIGN_OR_RETURN(WorldConfig world, WorldConfig::Create(plan.world));
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
@@ -173,37 +211,13 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
   store_options.timeout = timeout;
   ASSIGN_OR_RETURN(std::unique_ptr<parallel::TcpStoreClient> store,
                    parallel::TcpStoreClient::Connect(plan.host, plan.port, store_options));
-  auto gloo =
-      [&](int rank, int size,
-          const std::string& prefix) -> absl::StatusOr<std::unique_ptr<parallel::Communicator>> {
-    parallel::GlooOptions options;
-    options.rank = rank;
-    options.world_size = size;
-    options.timeout = timeout;
-    options.key_prefix = prefix;
-    if (absl::GetFlag(FLAGS_interface).empty()) {
-      options.hostname = plan.host;
-    } else {
-      options.interface = absl::GetFlag(FLAGS_interface);
-    }
-    return parallel::CreateGlooCommunicator(options, *store);
-  };
-  ASSIGN_OR_RETURN(auto world_comm, gloo(world.rank(), world.world_size(), "world"));
-  ASSIGN_OR_RETURN(auto control, gloo(world.rank(), world.world_size(), "control"));
-  std::unique_ptr<parallel::Communicator> tp_comm;
-  if (world.mode() == ParallelMode::kDpEp && world.tp_size() > 1) {
-    ASSIGN_OR_RETURN(tp_comm,
-                     gloo(world.tp_rank(), world.tp_size(), absl::StrCat("tp", world.dp_group())));
-  }
-  RankEnv env{world, {}, control.get(), 1, true};
-  SetParallel(env, world.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
-              world_comm.get());
-  absl::Status status = body(env);
-  if (!status.ok()) {
-    return absl::Status(status.code(), absl::StrCat("rank ", world.rank(), ": ", status.message()));
-  }
-  // Rank 0 serves the store: keep it up until every rank is done with the control group.
-  return control->Barrier();
+  ProcessRankOptions options;
+  options.world = plan.world;
+  options.hostname = plan.host;
+  options.timeout = timeout;
+  options.control_timeout = timeout;
+  // Rank 0 serves the store: it stays up until every rank is done with the control group.
+  return JoinAndRun(options, *store, /*barrier_at_end=*/true, body);
 }
 
 }  // namespace
@@ -211,6 +225,11 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
 absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body) {
   ASSIGN_OR_RETURN(Plan plan, PlanFromFlags());
   return plan.processes ? RunProcess(plan, body) : RunThreads(plan, body);
+}
+
+absl::Status RunProcessRank(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
+                            const std::function<absl::Status(RankEnv&)>& body) {
+  return JoinAndRun(options, store, /*barrier_at_end=*/false, body);
 }
 
 }  // namespace gemma::cli

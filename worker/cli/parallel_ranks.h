@@ -4,11 +4,13 @@
 // and the CPU control group that carries step plans) and its ModelParallel.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/flags/declare.h"
+#include "gloo/rendezvous/store.h"
 #include "absl/status/status.h"
 #include "worker/model/gemma4/model.h"
 #include "worker/parallel/communicator.h"
@@ -16,6 +18,8 @@
 
 // This process's rank when ranks run as processes (-1 otherwise).
 ABSL_DECLARE_FLAG(int32_t, rank);
+ABSL_DECLARE_FLAG(int32_t, world_size);
+ABSL_DECLARE_FLAG(int32_t, comm_timeout_s);
 
 namespace gemma::cli {
 
@@ -35,5 +39,20 @@ struct RankEnv {
 // ranks and runs `body` on each rank this process hosts (threads run concurrently). Returns the
 // first error of any rank, prefixed with the rank.
 absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body);
+
+// This process as one rank of several, rendezvousing through a store someone else keeps (the
+// coordinator's, for a worker): joins the replica's Gloo groups and runs `body`.
+struct ProcessRankOptions {
+  parallel::WorldConfig::Options world;
+  // Where this rank listens for its peers (an address or a host name).
+  std::string hostname;
+  // Bound on the data-plane collectives and on the rendezvous.
+  std::chrono::milliseconds timeout{60000};
+  // Bound on a wait on the control group; followers wait there for the next step plan for as
+  // long as the replica is idle.
+  std::chrono::milliseconds control_timeout{60000};
+};
+absl::Status RunProcessRank(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
+                            const std::function<absl::Status(RankEnv&)>& body);
 
 }  // namespace gemma::cli

@@ -12,7 +12,8 @@
 
 namespace gemma::service {
 
-absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
+absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir,
+                                             const std::string& tokenizer_path) {
   namespace fs = std::filesystem;
   uint64_t hash = kFnv1aOffset;
   auto mix_file = [&](const fs::path& path, bool required) -> absl::Status {
@@ -33,7 +34,11 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
   for (const auto& file : checkpoint->files()) {
     hash = Fnv1a64(file->header().data(), file->header().size(), hash);
   }
-  RETURN_IF_ERROR(mix_file(fs::path(model_dir) / "tokenizer.json", /*required=*/false));
+  if (tokenizer_path.empty()) {
+    RETURN_IF_ERROR(mix_file(fs::path(model_dir) / "tokenizer.json", /*required=*/false));
+  } else {
+    RETURN_IF_ERROR(mix_file(tokenizer_path, /*required=*/true));
+  }
   return absl::StrFormat("%016x", hash);
 }
 

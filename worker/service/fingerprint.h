@@ -1,6 +1,6 @@
 // The model fingerprint a worker presents when it registers: 64-bit FNV-1a over config.json, the
-// header of every safetensors file of the checkpoint, and tokenizer.json when present, as 16 hex
-// digits. Reads only headers of the weight files.
+// header of every safetensors file of the checkpoint, and the tokenizer the replica serves with
+// (if any), as 16 hex digits. Reads only headers of the weight files.
 #pragma once
 
 #include <string>
@@ -10,6 +10,8 @@
 namespace gemma::service {
 
 // NOT_FOUND when config.json is missing; the checkpoint reader's error for a bad safetensors file.
-absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
+// `tokenizer_path` empty: the checkpoint's tokenizer.json when present.
+absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir,
+                                             const std::string& tokenizer_path = "");
 
 }  // namespace gemma::service

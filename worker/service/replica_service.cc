@@ -9,11 +9,14 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/tokenizer/chat_format.h"
 #include "glog/logging.h"
 
 namespace gemma::service {
 namespace {
 
+using gemma::internal::v1::ReplicaGenerateRequest;
+using gemma::internal::v1::ReplicaGenerateResponse;
 using gemma::v1::GenerateRequest;
 using gemma::v1::GenerateResponse;
 
@@ -25,20 +28,43 @@ grpc::Status ToGrpc(const absl::Status& status) {
                       std::string(status.message()));
 }
 
-absl::StatusOr<engine::Request> ToEngineRequest(const GenerateRequest& proto,
+absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& call,
                                                 const tokenizer::Tokenizer* tokenizer) {
+  const GenerateRequest& proto = call.request();
   engine::Request request;
+  if ((proto.input_case() == GenerateRequest::kText ||
+       proto.input_case() == GenerateRequest::kChat) &&
+      tokenizer == nullptr) {
+    return absl::InvalidArgumentError(
+        "this replica has no tokenizer; send token_ids or start the worker with --tokenizer");
+  }
   switch (proto.input_case()) {
     case GenerateRequest::kTokenIds:
       request.prompt.assign(proto.token_ids().ids().begin(), proto.token_ids().ids().end());
       break;
-    case GenerateRequest::kText:
-      if (tokenizer == nullptr) {
-        return absl::InvalidArgumentError(
-            "this replica has no tokenizer; send token_ids or start the worker with --tokenizer");
-      }
-      request.prompt = tokenizer->Encode(proto.text());
+    case GenerateRequest::kText: {
+      tokenizer::EncodeOptions options;
+      options.add_special_tokens = true;  // <bos> first, as the model expects
+      request.prompt = tokenizer->Encode(proto.text(), options);
       break;
+    }
+    case GenerateRequest::kChat: {
+      std::vector<tokenizer::ChatMessage> messages;
+      for (const gemma::v1::ChatMessage& m : proto.chat().messages()) {
+        messages.push_back({m.role(), m.content()});
+      }
+      if (messages.empty()) {
+        return absl::InvalidArgumentError("chat has no messages; give at least one user turn");
+      }
+      absl::StatusOr<std::string> rendered = tokenizer::RenderGemma4Chat(messages);
+      if (!rendered.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cannot render the chat: ", rendered.status().message()));
+      }
+      tokenizer::EncodeOptions options;  // the rendered chat starts with <bos> already
+      request.prompt = tokenizer->Encode(*rendered, options);
+      break;
+    }
     default:
       break;
   }
@@ -69,15 +95,18 @@ absl::StatusOr<engine::Request> ToEngineRequest(const GenerateRequest& proto,
   request.stop_token_ids.assign(proto.stop_token_ids().begin(), proto.stop_token_ids().end());
   request.stop_strings.assign(proto.stop_strings().begin(), proto.stop_strings().end());
   request.client_id = proto.request_id();
+  request.num_resumed = call.resume_token_ids_size();
+  request.prompt.insert(request.prompt.end(), call.resume_token_ids().begin(),
+                        call.resume_token_ids().end());
   return request;
 }
 
 // Streams one engine request. The engine's callback (stepping thread) queues events; one write
 // is in flight at a time; the final event is written with the OK status.
-class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<ReplicaGenerateResponse> {
  public:
   GenerateReactor(engine::Engine* engine, const tokenizer::Tokenizer* tokenizer,
-                  const GenerateRequest& proto)
+                  const ReplicaGenerateRequest& proto)
       : engine_(engine), shared_(std::make_shared<Shared>()) {
     shared_->reactor = this;
     absl::StatusOr<engine::Request> request = ToEngineRequest(proto, tokenizer);
@@ -85,7 +114,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
       FinishOnce(ToGrpc(request.status()));
       return;
     }
-    prompt_tokens_ = static_cast<int64_t>(request->prompt.size());
+    prompt_tokens_ = static_cast<int64_t>(request->prompt.size()) - request->num_resumed;
+    prompt_ids_.assign(request->prompt.begin(), request->prompt.begin() + prompt_tokens_);
     std::shared_ptr<Shared> shared = shared_;
     const int64_t prompt_tokens = prompt_tokens_;
     absl::StatusOr<uint64_t> id =
@@ -144,7 +174,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
                                 absl::StrCat("the replica failed: ", out.status.message())));
       return;
     }
-    GenerateResponse response;
+    ReplicaGenerateResponse message;
+    if (!sent_prompt_) {
+      sent_prompt_ = true;
+      message.mutable_prompt_token_ids()->Add(prompt_ids_.begin(), prompt_ids_.end());
+    }
+    GenerateResponse& response = *message.mutable_response();
     response.mutable_token_ids()->Add(out.token_ids.begin(), out.token_ids.end());
     response.set_text(out.text);
     if (out.finished) {
@@ -153,7 +188,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
       final->set_prompt_tokens(prompt_tokens);
       final->set_generated_tokens(out.num_generated);
     }
-    pending_.push_back({std::move(response), out.finished});
+    pending_.push_back({std::move(message), out.finished});
     if (!writing_) WriteNextLocked();
   }
 
@@ -189,14 +224,16 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
   bool writing_ = false;
   bool finished_ = false;
   bool cancelled_ = false;
-  std::deque<std::pair<GenerateResponse, bool>> pending_;
-  GenerateResponse current_;
+  bool sent_prompt_ = false;
+  std::vector<int32_t> prompt_ids_;
+  std::deque<std::pair<ReplicaGenerateResponse, bool>> pending_;
+  ReplicaGenerateResponse current_;
 };
 
 }  // namespace
 
-grpc::ServerWriteReactor<GenerateResponse>* ReplicaService::Generate(
-    grpc::CallbackServerContext* /*context*/, const GenerateRequest* request) {
+grpc::ServerWriteReactor<ReplicaGenerateResponse>* ReplicaService::Generate(
+    grpc::CallbackServerContext* /*context*/, const ReplicaGenerateRequest* request) {
   return new GenerateReactor(engine_, tokenizer_, *request);
 }
 

@@ -18,6 +18,7 @@ struct ReplicaLoad {
   std::atomic<int64_t> waiting{0};
   std::atomic<int64_t> pages_used[2] = {0, 0};
   std::atomic<int64_t> pages_total[2] = {0, 0};
+  std::atomic<int64_t> preemptions{0};
 };
 
 class ReplicaService final : public gemma::internal::v1::Replica::CallbackService {
@@ -26,8 +27,9 @@ class ReplicaService final : public gemma::internal::v1::Replica::CallbackServic
   ReplicaService(engine::Engine* engine, const tokenizer::Tokenizer* tokenizer)
       : engine_(engine), tokenizer_(tokenizer) {}
 
-  grpc::ServerWriteReactor<gemma::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const gemma::v1::GenerateRequest* request) override;
+  grpc::ServerWriteReactor<gemma::internal::v1::ReplicaGenerateResponse>* Generate(
+      grpc::CallbackServerContext* context,
+      const gemma::internal::v1::ReplicaGenerateRequest* request) override;
 
  private:
   engine::Engine* engine_;

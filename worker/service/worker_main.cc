@@ -1,16 +1,38 @@
-// gemma-worker: one single-rank CPU replica. Loads the model, runs the engine loop on a
-// background thread, serves gemma.internal.v1.Replica, registers with the coordinator and
-// heartbeats every second until SIGTERM or SIGINT.
-//   gemma-worker --coordinator HOST:PORT --model DIR --listen HOST:PORT [--tokenizer FILE]
+// gemma-worker: one replica of the model, as a supervisor and one process per rank.
+//
+// The supervisor (what the user starts) checks the flags, then starts one rank process per CPU
+// rank or GPU (before any CUDA call; each GPU rank sees only its own device), and waits. When
+// any rank exits, it stops the others and exits non-zero; on SIGTERM or SIGINT it stops them
+// all and exits 0. A rank that loses its supervisor is killed by the kernel.
+//
+// The rank processes rendezvous through the coordinator's store (keys under a prefix the
+// supervisor picks), join the replica's Gloo groups (tensor parallelism: attention heads,
+// dense MLP columns and experts split over the ranks), and load only their slices. Rank 0, the
+// leader, then registers the replica (only once every rank has loaded), runs the engine loop,
+// sends each step's plan to the other ranks, serves gemma.internal.v1.Replica and heartbeats;
+// the others follow the plans.
+//   gemma-worker --coordinator HOST:PORT --model DIR [--cpu-ranks N | --gpus N]
+//                [--backend cpu|cuda] [--listen HOST:PORT] [--tokenizer FILE]
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
 #include <memory>
+#include <random>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/status_macros.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "glog/logging.h"
@@ -18,28 +40,47 @@
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "worker/cli/cli_common.h"
+#include "worker/cli/parallel_ranks.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/kv_cache.h"
+#include "worker/engine/replica_executor.h"
 #include "worker/service/fingerprint.h"
+#include "worker/service/grpc_store.h"
 #include "worker/service/replica_service.h"
 
 ABSL_FLAG(std::string, coordinator, "", "coordinator address HOST:PORT");
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
-ABSL_FLAG(std::string, listen, "127.0.0.1:0", "address to serve the replica on, HOST:PORT");
+ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
+ABSL_FLAG(int32_t, cpu_ranks, 0, "--backend cpu: rank processes of the replica (default 1)");
+ABSL_FLAG(int32_t, gpus, 0, "--backend cuda: GPUs of the replica, one rank process each");
+ABSL_FLAG(std::string, listen, "127.0.0.1:0",
+          "where the replica leader serves, HOST:PORT (port 0: any free port)");
 ABSL_FLAG(std::string, advertise, "", "address the coordinator dials (default: --listen)");
-ABSL_FLAG(std::string, tokenizer, "", "tokenizer.json (text requests need one)");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores)");
+ABSL_FLAG(std::string, tokenizer, "",
+          "tokenizer.json for text and chat requests (default: the model directory's, if any)");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
 ABSL_FLAG(int64_t, cache_tokens, 16384, "KV-cache capacity in positions");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+ABSL_FLAG(int32_t, register_timeout_s, 60,
+          "how long to keep trying to reach the coordinator at start-up");
+ABSL_FLAG(int32_t, heartbeat_ms, 1000, "milliseconds between heartbeats to the coordinator");
+ABSL_FLAG(std::string, store_prefix, "",
+          "internal: the rendezvous key prefix the supervisor gives its rank processes");
 
 namespace {
 
-constexpr uint32_t kProtocolVersion = 1;
-std::atomic<bool> g_stop{false};
+namespace iv1 = gemma::internal::v1;
+using Clock = std::chrono::steady_clock;
 
+constexpr uint32_t kProtocolVersion = 1;
+// How long the supervisor waits for the ranks to stop after SIGTERM before SIGKILL.
+constexpr auto kStopGrace = std::chrono::seconds(10);
+
+std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
 
-namespace iv1 = gemma::internal::v1;
+// The command line as given, for starting the rank processes.
+std::vector<std::string>* g_argv = nullptr;
 
 absl::Status FromGrpc(const grpc::Status& status, absl::string_view what) {
   if (status.ok()) return absl::OkStatus();
@@ -47,37 +88,245 @@ absl::Status FromGrpc(const grpc::Status& status, absl::string_view what) {
                       absl::StrCat(what, ": ", status.error_message()));
 }
 
-absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub, const std::string& fingerprint,
-                                     const std::string& address) {
-  iv1::RegisterRequest request;
-  request.set_protocol_version(kProtocolVersion);
-  request.set_model_fingerprint(fingerprint);
-  request.set_address(address);
+std::string TokenizerPath() {
+  std::string path = absl::GetFlag(FLAGS_tokenizer);
+  if (path.empty()) {
+    const std::filesystem::path candidate =
+        std::filesystem::path(absl::GetFlag(FLAGS_model)) / "tokenizer.json";
+    if (std::filesystem::exists(candidate)) path = candidate.string();
+  }
+  return path;
+}
+
+std::string HostOf(const std::string& address) {
+  return address.substr(0, address.rfind(':'));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Supervisor
+
+struct RankProcess {
+  int rank;
+  pid_t pid;
+};
+
+absl::StatusOr<pid_t> StartRank(int rank, int world_size, const std::string& prefix, bool gpu) {
+  std::vector<std::string> args = *g_argv;
+  args.push_back(absl::StrCat("--rank=", rank));
+  args.push_back(absl::StrCat("--world_size=", world_size));
+  args.push_back(absl::StrCat("--store_prefix=", prefix));
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  std::string devices;
+  if (gpu) {
+    // Each GPU rank sees one device, the rank-th of those the supervisor sees.
+    const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+    if (visible != nullptr && *visible != '\0') {
+      std::vector<std::string> list = absl::StrSplit(visible, ',');
+      if (rank >= static_cast<int>(list.size())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--gpus ", world_size, " but CUDA_VISIBLE_DEVICES lists ", list.size(), " devices"));
+      }
+      devices = list[rank];
+    } else {
+      devices = absl::StrCat(rank);
+    }
+  }
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError(absl::StrCat("fork failed: ", strerror(errno)));
+  if (pid == 0) {
+    // The kernel kills this rank if the supervisor dies, even by SIGKILL.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(1);
+    if (gpu) setenv("CUDA_VISIBLE_DEVICES", devices.c_str(), 1);
+    execv("/proc/self/exe", argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+std::string DescribeExit(int status) {
+  if (WIFEXITED(status)) return absl::StrCat("exited with code ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return absl::StrCat("was killed by signal ", WTERMSIG(status));
+  return "stopped";
+}
+
+// SIGTERM to every rank still running, SIGKILL after the grace period; reaps them all.
+void StopRanks(std::vector<RankProcess>& ranks) {
+  for (const RankProcess& r : ranks) kill(r.pid, SIGTERM);
+  const Clock::time_point deadline = Clock::now() + kStopGrace;
+  while (!ranks.empty()) {
+    for (auto it = ranks.begin(); it != ranks.end();) {
+      int status = 0;
+      if (waitpid(it->pid, &status, WNOHANG) == it->pid) {
+        it = ranks.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (ranks.empty()) break;
+    if (Clock::now() >= deadline) {
+      for (const RankProcess& r : ranks) {
+        LOG(WARNING) << "rank " << r.rank << " (pid " << r.pid << ") did not stop; killing it";
+        kill(r.pid, SIGKILL);
+        waitpid(r.pid, nullptr, 0);
+      }
+      ranks.clear();
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+absl::Status Supervise() {
+  if (absl::GetFlag(FLAGS_coordinator).empty()) {
+    return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
+  }
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  if (!std::filesystem::exists(std::filesystem::path(model_dir) / "config.json")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--model ", model_dir, " has no config.json; give a Hugging Face Gemma 4 "
+                     "checkpoint directory"));
+  }
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+  const int cpu_ranks = absl::GetFlag(FLAGS_cpu_ranks);
+  const int gpus = absl::GetFlag(FLAGS_gpus);
+  if (absl::GetFlag(FLAGS_heartbeat_ms) <= 0) {
+    return absl::InvalidArgumentError("--heartbeat-ms must be positive");
+  }
+  if (cpu_ranks < 0 || gpus < 0) {
+    return absl::InvalidArgumentError("--cpu-ranks and --gpus must not be negative");
+  }
+  int world_size = 1;
+  if (backend == "cpu") {
+    if (gpus > 0) {
+      return absl::InvalidArgumentError("--gpus needs --backend cuda; use --cpu-ranks on CPU");
+    }
+    world_size = cpu_ranks > 0 ? cpu_ranks : 1;
+  } else if (backend == "cuda") {
+    if (cpu_ranks > 0) {
+      return absl::InvalidArgumentError("--cpu-ranks needs --backend cpu; use --gpus on CUDA");
+    }
+    world_size = gpus > 0 ? gpus : 1;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
+  }
+  const std::string tokenizer = TokenizerPath();
+  if (!tokenizer.empty() && !std::filesystem::exists(tokenizer)) {
+    return absl::InvalidArgumentError(absl::StrCat("--tokenizer ", tokenizer, " does not exist"));
+  }
+  // The prefix of this start of this replica in the coordinator's rendezvous store.
+  std::random_device random;
+  const std::string prefix =
+      absl::StrFormat("replica-%08x%08x/", random(), random());
+
+  signal(SIGTERM, OnSignal);
+  signal(SIGINT, OnSignal);
+  std::vector<RankProcess> ranks;
+  for (int rank = 0; rank < world_size; ++rank) {
+    absl::StatusOr<pid_t> pid = StartRank(rank, world_size, prefix, backend == "cuda");
+    if (!pid.ok()) {
+      StopRanks(ranks);
+      return pid.status();
+    }
+    ranks.push_back({rank, *pid});
+  }
+  LOG(INFO) << "supervising " << world_size << " rank process" << (world_size > 1 ? "es" : "")
+            << " (" << backend << ")";
+  absl::Status result;
+  while (!g_stop.load()) {
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      for (auto it = ranks.begin(); it != ranks.end(); ++it) {
+        if (it->pid != pid) continue;
+        result = absl::UnavailableError(absl::StrCat(
+            "rank ", it->rank, " (pid ", pid, ") ", DescribeExit(status),
+            "; stopped the replica's other ranks"));
+        ranks.erase(it);
+        break;
+      }
+      if (!result.ok()) break;
+      continue;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (!result.ok()) LOG(ERROR) << result.message();
+  StopRanks(ranks);
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rank processes
+
+absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
+                                     const iv1::RegisterRequest& request,
+                                     std::chrono::seconds timeout) {
   iv1::RegisterResponse response;
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  context.set_wait_for_ready(true);
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
   RETURN_IF_ERROR(FromGrpc(stub.Register(&context, request, &response),
                            absl::StrCat("registering with ", absl::GetFlag(FLAGS_coordinator))));
   return response.replica_id();
 }
 
-absl::Status Run() {
-  const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
-  if (coordinator.empty()) return absl::InvalidArgumentError("--coordinator is required");
-  const std::string model_dir = absl::GetFlag(FLAGS_model);
-  ASSIGN_OR_RETURN(std::string fingerprint, gemma::service::ModelFingerprint(model_dir));
-  std::unique_ptr<gemma::tokenizer::Tokenizer> tokenizer;
-  if (!absl::GetFlag(FLAGS_tokenizer).empty()) {
-    ASSIGN_OR_RETURN(tokenizer, gemma::tokenizer::Tokenizer::FromFile(absl::GetFlag(FLAGS_tokenizer)));
+void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
+                   const iv1::RegisterRequest& registration,
+                   const gemma::service::ReplicaLoad& load) {
+  iv1::HeartbeatRequest beat;
+  beat.set_replica_id(*replica_id);
+  beat.set_running(load.running);
+  beat.set_waiting(load.waiting);
+  beat.set_preemptions(load.preemptions);
+  const char* names[2] = {"sliding", "full"};
+  for (int pool = 0; pool < 2; ++pool) {
+    gemma::v1::KvPoolUsage* usage = beat.add_kv_pools();
+    usage->set_name(names[pool]);
+    usage->set_pages_used(load.pages_used[pool]);
+    usage->set_pages_total(load.pages_total[pool]);
   }
-  ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                   gemma::cli::LoadForCli(model_dir, absl::GetFlag(FLAGS_threads),
-                                          absl::GetFlag(FLAGS_cache_tokens),
-                                          absl::GetFlag(FLAGS_page_size)));
+  iv1::HeartbeatResponse reply;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(900));
+  grpc::Status status = stub.Heartbeat(&context, beat, &reply);
+  if (!status.ok()) {
+    LOG_EVERY_N(WARNING, 10) << "heartbeat to " << absl::GetFlag(FLAGS_coordinator)
+                             << " failed: " << status.error_message();
+  } else if (!reply.known()) {
+    LOG(WARNING) << "the coordinator does not know replica " << *replica_id
+                 << "; registering again";
+    absl::StatusOr<std::string> again = Register(stub, registration, std::chrono::seconds(5));
+    if (again.ok()) {
+      *replica_id = *again;
+    } else {
+      LOG(WARNING) << again.status();
+    }
+  }
+}
+
+// Rank 0: the engine loop, the Replica service, registration and heartbeats, until SIGTERM.
+absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded,
+                       iv1::Coordinator::Stub& stub) {
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  const std::string tokenizer_path = TokenizerPath();
+  ASSIGN_OR_RETURN(std::string fingerprint,
+                   gemma::service::ModelFingerprint(model_dir, tokenizer_path));
+  std::unique_ptr<gemma::tokenizer::Tokenizer> tokenizer;
+  if (!tokenizer_path.empty()) {
+    ASSIGN_OR_RETURN(tokenizer, gemma::tokenizer::Tokenizer::FromFile(tokenizer_path));
+  }
   gemma::engine::EngineOptions options;
   options.tokenizer = tokenizer.get();
+  auto executor = std::make_unique<gemma::engine::LeaderExecutor>(loaded.model.get(), env.control);
+  gemma::engine::LeaderExecutor* leader = executor.get();
   ASSIGN_OR_RETURN(std::unique_ptr<gemma::engine::Engine> engine,
-                   gemma::engine::Engine::Create(loaded.model.get(), loaded.cache.get(), options));
+                   gemma::engine::Engine::Create(std::move(executor), loaded.model->config(),
+                                                 loaded.cache.get(), options));
   gemma::service::ReplicaLoad load;
   for (int pool = 0; pool < 2; ++pool) {
     load.pages_total[pool] = loaded.cache->pool(pool).num_pages();
@@ -85,6 +334,7 @@ absl::Status Run() {
   engine->set_step_observer([&load](const gemma::engine::StepStats& stats) {
     load.running = stats.num_running;
     load.waiting = stats.num_waiting;
+    load.preemptions += stats.num_preempted;
     for (int pool = 0; pool < 2; ++pool) {
       load.pages_used[pool] = stats.pages_used[pool];
       load.pages_total[pool] = stats.pages_total[pool];
@@ -100,75 +350,63 @@ absl::Status Run() {
       g_stop.store(true);
     }
   });
+  auto stop_engine = [&] {
+    engine_stop.store(true);
+    engine_thread.join();
+    // Lets the other ranks leave their plan loop (they may be gone already).
+    if (env.world.world_size() > 1 && engine_status.ok()) leader->Stop().IgnoreError();
+  };
 
   gemma::service::ReplicaService service(engine.get(), tokenizer.get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  const std::string listen = absl::GetFlag(FLAGS_listen);
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  auto stop_engine = [&] {
-    engine_stop.store(true);
-    engine_thread.join();
-  };
   if (server == nullptr || port == 0) {
     stop_engine();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", absl::GetFlag(FLAGS_listen)));
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   }
   std::string address = absl::GetFlag(FLAGS_advertise);
-  if (address.empty()) {
-    const std::string listen = absl::GetFlag(FLAGS_listen);
-    address = absl::StrCat(listen.substr(0, listen.rfind(':')), ":", port);
-  }
-  LOG(INFO) << "replica serving on " << address << ", fingerprint " << fingerprint;
+  if (address.empty()) address = absl::StrCat(HostOf(listen), ":", port);
+  // On stdout, for scripts that start workers with port 0.
+  std::printf("replica serving on %s\n", address.c_str());
+  std::fflush(stdout);
+  LOG(INFO) << "replica serving on " << address << ", " << env.world.world_size()
+            << " rank(s), fingerprint " << fingerprint;
 
-  auto channel = grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials());
-  std::unique_ptr<iv1::Coordinator::Stub> stub = iv1::Coordinator::NewStub(channel);
-  absl::StatusOr<std::string> replica_id = Register(*stub, fingerprint, address);
+  const gemma::ModelConfig& config = loaded.model->config();
+  iv1::RegisterRequest registration;
+  registration.set_protocol_version(kProtocolVersion);
+  registration.set_model_fingerprint(fingerprint);
+  registration.set_address(address);
+  registration.set_vocab_size(static_cast<int32_t>(config.vocab_size));
+  registration.set_max_context(
+      std::min<int64_t>(config.max_position_embeddings, absl::GetFlag(FLAGS_cache_tokens)));
+  registration.set_world_size(env.world.world_size());
+  registration.set_parallel(env.world.world_size() > 1
+                                ? absl::StrCat("tp=", env.world.world_size())
+                                : std::string("single"));
+  absl::StatusOr<std::string> replica_id =
+      Register(stub, registration, std::chrono::seconds(absl::GetFlag(FLAGS_register_timeout_s)));
   if (!replica_id.ok()) {
     server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
     stop_engine();
     return replica_id.status();
   }
-  LOG(INFO) << "registered with " << coordinator << " as replica " << *replica_id;
+  LOG(INFO) << "registered with " << absl::GetFlag(FLAGS_coordinator) << " as replica "
+            << *replica_id;
 
-  signal(SIGTERM, OnSignal);
-  signal(SIGINT, OnSignal);
-  auto next_beat = std::chrono::steady_clock::now();
+  auto next_beat = Clock::now();
   while (!g_stop.load()) {
-    if (std::chrono::steady_clock::now() >= next_beat) {
-      next_beat += std::chrono::seconds(1);
-      iv1::HeartbeatRequest beat;
-      beat.set_replica_id(*replica_id);
-      beat.set_running(load.running);
-      beat.set_waiting(load.waiting);
-      const char* names[2] = {"sliding", "full"};
-      for (int pool = 0; pool < 2; ++pool) {
-        gemma::v1::KvPoolUsage* usage = beat.add_kv_pools();
-        usage->set_name(names[pool]);
-        usage->set_pages_used(load.pages_used[pool]);
-        usage->set_pages_total(load.pages_total[pool]);
-      }
-      iv1::HeartbeatResponse reply;
-      grpc::ClientContext context;
-      context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(900));
-      grpc::Status status = stub->Heartbeat(&context, beat, &reply);
-      if (!status.ok()) {
-        LOG_EVERY_N(WARNING, 10) << "heartbeat to " << coordinator << " failed: "
-                                 << status.error_message();
-      } else if (!reply.known()) {
-        LOG(WARNING) << "the coordinator forgot replica " << *replica_id << "; registering again";
-        absl::StatusOr<std::string> again = Register(*stub, fingerprint, address);
-        if (again.ok()) {
-          replica_id = again;
-        } else {
-          LOG(WARNING) << again.status();
-        }
-      }
+    if (Clock::now() >= next_beat) {
+      next_beat += std::chrono::milliseconds(absl::GetFlag(FLAGS_heartbeat_ms));
+      SendHeartbeat(stub, &*replica_id, registration, load);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   LOG(INFO) << "shutting down";
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
@@ -176,12 +414,92 @@ absl::Status Run() {
   return engine_status;
 }
 
+absl::Status RunRank() {
+  const int rank = absl::GetFlag(FLAGS_rank);
+  const int world_size = absl::GetFlag(FLAGS_world_size);
+  const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (world_size < 1 || rank >= world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank ", rank, " of world size ", world_size, " is not a valid rank"));
+  }
+  // A peer rank that dies must surface as an error on the socket, not kill this process.
+  signal(SIGPIPE, SIG_IGN);
+  auto channel = grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials());
+  std::unique_ptr<iv1::Coordinator::Stub> stub = iv1::Coordinator::NewStub(channel);
+  const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
+  const std::string backend = absl::GetFlag(FLAGS_backend);
+
+  auto body = [&](gemma::cli::RankEnv& env) -> absl::Status {
+    if (rank == 0) {
+      signal(SIGTERM, OnSignal);
+      signal(SIGINT, OnSignal);
+    } else {
+      // The supervisor's SIGTERM ends a follower at once; Ctrl-C is the supervisor's to handle.
+      signal(SIGINT, SIG_IGN);
+    }
+    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
+                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
+                                            absl::GetFlag(FLAGS_threads),
+                                            absl::GetFlag(FLAGS_cache_tokens),
+                                            absl::GetFlag(FLAGS_page_size), env.parallel,
+                                            /*ranks_in_process=*/world_size, backend));
+    if (env.control != nullptr) {
+      // Ready only when every rank has loaded its slices.
+      RETURN_IF_ERROR(env.control->Barrier());
+    }
+    if (rank != 0) {
+      LOG(INFO) << "rank " << rank << " loaded; following the leader's step plans";
+      return gemma::engine::FollowPlans(*loaded.model, *loaded.cache, env.control);
+    }
+    return RunLeader(env, loaded, *stub);
+  };
+
+  if (world_size == 1) {
+    gemma::parallel::WorldConfig::Options single;
+    ASSIGN_OR_RETURN(gemma::parallel::WorldConfig world,
+                     gemma::parallel::WorldConfig::Create(single));
+    gemma::cli::RankEnv env{world, {}, nullptr, 1, true};
+    return body(env);
+  }
+  gemma::service::GrpcStore store(stub.get(), absl::GetFlag(FLAGS_store_prefix), timeout);
+  gemma::cli::ProcessRankOptions options;
+  options.world.mode = gemma::parallel::ParallelMode::kTp;
+  options.world.tp_size = world_size;
+  options.world.world_size = world_size;
+  options.world.rank = rank;
+  const std::string host = HostOf(absl::GetFlag(FLAGS_listen));
+  if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
+    char name[256] = {0};
+    gethostname(name, sizeof(name) - 1);
+    options.hostname = name;
+  } else {
+    options.hostname = host;
+  }
+  options.timeout = timeout;
+  // Followers wait on the control group for as long as the replica is idle.
+  options.control_timeout = std::chrono::hours(24 * 365);
+  absl::Status status = gemma::cli::RunProcessRank(options, store, body);
+  if (rank == 0) store.Clear().IgnoreError();
+  return status;
+}
+
+absl::Status Run() {
+  if (absl::GetFlag(FLAGS_rank) >= 0) return RunRank();
+  return Supervise();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::vector<std::string> args(argv, argv + argc);
+  g_argv = &args;
   return gemma::cli::ToolMain(
       argc, argv, "gemma-worker",
-      "serves one single-rank CPU replica and registers it with the coordinator\n"
-      "  gemma-worker --coordinator HOST:PORT --model DIR --listen HOST:PORT [--tokenizer FILE]",
+      "serves one replica of the model (one process per rank) and registers it with the "
+      "coordinator\n"
+      "  gemma-worker --coordinator HOST:PORT --model DIR [--cpu-ranks N | --backend cuda "
+      "--gpus N]\n"
+      "               [--listen HOST:PORT] [--advertise HOST:PORT] [--tokenizer FILE] "
+      "[--threads T]",
       Run);
 }

@@ -1,0 +1,386 @@
+#include "coordinator/proxy.h"
+
+#include <algorithm>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "coordinator/request_checks.h"
+#include "coordinator/services.h"
+#include "gemma/internal/v1/worker.grpc.pb.h"
+#include "glog/logging.h"
+
+namespace gemma::coordinator {
+namespace {
+
+using gemma::internal::v1::ReplicaGenerateRequest;
+using gemma::internal::v1::ReplicaGenerateResponse;
+using gemma::v1::GenerateRequest;
+using gemma::v1::GenerateResponse;
+
+uint64_t RandomSeed() {
+  thread_local std::mt19937_64 generator{std::random_device{}()};
+  return generator();
+}
+
+std::string CodeName(grpc::StatusCode code) {
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+}
+
+class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+ public:
+  ProxyReactor(grpc::CallbackServerContext* context, const GenerateRequest& request,
+               Registry* registry, Timer* timer, const ProxyOptions& options)
+      : context_(context), registry_(registry), timer_(timer), options_(options),
+        request_(request) {
+    absl::Status admitted = Admit();
+    if (!admitted.ok()) {
+      if (admitted.code() != absl::StatusCode::kInvalidArgument) {
+        LOG(WARNING) << "request '" << request_.request_id() << "' refused: " << admitted;
+      }
+      absl::MutexLock lock(&mutex_);
+      FinishLocked(ToGrpc(admitted));
+    }
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mutex_);
+    writing_ = false;
+    if (!ok) {
+      // The client's side of the call is broken: end the replica's call too.
+      client_gone_ = true;
+      if (upstream_active_) attempts_.back()->context->TryCancel();
+    }
+    if (attempt_ended_) {
+      EndAttemptLocked();
+    } else if (ok && upstream_active_) {
+      attempts_.back()->upstream.StartRead(&message_);
+    }
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mutex_);
+    cancelled_ = true;
+    if (upstream_active_) {
+      attempts_.back()->context->TryCancel();  // its end finishes the call
+    } else if (timer_pending_) {
+      if (timer_->Cancel(timer_id_)) timer_pending_ = false;
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+    }
+  }
+
+  void OnDone() override {
+    bool last;
+    {
+      absl::MutexLock lock(&mutex_);
+      server_done_ = true;
+      last = DoneLocked();
+    }
+    if (last) delete this;
+  }
+
+ private:
+  class Upstream final : public grpc::ClientReadReactor<ReplicaGenerateResponse> {
+   public:
+    explicit Upstream(ProxyReactor* proxy) : proxy_(proxy) {}
+    void OnReadDone(bool ok) override { proxy_->OnUpstreamRead(ok); }
+    void OnDone(const grpc::Status& status) override { proxy_->OnUpstreamDone(status); }
+
+   private:
+    ProxyReactor* proxy_;
+  };
+
+  // One send of the request to one replica; kept until the proxy is deleted.
+  struct Attempt {
+    explicit Attempt(ProxyReactor* proxy) : upstream(proxy) {}
+    std::shared_ptr<Replica> replica;
+    std::unique_ptr<grpc::ClientContext> context;
+    ReplicaGenerateRequest request;
+    Upstream upstream;
+  };
+
+  absl::Status Admit() {
+    if (absl::Status status = ValidateGenerateRequest(request_, registry_->Limits());
+        !status.ok()) {
+      return status;
+    }
+    if (absl::Status status = CheckDeadline(context_->deadline(),
+                                            std::chrono::system_clock::now());
+        !status.ok()) {
+      return status;
+    }
+    PrepareForReplicas(&request_, RandomSeed());
+    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick({}, /*admit=*/true);
+    if (!replica.ok()) return replica.status();
+    absl::MutexLock lock(&mutex_);
+    registry_->RequestStarted();
+    counted_ = true;
+    StartAttemptLocked(*std::move(replica));
+    return absl::OkStatus();
+  }
+
+  void StartAttemptLocked(std::shared_ptr<Replica> replica) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    attempts_.push_back(std::make_unique<Attempt>(this));
+    Attempt& attempt = *attempts_.back();
+    attempt.replica = std::move(replica);
+    *attempt.request.mutable_request() = request_;
+    if (have_prompt_) {
+      // Resume: the prompt as the first call tokenized it, and what the client has already.
+      auto* ids = attempt.request.mutable_request()->mutable_token_ids()->mutable_ids();
+      ids->Clear();
+      ids->Add(prompt_ids_.begin(), prompt_ids_.end());
+      attempt.request.mutable_resume_token_ids()->Add(relayed_ids_.begin(), relayed_ids_.end());
+    }
+    VLOG(1) << "request '" << request_.request_id() << "' -> replica " << attempt.replica->id
+            << " (attempt " << attempts_.size() << ")";
+    attempt.context = grpc::ClientContext::FromCallbackServerContext(*context_);
+    upstream_active_ = true;
+    attempt.replica->stub->async()->Generate(attempt.context.get(), &attempt.request,
+                                              &attempt.upstream);
+    attempt.upstream.StartRead(&message_);
+    attempt.upstream.StartCall();
+  }
+
+  void OnUpstreamRead(bool ok) {
+    if (!ok) return;  // the status follows in OnUpstreamDone
+    absl::MutexLock lock(&mutex_);
+    if (!have_prompt_ && message_.prompt_token_ids_size() > 0) {
+      prompt_ids_.assign(message_.prompt_token_ids().begin(), message_.prompt_token_ids().end());
+      have_prompt_ = true;
+    }
+    if (finished_ || client_gone_) {
+      message_.Clear();
+      return;  // the replica's call is being cancelled
+    }
+    GenerateResponse& response = *message_.mutable_response();
+    relayed_ids_.insert(relayed_ids_.end(), response.token_ids().begin(),
+                        response.token_ids().end());
+    if (response.has_final()) final_relayed_ = true;
+    outgoing_ = std::move(response);
+    message_.Clear();
+    writing_ = true;
+    StartWrite(&outgoing_);
+  }
+
+  void OnUpstreamDone(const grpc::Status& status) {
+    bool last;
+    {
+      absl::MutexLock lock(&mutex_);
+      attempts_.back()->replica->outstanding.fetch_sub(1);
+      upstream_active_ = false;
+      attempt_status_ = status;
+      attempt_ended_ = true;
+      if (!writing_) EndAttemptLocked();
+      last = DoneLocked();
+    }
+    if (last) delete this;
+  }
+
+  // The replica's call has ended and its last message is written: finish, or fail over.
+  void EndAttemptLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    attempt_ended_ = false;
+    const grpc::Status status = attempt_status_;
+    if (finished_) return;
+    if (final_relayed_) {
+      FinishLocked(grpc::Status::OK);
+      return;
+    }
+    const bool client_cancelled = cancelled_ || client_gone_ || context_->IsCancelled();
+    if (client_cancelled) {
+      FinishLocked(status.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled") : status);
+      return;
+    }
+    if (!IsReplicaFailure(status, final_relayed_, client_cancelled)) {
+      FinishLocked(status);  // the request's own error, as the replica said it
+      return;
+    }
+    if (status.error_code() == grpc::StatusCode::CANCELLED) {
+      // The client's cancellation reaches the replica's call (propagated through its context)
+      // before, or at the same time as, OnCancel reaches this reactor: give it a moment before
+      // the replica is blamed. OnCancel meanwhile finishes the call (see OnCancel).
+      checking_cancel_ = true;
+      timer_pending_ = true;
+      timer_id_ = timer_->Schedule(Timer::Clock::now() + options_.cancel_grace,
+                                   [this] { OnWaitTimer(); });
+      return;
+    }
+    FailOverLocked(status);
+  }
+
+  // The replica failed `status`: blame it, then send the request elsewhere or give up.
+  void FailOverLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    const Replica& failed = *attempts_.back()->replica;
+    const std::string what = absl::StrCat(
+        "replica ", failed.id, " at ", failed.address, " failed after ", relayed_ids_.size(),
+        " streamed token", relayed_ids_.size() == 1 ? "" : "s", " (",
+        status.ok() ? std::string("its stream ended without a final response")
+                    : absl::StrCat(CodeName(status.error_code()), ": ", status.error_message()),
+        ")");
+    registry_->MarkFailed(failed, what);
+    failed_ids_.push_back(failed.id);
+    failures_.push_back(what);
+    if (static_cast<int64_t>(relayed_ids_.size()) >= request_.max_tokens()) {
+      // Every id reached the client, only the final response is missing: send it here.
+      LOG(WARNING) << "request '" << request_.request_id() << "': " << what
+                   << "; every id was streamed, the coordinator ends the stream";
+      outgoing_.Clear();
+      gemma::v1::GenerateFinal* final = outgoing_.mutable_final();
+      final->set_finish_reason("max_tokens");
+      final->set_prompt_tokens(static_cast<int64_t>(prompt_ids_.size()));
+      final->set_generated_tokens(static_cast<int64_t>(relayed_ids_.size()));
+      finished_ = true;
+      if (counted_) registry_->RequestEnded();
+      StartWriteAndFinish(&outgoing_, grpc::WriteOptions(), grpc::Status::OK);
+      return;
+    }
+    if (!have_prompt_ && !relayed_ids_.empty()) {
+      // A replica that sends no prompt ids (an older worker): a token-id input is its own
+      // prompt; a text or chat input cannot be resumed without repeating ids.
+      if (request_.has_token_ids()) {
+        prompt_ids_.assign(request_.token_ids().ids().begin(), request_.token_ids().ids().end());
+        have_prompt_ = true;
+      } else {
+        FailLocked("the replica sent no prompt ids, so the request cannot resume elsewhere");
+        return;
+      }
+    }
+    if (static_cast<int>(attempts_.size()) >= options_.max_attempts) {
+      FailLocked(absl::StrCat("gave up after ", attempts_.size(), " attempt",
+                              attempts_.size() == 1 ? "" : "s", " (--max-attempts ",
+                              options_.max_attempts, ")"));
+      return;
+    }
+    wait_deadline_ = Timer::Clock::now() + options_.requeue_wait;
+    waited_ = false;
+    TryRequeueLocked();
+  }
+
+  void TryRequeueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick(failed_ids_, false);
+    if (replica.ok()) {
+      registry_->CountRequeue();
+      LOG(WARNING) << "request '" << request_.request_id() << "': " << failures_.back()
+                   << "; re-queued on replica " << (*replica)->id << " at "
+                   << (*replica)->address << ", resuming after " << relayed_ids_.size()
+                   << " tokens";
+      StartAttemptLocked(*std::move(replica));
+      return;
+    }
+    const Timer::Clock::time_point now = Timer::Clock::now();
+    if (now >= wait_deadline_) {
+      FailLocked(absl::StrCat("no healthy replica took the request over within ",
+                              options_.requeue_wait.count(), " ms (",
+                              replica.status().message(), ")"));
+      return;
+    }
+    if (!waited_) {
+      waited_ = true;
+      LOG(WARNING) << "request '" << request_.request_id() << "': " << failures_.back()
+                   << "; waiting up to " << options_.requeue_wait.count()
+                   << " ms for a healthy replica";
+    }
+    timer_pending_ = true;
+    timer_id_ = timer_->Schedule(std::min(now + options_.poll_interval, wait_deadline_),
+                                 [this] { OnWaitTimer(); });
+  }
+
+  void OnWaitTimer() {
+    bool last;
+    {
+      absl::MutexLock lock(&mutex_);
+      timer_pending_ = false;
+      if (!finished_) {
+        if (cancelled_ || context_->IsCancelled()) {
+          FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
+        } else if (checking_cancel_) {
+          checking_cancel_ = false;
+          FailOverLocked(attempt_status_);  // the client did not cancel: the replica did
+        } else {
+          TryRequeueLocked();
+        }
+      }
+      last = DoneLocked();
+    }
+    if (last) delete this;
+  }
+
+  void FailLocked(const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    const std::string message = absl::StrCat(absl::StrJoin(failures_, "; then "), "; ", why);
+    LOG(WARNING) << "request '" << request_.request_id() << "' failed: " << message;
+    FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE, message));
+  }
+
+  void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    if (finished_) return;
+    finished_ = true;
+    if (counted_) registry_->RequestEnded();  // before the client can see the end
+    Finish(status);
+  }
+
+  // Whether nothing will call this reactor again.
+  bool DoneLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    return server_done_ && !upstream_active_ && !timer_pending_;
+  }
+
+  grpc::CallbackServerContext* const context_;
+  Registry* const registry_;
+  Timer* const timer_;
+  const ProxyOptions options_;
+  GenerateRequest request_;  // as sent on the first attempt
+
+  absl::Mutex mutex_;
+  bool counted_ ABSL_GUARDED_BY(mutex_) = false;  // in the registry's requests in flight
+  std::vector<std::unique_ptr<Attempt>> attempts_ ABSL_GUARDED_BY(mutex_);
+  ReplicaGenerateResponse message_;  // being read from the replica
+  GenerateResponse outgoing_;        // being written to the client
+  bool have_prompt_ ABSL_GUARDED_BY(mutex_) = false;
+  std::vector<int32_t> prompt_ids_ ABSL_GUARDED_BY(mutex_);
+  std::vector<int32_t> relayed_ids_ ABSL_GUARDED_BY(mutex_);  // every id written to the client
+  bool final_relayed_ ABSL_GUARDED_BY(mutex_) = false;
+  std::vector<std::string> failed_ids_ ABSL_GUARDED_BY(mutex_);
+  std::vector<std::string> failures_ ABSL_GUARDED_BY(mutex_);
+  bool upstream_active_ ABSL_GUARDED_BY(mutex_) = false;  // a replica call not yet done
+  bool attempt_ended_ ABSL_GUARDED_BY(mutex_) = false;    // done, waiting for a write
+  grpc::Status attempt_status_ ABSL_GUARDED_BY(mutex_);
+  bool writing_ ABSL_GUARDED_BY(mutex_) = false;
+  bool timer_pending_ ABSL_GUARDED_BY(mutex_) = false;  // a wait (see OnWaitTimer)
+  bool checking_cancel_ ABSL_GUARDED_BY(mutex_) = false;  // the wait is cancel_grace
+  uint64_t timer_id_ ABSL_GUARDED_BY(mutex_) = 0;
+  Timer::Clock::time_point wait_deadline_ ABSL_GUARDED_BY(mutex_);
+  bool waited_ ABSL_GUARDED_BY(mutex_) = false;
+  bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;    // OnCancel: the client cancelled
+  bool client_gone_ ABSL_GUARDED_BY(mutex_) = false;  // a write to the client failed
+  bool finished_ ABSL_GUARDED_BY(mutex_) = false;
+  bool server_done_ ABSL_GUARDED_BY(mutex_) = false;
+};
+
+}  // namespace
+
+bool IsReplicaFailure(const grpc::Status& status, bool final_relayed, bool client_cancelled) {
+  if (final_relayed) return false;
+  switch (status.error_code()) {
+    case grpc::StatusCode::OK:  // ended without a final response
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::INTERNAL:
+    case grpc::StatusCode::UNKNOWN:
+      return true;
+    case grpc::StatusCode::CANCELLED:
+      return !client_cancelled;  // the replica's server cancelled it (shutting down)
+    default:
+      return false;
+  }
+}
+
+grpc::ServerWriteReactor<GenerateResponse>* StartGenerateProxy(
+    grpc::CallbackServerContext* context, const GenerateRequest& request, Registry* registry,
+    Timer* timer, const ProxyOptions& options) {
+  return new ProxyReactor(context, request, registry, timer, options);
+}
+
+}  // namespace gemma::coordinator

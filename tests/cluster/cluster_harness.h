@@ -1,0 +1,106 @@
+// Helpers for the cluster tier: the real gemma-coordinator, gemma-worker and gemmactl started
+// as child processes on loopback, health polling with deadlines (never fixed sleeps), and a
+// streaming Generate that collects what arrives.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gemma/internal/v1/worker.grpc.pb.h"
+#include "gemma/v1/cluster.grpc.pb.h"
+#include "gemma/v1/inference.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "tests/testing/child_process.h"
+
+namespace gemma::testing::cluster {
+
+using Clock = std::chrono::steady_clock;
+
+extern const std::string kBin;       // build/bin/
+extern const std::string kTinyMoe;   // tests/golden/data/tiny-moe
+extern const std::string kTinyDense; // tests/golden/data/tiny-dense
+
+std::chrono::system_clock::time_point In(std::chrono::milliseconds ms);
+
+// True once grpc.health.v1 at `address` answers SERVING, false at `deadline`.
+bool WaitServing(const std::string& address, Clock::time_point deadline);
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  std::string text;
+  int num_responses = 0;
+  bool has_final = false;
+  gemma::v1::GenerateFinal final;
+};
+
+// One streaming Generate, read to its end.
+StreamResult Generate(gemma::v1::Inference::Stub& stub, const gemma::v1::GenerateRequest& request,
+                      std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+gemma::v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens);
+
+// Runs build/bin/<args[0]> to completion; its stdout and stderr together.
+std::string RunTool(std::vector<std::string> args, int* exit_code);
+
+// The integers of a line of text.
+std::vector<int32_t> ParseIds(const std::string& line);
+
+// The ids gemma-generate gives (greedy, stopping at an end id), the reference of the tier.
+std::vector<int32_t> GemmaGenerate(const std::string& model, const std::vector<int32_t>& prompt,
+                                   int64_t max_new_tokens);
+
+// A coordinator and any number of workers, each logging to a file in a per-test directory.
+// Everything still running is SIGKILLed by the destructor (rank processes die with their
+// supervisor).
+class Cluster {
+ public:
+  explicit Cluster(const std::string& name);
+  ~Cluster();
+
+  // Starts the coordinator with extra flags and waits until it serves; false (with the log in
+  // *error) if it does not within 10 s.
+  bool StartCoordinator(const std::vector<std::string>& flags, std::string* error);
+  // Starts a worker (a supervisor) on `model` with extra flags (e.g. --cpu-ranks 2); its index.
+  int StartWorker(const std::string& model, const std::vector<std::string>& flags);
+  // Starts worker `index` again with the flags it had.
+  void RestartWorker(int index);
+  // Waits until the coordinator reports `n` healthy replicas.
+  bool WaitHealthy(int n, Clock::time_point deadline);
+
+  gemma::v1::GetStatusResponse Status();
+  gemma::v1::Inference::Stub& inference() { return *inference_; }
+  gemma::v1::Cluster::Stub& cluster() { return *cluster_; }
+  gemma::internal::v1::Coordinator::Stub& internal() { return *internal_; }
+  const std::string& coordinator_address() const { return coordinator_address_; }
+  ChildProcess& worker(int index) { return *workers_[index].process; }
+  ChildProcess& coordinator() { return *coordinator_; }
+  // The rank processes of worker `index` (children of its supervisor), by pid order.
+  std::vector<pid_t> RankPids(int index);
+  // The pid of rank `rank` of worker `index` (by its --rank flag), -1 if there is none.
+  pid_t RankPid(int index, int rank);
+  // The worker's or the coordinator's log ("coordinator" or "worker<N>").
+  std::string Log(const std::string& which);
+  const std::string& dir() const { return dir_; }
+
+ private:
+  struct Worker {
+    std::vector<std::string> args;
+    std::unique_ptr<ChildProcess> process;
+    int starts = 0;
+  };
+  std::string dir_;
+  std::string coordinator_address_;
+  std::unique_ptr<ChildProcess> coordinator_;
+  std::vector<Worker> workers_;
+  std::unique_ptr<gemma::v1::Inference::Stub> inference_;
+  std::unique_ptr<gemma::v1::Cluster::Stub> cluster_;
+  std::unique_ptr<gemma::internal::v1::Coordinator::Stub> internal_;
+};
+
+}  // namespace gemma::testing::cluster

@@ -1,0 +1,1022 @@
+// The gemma-coordinator binary on 127.0.0.1, driven through gRPC:
+// - against fake replicas served by this process (scripted streams that fail after N tokens,
+//   end without a final response, refuse the request, stop heartbeating, come back): failover
+//   with re-queue (the client's stream goes on, no token lost or repeated, the replica that
+//   takes over gets the prompt ids and the ids already streamed), the bound on attempts, the
+//   bounded wait for a healthy replica, and request errors relayed without a re-queue;
+// - against real gemma-workers (tiny-moe, one CPU rank each): bad requests refused with a
+//   status and a message naming the problem, admission (RESOURCE_EXHAUSTED when full), and a
+//   worker SIGKILLed mid-stream, its stream finished by another worker or by the same worker
+//   restarted.
+// Readiness is polled through grpc.health.v1 and Cluster.GetStatus; every call has a deadline.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "gemma/internal/v1/worker.grpc.pb.h"
+#include "gemma/v1/cluster.grpc.pb.h"
+#include "gemma/v1/inference.grpc.pb.h"
+#include "glog/logging.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "tests/testing/child_process.h"
+
+namespace gemma {
+namespace {
+
+namespace iv1 = gemma::internal::v1;
+using testing::ChildProcess;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+const std::string kBin = std::string(GEMMA_BINARY_DIR) + "/bin/";
+const std::string kModel = std::string(GEMMA_SOURCE_DIR) + "/tests/golden/data/tiny-moe";
+
+std::chrono::system_clock::time_point In(milliseconds ms) {
+  return std::chrono::system_clock::now() + ms;
+}
+
+std::string LogPath(const std::string& name) {
+  static std::atomic<int> counter{0};
+  const std::string dir = ::testing::TempDir() + "/coordinator_test_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  return absl::StrCat(dir, "/", counter.fetch_add(1), "_", name, ".log");
+}
+
+// One grpc.health.v1.Health/Check of the overall service: true when it answers SERVING. The
+// request is the empty message; the response is field 1 (status) = 1 (SERVING): bytes 08 01.
+bool HealthServing(grpc::GenericStub& stub) {
+  grpc::ClientContext context;
+  context.set_deadline(In(milliseconds(500)));
+  grpc::CompletionQueue cq;
+  grpc::Slice empty("");
+  grpc::ByteBuffer request(&empty, 1);
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
+      stub.PrepareUnaryCall(&context, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (!status.ok()) return false;
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return false;
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) bytes += std::string(slice.begin(), slice.end());
+  return bytes == std::string("\x08\x01", 2);
+}
+
+bool WaitServing(const std::string& address, Clock::time_point deadline) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  while (Clock::now() < deadline) {
+    if (HealthServing(stub)) return true;
+    channel->WaitForConnected(In(milliseconds(100)));
+  }
+  return false;
+}
+
+// Polls `done` every 10 ms until it holds or `timeout` passes.
+bool PollUntil(const std::function<bool()>& done, milliseconds timeout) {
+  const Clock::time_point deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  return done();
+}
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  int num_responses = 0;
+  v1::GenerateFinal final;
+  bool has_final = false;
+};
+
+StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request,
+                      milliseconds timeout = milliseconds(30000)) {
+  grpc::ClientContext context;
+  context.set_deadline(In(timeout));
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      stub.Generate(&context, request);
+  StreamResult result;
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    ++result.num_responses;
+    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
+    if (response.has_final()) {
+      result.final = response.final();
+      result.has_final = true;
+    }
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  v1::GenerateRequest request;
+  for (int32_t id : prompt) request.mutable_token_ids()->add_ids(id);
+  request.set_max_tokens(max_tokens);
+  return request;
+}
+
+// A gemma-coordinator process and stubs for it.
+class Coordinator {
+ public:
+  explicit Coordinator(const std::vector<std::string>& flags) {
+    address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+    log_ = LogPath("coordinator");
+    std::vector<std::string> args = {kBin + "gemma-coordinator", "--listen", address_};
+    args.insert(args.end(), flags.begin(), flags.end());
+    process_ = std::make_unique<ChildProcess>(args, log_);
+    auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+    inference_ = v1::Inference::NewStub(channel);
+    cluster_ = v1::Cluster::NewStub(channel);
+  }
+  bool WaitServing() { return gemma::WaitServing(address_, Clock::now() + seconds(10)); }
+
+  v1::GetStatusResponse Status() {
+    grpc::ClientContext context;
+    context.set_deadline(In(seconds(2)));
+    v1::GetStatusResponse response;
+    grpc::Status status = cluster_->GetStatus(&context, v1::GetStatusRequest(), &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+  int HealthyReplicas() {
+    int healthy = 0;
+    const v1::GetStatusResponse status = Status();
+    for (const v1::ReplicaStatus& r : status.replicas()) healthy += r.healthy();
+    return healthy;
+  }
+  bool WaitHealthyReplicas(int n, milliseconds timeout = milliseconds(15000)) {
+    return PollUntil([&] { return HealthyReplicas() == n; }, timeout);
+  }
+  // The replica (by address) that has `n` requests outstanding; "" when none.
+  std::string AddressWithOutstanding(int64_t n) {
+    const v1::GetStatusResponse status = Status();
+    for (const v1::ReplicaStatus& r : status.replicas()) {
+      if (r.outstanding() == n) return r.address();
+    }
+    return "";
+  }
+
+  const std::string& address() const { return address_; }
+  std::string log() const { return testing::ReadFileToString(log_); }
+  v1::Inference::Stub& inference() { return *inference_; }
+  ChildProcess& process() { return *process_; }
+
+ private:
+  std::string address_;
+  std::string log_;
+  std::unique_ptr<ChildProcess> process_;
+  std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<v1::Cluster::Stub> cluster_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Fake replicas
+
+constexpr char kFakeFingerprint[] = "fa4efa4efa4efa4e";
+
+// The fake model: the next id is a hash of the seed and every id before it, so a stream resumed
+// anywhere with the same seed goes on exactly as it would have.
+int32_t FakeNextToken(const std::vector<int32_t>& ids, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull ^ seed;
+  for (int32_t id : ids) {
+    h ^= static_cast<uint32_t>(id);
+    h *= 1099511628211ull;
+  }
+  return static_cast<int32_t>(5 + (h >> 17) % 500);
+}
+
+std::vector<int32_t> FakeStream(std::vector<int32_t> prompt, uint64_t seed, int64_t n) {
+  std::vector<int32_t> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(FakeNextToken(prompt, seed));
+    prompt.push_back(out.back());
+  }
+  return out;
+}
+
+struct FakeOptions {
+  int fail_after = -1;  // ids a failing call streams before it fails; -1: no call fails
+  int failing_calls = 1000000;  // calls that fail; the later ones are served
+  grpc::Status failure{grpc::StatusCode::UNAVAILABLE, "the fake replica broke"};  // OK: no final
+  bool dies = false;  // stops heartbeating when it fails
+  bool omit_final = false;  // streams every id but never a final response
+  milliseconds token_interval{5};
+  int32_t vocab_size = 512;
+  int64_t max_context = 4096;
+};
+
+// A replica leader served by this process: registers with the coordinator, heartbeats every
+// 100 ms (registering again when the coordinator answers known = false), and streams the fake
+// model's ids.
+class FakeReplica final : public iv1::Replica::Service {
+ public:
+  FakeReplica(const std::string& coordinator, FakeOptions options) : options_(options) {
+    failing_calls_left_ = options_.fail_after >= 0 ? options_.failing_calls : 0;
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(this);
+    server_ = builder.BuildAndStart();
+    CHECK(server_ != nullptr && port != 0);
+    address_ = absl::StrCat("127.0.0.1:", port);
+    stub_ = iv1::Coordinator::NewStub(
+        grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials()));
+    heartbeats_ = std::thread([this] { HeartbeatLoop(); });
+  }
+  ~FakeReplica() override {
+    stop_.store(true);
+    heartbeats_.join();
+    server_->Shutdown(In(milliseconds(200)));
+  }
+
+  const std::string& address() const { return address_; }
+  std::vector<iv1::ReplicaGenerateRequest> requests() {
+    absl::MutexLock lock(&mutex_);
+    return requests_;
+  }
+  // Heartbeats again after it "died", and serves every call from now on.
+  void Revive() {
+    absl::MutexLock lock(&mutex_);
+    failing_calls_left_ = 0;
+    alive_ = true;
+  }
+
+  grpc::Status Generate(grpc::ServerContext* context, const iv1::ReplicaGenerateRequest* call,
+                        grpc::ServerWriter<iv1::ReplicaGenerateResponse>* writer) override {
+    bool fail;
+    {
+      absl::MutexLock lock(&mutex_);
+      requests_.push_back(*call);
+      fail = failing_calls_left_ > 0;
+      if (fail) --failing_calls_left_;
+    }
+    const v1::GenerateRequest& request = call->request();
+    std::vector<int32_t> prompt;
+    if (request.has_token_ids()) {
+      prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+    } else if (request.input_case() == v1::GenerateRequest::kText) {
+      prompt.push_back(2);
+      for (unsigned char c : request.text()) prompt.push_back(5 + c);
+    } else {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the fake replica needs an input");
+    }
+    const uint64_t seed =
+        request.sampling().has_seed() ? request.sampling().seed() : std::random_device{}();
+    const int64_t max_tokens = request.max_tokens() > 0 ? request.max_tokens() : 16;
+    std::vector<int32_t> ids = prompt;
+    ids.insert(ids.end(), call->resume_token_ids().begin(), call->resume_token_ids().end());
+    int64_t generated = call->resume_token_ids_size();
+    int streamed = 0;
+    while (generated < max_tokens) {
+      if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      if (fail && streamed == options_.fail_after) {
+        if (options_.dies) {
+          absl::MutexLock lock(&mutex_);
+          alive_ = false;
+        }
+        return options_.failure;
+      }
+      iv1::ReplicaGenerateResponse message;
+      if (streamed == 0) message.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
+      ids.push_back(FakeNextToken(ids, seed));
+      ++generated;
+      ++streamed;
+      message.mutable_response()->add_token_ids(ids.back());
+      if (generated == max_tokens && !options_.omit_final) {
+        v1::GenerateFinal* final = message.mutable_response()->mutable_final();
+        final->set_finish_reason("max_tokens");
+        final->set_prompt_tokens(static_cast<int64_t>(prompt.size()));
+        final->set_generated_tokens(generated);
+      }
+      if (!writer->Write(message)) return grpc::Status(grpc::StatusCode::CANCELLED, "gone");
+      std::this_thread::sleep_for(options_.token_interval);
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  void HeartbeatLoop() {
+    std::string id;
+    while (!stop_.load()) {
+      bool alive;
+      {
+        absl::MutexLock lock(&mutex_);
+        alive = alive_;
+      }
+      if (alive) {
+        bool known = false;
+        if (!id.empty()) {
+          iv1::HeartbeatRequest beat;
+          beat.set_replica_id(id);
+          iv1::HeartbeatResponse reply;
+          grpc::ClientContext context;
+          context.set_deadline(In(milliseconds(500)));
+          known = stub_->Heartbeat(&context, beat, &reply).ok() && reply.known();
+        }
+        if (!known) {
+          iv1::RegisterRequest request;
+          request.set_protocol_version(1);
+          request.set_model_fingerprint(kFakeFingerprint);
+          request.set_address(address_);
+          request.set_vocab_size(options_.vocab_size);
+          request.set_max_context(options_.max_context);
+          request.set_world_size(1);
+          request.set_parallel("single");
+          iv1::RegisterResponse response;
+          grpc::ClientContext context;
+          context.set_deadline(In(milliseconds(500)));
+          if (stub_->Register(&context, request, &response).ok()) id = response.replica_id();
+        }
+      }
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+  }
+
+  const FakeOptions options_;
+  std::string address_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<iv1::Coordinator::Stub> stub_;
+  std::atomic<bool> stop_{false};
+  absl::Mutex mutex_;
+  std::vector<iv1::ReplicaGenerateRequest> requests_ ABSL_GUARDED_BY(mutex_);
+  int failing_calls_left_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool alive_ ABSL_GUARDED_BY(mutex_) = true;
+  std::thread heartbeats_;  // last: starts once the rest is built
+};
+
+class FakeReplicaTest : public ::testing::Test {
+ protected:
+  void StartCoordinator(const std::vector<std::string>& flags = {}) {
+    coordinator_ = std::make_unique<Coordinator>(flags);
+    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
+  }
+  // A fake replica, once the coordinator counts it healthy (they register in this order, and
+  // the coordinator routes ties to the earliest registered).
+  std::unique_ptr<FakeReplica> AddReplica(FakeOptions options = FakeOptions()) {
+    const int healthy = coordinator_->HealthyReplicas();
+    auto replica = std::make_unique<FakeReplica>(coordinator_->address(), options);
+    EXPECT_TRUE(coordinator_->WaitHealthyReplicas(healthy + 1)) << coordinator_->log();
+    return replica;
+  }
+  void TearDown() override {
+    if (coordinator_ != nullptr && HasFailure()) LOG(INFO) << coordinator_->log();
+  }
+
+  std::unique_ptr<Coordinator> coordinator_;
+};
+
+// A sampled request without a seed: the coordinator picks one, so the stream after a failure
+// goes on as the failed replica's would have.
+TEST_F(FakeReplicaTest, FailedStreamResumesOnAnotherReplica) {
+  StartCoordinator();
+  FakeOptions failing;
+  failing.fail_after = 3;
+  failing.failing_calls = 1;
+  std::unique_ptr<FakeReplica> a = AddReplica(failing);
+  std::unique_ptr<FakeReplica> b = AddReplica();
+  v1::GenerateRequest request = TokenRequest({2, 17, 301}, 12);
+  request.mutable_sampling()->set_temperature(0.8f);
+  request.set_request_id("resume-me");
+  StreamResult result = Generate(coordinator_->inference(), request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+
+  ASSERT_EQ(a->requests().size(), 1u);
+  ASSERT_EQ(b->requests().size(), 1u);
+  const iv1::ReplicaGenerateRequest first = a->requests()[0];
+  const iv1::ReplicaGenerateRequest second = b->requests()[0];
+  ASSERT_TRUE(first.request().sampling().has_seed());
+  EXPECT_EQ(first.request().max_tokens(), 12);
+  EXPECT_EQ(first.resume_token_ids_size(), 0);
+  const uint64_t seed = first.request().sampling().seed();
+  const std::vector<int32_t> expected = FakeStream({2, 17, 301}, seed, 12);
+  EXPECT_EQ(result.ids, expected);  // nothing lost, nothing repeated
+  ASSERT_TRUE(result.has_final);
+  EXPECT_EQ(result.final.generated_tokens(), 12);
+  EXPECT_EQ(result.final.prompt_tokens(), 3);
+  // The replica that took over got the prompt as ids and the 3 ids already streamed.
+  EXPECT_EQ(second.request().sampling().seed(), seed);
+  EXPECT_EQ(second.request().max_tokens(), 12);
+  EXPECT_EQ(second.request().request_id(), "resume-me");
+  ASSERT_TRUE(second.request().has_token_ids());
+  EXPECT_EQ(std::vector<int32_t>(second.request().token_ids().ids().begin(),
+                                 second.request().token_ids().ids().end()),
+            (std::vector<int32_t>{2, 17, 301}));
+  EXPECT_EQ(std::vector<int32_t>(second.resume_token_ids().begin(),
+                                 second.resume_token_ids().end()),
+            std::vector<int32_t>(expected.begin(), expected.begin() + 3));
+
+  v1::GetStatusResponse status = coordinator_->Status();
+  EXPECT_EQ(status.requests_requeued(), 1);
+  EXPECT_EQ(status.requests_in_flight(), 0);
+  // The failed replica was out at once; its next heartbeat is answered known = false, it
+  // registers again and is back in rotation.
+  EXPECT_TRUE(coordinator_->WaitHealthyReplicas(2, milliseconds(5000))) << coordinator_->log();
+  StreamResult again = Generate(coordinator_->inference(), TokenRequest({2, 5}, 4));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_TRUE(absl::StrContains(coordinator_->log(), "re-queued")) << coordinator_->log();
+}
+
+TEST_F(FakeReplicaTest, TransportErrorsAndUnfinishedStreamsAreFailures) {
+  struct Case {
+    grpc::Status failure;
+    int fail_after;
+  };
+  const std::vector<Case> cases = {
+      {grpc::Status::OK, 2},  // ended without a final response
+      {grpc::Status(grpc::StatusCode::INTERNAL, "stream reset"), 1},
+      {grpc::Status(grpc::StatusCode::UNKNOWN, "?"), 4},
+      {grpc::Status(grpc::StatusCode::UNAVAILABLE, "gone"), 0},  // before the first response
+      {grpc::Status(grpc::StatusCode::CANCELLED, "shutting down"), 3},  // not by the client
+  };
+  for (const Case& c : cases) {
+    StartCoordinator();  // a fresh one for each case
+    FakeOptions failing;
+    failing.fail_after = c.fail_after;
+    failing.failure = c.failure;
+    failing.failing_calls = 1;
+    std::unique_ptr<FakeReplica> a = AddReplica(failing);
+    std::unique_ptr<FakeReplica> b = AddReplica();
+    v1::GenerateRequest request = TokenRequest({2, 9}, 8);
+    request.mutable_sampling()->set_seed(77);
+    StreamResult result = Generate(coordinator_->inference(), request);
+    ASSERT_TRUE(result.status.ok()) << c.failure.error_code() << ": "
+                                    << result.status.error_message();
+    EXPECT_EQ(result.ids, FakeStream({2, 9}, 77, 8)) << c.failure.error_code();
+    ASSERT_EQ(b->requests().size(), 1u);
+    EXPECT_EQ(b->requests()[0].resume_token_ids_size(), c.fail_after);
+    EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+  }
+}
+
+TEST_F(FakeReplicaTest, StreamWithEveryIdButNoFinalIsEndedByTheCoordinator) {
+  StartCoordinator();
+  FakeOptions no_final;
+  no_final.omit_final = true;
+  std::unique_ptr<FakeReplica> a = AddReplica(no_final);
+  std::unique_ptr<FakeReplica> b = AddReplica();
+  v1::GenerateRequest request = TokenRequest({2, 8}, 6);
+  request.mutable_sampling()->set_seed(3);
+  StreamResult result = Generate(coordinator_->inference(), request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids, FakeStream({2, 8}, 3, 6));
+  ASSERT_TRUE(result.has_final);
+  EXPECT_EQ(result.final.generated_tokens(), 6);
+  EXPECT_EQ(result.final.prompt_tokens(), 2);
+  EXPECT_TRUE(b->requests().empty());  // nothing left to resume
+  EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
+}
+
+TEST_F(FakeReplicaTest, FailureBeforeTheFirstResponseResendsTheRequestUnchanged) {
+  StartCoordinator();
+  FakeOptions failing;
+  failing.fail_after = 0;
+  std::unique_ptr<FakeReplica> a = AddReplica(failing);
+  std::unique_ptr<FakeReplica> b = AddReplica();
+  v1::GenerateRequest request;
+  request.set_text("hi");
+  request.set_max_tokens(5);
+  StreamResult result = Generate(coordinator_->inference(), request);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids.size(), 5u);
+  ASSERT_EQ(b->requests().size(), 1u);
+  EXPECT_EQ(b->requests()[0].request().text(), "hi");
+  EXPECT_EQ(b->requests()[0].resume_token_ids_size(), 0);
+  EXPECT_EQ(b->requests()[0].request().SerializeAsString(),
+            a->requests()[0].request().SerializeAsString());
+}
+
+TEST_F(FakeReplicaTest, RequestErrorsAreRelayedNotRequeued) {
+  for (grpc::StatusCode code : {grpc::StatusCode::INVALID_ARGUMENT,
+                                grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                grpc::StatusCode::FAILED_PRECONDITION}) {
+    StartCoordinator();  // a fresh one for each case
+    FakeOptions refusing;
+    refusing.fail_after = 0;
+    refusing.failure = grpc::Status(code, "the replica's own words");
+    std::unique_ptr<FakeReplica> a = AddReplica(refusing);
+    std::unique_ptr<FakeReplica> b = AddReplica();
+    v1::GenerateRequest text;
+    text.set_text("a long text");
+    StreamResult result = Generate(coordinator_->inference(), text);
+    EXPECT_EQ(result.status.error_code(), code);
+    EXPECT_EQ(result.status.error_message(), "the replica's own words");
+    EXPECT_TRUE(b->requests().empty());
+    EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
+    EXPECT_EQ(coordinator_->HealthyReplicas(), 2);  // nobody was blamed
+  }
+}
+
+TEST_F(FakeReplicaTest, GivesUpAfterMaxAttempts) {
+  StartCoordinator({"--max-attempts", "2"});
+  FakeOptions failing;
+  failing.fail_after = 1;
+  std::unique_ptr<FakeReplica> a = AddReplica(failing);
+  std::unique_ptr<FakeReplica> b = AddReplica(failing);
+  std::unique_ptr<FakeReplica> c = AddReplica(failing);
+  StreamResult result = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  const std::string& message = result.status.error_message();
+  EXPECT_TRUE(absl::StrContains(message, "gave up after 2 attempts")) << message;
+  EXPECT_TRUE(absl::StrContains(message, a->address() + " failed after 1 streamed token ("))
+      << message;
+  EXPECT_TRUE(absl::StrContains(message, "failed after 2 streamed tokens")) << message;
+  EXPECT_TRUE(absl::StrContains(message, "the fake replica broke")) << message;
+  // What was streamed before the failures reached the client, once.
+  EXPECT_EQ(result.ids.size(), 2u);
+  EXPECT_FALSE(result.has_final);
+  EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+}
+
+TEST_F(FakeReplicaTest, NoReplicaLeftWaitsThenFailsSayingWhatHappened) {
+  StartCoordinator({"--heartbeat-timeout-ms", "800"});
+  FakeOptions dying;
+  dying.fail_after = 2;
+  dying.dies = true;
+  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  const Clock::time_point start = Clock::now();
+  StreamResult result = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
+  const milliseconds elapsed = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  const std::string& message = result.status.error_message();
+  EXPECT_TRUE(absl::StrContains(message, a->address())) << message;
+  EXPECT_TRUE(absl::StrContains(message, "failed after 2 streamed tokens")) << message;
+  EXPECT_TRUE(absl::StrContains(message, "no healthy replica took the request over within 800 ms"))
+      << message;
+  EXPECT_GE(elapsed, milliseconds(800));
+  EXPECT_EQ(result.ids.size(), 2u);
+  EXPECT_EQ(coordinator_->Status().requests_in_flight(), 0);
+}
+
+TEST_F(FakeReplicaTest, ReplicaThatComesBackTakesTheStreamOver) {
+  StartCoordinator({"--heartbeat-timeout-ms", "10000"});
+  FakeOptions dying;
+  dying.fail_after = 3;
+  dying.dies = true;
+  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  v1::GenerateRequest request = TokenRequest({2, 3, 4}, 10);
+  request.mutable_sampling()->set_seed(5);
+  std::thread revive([&] {
+    // Comes back (registers again) a while after its failure.
+    PollUntil([&] { return coordinator_->HealthyReplicas() == 0; }, milliseconds(5000));
+    std::this_thread::sleep_for(milliseconds(300));
+    a->Revive();
+  });
+  StreamResult result = Generate(coordinator_->inference(), request);
+  revive.join();
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids, FakeStream({2, 3, 4}, 5, 10));
+  ASSERT_EQ(a->requests().size(), 2u);
+  EXPECT_EQ(a->requests()[1].resume_token_ids_size(), 3);
+  EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+}
+
+TEST_F(FakeReplicaTest, ClientDeadlineEndsTheWaitForAReplica) {
+  StartCoordinator({"--heartbeat-timeout-ms", "10000"});
+  FakeOptions dying;
+  dying.fail_after = 1;
+  dying.dies = true;
+  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  StreamResult result =
+      Generate(coordinator_->inference(), TokenRequest({2, 3}, 10), milliseconds(600));
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(result.ids.size(), 1u);
+  EXPECT_TRUE(PollUntil([&] { return coordinator_->Status().requests_in_flight() == 0; },
+                        milliseconds(3000)));
+  // The coordinator is fine: a replica that comes back serves the next request.
+  a->Revive();
+  ASSERT_TRUE(coordinator_->WaitHealthyReplicas(1, milliseconds(5000)));
+  EXPECT_TRUE(Generate(coordinator_->inference(), TokenRequest({2, 3}, 3)).status.ok());
+}
+
+TEST_F(FakeReplicaTest, LimitsFromRegistrationRefuseBadRequests) {
+  StartCoordinator();
+  FakeOptions small;
+  small.vocab_size = 100;
+  small.max_context = 64;
+  std::unique_ptr<FakeReplica> a = AddReplica(small);
+  StreamResult vocab = Generate(coordinator_->inference(), TokenRequest({2, 100}, 4));
+  EXPECT_EQ(vocab.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(vocab.status.error_message(), "token id 100"))
+      << vocab.status.error_message();
+  v1::GenerateRequest stop = TokenRequest({2, 3}, 4);
+  stop.add_stop_token_ids(100);
+  StreamResult stop_result = Generate(coordinator_->inference(), stop);
+  EXPECT_EQ(stop_result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(stop_result.status.error_message(),
+            "unknown stop id 100: the model's vocabulary has 100 ids");
+  StreamResult context =
+      Generate(coordinator_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 5));
+  EXPECT_EQ(context.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(context.status.error_message(),
+            "input of 60 tokens plus max_tokens 5 needs 65 positions; this cluster serves at "
+            "most 64; shorten the input or lower max_tokens");
+  EXPECT_TRUE(a->requests().empty());
+  StreamResult fits =
+      Generate(coordinator_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 4));
+  EXPECT_TRUE(fits.status.ok()) << fits.status.error_message();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rendezvous store over gRPC
+
+class StoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    coordinator_ = std::make_unique<Coordinator>(std::vector<std::string>{});
+    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
+    stub_ = iv1::Coordinator::NewStub(
+        grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials()));
+  }
+  grpc::Status Set(const std::string& key, const std::string& value) {
+    iv1::StoreSetRequest request;
+    request.set_key(key);
+    request.set_value(value);
+    iv1::StoreSetResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(In(seconds(5)));
+    return stub_->StoreSet(&context, request, &response);
+  }
+  // The value, or the status's code and message.
+  grpc::Status Get(const std::string& key, int64_t timeout_ms, std::string* value,
+                   milliseconds deadline = milliseconds(10000)) {
+    iv1::StoreGetRequest request;
+    request.set_key(key);
+    request.set_timeout_ms(timeout_ms);
+    iv1::StoreGetResponse response;
+    grpc::ClientContext context;
+    context.set_deadline(In(deadline));
+    grpc::Status status = stub_->StoreGet(&context, request, &response);
+    *value = response.value();
+    return status;
+  }
+
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<iv1::Coordinator::Stub> stub_;
+};
+
+TEST_F(StoreTest, SetGetAddAndDeleteOverGrpc) {
+  ASSERT_TRUE(Set("replica-7/rank0", std::string("\x01\x00\x02", 3)).ok());
+  std::string value;
+  ASSERT_TRUE(Get("replica-7/rank0", 0, &value).ok());
+  EXPECT_EQ(value, std::string("\x01\x00\x02", 3));
+
+  // A get that waits is answered by a set from another client.
+  std::thread setter([&] {
+    std::this_thread::sleep_for(milliseconds(100));
+    EXPECT_TRUE(Set("replica-7/rank1", "late").ok());
+  });
+  grpc::Status waited = Get("replica-7/rank1", 5000, &value);
+  setter.join();
+  ASSERT_TRUE(waited.ok()) << waited.error_message();
+  EXPECT_EQ(value, "late");
+
+  grpc::Status missing = Get("replica-7/never", 100, &value);
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(absl::StrContains(missing.error_message(), "replica-7/never"))
+      << missing.error_message();
+
+  for (int i = 1; i <= 3; ++i) {
+    iv1::StoreAddRequest add;
+    add.set_key("replica-7/joined");
+    add.set_delta(1);
+    iv1::StoreAddResponse added;
+    grpc::ClientContext context;
+    context.set_deadline(In(seconds(5)));
+    ASSERT_TRUE(stub_->StoreAdd(&context, add, &added).ok());
+    EXPECT_EQ(added.value(), i);
+  }
+  ASSERT_TRUE(Get("replica-7/joined", 0, &value).ok());
+  EXPECT_EQ(value, "3");
+
+  iv1::StoreDeletePrefixRequest del;
+  del.set_prefix("replica-7/");
+  iv1::StoreDeletePrefixResponse deleted;
+  grpc::ClientContext context;
+  context.set_deadline(In(seconds(5)));
+  ASSERT_TRUE(stub_->StoreDeletePrefix(&context, del, &deleted).ok());
+  EXPECT_EQ(deleted.deleted(), 3);
+  EXPECT_EQ(Get("replica-7/rank0", 0, &value).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+
+  grpc::Status empty = Set("", "v");
+  EXPECT_EQ(empty.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(empty.error_message(), "key is empty"));
+  grpc::Status long_key = Set(std::string(5000, 'k'), "v");
+  EXPECT_EQ(long_key.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(long_key.error_message(), "5000 bytes"));
+  grpc::Status big = Set("big", std::string((1 << 20) + 1, 'v'));
+  EXPECT_EQ(big.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  grpc::Status bad_timeout = Get("k", -5, &value);
+  EXPECT_EQ(bad_timeout.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(bad_timeout.error_message(), "timeout_ms"));
+}
+
+TEST_F(StoreTest, ClientDeadlineEndsAWaitingGet) {
+  std::string value;
+  const Clock::time_point start = Clock::now();
+  grpc::Status status = Get("k", 60000, &value, milliseconds(300));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_LT(Clock::now() - start, seconds(5));
+  // The store still answers, and a later set is seen.
+  ASSERT_TRUE(Set("k", "v").ok());
+  ASSERT_TRUE(Get("k", 0, &value).ok());
+  EXPECT_EQ(value, "v");
+}
+
+TEST_F(StoreTest, SigtermEndsWaitingCallsAndExitsCleanly) {
+  std::string value;
+  grpc::Status waiting;
+  std::thread get([&] { waiting = Get("never", 60000, &value, milliseconds(60000)); });
+  // A Generate waiting for a replica after its replica died.
+  FakeOptions dying;
+  dying.fail_after = 1;
+  dying.dies = true;
+  auto replica = std::make_unique<FakeReplica>(coordinator_->address(), dying);
+  ASSERT_TRUE(coordinator_->WaitHealthyReplicas(1));
+  StreamResult generate;
+  std::thread stream([&] {
+    generate = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
+  });
+  ASSERT_TRUE(PollUntil([&] { return coordinator_->HealthyReplicas() == 0; }, seconds(5)));
+  coordinator_->process().Signal(SIGTERM);
+  EXPECT_EQ(coordinator_->process().WaitForExitCode(milliseconds(8000)), 0)
+      << coordinator_->log();
+  get.join();
+  stream.join();
+  EXPECT_FALSE(waiting.ok());
+  EXPECT_FALSE(generate.status.ok());
+  EXPECT_EQ(generate.ids.size(), 1u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real workers
+
+class RealClusterTest : public ::testing::Test {
+ protected:
+  void StartCoordinator(const std::vector<std::string>& flags = {}) {
+    coordinator_ = std::make_unique<Coordinator>(flags);
+    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
+  }
+  // A single-rank gemma-worker at `address` (a free port when empty); waits until the
+  // coordinator counts `healthy_after` healthy replicas.
+  void StartWorker(int healthy_after, std::string address = "") {
+    if (address.empty()) address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+    Worker worker;
+    worker.address = address;
+    worker.log = LogPath("worker");
+    worker.process = std::make_unique<ChildProcess>(
+        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_->address(),
+                                 "--model", kModel, "--listen", address, "--threads", "2"},
+        worker.log);
+    workers_.push_back(std::move(worker));
+    ASSERT_TRUE(coordinator_->WaitHealthyReplicas(healthy_after, milliseconds(30000)))
+        << testing::ReadFileToString(workers_.back().log) << coordinator_->log();
+  }
+  void TearDown() override {
+    for (Worker& worker : workers_) worker.process->Kill();
+    if (coordinator_ != nullptr && HasFailure()) LOG(INFO) << coordinator_->log();
+  }
+
+  struct Worker {
+    std::string address;
+    std::string log;
+    std::unique_ptr<ChildProcess> process;
+  };
+  std::unique_ptr<Coordinator> coordinator_;
+  std::vector<Worker> workers_;
+};
+
+TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
+  StartCoordinator();
+  StartWorker(1);
+  struct Case {
+    std::string name;
+    v1::GenerateRequest request;
+    std::vector<std::string> message_has;  // every one in the message
+  };
+  std::vector<Case> cases;
+  cases.push_back({"no input", v1::GenerateRequest(), {"no input"}});
+  v1::GenerateRequest empty_ids;
+  empty_ids.mutable_token_ids();
+  cases.push_back({"empty token_ids", empty_ids, {"token_ids is empty"}});
+  v1::GenerateRequest empty_text;
+  empty_text.set_text("");
+  cases.push_back({"empty text", empty_text, {"text is empty"}});
+  v1::GenerateRequest empty_chat;
+  empty_chat.mutable_chat();
+  cases.push_back({"empty chat", empty_chat, {"chat has no messages"}});
+  // 4000 + 200 positions; the model has 4096. Refused by the coordinator when the worker sent
+  // its max_context, else by the worker's engine: either message names the positions.
+  cases.push_back({"too-long token input", TokenRequest(std::vector<int32_t>(4000, 7), 200),
+                   {"4000 tokens plus max_tokens 200", "positions"}});
+  v1::GenerateRequest top_p = TokenRequest({2, 17}, 4);
+  top_p.mutable_sampling()->set_top_p(1.5f);
+  cases.push_back({"top_p 1.5", top_p, {"top_p must be in (0, 1], got 1.5"}});
+  v1::GenerateRequest temperature = TokenRequest({2, 17}, 4);
+  temperature.mutable_sampling()->set_temperature(-0.5f);
+  cases.push_back({"temperature -0.5", temperature, {"temperature must be >= 0", "-0.5"}});
+  v1::GenerateRequest negative_stop = TokenRequest({2, 17}, 4);
+  negative_stop.add_stop_token_ids(-3);
+  cases.push_back({"negative stop id", negative_stop, {"unknown stop id -3"}});
+  const v1::GetStatusResponse status = coordinator_->Status();
+  ASSERT_EQ(status.replicas_size(), 1);
+  if (status.replicas(0).max_context() > 0) {
+    // The worker registered its limits (vocabulary 512 ids).
+    v1::GenerateRequest unknown_stop = TokenRequest({2, 17}, 4);
+    unknown_stop.add_stop_token_ids(512);
+    cases.push_back({"unknown stop id", unknown_stop,
+                     {"unknown stop id 512: the model's vocabulary has 512 ids"}});
+  } else {
+    LOG(WARNING) << "the worker registered no limits; the unknown stop id case is skipped";
+  }
+  for (const Case& c : cases) {
+    StreamResult result = Generate(coordinator_->inference(), c.request);
+    EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << c.name << ": " << result.status.error_message();
+    for (const std::string& part : c.message_has) {
+      EXPECT_TRUE(absl::StrContains(result.status.error_message(), part))
+          << c.name << ": " << result.status.error_message() << " has no '" << part << "'";
+    }
+    EXPECT_TRUE(result.ids.empty()) << c.name;
+  }
+
+  // A deadline already past: DEADLINE_EXCEEDED (from the client's own library, which does not
+  // send such a call; the coordinator refuses one that arrives past its deadline the same way).
+  {
+    grpc::ClientContext context;
+    context.set_deadline(In(milliseconds(-1000)));
+    auto reader = coordinator_->inference().Generate(&context, TokenRequest({2, 17}, 4));
+    v1::GenerateResponse response;
+    EXPECT_FALSE(reader->Read(&response));
+    grpc::Status past = reader->Finish();
+    EXPECT_EQ(past.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+    EXPECT_TRUE(absl::StrContains(absl::AsciiStrToLower(past.error_message()), "deadline"))
+        << past.error_message();
+  }
+  // Nothing was blamed on the replica, which still serves.
+  StreamResult ok = Generate(coordinator_->inference(), TokenRequest({2, 17}, 3));
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.ids.size(), 3u);
+  EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
+}
+
+TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
+  StartCoordinator({"--max-outstanding-per-replica", "1"});
+  StartWorker(1);
+  EXPECT_EQ(coordinator_->Status().max_outstanding_per_replica(), 1);
+  const std::string replica_id = coordinator_->Status().replicas(0).id();
+  // A long request in flight.
+  grpc::ClientContext long_context;
+  long_context.set_deadline(In(seconds(60)));
+  auto long_reader =
+      coordinator_->inference().Generate(&long_context, TokenRequest({2, 17, 301}, 4000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(long_reader->Read(&response));
+  StreamResult refused = Generate(coordinator_->inference(), TokenRequest({2, 17}, 4));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.status.error_message();
+  EXPECT_TRUE(absl::StrContains(refused.status.error_message(),
+                                "the cluster is full: 1 requests in flight on 1 healthy replica "
+                                "(limit 1 each); retry later or add replicas"))
+      << refused.status.error_message();
+  EXPECT_EQ(coordinator_->Status().requests_in_flight(), 1);
+  long_context.TryCancel();
+  while (long_reader->Read(&response)) {
+  }
+  EXPECT_EQ(long_reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // Admission opens again once the replica's call has ended.
+  ASSERT_TRUE(PollUntil([&] { return coordinator_->AddressWithOutstanding(0) != ""; },
+                        milliseconds(5000)));
+  StreamResult admitted = Generate(coordinator_->inference(), TokenRequest({2, 17}, 4));
+  EXPECT_TRUE(admitted.status.ok()) << admitted.status.error_message();
+  // The client's cancellation was not blamed on the replica.
+  const v1::GetStatusResponse status = coordinator_->Status();
+  EXPECT_EQ(status.requests_requeued(), 0);
+  ASSERT_EQ(status.replicas_size(), 1);
+  EXPECT_EQ(status.replicas(0).id(), replica_id);
+  EXPECT_TRUE(status.replicas(0).healthy());
+}
+
+// Streams `request`, SIGKILLs the worker serving it after a few ids (then runs `after_kill`),
+// and returns what the client got.
+StreamResult StreamAndKill(Coordinator& coordinator, const v1::GenerateRequest& request,
+                           std::vector<std::pair<std::string, ChildProcess*>> workers,
+                           const std::function<void(const std::string&)>& after_kill) {
+  grpc::ClientContext context;
+  context.set_deadline(In(seconds(60)));
+  auto reader = coordinator.inference().Generate(&context, request);
+  StreamResult result;
+  v1::GenerateResponse response;
+  bool killed = false;
+  while (reader->Read(&response)) {
+    ++result.num_responses;
+    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
+    if (response.has_final()) {
+      result.final = response.final();
+      result.has_final = true;
+    }
+    if (!killed && result.ids.size() >= 5) {
+      killed = true;
+      const std::string serving = coordinator.AddressWithOutstanding(1);
+      EXPECT_FALSE(serving.empty());
+      for (auto& [address, process] : workers) {
+        if (address == serving) {
+          LOG(INFO) << "SIGKILL the worker at " << address << " after " << result.ids.size()
+                    << " ids";
+          process->Kill();
+        }
+      }
+      after_kill(serving);
+    }
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+v1::GenerateRequest LongSampledRequest() {
+  v1::GenerateRequest request = TokenRequest({2, 17, 301}, 3000);
+  request.mutable_sampling()->set_temperature(1.0f);
+  request.mutable_sampling()->set_seed(1234);
+  return request;
+}
+
+TEST_F(RealClusterTest, KilledWorkersStreamIsFinishedByAnother) {
+  StartCoordinator();
+  StartWorker(1);
+  StartWorker(2);
+  const v1::GenerateRequest request = LongSampledRequest();
+  const StreamResult expected = Generate(coordinator_->inference(), request);
+  ASSERT_TRUE(expected.status.ok()) << expected.status.error_message();
+  ASSERT_GE(expected.ids.size(), 100u) << "the reference stream ended early";
+  std::vector<std::pair<std::string, ChildProcess*>> workers;
+  for (Worker& w : workers_) workers.emplace_back(w.address, w.process.get());
+  StreamResult result =
+      StreamAndKill(*coordinator_, request, workers, [](const std::string&) {});
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->log();
+  EXPECT_EQ(result.ids.size(), expected.ids.size());
+  EXPECT_EQ(result.ids, expected.ids);
+  EXPECT_EQ(result.final.generated_tokens(), expected.final.generated_tokens());
+  const v1::GetStatusResponse status = coordinator_->Status();
+  EXPECT_EQ(status.requests_requeued(), 1) << coordinator_->log();
+  EXPECT_EQ(status.requests_in_flight(), 0);
+}
+
+TEST_F(RealClusterTest, RestartedWorkerTakesItsStreamOver) {
+  // The wait for a healthy replica after a failure is the heartbeat timeout: long enough for
+  // the worker to start again.
+  StartCoordinator({"--heartbeat-timeout-ms", "30000"});
+  const std::string address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+  StartWorker(1, address);
+  const v1::GenerateRequest request = LongSampledRequest();
+  const StreamResult expected = Generate(coordinator_->inference(), request);
+  ASSERT_TRUE(expected.status.ok()) << expected.status.error_message();
+  ASSERT_GE(expected.ids.size(), 100u) << "the reference stream ended early";
+  std::vector<std::pair<std::string, ChildProcess*>> workers = {
+      {address, workers_[0].process.get()}};
+  StreamResult result = StreamAndKill(*coordinator_, request, workers, [&](const std::string&) {
+    Worker restarted;
+    restarted.address = address;
+    restarted.log = LogPath("worker_restarted");
+    restarted.process = std::make_unique<ChildProcess>(
+        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_->address(),
+                                 "--model", kModel, "--listen", address, "--threads", "2"},
+        restarted.log);
+    workers_.push_back(std::move(restarted));
+  });
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->log()
+                                  << testing::ReadFileToString(workers_.back().log);
+  EXPECT_EQ(result.ids, expected.ids);
+  const v1::GetStatusResponse status = coordinator_->Status();
+  EXPECT_EQ(status.requests_requeued(), 1);
+  ASSERT_EQ(status.replicas_size(), 1);  // the new registration replaced the failed one
+  EXPECT_TRUE(status.replicas(0).healthy());
+}
+
+}  // namespace
+}  // namespace gemma

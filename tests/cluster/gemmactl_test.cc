@@ -1,0 +1,420 @@
+// gemmactl against a real gemma-coordinator and gemma-worker (tiny-moe with its 512-entry
+// tokenizer, single CPU rank) on 127.0.0.1: `chat` driven through piped stdin, and the `status`
+// table. Readiness is polled through grpc.health.v1 and Cluster.GetStatus; every wait has a
+// deadline.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "gemma/v1/cluster.grpc.pb.h"
+#include "gemma/v1/inference.grpc.pb.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/child_process.h"
+
+namespace gemma {
+namespace {
+
+using testing::ChildProcess;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+const std::string kBin = std::string(GEMMA_BINARY_DIR) + "/bin/";
+const std::string kModel = std::string(GEMMA_SOURCE_DIR) + "/tests/golden/data/tiny-moe";
+const std::string kTokenizer = kModel + "/tokenizer.json";
+constexpr int64_t kReplyTokens = 8;
+
+std::chrono::system_clock::time_point In(milliseconds ms) {
+  return std::chrono::system_clock::now() + ms;
+}
+
+// One grpc.health.v1.Health/Check of the overall service: true when it answers SERVING (the
+// response is field 1 (status) = 1: bytes 08 01).
+bool HealthServing(grpc::GenericStub& stub) {
+  grpc::ClientContext context;
+  context.set_deadline(In(milliseconds(500)));
+  grpc::CompletionQueue cq;
+  grpc::Slice empty("");
+  grpc::ByteBuffer request(&empty, 1);
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
+      stub.PrepareUnaryCall(&context, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  call->Finish(&response, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (!status.ok()) return false;
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return false;
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) bytes += std::string(slice.begin(), slice.end());
+  return bytes == std::string("\x08\x01", 2);
+}
+
+bool WaitServing(const std::string& address, Clock::time_point deadline) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  while (Clock::now() < deadline) {
+    if (HealthServing(stub)) return true;
+    channel->WaitForConnected(In(milliseconds(100)));
+  }
+  return false;
+}
+
+std::string ShellQuote(const std::string& arg) {
+  std::string quoted = "'";
+  for (char c : arg) {
+    if (c == '\'') {
+      quoted += "'\\''";
+    } else {
+      quoted += c;
+    }
+  }
+  return quoted + "'";
+}
+
+std::string WriteFile(const std::string& path, const std::string& content) {
+  std::ofstream(path, std::ios::binary) << content;
+  return path;
+}
+
+struct ToolRun {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs bin/`args[0]` with `stdin_text` as its standard input (a file, so not a terminal).
+ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text) {
+  static int counter = 0;
+  const std::string base =
+      absl::StrCat(::testing::TempDir(), "/gemmactl_", getpid(), "_", counter++);
+  WriteFile(base + ".in", stdin_text);
+  args[0] = kBin + args[0];
+  std::vector<std::string> quoted;
+  for (const std::string& arg : args) quoted.push_back(ShellQuote(arg));
+  const std::string command =
+      absl::StrCat("exec ", absl::StrJoin(quoted, " "), " < ", ShellQuote(base + ".in"), " 2> ",
+                   ShellQuote(base + ".err"));
+  ChildProcess child({"/bin/sh", "-c", command}, base + ".out");
+  ToolRun run;
+  run.exit_code = child.WaitForExitCode(milliseconds(30000));
+  run.out = testing::ReadFileToString(base + ".out");
+  run.err = testing::ReadFileToString(base + ".err");
+  return run;
+}
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> ids;
+  v1::GenerateFinal final;
+};
+
+StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
+  grpc::ClientContext context;
+  context.set_deadline(In(seconds(20)));
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      stub.Generate(&context, request);
+  StreamResult result;
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
+    if (response.has_final()) result.final = response.final();
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+// One model reply of `gemmactl chat --json`: its responses, in order.
+struct Turn {
+  int num_responses = 0;
+  std::vector<int32_t> ids;
+  std::string text;
+  v1::GenerateFinal final;
+};
+
+// Splits `gemmactl chat --json` output (one GenerateResponse per line) into turns at each final.
+std::vector<Turn> ParseChatJson(const std::string& out) {
+  std::vector<Turn> turns(1);
+  for (absl::string_view line : absl::StrSplit(out, '\n', absl::SkipEmpty())) {
+    v1::GenerateResponse response;
+    const auto status = google::protobuf::util::JsonStringToMessage(std::string(line), &response);
+    EXPECT_TRUE(status.ok()) << "not a GenerateResponse: " << line;
+    if (!status.ok()) continue;
+    Turn& turn = turns.back();
+    ++turn.num_responses;
+    turn.ids.insert(turn.ids.end(), response.token_ids().begin(), response.token_ids().end());
+    turn.text += response.text();
+    if (response.has_final()) {
+      turn.final = response.final();
+      turns.emplace_back();
+    }
+  }
+  turns.pop_back();
+  return turns;
+}
+
+// The prompt ids of a conversation, rendered and encoded by gemma-tokenize --chat.
+std::vector<int32_t> ChatPromptIds(const nlohmann::json& messages) {
+  static int counter = 0;
+  const std::string path =
+      absl::StrCat(::testing::TempDir(), "/chat_", getpid(), "_", counter++, ".json");
+  WriteFile(path, nlohmann::json{{"messages", messages}, {"add_generation_prompt", true}}.dump());
+  ToolRun run = RunWithStdin({"gemma-tokenize", "--tokenizer", kTokenizer, "--chat", path}, "");
+  EXPECT_EQ(run.exit_code, 0) << run.out << run.err;
+  if (run.exit_code != 0) return {};
+  return nlohmann::json::parse(run.out)["ids"].get<std::vector<int32_t>>();
+}
+
+v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  v1::GenerateRequest request;
+  for (int32_t id : prompt) request.mutable_token_ids()->add_ids(id);
+  request.set_max_tokens(max_tokens);
+  return request;
+}
+
+class GemmactlClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/gemmactl_cluster_" + std::to_string(getpid());
+    std::filesystem::create_directories(dir_);
+    coordinator_address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+    coordinator_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{kBin + "gemma-coordinator", "--listen", coordinator_address_},
+        dir_ + "/coordinator.log");
+    ASSERT_TRUE(WaitServing(coordinator_address_, Clock::now() + seconds(10)))
+        << testing::ReadFileToString(dir_ + "/coordinator.log");
+    worker_address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+    worker_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_address_,
+                                 "--model", kModel, "--tokenizer", kTokenizer, "--listen",
+                                 worker_address_, "--threads", "1"},
+        dir_ + "/worker.log");
+    ASSERT_TRUE(WaitServing(worker_address_, Clock::now() + seconds(20)))
+        << testing::ReadFileToString(dir_ + "/worker.log");
+    auto channel = grpc::CreateChannel(coordinator_address_, grpc::InsecureChannelCredentials());
+    inference_ = v1::Inference::NewStub(channel);
+    cluster_ = v1::Cluster::NewStub(channel);
+    // The worker serves before it registers: wait until the coordinator routes to it.
+    const Clock::time_point deadline = Clock::now() + seconds(10);
+    bool registered = false;
+    while (!registered && Clock::now() < deadline) {
+      v1::GetStatusResponse status = GetStatus();
+      registered = status.replicas_size() == 1 && status.replicas(0).healthy();
+      if (!registered) std::this_thread::sleep_for(milliseconds(20));
+    }
+    ASSERT_TRUE(registered) << testing::ReadFileToString(dir_ + "/worker.log");
+  }
+
+  void TearDown() override {
+    // SIGTERM first so that a worker with rank processes takes them down with it.
+    for (ChildProcess* child : {worker_.get(), coordinator_.get()}) {
+      if (child == nullptr) continue;
+      child->Signal(SIGTERM);
+      if (child->WaitForExitCode(milliseconds(10000)) == -1) child->Kill();
+    }
+  }
+
+  v1::GetStatusResponse GetStatus() {
+    grpc::ClientContext context;
+    context.set_deadline(In(seconds(2)));
+    v1::GetStatusResponse response;
+    grpc::Status status = cluster_->GetStatus(&context, v1::GetStatusRequest(), &response);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return response;
+  }
+
+  std::vector<std::string> Gemmactl(std::vector<std::string> args) {
+    args.insert(args.begin(), {"gemmactl", "--coordinator", coordinator_address_});
+    return args;
+  }
+
+  std::string dir_;
+  std::string coordinator_address_;
+  std::string worker_address_;
+  std::unique_ptr<ChildProcess> coordinator_;
+  std::unique_ptr<ChildProcess> worker_;
+  std::unique_ptr<v1::Inference::Stub> inference_;
+  std::unique_ptr<v1::Cluster::Stub> cluster_;
+};
+
+TEST_F(GemmactlClusterTest, ChatSendsTheWholeConversation) {
+  const std::string system = "Answer in the words of the King James Bible.";
+  const std::string first = "Who created the heaven and the earth?";
+  const std::string second = "And what did he say unto Moses?";
+  ToolRun run = RunWithStdin(Gemmactl({"chat", "--json", "--system", system, "--max-tokens",
+                                       std::to_string(kReplyTokens)}),
+                             first + "\n" + second + "\n");
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  std::vector<Turn> turns = ParseChatJson(run.out);
+  ASSERT_EQ(turns.size(), 2u) << run.out;
+
+  // The first request is the system message and the first user turn; the second carries the
+  // first exchange, with the model's reply as it was streamed.
+  nlohmann::json messages = nlohmann::json::array();
+  messages.push_back({{"role", "system"}, {"content", system}});
+  messages.push_back({{"role", "user"}, {"content", first}});
+  std::vector<std::vector<int32_t>> prompts = {ChatPromptIds(messages)};
+  messages.push_back({{"role", "model"}, {"content", turns[0].text}});
+  messages.push_back({{"role", "user"}, {"content", second}});
+  prompts.push_back(ChatPromptIds(messages));
+  ASSERT_GT(prompts[1].size(), prompts[0].size());
+
+  for (size_t i = 0; i < turns.size(); ++i) {
+    const Turn& turn = turns[i];
+    ASSERT_FALSE(turn.ids.empty()) << "turn " << i;
+    for (int32_t id : prompts[i]) ASSERT_LT(id, 512) << "turn " << i;
+    // Streamed: one response per generated token at least, and text the tokenizer decoded.
+    EXPECT_GE(turn.num_responses, static_cast<int>(turn.ids.size())) << "turn " << i;
+    EXPECT_EQ(turn.final.generated_tokens(), static_cast<int64_t>(turn.ids.size()));
+    if (turn.final.finish_reason() == "max_tokens") {
+      EXPECT_FALSE(turn.text.empty()) << "turn " << i;
+    }
+    // The replica saw exactly the rendered conversation: same length, and a direct greedy
+    // generate of those ids gives the same reply.
+    EXPECT_EQ(turn.final.prompt_tokens(), static_cast<int64_t>(prompts[i].size())) << "turn " << i;
+    StreamResult direct = Generate(*inference_, TokenRequest(prompts[i], kReplyTokens));
+    ASSERT_TRUE(direct.status.ok()) << direct.status.error_message();
+    EXPECT_EQ(direct.ids, turn.ids) << "turn " << i;
+  }
+}
+
+TEST_F(GemmactlClusterTest, ChatPrintsLabelledRepliesAndResets) {
+  const std::string line = "In the beginning";
+  // Text output: one labelled reply per turn, no "you> " prompt on a pipe.
+  ToolRun text = RunWithStdin(Gemmactl({"chat", "--max-tokens", "4"}), line + "\n\n" + line + "\n");
+  ASSERT_EQ(text.exit_code, 0) << text.out << text.err;
+  EXPECT_EQ(text.out.find("you> "), std::string::npos) << text.out;
+  size_t labels = 0;
+  for (size_t at = text.out.find("model> "); at != std::string::npos;
+       at = text.out.find("model> ", at + 1)) {
+    ++labels;
+  }
+  EXPECT_EQ(labels, 2u) << text.out;  // the blank line is not a turn
+
+  // /reset forgets the first exchange: the same line gives the same prompt and reply again;
+  // /exit ends the session before the last line.
+  ToolRun json = RunWithStdin(Gemmactl({"chat", "--json", "--max-tokens", "4"}),
+                              line + "\n/reset\n" + line + "\n/exit\n" + line + "\n");
+  ASSERT_EQ(json.exit_code, 0) << json.out << json.err;
+  std::vector<Turn> turns = ParseChatJson(json.out);
+  ASSERT_EQ(turns.size(), 2u) << json.out;
+  EXPECT_EQ(turns[0].final.prompt_tokens(), turns[1].final.prompt_tokens());
+  EXPECT_EQ(turns[0].ids, turns[1].ids);
+  EXPECT_EQ(turns[0].text, turns[1].text);
+}
+
+TEST_F(GemmactlClusterTest, ChatRefusedRequestIsAOneLineError) {
+  ToolRun run = RunWithStdin(Gemmactl({"chat", "--temperature", "-1"}), "hello\nagain\n");
+  EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
+  EXPECT_NE(run.err.find("gemmactl: INVALID_ARGUMENT: "), std::string::npos) << run.err;
+  EXPECT_EQ(std::count(run.err.begin(), run.err.end(), '\n'), 1) << run.err;
+}
+
+// The cells of a `gemmactl status` table row by header name (cells are separated by two or
+// more spaces and hold at most single spaces).
+std::map<std::string, std::string> TableRow(const std::string& output, const std::string& row_key) {
+  const std::regex separator(" {2,}");
+  auto cells = [&](const std::string& line) {
+    std::vector<std::string> out;
+    for (std::sregex_token_iterator it(line.begin(), line.end(), separator, -1), end; it != end;
+         ++it) {
+      out.push_back(*it);
+    }
+    return out;
+  };
+  std::vector<std::string> header;
+  std::map<std::string, std::string> row;
+  for (absl::string_view view : absl::StrSplit(output, '\n')) {
+    const std::string line(view);
+    if (line.rfind("ID ", 0) == 0) header = cells(line);
+    if (!header.empty() && line.find(row_key) != std::string::npos) {
+      const std::vector<std::string> values = cells(line);
+      for (size_t i = 0; i < header.size() && i < values.size(); ++i) row[header[i]] = values[i];
+    }
+  }
+  return row;
+}
+
+TEST_F(GemmactlClusterTest, StatusIsATableOfReplicas) {
+  // Keep one request outstanding while the table is taken.
+  grpc::ClientContext context;
+  context.set_deadline(In(seconds(60)));
+  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
+      inference_->Generate(&context, TokenRequest({2, 17, 301}, 3000));
+  v1::GenerateResponse first;
+  ASSERT_TRUE(reader->Read(&first));
+  const Clock::time_point deadline = Clock::now() + seconds(10);
+  while (Clock::now() < deadline && GetStatus().replicas(0).outstanding() != 1) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  const v1::GetStatusResponse status = GetStatus();
+  ASSERT_EQ(status.replicas(0).outstanding(), 1);
+  ToolRun run = RunWithStdin(Gemmactl({"status"}), "");
+  context.TryCancel();
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+  }
+  (void)reader->Finish();
+
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  EXPECT_NE(run.out.find("replicas 1 (1 healthy)"), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find("requests in flight "), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find("re-queued 0"), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find(status.model_fingerprint()), std::string::npos) << run.out;
+  std::map<std::string, std::string> row = TableRow(run.out, worker_address_);
+  ASSERT_FALSE(row.empty()) << run.out;
+  EXPECT_EQ(row["ID"], status.replicas(0).id()) << run.out;
+  EXPECT_EQ(row["ADDRESS"], worker_address_) << run.out;
+  EXPECT_EQ(row["HEALTH"], "healthy") << run.out;
+  EXPECT_EQ(row["OUTSTANDING"], "1") << run.out;
+  EXPECT_TRUE(std::regex_match(row["RUN/WAIT"], std::regex("[0-9]+/[0-9]+"))) << run.out;
+  EXPECT_TRUE(std::regex_match(row["PREEMPTIONS"], std::regex("[0-9]+"))) << run.out;
+  EXPECT_TRUE(std::regex_match(row["HEARTBEAT"], std::regex("[0-9.]+s"))) << run.out;
+  ASSERT_FALSE(status.replicas(0).kv_pools().empty());
+  for (const v1::KvPoolUsage& pool : status.replicas(0).kv_pools()) {
+    const std::string cell = row["KV " + pool.name()];
+    EXPECT_TRUE(std::regex_match(
+        cell, std::regex("[0-9]+/" + std::to_string(pool.pages_total()) + " [0-9]+%")))
+        << pool.name() << ": '" << cell << "'\n"
+        << run.out;
+  }
+  if (!status.replicas(0).parallel().empty()) {
+    EXPECT_EQ(row["PARALLEL"], status.replicas(0).parallel()) << run.out;
+    EXPECT_EQ(row["WORLD"], std::to_string(status.replicas(0).world_size())) << run.out;
+  }
+}
+
+TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
+  const std::string address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+  ToolRun run = RunWithStdin(
+      {"gemmactl", "--coordinator", address, "--connect-timeout-ms", "300", "chat"}, "hello\n");
+  EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
+  EXPECT_NE(run.err.find("cannot reach the coordinator at " + address), std::string::npos)
+      << run.err;
+  EXPECT_EQ(run.out.find("model> "), std::string::npos) << run.out;
+}
+
+}  // namespace
+}  // namespace gemma

@@ -1,0 +1,212 @@
+// Multi-rank replicas behind the coordinator, with the real binaries on loopback: a tp=2
+// replica of two rank processes gives exactly gemma-generate's ids; 64 concurrent streams over
+// two replicas equal their single results; a SIGKILLed rank's streams continue on the other
+// replica without a token lost or repeated, the dead replica is marked unhealthy and a
+// restarted worker rejoins; a cancelled stream's KV pages are freed (seen in GetStatus).
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/cluster/cluster_harness.h"
+
+namespace gemma::testing::cluster {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+namespace v1 = gemma::v1;
+
+std::vector<int32_t> Prompt(int i) { return {2, 20 + 5 * i, 100 + 3 * i, 410 - 2 * i, 7 + i}; }
+
+const v1::ReplicaStatus* FindReplica(const v1::GetStatusResponse& status, int world_size) {
+  for (const v1::ReplicaStatus& r : status.replicas()) {
+    if (r.healthy() && r.world_size() == world_size) return &r;
+  }
+  return nullptr;
+}
+
+TEST(ReplicaTest, TpReplicaOfTwoProcessesEqualsGemmaGenerate) {
+  for (const std::string& model : {kTinyMoe, kTinyDense}) {
+    SCOPED_TRACE(model);
+    Cluster cluster("tp2");
+    std::string error;
+    ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+    cluster.StartWorker(model, {"--cpu-ranks", "2"});
+    ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60))) << cluster.Log("worker0");
+    const v1::GetStatusResponse status = cluster.Status();
+    ASSERT_EQ(status.replicas_size(), 1);
+    EXPECT_EQ(status.replicas(0).world_size(), 2);
+    EXPECT_EQ(status.replicas(0).parallel(), "tp=2");
+    EXPECT_EQ(cluster.RankPids(0).size(), 2u) << "one process per rank under the supervisor";
+    for (int i = 0; i < 3; ++i) {
+      const std::vector<int32_t> expected = GemmaGenerate(model, Prompt(i), 16);
+      ASSERT_FALSE(expected.empty());
+      StreamResult result = Generate(cluster.inference(), TokenRequest(Prompt(i), 16));
+      ASSERT_TRUE(result.status.ok()) << result.status.error_message() << cluster.Log("worker0");
+      EXPECT_EQ(result.ids, expected) << "prompt " << i;
+      EXPECT_GE(result.num_responses, static_cast<int>(expected.size())) << "streamed";
+    }
+  }
+}
+
+class TwoReplicasTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string error;
+    ASSERT_TRUE(cluster_.StartCoordinator({"--heartbeat-timeout-ms", "1500"}, &error)) << error;
+    cluster_.StartWorker(kTinyMoe, {});
+    cluster_.StartWorker(kTinyMoe, {"--cpu-ranks", "2"});
+    ASSERT_TRUE(cluster_.WaitHealthy(2, Clock::now() + seconds(60)))
+        << cluster_.Log("worker0") << cluster_.Log("worker1");
+  }
+
+  // Each prompt's ids when it runs alone.
+  std::vector<std::vector<int32_t>> AloneResults(int n, int64_t max_tokens) {
+    std::vector<std::vector<int32_t>> results(n);
+    for (int i = 0; i < n; ++i) {
+      StreamResult result = Generate(cluster_.inference(), TokenRequest(Prompt(i), max_tokens));
+      EXPECT_TRUE(result.status.ok()) << result.status.error_message();
+      results[i] = result.ids;
+    }
+    return results;
+  }
+
+  Cluster cluster_{"two_replicas"};
+};
+
+TEST_F(TwoReplicasTest, SixtyFourConcurrentStreamsEqualTheirSingleResults) {
+  constexpr int kStreams = 64;
+  constexpr int64_t kTokens = 12;
+  const std::vector<std::vector<int32_t>> alone = AloneResults(kStreams, kTokens);
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = Generate(cluster_.inference(), TokenRequest(Prompt(i), kTokens));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, alone[i]) << "stream " << i;
+  }
+}
+
+TEST_F(TwoReplicasTest, KilledRankRequeuesStreamsAndRestartedWorkerRejoins) {
+  constexpr int kStreams = 16;
+  // Long enough that the tp=2 replica (a Gloo step costs milliseconds on loopback) is mid-stream.
+  constexpr int64_t kTokens = 120;
+  std::vector<std::vector<int32_t>> alone(kStreams);
+  for (int i = 0; i < kStreams; ++i) alone[i] = GemmaGenerate(kTinyMoe, Prompt(i), kTokens);
+
+  std::vector<StreamResult> results(kStreams);
+  std::atomic<int> started{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext context;
+      context.set_deadline(In(seconds(120)));
+      auto reader = cluster_.inference().Generate(&context, TokenRequest(Prompt(i), kTokens));
+      v1::GenerateResponse response;
+      bool counted = false;
+      while (reader->Read(&response)) {
+        results[i].ids.insert(results[i].ids.end(), response.token_ids().begin(),
+                              response.token_ids().end());
+        if (!counted) {
+          counted = true;
+          started.fetch_add(1);
+        }
+      }
+      results[i].status = reader->Finish();
+    });
+  }
+  // Every stream is under way: kill the follower rank of the tp=2 replica.
+  const Clock::time_point deadline = Clock::now() + seconds(30);
+  while (started.load() < kStreams && Clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  ASSERT_EQ(started.load(), kStreams);
+  const pid_t follower = cluster_.RankPid(1, 1);
+  ASSERT_GT(follower, 0);
+  const std::string dead_address = FindReplica(cluster_.Status(), 2)->address();
+  ASSERT_EQ(kill(follower, SIGKILL), 0);
+  const Clock::time_point killed_at = Clock::now();
+
+  // The dead replica is marked unhealthy within the heartbeat timeout.
+  bool unhealthy = false;
+  while (!unhealthy && Clock::now() < killed_at + seconds(5)) {
+    unhealthy = true;
+    const v1::GetStatusResponse status = cluster_.Status();
+    for (const v1::ReplicaStatus& r : status.replicas()) {
+      if (r.address() == dead_address && r.healthy()) unhealthy = false;
+    }
+    if (!unhealthy) std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(unhealthy);
+  EXPECT_LE(Clock::now() - killed_at, milliseconds(1500 + 500));
+
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, alone[i]) << "stream " << i << ": lost or repeated tokens";
+  }
+  EXPECT_GT(cluster_.Status().requests_requeued(), 0) << cluster_.Log("coordinator");
+  // The supervisor stopped the replica's other rank and exited.
+  EXPECT_NE(cluster_.worker(1).WaitUntil(Clock::now() + seconds(15)), std::nullopt);
+
+  // A restarted worker rejoins; with the other worker gone, it serves alone.
+  cluster_.RestartWorker(1);
+  ASSERT_TRUE(cluster_.WaitHealthy(2, Clock::now() + seconds(60))) << cluster_.Log("worker1");
+  cluster_.worker(0).Kill();
+  StreamResult after = Generate(cluster_.inference(), TokenRequest(Prompt(3), kTokens));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message() << cluster_.Log("coordinator");
+  EXPECT_EQ(after.ids, alone[3]);
+}
+
+TEST(ReplicaCancelTest, CancelledStreamFreesItsPages) {
+  Cluster cluster("cancel");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  cluster.StartWorker(kTinyMoe, {"--heartbeat-ms", "50"});
+  ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60))) << cluster.Log("worker0");
+  auto pages_used = [&] {
+    int64_t used = 0;
+    const v1::GetStatusResponse status = cluster.Status();
+    for (const v1::KvPoolUsage& pool : status.replicas(0).kv_pools()) {
+      used += pool.pages_used();
+    }
+    return used;
+  };
+  ASSERT_EQ(pages_used(), 0);
+
+  grpc::ClientContext context;
+  context.set_deadline(In(seconds(60)));
+  // Greedy from this prompt runs past 3000 tokens without an end id.
+  auto reader = cluster.inference().Generate(&context, TokenRequest({2, 17, 301}, 3000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  // The heartbeat brings the pages in use to the status.
+  const Clock::time_point deadline = Clock::now() + seconds(10);
+  while (pages_used() == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  ASSERT_GT(pages_used(), 0);
+  context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  const Clock::time_point freed_by = Clock::now() + seconds(10);
+  while (pages_used() > 0 && Clock::now() < freed_by) {
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  EXPECT_EQ(pages_used(), 0);
+}
+
+}  // namespace
+}  // namespace gemma::testing::cluster

@@ -1,0 +1,233 @@
+// The coordinator's replica registry (coordinator/registry.h) on a fake clock: routing to the
+// least loaded healthy replica, admission (RESOURCE_EXHAUSTED naming the load and the limit),
+// exclusion of replicas that failed a request, health by heartbeat age, a failed replica kept
+// out until its worker registers again, the model limits and the status it reports.
+#include "coordinator/registry.h"
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+
+namespace gemma::coordinator {
+namespace {
+
+using std::chrono::milliseconds;
+namespace iv1 = gemma::internal::v1;
+
+class RegistryTest : public ::testing::Test {
+ protected:
+  Registry MakeRegistry(int64_t max_outstanding = 256) {
+    RegistryOptions options;
+    options.heartbeat_timeout = milliseconds(3000);
+    options.max_outstanding_per_replica = max_outstanding;
+    options.now = [this] { return now_; };
+    return Registry(options);
+  }
+
+  static iv1::RegisterRequest Worker(const std::string& address, int32_t vocab = 512,
+                                     int64_t max_context = 4096) {
+    iv1::RegisterRequest request;
+    request.set_protocol_version(1);
+    request.set_model_fingerprint("00112233aabbccdd");
+    request.set_address(address);
+    request.set_vocab_size(vocab);
+    request.set_max_context(max_context);
+    request.set_world_size(2);
+    request.set_parallel("tp=2");
+    return request;
+  }
+
+  static bool Beat(Registry& registry, const std::string& id, int64_t preemptions = 0) {
+    iv1::HeartbeatRequest beat;
+    beat.set_replica_id(id);
+    beat.set_running(3);
+    beat.set_preemptions(preemptions);
+    return registry.Heartbeat(beat);
+  }
+
+  std::chrono::steady_clock::time_point now_ = std::chrono::steady_clock::now();
+};
+
+TEST_F(RegistryTest, PicksTheLeastLoadedHealthyReplica) {
+  Registry registry = MakeRegistry();
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  const std::string b = *registry.Register(Worker("127.0.0.1:1002"));
+  EXPECT_NE(a, b);
+  std::vector<std::shared_ptr<Replica>> held;
+  for (int i = 0; i < 4; ++i) held.push_back(*registry.Pick());
+  EXPECT_EQ(held[0]->outstanding.load() + held[1]->outstanding.load(), 4);
+  int on_a = 0;
+  for (const auto& r : held) on_a += r->id == a;
+  EXPECT_EQ(on_a, 2);
+  held[0]->outstanding.fetch_sub(1);
+  std::shared_ptr<Replica> next = *registry.Pick();
+  EXPECT_EQ(next->id, held[0]->id);
+}
+
+TEST_F(RegistryTest, AdmissionRefusesWhenEveryHealthyReplicaIsFull) {
+  Registry registry = MakeRegistry(/*max_outstanding=*/2);
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1001")).ok());
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1002")).ok());
+  std::vector<std::shared_ptr<Replica>> held;
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<std::shared_ptr<Replica>> r = registry.Pick();
+    ASSERT_TRUE(r.ok()) << i << ": " << r.status();
+    held.push_back(*r);
+  }
+  absl::StatusOr<std::shared_ptr<Replica>> full = registry.Pick();
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StrContains(full.status().message(),
+                                "the cluster is full: 4 requests in flight on 2 healthy "
+                                "replicas (limit 2 each); retry later or add replicas"))
+      << full.status();
+  // A request moving after a failure was admitted already.
+  absl::StatusOr<std::shared_ptr<Replica>> moved = registry.Pick({}, /*admit=*/false);
+  ASSERT_TRUE(moved.ok()) << moved.status();
+  EXPECT_EQ(moved->get()->outstanding.load(), 3);
+  moved->get()->outstanding.fetch_sub(1);
+  held.back()->outstanding.fetch_sub(1);
+  EXPECT_TRUE(registry.Pick().ok());
+  EXPECT_EQ(registry.Status().max_outstanding_per_replica(), 2);
+}
+
+TEST_F(RegistryTest, ExcludedReplicasAreNotPicked) {
+  Registry registry = MakeRegistry();
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  const std::string b = *registry.Register(Worker("127.0.0.1:1002"));
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<std::shared_ptr<Replica>> r = registry.Pick({a}, false);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->get()->id, b);
+  }
+  absl::StatusOr<std::shared_ptr<Replica>> none = registry.Pick({a, b}, false);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_TRUE(absl::StrContains(none.status().message(), "2 failed this request"))
+      << none.status();
+}
+
+TEST_F(RegistryTest, HealthFollowsHeartbeatAge) {
+  Registry registry = MakeRegistry();
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  now_ += milliseconds(2500);
+  EXPECT_TRUE(Beat(registry, a));
+  now_ += milliseconds(2500);
+  EXPECT_TRUE(registry.Pick().ok());
+  now_ += milliseconds(600);
+  absl::StatusOr<std::shared_ptr<Replica>> none = registry.Pick();
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_FALSE(registry.Status().replicas(0).healthy());
+  // A late heartbeat brings it back.
+  EXPECT_TRUE(Beat(registry, a));
+  EXPECT_TRUE(registry.Status().replicas(0).healthy());
+  EXPECT_TRUE(registry.Pick().ok());
+  EXPECT_FALSE(Beat(registry, "r999"));
+}
+
+TEST_F(RegistryTest, FailedReplicaIsOutUntilItRegistersAgain) {
+  Registry registry = MakeRegistry();
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  const std::string b = *registry.Register(Worker("127.0.0.1:1002"));
+  std::shared_ptr<Replica> failed = *registry.Pick();
+  ASSERT_EQ(failed->id, a);
+  registry.MarkFailed(*failed, "UNAVAILABLE: connection refused");
+  // Unhealthy at once, fresh heartbeats or not; the worker is told to register again.
+  EXPECT_FALSE(registry.Status().replicas(0).healthy());
+  EXPECT_FALSE(Beat(registry, a));
+  EXPECT_FALSE(registry.Status().replicas(0).healthy());
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(registry.Pick().value()->id, b);
+  // b fails too: nothing healthy.
+  registry.MarkFailed(*registry.Pick().value(), "UNAVAILABLE");
+  EXPECT_EQ(registry.Pick().status().code(), absl::StatusCode::kUnavailable);
+  // The worker at a's address registers again (restarted, or told by its heartbeat): a new,
+  // healthy entry that replaces the failed one.
+  absl::StatusOr<std::string> again = registry.Register(Worker("127.0.0.1:1001"));
+  ASSERT_TRUE(again.ok());
+  EXPECT_NE(*again, a);
+  absl::StatusOr<std::shared_ptr<Replica>> picked = registry.Pick();
+  ASSERT_TRUE(picked.ok()) << picked.status();
+  EXPECT_EQ(picked->get()->id, *again);
+  EXPECT_TRUE(Beat(registry, *again));
+  const gemma::v1::GetStatusResponse status = registry.Status();
+  ASSERT_EQ(status.replicas_size(), 2);
+  int healthy = 0;
+  for (const auto& r : status.replicas()) healthy += r.healthy();
+  EXPECT_EQ(healthy, 1);
+  // Marking the old (replaced) replica again changes nothing.
+  registry.MarkFailed(*failed, "late");
+  EXPECT_TRUE(registry.Pick().ok());
+}
+
+TEST_F(RegistryTest, LimitsAreTheSmallestKnownOverHealthyReplicas) {
+  Registry registry = MakeRegistry();
+  EXPECT_EQ(registry.Limits().vocab_size, 0);
+  EXPECT_EQ(registry.Limits().max_context, 0);
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1001", 0, 0)).ok());  // an older worker
+  EXPECT_EQ(registry.Limits().vocab_size, 0);
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1002", 512, 4096)).ok());
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1003", 512, 2048)).ok());
+  EXPECT_EQ(registry.Limits().vocab_size, 512);
+  EXPECT_EQ(registry.Limits().max_context, 2048);
+  // Only healthy replicas count while there is one.
+  const gemma::v1::GetStatusResponse status = registry.Status();
+  std::shared_ptr<Replica> small;
+  for (int i = 0; i < 3 && small == nullptr; ++i) {
+    std::shared_ptr<Replica> r = *registry.Pick();
+    if (r->address == "127.0.0.1:1003") small = r;
+  }
+  ASSERT_NE(small, nullptr);
+  registry.MarkFailed(*small, "gone");
+  EXPECT_EQ(registry.Limits().max_context, 4096);
+}
+
+TEST_F(RegistryTest, BadRegistrationsAreRefused) {
+  Registry registry = MakeRegistry();
+  iv1::RegisterRequest no_address = Worker("");
+  EXPECT_EQ(registry.Register(no_address).status().code(), absl::StatusCode::kInvalidArgument);
+  iv1::RegisterRequest negative = Worker("127.0.0.1:1001", -1);
+  absl::StatusOr<std::string> refused = registry.Register(negative);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "vocab_size -1"));
+  ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1001")).ok());
+  iv1::RegisterRequest other = Worker("127.0.0.1:1002");
+  other.set_model_fingerprint("ffffffffffffffff");
+  refused = registry.Register(other);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "ffffffffffffffff"));
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "00112233aabbccdd"));
+}
+
+TEST_F(RegistryTest, StatusReportsReplicasAndCounters) {
+  Registry registry = MakeRegistry(7);
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  ASSERT_TRUE(Beat(registry, a, /*preemptions=*/5));
+  registry.RequestStarted();
+  registry.RequestStarted();
+  registry.RequestEnded();
+  registry.CountRequeue();
+  std::shared_ptr<Replica> held = *registry.Pick();
+  now_ += milliseconds(120);
+  const gemma::v1::GetStatusResponse status = registry.Status();
+  EXPECT_EQ(status.requests_in_flight(), 1);
+  EXPECT_EQ(status.requests_requeued(), 1);
+  EXPECT_EQ(status.max_outstanding_per_replica(), 7);
+  EXPECT_EQ(status.model_fingerprint(), "00112233aabbccdd");
+  ASSERT_EQ(status.replicas_size(), 1);
+  const gemma::v1::ReplicaStatus& r = status.replicas(0);
+  EXPECT_EQ(r.id(), a);
+  EXPECT_EQ(r.address(), "127.0.0.1:1001");
+  EXPECT_TRUE(r.healthy());
+  EXPECT_EQ(r.running(), 3);
+  EXPECT_EQ(r.outstanding(), 1);
+  EXPECT_EQ(r.world_size(), 2);
+  EXPECT_EQ(r.parallel(), "tp=2");
+  EXPECT_EQ(r.preemptions(), 5);
+  EXPECT_EQ(r.max_context(), 4096);
+  EXPECT_EQ(r.ms_since_heartbeat(), 120);
+}
+
+}  // namespace
+}  // namespace gemma::coordinator
