@@ -205,7 +205,11 @@ free_port() {
 
 if [[ "${DEMO_SKIP_BUILD:-0}" != 1 ]]; then
   echo "== building (scripts/build.sh)"
-  scripts/build.sh -DGEMMA_BUILD_TESTS=OFF
+  if [[ -f build/CMakeCache.txt ]]; then
+    scripts/build.sh  # keep the build tree's settings (tests stay on where they are on)
+  else
+    scripts/build.sh -DGEMMA_BUILD_TESTS=OFF  # a fresh machine: only what the demo runs
+  fi
 fi
 for tool in gemma-coordinator gemma-worker gemmactl; do
   [[ -x "${BIN}/${tool}" ]] || fail "${BIN}/${tool} is missing; run scripts/build.sh"

@@ -4,9 +4,11 @@
 // replica without a token lost or repeated, the dead replica is marked unhealthy and a
 // restarted worker rejoins; a cancelled stream's KV pages are freed (seen in GetStatus).
 #include <signal.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +55,46 @@ TEST(ReplicaTest, TpReplicaOfTwoProcessesEqualsGemmaGenerate) {
       EXPECT_GE(result.num_responses, static_cast<int>(expected.size())) << "streamed";
     }
   }
+}
+
+// A replica spanning two workers (nodes), one rank process each.
+TEST(ReplicaTest, TwoWorkersFormOneTpReplica) {
+  Cluster cluster("two_nodes");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  cluster.StartWorker(kTinyMoe, {"--replica", "r0", "--nodes", "2", "--node-rank", "1"});
+  cluster.StartWorker(kTinyMoe, {"--replica", "r0", "--nodes", "2", "--node-rank", "0"});
+  ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
+      << cluster.Log("worker0") << cluster.Log("worker1");
+  const v1::GetStatusResponse status = cluster.Status();
+  ASSERT_EQ(status.replicas_size(), 1);
+  EXPECT_EQ(status.replicas(0).world_size(), 2);
+  const std::vector<int32_t> expected = GemmaGenerate(kTinyMoe, Prompt(1), 16);
+  StreamResult result = Generate(cluster.inference(), TokenRequest(Prompt(1), 16));
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids, expected);
+}
+
+TEST(ReplicaTest, WorkersDisagreeingOnTheReplicaSizeAreRefused) {
+  Cluster cluster("bad_nodes");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  cluster.StartWorker(kTinyMoe, {"--replica", "r1", "--nodes", "2", "--node-rank", "0"});
+  cluster.StartWorker(kTinyMoe, {"--replica", "r1", "--nodes", "2", "--node-rank", "1",
+                                 "--cpu-ranks", "2"});
+  const std::optional<int> exit = cluster.worker(1).WaitUntil(Clock::now() + seconds(30));
+  ASSERT_TRUE(exit.has_value()) << cluster.Log("worker1");
+  EXPECT_TRUE(WIFEXITED(*exit) && WEXITSTATUS(*exit) != 0);
+  EXPECT_NE(cluster.Log("worker1").find("every worker of a replica needs the same --nodes"),
+            std::string::npos)
+      << cluster.Log("worker1");
+  // Flags that cannot form a replica are refused before any rank starts.
+  int code = 0;
+  const std::string out = RunTool({"gemma-worker", "--coordinator", cluster.coordinator_address(),
+                                   "--model", kTinyMoe, "--nodes", "2", "--node-rank", "1"},
+                                  &code);
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("--nodes > 1 needs --replica NAME"), std::string::npos) << out;
 }
 
 class TwoReplicasTest : public ::testing::Test {

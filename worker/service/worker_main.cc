@@ -11,8 +11,11 @@
 // leader, then registers the replica (only once every rank has loaded), runs the engine loop,
 // sends each step's plan to the other ranks, serves gemma.internal.v1.Replica and heartbeats;
 // the others follow the plans.
+// A replica may span several workers (nodes): each is started with the same --replica NAME and
+// --nodes N and its own --node-rank; node 0's first rank leads.
 //   gemma-worker --coordinator HOST:PORT --model DIR [--cpu-ranks N | --gpus N]
 //                [--backend cpu|cuda] [--listen HOST:PORT] [--tokenizer FILE]
+//                [--replica NAME --nodes N --node-rank K]
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -64,8 +67,13 @@ ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(int32_t, register_timeout_s, 60,
           "how long to keep trying to reach the coordinator at start-up");
 ABSL_FLAG(int32_t, heartbeat_ms, 1000, "milliseconds between heartbeats to the coordinator");
+ABSL_FLAG(std::string, replica, "",
+          "name of the replica when it spans several nodes (the same on each of its workers)");
+ABSL_FLAG(int32_t, nodes, 1, "workers (nodes) that together form the replica");
+ABSL_FLAG(int32_t, node_rank, 0, "this worker's place among them, 0..nodes-1 (0 leads)");
 ABSL_FLAG(std::string, store_prefix, "",
           "internal: the rendezvous key prefix the supervisor gives its rank processes");
+ABSL_FLAG(int32_t, local_ranks, 1, "internal: rank processes of this worker");
 
 namespace {
 
@@ -110,27 +118,30 @@ struct RankProcess {
   pid_t pid;
 };
 
-absl::StatusOr<pid_t> StartRank(int rank, int world_size, const std::string& prefix, bool gpu) {
+// Starts the rank process `rank` of the replica, the `local`-th of this worker's `local_ranks`.
+absl::StatusOr<pid_t> StartRank(int rank, int local, int local_ranks, int world_size,
+                                const std::string& prefix, bool gpu) {
   std::vector<std::string> args = *g_argv;
   args.push_back(absl::StrCat("--rank=", rank));
   args.push_back(absl::StrCat("--world_size=", world_size));
+  args.push_back(absl::StrCat("--local_ranks=", local_ranks));
   args.push_back(absl::StrCat("--store_prefix=", prefix));
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);
   std::string devices;
   if (gpu) {
-    // Each GPU rank sees one device, the rank-th of those the supervisor sees.
+    // Each GPU rank sees one device, the local-th of those the supervisor sees.
     const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
     if (visible != nullptr && *visible != '\0') {
       std::vector<std::string> list = absl::StrSplit(visible, ',');
-      if (rank >= static_cast<int>(list.size())) {
+      if (local >= static_cast<int>(list.size())) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "--gpus ", world_size, " but CUDA_VISIBLE_DEVICES lists ", list.size(), " devices"));
+            "--gpus ", local_ranks, " but CUDA_VISIBLE_DEVICES lists ", list.size(), " devices"));
       }
-      devices = list[rank];
+      devices = list[local];
     } else {
-      devices = absl::StrCat(rank);
+      devices = absl::StrCat(local);
     }
   }
   const pid_t parent = getpid();
@@ -200,17 +211,17 @@ absl::Status Supervise() {
   if (cpu_ranks < 0 || gpus < 0) {
     return absl::InvalidArgumentError("--cpu-ranks and --gpus must not be negative");
   }
-  int world_size = 1;
+  int local_ranks = 1;
   if (backend == "cpu") {
     if (gpus > 0) {
       return absl::InvalidArgumentError("--gpus needs --backend cuda; use --cpu-ranks on CPU");
     }
-    world_size = cpu_ranks > 0 ? cpu_ranks : 1;
+    local_ranks = cpu_ranks > 0 ? cpu_ranks : 1;
   } else if (backend == "cuda") {
     if (cpu_ranks > 0) {
       return absl::InvalidArgumentError("--cpu-ranks needs --backend cpu; use --gpus on CUDA");
     }
-    world_size = gpus > 0 ? gpus : 1;
+    local_ranks = gpus > 0 ? gpus : 1;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
@@ -219,24 +230,47 @@ absl::Status Supervise() {
   if (!tokenizer.empty() && !std::filesystem::exists(tokenizer)) {
     return absl::InvalidArgumentError(absl::StrCat("--tokenizer ", tokenizer, " does not exist"));
   }
-  // The prefix of this start of this replica in the coordinator's rendezvous store.
+  const int nodes = absl::GetFlag(FLAGS_nodes);
+  const int node_rank = absl::GetFlag(FLAGS_node_rank);
+  const std::string name = absl::GetFlag(FLAGS_replica);
+  if (nodes < 1 || node_rank < 0 || node_rank >= nodes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--node-rank ", node_rank, " must be in [0, --nodes ", nodes, ") and --nodes >= 1"));
+  }
+  if (nodes > 1 && name.empty()) {
+    return absl::InvalidArgumentError(
+        "--nodes > 1 needs --replica NAME, the same on every worker of the replica, so that "
+        "their ranks find each other");
+  }
+  if (name.find_first_of("/ ") != std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--replica \"", name, "\" must not contain '/' or spaces"));
+  }
+  const int world_size = nodes * local_ranks;
+  // The prefix of this replica's keys in the coordinator's rendezvous store: shared by its
+  // nodes when it spans several, fresh for each start otherwise. The leader deletes the keys
+  // once every rank has joined.
   std::random_device random;
   const std::string prefix =
-      absl::StrFormat("replica-%08x%08x/", random(), random());
+      nodes > 1 ? absl::StrCat("replica-", name, "/")
+                : absl::StrFormat("replica-%s%08x%08x/", name, random(), random());
 
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
   std::vector<RankProcess> ranks;
-  for (int rank = 0; rank < world_size; ++rank) {
-    absl::StatusOr<pid_t> pid = StartRank(rank, world_size, prefix, backend == "cuda");
+  for (int local = 0; local < local_ranks; ++local) {
+    const int rank = node_rank * local_ranks + local;
+    absl::StatusOr<pid_t> pid =
+        StartRank(rank, local, local_ranks, world_size, prefix, backend == "cuda");
     if (!pid.ok()) {
       StopRanks(ranks);
       return pid.status();
     }
     ranks.push_back({rank, *pid});
   }
-  LOG(INFO) << "supervising " << world_size << " rank process" << (world_size > 1 ? "es" : "")
-            << " (" << backend << ")";
+  LOG(INFO) << "supervising " << local_ranks << " rank process" << (local_ranks > 1 ? "es" : "")
+            << " (" << backend << "), ranks " << node_rank * local_ranks << ".."
+            << (node_rank + 1) * local_ranks - 1 << " of " << world_size;
   absl::Status result;
   while (!g_stop.load()) {
     int status = 0;
@@ -429,6 +463,7 @@ absl::Status RunRank() {
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
   const std::string backend = absl::GetFlag(FLAGS_backend);
 
+  std::unique_ptr<gemma::service::GrpcStore> store;
   auto body = [&](gemma::cli::RankEnv& env) -> absl::Status {
     if (rank == 0) {
       signal(SIGTERM, OnSignal);
@@ -442,10 +477,12 @@ absl::Status RunRank() {
                                             absl::GetFlag(FLAGS_threads),
                                             absl::GetFlag(FLAGS_cache_tokens),
                                             absl::GetFlag(FLAGS_page_size), env.parallel,
-                                            /*ranks_in_process=*/world_size, backend));
+                                            /*ranks_in_process=*/absl::GetFlag(FLAGS_local_ranks),
+                                            backend));
     if (env.control != nullptr) {
-      // Ready only when every rank has loaded its slices.
+      // Ready only when every rank has loaded its slices; the rendezvous keys are done with.
       RETURN_IF_ERROR(env.control->Barrier());
+      if (rank == 0 && store != nullptr) store->Clear().IgnoreError();
     }
     if (rank != 0) {
       LOG(INFO) << "rank " << rank << " loaded; following the leader's step plans";
@@ -461,7 +498,18 @@ absl::Status RunRank() {
     gemma::cli::RankEnv env{world, {}, nullptr, 1, true};
     return body(env);
   }
-  gemma::service::GrpcStore store(stub.get(), absl::GetFlag(FLAGS_store_prefix), timeout);
+  store = std::make_unique<gemma::service::GrpcStore>(stub.get(),
+                                                      absl::GetFlag(FLAGS_store_prefix), timeout);
+  // Every node must agree on the replica's size before joining groups of that size.
+  const std::string layout = absl::StrCat(world_size);
+  RETURN_IF_ERROR(store->Set(absl::StrCat("layout/", rank), layout));
+  ASSIGN_OR_RETURN(std::string leader_layout, store->Get("layout/0", timeout));
+  if (leader_layout != layout) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank ", rank, " counts ", layout, " ranks in the replica but rank 0 counts ",
+        leader_layout, "; every worker of a replica needs the same --nodes and --cpu-ranks "
+        "(or --gpus)"));
+  }
   gemma::cli::ProcessRankOptions options;
   options.world.mode = gemma::parallel::ParallelMode::kTp;
   options.world.tp_size = world_size;
@@ -478,8 +526,8 @@ absl::Status RunRank() {
   options.timeout = timeout;
   // Followers wait on the control group for as long as the replica is idle.
   options.control_timeout = std::chrono::hours(24 * 365);
-  absl::Status status = gemma::cli::RunProcessRank(options, store, body);
-  if (rank == 0) store.Clear().IgnoreError();
+  absl::Status status = gemma::cli::RunProcessRank(options, *store, body);
+  if (rank == 0) store->Clear().IgnoreError();
   return status;
 }
 
