@@ -1,5 +1,6 @@
 #include "tests/cluster/cluster_harness.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -69,8 +70,18 @@ bool WaitServing(const std::string& address, Clock::time_point deadline) {
   return false;
 }
 
+bool PollUntil(const std::function<bool()>& done, milliseconds timeout) {
+  const Clock::time_point deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  return done();
+}
+
 StreamResult Generate(gemma::v1::Inference::Stub& stub, const gemma::v1::GenerateRequest& request,
-                      milliseconds timeout) {
+                      milliseconds timeout,
+                      const std::function<void(const StreamResult&)>& on_response) {
   grpc::ClientContext context;
   context.set_deadline(In(timeout));
   std::unique_ptr<grpc::ClientReader<gemma::v1::GenerateResponse>> reader =
@@ -85,6 +96,7 @@ StreamResult Generate(gemma::v1::Inference::Stub& stub, const gemma::v1::Generat
       result.has_final = true;
       result.final = response.final();
     }
+    if (on_response) on_response(result);
   }
   result.status = reader->Finish();
   return result;
@@ -116,14 +128,18 @@ std::vector<int32_t> ParseIds(const std::string& line) {
   return ids;
 }
 
+std::string GemmaGenerateOutput(const std::string& model, const std::vector<int32_t>& prompt,
+                                int64_t max_new_tokens, int threads, int* exit_code) {
+  return RunTool({"gemma-generate", "--model", model, "--tokens", absl::StrJoin(prompt, ","),
+                  "--max-new-tokens", std::to_string(max_new_tokens), "--stop-at-eos", "--threads",
+                  std::to_string(threads)},
+                 exit_code);
+}
+
 std::vector<int32_t> GemmaGenerate(const std::string& model, const std::vector<int32_t>& prompt,
                                    int64_t max_new_tokens) {
   int exit_code = -1;
-  const std::string out = RunTool({"gemma-generate", "--model", model, "--tokens",
-                                   absl::StrJoin(prompt, ","), "--max-new-tokens",
-                                   std::to_string(max_new_tokens), "--stop-at-eos", "--threads",
-                                   "1"},
-                                  &exit_code);
+  const std::string out = GemmaGenerateOutput(model, prompt, max_new_tokens, 1, &exit_code);
   EXPECT_EQ(exit_code, 0) << out;
   return ParseIds(out);
 }
@@ -185,14 +201,28 @@ bool Cluster::WaitHealthy(int n, Clock::time_point deadline) {
       // A worker that has exited will not become healthy: fail now, not at the deadline.
       if (w.process != nullptr && w.process->WaitUntil(Clock::now()).has_value()) return false;
     }
-    gemma::v1::GetStatusResponse status = Status();
-    const int healthy = static_cast<int>(std::count_if(
-        status.replicas().begin(), status.replicas().end(),
-        [](const gemma::v1::ReplicaStatus& r) { return r.healthy(); }));
-    if (healthy == n) return true;
+    if (HealthyReplicas() == n) return true;
     std::this_thread::sleep_for(milliseconds(20));
   }
   return false;
+}
+
+void Cluster::Stop(milliseconds grace) {
+  std::vector<ChildProcess*> children;
+  for (Worker& w : workers_) children.push_back(w.process.get());
+  children.push_back(coordinator_.get());
+  for (ChildProcess* child : children) {
+    if (child == nullptr || child->WaitUntil(Clock::now()).has_value()) continue;
+    child->Signal(SIGTERM);
+    if (child->WaitForExitCode(grace) == -1) child->Kill();
+  }
+}
+
+int Cluster::HealthyReplicas() {
+  const gemma::v1::GetStatusResponse status = Status();
+  return static_cast<int>(
+      std::count_if(status.replicas().begin(), status.replicas().end(),
+                    [](const gemma::v1::ReplicaStatus& r) { return r.healthy(); }));
 }
 
 gemma::v1::GetStatusResponse Cluster::Status() {

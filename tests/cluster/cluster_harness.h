@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,9 +40,14 @@ struct StreamResult {
   gemma::v1::GenerateFinal final;
 };
 
-// One streaming Generate, read to its end.
+// Polls `done` every 10 ms until it holds or `timeout` passes; what `done` says last.
+bool PollUntil(const std::function<bool()>& done, std::chrono::milliseconds timeout);
+
+// One streaming Generate, read to its end. `on_response`, when given, sees the result so far
+// after each response (e.g. to kill the replica serving the stream mid-way).
 StreamResult Generate(gemma::v1::Inference::Stub& stub, const gemma::v1::GenerateRequest& request,
-                      std::chrono::milliseconds timeout = std::chrono::seconds(60));
+                      std::chrono::milliseconds timeout = std::chrono::seconds(60),
+                      const std::function<void(const StreamResult&)>& on_response = nullptr);
 
 gemma::v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens);
 
@@ -51,7 +57,11 @@ std::string RunTool(std::vector<std::string> args, int* exit_code);
 // The integers of a line of text.
 std::vector<int32_t> ParseIds(const std::string& line);
 
-// The ids gemma-generate gives (greedy, stopping at an end id), the reference of the tier.
+// What gemma-generate prints (greedy, stopping at an end id) run with `threads` threads.
+std::string GemmaGenerateOutput(const std::string& model, const std::vector<int32_t>& prompt,
+                                int64_t max_new_tokens, int threads, int* exit_code);
+
+// The ids gemma-generate gives (one thread), the reference of the tier.
 std::vector<int32_t> GemmaGenerate(const std::string& model, const std::vector<int32_t>& prompt,
                                    int64_t max_new_tokens);
 
@@ -72,8 +82,13 @@ class Cluster {
   void RestartWorker(int index);
   // Waits until the coordinator reports `n` healthy replicas.
   bool WaitHealthy(int n, Clock::time_point deadline);
+  // SIGTERM to every worker still running, then to the coordinator, each given `grace` to exit
+  // before it is SIGKILLed.
+  void Stop(std::chrono::milliseconds grace);
 
   gemma::v1::GetStatusResponse Status();
+  // The replicas the coordinator counts healthy now.
+  int HealthyReplicas();
   gemma::v1::Inference::Stub& inference() { return *inference_; }
   gemma::v1::Cluster::Stub& cluster() { return *cluster_; }
   gemma::internal::v1::Coordinator::Stub& internal() { return *internal_; }

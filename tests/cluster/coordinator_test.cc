@@ -10,11 +10,9 @@
 //   restarted.
 // Readiness is polled through grpc.health.v1 and Cluster.GetStatus; every call has a deadline.
 #include <signal.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
-#include <filesystem>
 #include <functional>
 #include <memory>
 #include <random>
@@ -25,175 +23,47 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
-#include "gemma/internal/v1/worker.grpc.pb.h"
-#include "gemma/v1/cluster.grpc.pb.h"
-#include "gemma/v1/inference.grpc.pb.h"
 #include "glog/logging.h"
-#include "grpcpp/generic/generic_stub.h"
-#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
-#include "tests/testing/child_process.h"
+#include "tests/cluster/cluster_harness.h"
 
-namespace gemma {
+namespace gemma::testing::cluster {
 namespace {
 
+namespace v1 = gemma::v1;
 namespace iv1 = gemma::internal::v1;
-using testing::ChildProcess;
-using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-const std::string kBin = std::string(GEMMA_BINARY_DIR) + "/bin/";
-const std::string kModel = std::string(GEMMA_SOURCE_DIR) + "/tests/golden/data/tiny-moe";
-
-std::chrono::system_clock::time_point In(milliseconds ms) {
-  return std::chrono::system_clock::now() + ms;
-}
-
-std::string LogPath(const std::string& name) {
-  static std::atomic<int> counter{0};
-  const std::string dir = ::testing::TempDir() + "/coordinator_test_" + std::to_string(getpid());
-  std::filesystem::create_directories(dir);
-  return absl::StrCat(dir, "/", counter.fetch_add(1), "_", name, ".log");
-}
-
-// One grpc.health.v1.Health/Check of the overall service: true when it answers SERVING. The
-// request is the empty message; the response is field 1 (status) = 1 (SERVING): bytes 08 01.
-bool HealthServing(grpc::GenericStub& stub) {
-  grpc::ClientContext context;
-  context.set_deadline(In(milliseconds(500)));
-  grpc::CompletionQueue cq;
-  grpc::Slice empty("");
-  grpc::ByteBuffer request(&empty, 1);
-  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
-      stub.PrepareUnaryCall(&context, "/grpc.health.v1.Health/Check", request, &cq);
-  call->StartCall();
-  grpc::ByteBuffer response;
-  grpc::Status status;
-  call->Finish(&response, &status, reinterpret_cast<void*>(1));
-  void* tag = nullptr;
-  bool ok = false;
-  cq.Next(&tag, &ok);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
+// The replica (by address) that has `n` requests outstanding; "" when none.
+std::string AddressWithOutstanding(Cluster& cluster, int64_t n) {
+  const v1::GetStatusResponse status = cluster.Status();
+  for (const v1::ReplicaStatus& r : status.replicas()) {
+    if (r.outstanding() == n) return r.address();
   }
-  if (!status.ok()) return false;
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return false;
-  std::string bytes;
-  for (const grpc::Slice& slice : slices) bytes += std::string(slice.begin(), slice.end());
-  return bytes == std::string("\x08\x01", 2);
+  return "";
 }
 
-bool WaitServing(const std::string& address, Clock::time_point deadline) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
-  while (Clock::now() < deadline) {
-    if (HealthServing(stub)) return true;
-    channel->WaitForConnected(In(milliseconds(100)));
-  }
-  return false;
-}
-
-// Polls `done` every 10 ms until it holds or `timeout` passes.
-bool PollUntil(const std::function<bool()>& done, milliseconds timeout) {
-  const Clock::time_point deadline = Clock::now() + timeout;
-  while (Clock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(milliseconds(10));
-  }
-  return done();
-}
-
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> ids;
-  int num_responses = 0;
-  v1::GenerateFinal final;
-  bool has_final = false;
-};
-
-StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request,
-                      milliseconds timeout = milliseconds(30000)) {
-  grpc::ClientContext context;
-  context.set_deadline(In(timeout));
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-      stub.Generate(&context, request);
-  StreamResult result;
-  v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    ++result.num_responses;
-    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
-    if (response.has_final()) {
-      result.final = response.final();
-      result.has_final = true;
-    }
-  }
-  result.status = reader->Finish();
-  return result;
-}
-
-v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens) {
-  v1::GenerateRequest request;
-  for (int32_t id : prompt) request.mutable_token_ids()->add_ids(id);
-  request.set_max_tokens(max_tokens);
-  return request;
-}
-
-// A gemma-coordinator process and stubs for it.
-class Coordinator {
- public:
-  explicit Coordinator(const std::vector<std::string>& flags) {
-    address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
-    log_ = LogPath("coordinator");
-    std::vector<std::string> args = {kBin + "gemma-coordinator", "--listen", address_};
-    args.insert(args.end(), flags.begin(), flags.end());
-    process_ = std::make_unique<ChildProcess>(args, log_);
-    auto channel = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
-    inference_ = v1::Inference::NewStub(channel);
-    cluster_ = v1::Cluster::NewStub(channel);
-  }
-  bool WaitServing() { return gemma::WaitServing(address_, Clock::now() + seconds(10)); }
-
-  v1::GetStatusResponse Status() {
-    grpc::ClientContext context;
-    context.set_deadline(In(seconds(2)));
-    v1::GetStatusResponse response;
-    grpc::Status status = cluster_->GetStatus(&context, v1::GetStatusRequest(), &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response;
-  }
-  int HealthyReplicas() {
-    int healthy = 0;
-    const v1::GetStatusResponse status = Status();
-    for (const v1::ReplicaStatus& r : status.replicas()) healthy += r.healthy();
-    return healthy;
+// A gemma-coordinator in a cluster of its own (a fresh log directory each time one starts).
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  // Starts a coordinator with `flags`, replacing the one (and the workers) started before.
+  void StartCoordinator(const std::vector<std::string>& flags = {}) {
+    static int counter = 0;
+    cluster_ = std::make_unique<Cluster>(absl::StrCat("coordinator_test_", counter++));
+    std::string error;
+    ASSERT_TRUE(cluster_->StartCoordinator(flags, &error)) << error;
   }
   bool WaitHealthyReplicas(int n, milliseconds timeout = milliseconds(15000)) {
-    return PollUntil([&] { return HealthyReplicas() == n; }, timeout);
+    return cluster_->WaitHealthy(n, Clock::now() + timeout);
   }
-  // The replica (by address) that has `n` requests outstanding; "" when none.
-  std::string AddressWithOutstanding(int64_t n) {
-    const v1::GetStatusResponse status = Status();
-    for (const v1::ReplicaStatus& r : status.replicas()) {
-      if (r.outstanding() == n) return r.address();
-    }
-    return "";
+  std::string CoordinatorLog() { return cluster_->Log("coordinator"); }
+  void TearDown() override {
+    if (cluster_ != nullptr && HasFailure()) LOG(INFO) << CoordinatorLog();
   }
 
-  const std::string& address() const { return address_; }
-  std::string log() const { return testing::ReadFileToString(log_); }
-  v1::Inference::Stub& inference() { return *inference_; }
-  ChildProcess& process() { return *process_; }
-
- private:
-  std::string address_;
-  std::string log_;
-  std::unique_ptr<ChildProcess> process_;
-  std::unique_ptr<v1::Inference::Stub> inference_;
-  std::unique_ptr<v1::Cluster::Stub> cluster_;
+  std::unique_ptr<Cluster> cluster_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +101,14 @@ struct FakeOptions {
   int32_t vocab_size = 512;
   int64_t max_context = 4096;
 };
+
+// A replica whose calls fail after `fail_after` ids, and that stops heartbeating then.
+FakeOptions Dying(int fail_after) {
+  FakeOptions options;
+  options.fail_after = fail_after;
+  options.dies = true;
+  return options;
+}
 
 // A replica leader served by this process: registers with the coordinator, heartbeats every
 // 100 ms (registering again when the coordinator answers known = false), and streams the fake
@@ -371,25 +249,16 @@ class FakeReplica final : public iv1::Replica::Service {
   std::thread heartbeats_;  // last: starts once the rest is built
 };
 
-class FakeReplicaTest : public ::testing::Test {
+class FakeReplicaTest : public CoordinatorTest {
  protected:
-  void StartCoordinator(const std::vector<std::string>& flags = {}) {
-    coordinator_ = std::make_unique<Coordinator>(flags);
-    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
-  }
   // A fake replica, once the coordinator counts it healthy (they register in this order, and
   // the coordinator routes ties to the earliest registered).
   std::unique_ptr<FakeReplica> AddReplica(FakeOptions options = FakeOptions()) {
-    const int healthy = coordinator_->HealthyReplicas();
-    auto replica = std::make_unique<FakeReplica>(coordinator_->address(), options);
-    EXPECT_TRUE(coordinator_->WaitHealthyReplicas(healthy + 1)) << coordinator_->log();
+    const int healthy = cluster_->HealthyReplicas();
+    auto replica = std::make_unique<FakeReplica>(cluster_->coordinator_address(), options);
+    EXPECT_TRUE(WaitHealthyReplicas(healthy + 1)) << CoordinatorLog();
     return replica;
   }
-  void TearDown() override {
-    if (coordinator_ != nullptr && HasFailure()) LOG(INFO) << coordinator_->log();
-  }
-
-  std::unique_ptr<Coordinator> coordinator_;
 };
 
 // A sampled request without a seed: the coordinator picks one, so the stream after a failure
@@ -404,7 +273,7 @@ TEST_F(FakeReplicaTest, FailedStreamResumesOnAnotherReplica) {
   v1::GenerateRequest request = TokenRequest({2, 17, 301}, 12);
   request.mutable_sampling()->set_temperature(0.8f);
   request.set_request_id("resume-me");
-  StreamResult result = Generate(coordinator_->inference(), request);
+  StreamResult result = Generate(cluster_->inference(), request);
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
 
   ASSERT_EQ(a->requests().size(), 1u);
@@ -432,15 +301,15 @@ TEST_F(FakeReplicaTest, FailedStreamResumesOnAnotherReplica) {
                                  second.resume_token_ids().end()),
             std::vector<int32_t>(expected.begin(), expected.begin() + 3));
 
-  v1::GetStatusResponse status = coordinator_->Status();
+  v1::GetStatusResponse status = cluster_->Status();
   EXPECT_EQ(status.requests_requeued(), 1);
   EXPECT_EQ(status.requests_in_flight(), 0);
   // The failed replica was out at once; its next heartbeat is answered known = false, it
   // registers again and is back in rotation.
-  EXPECT_TRUE(coordinator_->WaitHealthyReplicas(2, milliseconds(5000))) << coordinator_->log();
-  StreamResult again = Generate(coordinator_->inference(), TokenRequest({2, 5}, 4));
+  EXPECT_TRUE(WaitHealthyReplicas(2, milliseconds(5000))) << CoordinatorLog();
+  StreamResult again = Generate(cluster_->inference(), TokenRequest({2, 5}, 4));
   EXPECT_TRUE(again.status.ok()) << again.status.error_message();
-  EXPECT_TRUE(absl::StrContains(coordinator_->log(), "re-queued")) << coordinator_->log();
+  EXPECT_TRUE(absl::StrContains(CoordinatorLog(), "re-queued")) << CoordinatorLog();
 }
 
 TEST_F(FakeReplicaTest, TransportErrorsAndUnfinishedStreamsAreFailures) {
@@ -465,13 +334,13 @@ TEST_F(FakeReplicaTest, TransportErrorsAndUnfinishedStreamsAreFailures) {
     std::unique_ptr<FakeReplica> b = AddReplica();
     v1::GenerateRequest request = TokenRequest({2, 9}, 8);
     request.mutable_sampling()->set_seed(77);
-    StreamResult result = Generate(coordinator_->inference(), request);
+    StreamResult result = Generate(cluster_->inference(), request);
     ASSERT_TRUE(result.status.ok()) << c.failure.error_code() << ": "
                                     << result.status.error_message();
     EXPECT_EQ(result.ids, FakeStream({2, 9}, 77, 8)) << c.failure.error_code();
     ASSERT_EQ(b->requests().size(), 1u);
     EXPECT_EQ(b->requests()[0].resume_token_ids_size(), c.fail_after);
-    EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+    EXPECT_EQ(cluster_->Status().requests_requeued(), 1);
   }
 }
 
@@ -483,14 +352,14 @@ TEST_F(FakeReplicaTest, StreamWithEveryIdButNoFinalIsEndedByTheCoordinator) {
   std::unique_ptr<FakeReplica> b = AddReplica();
   v1::GenerateRequest request = TokenRequest({2, 8}, 6);
   request.mutable_sampling()->set_seed(3);
-  StreamResult result = Generate(coordinator_->inference(), request);
+  StreamResult result = Generate(cluster_->inference(), request);
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.ids, FakeStream({2, 8}, 3, 6));
   ASSERT_TRUE(result.has_final);
   EXPECT_EQ(result.final.generated_tokens(), 6);
   EXPECT_EQ(result.final.prompt_tokens(), 2);
   EXPECT_TRUE(b->requests().empty());  // nothing left to resume
-  EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
+  EXPECT_EQ(cluster_->Status().requests_requeued(), 0);
 }
 
 TEST_F(FakeReplicaTest, FailureBeforeTheFirstResponseResendsTheRequestUnchanged) {
@@ -502,7 +371,7 @@ TEST_F(FakeReplicaTest, FailureBeforeTheFirstResponseResendsTheRequestUnchanged)
   v1::GenerateRequest request;
   request.set_text("hi");
   request.set_max_tokens(5);
-  StreamResult result = Generate(coordinator_->inference(), request);
+  StreamResult result = Generate(cluster_->inference(), request);
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.ids.size(), 5u);
   ASSERT_EQ(b->requests().size(), 1u);
@@ -524,12 +393,12 @@ TEST_F(FakeReplicaTest, RequestErrorsAreRelayedNotRequeued) {
     std::unique_ptr<FakeReplica> b = AddReplica();
     v1::GenerateRequest text;
     text.set_text("a long text");
-    StreamResult result = Generate(coordinator_->inference(), text);
+    StreamResult result = Generate(cluster_->inference(), text);
     EXPECT_EQ(result.status.error_code(), code);
     EXPECT_EQ(result.status.error_message(), "the replica's own words");
     EXPECT_TRUE(b->requests().empty());
-    EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
-    EXPECT_EQ(coordinator_->HealthyReplicas(), 2);  // nobody was blamed
+    EXPECT_EQ(cluster_->Status().requests_requeued(), 0);
+    EXPECT_EQ(cluster_->HealthyReplicas(), 2);  // nobody was blamed
   }
 }
 
@@ -540,7 +409,7 @@ TEST_F(FakeReplicaTest, GivesUpAfterMaxAttempts) {
   std::unique_ptr<FakeReplica> a = AddReplica(failing);
   std::unique_ptr<FakeReplica> b = AddReplica(failing);
   std::unique_ptr<FakeReplica> c = AddReplica(failing);
-  StreamResult result = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
+  StreamResult result = Generate(cluster_->inference(), TokenRequest({2, 3}, 10));
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   const std::string& message = result.status.error_message();
   EXPECT_TRUE(absl::StrContains(message, "gave up after 2 attempts")) << message;
@@ -551,17 +420,14 @@ TEST_F(FakeReplicaTest, GivesUpAfterMaxAttempts) {
   // What was streamed before the failures reached the client, once.
   EXPECT_EQ(result.ids.size(), 2u);
   EXPECT_FALSE(result.has_final);
-  EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+  EXPECT_EQ(cluster_->Status().requests_requeued(), 1);
 }
 
 TEST_F(FakeReplicaTest, NoReplicaLeftWaitsThenFailsSayingWhatHappened) {
   StartCoordinator({"--heartbeat-timeout-ms", "800"});
-  FakeOptions dying;
-  dying.fail_after = 2;
-  dying.dies = true;
-  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  std::unique_ptr<FakeReplica> a = AddReplica(Dying(2));
   const Clock::time_point start = Clock::now();
-  StreamResult result = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
+  StreamResult result = Generate(cluster_->inference(), TokenRequest({2, 3}, 10));
   const milliseconds elapsed = std::chrono::duration_cast<milliseconds>(Clock::now() - start);
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   const std::string& message = result.status.error_message();
@@ -571,48 +437,42 @@ TEST_F(FakeReplicaTest, NoReplicaLeftWaitsThenFailsSayingWhatHappened) {
       << message;
   EXPECT_GE(elapsed, milliseconds(800));
   EXPECT_EQ(result.ids.size(), 2u);
-  EXPECT_EQ(coordinator_->Status().requests_in_flight(), 0);
+  EXPECT_EQ(cluster_->Status().requests_in_flight(), 0);
 }
 
 TEST_F(FakeReplicaTest, ReplicaThatComesBackTakesTheStreamOver) {
   StartCoordinator({"--heartbeat-timeout-ms", "10000"});
-  FakeOptions dying;
-  dying.fail_after = 3;
-  dying.dies = true;
-  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  std::unique_ptr<FakeReplica> a = AddReplica(Dying(3));
   v1::GenerateRequest request = TokenRequest({2, 3, 4}, 10);
   request.mutable_sampling()->set_seed(5);
   std::thread revive([&] {
     // Comes back (registers again) a while after its failure.
-    PollUntil([&] { return coordinator_->HealthyReplicas() == 0; }, milliseconds(5000));
+    PollUntil([&] { return cluster_->HealthyReplicas() == 0; }, milliseconds(5000));
     std::this_thread::sleep_for(milliseconds(300));
     a->Revive();
   });
-  StreamResult result = Generate(coordinator_->inference(), request);
+  StreamResult result = Generate(cluster_->inference(), request);
   revive.join();
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.ids, FakeStream({2, 3, 4}, 5, 10));
   ASSERT_EQ(a->requests().size(), 2u);
   EXPECT_EQ(a->requests()[1].resume_token_ids_size(), 3);
-  EXPECT_EQ(coordinator_->Status().requests_requeued(), 1);
+  EXPECT_EQ(cluster_->Status().requests_requeued(), 1);
 }
 
 TEST_F(FakeReplicaTest, ClientDeadlineEndsTheWaitForAReplica) {
   StartCoordinator({"--heartbeat-timeout-ms", "10000"});
-  FakeOptions dying;
-  dying.fail_after = 1;
-  dying.dies = true;
-  std::unique_ptr<FakeReplica> a = AddReplica(dying);
+  std::unique_ptr<FakeReplica> a = AddReplica(Dying(1));
   StreamResult result =
-      Generate(coordinator_->inference(), TokenRequest({2, 3}, 10), milliseconds(600));
+      Generate(cluster_->inference(), TokenRequest({2, 3}, 10), milliseconds(600));
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_EQ(result.ids.size(), 1u);
-  EXPECT_TRUE(PollUntil([&] { return coordinator_->Status().requests_in_flight() == 0; },
-                        milliseconds(3000)));
+  EXPECT_TRUE(
+      PollUntil([&] { return cluster_->Status().requests_in_flight() == 0; }, milliseconds(3000)));
   // The coordinator is fine: a replica that comes back serves the next request.
   a->Revive();
-  ASSERT_TRUE(coordinator_->WaitHealthyReplicas(1, milliseconds(5000)));
-  EXPECT_TRUE(Generate(coordinator_->inference(), TokenRequest({2, 3}, 3)).status.ok());
+  ASSERT_TRUE(WaitHealthyReplicas(1, milliseconds(5000)));
+  EXPECT_TRUE(Generate(cluster_->inference(), TokenRequest({2, 3}, 3)).status.ok());
 }
 
 TEST_F(FakeReplicaTest, LimitsFromRegistrationRefuseBadRequests) {
@@ -621,39 +481,33 @@ TEST_F(FakeReplicaTest, LimitsFromRegistrationRefuseBadRequests) {
   small.vocab_size = 100;
   small.max_context = 64;
   std::unique_ptr<FakeReplica> a = AddReplica(small);
-  StreamResult vocab = Generate(coordinator_->inference(), TokenRequest({2, 100}, 4));
+  StreamResult vocab = Generate(cluster_->inference(), TokenRequest({2, 100}, 4));
   EXPECT_EQ(vocab.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(vocab.status.error_message(), "token id 100"))
       << vocab.status.error_message();
   v1::GenerateRequest stop = TokenRequest({2, 3}, 4);
   stop.add_stop_token_ids(100);
-  StreamResult stop_result = Generate(coordinator_->inference(), stop);
+  StreamResult stop_result = Generate(cluster_->inference(), stop);
   EXPECT_EQ(stop_result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(stop_result.status.error_message(),
             "unknown stop id 100: the model's vocabulary has 100 ids");
   StreamResult context =
-      Generate(coordinator_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 5));
+      Generate(cluster_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 5));
   EXPECT_EQ(context.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(context.status.error_message(),
             "input of 60 tokens plus max_tokens 5 needs 65 positions; this cluster serves at "
             "most 64; shorten the input or lower max_tokens");
   EXPECT_TRUE(a->requests().empty());
-  StreamResult fits =
-      Generate(coordinator_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 4));
+  StreamResult fits = Generate(cluster_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 4));
   EXPECT_TRUE(fits.status.ok()) << fits.status.error_message();
 }
 
 // ---------------------------------------------------------------------------------------------
 // The rendezvous store over gRPC
 
-class StoreTest : public ::testing::Test {
+class StoreTest : public CoordinatorTest {
  protected:
-  void SetUp() override {
-    coordinator_ = std::make_unique<Coordinator>(std::vector<std::string>{});
-    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
-    stub_ = iv1::Coordinator::NewStub(
-        grpc::CreateChannel(coordinator_->address(), grpc::InsecureChannelCredentials()));
-  }
+  void SetUp() override { ASSERT_NO_FATAL_FAILURE(StartCoordinator()); }
   grpc::Status Set(const std::string& key, const std::string& value) {
     iv1::StoreSetRequest request;
     request.set_key(key);
@@ -661,7 +515,7 @@ class StoreTest : public ::testing::Test {
     iv1::StoreSetResponse response;
     grpc::ClientContext context;
     context.set_deadline(In(seconds(5)));
-    return stub_->StoreSet(&context, request, &response);
+    return cluster_->internal().StoreSet(&context, request, &response);
   }
   // The value, or the status's code and message.
   grpc::Status Get(const std::string& key, int64_t timeout_ms, std::string* value,
@@ -672,13 +526,11 @@ class StoreTest : public ::testing::Test {
     iv1::StoreGetResponse response;
     grpc::ClientContext context;
     context.set_deadline(In(deadline));
-    grpc::Status status = stub_->StoreGet(&context, request, &response);
+    grpc::Status status = cluster_->internal().StoreGet(&context, request, &response);
     *value = response.value();
     return status;
   }
 
-  std::unique_ptr<Coordinator> coordinator_;
-  std::unique_ptr<iv1::Coordinator::Stub> stub_;
 };
 
 TEST_F(StoreTest, SetGetAddAndDeleteOverGrpc) {
@@ -709,7 +561,7 @@ TEST_F(StoreTest, SetGetAddAndDeleteOverGrpc) {
     iv1::StoreAddResponse added;
     grpc::ClientContext context;
     context.set_deadline(In(seconds(5)));
-    ASSERT_TRUE(stub_->StoreAdd(&context, add, &added).ok());
+    ASSERT_TRUE(cluster_->internal().StoreAdd(&context, add, &added).ok());
     EXPECT_EQ(added.value(), i);
   }
   ASSERT_TRUE(Get("replica-7/joined", 0, &value).ok());
@@ -720,7 +572,7 @@ TEST_F(StoreTest, SetGetAddAndDeleteOverGrpc) {
   iv1::StoreDeletePrefixResponse deleted;
   grpc::ClientContext context;
   context.set_deadline(In(seconds(5)));
-  ASSERT_TRUE(stub_->StoreDeletePrefix(&context, del, &deleted).ok());
+  ASSERT_TRUE(cluster_->internal().StoreDeletePrefix(&context, del, &deleted).ok());
   EXPECT_EQ(deleted.deleted(), 3);
   EXPECT_EQ(Get("replica-7/rank0", 0, &value).error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
 
@@ -754,19 +606,13 @@ TEST_F(StoreTest, SigtermEndsWaitingCallsAndExitsCleanly) {
   grpc::Status waiting;
   std::thread get([&] { waiting = Get("never", 60000, &value, milliseconds(60000)); });
   // A Generate waiting for a replica after its replica died.
-  FakeOptions dying;
-  dying.fail_after = 1;
-  dying.dies = true;
-  auto replica = std::make_unique<FakeReplica>(coordinator_->address(), dying);
-  ASSERT_TRUE(coordinator_->WaitHealthyReplicas(1));
+  auto replica = std::make_unique<FakeReplica>(cluster_->coordinator_address(), Dying(1));
+  ASSERT_TRUE(WaitHealthyReplicas(1));
   StreamResult generate;
-  std::thread stream([&] {
-    generate = Generate(coordinator_->inference(), TokenRequest({2, 3}, 10));
-  });
-  ASSERT_TRUE(PollUntil([&] { return coordinator_->HealthyReplicas() == 0; }, seconds(5)));
-  coordinator_->process().Signal(SIGTERM);
-  EXPECT_EQ(coordinator_->process().WaitForExitCode(milliseconds(8000)), 0)
-      << coordinator_->log();
+  std::thread stream([&] { generate = Generate(cluster_->inference(), TokenRequest({2, 3}, 10)); });
+  ASSERT_TRUE(PollUntil([&] { return cluster_->HealthyReplicas() == 0; }, seconds(5)));
+  cluster_->coordinator().Signal(SIGTERM);
+  EXPECT_EQ(cluster_->coordinator().WaitForExitCode(milliseconds(8000)), 0) << CoordinatorLog();
   get.join();
   stream.join();
   EXPECT_FALSE(waiting.ok());
@@ -777,39 +623,19 @@ TEST_F(StoreTest, SigtermEndsWaitingCallsAndExitsCleanly) {
 // ---------------------------------------------------------------------------------------------
 // Real workers
 
-class RealClusterTest : public ::testing::Test {
+class RealClusterTest : public CoordinatorTest {
  protected:
-  void StartCoordinator(const std::vector<std::string>& flags = {}) {
-    coordinator_ = std::make_unique<Coordinator>(flags);
-    ASSERT_TRUE(coordinator_->WaitServing()) << coordinator_->log();
-  }
   // A single-rank gemma-worker at `address` (a free port when empty); waits until the
   // coordinator counts `healthy_after` healthy replicas.
   void StartWorker(int healthy_after, std::string address = "") {
-    if (address.empty()) address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
-    Worker worker;
-    worker.address = address;
-    worker.log = LogPath("worker");
-    worker.process = std::make_unique<ChildProcess>(
-        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_->address(),
-                                 "--model", kModel, "--listen", address, "--threads", "2"},
-        worker.log);
-    workers_.push_back(std::move(worker));
-    ASSERT_TRUE(coordinator_->WaitHealthyReplicas(healthy_after, milliseconds(30000)))
-        << testing::ReadFileToString(workers_.back().log) << coordinator_->log();
-  }
-  void TearDown() override {
-    for (Worker& worker : workers_) worker.process->Kill();
-    if (coordinator_ != nullptr && HasFailure()) LOG(INFO) << coordinator_->log();
+    if (address.empty()) address = absl::StrCat("127.0.0.1:", FreeLocalPort());
+    const int index = cluster_->StartWorker(kTinyMoe, {"--listen", address, "--threads", "2"});
+    addresses_.push_back(address);
+    ASSERT_TRUE(WaitHealthyReplicas(healthy_after, milliseconds(30000)))
+        << cluster_->Log(absl::StrCat("worker", index)) << CoordinatorLog();
   }
 
-  struct Worker {
-    std::string address;
-    std::string log;
-    std::unique_ptr<ChildProcess> process;
-  };
-  std::unique_ptr<Coordinator> coordinator_;
-  std::vector<Worker> workers_;
+  std::vector<std::string> addresses_;  // of the workers, by index
 };
 
 TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
@@ -844,7 +670,7 @@ TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
   v1::GenerateRequest negative_stop = TokenRequest({2, 17}, 4);
   negative_stop.add_stop_token_ids(-3);
   cases.push_back({"negative stop id", negative_stop, {"unknown stop id -3"}});
-  const v1::GetStatusResponse status = coordinator_->Status();
+  const v1::GetStatusResponse status = cluster_->Status();
   ASSERT_EQ(status.replicas_size(), 1);
   if (status.replicas(0).max_context() > 0) {
     // The worker registered its limits (vocabulary 512 ids).
@@ -856,7 +682,7 @@ TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
     LOG(WARNING) << "the worker registered no limits; the unknown stop id case is skipped";
   }
   for (const Case& c : cases) {
-    StreamResult result = Generate(coordinator_->inference(), c.request);
+    StreamResult result = Generate(cluster_->inference(), c.request);
     EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
         << c.name << ": " << result.status.error_message();
     for (const std::string& part : c.message_has) {
@@ -871,7 +697,7 @@ TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
   {
     grpc::ClientContext context;
     context.set_deadline(In(milliseconds(-1000)));
-    auto reader = coordinator_->inference().Generate(&context, TokenRequest({2, 17}, 4));
+    auto reader = cluster_->inference().Generate(&context, TokenRequest({2, 17}, 4));
     v1::GenerateResponse response;
     EXPECT_FALSE(reader->Read(&response));
     grpc::Status past = reader->Finish();
@@ -880,43 +706,43 @@ TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
         << past.error_message();
   }
   // Nothing was blamed on the replica, which still serves.
-  StreamResult ok = Generate(coordinator_->inference(), TokenRequest({2, 17}, 3));
+  StreamResult ok = Generate(cluster_->inference(), TokenRequest({2, 17}, 3));
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
   EXPECT_EQ(ok.ids.size(), 3u);
-  EXPECT_EQ(coordinator_->Status().requests_requeued(), 0);
+  EXPECT_EQ(cluster_->Status().requests_requeued(), 0);
 }
 
 TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
   StartCoordinator({"--max-outstanding-per-replica", "1"});
   StartWorker(1);
-  EXPECT_EQ(coordinator_->Status().max_outstanding_per_replica(), 1);
-  const std::string replica_id = coordinator_->Status().replicas(0).id();
+  EXPECT_EQ(cluster_->Status().max_outstanding_per_replica(), 1);
+  const std::string replica_id = cluster_->Status().replicas(0).id();
   // A long request in flight.
   grpc::ClientContext long_context;
   long_context.set_deadline(In(seconds(60)));
   auto long_reader =
-      coordinator_->inference().Generate(&long_context, TokenRequest({2, 17, 301}, 4000));
+      cluster_->inference().Generate(&long_context, TokenRequest({2, 17, 301}, 4000));
   v1::GenerateResponse response;
   ASSERT_TRUE(long_reader->Read(&response));
-  StreamResult refused = Generate(coordinator_->inference(), TokenRequest({2, 17}, 4));
+  StreamResult refused = Generate(cluster_->inference(), TokenRequest({2, 17}, 4));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << refused.status.error_message();
   EXPECT_TRUE(absl::StrContains(refused.status.error_message(),
                                 "the cluster is full: 1 requests in flight on 1 healthy replica "
                                 "(limit 1 each); retry later or add replicas"))
       << refused.status.error_message();
-  EXPECT_EQ(coordinator_->Status().requests_in_flight(), 1);
+  EXPECT_EQ(cluster_->Status().requests_in_flight(), 1);
   long_context.TryCancel();
   while (long_reader->Read(&response)) {
   }
   EXPECT_EQ(long_reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   // Admission opens again once the replica's call has ended.
-  ASSERT_TRUE(PollUntil([&] { return coordinator_->AddressWithOutstanding(0) != ""; },
-                        milliseconds(5000)));
-  StreamResult admitted = Generate(coordinator_->inference(), TokenRequest({2, 17}, 4));
+  ASSERT_TRUE(
+      PollUntil([&] { return AddressWithOutstanding(*cluster_, 0) != ""; }, milliseconds(5000)));
+  StreamResult admitted = Generate(cluster_->inference(), TokenRequest({2, 17}, 4));
   EXPECT_TRUE(admitted.status.ok()) << admitted.status.error_message();
   // The client's cancellation was not blamed on the replica.
-  const v1::GetStatusResponse status = coordinator_->Status();
+  const v1::GetStatusResponse status = cluster_->Status();
   EXPECT_EQ(status.requests_requeued(), 0);
   ASSERT_EQ(status.replicas_size(), 1);
   EXPECT_EQ(status.replicas(0).id(), replica_id);
@@ -925,38 +751,24 @@ TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
 
 // Streams `request`, SIGKILLs the worker serving it after a few ids (then runs `after_kill`),
 // and returns what the client got.
-StreamResult StreamAndKill(Coordinator& coordinator, const v1::GenerateRequest& request,
-                           std::vector<std::pair<std::string, ChildProcess*>> workers,
+StreamResult StreamAndKill(Cluster& cluster, const v1::GenerateRequest& request,
+                           const std::vector<std::string>& addresses,
                            const std::function<void(const std::string&)>& after_kill) {
-  grpc::ClientContext context;
-  context.set_deadline(In(seconds(60)));
-  auto reader = coordinator.inference().Generate(&context, request);
-  StreamResult result;
-  v1::GenerateResponse response;
   bool killed = false;
-  while (reader->Read(&response)) {
-    ++result.num_responses;
-    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
-    if (response.has_final()) {
-      result.final = response.final();
-      result.has_final = true;
-    }
-    if (!killed && result.ids.size() >= 5) {
-      killed = true;
-      const std::string serving = coordinator.AddressWithOutstanding(1);
-      EXPECT_FALSE(serving.empty());
-      for (auto& [address, process] : workers) {
-        if (address == serving) {
-          LOG(INFO) << "SIGKILL the worker at " << address << " after " << result.ids.size()
-                    << " ids";
-          process->Kill();
-        }
+  return Generate(cluster.inference(), request, seconds(60), [&](const StreamResult& result) {
+    if (killed || result.ids.size() < 5) return;
+    killed = true;
+    const std::string serving = AddressWithOutstanding(cluster, 1);
+    EXPECT_FALSE(serving.empty());
+    for (size_t i = 0; i < addresses.size(); ++i) {
+      if (addresses[i] == serving) {
+        LOG(INFO) << "SIGKILL the worker at " << serving << " after " << result.ids.size()
+                  << " ids";
+        cluster.worker(static_cast<int>(i)).Kill();
       }
-      after_kill(serving);
     }
-  }
-  result.status = reader->Finish();
-  return result;
+    after_kill(serving);
+  });
 }
 
 v1::GenerateRequest LongSampledRequest() {
@@ -971,19 +783,16 @@ TEST_F(RealClusterTest, KilledWorkersStreamIsFinishedByAnother) {
   StartWorker(1);
   StartWorker(2);
   const v1::GenerateRequest request = LongSampledRequest();
-  const StreamResult expected = Generate(coordinator_->inference(), request);
+  const StreamResult expected = Generate(cluster_->inference(), request);
   ASSERT_TRUE(expected.status.ok()) << expected.status.error_message();
   ASSERT_GE(expected.ids.size(), 100u) << "the reference stream ended early";
-  std::vector<std::pair<std::string, ChildProcess*>> workers;
-  for (Worker& w : workers_) workers.emplace_back(w.address, w.process.get());
-  StreamResult result =
-      StreamAndKill(*coordinator_, request, workers, [](const std::string&) {});
-  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->log();
+  StreamResult result = StreamAndKill(*cluster_, request, addresses_, [](const std::string&) {});
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << CoordinatorLog();
   EXPECT_EQ(result.ids.size(), expected.ids.size());
   EXPECT_EQ(result.ids, expected.ids);
   EXPECT_EQ(result.final.generated_tokens(), expected.final.generated_tokens());
-  const v1::GetStatusResponse status = coordinator_->Status();
-  EXPECT_EQ(status.requests_requeued(), 1) << coordinator_->log();
+  const v1::GetStatusResponse status = cluster_->Status();
+  EXPECT_EQ(status.requests_requeued(), 1) << CoordinatorLog();
   EXPECT_EQ(status.requests_in_flight(), 0);
 }
 
@@ -991,32 +800,23 @@ TEST_F(RealClusterTest, RestartedWorkerTakesItsStreamOver) {
   // The wait for a healthy replica after a failure is the heartbeat timeout: long enough for
   // the worker to start again.
   StartCoordinator({"--heartbeat-timeout-ms", "30000"});
-  const std::string address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+  const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
   StartWorker(1, address);
   const v1::GenerateRequest request = LongSampledRequest();
-  const StreamResult expected = Generate(coordinator_->inference(), request);
+  const StreamResult expected = Generate(cluster_->inference(), request);
   ASSERT_TRUE(expected.status.ok()) << expected.status.error_message();
   ASSERT_GE(expected.ids.size(), 100u) << "the reference stream ended early";
-  std::vector<std::pair<std::string, ChildProcess*>> workers = {
-      {address, workers_[0].process.get()}};
-  StreamResult result = StreamAndKill(*coordinator_, request, workers, [&](const std::string&) {
-    Worker restarted;
-    restarted.address = address;
-    restarted.log = LogPath("worker_restarted");
-    restarted.process = std::make_unique<ChildProcess>(
-        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_->address(),
-                                 "--model", kModel, "--listen", address, "--threads", "2"},
-        restarted.log);
-    workers_.push_back(std::move(restarted));
-  });
-  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->log()
-                                  << testing::ReadFileToString(workers_.back().log);
+  // The worker started again at the same address, with the same flags.
+  StreamResult result = StreamAndKill(*cluster_, request, addresses_,
+                                      [&](const std::string&) { cluster_->RestartWorker(0); });
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << CoordinatorLog()
+                                  << cluster_->Log("worker0");
   EXPECT_EQ(result.ids, expected.ids);
-  const v1::GetStatusResponse status = coordinator_->Status();
+  const v1::GetStatusResponse status = cluster_->Status();
   EXPECT_EQ(status.requests_requeued(), 1);
   ASSERT_EQ(status.replicas_size(), 1);  // the new registration replaced the failed one
   EXPECT_TRUE(status.replicas(0).healthy());
 }
 
 }  // namespace
-}  // namespace gemma
+}  // namespace gemma::testing::cluster

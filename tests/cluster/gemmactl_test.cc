@@ -2,14 +2,12 @@
 // tokenizer, single CPU rank) on 127.0.0.1: `chat` driven through piped stdin, and the `status`
 // table. Readiness is polled through grpc.health.v1 and Cluster.GetStatus; every wait has a
 // deadline.
-#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
-#include <filesystem>
 #include <fstream>
 #include <map>
-#include <memory>
 #include <regex>
 #include <string>
 #include <thread>
@@ -18,69 +16,21 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "gemma/v1/cluster.grpc.pb.h"
-#include "gemma/v1/inference.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
-#include "grpcpp/generic/generic_stub.h"
-#include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tests/testing/child_process.h"
+#include "tests/cluster/cluster_harness.h"
 
-namespace gemma {
+namespace gemma::testing::cluster {
 namespace {
 
-using testing::ChildProcess;
-using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
+namespace v1 = gemma::v1;
 
-const std::string kBin = std::string(GEMMA_BINARY_DIR) + "/bin/";
-const std::string kModel = std::string(GEMMA_SOURCE_DIR) + "/tests/golden/data/tiny-moe";
-const std::string kTokenizer = kModel + "/tokenizer.json";
+// tiny-moe's tokenizer (a function: kTinyMoe is a global of another file).
+std::string Tokenizer() { return kTinyMoe + "/tokenizer.json"; }
 constexpr int64_t kReplyTokens = 8;
-
-std::chrono::system_clock::time_point In(milliseconds ms) {
-  return std::chrono::system_clock::now() + ms;
-}
-
-// One grpc.health.v1.Health/Check of the overall service: true when it answers SERVING (the
-// response is field 1 (status) = 1: bytes 08 01).
-bool HealthServing(grpc::GenericStub& stub) {
-  grpc::ClientContext context;
-  context.set_deadline(In(milliseconds(500)));
-  grpc::CompletionQueue cq;
-  grpc::Slice empty("");
-  grpc::ByteBuffer request(&empty, 1);
-  std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
-      stub.PrepareUnaryCall(&context, "/grpc.health.v1.Health/Check", request, &cq);
-  call->StartCall();
-  grpc::ByteBuffer response;
-  grpc::Status status;
-  call->Finish(&response, &status, reinterpret_cast<void*>(1));
-  void* tag = nullptr;
-  bool ok = false;
-  cq.Next(&tag, &ok);
-  cq.Shutdown();
-  while (cq.Next(&tag, &ok)) {
-  }
-  if (!status.ok()) return false;
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return false;
-  std::string bytes;
-  for (const grpc::Slice& slice : slices) bytes += std::string(slice.begin(), slice.end());
-  return bytes == std::string("\x08\x01", 2);
-}
-
-bool WaitServing(const std::string& address, Clock::time_point deadline) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
-  grpc::GenericStub stub(channel);
-  while (Clock::now() < deadline) {
-    if (HealthServing(stub)) return true;
-    channel->WaitForConnected(In(milliseconds(100)));
-  }
-  return false;
-}
 
 std::string ShellQuote(const std::string& arg) {
   std::string quoted = "'";
@@ -120,30 +70,9 @@ ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_tex
   ChildProcess child({"/bin/sh", "-c", command}, base + ".out");
   ToolRun run;
   run.exit_code = child.WaitForExitCode(milliseconds(30000));
-  run.out = testing::ReadFileToString(base + ".out");
-  run.err = testing::ReadFileToString(base + ".err");
+  run.out = ReadFileToString(base + ".out");
+  run.err = ReadFileToString(base + ".err");
   return run;
-}
-
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> ids;
-  v1::GenerateFinal final;
-};
-
-StreamResult Generate(v1::Inference::Stub& stub, const v1::GenerateRequest& request) {
-  grpc::ClientContext context;
-  context.set_deadline(In(seconds(20)));
-  std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-      stub.Generate(&context, request);
-  StreamResult result;
-  v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    result.ids.insert(result.ids.end(), response.token_ids().begin(), response.token_ids().end());
-    if (response.has_final()) result.final = response.final();
-  }
-  result.status = reader->Finish();
-  return result;
 }
 
 // One model reply of `gemmactl chat --json`: its responses, in order.
@@ -181,82 +110,35 @@ std::vector<int32_t> ChatPromptIds(const nlohmann::json& messages) {
   const std::string path =
       absl::StrCat(::testing::TempDir(), "/chat_", getpid(), "_", counter++, ".json");
   WriteFile(path, nlohmann::json{{"messages", messages}, {"add_generation_prompt", true}}.dump());
-  ToolRun run = RunWithStdin({"gemma-tokenize", "--tokenizer", kTokenizer, "--chat", path}, "");
+  ToolRun run = RunWithStdin({"gemma-tokenize", "--tokenizer", Tokenizer(), "--chat", path}, "");
   EXPECT_EQ(run.exit_code, 0) << run.out << run.err;
   if (run.exit_code != 0) return {};
   return nlohmann::json::parse(run.out)["ids"].get<std::vector<int32_t>>();
 }
 
-v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int64_t max_tokens) {
-  v1::GenerateRequest request;
-  for (int32_t id : prompt) request.mutable_token_ids()->add_ids(id);
-  request.set_max_tokens(max_tokens);
-  return request;
-}
-
 class GemmactlClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = ::testing::TempDir() + "/gemmactl_cluster_" + std::to_string(getpid());
-    std::filesystem::create_directories(dir_);
-    coordinator_address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
-    coordinator_ = std::make_unique<ChildProcess>(
-        std::vector<std::string>{kBin + "gemma-coordinator", "--listen", coordinator_address_},
-        dir_ + "/coordinator.log");
-    ASSERT_TRUE(WaitServing(coordinator_address_, Clock::now() + seconds(10)))
-        << testing::ReadFileToString(dir_ + "/coordinator.log");
-    worker_address_ = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
-    worker_ = std::make_unique<ChildProcess>(
-        std::vector<std::string>{kBin + "gemma-worker", "--coordinator", coordinator_address_,
-                                 "--model", kModel, "--tokenizer", kTokenizer, "--listen",
-                                 worker_address_, "--threads", "1"},
-        dir_ + "/worker.log");
+    std::string error;
+    ASSERT_TRUE(cluster_.StartCoordinator({}, &error)) << error;
+    worker_address_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
+    cluster_.StartWorker(kTinyMoe, {"--tokenizer", Tokenizer(), "--listen", worker_address_});
     ASSERT_TRUE(WaitServing(worker_address_, Clock::now() + seconds(20)))
-        << testing::ReadFileToString(dir_ + "/worker.log");
-    auto channel = grpc::CreateChannel(coordinator_address_, grpc::InsecureChannelCredentials());
-    inference_ = v1::Inference::NewStub(channel);
-    cluster_ = v1::Cluster::NewStub(channel);
+        << cluster_.Log("worker0");
     // The worker serves before it registers: wait until the coordinator routes to it.
-    const Clock::time_point deadline = Clock::now() + seconds(10);
-    bool registered = false;
-    while (!registered && Clock::now() < deadline) {
-      v1::GetStatusResponse status = GetStatus();
-      registered = status.replicas_size() == 1 && status.replicas(0).healthy();
-      if (!registered) std::this_thread::sleep_for(milliseconds(20));
-    }
-    ASSERT_TRUE(registered) << testing::ReadFileToString(dir_ + "/worker.log");
+    ASSERT_TRUE(cluster_.WaitHealthy(1, Clock::now() + seconds(10))) << cluster_.Log("worker0");
   }
 
-  void TearDown() override {
-    // SIGTERM first so that a worker with rank processes takes them down with it.
-    for (ChildProcess* child : {worker_.get(), coordinator_.get()}) {
-      if (child == nullptr) continue;
-      child->Signal(SIGTERM);
-      if (child->WaitForExitCode(milliseconds(10000)) == -1) child->Kill();
-    }
-  }
-
-  v1::GetStatusResponse GetStatus() {
-    grpc::ClientContext context;
-    context.set_deadline(In(seconds(2)));
-    v1::GetStatusResponse response;
-    grpc::Status status = cluster_->GetStatus(&context, v1::GetStatusRequest(), &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response;
-  }
+  // SIGTERM first so that a worker with rank processes takes them down with it.
+  void TearDown() override { cluster_.Stop(milliseconds(10000)); }
 
   std::vector<std::string> Gemmactl(std::vector<std::string> args) {
-    args.insert(args.begin(), {"gemmactl", "--coordinator", coordinator_address_});
+    args.insert(args.begin(), {"gemmactl", "--coordinator", cluster_.coordinator_address()});
     return args;
   }
 
-  std::string dir_;
-  std::string coordinator_address_;
+  Cluster cluster_{"gemmactl_cluster"};
   std::string worker_address_;
-  std::unique_ptr<ChildProcess> coordinator_;
-  std::unique_ptr<ChildProcess> worker_;
-  std::unique_ptr<v1::Inference::Stub> inference_;
-  std::unique_ptr<v1::Cluster::Stub> cluster_;
 };
 
 TEST_F(GemmactlClusterTest, ChatSendsTheWholeConversation) {
@@ -294,7 +176,7 @@ TEST_F(GemmactlClusterTest, ChatSendsTheWholeConversation) {
     // The replica saw exactly the rendered conversation: same length, and a direct greedy
     // generate of those ids gives the same reply.
     EXPECT_EQ(turn.final.prompt_tokens(), static_cast<int64_t>(prompts[i].size())) << "turn " << i;
-    StreamResult direct = Generate(*inference_, TokenRequest(prompts[i], kReplyTokens));
+    StreamResult direct = Generate(cluster_.inference(), TokenRequest(prompts[i], kReplyTokens));
     ASSERT_TRUE(direct.status.ok()) << direct.status.error_message();
     EXPECT_EQ(direct.ids, turn.ids) << "turn " << i;
   }
@@ -362,14 +244,14 @@ TEST_F(GemmactlClusterTest, StatusIsATableOfReplicas) {
   grpc::ClientContext context;
   context.set_deadline(In(seconds(60)));
   std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
-      inference_->Generate(&context, TokenRequest({2, 17, 301}, 3000));
+      cluster_.inference().Generate(&context, TokenRequest({2, 17, 301}, 3000));
   v1::GenerateResponse first;
   ASSERT_TRUE(reader->Read(&first));
   const Clock::time_point deadline = Clock::now() + seconds(10);
-  while (Clock::now() < deadline && GetStatus().replicas(0).outstanding() != 1) {
+  while (Clock::now() < deadline && cluster_.Status().replicas(0).outstanding() != 1) {
     std::this_thread::sleep_for(milliseconds(20));
   }
-  const v1::GetStatusResponse status = GetStatus();
+  const v1::GetStatusResponse status = cluster_.Status();
   ASSERT_EQ(status.replicas(0).outstanding(), 1);
   ToolRun run = RunWithStdin(Gemmactl({"status"}), "");
   context.TryCancel();
@@ -407,7 +289,7 @@ TEST_F(GemmactlClusterTest, StatusIsATableOfReplicas) {
 }
 
 TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
-  const std::string address = absl::StrCat("127.0.0.1:", testing::FreeLocalPort());
+  const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
   ToolRun run = RunWithStdin(
       {"gemmactl", "--coordinator", address, "--connect-timeout-ms", "300", "chat"}, "hello\n");
   EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
@@ -417,4 +299,4 @@ TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
 }
 
 }  // namespace
-}  // namespace gemma
+}  // namespace gemma::testing::cluster
