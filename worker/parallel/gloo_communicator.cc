@@ -1,5 +1,6 @@
 #include "worker/parallel/gloo_communicator.h"
 
+#include <csignal>
 #include <cstring>
 #include <exception>
 #include <utility>
@@ -254,6 +255,15 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateGlooCommunicator(
   if (options.timeout.count() <= 0) {
     return absl::InvalidArgumentError("Gloo: timeout must be positive");
   }
+  // Gloo's TCP pairs write with writev, without MSG_NOSIGNAL: once a peer has died, the next
+  // write would kill this process with SIGPIPE instead of failing the collective with
+  // UNAVAILABLE. A process that joins a Gloo group therefore ignores SIGPIPE (every write in
+  // this project checks its result).
+  static const bool sigpipe_ignored = [] {
+    signal(SIGPIPE, SIG_IGN);
+    return true;
+  }();
+  (void)sigpipe_ignored;
   std::shared_ptr<gloo::rendezvous::Context> context;
   const std::string what = absl::StrCat("Gloo rendezvous of rank ", options.rank, " of ",
                                         options.world_size, " (prefix \"", options.key_prefix,

@@ -36,7 +36,10 @@ struct RankResult {
 RankResult ReadResult(TcpStoreClient& store, int rank) {
   absl::StatusOr<std::string> value =
       store.Get(absl::StrCat("result/", rank), std::chrono::seconds(5));
-  CHECK(value.ok()) << value.status();
+  if (!value.ok()) {
+    ADD_FAILURE() << "rank " << rank << " published no result: " << value.status();
+    return {absl::StatusCode::kUnknown, std::string(value.status().message())};
+  }
   const size_t bar = value->find('|');
   return {static_cast<absl::StatusCode>(std::stoi(value->substr(0, bar))), value->substr(bar + 1)};
 }
