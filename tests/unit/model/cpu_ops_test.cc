@@ -1,5 +1,7 @@
 // CPU backend ops against hand-computed values: RoPE of both kinds, the sliding-window boundary,
-// routing with ties, renormalisation and per-expert scale, and sampling.
+// routing with ties, renormalisation and per-expert scale, sampling, matrix products of every
+// kernel's row counts, and the vectorised tanh of GELU and the logit softcap.
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -273,6 +275,72 @@ TEST(MatMulTest, Bf16WeightsMatchF32WeightsOfTheSameValues) {
       EXPECT_NEAR(a[i], ref, 1e-4) << i;
       EXPECT_NEAR(b[i], ref, 1e-4) << i;
     }
+  }
+}
+
+TEST(MatMulTest, EveryRowCountAndTailMatchesDoubleProducts) {
+  // Row counts of every kernel (sgemv, tiles with 1 to 3 rows left over, the streaming and the
+  // shared-load tiles, sgemm) and lengths with and without a remainder past 16 columns; n = 37
+  // leaves one weight row past the tiles of four.
+  CpuBackend backend;
+  const int64_t n = 37;
+  for (int64_t k : {int64_t{16}, int64_t{29}, int64_t{256}, int64_t{1043}}) {
+    const int64_t max_rows = 65;
+    std::vector<float> x(max_rows * k), w(n * k);
+    for (int64_t i = 0; i < max_rows * k; ++i) x[i] = std::sin(0.37 * i + 0.1);
+    for (int64_t i = 0; i < n * k; ++i) w[i] = std::cos(0.11 * i);
+    auto xb = F32(backend, x);
+    auto wf = *backend.UploadWeight(DType::kF32, w.data(), n * k);
+    for (int64_t rows : {1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 33, 64, 65}) {
+      auto y = *backend.Alloc(DType::kF32, rows * n);
+      backend.MatMul(*xb, *wf, rows, n, k, *y);
+      auto got = ReadF32(backend, *y, rows * n);
+      for (int64_t i = 0; i < rows * n; ++i) {
+        double ref = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          ref += static_cast<double>(x[(i / n) * k + j]) * w[(i % n) * k + j];
+        }
+        ASSERT_NEAR(got[i], ref, 1e-5 * k) << "k " << k << " rows " << rows << " output " << i;
+      }
+    }
+  }
+}
+
+TEST(TanhTest, GeluMulAndSoftcapMatchStdTanh) {
+  CpuBackend backend;
+  const int64_t inter = 1000;
+  std::vector<float> gate_up(2 * inter);
+  for (int64_t i = 0; i < inter; ++i) {
+    gate_up[i] = -12.0f + 24.0f * static_cast<float>(i) / inter;  // gate, through both tails
+    gate_up[inter + i] = 0.5f + std::cos(0.3 * i);                // up
+  }
+  gate_up[0] = 0.0f;
+  gate_up[1] = 1e-5f;
+  gate_up[2] = -3e-4f;
+  auto gu = F32(backend, gate_up);
+  auto act = *backend.Alloc(DType::kF32, inter);
+  backend.GeluMul(*gu, 1, inter, *act);
+  auto got = ReadF32(backend, *act, inter);
+  for (int64_t i = 0; i < inter; ++i) {
+    const double g = gate_up[i];
+    const double ref =
+        0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) *
+        gate_up[inter + i];
+    EXPECT_NEAR(got[i], ref, 1e-6 * std::max(1.0, std::fabs(ref))) << gate_up[i];
+  }
+
+  const float cap = 30.0f;
+  std::vector<float> logits(4001);
+  for (size_t i = 0; i < logits.size(); ++i) logits[i] = -400.0f + 0.2f * static_cast<float>(i);
+  logits[2000] = 0.0f;
+  logits[2001] = 1e-3f;
+  auto lb = F32(backend, logits);
+  backend.Softcap(*lb, static_cast<int64_t>(logits.size()), cap);
+  auto capped = ReadF32(backend, *lb, static_cast<int64_t>(logits.size()));
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const double ref = cap * std::tanh(static_cast<double>(logits[i]) / cap);
+    EXPECT_NEAR(capped[i], ref, 1e-6 * std::max(1e-3, std::fabs(ref))) << logits[i];
+    EXPECT_LE(std::fabs(capped[i]), cap);
   }
 }
 

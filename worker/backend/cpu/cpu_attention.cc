@@ -1,7 +1,7 @@
 // Per-head norms, RoPE, KV-cache writes and paged attention of the CPU backend.
-// Attention runs one task per (sequence, kv head): it gathers that head's keys and values for
-// the positions the sequence's queries can see (deriving K from V on k_eq_v layers), then
-// serves every query head of the group.
+// Attention runs one task per (sequence, kv head): it collects that head's key and value rows for
+// the positions the sequence's queries can see (pointers into the cache; K derived from V into a
+// scratch buffer on k_eq_v layers), then serves every query head of the group.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,6 +13,29 @@
 
 namespace gemma {
 namespace cpu {
+namespace {
+// a . b over k floats in 16 independent lanes, so that it vectorises (a single running sum is a
+// chain of dependent additions the compiler may not reorder).
+__attribute__((target_clones("avx512f", "avx2", "default"))) float DotLanes(const float* a,
+                                                                            const float* b,
+                                                                            int64_t k) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  for (; i < k; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[i] += p * v[i].
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AddScaled(float p, const float* v,
+                                                                            int64_t d, float* out) {
+  for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
+}
+}  // namespace
 
 std::vector<float> RopeInvFreq(const RopeSpec& rope) {
   int64_t half = rope.head_dim / 2;
@@ -135,7 +158,8 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   const int64_t row_elems = num_kv * d;
 
   pool_.ParallelFor(num_seqs * num_kv, 1, [&](int64_t task_begin, int64_t task_end) {
-    std::vector<float> keys, values, scores;
+    std::vector<float> derived_keys, scores;
+    std::vector<const float*> key_rows, value_rows;
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t s = task / num_kv;
       const int64_t g = task % num_kv;
@@ -153,8 +177,9 @@ void CpuBackend::Attention(const AttentionArgs& a) {
       CHECK_LT(last_pos, seq_len) << "query position past the cached length";
       int64_t key_lo = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
       int64_t num_keys = last_pos + 1 - key_lo;
-      keys.resize(num_keys * d);
-      values.resize(num_keys * d);
+      key_rows.resize(num_keys);
+      value_rows.resize(num_keys);
+      if (derive_k) derived_keys.resize(num_keys * d);
       const int32_t* table = page_table + s * layout.max_pages_per_seq;
       for (int64_t j = 0; j < num_keys; ++j) {
         int64_t p = key_lo + j;
@@ -164,12 +189,12 @@ void CpuBackend::Attention(const AttentionArgs& a) {
         CHECK_GE(page, 0) << "position " << p << " of sequence " << s << " is not cached";
         int64_t src =
             (static_cast<int64_t>(page) * a.page_size + p % a.page_size) * row_elems + g * d;
-        std::memcpy(&values[j * d], vc + src, d * sizeof(float));
-        float* kj = &keys[j * d];
+        value_rows[j] = vc + src;
         if (!derive_k) {
-          std::memcpy(kj, kc + src, d * sizeof(float));
+          key_rows[j] = kc + src;
         } else {
-          for (int64_t i = 0; i < d; ++i) kj[i] = values[j * d + i] * k_norm_w[i];
+          float* kj = &derived_keys[j * d];
+          for (int64_t i = 0; i < d; ++i) kj[i] = vc[src + i] * k_norm_w[i];
           float fp = static_cast<float>(p);
           for (int64_t i = 0; i < pairs; ++i) {
             float angle = inv_freq[i] * fp;
@@ -180,37 +205,39 @@ void CpuBackend::Attention(const AttentionArgs& a) {
             kj[i] = x0 * c - x1 * sn;
             kj[i + half] = x1 * c + x0 * sn;
           }
+          key_rows[j] = kj;
         }
       }
-      scores.resize(num_keys);
+      scores.resize(group * num_keys);
       for (int64_t t = q_begin; t < q_end; ++t) {
         const int64_t qp = pos[t];
         const int64_t lo = a.window > 0 ? std::max<int64_t>(0, qp - a.window + 1) : 0;
         const int64_t j0 = lo - key_lo;
         const int64_t j1 = qp - key_lo;  // inclusive
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          const float* qh = q + (t * a.num_heads + h) * d;
-          float max_score = -std::numeric_limits<float>::infinity();
-          for (int64_t j = j0; j <= j1; ++j) {
-            const float* kj = &keys[j * d];
-            float acc = 0.0f;
-            for (int64_t i = 0; i < d; ++i) acc += qh[i] * kj[i];
-            acc *= a.scale;
-            scores[j] = acc;
-            max_score = std::max(max_score, acc);
+        // Every head of the group against one key (then value) row while it is in L1.
+        const float* qg = q + (t * a.num_heads + g * group) * d;
+        float* og = out + (t * a.num_heads + g * group) * d;
+        for (int64_t j = j0; j <= j1; ++j) {
+          for (int64_t h = 0; h < group; ++h) {
+            scores[h * num_keys + j] = cpu::DotLanes(qg + h * d, key_rows[j], d) * a.scale;
           }
+        }
+        for (int64_t h = 0; h < group; ++h) {
+          float* sh = &scores[h * num_keys];
+          float max_score = -std::numeric_limits<float>::infinity();
+          for (int64_t j = j0; j <= j1; ++j) max_score = std::max(max_score, sh[j]);
           double denom = 0.0;
           for (int64_t j = j0; j <= j1; ++j) {
-            scores[j] = std::exp(scores[j] - max_score);
-            denom += scores[j];
+            sh[j] = std::exp(sh[j] - max_score);
+            denom += sh[j];
           }
-          float inv_denom = static_cast<float>(1.0 / denom);
-          float* oh = out + (t * a.num_heads + h) * d;
-          std::fill(oh, oh + d, 0.0f);
-          for (int64_t j = j0; j <= j1; ++j) {
-            float p = scores[j] * inv_denom;
-            const float* vj = &values[j * d];
-            for (int64_t i = 0; i < d; ++i) oh[i] += p * vj[i];
+          const float inv_denom = static_cast<float>(1.0 / denom);
+          for (int64_t j = j0; j <= j1; ++j) sh[j] *= inv_denom;
+        }
+        std::fill(og, og + group * d, 0.0f);
+        for (int64_t j = j0; j <= j1; ++j) {
+          for (int64_t h = 0; h < group; ++h) {
+            cpu::AddScaled(scores[h * num_keys + j], value_rows[j], d, og + h * d);
           }
         }
       }

@@ -1,6 +1,7 @@
 #include "worker/backend/cpu/cpu_backend.h"
 
 #include <cblas.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,15 +16,26 @@ namespace gemma {
 
 namespace {
 constexpr size_t kAlignment = 64;
+// Buffers of at least this many bytes (weights, KV caches) start on a 2 MiB boundary and ask the
+// kernel for transparent huge pages: streaming the weights (all of decode at batch 1, the
+// experts at batch 32) then reads about a third faster on the EPYC of docs/perf.md than
+// through 4 KiB pages (28 -> 37 GB/s with two threads). Where THP is "never" the advice is
+// ignored; where it is "always" it changes nothing.
+constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kHugePageMinBytes = 2 * kHugePage;
 }  // namespace
 
 void CpuBuffer::Free::operator()(uint8_t* p) const { std::free(p); }
 
 CpuBuffer::CpuBuffer(DType dtype, int64_t numel) : Buffer(dtype, numel) {
   size_t bytes = std::max<size_t>(this->bytes(), 1);
-  bytes = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  storage_.reset(static_cast<uint8_t*>(std::aligned_alloc(kAlignment, bytes)));
+  const bool huge = bytes >= kHugePageMinBytes;
+  const size_t alignment = huge ? kHugePage : kAlignment;
+  bytes = (bytes + alignment - 1) / alignment * alignment;
+  storage_.reset(static_cast<uint8_t*>(std::aligned_alloc(alignment, bytes)));
   CHECK(storage_ != nullptr) << "CPU allocation of " << bytes << " bytes failed";
+  // Advice only: a kernel without THP support refuses it and the buffer keeps small pages.
+  if (huge) madvise(storage_.get(), bytes, MADV_HUGEPAGE);
   data_ = storage_.get();
 }
 
@@ -222,7 +234,7 @@ void CpuBackend::GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer
       const float* g = gu + t * 2 * inter;
       const float* u = g + inter;
       float* orow = o + t * inter;
-      for (int64_t i = 0; i < inter; ++i) orow[i] = cpu::GeluTanh(g[i]) * u[i];
+      cpu::GeluTanhMul(g, u, inter, orow);
     }
   });
 }
@@ -230,7 +242,7 @@ void CpuBackend::GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer
 void CpuBackend::Softcap(Buffer& x, int64_t n, float cap) {
   float* p = F32Data(x);
   pool_.ParallelFor(n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) p[i] = cap * std::tanh(p[i] / cap);
+    cpu::SoftcapInPlace(p + begin, end - begin, cap);
   });
 }
 
@@ -247,9 +259,50 @@ void CpuBackend::GatherRows(const Buffer& x, const Buffer& rows, int64_t num_row
 }
 
 namespace cpu {
+namespace {
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+
+// tanh(a) as Eigen's float tanh: a 13/6 rational function on [-7.905, 7.905] (beyond it float
+// tanh is +-1), a itself below 4e-4. Within 3e-7 relative of tanh over all floats, branch-free
+// so that the loops calling it vectorise (std::tanh does not, and cost 8% of batched decode).
+inline float FastTanh(float a) {
+  constexpr float kClamp = 7.90531110763549805f;
+  float x = a > kClamp ? kClamp : a;  // NaN stays NaN
+  x = x < -kClamp ? -kClamp : x;
+  const float x2 = x * x;
+  float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  p = x * p;
+  float q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  const float t = p / q;
+  return std::fabs(a) < 0.0004f ? a : t;
+}
+}  // namespace
+
 float GeluTanh(float x) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
   return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void GeluTanhMul(const float* gate,
+                                                                              const float* up,
+                                                                              int64_t n,
+                                                                              float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = gate[i];
+    out[i] = 0.5f * x * (1.0f + FastTanh(kSqrt2OverPi * (x + 0.044715f * x * x * x))) * up[i];
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void SoftcapInPlace(float* x,
+                                                                                 int64_t n,
+                                                                                 float cap) {
+  for (int64_t i = 0; i < n; ++i) x[i] = cap * FastTanh(x[i] / cap);
 }
 }  // namespace cpu
 

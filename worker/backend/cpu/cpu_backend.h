@@ -106,6 +106,10 @@ void ApplyRope(float* head, int64_t position, const RopeSpec& rope);
 // The inverse frequencies of `rope` (head_dim / 2 entries, zeros past rotary_pairs).
 std::vector<float> RopeInvFreq(const RopeSpec& rope);
 float GeluTanh(float x);
+// out[i] = GeluTanh(gate[i]) * up[i] and x[i] = cap * tanh(x[i] / cap), vectorised, through a
+// rational tanh within 3e-7 relative of std::tanh.
+void GeluTanhMul(const float* gate, const float* up, int64_t n, float* out);
+void SoftcapInPlace(float* x, int64_t n, float cap);
 }  // namespace cpu
 
 }  // namespace gemma
