@@ -97,6 +97,56 @@ TEST(ReplicaTest, WorkersDisagreeingOnTheReplicaSizeAreRefused) {
   EXPECT_NE(out.find("--nodes > 1 needs --replica NAME"), std::string::npos) << out;
 }
 
+// dp-ep: two data-parallel groups, the experts split over all ranks; each group leader is its
+// own routing entry, and the groups step in lockstep (an idle one with empty steps).
+struct DpEpCase {
+  std::string ranks, tp, parallel;
+};
+
+class DpEpReplicaTest : public ::testing::TestWithParam<DpEpCase> {};
+
+TEST_P(DpEpReplicaTest, ServesFromEachGroup) {
+  const DpEpCase& c = GetParam();
+  Cluster cluster("dp_ep");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  cluster.StartWorker(kTinyMoe, {"--cpu-ranks", c.ranks, "--mode", "dp-ep", "--tp", c.tp});
+  ASSERT_TRUE(cluster.WaitHealthy(2, Clock::now() + seconds(60))) << cluster.Log("worker0");
+  const v1::GetStatusResponse status = cluster.Status();
+  for (const v1::ReplicaStatus& r : status.replicas()) {
+    EXPECT_EQ(r.world_size(), std::stoi(c.ranks));
+    EXPECT_NE(r.parallel().find(c.parallel), std::string::npos) << r.parallel();
+  }
+  constexpr int kStreams = 8;
+  std::vector<StreamResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = Generate(cluster.inference(), TokenRequest(Prompt(i), 16));
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, GemmaGenerate(kTinyMoe, Prompt(i), 16)) << "stream " << i;
+  }
+  // One group alone busy: the other runs empty steps for the experts' exchange.
+  StreamResult alone = Generate(cluster.inference(), TokenRequest(Prompt(9), 16));
+  ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+  EXPECT_EQ(alone.ids, GemmaGenerate(kTinyMoe, Prompt(9), 16));
+  // SIGTERM stops every group and rank; the supervisor exits cleanly.
+  cluster.worker(0).Signal(SIGTERM);
+  EXPECT_EQ(cluster.worker(0).WaitForExitCode(milliseconds(15000)), 0) << cluster.Log("worker0");
+}
+
+// Two groups of one rank (ep=2), and two groups of tp=2 (ep=4).
+INSTANTIATE_TEST_SUITE_P(Layouts, DpEpReplicaTest,
+                         ::testing::Values(DpEpCase{"2", "1", "dp-ep ep=2 tp=1"},
+                                           DpEpCase{"4", "2", "dp-ep ep=4 tp=2"}),
+                         [](const ::testing::TestParamInfo<DpEpCase>& info) {
+                           return "ep" + info.param.ranks + "_tp" + info.param.tp;
+                         });
+
 class TwoReplicasTest : public ::testing::Test {
  protected:
   void SetUp() override {

@@ -177,12 +177,24 @@ absl::Status JoinAndRun(const ProcessRankOptions& options, gloo::rendezvous::Sto
                    gloo(world.rank(), world.world_size(), "world", options.timeout));
   ASSIGN_OR_RETURN(auto control,
                    gloo(world.rank(), world.world_size(), "control", options.control_timeout));
-  std::unique_ptr<parallel::Communicator> tp_comm;
+  std::unique_ptr<parallel::Communicator> tp_comm, group_control, leaders;
   if (world.mode() == ParallelMode::kDpEp && world.tp_size() > 1) {
     ASSIGN_OR_RETURN(tp_comm, gloo(world.tp_rank(), world.tp_size(),
                                    absl::StrCat("tp", world.dp_group()), options.timeout));
+    if (options.group_channels) {
+      ASSIGN_OR_RETURN(group_control,
+                       gloo(world.tp_rank(), world.tp_size(),
+                            absl::StrCat("control", world.dp_group()), options.control_timeout));
+    }
+  }
+  const int groups = world.world_size() / world.tp_size();
+  if (world.mode() == ParallelMode::kDpEp && groups > 1 && world.tp_rank() == 0 &&
+      options.group_channels) {
+    ASSIGN_OR_RETURN(leaders, gloo(world.dp_group(), groups, "leaders", options.timeout));
   }
   RankEnv env{world, {}, control.get(), 1, true};
+  env.group_control = group_control.get();
+  env.leaders = leaders.get();
   SetParallel(env, world.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
               world_comm.get());
   absl::Status status = body(env);

@@ -20,6 +20,8 @@
 ABSL_DECLARE_FLAG(int32_t, rank);
 ABSL_DECLARE_FLAG(int32_t, world_size);
 ABSL_DECLARE_FLAG(int32_t, comm_timeout_s);
+ABSL_DECLARE_FLAG(std::string, mode);
+ABSL_DECLARE_FLAG(int32_t, tp);
 
 namespace gemma::cli {
 
@@ -32,6 +34,12 @@ struct RankEnv {
   int ranks_in_process = 1;
   // Ranks as processes: this process is one of several.
   bool is_process_rank = false;
+  // dp-ep ranks as processes (RunProcessRank): the CPU group of this rank's tensor-parallel
+  // group, which carries its leader's step plans (null when the group is one rank), and on
+  // group leaders the group of all group leaders, which steps them in lockstep (null with one
+  // group).
+  parallel::Communicator* group_control = nullptr;
+  parallel::Communicator* leaders = nullptr;
   bool writes_output() const { return world.rank() == 0; }
 };
 
@@ -51,6 +59,9 @@ struct ProcessRankOptions {
   // Bound on a wait on the control group; followers wait there for the next step plan for as
   // long as the replica is idle.
   std::chrono::milliseconds control_timeout{60000};
+  // dp-ep: also join the per-group control groups and the group leaders' group (RankEnv's
+  // group_control and leaders), for a replica whose groups each run an engine.
+  bool group_channels = false;
 };
 absl::Status RunProcessRank(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
                             const std::function<absl::Status(RankEnv&)>& body);

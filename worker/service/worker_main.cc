@@ -15,7 +15,10 @@
 // --nodes N and its own --node-rank; node 0's first rank leads.
 //   gemma-worker --coordinator HOST:PORT --model DIR [--cpu-ranks N | --gpus N]
 //                [--backend cpu|cuda] [--listen HOST:PORT] [--tokenizer FILE]
-//                [--replica NAME --nodes N --node-rank K]
+//                [--replica NAME --nodes N --node-rank K] [--mode tp|dp-ep --tp T]
+// In dp-ep mode the ranks form data-parallel groups of --tp ranks with the experts spread over
+// all of them; each group's leader runs its own engine, registers as its own entry and steps in
+// lockstep with the other groups.
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -247,6 +250,21 @@ absl::Status Supervise() {
         absl::StrCat("--replica \"", name, "\" must not contain '/' or spaces"));
   }
   const int world_size = nodes * local_ranks;
+  absl::StatusOr<gemma::parallel::ParallelMode> mode =
+      gemma::parallel::ParseParallelMode(absl::GetFlag(FLAGS_mode));
+  if (!mode.ok()) return mode.status();
+  const int tp = absl::GetFlag(FLAGS_tp);
+  if (*mode == gemma::parallel::ParallelMode::kTp) {
+    if (tp != 0 && tp != world_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--tp ", tp, " in tp mode must equal the replica's ", world_size,
+          " ranks or be omitted (--mode dp-ep splits them into data-parallel groups)"));
+    }
+  } else if (tp < 0 || world_size % std::max(1, tp) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--mode dp-ep: --tp ", tp, " (ranks per data-parallel group) must divide the replica's ",
+        world_size, " ranks"));
+  }
   // The prefix of this replica's keys in the coordinator's rendezvous store: shared by its
   // nodes when it spans several, fresh for each start otherwise. The leader deletes the keys
   // once every rank has joined.
@@ -343,9 +361,13 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   }
 }
 
-// Rank 0: the engine loop, the Replica service, registration and heartbeats, until SIGTERM.
+// A group leader (rank 0, or in dp-ep the first rank of each data-parallel group): the engine
+// loop, the Replica service, registration and heartbeats, until SIGTERM. `plans` carries the
+// step plans to the group's other ranks (null: none); `leaders` (dp-ep with several groups)
+// steps the group leaders in lockstep.
 absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded,
-                       iv1::Coordinator::Stub& stub) {
+                       iv1::Coordinator::Stub& stub, gemma::parallel::Communicator* plans,
+                       gemma::parallel::Communicator* leaders) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   const std::string tokenizer_path = TokenizerPath();
   ASSIGN_OR_RETURN(std::string fingerprint,
@@ -356,7 +378,7 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   }
   gemma::engine::EngineOptions options;
   options.tokenizer = tokenizer.get();
-  auto executor = std::make_unique<gemma::engine::LeaderExecutor>(loaded.model.get(), env.control);
+  auto executor = std::make_unique<gemma::engine::LeaderExecutor>(loaded.model.get(), plans);
   gemma::engine::LeaderExecutor* leader = executor.get();
   ASSIGN_OR_RETURN(std::unique_ptr<gemma::engine::Engine> engine,
                    gemma::engine::Engine::Create(std::move(executor), loaded.model->config(),
@@ -378,7 +400,21 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   std::atomic<bool> engine_stop{false};
   absl::Status engine_status;
   std::thread engine_thread([&] {
-    engine_status = engine->Run(&engine_stop);
+    if (leaders == nullptr) {
+      engine_status = engine->Run(&engine_stop);
+    } else {
+      // Every expert all-to-all needs every rank: the groups step together, an idle group
+      // with an empty step, and all wait briefly when none has work.
+      while (!engine_stop.load()) {
+        absl::StatusOr<bool> ran =
+            gemma::engine::LockstepStep(*engine, *leader, *loaded.cache, leaders);
+        if (!ran.ok()) {
+          engine_status = ran.status();
+          break;
+        }
+        if (!*ran) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
     if (!engine_status.ok()) {
       LOG(ERROR) << "engine loop failed: " << engine_status;
       g_stop.store(true);
@@ -388,7 +424,7 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
     engine_stop.store(true);
     engine_thread.join();
     // Lets the other ranks leave their plan loop (they may be gone already).
-    if (env.world.world_size() > 1 && engine_status.ok()) leader->Stop().IgnoreError();
+    if (plans != nullptr && engine_status.ok()) leader->Stop().IgnoreError();
   };
 
   gemma::service::ReplicaService service(engine.get(), tokenizer.get());
@@ -396,7 +432,9 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  const std::string listen = absl::GetFlag(FLAGS_listen);
+  std::string listen = absl::GetFlag(FLAGS_listen);
+  // Each data-parallel group serves on its own port: the given one for the first.
+  if (env.world.dp_group() > 0) listen = absl::StrCat(HostOf(listen), ":0");
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -421,9 +459,16 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   registration.set_max_context(
       std::min<int64_t>(config.max_position_embeddings, absl::GetFlag(FLAGS_cache_tokens)));
   registration.set_world_size(env.world.world_size());
-  registration.set_parallel(env.world.world_size() > 1
-                                ? absl::StrCat("tp=", env.world.world_size())
-                                : std::string("single"));
+  if (env.world.mode() == gemma::parallel::ParallelMode::kDpEp) {
+    const int groups = env.world.world_size() / env.world.tp_size();
+    registration.set_parallel(absl::StrCat("dp-ep ep=", env.world.world_size(),
+                                           " tp=", env.world.tp_size(), " group ",
+                                           env.world.dp_group() + 1, "/", groups));
+  } else {
+    registration.set_parallel(env.world.world_size() > 1
+                                  ? absl::StrCat("tp=", env.world.world_size())
+                                  : std::string("single"));
+  }
   absl::StatusOr<std::string> replica_id =
       Register(stub, registration, std::chrono::seconds(absl::GetFlag(FLAGS_register_timeout_s)));
   if (!replica_id.ok()) {
@@ -465,7 +510,8 @@ absl::Status RunRank() {
 
   std::unique_ptr<gemma::service::GrpcStore> store;
   auto body = [&](gemma::cli::RankEnv& env) -> absl::Status {
-    if (rank == 0) {
+    const bool group_leader = env.world.tp_rank() == 0;
+    if (group_leader) {
       signal(SIGTERM, OnSignal);
       signal(SIGINT, OnSignal);
     } else {
@@ -484,11 +530,13 @@ absl::Status RunRank() {
       RETURN_IF_ERROR(env.control->Barrier());
       if (rank == 0 && store != nullptr) store->Clear().IgnoreError();
     }
-    if (rank != 0) {
-      LOG(INFO) << "rank " << rank << " loaded; following the leader's step plans";
-      return gemma::engine::FollowPlans(*loaded.model, *loaded.cache, env.control);
+    const bool dp_ep = env.world.mode() == gemma::parallel::ParallelMode::kDpEp;
+    gemma::parallel::Communicator* plans = dp_ep ? env.group_control : env.control;
+    if (!group_leader) {
+      LOG(INFO) << "rank " << rank << " loaded; following its group leader's step plans";
+      return gemma::engine::FollowPlans(*loaded.model, *loaded.cache, plans);
     }
-    return RunLeader(env, loaded, *stub);
+    return RunLeader(env, loaded, *stub, plans, dp_ep ? env.leaders : nullptr);
   };
 
   if (world_size == 1) {
@@ -501,20 +549,25 @@ absl::Status RunRank() {
   store = std::make_unique<gemma::service::GrpcStore>(stub.get(),
                                                       absl::GetFlag(FLAGS_store_prefix), timeout);
   // Every node must agree on the replica's size before joining groups of that size.
-  const std::string layout = absl::StrCat(world_size);
+  const std::string layout = absl::StrCat(world_size, " ranks, --mode ", absl::GetFlag(FLAGS_mode),
+                                          " --tp ", absl::GetFlag(FLAGS_tp));
   RETURN_IF_ERROR(store->Set(absl::StrCat("layout/", rank), layout));
   ASSIGN_OR_RETURN(std::string leader_layout, store->Get("layout/0", timeout));
   if (leader_layout != layout) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "rank ", rank, " counts ", layout, " ranks in the replica but rank 0 counts ",
-        leader_layout, "; every worker of a replica needs the same --nodes and --cpu-ranks "
-        "(or --gpus)"));
+        "rank ", rank, " sees the replica as ", layout, " but rank 0 as ", leader_layout,
+        "; every worker of a replica needs the same --nodes, --cpu-ranks (or --gpus), --mode "
+        "and --tp"));
   }
   gemma::cli::ProcessRankOptions options;
-  options.world.mode = gemma::parallel::ParallelMode::kTp;
-  options.world.tp_size = world_size;
+  ASSIGN_OR_RETURN(options.world.mode,
+                   gemma::parallel::ParseParallelMode(absl::GetFlag(FLAGS_mode)));
+  options.world.tp_size = options.world.mode == gemma::parallel::ParallelMode::kTp
+                              ? world_size
+                              : std::max(1, absl::GetFlag(FLAGS_tp));
   options.world.world_size = world_size;
   options.world.rank = rank;
+  options.group_channels = true;
   const std::string host = HostOf(absl::GetFlag(FLAGS_listen));
   if (host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::") {
     char name[256] = {0};
