@@ -30,6 +30,9 @@ ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "address to serve on, HOST:PORT"
 ABSL_FLAG(int64_t, heartbeat_timeout_ms, 3000,
           "a replica without a heartbeat for this long is unhealthy; also how long a request "
           "whose replica failed waits for a healthy replica to take it over");
+ABSL_FLAG(int64_t, forget_after_ms, 60000,
+          "a replica without a heartbeat for this long is dropped from the status (0: never); "
+          "its worker registers again if it comes back");
 ABSL_FLAG(int64_t, max_outstanding_per_replica, 256,
           "admission limit: requests in flight on one replica; when every healthy replica is "
           "at it, new requests get RESOURCE_EXHAUSTED");
@@ -83,9 +86,16 @@ int Run() {
     std::cerr << "gemma-coordinator: --max-attempts must be positive\n";
     return 1;
   }
+  const int64_t forget_after_ms = absl::GetFlag(FLAGS_forget_after_ms);
+  if (forget_after_ms != 0 && forget_after_ms <= timeout_ms) {
+    std::cerr << "gemma-coordinator: --forget-after-ms must be 0 (never) or longer than "
+                 "--heartbeat-timeout-ms\n";
+    return 1;
+  }
   gemma::coordinator::RegistryOptions registry_options;
   registry_options.heartbeat_timeout = std::chrono::milliseconds(timeout_ms);
   registry_options.max_outstanding_per_replica = max_outstanding;
+  registry_options.forget_after = std::chrono::milliseconds(forget_after_ms);
   gemma::coordinator::Registry registry(registry_options);
   gemma::coordinator::Store store;
   gemma::coordinator::ProxyOptions proxy_options;

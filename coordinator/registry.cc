@@ -41,6 +41,7 @@ absl::StatusOr<std::string> Registry::Register(
     protocol_version_ = request.protocol_version();
     fingerprint_ = request.model_fingerprint();
   }
+  PruneLocked(Now());
   entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
                                 [&](const Entry& e) {
                                   if (e.replica->address != request.address()) return false;
@@ -69,8 +70,22 @@ absl::StatusOr<std::string> Registry::Register(
   return replica->id;
 }
 
+void Registry::PruneLocked(Clock::time_point now) {
+  entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                [&](const Entry& e) {
+                                  if (!Forgotten(e, now)) return false;
+                                  LOG(INFO) << "replica " << e.replica->id << " at "
+                                            << e.replica->address << " is forgotten: no "
+                                            << "heartbeat for over "
+                                            << options_.forget_after.count() << " ms";
+                                  return true;
+                                }),
+                 entries_.end());
+}
+
 bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
   absl::MutexLock lock(&mutex_);
+  PruneLocked(Now());
   for (Entry& entry : entries_) {
     if (entry.replica->id != request.replica_id()) continue;
     if (entry.failed) {
@@ -89,6 +104,7 @@ absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick(const std::vector<std::s
                                                         bool admit) {
   absl::MutexLock lock(&mutex_);
   const Clock::time_point now = Now();
+  PruneLocked(now);
   const int64_t limit = options_.max_outstanding_per_replica;
   std::shared_ptr<Replica> best;
   int64_t healthy = 0;
@@ -164,6 +180,7 @@ gemma::v1::GetStatusResponse Registry::Status() const {
   response.set_protocol_version(protocol_version_);
   response.set_model_fingerprint(fingerprint_);
   for (const Entry& entry : entries_) {
+    if (Forgotten(entry, now)) continue;  // dropped at the next change
     gemma::v1::ReplicaStatus* status = response.add_replicas();
     status->set_id(entry.replica->id);
     status->set_address(entry.replica->address);

@@ -48,6 +48,9 @@ struct ModelLimits {
 struct RegistryOptions {
   using Clock = std::chrono::steady_clock;
   std::chrono::milliseconds heartbeat_timeout{3000};
+  // A replica without a heartbeat for this long is dropped from the registry (and from
+  // GetStatus); its worker, if it comes back, registers again. 0: never.
+  std::chrono::milliseconds forget_after{60000};
   // Admission: requests in flight on one replica before new requests are refused.
   int64_t max_outstanding_per_replica = 256;
   // The clock (tests pass a fake one); null: steady_clock.
@@ -98,6 +101,12 @@ class Registry {
     return !entry.failed && now - entry.last_heartbeat <= options_.heartbeat_timeout;
   }
   Clock::time_point Now() const { return options_.now ? options_.now() : Clock::now(); }
+  bool Forgotten(const Entry& entry, Clock::time_point now) const {
+    return options_.forget_after.count() > 0 &&
+           now - entry.last_heartbeat > options_.forget_after;
+  }
+  // Drops the forgotten entries.
+  void PruneLocked(Clock::time_point now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const RegistryOptions options_;
   std::atomic<int64_t> in_flight_{0};

@@ -127,6 +127,23 @@ TEST_F(RegistryTest, HealthFollowsHeartbeatAge) {
   EXPECT_FALSE(Beat(registry, "r999"));
 }
 
+TEST_F(RegistryTest, ReplicaWithoutHeartbeatsIsForgottenAfterAWhile) {
+  Registry registry = MakeRegistry();  // forget_after: the default 60 s
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  const std::string b = *registry.Register(Worker("127.0.0.1:1002"));
+  now_ += milliseconds(59000);
+  EXPECT_TRUE(Beat(registry, b));
+  EXPECT_EQ(registry.Status().replicas_size(), 2);  // a: unhealthy, still listed
+  now_ += milliseconds(1001);
+  const gemma::v1::GetStatusResponse status = registry.Status();
+  ASSERT_EQ(status.replicas_size(), 1);
+  EXPECT_EQ(status.replicas(0).id(), b);
+  // A worker that comes back late is asked to register again.
+  EXPECT_FALSE(Beat(registry, a));
+  EXPECT_TRUE(registry.Register(Worker("127.0.0.1:1001")).ok());
+  EXPECT_EQ(registry.Status().replicas_size(), 2);
+}
+
 TEST_F(RegistryTest, FailedReplicaIsOutUntilItRegistersAgain) {
   Registry registry = MakeRegistry();
   const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
