@@ -14,22 +14,6 @@
 namespace gemma {
 namespace cpu {
 namespace {
-// a . b over k floats in 16 independent lanes, so that it vectorises (a single running sum is a
-// chain of dependent additions the compiler may not reorder).
-__attribute__((target_clones("avx512f", "avx2", "default"))) float DotLanes(const float* a,
-                                                                            const float* b,
-                                                                            int64_t k) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float sum = 0.0f;
-  for (int l = 0; l < 16; ++l) sum += lanes[l];
-  for (; i < k; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
 // out[i] += p * v[i].
 __attribute__((target_clones("avx512f", "avx2", "default"))) void AddScaled(float p, const float* v,
                                                                             int64_t d, float* out) {

@@ -105,6 +105,9 @@ void MatMulF32(ThreadPool* pool, const float* x, const Buffer& w, int64_t w_row_
 void ApplyRope(float* head, int64_t position, const RopeSpec& rope);
 // The inverse frequencies of `rope` (head_dim / 2 entries, zeros past rotary_pairs).
 std::vector<float> RopeInvFreq(const RopeSpec& rope);
+// a . b over k floats in 16 independent lanes (it vectorises; built for AVX-512, AVX2 and a
+// baseline, picked at run time).
+float DotLanes(const float* a, const float* b, int64_t k);
 float GeluTanh(float x);
 // out[i] = GeluTanh(gate[i]) * up[i] and x[i] = cap * tanh(x[i] / cap), vectorised, through a
 // rational tanh within 3e-7 relative of std::tanh.

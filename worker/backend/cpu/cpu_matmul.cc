@@ -27,21 +27,6 @@ constexpr int64_t kBf16BlockElems = int64_t{4} << 20;
 // Minimum multiply-adds per thread worth a parallel split.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 15;
 
-// a . b over k floats, in 16 independent lanes so the compiler vectorises it; built for
-// AVX-512, AVX2 and a baseline, picked at run time.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float Dot(const float* a,
-                                                                        const float* b,
-                                                                        int64_t k) {
-  float lanes[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
-  }
-  float sum = 0.0f;
-  for (int l = 0; l < 16; ++l) sum += lanes[l];
-  for (; i < k; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // out[r] = x[r] . w for four rows of x (row stride k): each chunk of w is loaded once for the
 // four products, which halves the loads per multiply-add against four separate dots.
@@ -107,7 +92,7 @@ void RowAgainstAll(const float* x, const float* w_row, int64_t m, int64_t k, flo
     Dot4(x + r * k, w_row, k, out);
     for (int q = 0; q < 4; ++q) y[(r + q) * ldy] = out[q];
   }
-  for (; r < m; ++r) y[r * ldy] = Dot(x + r * k, w_row, k);
+  for (; r < m; ++r) y[r * ldy] = DotLanes(x + r * k, w_row, k);
 }
 
 // Whether the AVX-512 few-row kernels below may run on this machine.
@@ -329,6 +314,21 @@ void MatMulF32(ThreadPool* pool, const float* x, const Buffer& w, int64_t w_row_
   } else {
     MatMulBf16Blocked(pool, x, wb, m, n, k, y);
   }
+}
+
+// A single running sum would be a chain of dependent additions the compiler may not reorder.
+__attribute__((target_clones("avx512f", "avx2", "default"))) float DotLanes(const float* a,
+                                                                            const float* b,
+                                                                            int64_t k) {
+  float lanes[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    for (int l = 0; l < 16; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += lanes[l];
+  for (; i < k; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
 }  // namespace gemma::cpu
