@@ -135,6 +135,8 @@ int main(int argc, char** argv) {
   NormalizeFlagDashes(argc, argv);
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
+  // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.
+  google::InstallFailureSignalHandler();
   FLAGS_logtostderr = true;
   return Run();
 }

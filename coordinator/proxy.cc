@@ -55,7 +55,10 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     if (!ok) {
       // The client's side of the call is broken: end the replica's call too.
       client_gone_ = true;
-      if (upstream_active_) attempts_.back()->context->TryCancel();
+      if (upstream_active_) {
+        attempts_.back()->context->TryCancel();
+        ReleaseHoldLocked();  // no read follows
+      }
     }
     if (attempt_ended_) {
       EndAttemptLocked();
@@ -103,7 +106,18 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     std::unique_ptr<grpc::ClientContext> context;
     ReplicaGenerateRequest request;
     Upstream upstream;
+    // A hold on the replica's call while this reactor may still start reads on it: without
+    // it the call can end (and its state be freed) between a read and the next StartRead.
+    bool holding = false;
   };
+
+  // No more reads on the current attempt: lets its call end.
+  void ReleaseHoldLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    Attempt& attempt = *attempts_.back();
+    if (!attempt.holding) return;
+    attempt.holding = false;
+    attempt.upstream.RemoveHold();
+  }
 
   absl::Status Admit() {
     if (absl::Status status = ValidateGenerateRequest(request_, registry_->Limits());
@@ -139,23 +153,33 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     }
     VLOG(1) << "request '" << request_.request_id() << "' -> replica " << attempt.replica->id
             << " (attempt " << attempts_.size() << ")";
-    attempt.context = grpc::ClientContext::FromCallbackServerContext(*context_);
+    // A plain context, not a child of the client's call: grpc tears a child call down through
+    // its parent, and the client's call may be gone first (that crashed the coordinator under
+    // load). The client's deadline is copied; its cancellation arrives through OnCancel.
+    attempt.context = std::make_unique<grpc::ClientContext>();
+    attempt.context->set_deadline(context_->deadline());
     upstream_active_ = true;
     attempt.replica->stub->async()->Generate(attempt.context.get(), &attempt.request,
                                               &attempt.upstream);
+    attempt.holding = true;
+    attempt.upstream.AddHold();
     attempt.upstream.StartRead(&message_);
     attempt.upstream.StartCall();
   }
 
   void OnUpstreamRead(bool ok) {
-    if (!ok) return;  // the status follows in OnUpstreamDone
     absl::MutexLock lock(&mutex_);
+    if (!ok) {
+      ReleaseHoldLocked();  // the stream is over; its status follows in OnUpstreamDone
+      return;
+    }
     if (!have_prompt_ && message_.prompt_token_ids_size() > 0) {
       prompt_ids_.assign(message_.prompt_token_ids().begin(), message_.prompt_token_ids().end());
       have_prompt_ = true;
     }
     if (finished_ || client_gone_) {
       message_.Clear();
+      ReleaseHoldLocked();
       return;  // the replica's call is being cancelled
     }
     GenerateResponse& response = *message_.mutable_response();

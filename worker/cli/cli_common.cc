@@ -36,6 +36,8 @@ int ToolMain(int argc, char** argv, const char* name, const char* usage,
   NormalizeFlagDashes(argc, argv);
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
+  // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.
+  google::InstallFailureSignalHandler();
   FLAGS_logtostderr = true;
   absl::Status status = run();
   if (!status.ok()) {
