@@ -36,6 +36,7 @@
 #include "gemma/v1/inference.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/status_convert.h"
 
 ABSL_FLAG(std::string, coordinator, "", "coordinator HOST:PORT (default $GEMMA_COORDINATOR or "
                                         "localhost:50051)");
@@ -80,10 +81,7 @@ std::string CoordinatorAddress() {
   return address;
 }
 
-absl::Status FromGrpc(const grpc::Status& status) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
-}
+using gemma::FromGrpc;
 
 // A channel that answered within --connect-timeout-ms.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& address) {

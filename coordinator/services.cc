@@ -49,11 +49,6 @@ class StoreGetReactor final : public grpc::ServerUnaryReactor {
 
 }  // namespace
 
-grpc::Status ToGrpc(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
-}
-
 grpc::ServerWriteReactor<gemma::v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const gemma::v1::GenerateRequest* request) {
   return StartGenerateProxy(context, *request, registry_, &timer_, options_);

@@ -14,11 +14,11 @@
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/status_convert.h"
 
 namespace gemma::coordinator {
 
-// The code and the message, unchanged.
-grpc::Status ToGrpc(const absl::Status& status);
+using gemma::ToGrpc;  // proto/status_convert.h
 
 class InferenceService final : public gemma::v1::Inference::CallbackService {
  public:

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gloo/common/error.h"
+#include "proto/status_convert.h"
 
 namespace gemma::service {
 namespace {
@@ -11,9 +12,15 @@ namespace {
 namespace iv1 = gemma::internal::v1;
 
 absl::Status FromGrpc(const grpc::Status& status, absl::string_view what) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat("rendezvous store: ", what, ": ", status.error_message()));
+  absl::Status converted = gemma::FromGrpc(status, absl::StrCat("rendezvous store: ", what));
+  if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+      status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return absl::Status(converted.code(),
+                        absl::StrCat(converted.message(),
+                                     " (the store is the coordinator's: is it running and "
+                                     "reachable at --coordinator?)"));
+  }
+  return converted;
 }
 
 // Room for the RPC itself on top of the server-side wait.
@@ -44,19 +51,6 @@ absl::StatusOr<std::string> GrpcStore::Get(absl::string_view key,
   grpc::Status status = stub_->StoreGet(&context, request, &response);
   if (!status.ok()) return FromGrpc(status, absl::StrCat("get ", key));
   return std::move(*response.mutable_value());
-}
-
-absl::StatusOr<int64_t> GrpcStore::Add(absl::string_view key, int64_t delta) {
-  iv1::StoreAddRequest request;
-  request.set_key(absl::StrCat(prefix_, key));
-  request.set_delta(delta);
-  iv1::StoreAddResponse response;
-  grpc::ClientContext context;
-  context.set_wait_for_ready(true);  // the coordinator may still be starting
-  context.set_deadline(std::chrono::system_clock::now() + timeout_ + kRpcSlack);
-  grpc::Status status = stub_->StoreAdd(&context, request, &response);
-  if (!status.ok()) return FromGrpc(status, absl::StrCat("add ", key));
-  return response.value();
 }
 
 absl::Status GrpcStore::Clear() {

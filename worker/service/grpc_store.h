@@ -27,7 +27,6 @@ class GrpcStore : public gloo::rendezvous::Store {
   absl::Status Set(absl::string_view key, absl::string_view value);
   // Waits up to `timeout` for `key`; DEADLINE_EXCEEDED naming it.
   absl::StatusOr<std::string> Get(absl::string_view key, std::chrono::milliseconds timeout);
-  absl::StatusOr<int64_t> Add(absl::string_view key, int64_t delta);
   // Removes every key of this store's prefix.
   absl::Status Clear();
 

@@ -11,6 +11,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/tokenizer/chat_format.h"
 #include "glog/logging.h"
+#include "proto/status_convert.h"
 
 namespace gemma::service {
 namespace {
@@ -22,11 +23,7 @@ using gemma::v1::GenerateResponse;
 
 constexpr int64_t kDefaultMaxTokens = 16;
 
-// The one place where an absl::Status becomes a grpc::Status in the worker.
-grpc::Status ToGrpc(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
-}
+using gemma::ToGrpc;
 
 absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& call,
                                                 const tokenizer::Tokenizer* tokenizer) {

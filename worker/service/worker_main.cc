@@ -53,6 +53,7 @@
 #include "worker/service/fingerprint.h"
 #include "worker/service/grpc_store.h"
 #include "worker/service/replica_service.h"
+#include "proto/status_convert.h"
 
 ABSL_FLAG(std::string, coordinator, "", "coordinator address HOST:PORT");
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
@@ -93,11 +94,7 @@ void OnSignal(int) { g_stop.store(true); }
 // The command line as given, for starting the rank processes.
 std::vector<std::string>* g_argv = nullptr;
 
-absl::Status FromGrpc(const grpc::Status& status, absl::string_view what) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()),
-                      absl::StrCat(what, ": ", status.error_message()));
-}
+using gemma::FromGrpc;
 
 std::string TokenizerPath() {
   std::string path = absl::GetFlag(FLAGS_tokenizer);
@@ -322,8 +319,14 @@ absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
   grpc::ClientContext context;
   context.set_wait_for_ready(true);
   context.set_deadline(std::chrono::system_clock::now() + timeout);
-  RETURN_IF_ERROR(FromGrpc(stub.Register(&context, request, &response),
-                           absl::StrCat("registering with ", absl::GetFlag(FLAGS_coordinator))));
+  const grpc::Status status = stub.Register(&context, request, &response);
+  if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the coordinator at ", absl::GetFlag(FLAGS_coordinator), " did not answer within ",
+        timeout.count(), " s; is it running and reachable? (--coordinator, --register-timeout-s)"));
+  }
+  RETURN_IF_ERROR(FromGrpc(status, absl::StrCat("registering with ",
+                                                absl::GetFlag(FLAGS_coordinator))));
   return response.replica_id();
 }
 
@@ -404,7 +407,9 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
       engine_status = engine->Run(&engine_stop);
     } else {
       // Every expert all-to-all needs every rank: the groups step together, an idle group
-      // with an empty step, and all wait briefly when none has work.
+      // with an empty step. While none has work they poll, backing off from 1 to 16 ms so an
+      // idle replica does not spin on its collectives.
+      std::chrono::milliseconds idle_wait{1};
       while (!engine_stop.load()) {
         absl::StatusOr<bool> ran =
             gemma::engine::LockstepStep(*engine, *leader, *loaded.cache, leaders);
@@ -412,7 +417,12 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
           engine_status = ran.status();
           break;
         }
-        if (!*ran) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        if (*ran) {
+          idle_wait = std::chrono::milliseconds(1);
+        } else {
+          std::this_thread::sleep_for(idle_wait);
+          idle_wait = std::min(idle_wait * 2, std::chrono::milliseconds(16));
+        }
       }
     }
     if (!engine_status.ok()) {
