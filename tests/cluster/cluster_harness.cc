@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -110,7 +111,7 @@ gemma::v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int6
 }
 
 std::string RunTool(std::vector<std::string> args, int* exit_code) {
-  static int counter = 0;
+  static std::atomic<int> counter{0};
   const std::string output = absl::StrCat(::testing::TempDir(), "/tool_", getpid(), "_",
                                           counter++, ".out");
   args[0] = kBin + args[0];
