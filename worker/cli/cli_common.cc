@@ -15,6 +15,7 @@
 #include "worker/backend/cpu/cpu_backend.h"
 #ifdef GEMMA_HAVE_CUDA_BACKEND
 #include "worker/backend/cuda/cuda_backend.h"
+#include "worker/backend/cuda/cuda_staging.h"
 #endif
 
 namespace gemma::cli {
@@ -80,7 +81,12 @@ absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads
       return absl::FailedPreconditionError(
           "--backend cuda: no CUDA device is visible to this process; use --backend cpu");
     }
-    ASSIGN_OR_RETURN(loaded.backend, CudaBackend::Create());
+    CudaBackendOptions cuda_options;
+    // Ranks sharing this process share its device: each takes a part of the free memory.
+    cuda_options.arena_fraction /= std::max(1, ranks_in_process);
+    ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(cuda_options));
+    loaded.memory = std::make_unique<CudaMemorySpace>(*cuda);
+    loaded.backend = std::move(cuda);
 #else
     return absl::FailedPreconditionError(
         "--backend cuda: this build has no CUDA backend (configure with the CUDA toolkit and "
@@ -97,7 +103,21 @@ absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads
     return absl::InvalidArgumentError(
         absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
   }
-  ASSIGN_OR_RETURN(loaded.model, gemma4::Model::Load(model_dir, *loaded.backend, parallel));
+  gemma4::ModelParallel model_parallel = parallel;
+  if (loaded.memory != nullptr) {
+    auto staged = [&](parallel::Communicator* comm) -> parallel::Communicator* {
+      if (comm == nullptr) return nullptr;
+      loaded.staged_comms.push_back(
+          parallel::WrapWithStaging(comm, parallel::MemoryOf(*comm), loaded.memory.get()));
+      return loaded.staged_comms.back().get();
+    };
+    model_parallel.tp_comm = staged(parallel.tp_comm);
+    // tp and ep may be one group: wrap it once.
+    model_parallel.ep_comm = parallel.ep_comm == parallel.tp_comm ? model_parallel.tp_comm
+                                                                   : staged(parallel.ep_comm);
+  }
+  ASSIGN_OR_RETURN(loaded.model,
+                   gemma4::Model::Load(model_dir, *loaded.backend, model_parallel));
   KvCacheOptions cache_options;
   cache_options.page_size = page_size;
   cache_options.default_tokens = max_tokens + page_size;

@@ -13,6 +13,7 @@
 #include "worker/backend/backend.h"
 #include "worker/engine/kv_cache.h"
 #include "worker/model/gemma4/model.h"
+#include "worker/parallel/staging_communicator.h"
 
 namespace gemma::cli {
 
@@ -30,13 +31,20 @@ absl::StatusOr<std::vector<int32_t>> ParseTokenList(absl::string_view text);
 
 struct LoadedModel {
   std::unique_ptr<Backend> backend;
+  // On a GPU backend, the device memory seen by the staging communicators below (declared after
+  // the backend and before the model, so they outlive the model and die before the backend).
+  std::unique_ptr<parallel::MemorySpace> memory;
+  std::vector<std::unique_ptr<parallel::Communicator>> staged_comms;
   std::unique_ptr<gemma4::Model> model;
   std::unique_ptr<KvCache> cache;
 };
 
 // Loads this rank's share of `model_dir` with a cache able to hold `max_tokens` positions, on
 // `backend`: "cpu" (threads 0: the machine's cores divided among `ranks_in_process`) or "cuda"
-// (the first visible device; FAILED_PRECONDITION without one or in a build without CUDA).
+// (the first visible device; FAILED_PRECONDITION without one or in a build without CUDA). On
+// "cuda", the communicators of `parallel` are wrapped so that each buffer reaches them in the
+// memory they read (device buffers staged through the host for Gloo and the in-process group,
+// host buffers through the device for NCCL).
 absl::StatusOr<LoadedModel> LoadForCli(const std::string& model_dir, int threads,
                                        int64_t max_tokens, int64_t page_size,
                                        const gemma4::ModelParallel& parallel = {},
