@@ -1,6 +1,6 @@
 // gemma-forward: the float32 logits of every position of a token sequence, as a .npy file
 // [num_tokens, vocab_size].
-//   gemma-forward --model DIR --tokens 2,17,301 --logits-out logits.npy
+//   gemma-forward --model DIR --tokens 2,17,301 --logits-out logits.npy [--backend cpu|cuda]
 // Spread over ranks as threads (--tp N, or --mode dp-ep --ep W [--tp T]) or as processes
 // (--world-size W --rank R --rendezvous HOST:PORT, one process per rank; rank 0 writes).
 #include <iostream>
@@ -23,6 +23,7 @@ ABSL_FLAG(std::string, logits_out, "", "output .npy file for the logits (written
 ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
 ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
 ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least the prompt)");
 
 namespace {
@@ -42,7 +43,8 @@ absl::Status Run() {
     ASSIGN_OR_RETURN(
         gemma::cli::LoadedModel loaded,
         gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
-                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
+                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process,
+                               absl::GetFlag(FLAGS_backend)));
     ASSIGN_OR_RETURN(std::vector<float> logits,
                      gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
                                                   absl::GetFlag(FLAGS_prefill_chunk)));

@@ -1,6 +1,6 @@
 // gemma-generate: generates token ids after a prompt and prints them on one line.
 //   gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32 [--temperature T
-//                  --top-k K --top-p P --seed S]
+//                  --top-k K --top-p P --seed S] [--backend cpu|cuda] [--tp N ...]
 #include <algorithm>
 #include <iostream>
 
@@ -27,6 +27,7 @@ ABSL_FLAG(bool, stop_at_eos, false, "stop after an end-of-sequence id of config.
 ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
 ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
+ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
 ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least prompt + new)");
 
 namespace {
@@ -63,7 +64,8 @@ absl::Status Run() {
     ASSIGN_OR_RETURN(
         gemma::cli::LoadedModel loaded,
         gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
-                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
+                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process,
+                               absl::GetFlag(FLAGS_backend)));
     gemma::GenerateOptions rank_options = options;
     if (absl::GetFlag(FLAGS_stop_at_eos)) {
       for (int64_t id : loaded.model->config().eos_token_ids) {
