@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(kWarps * 32) PagedAttentionKernel(PagedAttenti
   for (int i = 0; i < kDims; ++i) acc[i] = 0.0f;
 
   for (int64_t j = first + warp; j <= qp; j += kWarps) {
-    const int32_t page = table[j / p.page_size];
+    const int64_t logical_page = j / p.page_size;
+    if (logical_page >= p.max_pages_per_seq) break;  // past the table row (j only grows)
+    const int32_t page = table[logical_page];
     if (page < 0) continue;  // uniform across the warp
     const int64_t base =
         (static_cast<int64_t>(page) * p.page_size + j % p.page_size) * row_elems + g * d;

@@ -33,8 +33,9 @@ struct PagedAttentionParams {
   float* out = nullptr;  // [num_tokens, num_heads, head_dim]
 };
 
-// One block per (token, head); keys whose page is -1 are skipped (the cache must hold every
-// visible key). Returns cudaErrorInvalidValue for a head_dim it does not support.
+// One block per (token, head); keys whose page is -1 or past the page-table row are skipped
+// (the cache must hold every visible key). Returns cudaErrorInvalidValue for a head_dim it
+// does not support.
 cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
 
 }  // namespace gemma::kernels

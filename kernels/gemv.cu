@@ -34,7 +34,8 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(const float* x, const 
 #pragma unroll
   for (int r = 0; r < kGemvMaxRows; ++r) acc[r] = 0.0f;
   for (int64_t c = int64_t{lane} * kVec; c < k; c += 32 * kVec) {
-    T wv[kVec];
+    // 16-byte aligned: the vector path stores a uint4 into it.
+    alignas(16) T wv[kVec];
     if constexpr (kVec > 1) {
       *reinterpret_cast<uint4*>(wv) = *reinterpret_cast<const uint4*>(wr + c);
     } else {

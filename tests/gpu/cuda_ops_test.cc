@@ -48,6 +48,24 @@ TEST_F(CudaOpsTest, MatMulMatchesAcrossRowCountsDtypesAndRowOffset) {
   }
 }
 
+// x and y as views one element into their buffers: pointers 4 bytes past the arena's 256-byte
+// alignment, which the cuBLASLt plans (m > 8) must not assume.
+TEST_F(CudaOpsTest, MatMulOverViewsAtUnalignedOffsets) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (int64_t m : {5, 33}) {
+      const int64_t n = 64, k = 128;
+      Pair x_base = F32(Random(m * k + 1));
+      Pair w = Weight(Random(n * k), dtype);
+      Pair y_base = Poisoned(DType::kF32, m * n + 1);
+      Pair x{*cpu_->View(*x_base.cpu, 1, m * k), *gpu_->View(*x_base.gpu, 1, m * k)};
+      Pair y{*cpu_->View(*y_base.cpu, 1, m * n), *gpu_->View(*y_base.gpu, 1, m * n)};
+      cpu_->MatMul(*x.cpu, *w.cpu, m, n, k, *y.cpu);
+      gpu_->MatMul(*x.gpu, *w.gpu, m, n, k, *y.gpu);
+      ExpectClose(y, m * n, absl::StrCat("matmul over views ", DTypeName(dtype), " m=", m));
+    }
+  }
+}
+
 TEST_F(CudaOpsTest, RmsNormAndAddRmsNormMatch) {
   const int64_t rows = 3, dim = 257;
   for (bool weighted : {false, true}) {

@@ -70,6 +70,8 @@ class CudaVsCpuTest : public ::testing::Test {
     std::vector<uint32_t> nan(n, 0x7fc00000u);
     cpu_->Write(*p.cpu, nan.data(), n * 4);
     gpu_->Write(*p.gpu, nan.data(), n * 4);
+    // Write's source must stay valid until Synchronize(): `nan` dies on return.
+    EXPECT_TRUE(gpu_->Synchronize().ok());
     return p;
   }
 
@@ -113,6 +115,8 @@ class CudaVsCpuTest : public ::testing::Test {
     Pair p{*cpu_->Alloc(dtype, n), *gpu_->Alloc(dtype, n)};
     cpu_->Write(*p.cpu, data, n * 4);
     gpu_->Write(*p.gpu, data, n * 4);
+    // Write's source must stay valid until Synchronize(): callers pass temporaries.
+    EXPECT_TRUE(gpu_->Synchronize().ok());
     return p;
   }
 };

@@ -128,6 +128,23 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string Name() const = 0;
 
+  // ---- step graphs (optional; the CUDA backend has them) ----
+  // Ops enqueued between BeginCapture() and EndCapture(key) are recorded, not run; Replay(key)
+  // runs the recording again on the same buffers. The model uses this for decode steps, whose
+  // shapes repeat (design.md, "Backends"). Backends without it keep these defaults.
+  virtual bool SupportsGraphs() const { return false; }
+  virtual absl::Status BeginCapture() {
+    return absl::UnimplementedError(Name() + " backend: no step graphs");
+  }
+  virtual absl::Status EndCapture(int64_t /*key*/) {
+    return absl::UnimplementedError(Name() + " backend: no step graphs");
+  }
+  virtual absl::Status Replay(int64_t /*key*/) {
+    return absl::UnimplementedError(Name() + " backend: no step graphs");
+  }
+  virtual bool HasGraph(int64_t /*key*/) const { return false; }
+  virtual void DropGraphs() {}
+
   // ---- memory ----
   // Uninitialised device memory.
   virtual absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) = 0;

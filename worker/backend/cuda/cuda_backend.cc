@@ -173,11 +173,17 @@ std::shared_ptr<Buffer> CudaBackend::Scratch(DType dtype, int64_t numel) {
 }
 
 std::shared_ptr<Buffer> CudaBackend::UploadScratch(DType dtype, const void* src, int64_t numel) {
+  // A captured copy would read the host bytes again at every replay.
+  if (RefuseWhileCapturing("a host-to-device upload")) return nullptr;
   std::shared_ptr<Buffer> buf = Scratch(dtype, numel);
   if (buf == nullptr) return nullptr;
-  // From pageable memory the copy is staged before the call returns, so `src` may die.
-  if (!Check(cudaMemcpyAsync(AsCuda(*buf).data(), src, buf->bytes(), cudaMemcpyHostToDevice,
-                             stream_),
+  // An asynchronous copy from pageable memory is not guaranteed to have read its source when
+  // the call returns, and `src` may die right after this call: copy from a host copy that lives
+  // until the stream is next waited on.
+  const auto* bytes = static_cast<const char*>(src);
+  upload_keepalive_.emplace_back(bytes, bytes + buf->bytes());
+  if (!Check(cudaMemcpyAsync(AsCuda(*buf).data(), upload_keepalive_.back().data(), buf->bytes(),
+                             cudaMemcpyHostToDevice, stream_),
              __FILE__, __LINE__)) {
     return nullptr;
   }
@@ -203,6 +209,7 @@ absl::StatusOr<BufferPtr> CudaBackend::UploadWeight(DType src_dtype, const void*
                                     cudaMemcpyHostToDevice, stream_);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
   if (!Check(err, __FILE__, __LINE__)) return sticky_;
+  ReleaseUploads();
   return buf;
 }
 
@@ -223,13 +230,13 @@ absl::Status CudaBackend::Read(const Buffer& src, void* dst, size_t bytes, size_
   cudaError_t err = cudaMemcpyAsync(dst, static_cast<const char*>(AsCuda(src).data()) + offset,
                                     bytes, cudaMemcpyDeviceToHost, stream_);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream_);
-  Check(err, __FILE__, __LINE__);
+  if (Check(err, __FILE__, __LINE__)) ReleaseUploads();
   return sticky_;
 }
 
 absl::Status CudaBackend::Synchronize() {
   if (RefuseWhileCapturing("Synchronize")) return sticky_;
-  Check(cudaStreamSynchronize(stream_), __FILE__, __LINE__);
+  if (Check(cudaStreamSynchronize(stream_), __FILE__, __LINE__)) ReleaseUploads();
   return sticky_;
 }
 
@@ -261,12 +268,19 @@ absl::Status CudaBackend::EndCapture(int64_t key) {
   capturing_ = false;
   cudaGraph_t graph = nullptr;
   cudaError_t err = cudaStreamEndCapture(stream_, &graph);
-  if (!Check(err, __FILE__, __LINE__)) return sticky_;
-  RETURN_IF_ERROR(sticky_);  // an op failed during capture: the graph is incomplete
+  if (!Check(err, __FILE__, __LINE__) || !sticky_.ok()) {
+    // Capture failed, or an op failed during it (the graph is incomplete): nothing is kept.
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    capture_scratch_.clear();
+    return sticky_;
+  }
   cudaGraphExec_t exec = nullptr;
   err = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  if (!Check(err, __FILE__, __LINE__)) return sticky_;
+  if (!Check(err, __FILE__, __LINE__)) {
+    capture_scratch_.clear();
+    return sticky_;
+  }
   auto it = graphs_.find(key);
   if (it != graphs_.end()) cudaGraphExecDestroy(it->second.exec);
   graphs_[key] = Graph{exec, std::move(capture_scratch_)};

@@ -111,11 +111,12 @@ class CudaBackend final : public Backend {
   // allowed while capturing (sticky FAILED_PRECONDITION): Write, Read, Synchronize, and ops
   // whose arguments live on the host (LogSumExp, and Sample with a non-greedy row); MoeExperts
   // takes its fused path, which needs no host round trip.
-  absl::Status BeginCapture();
-  absl::Status EndCapture(int64_t key);
-  absl::Status Replay(int64_t key);
-  bool HasGraph(int64_t key) const { return graphs_.count(key) > 0; }
-  void DropGraphs();
+  bool SupportsGraphs() const override { return true; }
+  absl::Status BeginCapture() override;
+  absl::Status EndCapture(int64_t key) override;
+  absl::Status Replay(int64_t key) override;
+  bool HasGraph(int64_t key) const override { return graphs_.count(key) > 0; }
+  void DropGraphs() override;
   bool capturing() const { return capturing_; }
 
   cudaStream_t stream() const { return stream_; }
@@ -129,15 +130,20 @@ class CudaBackend final : public Backend {
   CudaBackend() = default;
 
   struct LtPlan;
-  LtPlan* GetLtPlan(int64_t m, int64_t n, int64_t k, kernels::ElemType w_type,
-                    uint32_t w_align);
+  // Alignments (bytes, powers of two up to 256) of the weight, the activation and the output.
+  LtPlan* GetLtPlan(int64_t m, int64_t n, int64_t k, kernels::ElemType w_type, uint32_t w_align,
+                    uint32_t x_align, uint32_t y_align);
   void LtMatMul(const float* x, const void* w, kernels::ElemType w_type, int64_t m, int64_t n,
                 int64_t k, float* y);
   // Scratch from the arena, released when the returned buffer dies (stream order makes reuse
   // by later ops safe). Null, with the sticky error set, when the arena is full.
   std::shared_ptr<Buffer> Scratch(DType dtype, int64_t numel);
-  // Copies a host array into fresh scratch (the host copy may die after the call).
+  // Copies a host array into fresh scratch (the host copy may die after the call: the bytes are
+  // copied into upload_keepalive_, the source of the asynchronous copy, until the stream is
+  // next waited on).
   std::shared_ptr<Buffer> UploadScratch(DType dtype, const void* src, int64_t numel);
+  // Drops the keep-alive copies once the stream has been waited on successfully.
+  void ReleaseUploads() { upload_keepalive_.clear(); }
   // Records FAILED_PRECONDITION naming `what` when capturing; returns true if capturing.
   bool RefuseWhileCapturing(const char* what);
   void MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_type);
@@ -159,6 +165,9 @@ class CudaBackend final : public Backend {
   bool capturing_ = false;
   std::vector<std::shared_ptr<Buffer>> capture_scratch_;
   bool grouped_gemm_unsupported_ = false;
+  // Host sources of UploadScratch copies that may still be in flight (a cudaMemcpyAsync from
+  // pageable memory may read its source after the call returns).
+  std::vector<std::vector<char>> upload_keepalive_;
   absl::Status sticky_;
 };
 

@@ -33,14 +33,34 @@ namespace {
 cudaError_t BlasError(cublasStatus_t status) {
   return status == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown;
 }
+
+// The largest power of two, at most 256, that divides the address.
+uint32_t Alignment(const void* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  if (address == 0) return 256;
+  return static_cast<uint32_t>(std::min<uintptr_t>(256, address & (~address + 1)));
+}
+
+// log2 of a power of two up to 256 (4 bits).
+int Log2(uint32_t v) {
+  int l = 0;
+  while (v > 1) {
+    v >>= 1;
+    ++l;
+  }
+  return l;
+}
 }  // namespace
 
 // Column-major view: y^T [n, m] = w [k, n]^T . x^T [k, m], with w and x as stored row-major.
-// `w_align`: the weight pointer's alignment in bytes (a row offset can leave it below the 256
-// bytes cuBLASLt's heuristic otherwise assumes); part of the plan's key.
+// The alignments of the three pointers in bytes (a weight row offset, or a view as x or y, can
+// leave them below the 256 bytes cuBLASLt's heuristic otherwise assumes) are part of the key.
 CudaBackend::LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t n, int64_t k,
-                                            kernels::ElemType w_type, uint32_t w_align) {
-  auto key = std::make_tuple(m, n, k, static_cast<int>(w_type) * 1024 + static_cast<int>(w_align));
+                                            kernels::ElemType w_type, uint32_t w_align,
+                                            uint32_t x_align, uint32_t y_align) {
+  auto key = std::make_tuple(m, n, k,
+                             static_cast<int>(w_type) | Log2(w_align) << 1 |
+                                 Log2(x_align) << 5 | Log2(y_align) << 9);
   auto it = lt_plans_.find(key);
   if (it != lt_plans_.end()) return it->second.get();
   auto plan = std::make_shared<LtPlan>();
@@ -65,6 +85,18 @@ CudaBackend::LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t n, int64_t k,
     s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
                                              &w_align, sizeof(w_align));
   }
+  if (s == CUBLAS_STATUS_SUCCESS) {
+    s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                             &x_align, sizeof(x_align));
+  }
+  if (s == CUBLAS_STATUS_SUCCESS) {
+    s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                             &y_align, sizeof(y_align));
+  }
+  if (s == CUBLAS_STATUS_SUCCESS) {
+    s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                             &y_align, sizeof(y_align));
+  }
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   if (s == CUBLAS_STATUS_SUCCESS) {
@@ -87,18 +119,17 @@ CudaBackend::LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t n, int64_t k,
 
 void CudaBackend::LtMatMul(const float* x, const void* w, kernels::ElemType w_type, int64_t m,
                            int64_t n, int64_t k, float* y) {
-  const uintptr_t address = reinterpret_cast<uintptr_t>(w);
-  const uint32_t w_align =
-      static_cast<uint32_t>(std::min<uintptr_t>(256, address & (~address + 1)));
-  LtPlan* plan = GetLtPlan(m, n, k, w_type, w_align);
-  if (plan == nullptr) return;
   const void* b = x;
   std::shared_ptr<Buffer> x_bf16;
   if (w_type == kernels::ElemType::kBF16) {
     x_bf16 = Scratch(DType::kBF16, m * k);
     if (x_bf16 == nullptr) return;
-    GEMMA_CUDA_CHECK(kernels::F32ToBf16(x, m * k, AsCuda(*x_bf16).data(), stream_));
     b = AsCuda(*x_bf16).data();
+  }
+  LtPlan* plan = GetLtPlan(m, n, k, w_type, Alignment(w), Alignment(b), Alignment(y));
+  if (plan == nullptr) return;
+  if (x_bf16 != nullptr) {
+    GEMMA_CUDA_CHECK(kernels::F32ToBf16(x, m * k, AsCuda(*x_bf16).data(), stream_));
   }
   const float alpha = 1.0f, beta = 0.0f;
   GEMMA_CUDA_CHECK(BlasError(cublasLtMatmul(
