@@ -79,6 +79,7 @@ absl::Status Model::TpAllReduce(Buffer& buffer, int64_t count) {
 absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
   const ModelConfig& c = config_;
   if (num_tokens > scratch_tokens_ || hidden_ == nullptr) {
+    DropStepGraphs();  // they replay on the buffers about to be replaced
     const int64_t t = std::max<int64_t>(num_tokens, 16);
     const int64_t h = c.hidden_size;
     int64_t max_q = 0, max_kv = 0, max_inter = c.moe_intermediate_size;
@@ -109,6 +110,7 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
     scratch_tokens_ = t;
   }
   if (num_rows > scratch_rows_ || logits_ == nullptr) {
+    DropStepGraphs();
     const int64_t r = std::max<int64_t>(num_rows, 4);
     ASSIGN_OR_RETURN(row_hidden_, backend_.Alloc(DType::kF32, r * c.hidden_size));
     ASSIGN_OR_RETURN(logits_, backend_.Alloc(DType::kF32, r * dims_.vocab));
@@ -173,6 +175,14 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   }
   const int64_t num_tokens = static_cast<int64_t>(host.token_ids.size());
   const int64_t num_rows = static_cast<int64_t>(host.rows.size());
+  const bool graph = GraphEligible(steps);
+  if (graph) {
+    // One graph serves every width up to the next power of two (the kernels read a sequence's
+    // pages up to its length only; the rest of its row is -1).
+    int64_t width = 1;
+    while (width < max_pages) width *= 2;
+    max_pages = width;
+  }
   for (int pool = 0; pool < 2; ++pool) {
     host.page_tables[pool].assign(steps.size() * max_pages, -1);
     for (size_t s = 0; s < steps.size(); ++s) {
@@ -193,33 +203,94 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   const int64_t hidden = c.hidden_size;
   ASSIGN_OR_RETURN(mlp_out_, backend_.View(*ffn_pair_, 0, num_tokens * hidden));
   ASSIGN_OR_RETURN(moe_out_, backend_.View(*ffn_pair_, num_tokens * hidden, num_tokens * hidden));
-  ASSIGN_OR_RETURN(token_ids_, AllocI32(backend_, host.token_ids));
-  ASSIGN_OR_RETURN(positions_, AllocI32(backend_, host.positions));
-  ASSIGN_OR_RETURN(query_start_, AllocI32(backend_, query_start));
-  ASSIGN_OR_RETURN(seq_lens_, AllocI32(backend_, seq_lens));
-  ASSIGN_OR_RETURN(rows_, AllocI32(backend_, host.rows));
+  // Step graph key: sequences, page-table width and logit rows fix every shape of the step.
+  constexpr int64_t kKeyField = int64_t{1} << 21;
+  const int64_t num_seqs = static_cast<int64_t>(steps.size());
+  const bool use_graph = graph && num_seqs < kKeyField && max_pages < kKeyField;
+  const int64_t key = (num_seqs * kKeyField + max_pages) * kKeyField + num_rows;
+  StepInputs* in = &step_inputs_;
+  bool reuse = false;
+  if (use_graph) {
+    constexpr size_t kMaxGraphs = 64;  // past it, start over rather than grow without bound
+    if (graph_inputs_.size() >= kMaxGraphs && graph_inputs_.count(key) == 0) DropStepGraphs();
+    in = &graph_inputs_[key];
+    reuse = in->token_ids != nullptr;
+  }
+  // Eager steps take fresh buffers; a graph's are allocated once and overwritten each replay.
+  auto upload = [&](BufferPtr& buffer, const std::vector<int32_t>& values) -> absl::Status {
+    if (!reuse) {
+      ASSIGN_OR_RETURN(buffer, AllocI32(backend_, values));
+    } else if (!values.empty()) {
+      backend_.Write(*buffer, values.data(), values.size() * sizeof(int32_t));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(upload(in->token_ids, host.token_ids));
+  RETURN_IF_ERROR(upload(in->positions, host.positions));
+  RETURN_IF_ERROR(upload(in->query_start, query_start));
+  RETURN_IF_ERROR(upload(in->seq_lens, seq_lens));
+  RETURN_IF_ERROR(upload(in->rows, host.rows));
   for (int pool = 0; pool < 2; ++pool) {
-    ASSIGN_OR_RETURN(page_tables_[pool], AllocI32(backend_, host.page_tables[pool]));
-    ASSIGN_OR_RETURN(slots_[pool], AllocI32(backend_, host.slots[pool]));
+    RETURN_IF_ERROR(upload(in->page_tables[pool], host.page_tables[pool]));
+    RETURN_IF_ERROR(upload(in->slots[pool], host.slots[pool]));
   }
   BatchLayout layout;
   layout.num_tokens = num_tokens;
-  layout.num_seqs = static_cast<int64_t>(steps.size());
+  layout.num_seqs = num_seqs;
   layout.max_pages_per_seq = max_pages;
-  layout.positions = positions_.get();
-  layout.query_start = query_start_.get();
-  layout.seq_lens = seq_lens_.get();
+  layout.positions = in->positions.get();
+  layout.query_start = in->query_start.get();
+  layout.seq_lens = in->seq_lens.get();
   for (int pool = 0; pool < 2; ++pool) {
-    layout.page_tables[pool] = page_tables_[pool].get();
-    layout.slots[pool] = slots_[pool].get();
+    layout.page_tables[pool] = in->page_tables[pool].get();
+    layout.slots[pool] = in->slots[pool].get();
   }
   layout.host_query_start = query_start;
   layout.host_seq_lens = seq_lens;
   num_tokens_ = num_tokens;
+  num_logit_rows_ = num_rows;
 
-  // ---- the network ----
-  backend_.Embed(*token_ids_, *weights_->embed_tokens, num_tokens, dims_.vocab, dims_.vocab_offset,
-                 hidden, std::sqrt(static_cast<float>(hidden)), *hidden_);
+  if (use_graph) {
+    if (!backend_.HasGraph(key)) {
+      RETURN_IF_ERROR(backend_.BeginCapture());
+      absl::Status recorded = RunNetwork(layout, *in, cache);
+      absl::Status ended = backend_.EndCapture(key);
+      RETURN_IF_ERROR(recorded);
+      RETURN_IF_ERROR(ended);
+      ++graph_captures_;
+    }
+    RETURN_IF_ERROR(backend_.Replay(key));
+    ++graph_replays_;
+  } else {
+    RETURN_IF_ERROR(RunNetwork(layout, *in, cache));
+  }
+  for (const SequenceStep& step : steps) step.kv->length += static_cast<int64_t>(step.tokens.size());
+  RETURN_IF_ERROR(backend_.Synchronize());
+  return logits_.get();
+}
+
+bool Model::GraphEligible(std::span<const SequenceStep> steps) const {
+  if (!use_graphs_ || !backend_.SupportsGraphs() || steps.empty() || observer_) return false;
+  // Collectives leave the stream (Gloo, staging) or need host round trips (dp-ep dispatch).
+  if (parallel_.tp_comm != nullptr || parallel_.ep_comm != nullptr) return false;
+  for (const SequenceStep& step : steps) {
+    if (step.tokens.size() != 1) return false;
+  }
+  return true;
+}
+
+void Model::DropStepGraphs() {
+  backend_.DropGraphs();
+  graph_inputs_.clear();
+}
+
+absl::Status Model::RunNetwork(const BatchLayout& layout, const StepInputs& in, KvCache& cache) {
+  const ModelConfig& c = config_;
+  const int64_t num_tokens = num_tokens_;
+  const int64_t num_rows = num_logit_rows_;
+  const int64_t hidden = c.hidden_size;
+  backend_.Embed(*in.token_ids, *weights_->embed_tokens, num_tokens, dims_.vocab,
+                 dims_.vocab_offset, hidden, std::sqrt(static_cast<float>(hidden)), *hidden_);
   RETURN_IF_ERROR(TpAllReduce(*hidden_, num_tokens * hidden));
   Observe("embed", *hidden_, {num_tokens, hidden});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -227,9 +298,8 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
     RETURN_IF_ERROR(FeedForwardBlock(l));
     Observe(absl::StrCat("layers.", l, ".out"), *hidden_, {num_tokens, hidden});
   }
-  num_logit_rows_ = num_rows;
   if (num_rows > 0) {
-    backend_.GatherRows(*hidden_, *rows_, num_rows, hidden, *row_hidden_);
+    backend_.GatherRows(*hidden_, *in.rows, num_rows, hidden, *row_hidden_);
     backend_.RmsNorm(*row_hidden_, weights_->final_norm.get(), num_rows, hidden,
                      static_cast<float>(c.rms_norm_eps), *row_hidden_);
     backend_.MatMul(*row_hidden_, weights_->LmHead(), num_rows, dims_.vocab, hidden, *logits_);
@@ -238,9 +308,7 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
                        static_cast<float>(c.final_logit_softcapping));
     }
   }
-  for (const SequenceStep& step : steps) step.kv->length += static_cast<int64_t>(step.tokens.size());
-  RETURN_IF_ERROR(backend_.Synchronize());
-  return logits_.get();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& params) {
@@ -310,16 +378,16 @@ absl::Status Model::AttentionBlock(int l, const BatchLayout& layout, KvCache& ca
 
   backend_.RmsNorm(*hidden_, w.input_layernorm.get(), t, hidden, eps, *normed_);
   backend_.MatMul(*normed_, *w.q_proj, t, heads * d, hidden, *q_);
-  backend_.HeadNormRope(*q_, w.q_norm.get(), *positions_, t, heads, rope, eps);
+  backend_.HeadNormRope(*q_, w.q_norm.get(), *layout.positions, t, heads, rope, eps);
   backend_.MatMul(*normed_, *w.k_proj, t, kv_heads * d, hidden, *k_);
   if (c.LayerKEqV(l)) {
     // V = weightless norm of the raw K projection; K is derived from V inside attention.
-    backend_.HeadNormRope(*k_, nullptr, *positions_, t, kv_heads, no_rope, eps);
+    backend_.HeadNormRope(*k_, nullptr, *layout.positions, t, kv_heads, no_rope, eps);
     backend_.WriteKv(nullptr, *k_, *layout.slots[pool], t, kv_heads * d, nullptr, cache.v(l));
   } else {
     backend_.MatMul(*normed_, *w.v_proj, t, kv_heads * d, hidden, *v_);
-    backend_.HeadNormRope(*k_, w.k_norm.get(), *positions_, t, kv_heads, rope, eps);
-    backend_.HeadNormRope(*v_, nullptr, *positions_, t, kv_heads, no_rope, eps);
+    backend_.HeadNormRope(*k_, w.k_norm.get(), *layout.positions, t, kv_heads, rope, eps);
+    backend_.HeadNormRope(*v_, nullptr, *layout.positions, t, kv_heads, no_rope, eps);
     backend_.WriteKv(k_.get(), *v_, *layout.slots[pool], t, kv_heads * d, cache.k(l),
                      cache.v(l));
   }

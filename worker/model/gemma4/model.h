@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -78,6 +79,12 @@ class Model {
   absl::StatusOr<std::vector<float>> LogitsToHost();
 
   void set_observer(TensorObserver observer) { observer_ = std::move(observer); }
+  // Step graphs, on a backend that has them (CUDA): a step whose sequences each bring one token
+  // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
+  // width rounded up to a power of two, logit rows) and replayed after that. On by default.
+  void set_use_graphs(bool on) { use_graphs_ = on; }
+  int64_t graph_captures() const { return graph_captures_; }
+  int64_t graph_replays() const { return graph_replays_; }
   const ModelConfig& config() const { return config_; }
   const LocalDims& local_dims() const { return dims_; }
   const ModelParallel& parallel() const { return parallel_; }
@@ -86,7 +93,16 @@ class Model {
  private:
   Model(const ModelConfig& config, Backend& backend, const ModelParallel& parallel)
       : config_(config), backend_(backend), parallel_(parallel) {}
+  // Device copies of one step's metadata.
+  struct StepInputs {
+    BufferPtr token_ids, positions, query_start, seq_lens, rows;
+    BufferPtr page_tables[2], slots[2];
+  };
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows);
+  bool GraphEligible(std::span<const SequenceStep> steps) const;
+  void DropStepGraphs();
+  // The network from the embedding to the (soft-capped) logits of the step in `layout`.
+  absl::Status RunNetwork(const BatchLayout& layout, const StepInputs& in, KvCache& cache);
   absl::Status AttentionBlock(int layer_idx, const BatchLayout& layout, KvCache& cache);
   absl::Status FeedForwardBlock(int layer_idx);
   // Sums `buffer`'s first `count` floats over the tp group (no-op without one).
@@ -129,9 +145,12 @@ class Model {
   BufferPtr row_hidden_;  // [R, H]
   BufferPtr logits_;      // [R, V]
   BufferPtr sampled_;     // [R] i32
-  // Step metadata.
-  BufferPtr token_ids_, positions_, query_start_, seq_lens_;
-  BufferPtr page_tables_[2], slots_[2];
+  // Step metadata: the last eager step's, and each step graph's (fixed buffers it replays on).
+  StepInputs step_inputs_;
+  std::map<int64_t, StepInputs> graph_inputs_;
+  bool use_graphs_ = true;
+  int64_t graph_captures_ = 0;
+  int64_t graph_replays_ = 0;
 };
 
 }  // namespace gemma::gemma4
