@@ -1,45 +1,93 @@
 #!/usr/bin/env bash
-# Downloads the Debian packages a bare GPU machine (nvcc, CMake and Python present, but none of
-# our system libraries) needs to build and test this project: glog, gflags, Abseil, GoogleTest,
-# Google Benchmark, OpenBLAS, nlohmann-json, Gloo and their runtime dependencies. Run it here,
-# on a Debian machine like the build image, with network access; copy the folder over.
+# Downloads the Debian packages a bare GPU machine (nvcc, CMake, ninja and Python present, but
+# none of our system libraries) needs to build the no-services tree and run its tests: glog,
+# gflags, Abseil, GoogleTest, Google Benchmark, OpenBLAS (pthread variant), nlohmann-json, Gloo
+# and the shared libraries those load. Run it here, on a Debian 12 machine like the build image,
+# with apt working; the folder then travels with the working tree (git ignores /gpu-deps/).
 #
-#   scripts/gpu_deps.sh [DIR]          # default DIR: gpu-deps
+#   scripts/gpu_deps.sh [DIR]          # default DIR: <repo root>/gpu-deps
 #
-# On the GPU machine nothing is installed system-wide: each .deb is unpacked into a private
-# prefix, which scripts/gpu_check.sh does for you:
+# On the GPU machine nothing is installed system-wide: scripts/gpu_check.sh unpacks each .deb
+# into a private prefix (build-gpu-prefix), fixes the few absolute paths in their CMake files,
+# and points CMake and LD_LIBRARY_PATH at it.
 #
-#   mkdir -p prefix && for d in DIR/*.deb; do dpkg -x "$d" prefix; done
-#   cmake -S . -B build -DCMAKE_PREFIX_PATH="$PWD/prefix/usr" \
-#         -DCMAKE_LIBRARY_PATH="$PWD/prefix/usr/lib/x86_64-linux-gnu"
-#   export LD_LIBRARY_PATH="$PWD/prefix/usr/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
+# The list is chosen by hand, not by `apt-cache depends --recurse`: that follows every
+# alternative (all three OpenBLAS variants) and the maintainer-script tools (adduser, passwd,
+# PAM, ...), which a dpkg -x unpack never runs. The check below fails if a package gains a
+# dependency that is neither bundled, assumed present, nor known to be unneeded.
 set -euo pipefail
 
-DIR="${1:-gpu-deps}"
-mkdir -p "${DIR}"
-cd "${DIR}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${1:-${ROOT}/gpu-deps}"
 
-# What the build finds with find_package / find_path, and what the test binaries load.
-ROOTS=(
-  libgoogle-glog-dev libgflags-dev libabsl-dev libgtest-dev libgmock-dev libbenchmark-dev
-  libopenblas-dev libopenblas0-pthread libopenblas-pthread-dev nlohmann-json3-dev libgloo-dev
-  libunwind-dev
+PKGS=(
+  # Abseil: headers, CMake config, shared libraries.
+  libabsl-dev libabsl20220623
+  # glog; its headers include gflags and its CMake config find_dependency()s gflags and Unwind
+  # (FindUnwind needs libunwind.h and libunwind.so); libglog.so.1 loads libgflags and libunwind.
+  libgoogle-glog-dev libgoogle-glog0v6 libgflags-dev libgflags2.2 libunwind-dev libunwind8
+  # GoogleTest and GoogleMock (static libraries and the GTest CMake config).
+  libgtest-dev libgmock-dev
+  # Google Benchmark.
+  libbenchmark-dev libbenchmark1debian
+  # OpenBLAS, pthread variant only: cblas.h and libopenblas.so (-dev), libopenblas.so.0, and
+  # the Fortran runtime that libopenblas.so.0 loads.
+  libopenblas-pthread-dev libopenblas0-pthread libgfortran5 libquadmath0
+  # nlohmann-json (headers and CMake config).
+  nlohmann-json3-dev
+  # Gloo, and what libgloo.so.0 loads (hiredis, ibverbs and its netlink libraries).
+  libgloo-dev libgloo0 libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200
 )
 
-# The roots plus their dependencies (Depends and PreDepends, recursively), minus what every
-# Debian system already has (libc6, libgcc, libstdc++ come with the compiler).
-mapfile -t ALL < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-  --no-breaks --no-replaces --no-enhances "${ROOTS[@]}" | grep -E '^[a-z0-9]' | sort -u)
-SKIP='^(libc6|libc6-dev|libgcc-s1|libstdc\+\+6|libstdc\+\+-[0-9]+-dev|gcc-[0-9]+-base|libc-dev-bin|linux-libc-dev|libcrypt1|libcrypt-dev|debconf|dpkg|perl-base|tar|install-info)$'
-WANTED=()
-for pkg in "${ALL[@]}"; do
-  [[ "${pkg}" =~ ${SKIP} ]] && continue
-  # Virtual packages have no candidate: skip them.
-  apt-cache show "${pkg}" >/dev/null 2>&1 || continue
-  WANTED+=("${pkg}")
-done
+# Present on any Debian or Ubuntu machine that has a C++ compiler (or, for adduser, needed only
+# by a maintainer script that dpkg -x does not run).
+ASSUMED='^(libc6|libc6-dev|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|liblzma5|zlib1g|adduser)$'
+# Declared dependencies that neither the build nor the test binaries need:
+#   googletest        the GoogleTest sources (/usr/src); libgtest-dev ships the built libraries
+#   libhiredis-dev, libibverbs-dev   headers of Gloo's redis store and ibverbs transport; we use
+#                     the TCP transport only, and GlooConfig.cmake does not look for them
+#   liblzma-dev       only for libunwind-coredump's pkg-config file
+#   libopenblas-dev, libopenblas0    empty metapackages that select a variant via alternatives
+#   libopenblas-openmp-dev, libopenblas-serial-dev, libopenblas0-openmp, libopenblas0-serial
+#                     the other variants
+NOT_NEEDED='^(googletest|libhiredis-dev|libibverbs-dev|liblzma-dev|libopenblas-dev|libopenblas0|libopenblas-(openmp|serial)-dev|libopenblas0-(openmp|serial))$'
 
-echo "gpu_deps.sh: downloading ${#WANTED[@]} packages into ${PWD}"
-apt-get download "${WANTED[@]}"
-ls -1 *.deb > MANIFEST
-echo "gpu_deps.sh: done; copy ${PWD} to the GPU machine and run scripts/gpu_check.sh"
+in_list() { local x; for x in "${PKGS[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
+
+# Every Depends/Pre-Depends group of every bundled package must be met by the bundle, by the
+# base system or be known to be unneeded; else the list needs a look.
+missing=()
+for pkg in "${PKGS[@]}"; do
+  deps="$(apt-cache show --no-all-versions "${pkg}" | sed -n 's/^\(Pre-\)\?Depends: //p' | tr '\n' ',')"
+  IFS=',' read -r -a groups <<< "${deps}"
+  for group in "${groups[@]}"; do
+    [[ -z "${group// /}" ]] && continue
+    ok=0
+    IFS='|' read -r -a alts <<< "${group}"
+    for alt in "${alts[@]}"; do
+      name="$(sed -E 's/^ *([^ :(]+).*/\1/' <<< "${alt}")"
+      if in_list "${name}" || [[ "${name}" =~ ${ASSUMED} || "${name}" =~ ${NOT_NEEDED} ]]; then
+        ok=1
+        break
+      fi
+    done
+    [[ ${ok} == 1 ]] || missing+=("${pkg}: ${group# }")
+  done
+done
+if (( ${#missing[@]} )); then
+  printf 'gpu_deps.sh: unlisted dependency: %s\n' "${missing[@]}" >&2
+  echo "gpu_deps.sh: add it to PKGS (or to ASSUMED / NOT_NEEDED, saying why)" >&2
+  exit 1
+fi
+
+mkdir -p "${DIR}"
+cd "${DIR}"
+rm -f ./*.deb MANIFEST
+echo "gpu_deps.sh: downloading ${#PKGS[@]} packages into ${PWD}"
+# As root, apt would drop to the _apt user, who may not write here.
+SANDBOX=()
+[[ ${EUID} == 0 ]] && SANDBOX=(-o APT::Sandbox::User=root)
+apt-get "${SANDBOX[@]}" download "${PKGS[@]}"
+printf '%s\n' ./*.deb | sed 's|^\./||' > MANIFEST
+echo "gpu_deps.sh: $(wc -l < MANIFEST) packages, $(du -ch ./*.deb | tail -1 | cut -f1) in ${PWD}"
+echo "gpu_deps.sh: carry it to the GPU machine and run scripts/gpu_check.sh OUTDIR there"
