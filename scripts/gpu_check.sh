@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU tier on a machine with an NVIDIA GPU but none of our system libraries: unpacks the
 # bundle from scripts/gpu_deps.sh into a private prefix, configures and builds with CUDA (no
-# services), runs the gpu tests (ctest -L gpu), the CUDA kernel benchmarks and the kernel tests
-# under compute-sanitizer, and writes to OUTDIR:
+# services), runs the gpu tests (ctest -L gpu), the CUDA kernel benchmarks, gemma-generate on
+# CUDA against the CPU, a decode step at the 26B-A4B widths against its floor, the engine loop
+# at 1/8/32 sequences on CUDA, then the kernel tests under compute-sanitizer, and writes to
+# OUTDIR:
 #
 #   summary.md     the table of steps (pass / FAIL / TIMEOUT / skipped, seconds), the tests
 #                  skipped and failed, and the tail of each failed step's log
@@ -141,7 +143,25 @@ check_libs() {
   done
   return "${bad}"
 }
-export -f unpack configure check_libs
+# Whole runs through the command-line tool: greedy tokens on the CUDA backend (one rank, tp = 2
+# and dp-ep as threads on this GPU) must equal the CPU backend's.
+cli_cuda_vs_cpu() {
+  local model="${ROOT}/tests/golden/data/tiny-moe" rc=0 args cpu cuda
+  for args in "" "--tp 2" "--mode dp-ep --ep 2" "--mode dp-ep --ep 4 --tp 2"; do
+    # shellcheck disable=SC2086  # args holds several flags
+    cpu="$("${BUILD}/bin/gemma-generate" --model "${model}" --tokens 2,17,301,45,99,7 \
+      --max-new-tokens 16 ${args} 2>&1)" || rc=1
+    # shellcheck disable=SC2086
+    cuda="$("${BUILD}/bin/gemma-generate" --model "${model}" --tokens 2,17,301,45,99,7 \
+      --max-new-tokens 16 --backend cuda ${args} 2>&1)" || rc=1
+    echo "[${args:-one rank}] cpu:  ${cpu}"
+    echo "[${args:-one rank}] cuda: ${cuda}"
+    [[ "${cpu}" == "${cuda}" ]] || { echo "  MISMATCH"; rc=1; }
+  done
+  return "${rc}"
+}
+
+export -f unpack configure check_libs cli_cuda_vs_cpu
 
 declare -a ROWS=()
 FAILED=0
@@ -213,7 +233,7 @@ step() {
   ROWS+=("| ${name} | ${result} | $((SECONDS - start)) s | ${log} |")
   echo "gpu_check: ${name}: ${result}"
   write_summary
-  return ${rc}
+  return "${rc}"
 }
 
 timeout 30 nvidia-smi > "${LOGS}/nvidia-smi.log" 2>&1
@@ -233,8 +253,23 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
     ctest --test-dir "${BUILD}" -L gpu --output-on-failure --timeout 120 --no-tests=error
   if [[ -x "${BUILD}/bin/cuda_kernels_bench" ]]; then
     step "cuda_kernels_bench" bench.log 120 "${BUILD}/bin/cuda_kernels_bench" \
-      --benchmark_out="${LOGS}/bench.json" --benchmark_out_format=json
+      --benchmark_out="${LOGS}/bench.json" --benchmark_out_format=json --benchmark_min_time=0.2
     [[ -s "${LOGS}/bench.json" ]] && cp "${LOGS}/bench.json" "${OUT}/bench.json"
+  fi
+  if [[ -x "${BUILD}/bin/gemma-generate" ]]; then
+    step "gemma-generate cuda = cpu" cli_cuda_vs_cpu.log 90 bash -c cli_cuda_vs_cpu
+  fi
+  if [[ -x "${BUILD}/bin/cuda_decode_bench" ]]; then
+    step "cuda_decode_bench (26B-A4B widths)" decode_bench.log 150 \
+      "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1,8,32 --steps 64 --prompt-len 128 --json
+  fi
+  if [[ -x "${BUILD}/bin/gemma-engine-bench" ]]; then
+    # The unpacked Debian libraries stay away from Python's torch.
+    step "make-model (engine benchmark model)" make_model.log 90 env -u LD_LIBRARY_PATH \
+        python3 "${ROOT}/scripts/bench_cpu.py" make-model "${BUILD}/engine-bench-model" &&
+      step "gemma-engine-bench --backend cuda" engine_bench.log 120 \
+        "${BUILD}/bin/gemma-engine-bench" --backend cuda --model "${BUILD}/engine-bench-model" \
+        --concurrency 1,8,32 --prompt-len 64 --decode-tokens 64
   fi
   SAN="$(command -v compute-sanitizer)"
   for s in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do

@@ -1,12 +1,15 @@
 // gemma-engine-bench: throughput and latency of the engine loop with N concurrent requests.
-//   gemma-engine-bench --model DIR [--concurrency 1,8,32 --prompt-len 64 --decode-tokens 64
-//                       --threads N --max-step-tokens 512 --page-size 16 --json]
+//   gemma-engine-bench --model DIR [--backend cpu|cuda --concurrency 1,8,32 --prompt-len 64
+//                       --decode-tokens 64 --threads N --max-step-tokens 512 --page-size 16
+//                       --json]
 //
 // For each concurrency N: N seeded random prompts are submitted at once (greedy, end ids
 // ignored so every request decodes --decode-tokens tokens) and the engine is stepped until all
 // finish. An untimed warm-up run with the same N comes first. Reported: steps/s over the run,
 // decode tokens/s and step time over the decode-only steps (no prefill in them), time to first
-// token (submission to first token) and inter-token latency percentiles.
+// token (submission to first token) and inter-token latency percentiles. --backend cuda runs
+// the same engine on the first CUDA device (step times are wall clock: every step ends with
+// the sampled ids back on the host).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -30,10 +33,11 @@
 #include "worker/engine/engine.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
+ABSL_FLAG(std::string, backend, "cpu", "backend to run on: cpu or cuda (the first CUDA device)");
 ABSL_FLAG(std::string, concurrency, "1,8,32", "comma-separated numbers of concurrent requests");
 ABSL_FLAG(int64_t, prompt_len, 64, "prompt length in tokens, BOS included");
 ABSL_FLAG(int64_t, decode_tokens, 64, "tokens generated per request");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores)");
+ABSL_FLAG(int32_t, threads, 0, "CPU threads (0: all cores; ignored by --backend cuda)");
 ABSL_FLAG(int64_t, max_step_tokens, 512, "per-step token budget of the scheduler");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(uint64_t, seed, 0, "seed of the random prompts");
@@ -160,9 +164,11 @@ absl::Status Run() {
     }
     levels.push_back(n);
   }
+  const std::string backend = absl::GetFlag(FLAGS_backend);
   ASSIGN_OR_RETURN(cli::LoadedModel loaded,
                    cli::LoadForCli(absl::GetFlag(FLAGS_model), threads, prompt_len + decode_tokens,
-                                   absl::GetFlag(FLAGS_page_size)));
+                                   absl::GetFlag(FLAGS_page_size), /*parallel=*/{},
+                                   /*ranks_in_process=*/1, backend));
   gemma4::Model& model = *loaded.model;
   if (model.config().vocab_size <= kFirstRandomId) {
     return absl::InvalidArgumentError("the vocabulary is too small for random prompts");
@@ -170,10 +176,11 @@ absl::Status Run() {
   const bool json = absl::GetFlag(FLAGS_json);
   if (!json) {
     std::cout << absl::StrFormat(
-        "prompt %d tokens, %d generated per request, threads %d (0: all cores), step budget %d\n"
+        "backend %s, prompt %d tokens, %d generated per request, threads %d (0: all cores), "
+        "step budget %d\n"
         "| concurrent | steps/s | decode tok/s | decode step ms (p50/p90) | TTFT ms (p50/p90/p99) "
         "| ITL ms (p50/p90/p99) | preemptions |\n|---|---|---|---|---|---|---|\n",
-        prompt_len, decode_tokens, threads, absl::GetFlag(FLAGS_max_step_tokens));
+        backend, prompt_len, decode_tokens, threads, absl::GetFlag(FLAGS_max_step_tokens));
   }
   for (int64_t n : levels) {
     // Warm-up: scratch buffers and thread pools sized for this batch, untimed.
@@ -191,14 +198,16 @@ absl::Status Run() {
                  itl99 = Percentile(r.itl_ms, 99);
     if (json) {
       std::cout << absl::StrFormat(
-          "{\"concurrency\": %d, \"prompt_len\": %d, \"decode_tokens\": %d, \"threads\": %d, "
-          "\"steps\": %d, \"wall_s\": %.4f, \"steps_per_s\": %.3f, \"decode_tok_s\": %.3f, "
+          "{\"backend\": \"%s\", \"concurrency\": %d, \"prompt_len\": %d, "
+          "\"decode_tokens\": %d, \"threads\": %d, \"steps\": %d, \"wall_s\": %.4f, "
+          "\"steps_per_s\": %.3f, \"decode_tok_s\": %.3f, "
           "\"decode_step_ms\": {\"p50\": %.3f, \"p90\": %.3f}, "
           "\"ttft_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, "
           "\"itl_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, \"generated\": %d, "
           "\"preemptions\": %d}\n",
-          n, prompt_len, decode_tokens, threads, r.steps, r.wall_s, steps_per_s, decode_tps, step50,
-          step90, ttft50, ttft90, ttft99, itl50, itl90, itl99, r.generated, r.preemptions);
+          backend, n, prompt_len, decode_tokens, threads, r.steps, r.wall_s, steps_per_s,
+          decode_tps, step50, step90, ttft50, ttft90, ttft99, itl50, itl90, itl99, r.generated,
+          r.preemptions);
     } else {
       std::cout << absl::StrFormat(
           "| %d | %.2f | %.1f | %.2f / %.2f | %.1f / %.1f / %.1f | %.2f / %.2f / %.2f | %d |\n", n,
@@ -216,6 +225,7 @@ int main(int argc, char** argv) {
   return gemma::cli::ToolMain(
       argc, argv, "gemma-engine-bench",
       "decode tokens/s, step time, TTFT and inter-token latency of the engine loop\n"
-      "  gemma-engine-bench --model DIR --concurrency 1,8,32 --prompt-len 64 --decode-tokens 64",
+      "  gemma-engine-bench --model DIR [--backend cpu|cuda] --concurrency 1,8,32 --prompt-len 64 "
+      "--decode-tokens 64",
       gemma::Run);
 }
