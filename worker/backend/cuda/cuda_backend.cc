@@ -111,6 +111,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(CudaBackendOpti
 }
 
 CudaBackend::~CudaBackend() {
+  if (capturing_) {  // abandon it
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph != nullptr) {
+      cudaGraphDestroy(graph);
+    }
+    capturing_ = false;
+  }
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   DropGraphs();
   lt_plans_.clear();
@@ -162,14 +169,48 @@ absl::StatusOr<BufferPtr> CudaBackend::Alloc(DType dtype, int64_t numel) {
 }
 
 std::shared_ptr<Buffer> CudaBackend::Scratch(DType dtype, int64_t numel) {
+  if (capturing_) return GraphScratch(dtype, numel);
   auto buf = Alloc(dtype, numel);
   if (!buf.ok()) {
     CheckStatus(buf.status());
     return nullptr;
   }
-  std::shared_ptr<Buffer> shared = *std::move(buf);
-  if (capturing_) capture_scratch_.push_back(shared);
-  return shared;
+  return *std::move(buf);
+}
+
+std::shared_ptr<Buffer> CudaBackend::GraphScratch(DType dtype, int64_t numel) {
+  CHECK_GE(numel, 0);
+  const size_t bytes = static_cast<size_t>(numel) * DTypeSize(dtype);
+  // The smallest idle block that fits.
+  std::shared_ptr<PoolBlock> block;
+  for (const std::shared_ptr<PoolBlock>& b : graph_pool_) {
+    if (b->busy || b->buffer->bytes() < bytes) continue;
+    if (block == nullptr || b->buffer->bytes() < block->buffer->bytes()) block = b;
+  }
+  if (block == nullptr) {
+    // A new block, its size rounded up to a power of two (at least 1 MiB) so that shapes
+    // captured one after another (batch 9, 10, 11, ...) reuse blocks instead of each adding one.
+    size_t rounded = size_t{1} << 20;
+    while (rounded < bytes) rounded *= 2;
+    auto buf = Alloc(DType::kI32, static_cast<int64_t>(rounded / 4));
+    if (!buf.ok()) buf = Alloc(DType::kI32, static_cast<int64_t>((bytes + 3) / 4));
+    if (!buf.ok()) {
+      CheckStatus(buf.status());
+      return nullptr;
+    }
+    block = std::make_shared<PoolBlock>();
+    block->buffer = *std::move(buf);
+    graph_pool_.push_back(block);
+  }
+  block->busy = true;
+  // A view the op holds while it enqueues its work; its death frees the block for later ops of
+  // the capture (they run after this one's nodes).
+  return std::shared_ptr<Buffer>(
+      new CudaBuffer(dtype, numel, AsCuda(*block->buffer).data(), nullptr, 0),
+      [block](Buffer* view) {
+        block->busy = false;
+        delete view;
+      });
 }
 
 std::shared_ptr<Buffer> CudaBackend::UploadScratch(DType dtype, const void* src, int64_t numel) {
@@ -256,7 +297,6 @@ void* CudaBackend::RawData(Buffer& b) { return AsCuda(b).data(); }
 absl::Status CudaBackend::BeginCapture() {
   if (capturing_) return absl::FailedPreconditionError("a capture is already under way");
   RETURN_IF_ERROR(sticky_);
-  capture_scratch_.clear();
   cudaError_t err = cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal);
   if (!Check(err, __FILE__, __LINE__)) return sticky_;
   capturing_ = true;
@@ -271,20 +311,15 @@ absl::Status CudaBackend::EndCapture(int64_t key) {
   if (!Check(err, __FILE__, __LINE__) || !sticky_.ok()) {
     // Capture failed, or an op failed during it (the graph is incomplete): nothing is kept.
     if (graph != nullptr) cudaGraphDestroy(graph);
-    capture_scratch_.clear();
     return sticky_;
   }
   cudaGraphExec_t exec = nullptr;
   err = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  if (!Check(err, __FILE__, __LINE__)) {
-    capture_scratch_.clear();
-    return sticky_;
-  }
+  if (!Check(err, __FILE__, __LINE__)) return sticky_;
   auto it = graphs_.find(key);
-  if (it != graphs_.end()) cudaGraphExecDestroy(it->second.exec);
-  graphs_[key] = Graph{exec, std::move(capture_scratch_)};
-  capture_scratch_.clear();
+  if (it != graphs_.end()) cudaGraphExecDestroy(it->second);
+  graphs_[key] = exec;
   return absl::OkStatus();
 }
 
@@ -294,13 +329,18 @@ absl::Status CudaBackend::Replay(int64_t key) {
     return absl::NotFoundError(absl::StrCat("no CUDA graph captured for key ", key));
   }
   if (capturing_) return absl::FailedPreconditionError("Replay while capturing");
-  Check(cudaGraphLaunch(it->second.exec, stream_), __FILE__, __LINE__);
+  Check(cudaGraphLaunch(it->second, stream_), __FILE__, __LINE__);
   return sticky_;
 }
 
 void CudaBackend::DropGraphs() {
-  for (auto& [key, graph] : graphs_) cudaGraphExecDestroy(graph.exec);
+  // The capture under way uses pool blocks: dropping them now would free its memory.
+  if (RefuseWhileCapturing("DropGraphs")) return;
+  // A replay still running finishes first (destroying its exec is deferred by CUDA), and the
+  // pool's blocks go to later work only, which the stream orders after that replay.
+  for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
   graphs_.clear();
+  graph_pool_.clear();
 }
 
 // ---- element-wise ops ----

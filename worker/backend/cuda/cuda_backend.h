@@ -107,10 +107,11 @@ class CudaBackend final : public Backend {
   // instantiates them as the graph for `key` (e.g. a decode batch-size bucket), replacing any
   // earlier one. Replay(key) launches it on the stream. A captured graph reads and writes the
   // same buffers every replay, so inputs are written into those buffers (Write) before Replay
-  // and outputs read after. Scratch taken by ops during capture is kept with the graph. Not
-  // allowed while capturing (sticky FAILED_PRECONDITION): Write, Read, Synchronize, and ops
-  // whose arguments live on the host (LogSumExp, and Sample with a non-greedy row); MoeExperts
-  // takes its fused path, which needs no host round trip.
+  // and outputs read after. Scratch taken by ops during capture comes from a pool kept until
+  // DropGraphs (see graph_pool_). Not allowed while capturing (sticky FAILED_PRECONDITION):
+  // Write, Read, Synchronize, DropGraphs, and ops whose arguments live on the host (LogSumExp,
+  // and Sample with a non-greedy row); MoeExperts takes its fused path, which needs no host
+  // round trip.
   bool SupportsGraphs() const override { return true; }
   absl::Status BeginCapture() override;
   absl::Status EndCapture(int64_t key) override;
@@ -136,8 +137,10 @@ class CudaBackend final : public Backend {
   void LtMatMul(const float* x, const void* w, kernels::ElemType w_type, int64_t m, int64_t n,
                 int64_t k, float* y);
   // Scratch from the arena, released when the returned buffer dies (stream order makes reuse
-  // by later ops safe). Null, with the sticky error set, when the arena is full.
+  // by later ops safe). While capturing, a view of a graph_pool_ block instead. Null, with the
+  // sticky error set, when the arena is full.
   std::shared_ptr<Buffer> Scratch(DType dtype, int64_t numel);
+  std::shared_ptr<Buffer> GraphScratch(DType dtype, int64_t numel);
   // Copies a host array into fresh scratch (the host copy may die after the call: the bytes are
   // copied into upload_keepalive_, the source of the asynchronous copy, until the stream is
   // next waited on).
@@ -157,13 +160,20 @@ class CudaBackend final : public Backend {
   std::shared_ptr<Buffer> blas_workspace_;
   // shared_ptr: LtPlan is complete only in cuda_matmul.cc.
   std::map<std::tuple<int64_t, int64_t, int64_t, int>, std::shared_ptr<LtPlan>> lt_plans_;
-  struct Graph {
-    cudaGraphExec_t exec = nullptr;
-    std::vector<std::shared_ptr<Buffer>> scratch;  // addresses the graph's nodes use
-  };
-  std::map<int64_t, Graph> graphs_;
+  std::map<int64_t, cudaGraphExec_t> graphs_;
   bool capturing_ = false;
-  std::vector<std::shared_ptr<Buffer>> capture_scratch_;
+  // Scratch of captured ops. A graph keeps the addresses its ops were given, so these blocks
+  // stay allocated (never handed to another owner by the arena) until DropGraphs. They are
+  // shared: by ops of one capture whose scratch is not live at the same time (graph nodes run
+  // in capture order, as the stream would), and by every graph (replays run one after another
+  // on the stream, and no op keeps scratch contents past its return). Keeping each op's
+  // scratch for its graph alone would hold layers x ops x batch bytes per graph: gigabytes
+  // over a few dozen decode shapes.
+  struct PoolBlock {
+    std::shared_ptr<Buffer> buffer;
+    bool busy = false;  // handed to an op of the capture under way
+  };
+  std::vector<std::shared_ptr<PoolBlock>> graph_pool_;
   bool grouped_gemm_unsupported_ = false;
   // Host sources of UploadScratch copies that may still be in flight (a cudaMemcpyAsync from
   // pageable memory may read its source after the call returns).

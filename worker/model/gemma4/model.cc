@@ -211,6 +211,21 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   StepInputs* in = &step_inputs_;
   bool reuse = false;
   if (use_graph) {
+    // A graph writes and reads the KV storage it was recorded with: a step on other storage
+    // (a new KvCache, as benches make one per run) must not replay it.
+    auto address = [&](Buffer* b) {
+      return b != nullptr ? reinterpret_cast<uintptr_t>(backend_.RawData(*b)) : uintptr_t{0};
+    };
+    std::vector<uintptr_t> cache_id = {static_cast<uintptr_t>(cache.page_size())};
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      cache_id.push_back(address(&cache.v(l)));
+      cache_id.push_back(static_cast<uintptr_t>(cache.v(l).numel()));
+      cache_id.push_back(address(cache.k(l)));
+    }
+    if (cache_id != graph_cache_id_) {
+      DropStepGraphs();
+      graph_cache_id_ = std::move(cache_id);
+    }
     constexpr size_t kMaxGraphs = 64;  // past it, start over rather than grow without bound
     if (graph_inputs_.size() >= kMaxGraphs && graph_inputs_.count(key) == 0) DropStepGraphs();
     in = &graph_inputs_[key];
@@ -251,7 +266,10 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   num_logit_rows_ = num_rows;
 
   if (use_graph) {
-    if (!backend_.HasGraph(key)) {
+    // Inputs just allocated (!reuse): a graph the backend holds under this key was not
+    // recorded on them (another model's on this backend, or one from before this model's
+    // inputs were dropped) and would replay on freed buffers. Record anew; it replaces that.
+    if (!reuse || !backend_.HasGraph(key)) {
       RETURN_IF_ERROR(backend_.BeginCapture());
       absl::Status recorded = RunNetwork(layout, *in, cache);
       absl::Status ended = backend_.EndCapture(key);

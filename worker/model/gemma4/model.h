@@ -148,6 +148,8 @@ class Model {
   // Step metadata: the last eager step's, and each step graph's (fixed buffers it replays on).
   StepInputs step_inputs_;
   std::map<int64_t, StepInputs> graph_inputs_;
+  // The KV storage the step graphs were recorded on (page size, each layer's addresses).
+  std::vector<uintptr_t> graph_cache_id_;
   bool use_graphs_ = true;
   int64_t graph_captures_ = 0;
   int64_t graph_replays_ = 0;
