@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/testing/compare.h"
+#include "tests/testing/decode_together.h"
 #include "tests/testing/tolerances.h"
 #include "worker/backend/cuda/cuda_backend.h"
 #include "worker/engine/generate.h"
@@ -122,46 +123,6 @@ TEST_P(CudaGoldenTest, ChosenExpertsMatch) {
   }
 }
 
-// Several sequences prefilled one by one, then decoded together for `steps` steps (greedy),
-// each decode step one Forward over all of them. Returns every decode step's logits.
-std::vector<float> DecodeTogether(gemma4::Model& model, KvCache& cache,
-                                  const std::vector<std::vector<int32_t>>& prompts, int steps) {
-  const int64_t vocab = model.config().vocab_size;
-  std::vector<SequenceKv> kvs(prompts.size());
-  std::vector<int32_t> next(prompts.size());
-  std::vector<float> all;
-  for (size_t s = 0; s < prompts.size(); ++s) {
-    EXPECT_TRUE(cache.Grow(kvs[s], static_cast<int64_t>(prompts[s].size())).ok());
-    gemma4::SequenceStep step{prompts[s], &kvs[s], gemma4::LogitsMode::kLast};
-    EXPECT_TRUE(model.Forward(std::span<const gemma4::SequenceStep>(&step, 1), cache).ok());
-    auto ids = model.Sample({SamplingParams{}});
-    EXPECT_TRUE(ids.ok()) << ids.status();
-    next[s] = ids.ok() ? (*ids)[0] : 0;
-  }
-  for (int i = 0; i < steps; ++i) {
-    std::vector<gemma4::SequenceStep> batch;
-    for (size_t s = 0; s < prompts.size(); ++s) {
-      EXPECT_TRUE(cache.Grow(kvs[s], kvs[s].length + 1).ok());
-      batch.push_back({std::span<const int32_t>(&next[s], 1), &kvs[s], gemma4::LogitsMode::kLast});
-    }
-    auto logits = model.Forward(batch, cache);
-    EXPECT_TRUE(logits.ok()) << logits.status();
-    auto host = model.LogitsToHost();
-    EXPECT_TRUE(host.ok()) << host.status();
-    if (!host.ok()) break;
-    all.insert(all.end(), host->begin(), host->end());
-    auto ids = model.Sample(std::vector<SamplingParams>(prompts.size()));
-    EXPECT_TRUE(ids.ok()) << ids.status();
-    if (!ids.ok()) break;
-    next = *ids;
-    for (SequenceKv& kv : kvs) cache.TrimSliding(kv);
-  }
-  EXPECT_EQ(static_cast<int64_t>(all.size()),
-            static_cast<int64_t>(prompts.size()) * steps * vocab);
-  for (SequenceKv& kv : kvs) cache.Release(kv);
-  return all;
-}
-
 TEST_P(CudaGoldenTest, StepGraphsMatchEagerSteps) {
   const auto& greedy = manifest_["greedy"][0];
   std::vector<int32_t> prompt = Tokens(greedy["prompt"]);
@@ -176,7 +137,8 @@ TEST_P(CudaGoldenTest, StepGraphsMatchEagerSteps) {
   ASSERT_TRUE(eager_logits.ok()) << eager_logits.status();
   auto eager_tokens = Generate(*model_, *cache_, prompt, options);
   ASSERT_TRUE(eager_tokens.ok()) << eager_tokens.status();
-  std::vector<float> eager_batch = DecodeTogether(*model_, *cache_, prompts, 9);
+  auto eager_batch = testing::DecodeTogether(*model_, *cache_, prompts, 9);
+  ASSERT_TRUE(eager_batch.ok()) << eager_batch.status();
   EXPECT_EQ(model_->graph_captures(), 0);
 
   model_->set_use_graphs(true);
@@ -184,7 +146,8 @@ TEST_P(CudaGoldenTest, StepGraphsMatchEagerSteps) {
   ASSERT_TRUE(graph_logits.ok()) << graph_logits.status();
   auto graph_tokens = Generate(*model_, *cache_, prompt, options);
   ASSERT_TRUE(graph_tokens.ok()) << graph_tokens.status();
-  std::vector<float> graph_batch = DecodeTogether(*model_, *cache_, prompts, 9);
+  auto graph_batch = testing::DecodeTogether(*model_, *cache_, prompts, 9);
+  ASSERT_TRUE(graph_batch.ok()) << graph_batch.status();
   EXPECT_GT(model_->graph_captures(), 0);
   EXPECT_GT(model_->graph_replays(), 2 * model_->graph_captures());  // most steps replay
 
@@ -193,7 +156,7 @@ TEST_P(CudaGoldenTest, StepGraphsMatchEagerSteps) {
   EXPECT_LE(cmp.Relative(), 1e-6) << "single sequence, one token a step: " << cmp.ToString();
   EXPECT_EQ(*graph_tokens, *eager_tokens);
   EXPECT_EQ(*graph_tokens, Tokens(greedy["output"]));
-  auto batch_cmp = testing::Compare(graph_batch, eager_batch);
+  auto batch_cmp = testing::Compare(*graph_batch, *eager_batch);
   EXPECT_FALSE(batch_cmp.nan_mismatch);
   EXPECT_LE(batch_cmp.Relative(), 1e-6) << "three sequences together: " << batch_cmp.ToString();
 }

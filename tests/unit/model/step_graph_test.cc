@@ -14,6 +14,7 @@
 #include "glog/logging.h"
 #include "gtest/gtest.h"
 #include "tests/testing/compare.h"
+#include "tests/testing/decode_together.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/generate.h"
 #include "worker/engine/kv_cache.h"
@@ -256,43 +257,6 @@ Loaded Load(const std::string& name) {
   return l;
 }
 
-// Prefills each prompt alone, then decodes all of them together for `steps` greedy steps; the
-// logits of every decode step.
-std::vector<float> DecodeTogether(gemma4::Model& model, KvCache& cache,
-                                  const std::vector<std::vector<int32_t>>& prompts, int steps) {
-  std::vector<SequenceKv> kvs(prompts.size());
-  std::vector<int32_t> next(prompts.size());
-  std::vector<float> all;
-  for (size_t s = 0; s < prompts.size(); ++s) {
-    EXPECT_TRUE(cache.Grow(kvs[s], static_cast<int64_t>(prompts[s].size())).ok());
-    gemma4::SequenceStep step{prompts[s], &kvs[s], gemma4::LogitsMode::kLast};
-    EXPECT_TRUE(model.Forward(std::span<const gemma4::SequenceStep>(&step, 1), cache).ok());
-    auto ids = model.Sample({SamplingParams{}});
-    EXPECT_TRUE(ids.ok()) << ids.status();
-    next[s] = ids.ok() ? (*ids)[0] : 0;
-  }
-  for (int i = 0; i < steps; ++i) {
-    std::vector<gemma4::SequenceStep> batch;
-    for (size_t s = 0; s < prompts.size(); ++s) {
-      EXPECT_TRUE(cache.Grow(kvs[s], kvs[s].length + 1).ok());
-      batch.push_back({std::span<const int32_t>(&next[s], 1), &kvs[s], gemma4::LogitsMode::kLast});
-    }
-    auto logits = model.Forward(batch, cache);
-    EXPECT_TRUE(logits.ok()) << logits.status();
-    if (!logits.ok()) break;
-    auto host = model.LogitsToHost();
-    EXPECT_TRUE(host.ok()) << host.status();
-    all.insert(all.end(), host->begin(), host->end());
-    auto ids = model.Sample(std::vector<SamplingParams>(prompts.size()));
-    EXPECT_TRUE(ids.ok()) << ids.status();
-    if (!ids.ok()) break;
-    next = *ids;
-    for (SequenceKv& kv : kvs) cache.TrimSliding(kv);
-  }
-  for (SequenceKv& kv : kvs) cache.Release(kv);
-  return all;
-}
-
 GenerateOptions Sampled() {
   GenerateOptions o;
   o.max_new_tokens = 14;
@@ -322,7 +286,8 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   auto eager_greedy = Generate(model, cache, prompt, greedy);
   auto eager_sampled = Generate(model, cache, prompt, Sampled());
   ASSERT_TRUE(eager_greedy.ok() && eager_sampled.ok());
-  std::vector<float> eager_batch = DecodeTogether(model, cache, prompts, 12);
+  auto eager_batch = testing::DecodeTogether(model, cache, prompts, 12);
+  ASSERT_TRUE(eager_batch.ok()) << eager_batch.status();
   EXPECT_EQ(l.backend->captures, 0);
 
   model.set_use_graphs(true);
@@ -332,7 +297,8 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   auto graph_sampled = Generate(model, cache, prompt, Sampled());
   ASSERT_TRUE(graph_greedy.ok()) << graph_greedy.status();
   ASSERT_TRUE(graph_sampled.ok()) << graph_sampled.status();
-  std::vector<float> graph_batch = DecodeTogether(model, cache, prompts, 12);
+  auto graph_batch = testing::DecodeTogether(model, cache, prompts, 12);
+  ASSERT_TRUE(graph_batch.ok()) << graph_batch.status();
 
   EXPECT_GT(l.backend->captures, 0);
   EXPECT_EQ(model.graph_captures(), l.backend->captures);
@@ -372,8 +338,8 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   EXPECT_LE(cmp.Relative(), 1e-6) << cmp.ToString();
   EXPECT_EQ(*graph_greedy, *eager_greedy);
   EXPECT_EQ(*graph_sampled, *eager_sampled);
-  ASSERT_EQ(graph_batch.size(), eager_batch.size());
-  auto batch_cmp = testing::Compare(graph_batch, eager_batch);
+  ASSERT_EQ(graph_batch->size(), eager_batch->size());
+  auto batch_cmp = testing::Compare(*graph_batch, *eager_batch);
   EXPECT_FALSE(batch_cmp.nan_mismatch);
   EXPECT_LE(batch_cmp.Relative(), 1e-6) << batch_cmp.ToString();
 }
