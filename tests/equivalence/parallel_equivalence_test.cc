@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/testing/compare.h"
+#include "tests/testing/thread_replica.h"
 #include "tests/testing/tolerances.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/generate.h"
@@ -26,102 +27,38 @@ using gemma4::Model;
 using gemma4::ModelParallel;
 using gemma4::SequenceStep;
 
-// One rank's model and cache.
-struct Rank {
-  std::unique_ptr<CpuBackend> backend;
-  std::unique_ptr<Model> model;
-  std::unique_ptr<KvCache> cache;
-  std::unique_ptr<parallel::Communicator> tp_comm, ep_comm;
-};
+using testing::FullVocabSampledOptions;
+using testing::RandomPrompt;
+using testing::ReplicaCase;
+using testing::SampledOptions;
+using Rank = testing::ReplicaRank;
 
-// W ranks: tp mode when `dp_ep` is false (one group of W), else groups of `tp` ranks with
-// experts over all W.
-class Replica {
+// W CPU ranks of one thread each: tp mode when `dp_ep` is false (one group of W), else groups
+// of `tp` ranks with experts over all W.
+class Replica : public testing::ThreadReplica {
  public:
-  Replica(const std::string& model, int world, int tp, bool dp_ep) : world_(world), tp_(tp) {
-    const int groups = dp_ep ? world / tp : 1;
-    for (int g = 0; g < groups; ++g) {
-      tp_groups_.push_back(std::make_unique<parallel::InProcessGroup>(dp_ep ? tp : world));
-    }
-    if (dp_ep) ep_group_ = std::make_unique<parallel::InProcessGroup>(world);
-    ranks_.resize(world);
-    RunAll([&](int r) {
-      Rank& rank = ranks_[r];
-      rank.backend = std::make_unique<CpuBackend>(CpuBackendOptions{1});
-      const int group = dp_ep ? r / tp : 0;
-      const int tp_rank = dp_ep ? r % tp : r;
-      const int tp_size = dp_ep ? tp : world;
-      ModelParallel p;
-      p.layout = {tp_size, tp_rank, dp_ep ? world : tp_size, dp_ep ? r : tp_rank};
-      p.check_routing = true;
-      if (tp_size > 1) {
-        rank.tp_comm = tp_groups_[group]->communicator(tp_rank);
-        p.tp_comm = rank.tp_comm.get();
-      }
-      if (dp_ep) {
-        rank.ep_comm = ep_group_->communicator(r);
-        p.ep_comm = rank.ep_comm.get();
-      }
-      auto m = Model::Load(testing::GoldenPath(model), *rank.backend, p);
-      ASSERT_TRUE(m.ok()) << m.status();
-      rank.model = *std::move(m);
-      KvCacheOptions options;
-      options.page_size = 4;
-      options.default_tokens = 512;
-      auto cache = KvCache::Create(rank.model->config(), *rank.backend,
-                                   rank.model->CacheOptions(options));
-      ASSERT_TRUE(cache.ok()) << cache.status();
-      rank.cache = *std::move(cache);
-    });
-  }
-
-  // Runs fn(rank) on one thread per rank and waits.
-  void RunAll(const std::function<void(int)>& fn) {
-    std::vector<std::thread> threads;
-    for (int r = 0; r < world_; ++r) threads.emplace_back(fn, r);
-    for (auto& t : threads) t.join();
-  }
-  Rank& rank(int r) { return ranks_[r]; }
-  int world() const { return world_; }
-  int tp() const { return tp_; }
+  Replica(const std::string& model, int world, int tp, bool dp_ep)
+      : ThreadReplica(Options(model, world, tp, dp_ep)) {}
 
  private:
-  int world_, tp_;
-  std::vector<std::unique_ptr<parallel::InProcessGroup>> tp_groups_;
-  std::unique_ptr<parallel::InProcessGroup> ep_group_;
-  std::vector<Rank> ranks_;
+  static testing::ReplicaOptions Options(const std::string& model, int world, int tp,
+                                         bool dp_ep) {
+    testing::ReplicaOptions o;
+    o.model = model;
+    o.world = world;
+    o.tp = tp;
+    o.dp_ep = dp_ep;
+    o.make_backend = [](int, Rank&) -> absl::StatusOr<std::unique_ptr<Backend>> {
+      return std::make_unique<CpuBackend>(CpuBackendOptions{1});
+    };
+    return o;
+  }
 };
-
-std::vector<int32_t> RandomPrompt(int length, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> tokens = {2};
-  while (static_cast<int>(tokens.size()) < length) tokens.push_back(5 + rng() % 500);
-  return tokens;
-}
 
 struct Single {
   std::vector<float> logits;
   std::vector<int32_t> greedy, sampled;
 };
-
-GenerateOptions SampledOptions() {
-  GenerateOptions o;
-  o.max_new_tokens = 16;
-  o.sampling.temperature = 0.9f;
-  o.sampling.top_k = 40;
-  o.sampling.top_p = 0.95f;
-  o.sampling.seed = 1234;
-  o.sampling.request_key = 5;
-  return o;
-}
-
-GenerateOptions FullVocabSampledOptions() {
-  GenerateOptions o = SampledOptions();
-  o.sampling.top_k = 0;
-  o.sampling.top_p = 1.0f;
-  o.sampling.temperature = 1.3f;
-  return o;
-}
 
 Single RunSingle(const std::string& model, const std::vector<int32_t>& prompt) {
   Replica one(model, 1, 1, false);
@@ -137,27 +74,10 @@ Single RunSingle(const std::string& model, const std::vector<int32_t>& prompt) {
   return s;
 }
 
-struct Case {
-  std::string model;
-  int world;
-  int tp;
-  bool dp_ep;
-};
-
-std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
-  const Case& c = info.param;
-  std::string name = absl::StrCat(c.model, c.dp_ep ? "_dpep_w" : "_tp", c.world);
-  if (c.dp_ep) absl::StrAppend(&name, "_t", c.tp);
-  for (char& ch : name) {
-    if (ch == '-') ch = '_';
-  }
-  return name;
-}
-
-class EquivalenceTest : public ::testing::TestWithParam<Case> {};
+class EquivalenceTest : public ::testing::TestWithParam<ReplicaCase> {};
 
 TEST_P(EquivalenceTest, LogitsGreedyAndSeededSamplesEqualOneRank) {
-  const Case& c = GetParam();
+  const ReplicaCase& c = GetParam();
   Replica replica(c.model, c.world, c.tp, c.dp_ep);
   const int groups = c.dp_ep ? c.world / c.tp : 1;
   // Each data-parallel group gets its own prompt; tp ranks of a group share it.
@@ -197,11 +117,11 @@ TEST_P(EquivalenceTest, LogitsGreedyAndSeededSamplesEqualOneRank) {
 
 INSTANTIATE_TEST_SUITE_P(
     Modes, EquivalenceTest,
-    ::testing::Values(Case{"tiny-dense", 2, 2, false}, Case{"tiny-dense", 4, 4, false},
-                      Case{"tiny-moe", 2, 2, false}, Case{"tiny-moe", 4, 4, false},
-                      Case{"tiny-moe", 2, 1, true}, Case{"tiny-moe", 4, 1, true},
-                      Case{"tiny-moe", 4, 2, true}),
-    CaseName);
+    ::testing::Values(ReplicaCase{"tiny-dense", 2, 2, false}, ReplicaCase{"tiny-dense", 4, 4, false},
+                      ReplicaCase{"tiny-moe", 2, 2, false}, ReplicaCase{"tiny-moe", 4, 4, false},
+                      ReplicaCase{"tiny-moe", 2, 1, true}, ReplicaCase{"tiny-moe", 4, 1, true},
+                      ReplicaCase{"tiny-moe", 4, 2, true}),
+    testing::ReplicaCaseName);
 
 class DpEpIdleTest : public ::testing::TestWithParam<int> {};
 

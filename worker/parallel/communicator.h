@@ -106,6 +106,44 @@ class Communicator {
   virtual void ResetTraffic() = 0;
 };
 
+// Passes every call to `inner` (not owned, outliving this object): the base of decorators,
+// which override the collectives they change and keep the inner one's identity, health and
+// traffic counters.
+class ForwardingCommunicator : public Communicator {
+ public:
+  explicit ForwardingCommunicator(Communicator* inner) : inner_(inner) {}
+  int rank() const override { return inner_->rank(); }
+  int world_size() const override { return inner_->world_size(); }
+  const char* backend_name() const override { return inner_->backend_name(); }
+  bool healthy() const override { return inner_->healthy(); }
+  const TrafficCounters& traffic() const override { return inner_->traffic(); }
+  void ResetTraffic() override { inner_->ResetTraffic(); }
+  absl::Status AllReduce(void* data, size_t count, DType dtype) override {
+    return inner_->AllReduce(data, count, dtype);
+  }
+  absl::Status AllGather(const void* send, void* recv, size_t send_count, DType dtype) override {
+    return inner_->AllGather(send, recv, send_count, dtype);
+  }
+  absl::Status ReduceScatter(const void* send, void* recv, size_t recv_count,
+                             DType dtype) override {
+    return inner_->ReduceScatter(send, recv, recv_count, dtype);
+  }
+  absl::Status AllToAllV(const void* send, absl::Span<const int64_t> send_counts, void* recv,
+                         absl::Span<const int64_t> recv_counts, DType dtype) override {
+    return inner_->AllToAllV(send, send_counts, recv, recv_counts, dtype);
+  }
+  absl::Status Broadcast(void* data, size_t count, DType dtype, int root) override {
+    return inner_->Broadcast(data, count, dtype, root);
+  }
+  absl::Status Barrier() override { return inner_->Barrier(); }
+
+ protected:
+  Communicator& inner() const { return *inner_; }
+
+ private:
+  Communicator* inner_;
+};
+
 // The identity, health and traffic counters every implementation keeps, and the fail-fast
 // check of a dead communicator.
 class CommunicatorBase : public Communicator {

@@ -9,29 +9,22 @@
 namespace gemma::parallel {
 namespace {
 
-class StagingCommunicator : public Communicator {
+class StagingCommunicator : public ForwardingCommunicator {
  public:
   StagingCommunicator(std::unique_ptr<Communicator> owned, Communicator* inner,
                       CommunicatorMemory inner_memory, MemorySpace* space,
                       StagingCounters* counters)
-      : owned_(std::move(owned)),
-        inner_(inner),
+      : ForwardingCommunicator(inner),
+        owned_(std::move(owned)),
         inner_memory_(inner_memory),
         space_(space),
         counters_(counters) {}
-
-  int rank() const override { return inner_->rank(); }
-  int world_size() const override { return inner_->world_size(); }
-  const char* backend_name() const override { return inner_->backend_name(); }
-  bool healthy() const override { return inner_->healthy(); }
-  const TrafficCounters& traffic() const override { return inner_->traffic(); }
-  void ResetTraffic() override { inner_->ResetTraffic(); }
 
   absl::Status AllReduce(void* data, size_t count, DType dtype) override {
     RETURN_IF_ERROR(Begin());
     const size_t bytes = count * DTypeSize(dtype);
     ASSIGN_OR_RETURN(void* d, In(0, data, bytes));
-    RETURN_IF_ERROR(inner_->AllReduce(d, count, dtype));
+    RETURN_IF_ERROR(inner().AllReduce(d, count, dtype));
     return Out(data, d, bytes);
   }
 
@@ -42,7 +35,7 @@ class StagingCommunicator : public Communicator {
     const size_t recv_bytes = send_bytes * static_cast<size_t>(world_size());
     ASSIGN_OR_RETURN(void* s, In(0, send, send_bytes));
     ASSIGN_OR_RETURN(void* r, Place(1, recv, recv_bytes));
-    RETURN_IF_ERROR(inner_->AllGather(s, r, send_count, dtype));
+    RETURN_IF_ERROR(inner().AllGather(s, r, send_count, dtype));
     return Out(recv, r, recv_bytes);
   }
 
@@ -54,7 +47,7 @@ class StagingCommunicator : public Communicator {
     const size_t send_bytes = recv_bytes * static_cast<size_t>(world_size());
     ASSIGN_OR_RETURN(void* s, In(0, send, send_bytes));
     ASSIGN_OR_RETURN(void* r, Place(1, recv, recv_bytes));
-    RETURN_IF_ERROR(inner_->ReduceScatter(s, r, recv_count, dtype));
+    RETURN_IF_ERROR(inner().ReduceScatter(s, r, recv_count, dtype));
     return Out(recv, r, recv_bytes);
   }
 
@@ -70,7 +63,7 @@ class StagingCommunicator : public Communicator {
     for (int64_t c : recv_counts) recv_bytes += static_cast<size_t>(c) * elem;
     ASSIGN_OR_RETURN(void* s, In(0, send, send_bytes));
     ASSIGN_OR_RETURN(void* r, Place(1, recv, recv_bytes));
-    RETURN_IF_ERROR(inner_->AllToAllV(s, send_counts, r, recv_counts, dtype));
+    RETURN_IF_ERROR(inner().AllToAllV(s, send_counts, r, recv_counts, dtype));
     return Out(recv, r, recv_bytes);
   }
 
@@ -79,13 +72,13 @@ class StagingCommunicator : public Communicator {
     RETURN_IF_ERROR(Begin());
     const size_t bytes = count * DTypeSize(dtype);
     ASSIGN_OR_RETURN(void* d, In(0, data, bytes));
-    RETURN_IF_ERROR(inner_->Broadcast(d, count, dtype, root));
+    RETURN_IF_ERROR(inner().Broadcast(d, count, dtype, root));
     return Out(data, d, bytes);
   }
 
   absl::Status Barrier() override {
     RETURN_IF_ERROR(Begin());
-    return inner_->Barrier();
+    return inner().Barrier();
   }
 
  private:
@@ -144,7 +137,6 @@ class StagingCommunicator : public Communicator {
   }
 
   std::unique_ptr<Communicator> owned_;
-  Communicator* inner_;
   CommunicatorMemory inner_memory_;
   MemorySpace* space_;
   StagingCounters* counters_;

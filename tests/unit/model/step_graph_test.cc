@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "tests/testing/compare.h"
 #include "tests/testing/decode_together.h"
+#include "tests/testing/thread_replica.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/generate.h"
 #include "worker/engine/kv_cache.h"
@@ -257,16 +258,6 @@ Loaded Load(const std::string& name) {
   return l;
 }
 
-GenerateOptions Sampled() {
-  GenerateOptions o;
-  o.max_new_tokens = 14;
-  o.sampling.temperature = 0.8f;
-  o.sampling.top_k = 30;
-  o.sampling.seed = 99;
-  o.sampling.request_key = 3;
-  return o;
-}
-
 class StepGraphTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
@@ -284,7 +275,7 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   auto eager_logits = PromptLogits(model, cache, prompt, /*prefill_chunk=*/1);
   ASSERT_TRUE(eager_logits.ok()) << eager_logits.status();
   auto eager_greedy = Generate(model, cache, prompt, greedy);
-  auto eager_sampled = Generate(model, cache, prompt, Sampled());
+  auto eager_sampled = Generate(model, cache, prompt, testing::SampledOptions());
   ASSERT_TRUE(eager_greedy.ok() && eager_sampled.ok());
   auto eager_batch = testing::DecodeTogether(model, cache, prompts, 12);
   ASSERT_TRUE(eager_batch.ok()) << eager_batch.status();
@@ -294,7 +285,7 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   auto graph_logits = PromptLogits(model, cache, prompt, /*prefill_chunk=*/1);
   ASSERT_TRUE(graph_logits.ok()) << graph_logits.status();
   auto graph_greedy = Generate(model, cache, prompt, greedy);
-  auto graph_sampled = Generate(model, cache, prompt, Sampled());
+  auto graph_sampled = Generate(model, cache, prompt, testing::SampledOptions());
   ASSERT_TRUE(graph_greedy.ok()) << graph_greedy.status();
   ASSERT_TRUE(graph_sampled.ok()) << graph_sampled.status();
   auto graph_batch = testing::DecodeTogether(model, cache, prompts, 12);

@@ -70,42 +70,36 @@ class ArenaSpace : public MemorySpace {
 };
 
 // Passes calls to `inner`, first checking that every buffer is in `want`'s memory.
-class CheckingCommunicator : public Communicator {
+class CheckingCommunicator : public ForwardingCommunicator {
  public:
   CheckingCommunicator(std::unique_ptr<Communicator> inner, const ArenaSpace* space,
                        CommunicatorMemory want)
-      : inner_(std::move(inner)), space_(space), want_(want) {}
-  int rank() const override { return inner_->rank(); }
-  int world_size() const override { return inner_->world_size(); }
-  const char* backend_name() const override { return inner_->backend_name(); }
-  bool healthy() const override { return inner_->healthy(); }
-  const TrafficCounters& traffic() const override { return inner_->traffic(); }
-  void ResetTraffic() override { inner_->ResetTraffic(); }
+      : ForwardingCommunicator(inner.get()), owned_(std::move(inner)), space_(space),
+        want_(want) {}
   absl::Status AllReduce(void* data, size_t count, DType dtype) override {
     RETURN_IF_ERROR(Check(data, count));
-    return inner_->AllReduce(data, count, dtype);
+    return inner().AllReduce(data, count, dtype);
   }
   absl::Status AllGather(const void* send, void* recv, size_t n, DType dtype) override {
     RETURN_IF_ERROR(Check(send, n));
     RETURN_IF_ERROR(Check(recv, n));
-    return inner_->AllGather(send, recv, n, dtype);
+    return inner().AllGather(send, recv, n, dtype);
   }
   absl::Status ReduceScatter(const void* send, void* recv, size_t n, DType dtype) override {
     RETURN_IF_ERROR(Check(send, n));
     RETURN_IF_ERROR(Check(recv, n));
-    return inner_->ReduceScatter(send, recv, n, dtype);
+    return inner().ReduceScatter(send, recv, n, dtype);
   }
   absl::Status AllToAllV(const void* send, absl::Span<const int64_t> sc, void* recv,
                          absl::Span<const int64_t> rc, DType dtype) override {
     RETURN_IF_ERROR(Check(send, std::accumulate(sc.begin(), sc.end(), int64_t{0})));
     RETURN_IF_ERROR(Check(recv, std::accumulate(rc.begin(), rc.end(), int64_t{0})));
-    return inner_->AllToAllV(send, sc, recv, rc, dtype);
+    return inner().AllToAllV(send, sc, recv, rc, dtype);
   }
   absl::Status Broadcast(void* data, size_t count, DType dtype, int root) override {
     RETURN_IF_ERROR(Check(data, count));
-    return inner_->Broadcast(data, count, dtype, root);
+    return inner().Broadcast(data, count, dtype, root);
   }
-  absl::Status Barrier() override { return inner_->Barrier(); }
 
  private:
   absl::Status Check(const void* ptr, int64_t count) const {
@@ -117,7 +111,7 @@ class CheckingCommunicator : public Communicator {
     }
     return absl::OkStatus();
   }
-  std::unique_ptr<Communicator> inner_;
+  std::unique_ptr<Communicator> owned_;
   const ArenaSpace* space_;
   CommunicatorMemory want_;
 };
