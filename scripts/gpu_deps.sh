@@ -2,14 +2,19 @@
 # Downloads the Debian packages a bare GPU machine (nvcc, CMake, ninja and Python present, but
 # none of our system libraries) needs to build the no-services tree and run its tests: glog,
 # gflags, Abseil, GoogleTest, Google Benchmark, OpenBLAS (pthread variant), nlohmann-json, Gloo
-# and the shared libraries those load. Run it here, on a Debian 12 machine like the build image,
-# with apt working; the folder then travels with the working tree (git ignores /gpu-deps/).
+# and the shared libraries those load. With --services it adds what the cluster services
+# (-DGEMMA_BUILD_SERVICES=ON: proto/, coordinator/, worker/service/, client/) need as well:
+# gRPC C++, protobuf (runtime, headers, protoc, grpc_cpp_plugin) and what gRPC's CMake config
+# finds (c-ares, RE2 through pkg-config, OpenSSL, zlib headers). Run it here, on a Debian 12
+# machine like the build image, with apt working; the folder then travels with the working tree
+# (git ignores /gpu-deps/).
 #
-#   scripts/gpu_deps.sh [DIR]          # default DIR: <repo root>/gpu-deps
+#   scripts/gpu_deps.sh [--services] [DIR]     # default DIR: <repo root>/gpu-deps
 #
-# On the GPU machine nothing is installed system-wide: scripts/gpu_check.sh unpacks each .deb
-# into a private prefix (build-gpu-prefix), fixes the few absolute paths in their CMake files,
-# and points CMake and LD_LIBRARY_PATH at it.
+# On the GPU machine nothing is installed system-wide: scripts/gpu_check.sh (no services) and
+# scripts/gpu_cluster_check.sh (services, needs --services here) unpack each .deb into a private
+# prefix (build-gpu-prefix), fix the few absolute paths in their CMake and pkg-config files,
+# and point CMake and LD_LIBRARY_PATH at it. A --services bundle serves gpu_check.sh too.
 #
 # The list is chosen by hand, not by `apt-cache depends --recurse`: that follows every
 # alternative (all three OpenBLAS variants) and the maintainer-script tools (adduser, passwd,
@@ -18,6 +23,14 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SERVICES=0
+if [[ "${1:-}" == --services ]]; then
+  SERVICES=1
+  shift
+fi
+case "${1:-}" in
+  -*) echo "usage: scripts/gpu_deps.sh [--services] [DIR]" >&2; exit 2 ;;
+esac
 DIR="${1:-${ROOT}/gpu-deps}"
 
 PKGS=(
@@ -38,6 +51,24 @@ PKGS=(
   # Gloo, and what libgloo.so.0 loads (hiredis, ibverbs and its netlink libraries).
   libgloo-dev libgloo0 libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200
 )
+# The cluster services (find_package(Protobuf) and find_package(gRPC CONFIG) in proto/; the
+# top-level CMakeLists looks for nothing else: no SQLite, prometheus-cpp or cpp-httplib).
+SERVICES_PKGS=(
+  # gRPC C++: headers, the gRPC CMake config and the shared libraries (libgrpc++.so.1.51,
+  # libgrpc.so.29 with libgpr, libupb, libaddress_sorting).
+  libgrpc++-dev libgrpc-dev libgrpc++1.51 libgrpc29
+  # protoc, and grpc_cpp_plugin (its package also holds the php/python/ruby plugins, whose
+  # files gRPCTargets.cmake checks exist).
+  protobuf-compiler libprotoc32 protobuf-compiler-grpc
+  # protobuf: headers and libprotobuf.so for FindProtobuf, and the runtime.
+  libprotobuf-dev libprotobuf32 libprotobuf-lite32
+  # What gRPCConfig.cmake finds (ZLIB, OpenSSL, c-ares, re2) and libgrpc.so.29 loads: zlib
+  # headers (the runtime is assumed below), OpenSSL, c-ares, RE2.
+  zlib1g-dev libssl-dev libssl3 libc-ares-dev libc-ares2 libre2-dev libre2-9
+  # pkg-config: gRPC's Findre2 module finds RE2 (no CMake config in Debian 12) through it.
+  pkgconf pkgconf-bin libpkgconf3
+)
+(( SERVICES )) && PKGS+=("${SERVICES_PKGS[@]}")
 
 # Present on any Debian or Ubuntu machine that has a C++ compiler (or, for adduser, needed only
 # by a maintainer script that dpkg -x does not run).
@@ -90,4 +121,9 @@ SANDBOX=()
 apt-get "${SANDBOX[@]}" download "${PKGS[@]}"
 printf '%s\n' ./*.deb | sed 's|^\./||' > MANIFEST
 echo "gpu_deps.sh: $(wc -l < MANIFEST) packages, $(du -ch ./*.deb | tail -1 | cut -f1) in ${PWD}"
-echo "gpu_deps.sh: carry it to the GPU machine and run scripts/gpu_check.sh OUTDIR there"
+if (( SERVICES )); then
+  echo "gpu_deps.sh: carry it to the GPU machine and run scripts/gpu_check.sh OUTDIR or"
+  echo "            scripts/gpu_cluster_check.sh OUTDIR there"
+else
+  echo "gpu_deps.sh: carry it to the GPU machine and run scripts/gpu_check.sh OUTDIR there"
+fi
