@@ -25,6 +25,8 @@
 #   DEMO_STOP_TIMEOUT=S   seconds between SIGTERM and SIGKILL (default 10)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/process_lib.sh
+source "${ROOT}/scripts/process_lib.sh"  # proc_table, tracked_pids
 cd "${ROOT}"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -75,24 +77,6 @@ fail() {
   echo "demo.sh: FAILED: $*" >&2
   [[ -n "${LOG_DIR}" ]] && log_tails
   exit 1
-}
-
-# Pids alive (zombies excluded) in the given process groups or below the given pids.
-tracked_pids() {
-  [[ $# -gt 0 ]] || return 0
-  ps -eo pid=,ppid=,pgid=,stat= | awk -v roots="$*" '
-    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) { root[r[i]] = 1 } }
-    $4 !~ /^Z/ { pid[NR] = $1; ppid[NR] = $2; pgid[NR] = $3 }
-    END {
-      for (k in pid) if ((pgid[k] in root) || (pid[k] in root)) keep[pid[k]] = 1
-      do {
-        changed = 0
-        for (k in pid) {
-          if (!(pid[k] in keep) && (ppid[k] in keep)) { keep[pid[k]] = 1; changed = 1 }
-        }
-      } while (changed)
-      for (p in keep) print p
-    }'
 }
 
 # SIGTERM to the process groups (and to anything below them that left its group), then SIGKILL

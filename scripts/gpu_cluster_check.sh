@@ -47,6 +47,8 @@ LDD_SHOW="gemma-worker gemma-coordinator gemmactl"
 RESERVE=35  # the summary, the archive and the shutdown (at most STOP_TIMEOUT + a little)
 # shellcheck source=scripts/gpu_lib.sh
 source "$(dirname "$0")/gpu_lib.sh"  # ROOT; unpack, configure, check_libs, step, write_summary
+# shellcheck source=scripts/process_lib.sh
+source "$(dirname "$0")/process_lib.sh"  # proc_table, tracked_pids
 BUILD="${ROOT}/build-gpu-services"
 gpu_setup "${OUT}" "${2:-}"
 
@@ -85,17 +87,6 @@ reference() {
 # wait_serving ADDRESS: until the coordinator answers `gemmactl status`.
 wait_serving() {
   until "${BIN}/gemmactl" --coordinator "$1" --connect-timeout-ms 500 status; do sleep 0.3; done
-}
-
-# "PID PPID PGID STATE" of every process, from /proc (no procps needed).
-proc_table() {
-  local f line st pp pg
-  for f in /proc/[0-9]*/stat; do
-    read -r line 2>/dev/null < "${f}" || continue
-    # After the command name, which may hold spaces: state, ppid, process group.
-    read -r st pp pg _ <<< "${line##*) }"
-    echo "${line%% *} ${pp} ${pg} ${st}"
-  done
 }
 
 # Whether process $1 runs (a zombie does not).
@@ -198,24 +189,6 @@ start() {
   NAMES+=("${name}")
   PGIDS+=("$!")
   echo "${GPU_TAG}: started ${name} (pid $!)"
-}
-
-# Pids alive (zombies excluded) in the given process groups or below the given pids.
-tracked_pids() {
-  [[ $# -gt 0 ]] || return 0
-  proc_table | awk -v roots="$*" '
-    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) { root[r[i]] = 1 } }
-    $4 !~ /^Z/ { pid[NR] = $1; ppid[NR] = $2; pgid[NR] = $3 }
-    END {
-      for (k in pid) if ((pgid[k] in root) || (pid[k] in root)) keep[pid[k]] = 1
-      do {
-        changed = 0
-        for (k in pid) {
-          if (!(pid[k] in keep) && (ppid[k] in keep)) { keep[pid[k]] = 1; changed = 1 }
-        }
-      } while (changed)
-      for (p in keep) print p
-    }'
 }
 
 # SIGTERM to each server (the leader of its process group: a worker's supervisor stops its own
