@@ -26,7 +26,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=scripts/process_lib.sh
-source "${ROOT}/scripts/process_lib.sh"  # proc_table, tracked_pids
+source "${ROOT}/scripts/process_lib.sh"  # proc_table, tracked_pids, alive, start_server
 cd "${ROOT}"
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
@@ -145,23 +145,6 @@ on_signal() {
 trap cleanup EXIT
 trap on_signal INT TERM
 
-# Starts a server as the leader of its own session (so its whole process group can be
-# signalled): start NAME LOG COMMAND...
-start() {
-  local name="$1" logfile="$2"
-  shift 2
-  setsid "$@" >"${logfile}" 2>&1 </dev/null &
-  NAMES+=("${name}")
-  PGIDS+=("$!")
-}
-
-# Whether process $1 runs (a zombie does not).
-alive() {
-  local stat
-  stat="$(ps -o stat= -p "$1" 2>/dev/null || true)"
-  [[ -n "${stat}" && "${stat}" != Z* ]]
-}
-
 now_ms() {
   local t="${EPOCHREALTIME/[.,]/}"
   echo $((t / 1000))
@@ -207,14 +190,16 @@ echo "== logs in ${LOG_DIR}"
 PORT="$(free_port)"
 export GEMMA_COORDINATOR="127.0.0.1:${PORT}"
 echo "== coordinator on ${GEMMA_COORDINATOR}"
-start coordinator "${LOG_DIR}/coordinator.log" \
+start_server coordinator "${LOG_DIR}/coordinator.log" \
   "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}"
 # The workers read the model directory's tokenizer.json (text and chat requests need it).
 WORKER_ARGS=(--coordinator "${GEMMA_COORDINATOR}" --model "${MODEL}" --threads "${THREADS}")
 echo "== replica A: ${MODEL}, 1 CPU rank"
-start "replica-A" "${LOG_DIR}/replica-A.log" "${BIN}/gemma-worker" "${WORKER_ARGS[@]}" --cpu-ranks 1
+start_server "replica-A" "${LOG_DIR}/replica-A.log" \
+  "${BIN}/gemma-worker" "${WORKER_ARGS[@]}" --cpu-ranks 1
 echo "== replica B: ${MODEL}, 2 CPU ranks (tp=2)"
-start "replica-B" "${LOG_DIR}/replica-B.log" "${BIN}/gemma-worker" "${WORKER_ARGS[@]}" --cpu-ranks 2
+start_server "replica-B" "${LOG_DIR}/replica-B.log" \
+  "${BIN}/gemma-worker" "${WORKER_ARGS[@]}" --cpu-ranks 2
 
 printf "waiting for two healthy replicas "
 wait_started=$(now_ms)

@@ -48,7 +48,7 @@ RESERVE=35  # the summary, the archive and the shutdown (at most STOP_TIMEOUT + 
 # shellcheck source=scripts/gpu_lib.sh
 source "$(dirname "$0")/gpu_lib.sh"  # ROOT; unpack, configure, check_libs, step, write_summary
 # shellcheck source=scripts/process_lib.sh
-source "$(dirname "$0")/process_lib.sh"  # proc_table, tracked_pids
+source "$(dirname "$0")/process_lib.sh"  # proc_table, tracked_pids, alive, start_server
 BUILD="${ROOT}/build-gpu-services"
 gpu_setup "${OUT}" "${2:-}"
 
@@ -87,13 +87,6 @@ reference() {
 # wait_serving ADDRESS: until the coordinator answers `gemmactl status`.
 wait_serving() {
   until "${BIN}/gemmactl" --coordinator "$1" --connect-timeout-ms 500 status; do sleep 0.3; done
-}
-
-# Whether process $1 runs (a zombie does not).
-alive() {
-  local line
-  read -r line 2>/dev/null < "/proc/$1/stat" || return 1
-  [[ "${line##*) }" != Z* ]]
 }
 
 # wait_healthy PID LOG WANT: until the coordinator lists WANT healthy replicas, or the worker
@@ -181,14 +174,10 @@ export -f reference wait_serving proc_table alive wait_healthy streams chat_turn
 NAMES=()  # what each started server is
 PGIDS=()  # its process group (each runs as the leader of a new session)
 
-# start NAME LOG COMMAND...: a server as the leader of its own session.
+# start NAME LOG COMMAND...: a server as the leader of its own session, logging to LOGS/LOG.
 start() {
-  local name="$1" log="$2"
-  shift 2
-  setsid "$@" > "${LOGS}/${log}" 2>&1 < /dev/null &
-  NAMES+=("${name}")
-  PGIDS+=("$!")
-  echo "${GPU_TAG}: started ${name} (pid $!)"
+  start_server "$1" "${LOGS}/$2" "${@:3}"
+  echo "${GPU_TAG}: started $1 (pid $!)"
 }
 
 # SIGTERM to each server (the leader of its process group: a worker's supervisor stops its own

@@ -30,3 +30,21 @@ tracked_pids() {
       for (p in keep) print p
     }'
 }
+
+# Whether process $1 runs (a zombie does not).
+alive() {
+  local line
+  read -r line 2>/dev/null < "/proc/$1/stat" || return 1
+  [[ "${line##*) }" != Z* ]]
+}
+
+# start_server NAME LOGFILE COMMAND...: runs COMMAND as the leader of a new session (so its
+# whole process group can be signalled), output to LOGFILE; appends NAME to the caller's NAMES
+# and the process group to PGIDS.
+start_server() {
+  local name="$1" logfile="$2"
+  shift 2
+  setsid "$@" > "${logfile}" 2>&1 < /dev/null &
+  NAMES+=("${name}")
+  PGIDS+=("$!")
+}
