@@ -141,7 +141,6 @@ class Model {
   BufferPtr moe_in_;      // [T, H]
   BufferPtr topk_ids_;    // [T, top_k]
   BufferPtr topk_weights_;// [T, top_k]
-  BufferPtr rows_;        // [R] i32
   BufferPtr row_hidden_;  // [R, H]
   BufferPtr logits_;      // [R, V]
   BufferPtr sampled_;     // [R] i32
