@@ -1,6 +1,7 @@
 // CPU backend ops against hand-computed values: RoPE of both kinds, the sliding-window boundary,
-// routing with ties, renormalisation and per-expert scale, sampling, matrix products of every
-// kernel's row counts, and the vectorised tanh of GELU and the logit softcap.
+// routing with ties, renormalisation and per-expert scale, expert compute on both of its
+// schedules, sampling, matrix products of every kernel's row counts, and the vectorised tanh of
+// GELU and the logit softcap.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -186,6 +187,76 @@ TEST(MoeRouteTest, WeightsAreRenormalisedThenScaledPerExpert) {
   double e1 = std::exp(2.0), e3 = std::exp(1.0);
   EXPECT_NEAR(r.weights[0], e1 / (e1 + e3) * 2.0, 1e-6);
   EXPECT_NEAR(r.weights[1], e3 / (e1 + e3) * 0.5, 1e-6);
+}
+
+// Experts of one rank (local experts 3..8 of 10, as under expert parallelism) over uneven
+// routing: expert 5 takes every token, others a few or none. Each token's output must be the
+// weighted sum of its local experts' MLPs (double-precision reference), whether the threads
+// claim whole experts (decode sizes) or split every product (larger batches, or the option at
+// 0), with 1, 2 and 3 threads.
+TEST(MoeExpertsTest, BothSchedulesMatchDoubleReference) {
+  const int64_t hidden = 40, inter = 24, top_k = 3, first = 3, local = 6;
+  auto gelu = [](double v) {
+    return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+  };
+  for (int64_t tokens : {int64_t{1}, int64_t{5}, int64_t{40}, int64_t{70}}) {
+    std::vector<float> x(tokens * hidden), gate_up(local * 2 * inter * hidden),
+        down(local * hidden * inter), weights(tokens * top_k);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37 * i + 0.2);
+    for (size_t i = 0; i < gate_up.size(); ++i) gate_up[i] = 0.2f * std::cos(0.013 * i);
+    for (size_t i = 0; i < down.size(); ++i) down[i] = 0.2f * std::sin(0.029 * i + 1.0);
+    std::vector<int32_t> ids;
+    for (int64_t t = 0; t < tokens; ++t) {
+      // Ascending ids: one below the local range, expert 5, and one of 6..9 (9 is not local).
+      ids.insert(ids.end(), {static_cast<int32_t>(t % 3), 5, static_cast<int32_t>(6 + t % 4)});
+      for (int64_t k = 0; k < top_k; ++k) weights[t * top_k + k] = 0.5f + 0.1f * k + 0.01f * t;
+    }
+    std::vector<double> want(tokens * hidden, 0.0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t e = ids[t * top_k + k] - first;
+        if (e < 0 || e >= local) continue;
+        std::vector<double> act(inter);
+        for (int64_t i = 0; i < inter; ++i) {
+          double g = 0, u = 0;
+          for (int64_t j = 0; j < hidden; ++j) {
+            g += static_cast<double>(x[t * hidden + j]) * gate_up[(e * 2 * inter + i) * hidden + j];
+            u += static_cast<double>(x[t * hidden + j]) *
+                 gate_up[(e * 2 * inter + inter + i) * hidden + j];
+          }
+          act[i] = gelu(g) * u;
+        }
+        for (int64_t o = 0; o < hidden; ++o) {
+          double y = 0;
+          for (int64_t i = 0; i < inter; ++i) y += act[i] * down[(e * hidden + o) * inter + i];
+          want[t * hidden + o] += weights[t * top_k + k] * y;
+        }
+      }
+    }
+    for (int threads : {1, 2, 3}) {
+      for (int64_t whole_max : {int64_t{64}, int64_t{0}}) {
+        CpuBackend backend(
+            CpuBackendOptions{.num_threads = threads, .experts_whole_max_tokens = whole_max});
+        auto xb = F32(backend, x);
+        auto ib = I32(backend, ids);
+        auto wb = F32(backend, weights);
+        auto gu = *backend.UploadWeight(DType::kF32, gate_up.data(), gate_up.size());
+        auto dn = *backend.UploadWeight(DType::kF32, down.data(), down.size());
+        auto out = F32(backend, std::vector<float>(tokens * hidden, 123.0f));
+        MoeExpertsArgs a{.x = xb.get(), .topk_ids = ib.get(), .topk_weights = wb.get(),
+                         .gate_up = gu.get(), .down = dn.get(), .num_tokens = tokens,
+                         .hidden = hidden, .inter = inter, .top_k = top_k, .first_expert = first,
+                         .num_local_experts = local, .out = out.get()};
+        backend.MoeExperts(a);
+        auto got = ReadF32(backend, *out, tokens * hidden);
+        for (int64_t i = 0; i < tokens * hidden; ++i) {
+          ASSERT_NEAR(got[i], want[i], 1e-5 * (1.0 + std::abs(want[i])))
+              << "tokens " << tokens << " threads " << threads << " whole_max " << whole_max
+              << " output " << i;
+        }
+      }
+    }
+  }
 }
 
 TEST(SampleTest, GreedyTakesTheLowestIdOnTies) {

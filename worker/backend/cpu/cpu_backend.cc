@@ -88,7 +88,8 @@ void LoadF32Range(const Buffer& b, int64_t offset, int64_t count, float* dst) {
 
 CpuBackend::CpuBackend(CpuBackendOptions options)
     : pool_(options.num_threads > 0 ? options.num_threads
-                                    : static_cast<int>(std::thread::hardware_concurrency())) {
+                                    : static_cast<int>(std::thread::hardware_concurrency())),
+      experts_whole_max_tokens_(options.experts_whole_max_tokens) {
   // OpenBLAS runs inside our pool's threads, one thread each (see cpu_matmul.cc).
   openblas_set_num_threads(1);
 }

@@ -48,6 +48,10 @@ void LoadF32Range(const Buffer& b, int64_t offset, int64_t count, float* dst);
 
 struct CpuBackendOptions {
   int num_threads = 0;  // 0: all cores
+  // MoeExperts over at most this many tokens (decode) hands whole experts to the threads, each
+  // running its products alone; over more (prefill), or when set to 0, it runs one expert after
+  // the other with each product split over the threads. Benchmarks set 0 to compare the two.
+  int64_t experts_whole_max_tokens = 64;
 };
 
 class CpuBackend final : public Backend {
@@ -93,6 +97,7 @@ class CpuBackend final : public Backend {
 
  private:
   ThreadPool pool_;
+  int64_t experts_whole_max_tokens_;
 };
 
 // Shared CPU kernels, also used directly by tests as the scalar reference.
