@@ -6,7 +6,8 @@
 # at 1/8/32 sequences on CUDA, then the kernel tests under compute-sanitizer, and writes to
 # OUTDIR:
 #
-#   summary.md     the table of steps (pass / FAIL / TIMEOUT / skipped, seconds), the tests
+#   summary.md     the table of steps (pass / FAIL / TIMEOUT / skipped, seconds), the engine
+#                  loop's table on CUDA with its decode rate at 32 sequences over 1, the tests
 #                  skipped and failed, and the tail of each failed step's log
 #   logs.tar.gz    every log (gpu-check-logs/*.log)
 #   bench.json     the benchmark results, when the benchmark ran
@@ -56,9 +57,25 @@ cli_cuda_vs_cpu() {
 
 export -f cli_cuda_vs_cpu
 
-# summary.md, after the table of steps: the ctest -L gpu totals and its lists of skipped and
+# summary.md, after the table of steps: the engine loop's table on CUDA and its throughput
+# ratio at 32 sequences against one (docs/perf.md's target: at least 8x).
+engine_section() {
+  [[ -f "${LOGS}/engine_bench.log" ]] || return 0
+  echo
+  echo "## gemma-engine-bench --backend cuda"
+  echo '```'
+  grep -E '^\|' "${LOGS}/engine_bench.log"
+  echo '```'
+  awk -F'|' '$2 + 0 == 1 { one = $4 + 0 } $2 + 0 == 32 { many = $4 + 0 }
+    END { if (one > 0 && many > 0)
+            printf "decode tokens/s at 32 sequences / at 1: %.1f / %.1f = %.2fx (target: 8x)\n",
+                   many, one, many / one }' "${LOGS}/engine_bench.log"
+}
+
+# summary.md, after the engine section: the ctest -L gpu totals and its lists of skipped and
 # failed tests.
 summary_sections() {
+  engine_section
   [[ -f "${LOGS}/ctest_gpu.log" ]] || return 0
   echo
   echo "## ctest -L gpu"
