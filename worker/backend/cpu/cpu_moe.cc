@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -36,7 +37,9 @@ class ExpertBatch {
     std::stable_sort(active_.begin(), active_.end(), [&](int64_t x, int64_t y) {
       return assigned_[x].size() > assigned_[y].size();
     });
-    slot_out_.assign(a.num_tokens * a.top_k * a.hidden, 0.0f);
+    // Not zeroed: every slot of a local expert is written by Run before Combine reads it, and
+    // Combine skips the others.
+    slot_out_.reset(new float[a.num_tokens * a.top_k * a.hidden]);
   }
 
   int64_t num_active() const { return static_cast<int64_t>(active_.size()); }
@@ -102,7 +105,7 @@ class ExpertBatch {
   const MoeExpertsArgs& a_;
   std::vector<std::vector<int64_t>> assigned_;
   std::vector<int64_t> active_;
-  std::vector<float> slot_out_;
+  std::unique_ptr<float[]> slot_out_;
 };
 
 // Every expert of `batch` on whichever thread of `pool` claims it next, each single-threaded.
