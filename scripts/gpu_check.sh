@@ -22,7 +22,9 @@
 #
 # Environment: GPU_CHECK_BUDGET (seconds, default 540), GPU_CHECK_WERROR (default OFF: the
 # GPU machine's compiler may be newer than ours, and a new warning should not cost the run),
-# GPU_CHECK_JOBS (default nproc).
+# GPU_CHECK_JOBS (default nproc), GPU_CHECK_SERVICES (1: build the services too, into
+# build-gpu-services, for gpu_cluster_check.sh), GPU_CHECK_SANITIZERS (0: leave them out, a
+# skip, e.g. for a later call on the same machine).
 # shellcheck disable=SC2317  # the functions below run through `bash -c` (export -f)
 set -uo pipefail
 
@@ -30,28 +32,40 @@ OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [DEPS_DIR]}"
 GPU_TAG=gpu_check
 GPU_TITLE="GPU check"
 GPU_LOGNAME=gpu-check-logs
-GPU_SERVICES=OFF
+# GPU_CHECK_SERVICES=1 builds the gRPC services too, into the folder gpu_cluster_check.sh uses,
+# so that one build serves both scripts in one session.
+if [[ "${GPU_CHECK_SERVICES:-0}" == 1 ]]; then
+  GPU_SERVICES=ON
+  GPU_NEED_PKGS="libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev pkgconf-bin"
+else
+  GPU_SERVICES=OFF
+fi
 LDD_SHOW="cuda_ops_test cuda_kernels_bench"
 # shellcheck source=scripts/gpu_lib.sh
 source "$(dirname "$0")/gpu_lib.sh"  # ROOT; unpack, configure, check_libs, step, write_summary
 BUILD="${ROOT}/build-gpu"
+[[ "${GPU_SERVICES}" == ON ]] && BUILD="${ROOT}/build-gpu-services"
 gpu_setup "${OUT}" "${2:-}"
 
 # Whole runs through the command-line tool: greedy tokens on the CUDA backend (one rank, tp = 2
 # and dp-ep as threads on this GPU) must equal the CPU backend's.
+# Only stdout (the ids) is compared: the CUDA runs also log their device and arena on stderr,
+# which goes to a file of its own and is shown when a run fails.
 cli_cuda_vs_cpu() {
-  local model="${ROOT}/tests/golden/data/tiny-moe" rc=0 args cpu cuda
+  local model="${ROOT}/tests/golden/data/tiny-moe" rc=0 args cpu cuda err
+  err="$(mktemp)"
   for args in "" "--tp 2" "--mode dp-ep --ep 2" "--mode dp-ep --ep 4 --tp 2"; do
     # shellcheck disable=SC2086  # args holds several flags
     cpu="$("${BUILD}/bin/gemma-generate" --model "${model}" --tokens 2,17,301,45,99,7 \
-      --max-new-tokens 16 ${args} 2>&1)" || rc=1
+      --max-new-tokens 16 ${args} 2>"${err}")" || { rc=1; cat "${err}"; }
     # shellcheck disable=SC2086
     cuda="$("${BUILD}/bin/gemma-generate" --model "${model}" --tokens 2,17,301,45,99,7 \
-      --max-new-tokens 16 --backend cuda ${args} 2>&1)" || rc=1
+      --max-new-tokens 16 --backend cuda ${args} 2>"${err}")" || { rc=1; cat "${err}"; }
     echo "[${args:-one rank}] cpu:  ${cpu}"
     echo "[${args:-one rank}] cuda: ${cuda}"
-    [[ "${cpu}" == "${cuda}" ]] || { echo "  MISMATCH"; rc=1; }
+    [[ -n "${cpu}" && "${cpu}" == "${cuda}" ]] || { echo "  MISMATCH"; cat "${err}"; rc=1; }
   done
+  rm -f "${err}"
   return "${rc}"
 }
 
@@ -102,7 +116,7 @@ else
 fi
 if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
   step "ctest -L gpu" ctest_gpu.log 300 \
-    ctest --test-dir "${BUILD}" -L gpu --output-on-failure --timeout 120 --no-tests=error
+    ctest --test-dir "${BUILD}" -L gpu -j 4 --output-on-failure --timeout 120 --no-tests=error
   if [[ -x "${BUILD}/bin/cuda_kernels_bench" ]]; then
     step "cuda_kernels_bench" bench.log 120 "${BUILD}/bin/cuda_kernels_bench" \
       --benchmark_out="${LOGS}/bench.json" --benchmark_out_format=json --benchmark_min_time=0.2
@@ -127,7 +141,9 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
   for s in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [[ -z "${SAN}" && -x "${s}" ]] && SAN="${s}"
   done
-  if [[ -n "${SAN}" ]]; then
+  if [[ "${GPU_CHECK_SANITIZERS:-1}" == 0 ]]; then
+    ROWS+=("| compute-sanitizer | skipped (GPU_CHECK_SANITIZERS=0) | 0 s | |")
+  elif [[ -n "${SAN}" ]]; then
     for tool in memcheck racecheck initcheck synccheck; do
       step "compute-sanitizer ${tool} cuda_ops_test" "sanitizer_${tool}.log" 120 \
         "${SAN}" --tool "${tool}" --error-exitcode 1 "${BUILD}/bin/cuda_ops_test"

@@ -103,6 +103,14 @@ unpack() {
     (( ${#found[@]} )) ||
       { echo "${need} is not in ${DEPS}: run scripts/gpu_deps.sh --services"; return 1; }
   done
+  # The same bundle already unpacked (an earlier script of this session on this machine): keep
+  # it, so that its files keep their times and a build folder made against it stays up to date.
+  local stamp
+  stamp="$(find "${DEPS}" -maxdepth 1 -name '*.deb' -printf '%f %s\n' | sort | md5sum)"
+  if [[ -f "${PREFIX}/.bundle" && "$(cat "${PREFIX}/.bundle")" == "${stamp}" ]]; then
+    echo "${PREFIX} already holds this bundle"
+    return 0
+  fi
   rm -rf "${PREFIX:?}"
   mkdir -p "${PREFIX}"
   local deb
@@ -141,6 +149,7 @@ unpack() {
       echo "warning: ${link#"${PREFIX}"/} -> ${target}: no such file here"
     fi
   done < <(find "${PREFIX}" -type l -lname '/*' -print0)
+  echo "${stamp}" > "${PREFIX}/.bundle"
   echo "unpacked ${#debs[@]} packages into ${PREFIX} ($(du -sh "${PREFIX}" | cut -f1))"
 }
 
