@@ -1,16 +1,18 @@
-// cuda_decode_bench: decode steps of the Gemma 4 26B-A4B network at its real widths on the CUDA
-// backend, against the memory-bandwidth floor of a step.
-//   cuda_decode_bench [--layers 6 --batch 1,8,32 --steps 64 --prompt-len 128 --dir DIR --keep
-//                      --threads N --seed S --json]
+// cuda_decode_bench: decode steps of the Gemma 4 26B-A4B or 31B network at its real widths on
+// the CUDA backend, against the memory-bandwidth floor of a step.
+//   cuda_decode_bench [--model 26b-a4b|31b --layers 6 --batch 1,8,32 --steps 64
+//                      --prompt-len 128 --dir DIR --keep --threads N --seed S --json]
 //
 // 1. Measures the device-to-device copy bandwidth (bytes read plus written per second of a 1 GiB
 //    cudaMemcpyAsync, the fastest of 20; the same measurement as cuda_kernels_bench).
 // 2. Writes a random bf16 checkpoint (config.json + model.safetensors, seeded) with the
-//    26B-A4B config: hidden 2816, 16 query heads, sliding layers 8 KV heads x 256, full layers
-//    2 KV heads x 512 with K = V, dense MLP 2112, 128 experts of 704 (top 8), vocabulary 262144
-//    with the tied embedding as the output head, sliding window 1024; but only --layers layers,
-//    in the real pattern (5 sliding then 1 full, repeated; the last layer is full, as HF
-//    forces). The default of 6 layers is one period of the pattern, a fifth of the real 30.
+//    --model config. 26B-A4B: hidden 2816, 16 query heads, sliding layers 8 KV heads x 256,
+//    full layers 2 KV heads x 512 with K = V, dense MLP 2112, 128 experts of 704 (top 8).
+//    31B: hidden 5376, 32 query heads, sliding 16 KV heads x 256, full 4 x 512 with K = V,
+//    dense MLP 21504, no experts. Both: vocabulary 262144 with the tied embedding as the output
+//    head, sliding window 1024; but only --layers layers, in the real pattern (5 sliding then 1
+//    full, repeated; the last layer is full, as HF forces). The default of 6 layers is one
+//    period of the pattern, a fifth of the 26B-A4B's 30 layers and a tenth of the 31B's 60.
 //    The directory is /dev/shm when it has room, else $TMPDIR or /tmp (--dir to choose); it is
 //    deleted once the model is loaded (--keep keeps it, e.g. for gemma-engine-bench).
 // 3. Loads it on the CUDA backend (Model::Load, as the tools do). Then for each batch size B of
@@ -57,6 +59,7 @@
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -72,8 +75,10 @@
 #include "worker/engine/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 
+ABSL_FLAG(std::string, model, "26b-a4b", "the widths: 26b-a4b (MoE) or 31b (dense)");
 ABSL_FLAG(int32_t, layers, 6,
-          "decoder layers (the real 26B-A4B has 30; 6 = one period of 5 sliding + 1 full)");
+          "decoder layers (the real 26B-A4B has 30, the 31B 60; 6 = one period of 5 sliding + "
+          "1 full)");
 ABSL_FLAG(std::string, batch, "1",
           "comma-separated batch sizes: sequences decoded together, one token each per step");
 ABSL_FLAG(int64_t, steps, 64, "timed decode steps (of each kind: with and without the head)");
@@ -98,15 +103,25 @@ constexpr int64_t kPageSize = 16;
 constexpr int64_t kWarmupSteps = 4;
 constexpr int64_t kCopyBytes = int64_t{1} << 30;
 constexpr int kCopyReps = 20;
-// The 26B-A4B layer pattern and depth.
-constexpr int kPatternPeriod = 6;  // 5 sliding layers, then 1 full
-constexpr int kRealLayers = 30;
+// The layer pattern of both models: 5 sliding layers, then 1 full.
+constexpr int kPatternPeriod = 6;
+
+// The widths that differ between the two models (gemma4-architecture.md, section 1).
+struct ModelShape {
+  const char* name;
+  int real_layers;
+  int hidden, inter, heads, kv_heads, global_kv_heads;
+  bool moe;
+  int experts, top_k, moe_inter;
+};
+constexpr ModelShape k26b{"26B-A4B", 30, 2816, 2112, 16, 8, 2, true, 128, 8, 704};
+constexpr ModelShape k31b{"31B", 60, 5376, 21504, 32, 16, 4, false, 0, 0, 0};
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
 // ---- the config ----
 
-// config.json: the 26B-A4B text_config (gemma4-architecture.md, section 1) with $LAYERS layers.
+// config.json: the model's text_config (gemma4-architecture.md, section 1) with $LAYERS layers.
 constexpr char kConfigTemplate[] = R"({
   "architectures": ["Gemma4ForConditionalGeneration"],
   "model_type": "gemma4",
@@ -118,20 +133,20 @@ constexpr char kConfigTemplate[] = R"({
   "text_config": {
     "model_type": "gemma4_text",
     "vocab_size": 262144,
-    "hidden_size": 2816,
-    "intermediate_size": 2112,
+    "hidden_size": $HIDDEN,
+    "intermediate_size": $INTER,
     "num_hidden_layers": $LAYERS,
     "layer_types": [$TYPES],
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "num_global_key_value_heads": 2,
+    "num_attention_heads": $HEADS,
+    "num_key_value_heads": $KV,
+    "num_global_key_value_heads": $GKV,
     "head_dim": 256,
     "global_head_dim": 512,
     "attention_k_eq_v": true,
-    "enable_moe_block": true,
-    "num_experts": 128,
-    "top_k_experts": 8,
-    "moe_intermediate_size": 704,
+    "enable_moe_block": $MOE,
+    "num_experts": $EXPERTS,
+    "top_k_experts": $TOPK,
+    "moe_intermediate_size": $MOE_INTER,
     "sliding_window": 1024,
     "rope_parameters": {
       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -154,14 +169,21 @@ constexpr char kConfigTemplate[] = R"({
 }
 )";
 
-std::string ConfigJson(int layers) {
+std::string ConfigJson(const ModelShape& m, int layers) {
   std::vector<std::string> types;
   for (int i = 0; i < layers; ++i) {
     const bool full = (i + 1) % kPatternPeriod == 0 || i == layers - 1;
     types.push_back(full ? "\"full_attention\"" : "\"sliding_attention\"");
   }
   return absl::StrReplaceAll(
-      kConfigTemplate, {{"$LAYERS", absl::StrCat(layers)}, {"$TYPES", absl::StrJoin(types, ", ")}});
+      kConfigTemplate,
+      {{"$LAYERS", absl::StrCat(layers)}, {"$TYPES", absl::StrJoin(types, ", ")},
+       {"$HIDDEN", absl::StrCat(m.hidden)}, {"$INTER", absl::StrCat(m.inter)},
+       {"$HEADS", absl::StrCat(m.heads)}, {"$KV", absl::StrCat(m.kv_heads)},
+       {"$GKV", absl::StrCat(m.global_kv_heads)}, {"$MOE", m.moe ? "true" : "false"},
+       {"$EXPERTS", m.moe ? absl::StrCat(m.experts) : "null"},
+       {"$TOPK", m.moe ? absl::StrCat(m.top_k) : "null"},
+       {"$MOE_INTER", m.moe ? absl::StrCat(m.moe_inter) : "null"}});
 }
 
 // ---- the random checkpoint ----
@@ -207,6 +229,7 @@ std::vector<TensorSpec> CheckpointTensors(const ModelConfig& c) {
     matrix(p + "mlp.down_proj.weight", {h, c.intermediate_size});
     ones(p + "post_feedforward_layernorm.weight", {h});
     ones(p + "layer_scalar", {1});
+    if (!c.enable_moe_block) continue;
     matrix(p + "router.proj.weight", {c.num_experts, h});
     ones(p + "router.scale", {h});
     ones(p + "router.per_expert_scale", {c.num_experts});
@@ -463,17 +486,17 @@ StepBytes CountStepBytes(const ModelConfig& c, int64_t batch,
     s.attention += bf16 * attn_params;
     const double mlp_params = 3.0 * static_cast<double>(c.intermediate_size) * h;
     s.mlp += bf16 * mlp_params;
-    const double experts = static_cast<double>(c.num_experts);
+    const double experts = c.enable_moe_block ? static_cast<double>(c.num_experts) : 0.0;
     s.router += bf16 * experts * h;
     const double expert_params = 3.0 * static_cast<double>(c.moe_intermediate_size) * h;
     s.experts += bf16 * experts_per_layer[l] * expert_params;
-    s.norms += bf16 * (8 * h + 2 * d + experts + 1);
+    s.norms += bf16 * ((c.enable_moe_block ? 8 : 4) * h + 2 * d + experts + 1);
     const double seen =
         c.IsFull(l) ? context : std::min(context, static_cast<double>(c.sliding_window));
     s.kv += b * f32 * kv * d * kv_mats * (seen + 1);  // read what is seen, write the new row
     s.flops += 2 * b *
                (attn_params + mlp_params + experts * h +
-                static_cast<double>(c.top_k_experts) * expert_params);
+                (c.enable_moe_block ? static_cast<double>(c.top_k_experts) * expert_params : 0));
     s.flops += b * 4 * heads * d * seen;
   }
   s.embed = b * bf16 * h;
@@ -494,6 +517,7 @@ struct Sequence {
 
 // What every batch size shares: the loaded model and the measurements so far.
 struct Bench {
+  const ModelShape& shape;
   const ModelConfig& config;
   CudaBackend& backend;
   gemma4::Model& model;
@@ -661,13 +685,14 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
   double estimate_ms = 0, estimate_floor = 0;
   if (layers % kPatternPeriod == 0) {
     // Head once, the layers' share scaled to the real depth (same pattern, same widths).
-    const double scale = static_cast<double>(kRealLayers) / layers;
+    const int real_layers = bench.shape.real_layers;
+    const double scale = static_cast<double>(real_layers) / layers;
     estimate_ms = head50 + layers50 * scale;
     estimate_floor = head_floor + layers_floor * scale;
     std::cout << absl::StrFormat(
         "\nlinear estimate for the real %d layers (head once, layers x %.0f): %.3f ms per step "
         "against a floor of %.3f ms (%.2fx)\n",
-        kRealLayers, scale, estimate_ms, estimate_floor, estimate_ms / estimate_floor);
+        real_layers, scale, estimate_ms, estimate_floor, estimate_ms / estimate_floor);
   }
   if (absl::GetFlag(FLAGS_json)) {
     std::cout << absl::StrFormat(
@@ -677,18 +702,28 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
         "\"step_ms\": {\"p50\": %.4f, \"mean\": %.4f, \"p90\": %.4f}, \"step_floor_ms\": %.4f, "
         "\"layers_ms\": {\"p50\": %.4f, \"mean\": %.4f, \"p90\": %.4f}, "
         "\"layers_floor_ms\": %.4f, \"head_ms\": %.4f, \"head_floor_ms\": %.4f, "
-        "\"step_bytes\": %.0f, \"step_flops\": %.0f, \"estimate_30_layers_ms\": %.4f, "
-        "\"estimate_30_layers_floor_ms\": %.4f}\n",
+        "\"step_bytes\": %.0f, \"step_flops\": %.0f, \"estimate_real_layers_ms\": %.4f, "
+        "\"estimate_real_layers_floor_ms\": %.4f, \"model\": \"%s\"}\n",
         bench.device, bandwidth / 1e9, layers, batch, steps, prompt_len, bench.weight_bytes,
         bench.write_s, bench.load_s, prefill_s * 1e3, mean_experts, full50, Mean(full_ms),
         Percentile(full_ms, 90), full_floor, layers50, Mean(layers_ms), Percentile(layers_ms, 90),
-        layers_floor, head50, head_floor, full.Total(), full.flops, estimate_ms, estimate_floor);
+        layers_floor, head50, head_floor, full.Total(), full.flops, estimate_ms, estimate_floor,
+        bench.shape.name);
   }
   return absl::OkStatus();
 }
 
 absl::Status Run() {
   const int32_t layers = absl::GetFlag(FLAGS_layers);
+  const std::string model_flag = absl::AsciiStrToLower(absl::GetFlag(FLAGS_model));
+  const ModelShape* shape_ptr = model_flag == "26b-a4b" ? &k26b : model_flag == "31b" ? &k31b
+                                                                                      : nullptr;
+  if (shape_ptr == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--model: '", absl::GetFlag(FLAGS_model),
+                                                   "' is neither 26b-a4b nor 31b"));
+  }
+  const ModelShape& shape = *shape_ptr;
+  const int kRealLayers = shape.real_layers;
   std::vector<int64_t> batches;
   for (absl::string_view item : absl::StrSplit(absl::GetFlag(FLAGS_batch), ',')) {
     int64_t n = 0;
@@ -713,7 +748,7 @@ absl::Status Run() {
     return absl::FailedPreconditionError(
         "no CUDA device is visible to this process; cuda_decode_bench needs one");
   }
-  const std::string config_json = ConfigJson(layers);
+  const std::string config_json = ConfigJson(shape, layers);
   ASSIGN_OR_RETURN(ModelConfig config, ParseModelConfig(config_json, "cuda_decode_bench config"));
   const std::vector<TensorSpec> specs = CheckpointTensors(config);
   uint64_t weight_bytes = 0;
@@ -739,9 +774,9 @@ absl::Status Run() {
   int sliding = 0;
   for (int l = 0; l < layers; ++l) sliding += config.IsFull(l) ? 0 : 1;
   std::cout << absl::StrFormat(
-      "cuda_decode_bench: Gemma 4 26B-A4B widths, %d layers (%d sliding, %d full), vocabulary "
+      "cuda_decode_bench: Gemma 4 %s widths, %d layers (%d sliding, %d full), vocabulary "
       "%d, bf16 weights (%.2fG parameters, %.2f GB), batch %s\n",
-      layers, sliding, layers - sliding, config.vocab_size, params / 1e9, weight_bytes / 1e9,
+      shape.name, layers, sliding, layers - sliding, config.vocab_size, params / 1e9, weight_bytes / 1e9,
       absl::StrJoin(batches, ", "));
   std::cout << absl::StrFormat(
       "device: %s (%d SMs, %.1f GiB); measured copy bandwidth %.1f GB/s (device-to-device, "
@@ -768,7 +803,8 @@ absl::Status Run() {
       write_s, threads, load_s, absl::GetFlag(FLAGS_keep) ? "kept" : "deleted");
   std::cout.flush();
 
-  const Bench bench{.config = config,
+  const Bench bench{.shape = shape,
+                    .config = config,
                     .backend = *backend,
                     .model = *model,
                     .bandwidth = bandwidth,
@@ -789,8 +825,9 @@ absl::Status Run() {
 int main(int argc, char** argv) {
   return gemma::cli::ToolMain(
       argc, argv, "cuda_decode_bench",
-      "decode steps of the 26B-A4B network (random bf16 weights, real widths, a few layers) on "
-      "the CUDA backend against their memory-bandwidth floor\n"
-      "  cuda_decode_bench [--layers 6 --batch 1,32 --steps 64 --prompt-len 128 --json]",
+      "decode steps of the 26B-A4B or 31B network (random bf16 weights, real widths, a few "
+      "layers) on the CUDA backend against their memory-bandwidth floor\n"
+      "  cuda_decode_bench [--model 26b-a4b|31b --layers 6 --batch 1,32 --steps 64 "
+      "--prompt-len 128 --json]",
       gemma::Run);
 }

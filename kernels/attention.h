@@ -31,11 +31,22 @@ struct PagedAttentionParams {
   int64_t window = 0;  // query at p sees keys (p - window, p]; 0: all keys <= p
   float scale = 1.0f;
   float* out = nullptr;  // [num_tokens, num_heads, head_dim]
+  // PagedAttentionScratchFloats(p) floats of device memory when that is not 0.
+  float* scratch = nullptr;
 };
 
-// One block per (token, head); keys whose page is -1 or past the page-table row are skipped
-// (the cache must hold every visible key). Returns cudaErrorInvalidValue for a head_dim it
-// does not support.
+// One block per (token, head, key split); keys whose page is -1 or past the page-table row are
+// skipped (the cache must hold every visible key). When (token, head) blocks alone would leave
+// the device idle and the key range is long (decode), each query's keys are split over several
+// blocks whose partial softmax sums are merged by a second kernel (flash-decoding); the split
+// depends only on the shapes (tokens, heads, page-table width, window), so a captured graph
+// replays it unchanged. Returns cudaErrorInvalidValue for a head_dim it does not support, or
+// for a split without scratch.
 cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
+
+// Blocks each query's key range is split over for p (1: no split).
+int64_t PagedAttentionSplits(const PagedAttentionParams& p);
+// Floats of scratch PagedAttention needs for p (0 without a split).
+int64_t PagedAttentionScratchFloats(const PagedAttentionParams& p);
 
 }  // namespace gemma::kernels

@@ -74,4 +74,20 @@ __device__ __forceinline__ float RopeInvFreq(int64_t i, const Rope& rope) {
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Multiprocessors of the current device, read once per process (132, an H100's or H200's, if
+// the query fails). Launch shapes use it to fill the device.
+inline int NumSms() {
+  static const int sms = [] {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        count <= 0) {
+      cudaGetLastError();  // clear the failed query
+      return 132;
+    }
+    return count;
+  }();
+  return sms;
+}
+
 }  // namespace gemma::kernels

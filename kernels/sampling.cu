@@ -1,4 +1,4 @@
-// Sampling kernels. Argmax and log-sum-exp are one block per row. The sort is CUB's segmented
+// Sampling kernels. Argmax and log-sum-exp are one block per row (argmax: see below). The sort is CUB's segmented
 // radix sort (stable: equal keys keep their input order, so ties list the lower id first, as
 // the reference does). The draw walks the sorted row in tiles of the block with a block-wide
 // inclusive scan in double, stopping at the first tile that holds the answer.
@@ -15,25 +15,60 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void __launch_bounds__(kThreads) ArgmaxKernel(const float* x, int64_t cols,
-                                                         int32_t* ids) {
-  __shared__ float best_v[kThreads / 32];
-  __shared__ int64_t best_i[kThreads / 32];
+// Argmax: one block of kArgmaxThreads per row. On 16-byte aligned rows each thread reads
+// float4s, kArgmaxUnroll of them in flight, so that one block pulls a 262144-entry row at a
+// good share of the bandwidth one multiprocessor can draw.
+constexpr int kArgmaxThreads = 1024;
+constexpr int kArgmaxUnroll = 4;
+
+// (value, index): the larger value wins, then the lower index; `idx == cols` (nothing yet)
+// loses to anything.
+__device__ __forceinline__ void ArgmaxTake(float xv, int64_t j, int64_t cols, float& v,
+                                           int64_t& idx) {
+  if (xv > v || idx == cols) {
+    v = xv;
+    idx = j;
+  }
+}
+
+template <bool kVec>
+__global__ void __launch_bounds__(kArgmaxThreads) ArgmaxKernel(const float* x, int64_t cols,
+                                                               int32_t* ids) {
+  __shared__ float best_v[kArgmaxThreads / 32];
+  __shared__ int64_t best_i[kArgmaxThreads / 32];
   const float* row = x + blockIdx.x * cols;
   float v = -INFINITY;
   int64_t idx = cols;  // past the end: loses every comparison
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const float xj = row[j];
-    if (xj > v || idx == cols) {
-      v = xj;
-      idx = j;
+  if constexpr (kVec) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int64_t vecs = cols / 4;
+    constexpr int64_t kStride = int64_t{kArgmaxThreads} * kArgmaxUnroll;
+    for (int64_t base = threadIdx.x; base < vecs; base += kStride) {
+      float4 q[kArgmaxUnroll];
+#pragma unroll
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        const int64_t i = base + int64_t{u} * kArgmaxThreads;
+        q[u] = i < vecs ? row4[i] : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+#pragma unroll
+      for (int u = 0; u < kArgmaxUnroll; ++u) {
+        const int64_t i = base + int64_t{u} * kArgmaxThreads;
+        if (i < vecs) {
+          ArgmaxTake(q[u].x, 4 * i, cols, v, idx);
+          ArgmaxTake(q[u].y, 4 * i + 1, cols, v, idx);
+          ArgmaxTake(q[u].z, 4 * i + 2, cols, v, idx);
+          ArgmaxTake(q[u].w, 4 * i + 3, cols, v, idx);
+        }
+      }
     }
+  } else {
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) ArgmaxTake(row[j], j, cols, v, idx);
   }
-  // (value, index): larger value wins, then lower index.
+  // Across lanes, then warps: larger value, then lower index.
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float ov = __shfl_xor_sync(kFullMask, v, offset);
     const int64_t oi = __shfl_xor_sync(kFullMask, idx, offset);
-    if (ov > v || (ov == v && oi < idx)) {
+    if (oi != cols && (idx == cols || ov > v || (ov == v && oi < idx))) {
       v = ov;
       idx = oi;
     }
@@ -46,10 +81,12 @@ __global__ void __launch_bounds__(kThreads) ArgmaxKernel(const float* x, int64_t
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kThreads / 32; ++w) {
-      if (best_v[w] > v || (best_v[w] == v && best_i[w] < idx)) {
-        v = best_v[w];
-        idx = best_i[w];
+    for (int w = 1; w < kArgmaxThreads / 32; ++w) {
+      const float ov = best_v[w];
+      const int64_t oi = best_i[w];
+      if (oi != cols && (idx == cols || ov > v || (ov == v && oi < idx))) {
+        v = ov;
+        idx = oi;
       }
     }
     ids[blockIdx.x] = static_cast<int32_t>(idx < cols ? idx : 0);
@@ -182,7 +219,11 @@ size_t CubBytes(int64_t rows, int64_t cols) {
 
 cudaError_t Argmax(const float* x, int64_t rows, int64_t cols, int32_t* ids, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  ArgmaxKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, cols, ids);
+  if (cols % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    ArgmaxKernel<true><<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(x, cols, ids);
+  } else {
+    ArgmaxKernel<false><<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream>>>(x, cols, ids);
+  }
   return cudaGetLastError();
 }
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU tier on a machine with an NVIDIA GPU but none of our system libraries: unpacks the
 # bundle from scripts/gpu_deps.sh into a private prefix, configures and builds with CUDA (no
-# services), runs the gpu tests (ctest -L gpu), the CUDA kernel benchmarks, gemma-generate on
-# CUDA against the CPU, a decode step at the 26B-A4B widths against its floor, the engine loop
-# at 1/8/32 sequences on CUDA, then the kernel tests under compute-sanitizer, and writes to
-# OUTDIR:
+# services), runs the gpu tests (ctest -L gpu), gemma-generate on CUDA against the CPU, decode
+# steps at the 26B-A4B and 31B widths against their floor, an 8K-token prefill, the engine loop
+# at 1/8/32 sequences on CUDA, the CUDA kernel benchmarks, then the kernel tests under
+# compute-sanitizer, and writes to OUTDIR:
 #
 #   summary.md     the table of steps (pass / FAIL / TIMEOUT / skipped, seconds), the engine
 #                  loop's table on CUDA with its decode rate at 32 sequences over 1, the tests
@@ -24,7 +24,8 @@
 # GPU machine's compiler may be newer than ours, and a new warning should not cost the run),
 # GPU_CHECK_JOBS (default nproc), GPU_CHECK_SERVICES (1: build the services too, into
 # build-gpu-services, for gpu_cluster_check.sh), GPU_CHECK_SANITIZERS (0: leave them out, a
-# skip, e.g. for a later call on the same machine).
+# skip, e.g. for a later call on the same machine), GPU_CHECK_SANITIZERS_TOOLS (default
+# "memcheck racecheck initcheck synccheck"), GPU_CHECK_BENCH_MIN_TIME (default 0.2 s a case).
 # shellcheck disable=SC2317  # the functions below run through `bash -c` (export -f)
 set -uo pipefail
 
@@ -117,17 +118,18 @@ fi
 if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
   step "ctest -L gpu" ctest_gpu.log 300 \
     ctest --test-dir "${BUILD}" -L gpu -j 4 --output-on-failure --timeout 120 --no-tests=error
-  if [[ -x "${BUILD}/bin/cuda_kernels_bench" ]]; then
-    step "cuda_kernels_bench" bench.log 120 "${BUILD}/bin/cuda_kernels_bench" \
-      --benchmark_out="${LOGS}/bench.json" --benchmark_out_format=json --benchmark_min_time=0.2
-    [[ -s "${LOGS}/bench.json" ]] && cp "${LOGS}/bench.json" "${OUT}/bench.json"
-  fi
   if [[ -x "${BUILD}/bin/gemma-generate" ]]; then
     step "gemma-generate cuda = cpu" cli_cuda_vs_cpu.log 90 bash -c cli_cuda_vs_cpu
   fi
   if [[ -x "${BUILD}/bin/cuda_decode_bench" ]]; then
     step "cuda_decode_bench (26B-A4B widths)" decode_bench.log 150 \
       "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1,8,32 --steps 64 --prompt-len 128 --json
+    step "cuda_decode_bench (31B widths)" decode_bench_31b.log 150 \
+      "${BUILD}/bin/cuda_decode_bench" --model 31b --layers 6 --batch 1,8 --steps 32 \
+      --prompt-len 128 --json
+    # Prefill of one 8K-token prompt (the "prefill step" line), a few decode steps after it.
+    step "cuda_decode_bench (26B-A4B, 8K-token prefill)" prefill_bench.log 150 \
+      "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1 --steps 8 --prompt-len 8192 --json
   fi
   if [[ -x "${BUILD}/bin/gemma-engine-bench" ]]; then
     # The unpacked Debian libraries stay away from Python's torch.
@@ -137,6 +139,12 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
         "${BUILD}/bin/gemma-engine-bench" --backend cuda --model "${BUILD}/engine-bench-model" \
         --concurrency 1,8,32 --prompt-len 64 --decode-tokens 64
   fi
+  if [[ -x "${BUILD}/bin/cuda_kernels_bench" ]]; then
+    step "cuda_kernels_bench" bench.log 120 "${BUILD}/bin/cuda_kernels_bench" \
+      --benchmark_out="${LOGS}/bench.json" --benchmark_out_format=json \
+      --benchmark_min_time="${GPU_CHECK_BENCH_MIN_TIME:-0.2}"
+    [[ -s "${LOGS}/bench.json" ]] && cp "${LOGS}/bench.json" "${OUT}/bench.json"
+  fi
   SAN="$(command -v compute-sanitizer)"
   for s in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
     [[ -z "${SAN}" && -x "${s}" ]] && SAN="${s}"
@@ -144,7 +152,7 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
   if [[ "${GPU_CHECK_SANITIZERS:-1}" == 0 ]]; then
     ROWS+=("| compute-sanitizer | skipped (GPU_CHECK_SANITIZERS=0) | 0 s | |")
   elif [[ -n "${SAN}" ]]; then
-    for tool in memcheck racecheck initcheck synccheck; do
+    for tool in ${GPU_CHECK_SANITIZERS_TOOLS:-memcheck racecheck initcheck synccheck}; do
       step "compute-sanitizer ${tool} cuda_ops_test" "sanitizer_${tool}.log" 120 \
         "${SAN}" --tool "${tool}" --error-exitcode 1 "${BUILD}/bin/cuda_ops_test"
     done

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/attention.h"
 #include "tests/gpu/cuda_test_util.h"
 
 namespace gemma {
@@ -43,6 +44,32 @@ TEST_F(CudaOpsTest, MatMulMatchesAcrossRowCountsDtypesAndRowOffset) {
         cpu_->MatMul(*x.cpu, *w.cpu, m, n, k, *y.cpu, offset);
         gpu_->MatMul(*x.gpu, *w.gpu, m, n, k, *y.gpu, offset);
         ExpectClose(y, m * n, absl::StrCat("matmul ", DTypeName(dtype), " m=", m, " k=", k));
+      }
+    }
+  }
+}
+
+// Wide products take the few-row kernel's 2 and 4 weight rows per warp (n past 16 and 32 rows
+// per multiprocessor), with n leaving a partial last warp, and activations both 16-byte aligned
+// and not (a view one element in).
+TEST_F(CudaOpsTest, FewRowMatMulWithSeveralWeightRowsPerWarp) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (int64_t n : {2115, 4229}) {
+      for (int64_t k : {256, 129}) {
+        for (int64_t m : {1, 3, 8}) {
+          for (int64_t x_offset : {0, 1}) {
+            Pair x_base = F32(Random(m * k + x_offset));
+            Pair w = Weight(Random(n * k), dtype);
+            Pair y = Poisoned(DType::kF32, m * n);
+            Pair x{*cpu_->View(*x_base.cpu, x_offset, m * k),
+                   *gpu_->View(*x_base.gpu, x_offset, m * k)};
+            cpu_->MatMul(*x.cpu, *w.cpu, m, n, k, *y.cpu);
+            gpu_->MatMul(*x.gpu, *w.gpu, m, n, k, *y.gpu);
+            ExpectClose(y, m * n,
+                        absl::StrCat("few-row matmul ", DTypeName(dtype), " m=", m, " n=", n,
+                                     " k=", k, " x offset ", x_offset));
+          }
+        }
       }
     }
   }
@@ -234,6 +261,26 @@ TEST_F(CudaAttentionTest, PrefillAndMixedBatchCausal) {
   }
 }
 
+// Few queries over long key ranges: the keys are split over several blocks and merged
+// (flash-decoding), with slices that see no key (the one-token sequence), a window that cuts
+// the range, and a few prefill queries at the end of a long sequence.
+TEST_F(CudaAttentionTest, LongRangesSplitOverBlocks) {
+  kernels::PagedAttentionParams shape;  // the first case's launch shape
+  shape.num_tokens = 3;
+  shape.num_heads = 8;
+  shape.max_pages_per_seq = 188;
+  shape.page_size = 16;
+  shape.head_dim = 256;
+  ASSERT_GT(kernels::PagedAttentionSplits(shape), 1) << "the cases below would not split";
+  for (int64_t d : {256, 512}) {
+    for (bool k_eq_v : {false, true}) {
+      Run({d, 0, k_eq_v, {1, 700, 3000}, {1, 1, 1}});
+      Run({d, 600, k_eq_v, {2000, 90}, {1, 1}});
+      Run({d, 0, k_eq_v, {777}, {4}});
+    }
+  }
+}
+
 TEST_F(CudaAttentionTest, SlidingWindowAtExactlyTheWindowAndOnePast) {
   const int64_t w = 32;
   Run({256, w, false, {w, w + 1, w + 2}, {w, 1, 3}});
@@ -296,7 +343,7 @@ TEST_F(CudaOpsTest, MoeExpertsMatchOnFusedAndGroupedPathsWithIdleExperts) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     Pair gate_up = Weight(Random(local * 2 * inter * hidden, 0.3f), dtype);
     Pair down = Weight(Random(local * hidden * inter, 0.3f), dtype);
-    for (int64_t tokens : {1, 5, 37}) {
+    for (int64_t tokens : {1, 5, 37, 300}) {
       // Ascending distinct ids per token, avoiding expert 9 so one local expert gets nothing.
       std::vector<int32_t> ids;
       for (int64_t t = 0; t < tokens; ++t) {
@@ -367,6 +414,29 @@ TEST_F(CudaOpsTest, SampleDrawsTheSameTokensAsTheCpuBackend) {
     cpu_->Sample(*logits.cpu, rows, vocab, params, *ids.cpu);
     gpu_->Sample(*logits.gpu, rows, vocab, params, *ids.gpu);
     ExpectEqualI32(ids, rows, absl::StrCat("sample trial ", trial));
+  }
+}
+
+// Greedy rows at vocabulary widths that take the vectorised argmax (a multiple of 4, up to the
+// real 262144): a tie goes to the lower id, a maximum in the last column or the first is found.
+TEST_F(CudaOpsTest, GreedyArgmaxOnWideRowsWithTiesAndEdges) {
+  for (int64_t vocab : {4100, 262144}) {
+    const int64_t rows = 4;
+    std::vector<float> host = Random(rows * vocab, 6.0f);
+    host[1 * vocab + vocab - 3] = 50.0f;  // tie: the lower id must win
+    host[1 * vocab + 17] = 50.0f;
+    host[2 * vocab + vocab - 1] = 50.0f;  // the last column
+    host[3 * vocab + 0] = 50.0f;          // the first column
+    Pair logits = F32(host);
+    std::vector<SamplingParams> greedy(rows);
+    Pair ids = Poisoned(DType::kI32, rows);
+    cpu_->Sample(*logits.cpu, rows, vocab, greedy, *ids.cpu);
+    gpu_->Sample(*logits.gpu, rows, vocab, greedy, *ids.gpu);
+    ExpectEqualI32(ids, rows, absl::StrCat("greedy vocab ", vocab));
+    std::vector<int32_t> got = ReadI32(*gpu_, *ids.gpu, rows);
+    EXPECT_EQ(got[1], 17);
+    EXPECT_EQ(got[2], vocab - 1);
+    EXPECT_EQ(got[3], 0);
   }
 }
 

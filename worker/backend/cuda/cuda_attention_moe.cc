@@ -3,8 +3,11 @@
 // MoeExperts has two paths. Few tokens (decode), or while a CUDA graph is being captured: the
 // fused kernels read the selected experts' weights directly (one warp per output row), no host
 // round trip. Many tokens: rows are permuted by expert and the two products of every active
-// expert run as one cuBLAS grouped GEMM; the per-expert counts come back to the host first (one
-// synchronisation per MoE layer, as the design accepts for prefill). Both end in the same
+// expert run as one cuBLAS grouped GEMM, or, where cuBLAS refuses the grouped GEMM for bf16
+// inputs with f32 outputs (CUDA 13.0 on an H200 does), as one cuBLASLt product per active
+// expert; the per-expert counts come back to the host first (one synchronisation per MoE
+// layer, as the design accepts for prefill). CudaBackendOptions::f32_products keeps every
+// token count on the fused kernels, which take f32 activations. Both end in the same
 // combine kernel, which sums each token's experts in ascending id order.
 #include <cublas_v2.h>
 
@@ -22,6 +25,10 @@ namespace gemma {
 namespace {
 // Up to this many tokens MoeExperts takes the fused path.
 constexpr int64_t kMoeFusedMaxTokens = 16;
+// Without a grouped GEMM, one cuBLASLt product per expert beats the fused kernels only when
+// the experts get this many rows on average (measured on an H200 at the 26B-A4B widths: 8 rows
+// a 128-token prefill was 1.4x slower than fused, 64 rows 1.5x faster; docs/perf.md).
+constexpr int64_t kPerExpertMinRows = 32;
 }  // namespace
 
 void CudaBackend::Attention(const AttentionArgs& a) {
@@ -51,6 +58,12 @@ void CudaBackend::Attention(const AttentionArgs& a) {
   p.window = a.window;
   p.scale = a.scale;
   p.out = F32Ptr(*a.out);
+  std::shared_ptr<Buffer> scratch;
+  if (const int64_t floats = kernels::PagedAttentionScratchFloats(p); floats > 0) {
+    scratch = Scratch(DType::kF32, floats);
+    if (scratch == nullptr) return;
+    p.scratch = F32Ptr(*scratch);
+  }
   GEMMA_CUDA_CHECK(kernels::PagedAttention(p, stream_));
 }
 
@@ -93,8 +106,12 @@ void CudaBackend::MoeExperts(const MoeExpertsArgs& a) {
   CHECK(WeightType(*a.down) == w_type) << "gate_up and down must share a dtype";
   CHECK_LE(a.num_local_experts * 2 * a.inter * a.hidden, a.gate_up->numel());
   CHECK_LE(a.num_local_experts * a.hidden * a.inter, a.down->numel());
-  if (!capturing_ && !grouped_gemm_unsupported_ && a.num_tokens > kMoeFusedMaxTokens) {
-    if (MoeExpertsGrouped(a, w_type)) return;
+  const bool per_expert_pays =
+      a.num_tokens * a.top_k >= kPerExpertMinRows * a.num_local_experts;
+  if (!capturing_ && !options_.f32_products && a.num_tokens > kMoeFusedMaxTokens &&
+      (!grouped_gemm_unsupported_ || per_expert_pays)) {
+    MoeExpertsGrouped(a, w_type);
+    return;
   }
   MoeExpertsFused(a, w_type);
 }
@@ -127,9 +144,7 @@ void CudaBackend::MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_t
                                        a.hidden, F32Ptr(*a.out), stream_));
 }
 
-// Returns false (nothing written, no error) when cuBLAS refuses the grouped product, so the
-// caller can take the fused path.
-bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type) {
+void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type) {
   const int64_t num_local = a.num_local_experts;
   const int64_t num_slots = a.num_tokens * a.top_k;
   const kernels::MoeSlots slots = SlotsOf(a);
@@ -140,21 +155,18 @@ bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
 
   // Rows per local expert, on the host.
   std::shared_ptr<Buffer> counts = Scratch(DType::kI32, num_local);
-  if (counts == nullptr) return true;
-  GEMMA_CUDA_CHECK_RET(cudaMemsetAsync(AsCuda(*counts).data(), 0, counts->bytes(), stream_), true);
-  GEMMA_CUDA_CHECK_RET(kernels::MoeCountLocal(slots, I32Ptr(*counts), stream_), true);
+  if (counts == nullptr) return;
+  GEMMA_CUDA_CHECK(cudaMemsetAsync(AsCuda(*counts).data(), 0, counts->bytes(), stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeCountLocal(slots, I32Ptr(*counts), stream_));
   std::vector<int32_t> host_counts(num_local);
-  if (!Read(*counts, host_counts.data(), host_counts.size() * sizeof(int32_t)).ok()) return true;
+  if (!Read(*counts, host_counts.data(), host_counts.size() * sizeof(int32_t)).ok()) return;
   std::vector<int32_t> offsets(num_local + 1, 0);
   for (int64_t e = 0; e < num_local; ++e) offsets[e + 1] = offsets[e] + host_counts[e];
   const int64_t rows = offsets[num_local];
-  std::shared_ptr<Buffer> out_zero;
   if (rows == 0) {  // no local expert is used: the output is zero
-    GEMMA_CUDA_CHECK_RET(
-        cudaMemsetAsync(AsCuda(*a.out).data(), 0, a.num_tokens * a.hidden * sizeof(float),
-                        stream_),
-        true);
-    return true;
+    GEMMA_CUDA_CHECK(cudaMemsetAsync(AsCuda(*a.out).data(), 0,
+                                     a.num_tokens * a.hidden * sizeof(float), stream_));
+    return;
   }
 
   std::shared_ptr<Buffer> offsets_d = UploadScratch(DType::kI32, offsets.data(), num_local);
@@ -165,8 +177,8 @@ bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
   std::shared_ptr<Buffer> act = Scratch(in_dtype, rows * a.inter);
   std::shared_ptr<Buffer> y = Scratch(DType::kF32, rows * a.hidden);
   std::shared_ptr<Buffer> slot_out = Scratch(DType::kF32, num_slots * a.hidden);
-  if (!offsets_d || !cursor || !perm || !xp || !gate_up_out || !act || !y || !slot_out) return true;
-  GEMMA_CUDA_CHECK_RET(cudaMemsetAsync(AsCuda(*cursor).data(), 0, cursor->bytes(), stream_), true);
+  if (!offsets_d || !cursor || !perm || !xp || !gate_up_out || !act || !y || !slot_out) return;
+  GEMMA_CUDA_CHECK(cudaMemsetAsync(AsCuda(*cursor).data(), 0, cursor->bytes(), stream_));
   kernels::MoePermuteParams pp;
   pp.slots = slots;
   pp.x = F32Ptr(*a.x);
@@ -176,7 +188,7 @@ bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
   pp.perm = I32Ptr(*perm);
   pp.xp = AsCuda(*xp).data();
   pp.xp_type = w_type;
-  GEMMA_CUDA_CHECK_RET(kernels::MoePermute(pp, stream_), true);
+  GEMMA_CUDA_CHECK(kernels::MoePermute(pp, stream_));
 
   // One group per active expert (group size 1). Column-major, as in MatMul:
   // out^T [n_out, cnt] = W_e [k_in, n_out]^T . in^T [k_in, cnt].
@@ -185,8 +197,19 @@ bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
     if (host_counts[e] > 0) active.push_back(static_cast<int>(e));
   }
   const int groups = static_cast<int>(active.size());
+  // One cuBLASLt product per active expert, where cuBLAS has no grouped GEMM for these types.
+  auto per_expert = [&](const void* weights, int64_t n_out, int64_t k_in, const void* in,
+                        float* out) {
+    for (const int e : active) {
+      LtMatMulTyped(static_cast<const char*>(in) + offsets[e] * k_in * w_elem,
+                    static_cast<const char*>(weights) + e * n_out * k_in * w_elem, w_type,
+                    host_counts[e], n_out, k_in, out + offsets[e] * n_out);
+    }
+    return CUBLAS_STATUS_SUCCESS;
+  };
   auto grouped = [&](const void* weights, int64_t n_out, int64_t k_in, const void* in,
                      float* out) -> cublasStatus_t {
+    if (grouped_gemm_unsupported_) return per_expert(weights, n_out, k_in, in, out);
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<int> m_arr(groups, static_cast<int>(n_out)), n_arr(groups), k_arr(groups, static_cast<int>(k_in));
     std::vector<int> lda(groups, static_cast<int>(k_in)), ldb(groups, static_cast<int>(k_in)),
@@ -214,24 +237,21 @@ bool CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
   cublasStatus_t s = grouped(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden,
                              AsCuda(*xp).data(), F32Ptr(*gate_up_out));
   if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
-    LOG(WARNING) << "cuBLAS grouped GEMM refused the expert products (status " << s
-                 << "); using the fused expert kernels for every token count";
+    LOG(INFO) << "cuBLAS has no grouped GEMM for these expert products (status " << s
+              << "); running one cuBLASLt product per active expert";
     grouped_gemm_unsupported_ = true;
-    return false;
+    s = grouped(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden, AsCuda(*xp).data(),
+                F32Ptr(*gate_up_out));
   }
-  GEMMA_CUDA_CHECK_RET(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown, true);
-  GEMMA_CUDA_CHECK_RET(kernels::MoeGeluMul(F32Ptr(*gate_up_out), rows, a.inter,
-                                           AsCuda(*act).data(), w_type, stream_),
-                       true);
+  GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
+  GEMMA_CUDA_CHECK(kernels::MoeGeluMul(F32Ptr(*gate_up_out), rows, a.inter,
+                                       AsCuda(*act).data(), w_type, stream_));
   s = grouped(AsCuda(*a.down).data(), a.hidden, a.inter, AsCuda(*act).data(), F32Ptr(*y));
-  GEMMA_CUDA_CHECK_RET(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown, true);
-  GEMMA_CUDA_CHECK_RET(
-      kernels::MoeUnpermute(I32Ptr(*perm), F32Ptr(*y), rows, a.hidden, F32Ptr(*slot_out), stream_),
-      true);
-  GEMMA_CUDA_CHECK_RET(kernels::MoeCombine(slots, F32Ptr(*a.topk_weights), F32Ptr(*slot_out),
-                                           a.hidden, F32Ptr(*a.out), stream_),
-                       true);
-  return true;
+  GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
+  GEMMA_CUDA_CHECK(
+      kernels::MoeUnpermute(I32Ptr(*perm), F32Ptr(*y), rows, a.hidden, F32Ptr(*slot_out), stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeCombine(slots, F32Ptr(*a.topk_weights), F32Ptr(*slot_out),
+                                       a.hidden, F32Ptr(*a.out), stream_));
 }
 
 }  // namespace gemma

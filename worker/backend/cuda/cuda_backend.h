@@ -28,6 +28,12 @@ struct CudaBackendOptions {
   double arena_fraction = 0.9;
   // cuBLASLt workspace carved from the arena.
   size_t blas_workspace_bytes = size_t{32} << 20;
+  // Keep activations in f32 in every product with bf16 weights: prompts of more than
+  // kernels::kGemvMaxRows tokens go through the decode kernel in chunks of rows instead of
+  // cuBLASLt's tensor cores (which take the activations rounded to bf16). Results then stay at
+  // the fp32 reference's precision (and expert choices follow it) at several times the prefill
+  // cost: for checks against the reference, not for serving.
+  bool f32_products = false;
 };
 
 // The device memory region and its allocator, shared by the backend and its buffers so that
@@ -136,6 +142,9 @@ class CudaBackend final : public Backend {
                     uint32_t x_align, uint32_t y_align);
   void LtMatMul(const float* x, const void* w, kernels::ElemType w_type, int64_t m, int64_t n,
                 int64_t k, float* y);
+  // The same with x already in the weights' type (the permuted expert rows).
+  void LtMatMulTyped(const void* x, const void* w, kernels::ElemType w_type, int64_t m, int64_t n,
+                     int64_t k, float* y);
   // Scratch from the arena, released when the returned buffer dies (stream order makes reuse
   // by later ops safe). While capturing, a view of a graph_pool_ block instead. Null, with the
   // sticky error set, when the arena is full.
@@ -150,7 +159,7 @@ class CudaBackend final : public Backend {
   // Records FAILED_PRECONDITION naming `what` when capturing; returns true if capturing.
   bool RefuseWhileCapturing(const char* what);
   void MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_type);
-  bool MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type);
+  void MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type);
 
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
@@ -174,6 +183,8 @@ class CudaBackend final : public Backend {
     bool busy = false;  // handed to an op of the capture under way
   };
   std::vector<std::shared_ptr<PoolBlock>> graph_pool_;
+  // cuBLAS refused its grouped GEMM for these types once: expert products run as one cuBLASLt
+  // product per active expert instead.
   bool grouped_gemm_unsupported_ = false;
   // Host sources of UploadScratch copies that may still be in flight (a cudaMemcpyAsync from
   // pageable memory may read its source after the call returns).

@@ -1,7 +1,8 @@
 // Dense matrix products of the CUDA backend: y[m, n] = x[m, k] . w[n, k]^T. Up to
 // kernels::kGemvMaxRows rows (decode) a memory-bound kernel reads f32 or bf16 weights directly
 // and accumulates in f32. Larger m goes to cuBLASLt: F32 weights as a pure f32 product (no
-// TF32), BF16 weights with x rounded to bf16 and f32 accumulation and output (tensor cores).
+// TF32), BF16 weights with x rounded to bf16 and f32 accumulation and output (tensor cores),
+// unless CudaBackendOptions::f32_products keeps every row on the f32-activation kernel.
 // Plans (descriptors and the heuristic's algorithm) are cached per shape.
 #include <cublasLt.h>
 
@@ -41,6 +42,8 @@ uint32_t Alignment(const void* p) {
   return static_cast<uint32_t>(std::min<uintptr_t>(256, address & (~address + 1)));
 }
 
+constexpr size_t kMaxLtPlans = 4096;
+
 // log2 of a power of two up to 256 (4 bits).
 int Log2(uint32_t v) {
   int l = 0;
@@ -63,6 +66,9 @@ CudaBackend::LtPlan* CudaBackend::GetLtPlan(int64_t m, int64_t n, int64_t k,
                                  Log2(x_align) << 5 | Log2(y_align) << 9);
   auto it = lt_plans_.find(key);
   if (it != lt_plans_.end()) return it->second.get();
+  // Expert products add a shape per row count: keep the cache bounded (a plan costs one
+  // heuristic query to make again).
+  if (lt_plans_.size() >= kMaxLtPlans) lt_plans_.clear();
   auto plan = std::make_shared<LtPlan>();
   const cudaDataType_t in_type = w_type == kernels::ElemType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
   cublasStatus_t s = cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
@@ -126,11 +132,16 @@ void CudaBackend::LtMatMul(const float* x, const void* w, kernels::ElemType w_ty
     if (x_bf16 == nullptr) return;
     b = AsCuda(*x_bf16).data();
   }
-  LtPlan* plan = GetLtPlan(m, n, k, w_type, Alignment(w), Alignment(b), Alignment(y));
-  if (plan == nullptr) return;
   if (x_bf16 != nullptr) {
     GEMMA_CUDA_CHECK(kernels::F32ToBf16(x, m * k, AsCuda(*x_bf16).data(), stream_));
   }
+  LtMatMulTyped(b, w, w_type, m, n, k, y);
+}
+
+void CudaBackend::LtMatMulTyped(const void* b, const void* w, kernels::ElemType w_type, int64_t m,
+                                int64_t n, int64_t k, float* y) {
+  LtPlan* plan = GetLtPlan(m, n, k, w_type, Alignment(w), Alignment(b), Alignment(y));
+  if (plan == nullptr) return;
   const float alpha = 1.0f, beta = 0.0f;
   GEMMA_CUDA_CHECK(BlasError(cublasLtMatmul(
       static_cast<cublasLtHandle_t>(lt_handle_), plan->op, &alpha, w, plan->a, b, plan->b, &beta,
@@ -147,8 +158,13 @@ void CudaBackend::MatMul(const Buffer& x, const Buffer& w, int64_t m, int64_t n,
   const kernels::ElemType w_type = WeightType(w);
   const void* wp = static_cast<const char*>(AsCuda(w).data()) +
                    w_row_offset * k * static_cast<int64_t>(DTypeSize(w.dtype()));
-  if (m <= kernels::kGemvMaxRows) {
-    GEMMA_CUDA_CHECK(kernels::Gemv(F32Ptr(x), wp, w_type, m, n, k, F32Ptr(y), n, stream_));
+  if (m <= kernels::kGemvMaxRows ||
+      (options_.f32_products && w_type == kernels::ElemType::kBF16)) {
+    for (int64_t r = 0; r < m; r += kernels::kGemvMaxRows) {
+      const int64_t rows = std::min(kernels::kGemvMaxRows, m - r);
+      GEMMA_CUDA_CHECK(kernels::Gemv(F32Ptr(x) + r * k, wp, w_type, rows, n, k,
+                                     F32Ptr(y) + r * n, n, stream_));
+    }
     return;
   }
   LtMatMul(F32Ptr(x), wp, w_type, m, n, k, F32Ptr(y));
