@@ -41,21 +41,27 @@ class CudaGoldenTest : public ::testing::TestWithParam<std::string> {
     std::ifstream in(GoldenPath(absl::StrCat("reference/", GetParam(), "/manifest.json")));
     ASSERT_TRUE(in.good()) << "missing fixture for " << GetParam();
     manifest_ = nlohmann::json::parse(in);
+    ASSERT_NO_FATAL_FAILURE(LoadOnCuda(/*f32_products=*/true, backend_, model_, cache_));
+  }
+  // The fixture's model on a fresh CUDA backend (1 GiB arena) with a paged cache of 4-token
+  // pages; f32_products as CudaBackendOptions has it.
+  void LoadOnCuda(bool f32_products, std::unique_ptr<CudaBackend>& backend,
+                  std::unique_ptr<gemma4::Model>& model, std::unique_ptr<KvCache>& cache) {
     CudaBackendOptions options;
     options.arena_bytes = size_t{1} << 30;
-    options.f32_products = true;
-    auto backend = CudaBackend::Create(options);
-    ASSERT_TRUE(backend.ok()) << backend.status();
-    backend_ = *std::move(backend);
-    auto model = gemma4::Model::Load(GoldenPath(manifest_["model"].get<std::string>()), *backend_);
-    ASSERT_TRUE(model.ok()) << model.status();
-    model_ = *std::move(model);
+    options.f32_products = f32_products;
+    auto b = CudaBackend::Create(options);
+    ASSERT_TRUE(b.ok()) << b.status();
+    backend = *std::move(b);
+    auto m = gemma4::Model::Load(GoldenPath(manifest_["model"].get<std::string>()), *backend);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model = *std::move(m);
     KvCacheOptions cache_options;
     cache_options.page_size = 4;
     cache_options.default_tokens = 1024;
-    auto cache = KvCache::Create(model_->config(), *backend_, cache_options);
-    ASSERT_TRUE(cache.ok()) << cache.status();
-    cache_ = *std::move(cache);
+    auto c = KvCache::Create(model->config(), *backend, cache_options);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cache = *std::move(c);
   }
   void TearDown() override {
     cache_.reset();
@@ -171,18 +177,12 @@ TEST_P(CudaGoldenTest, ServingPathWithinTransformersBf16) {
   if (manifest_.value("weights_dtype", "") != "bfloat16") {
     GTEST_SKIP() << "f32 checkpoint: its products never round activations";
   }
-  CudaBackendOptions options;
-  options.arena_bytes = size_t{1} << 30;
-  auto backend = CudaBackend::Create(options);
-  ASSERT_TRUE(backend.ok()) << backend.status();
-  auto model = gemma4::Model::Load(GoldenPath(manifest_["model"].get<std::string>()), **backend);
-  ASSERT_TRUE(model.ok()) << model.status();
-  KvCacheOptions cache_options;
-  cache_options.page_size = 4;
-  cache_options.default_tokens = 1024;
-  auto cache = KvCache::Create((*model)->config(), **backend, cache_options);
-  ASSERT_TRUE(cache.ok()) << cache.status();
-  const int64_t vocab = (*model)->config().vocab_size;
+  // Declared in this order so that the cache and model go before their backend.
+  std::unique_ptr<CudaBackend> backend;
+  std::unique_ptr<gemma4::Model> model;
+  std::unique_ptr<KvCache> cache;
+  ASSERT_NO_FATAL_FAILURE(LoadOnCuda(/*f32_products=*/false, backend, model, cache));
+  const int64_t vocab = model->config().vocab_size;
   auto top1 = [vocab](const std::vector<float>& logits, int64_t pos) {
     auto first = logits.begin() + pos * vocab;
     return std::max_element(first, first + vocab) - first;
@@ -193,7 +193,7 @@ TEST_P(CudaGoldenTest, ServingPathWithinTransformersBf16) {
     std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
     std::vector<float> ref = Fixture(prompt["logits"]);
     std::vector<float> hf_bf16 = Fixture(prompt["bf16_logits"]);
-    auto ours = PromptLogits(**model, **cache, tokens);
+    auto ours = PromptLogits(*model, *cache, tokens);
     ASSERT_TRUE(ours.ok()) << ours.status();
     ASSERT_EQ(ours->size(), ref.size());
     const double hf_err = testing::Compare(hf_bf16, ref).Relative();

@@ -207,8 +207,10 @@ void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
     }
     return CUBLAS_STATUS_SUCCESS;
   };
-  auto grouped = [&](const void* weights, int64_t n_out, int64_t k_in, const void* in,
-                     float* out) -> cublasStatus_t {
+  // The products of every active expert: the grouped GEMM, or one product each once cuBLAS has
+  // refused it.
+  auto products = [&](const void* weights, int64_t n_out, int64_t k_in, const void* in,
+                      float* out) -> cublasStatus_t {
     if (grouped_gemm_unsupported_) return per_expert(weights, n_out, k_in, in, out);
     std::vector<cublasOperation_t> ta(groups, CUBLAS_OP_T), tb(groups, CUBLAS_OP_N);
     std::vector<int> m_arr(groups, static_cast<int>(n_out)), n_arr(groups), k_arr(groups, static_cast<int>(k_in));
@@ -234,19 +236,19 @@ void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
         beta.data(), dev + 2 * groups, CUDA_R_32F, ldc.data(), groups, sizes.data(),
         CUBLAS_COMPUTE_32F);
   };
-  cublasStatus_t s = grouped(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden,
+  cublasStatus_t s = products(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden,
                              AsCuda(*xp).data(), F32Ptr(*gate_up_out));
   if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
     LOG(INFO) << "cuBLAS has no grouped GEMM for these expert products (status " << s
               << "); running one cuBLASLt product per active expert";
     grouped_gemm_unsupported_ = true;
-    s = grouped(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden, AsCuda(*xp).data(),
+    s = products(AsCuda(*a.gate_up).data(), 2 * a.inter, a.hidden, AsCuda(*xp).data(),
                 F32Ptr(*gate_up_out));
   }
   GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
   GEMMA_CUDA_CHECK(kernels::MoeGeluMul(F32Ptr(*gate_up_out), rows, a.inter,
                                        AsCuda(*act).data(), w_type, stream_));
-  s = grouped(AsCuda(*a.down).data(), a.hidden, a.inter, AsCuda(*act).data(), F32Ptr(*y));
+  s = products(AsCuda(*a.down).data(), a.hidden, a.inter, AsCuda(*act).data(), F32Ptr(*y));
   GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
   GEMMA_CUDA_CHECK(
       kernels::MoeUnpermute(I32Ptr(*perm), F32Ptr(*y), rows, a.hidden, F32Ptr(*slot_out), stream_));
