@@ -35,13 +35,15 @@ struct PagedAttentionParams {
   float* scratch = nullptr;
 };
 
-// One block per (token, head, key split); keys whose page is -1 or past the page-table row are
-// skipped (the cache must hold every visible key). When (token, head) blocks alone would leave
-// the device idle and the key range is long (decode), each query's keys are split over several
-// blocks whose partial softmax sums are merged by a second kernel (flash-decoding); the split
-// depends only on the shapes (tokens, heads, page-table width, window), so a captured graph
-// replays it unchanged. Returns cudaErrorInvalidValue for a head_dim it does not support, or
-// for a split without scratch.
+// One block per (token, up to 8 query heads of one KV group, key split): the heads of a block
+// share each key's read and, on k_eq_v layers, its derivation. Keys whose page is -1 or past
+// the page-table row are skipped (the cache must hold every visible key). When the blocks alone
+// would leave the device idle and the key range can be long (decode), each query's keys are
+// split over several blocks whose partial softmax sums are merged by a second kernel
+// (flash-decoding); the number of slices depends only on the shapes (tokens, heads, page-table
+// width, window), so a captured graph replays it unchanged, and each slice takes an equal share
+// of the keys its query sees. Returns cudaErrorInvalidValue for a head_dim it does not support,
+// or for a split without scratch.
 cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
 
 // Blocks each query's key range is split over for p (1: no split).

@@ -69,7 +69,8 @@ __global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slo
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0 || slot >= cache_rows) return;
-  for (int64_t i = threadIdx.x; i < row_elems; i += blockDim.x) {
+  for (int64_t i = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; i < row_elems;
+       i += int64_t{gridDim.y} * blockDim.x) {
     v_cache[slot * row_elems + i] = v[t * row_elems + i];
     if (k_cache != nullptr) k_cache[slot * row_elems + i] = k[t * row_elems + i];
   }
@@ -136,8 +137,12 @@ cudaError_t WriteKv(const float* k, const float* v, const int32_t* slots, int64_
                     int64_t row_elems, int64_t cache_rows, float* k_cache, float* v_cache,
                     cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  WriteKvKernel<<<static_cast<unsigned>(num_tokens), RowThreads(row_elems), 0, stream>>>(
-      k, v, slots, row_elems, cache_rows, k_cache, v_cache);
+  // A row over several blocks (a decode step writes one row of up to 4096 values per layer).
+  const unsigned threads = RowThreads(row_elems);
+  dim3 grid(static_cast<unsigned>(num_tokens),
+            static_cast<unsigned>(std::min<int64_t>(CeilDiv(row_elems, threads), 64)));
+  WriteKvKernel<<<grid, threads, 0, stream>>>(k, v, slots, row_elems, cache_rows, k_cache,
+                                               v_cache);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,9 @@
 // Few-row matrix product y[m, n] = x[m, k] . w[n, k]^T for m <= kGemvMaxRows: each warp owns
 // kRows consecutive weight rows and every activation row. Lanes stride over k in 16-byte weight
-// vectors (one per owned weight row in flight at once); each activation vector, read as float4s
-// from L1/L2, serves all kRows weight rows before the next is read, so activations cost
-// 1/kRows of what one row per warp would read. Accumulation in f32, one warp sum per output.
+// vectors, one per owned row in flight (four ahead when a warp owns one row); each
+// activation vector, read as float4s from L1/L2, serves all kRows weight rows before the next
+// is read, so activations cost 1/kRows of what one row per warp would read. Accumulation in
+// f32, in the same order per lane as one vector at a time; one warp sum per output.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -43,45 +44,62 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(const float* x, const 
 #pragma unroll
     for (int j = 0; j < kRows; ++j) acc[r][j] = 0.0f;
   }
-  for (int64_t c = int64_t{lane} * kVec; c < k; c += 32 * kVec) {
+  // A warp of one weight row loads kUnroll vectors before using the first, so that each lane
+  // keeps 4 loads in flight as a warp of 4 rows does (one in flight cannot cover the memory
+  // latency). Warps of 2 or 4 rows load one vector a row: more in flight cost them occupancy
+  // (the 31B's products ran 20% slower on an H200 with 8 loads in flight).
+  constexpr int kUnroll = kRows == 1 ? 4 : 1;
+  constexpr int64_t kStride = 32 * kVec;
+  for (int64_t base = int64_t{lane} * kVec; base < k; base += kStride * kUnroll) {
     // 16-byte aligned: the vector path stores a uint4 into each row.
-    alignas(16) T wv[kRows][kVec];
+    alignas(16) T wv[kUnroll][kRows][kVec];
 #pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      if constexpr (kVec > 1) {
-        *reinterpret_cast<uint4*>(wv[j]) = *reinterpret_cast<const uint4*>(wr[j] + c);
-      } else {
-        wv[j][0] = wr[j][c];
-      }
-    }
-    float wf[kRows][kVec];
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-#pragma unroll
-      for (int v = 0; v < kVec; ++v) wf[j][v] = ToFloat(wv[j][v]);
-    }
-#pragma unroll
-    for (int r = 0; r < kGemvMaxRows; ++r) {
-      if (r < m) {
-        const float* xr = x + r * k + c;
-        float xv[kVec];
-        if constexpr (kXVec) {
-#pragma unroll
-          for (int v = 0; v < kVec; v += 4) {
-            const float4 q = *reinterpret_cast<const float4*>(xr + v);
-            xv[v] = q.x;
-            xv[v + 1] = q.y;
-            xv[v + 2] = q.z;
-            xv[v + 3] = q.w;
-          }
-        } else {
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) xv[v] = xr[v];
-        }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * kStride;
+      if (c < k) {
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
+          if constexpr (kVec > 1) {
+            *reinterpret_cast<uint4*>(wv[u][j]) = *reinterpret_cast<const uint4*>(wr[j] + c);
+          } else {
+            wv[u][j][0] = wr[j][c];
+          }
+        }
+      }
+    }
 #pragma unroll
-          for (int v = 0; v < kVec; ++v) acc[r][j] += xv[v] * wf[j][v];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * kStride;
+      if (c >= k) break;
+      float wf[kRows][kVec];
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) wf[j][v] = ToFloat(wv[u][j][v]);
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvMaxRows; ++r) {
+        if (r < m) {
+          const float* xr = x + r * k + c;
+          float xv[kVec];
+          if constexpr (kXVec) {
+#pragma unroll
+            for (int v = 0; v < kVec; v += 4) {
+              const float4 q = *reinterpret_cast<const float4*>(xr + v);
+              xv[v] = q.x;
+              xv[v + 1] = q.y;
+              xv[v + 2] = q.z;
+              xv[v + 3] = q.w;
+            }
+          } else {
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) xv[v] = xr[v];
+          }
+#pragma unroll
+          for (int j = 0; j < kRows; ++j) {
+#pragma unroll
+            for (int v = 0; v < kVec; ++v) acc[r][j] += xv[v] * wf[j][v];
+          }
         }
       }
     }

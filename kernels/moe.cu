@@ -1,6 +1,6 @@
-// MoE kernels. The router is one block per token: the normed row sits in shared memory, warps
-// compute expert logits, and thread 0 does the softmax and the top-k (at most 1024 experts,
-// a few thousand operations). The fused expert path gives one warp per output row of the
+// MoE kernels. The router runs in two kernels: the logits over blocks of experts (each block
+// normalises its token's row into shared memory, each warp one expert), then one warp per token
+// for the softmax and the top-k (at most 1024 experts). The fused expert path gives one warp per output row of the
 // selected expert's weights; the grouped path only permutes rows, its products are cuBLAS's.
 #include <cuda_bf16.h>
 
@@ -17,12 +17,47 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxTopK = 32;
 constexpr int kMaxExperts = 1024;
 
-// Dot product of f32 x with row `row` of a weight of width k, summed over the warp (all lanes
-// get the sum).
+// Dot product of f32 x with a weight row of width k, summed over the warp (all lanes get the
+// sum). When x and the row are 16-byte aligned and k a multiple of the vector, each lane reads
+// 16-byte weight vectors, kUnroll of them in flight before the first is used (a scalar loop
+// keeps one 2-byte load in flight per lane and leaves most of the bandwidth unused).
 template <typename T>
 __device__ __forceinline__ float WarpDot(const float* x, const T* w, int64_t k) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 4;
+  const int lane = threadIdx.x & 31;
   float acc = 0.0f;
-  for (int64_t c = threadIdx.x & 31; c < k; c += 32) {
+  const bool vec = k % kVec == 0 && (reinterpret_cast<uintptr_t>(w) % 16) == 0 &&
+                   (reinterpret_cast<uintptr_t>(x) % 16) == 0;
+  if (vec) {
+    for (int64_t base = int64_t{lane} * kVec; base < k; base += 32 * kVec * kUnroll) {
+      alignas(16) T wv[kUnroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t c = base + int64_t{u} * 32 * kVec;
+        if (c < k) *reinterpret_cast<uint4*>(wv[u]) = *reinterpret_cast<const uint4*>(w + c);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t c = base + int64_t{u} * 32 * kVec;
+        if (c < k) {
+#pragma unroll
+          for (int v = 0; v < kVec; v += 4) {
+            const float4 q = *reinterpret_cast<const float4*>(x + c + v);
+            if constexpr (sizeof(T) == 4) {
+              acc += q.x * wv[u][v] + q.y * wv[u][v + 1] + q.z * wv[u][v + 2] +
+                     q.w * wv[u][v + 3];
+            } else {
+              acc += q.x * __bfloat162float(wv[u][v]) + q.y * __bfloat162float(wv[u][v + 1]) +
+                     q.z * __bfloat162float(wv[u][v + 2]) + q.w * __bfloat162float(wv[u][v + 3]);
+            }
+          }
+        }
+      }
+    }
+    return WarpSum(acc);
+  }
+  for (int64_t c = lane; c < k; c += 32) {
     if constexpr (sizeof(T) == 4) {
       acc += x[c] * w[c];
     } else {
@@ -39,11 +74,12 @@ __device__ __forceinline__ float WarpDotTyped(const float* x, const void* w, Ele
              : WarpDot(x, static_cast<const __nv_bfloat16*>(w) + offset, k);
 }
 
-__global__ void __launch_bounds__(kThreads) MoeRouteKernel(MoeRouteParams p) {
-  extern __shared__ float smem[];
+// Router logits: grid (num_tokens, ceil(num_experts / kWarps)). Each block normalises its
+// token's row into shared memory (every block of the token the same way) and each warp writes
+// one expert's logit, so the projection is spread over the device rather than one block.
+__global__ void __launch_bounds__(kThreads) MoeRouteLogitsKernel(MoeRouteParams p) {
+  extern __shared__ float z[];  // [hidden]
   __shared__ float scratch[32];
-  float* z = smem;                  // [hidden]
-  float* logits = z + p.hidden;     // [num_experts]
   const int64_t t = blockIdx.x;
   const float* xr = p.x + t * p.hidden;
   float sum = 0.0f;
@@ -55,40 +91,64 @@ __global__ void __launch_bounds__(kThreads) MoeRouteKernel(MoeRouteParams p) {
     z[i] = (xr[i] * inv) * LoadElem(p.router_scale, p.router_scale_type, i) * root;
   }
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  for (int64_t e = threadIdx.x >> 5; e < p.num_experts; e += kWarps) {
-    const float v = WarpDotTyped(z, p.router_proj, p.router_proj_type, e * p.hidden, p.hidden);
-    if (lane == 0) logits[e] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x != 0) return;
+  const int64_t e = blockIdx.y * int64_t{kWarps} + (threadIdx.x >> 5);
+  if (e >= p.num_experts) return;
+  const float v = WarpDotTyped(z, p.router_proj, p.router_proj_type, e * p.hidden, p.hidden);
+  if ((threadIdx.x & 31) == 0) p.logits[t * p.num_experts + e] = v;
+}
+
+// Softmax over all experts, top-k, renormalisation: one warp per token. Lane l holds experts
+// l, l + 32, ...; the top-k is k rounds of a warp argmax (the larger probability, the lower id
+// on ties); the chosen are then sorted by id.
+__global__ void __launch_bounds__(32) MoeRouteSelectKernel(MoeRouteParams p) {
+  __shared__ float prob[kMaxExperts];
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x;
+  const float* lr = p.logits + t * p.num_experts;
   float max_logit = -INFINITY;
-  for (int64_t e = 0; e < p.num_experts; ++e) max_logit = fmaxf(max_logit, logits[e]);
+  for (int64_t e = lane; e < p.num_experts; e += 32) max_logit = fmaxf(max_logit, lr[e]);
+  max_logit = WarpMax(max_logit);
   double denom = 0.0;
-  for (int64_t e = 0; e < p.num_experts; ++e) {
-    logits[e] = expf(logits[e] - max_logit);
-    denom += logits[e];
+  for (int64_t e = lane; e < p.num_experts; e += 32) {
+    prob[e] = expf(lr[e] - max_logit);
+    denom += prob[e];
   }
-  for (int64_t e = 0; e < p.num_experts; ++e) {
-    logits[e] = static_cast<float>(logits[e] / denom);
+  denom = WarpSum(denom);
+  for (int64_t e = lane; e < p.num_experts; e += 32) {
+    prob[e] = static_cast<float>(prob[e] / denom);
   }
-  // Top-k by probability, the lower id first on ties; chosen entries are marked -1.
+  __syncwarp();
   int32_t chosen[kMaxTopK];
   float chosen_prob[kMaxTopK];
   for (int64_t k = 0; k < p.top_k; ++k) {
     int32_t best = -1;
     float best_prob = -1.0f;
-    for (int64_t e = 0; e < p.num_experts; ++e) {
-      if (logits[e] > best_prob) {
-        best_prob = logits[e];
+    for (int64_t e = lane; e < p.num_experts; e += 32) {
+      if (prob[e] > best_prob) {  // NaN never wins
+        best_prob = prob[e];
         best = static_cast<int32_t>(e);
       }
     }
-    if (best < 0) best = 0;  // NaN logits: keep the indices in range
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other_prob = __shfl_xor_sync(kFullMask, best_prob, offset);
+      const int32_t other = __shfl_xor_sync(kFullMask, best, offset);
+      if (other >= 0 &&
+          (best < 0 || other_prob > best_prob || (other_prob == best_prob && other < best))) {
+        best_prob = other_prob;
+        best = other;
+      }
+    }
+    if (best < 0) {  // NaN logits: keep the indices in range
+      best = 0;
+      best_prob = -1.0f;
+    }
     chosen[k] = best;
     chosen_prob[k] = best_prob;
-    logits[best] = -1.0f;
+    __syncwarp();
+    if (lane == 0) prob[best] = -1.0f;
+    __syncwarp();
   }
+  if (lane != 0) return;
   // Ascending expert id.
   for (int64_t a = 1; a < p.top_k; ++a) {
     for (int64_t b = a; b > 0 && chosen[b - 1] > chosen[b]; --b) {
@@ -140,7 +200,8 @@ __global__ void __launch_bounds__(kThreads) MoeFusedDownKernel(MoeDownParams p) 
 __global__ void MoeCombineKernel(MoeSlots s, const float* weights, const float* slot_out,
                                  int64_t hidden, float* out) {
   const int64_t t = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
+  for (int64_t i = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; i < hidden;
+       i += int64_t{gridDim.y} * blockDim.x) {
     float acc = 0.0f;
     for (int64_t k = 0; k < s.top_k; ++k) {
       const int64_t slot = t * s.top_k + k;
@@ -218,14 +279,19 @@ cudaError_t MoeRoute(const MoeRouteParams& p, cudaStream_t stream) {
   if (p.num_experts > kMaxExperts || p.top_k > kMaxTopK || p.top_k > p.num_experts) {
     return cudaErrorInvalidValue;
   }
-  const size_t bytes = sizeof(float) * static_cast<size_t>(p.hidden + p.num_experts);
+  if (p.logits == nullptr) return cudaErrorInvalidValue;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(p.hidden);
   if (bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(MoeRouteKernel,
+    cudaError_t err = cudaFuncSetAttribute(MoeRouteLogitsKernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
   }
-  MoeRouteKernel<<<static_cast<unsigned>(p.num_tokens), kThreads, bytes, stream>>>(p);
+  dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(CeilDiv(p.num_experts, kWarps)));
+  MoeRouteLogitsKernel<<<grid, kThreads, bytes, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  MoeRouteSelectKernel<<<static_cast<unsigned>(p.num_tokens), 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -248,8 +314,11 @@ cudaError_t MoeFusedDown(const MoeDownParams& p, cudaStream_t stream) {
 cudaError_t MoeCombine(const MoeSlots& slots, const float* weights, const float* slot_out,
                        int64_t hidden, float* out, cudaStream_t stream) {
   if (slots.num_tokens == 0) return cudaSuccess;
-  MoeCombineKernel<<<static_cast<unsigned>(slots.num_tokens), kThreads, 0, stream>>>(
-      slots, weights, slot_out, hidden, out);
+  // Columns over several blocks: one block per token would leave a decode step's combine on
+  // a single multiprocessor.
+  dim3 grid(static_cast<unsigned>(slots.num_tokens),
+            static_cast<unsigned>(std::min<int64_t>(CeilDiv(hidden, kThreads), 65535)));
+  MoeCombineKernel<<<grid, kThreads, 0, stream>>>(slots, weights, slot_out, hidden, out);
   return cudaGetLastError();
 }
 

@@ -25,8 +25,10 @@ struct MoeRouteParams {
   int32_t* topk_ids = nullptr;       // [num_tokens, top_k], ascending per token
   float* topk_weights = nullptr;     // [num_tokens, top_k]
   int32_t* expert_counts = nullptr;  // [num_experts] incremented, or null
+  float* logits = nullptr;           // scratch [num_tokens, num_experts]
 };
-// One block per token. num_experts at most 1024, top_k at most 32.
+// Logits over blocks of experts, then one warp per token selects. num_experts at most 1024,
+// top_k at most 32; logits scratch required.
 cudaError_t MoeRoute(const MoeRouteParams& p, cudaStream_t stream);
 
 // The token-slot view shared by the expert kernels: slot s = t * top_k + k holds expert

@@ -25,7 +25,9 @@
 # GPU_CHECK_JOBS (default nproc), GPU_CHECK_SERVICES (1: build the services too, into
 # build-gpu-services, for gpu_cluster_check.sh), GPU_CHECK_SANITIZERS (0: leave them out, a
 # skip, e.g. for a later call on the same machine), GPU_CHECK_SANITIZERS_TOOLS (default
-# "memcheck racecheck initcheck synccheck"), GPU_CHECK_BENCH_MIN_TIME (default 0.2 s a case).
+# "memcheck racecheck initcheck synccheck"), GPU_CHECK_SANITIZERS_FILTER (a gtest filter for the
+# sanitizer runs, default all), GPU_CHECK_ENGINE (0: leave the engine loop out, a skip),
+# GPU_CHECK_BENCH_MIN_TIME (default 0.2 s a case).
 # shellcheck disable=SC2317  # the functions below run through `bash -c` (export -f)
 set -uo pipefail
 
@@ -131,7 +133,9 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
     step "cuda_decode_bench (26B-A4B, 8K-token prefill)" prefill_bench.log 150 \
       "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1 --steps 8 --prompt-len 8192 --json
   fi
-  if [[ -x "${BUILD}/bin/gemma-engine-bench" ]]; then
+  if [[ "${GPU_CHECK_ENGINE:-1}" == 0 ]]; then
+    ROWS+=("| gemma-engine-bench --backend cuda | skipped (GPU_CHECK_ENGINE=0) | 0 s | |")
+  elif [[ -x "${BUILD}/bin/gemma-engine-bench" ]]; then
     # The unpacked Debian libraries stay away from Python's torch.
     step "make-model (engine benchmark model)" make_model.log 90 env -u LD_LIBRARY_PATH \
         python3 "${ROOT}/scripts/bench_cpu.py" make-model "${BUILD}/engine-bench-model" &&
@@ -154,7 +158,8 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
   elif [[ -n "${SAN}" ]]; then
     for tool in ${GPU_CHECK_SANITIZERS_TOOLS:-memcheck racecheck initcheck synccheck}; do
       step "compute-sanitizer ${tool} cuda_ops_test" "sanitizer_${tool}.log" 120 \
-        "${SAN}" --tool "${tool}" --error-exitcode 1 "${BUILD}/bin/cuda_ops_test"
+        "${SAN}" --tool "${tool}" --error-exitcode 1 "${BUILD}/bin/cuda_ops_test" \
+        --gtest_filter="${GPU_CHECK_SANITIZERS_FILTER:-*}"
     done
   else
     ROWS+=("| compute-sanitizer | skipped (not found) | 0 s | |")

@@ -176,12 +176,13 @@ struct AttentionCase {
   bool k_eq_v;
   std::vector<int32_t> seq_lens;   // cached length after the step
   std::vector<int32_t> new_tokens; // queries of each sequence (the last positions)
+  int64_t heads = 8, kv_heads = 2;
 };
 
 class CudaAttentionTest : public CudaVsCpuTest {
  protected:
   void Run(const AttentionCase& c) {
-    const int64_t page_size = 16, heads = 8, kv_heads = 2, d = c.head_dim;
+    const int64_t page_size = 16, heads = c.heads, kv_heads = c.kv_heads, d = c.head_dim;
     const int64_t num_seqs = static_cast<int64_t>(c.seq_lens.size());
     int64_t max_pages = 0, total_pages = 0;
     for (int32_t len : c.seq_lens) {
@@ -243,7 +244,8 @@ class CudaAttentionTest : public CudaVsCpuTest {
     cpu_->Attention(args_for(false));
     gpu_->Attention(args_for(true));
     ExpectClose(out, tokens * heads * d,
-                absl::StrCat("attention d=", d, " window=", c.window, " k_eq_v=", c.k_eq_v));
+                absl::StrCat("attention d=", d, " window=", c.window, " k_eq_v=", c.k_eq_v,
+                             " heads=", heads, "/", kv_heads));
   }
 };
 
@@ -268,6 +270,7 @@ TEST_F(CudaAttentionTest, LongRangesSplitOverBlocks) {
   kernels::PagedAttentionParams shape;  // the first case's launch shape
   shape.num_tokens = 3;
   shape.num_heads = 8;
+  shape.num_kv_heads = 2;
   shape.max_pages_per_seq = 188;
   shape.page_size = 16;
   shape.head_dim = 256;
@@ -277,6 +280,21 @@ TEST_F(CudaAttentionTest, LongRangesSplitOverBlocks) {
       Run({d, 0, k_eq_v, {1, 700, 3000}, {1, 1, 1}});
       Run({d, 600, k_eq_v, {2000, 90}, {1, 1}});
       Run({d, 0, k_eq_v, {777}, {4}});
+    }
+  }
+}
+
+// A block serves up to 8 query heads of one KV group, sharing each key's read and derivation:
+// groups of 8 (the global layers of both models), 2 (their sliding layers), 1, 16 (two blocks
+// a group) and 3 (one head a block), decode and prefill, split and not.
+TEST_F(CudaAttentionTest, QueryHeadsPerKvGroup) {
+  const std::vector<std::pair<int64_t, int64_t>> groups{{16, 2}, {16, 8}, {4, 4}, {32, 2}, {6, 2}};
+  for (const auto& [heads, kv_heads] : groups) {
+    for (int64_t d : {256, 512}) {
+      for (bool k_eq_v : {false, true}) {
+        Run({d, 0, k_eq_v, {1, 37, 1500}, {1, 1, 1}, heads, kv_heads});
+        Run({d, 64, k_eq_v, {40, 200}, {40, 3}, heads, kv_heads});
+      }
     }
   }
 }

@@ -69,6 +69,7 @@ void CudaBackend::Attention(const AttentionArgs& a) {
 
 void CudaBackend::MoeRoute(const MoeRouteArgs& a) {
   CHECK_LE(a.top_k, a.num_experts);
+  if (a.num_tokens == 0) return;
   kernels::MoeRouteParams p;
   p.x = F32Ptr(*a.x);
   p.router_scale = AsCuda(*a.router_scale).data();
@@ -85,6 +86,9 @@ void CudaBackend::MoeRoute(const MoeRouteArgs& a) {
   p.topk_ids = I32Ptr(*a.topk_ids);
   p.topk_weights = F32Ptr(*a.topk_weights);
   p.expert_counts = a.expert_counts != nullptr ? I32Ptr(*a.expert_counts) : nullptr;
+  std::shared_ptr<Buffer> logits = Scratch(DType::kF32, a.num_tokens * a.num_experts);
+  if (logits == nullptr) return;
+  p.logits = F32Ptr(*logits);
   GEMMA_CUDA_CHECK(kernels::MoeRoute(p, stream_));
 }
 
