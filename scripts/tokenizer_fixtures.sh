@@ -21,6 +21,7 @@ trap 'rm -f "${kjv}"' EXIT
 bible -f -l 100000 "gen1:1-rev22:21" | sed -E 's/^[^ ]+[0-9]+:[0-9]+ //' > "${kjv}"
 "${venv}/bin/python" "${repo}/scripts/train_tokenizer.py"
 KJV_TEXT="${kjv}" "${venv}/bin/python" "${repo}/scripts/make_tokenizer_golden.py"
+"${venv}/bin/python" "${repo}/scripts/make_tf5_tokenizer.py"
 check=()
 if [[ -x "${repo}/build/bin/gemma-tokenize" ]]; then
   check=(--check "${repo}/build/bin/gemma-tokenize")

@@ -54,7 +54,8 @@ def train_bpe(lines, vocab_size, max_token_length):
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     # Training only: stretches between punctuation and line breaks, so that pieces may span
-    # several words. The final tokenizer has no pre-tokenizer, as Gemma's does not.
+    # several words. The final tokenizer has no pre-tokenizer, as Gemma files before transformers
+    # 5 had none (make_tf5_tokenizer.py re-makes it the way transformers 5 saves Gemma files).
     tok.pre_tokenizer = pre_tokenizers.Split(
         pattern=Regex(r"[^\s.,;:!?()]+|[.,;:!?()]|\s"), behavior="isolated")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,

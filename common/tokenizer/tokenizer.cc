@@ -2,6 +2,7 @@
 #include "common/tokenizer/tokenizer.h"
 
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -223,9 +224,47 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
     }
   }
 
+  // Pre-tokenizer: null, Split with a String pattern, or a Sequence of those.
   auto pre_tokenizer = doc.find("pre_tokenizer");
   if (pre_tokenizer != doc.end() && !pre_tokenizer->is_null()) {
-    return Unsupported("pre_tokenizer", TypeOf(*pre_tokenizer));
+    std::vector<json> steps;
+    if (TypeOf(*pre_tokenizer) == "Sequence") {
+      auto list = pre_tokenizer->find("pretokenizers");
+      if (list == pre_tokenizer->end() || !list->is_array()) {
+        return Invalid("pre_tokenizer Sequence has no \"pretokenizers\" array");
+      }
+      steps.assign(list->begin(), list->end());
+    } else {
+      steps.push_back(*pre_tokenizer);
+    }
+    for (const json& step : steps) {
+      if (TypeOf(step) != "Split") return Unsupported("pre_tokenizer", TypeOf(step));
+      auto pattern = step.find("pattern");
+      if (pattern == step.end() || !pattern->is_object()) {
+        return Invalid("pre_tokenizer Split has no \"pattern\" object");
+      }
+      if (pattern->contains("Regex")) {
+        return absl::UnimplementedError(
+            "tokenizer.json: pre_tokenizer Split with a Regex pattern is not supported (only "
+            "String patterns, as Gemma tokenizers use)");
+      }
+      auto literal = pattern->find("String");
+      if (literal == pattern->end() || !literal->is_string()) {
+        return Invalid("pre_tokenizer Split pattern is neither String nor Regex");
+      }
+      auto behavior = step.find("behavior");
+      if (behavior == step.end() || !behavior->is_string()) {
+        return Invalid("pre_tokenizer Split has no \"behavior\"");
+      }
+      std::optional<SplitBehavior> parsed = ParseSplitBehavior(behavior->get<std::string>());
+      if (!parsed) {
+        return Invalid(absl::StrCat("pre_tokenizer Split behavior \"",
+                                    AsAbsl(behavior->get<std::string>()),
+                                    "\" is not one of Removed, Isolated, MergedWithPrevious, "
+                                    "MergedWithNext, Contiguous"));
+      }
+      split_rules_.push_back({literal->get<std::string>(), *parsed, BoolField(step, "invert", false)});
+    }
   }
 
   // Added tokens.
@@ -440,8 +479,20 @@ void Tokenizer::SplitOnAddedTokens(std::string_view text, const Matcher& matcher
 void Tokenizer::EncodeNormalizedSegment(std::string_view normalized,
                                         const EncodeOptions& options,
                                         std::vector<int32_t>* ids) const {
-  SplitOnAddedTokens(normalized, normalized_matcher_, options, ids,
-                     [&](std::string_view piece) { model_.Tokenize(piece, ids); });
+  SplitOnAddedTokens(normalized, normalized_matcher_, options, ids, [&](std::string_view piece) {
+    if (split_rules_.empty()) {
+      model_.Tokenize(piece, ids);
+      return;
+    }
+    // The pre-tokenizer's rules in order, each cutting every piece the one before left.
+    std::vector<std::string_view> pieces{piece}, next;
+    for (const SplitRule& rule : split_rules_) {
+      next.clear();
+      for (std::string_view p : pieces) ApplySplit(rule, p, &next);
+      pieces.swap(next);
+    }
+    for (std::string_view p : pieces) model_.Tokenize(p, ids);
+  });
 }
 
 void Tokenizer::EncodeRawSegment(std::string_view text, const EncodeOptions& options,
@@ -467,6 +518,14 @@ std::vector<int32_t> Tokenizer::Encode(std::string_view text,
     EncodeRawSegment(segment, options, &ids);
   });
   if (options.add_special_tokens) ids.insert(ids.end(), suffix_ids_.begin(), suffix_ids_.end());
+  return ids;
+}
+
+std::vector<int32_t> Tokenizer::EncodePrompt(std::string_view text) const {
+  std::vector<int32_t> ids = Encode(text, {.add_special_tokens = true});
+  const int32_t bos = TokenToId("<bos>");
+  if (bos < 0 || (!prefix_ids_.empty() && prefix_ids_.front() == bos)) return ids;
+  ids.insert(ids.begin(), bos);
   return ids;
 }
 

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/tokenizer/bpe_model.h"
+#include "common/tokenizer/split_pre_tokenizer.h"
 
 namespace gemma::tokenizer {
 
@@ -52,6 +53,12 @@ class Tokenizer {
   // does (each maximal ill-formed subpart becomes U+FFFD). Thread-safe (const); linear in
   // the number of added-token candidates plus O(n log n) BPE.
   std::vector<int32_t> Encode(std::string_view text, const EncodeOptions& options = {}) const;
+  // A text prompt for a Gemma model, which expects <bos> first: Encode with the post-processor's
+  // template when that template starts with <bos>; else (transformers 5 saves Gemma tokenizers
+  // with a template that adds nothing and adds <bos> itself, add_bos_token) <bos> is put in
+  // front, so both forms of a file give the same ids (a text that itself begins with "<bos>"
+  // gets two, as with HF). Without a <bos> token in the vocabulary, Encode with the template.
+  std::vector<int32_t> EncodePrompt(std::string_view text) const;
 
   // Decodes ids to text. Unknown ids are skipped, as in the library. The result is valid
   // UTF-8: a run of byte-fallback tokens that is not valid UTF-8 as a whole decodes to one
@@ -120,6 +127,8 @@ class Tokenizer {
   Matcher normalized_matcher_;
   // Normalizer: a sequence of literal replacements applied in order (empty: none).
   std::vector<std::pair<std::string, std::string>> replacements_;
+  // Pre-tokenizer: Split rules applied in order to each normalized stretch (empty: none).
+  std::vector<SplitRule> split_rules_;
   // Post-processor template for single sequences: ids before and after the text.
   std::vector<int32_t> prefix_ids_;
   std::vector<int32_t> suffix_ids_;

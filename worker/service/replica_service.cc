@@ -40,9 +40,7 @@ absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& ca
       request.prompt.assign(proto.token_ids().ids().begin(), proto.token_ids().ids().end());
       break;
     case GenerateRequest::kText: {
-      tokenizer::EncodeOptions options;
-      options.add_special_tokens = true;  // <bos> first, as the model expects
-      request.prompt = tokenizer->Encode(proto.text(), options);
+      request.prompt = tokenizer->EncodePrompt(proto.text());  // <bos> first
       break;
     }
     case GenerateRequest::kChat: {
