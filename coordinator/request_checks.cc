@@ -1,8 +1,10 @@
 #include "coordinator/request_checks.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/tokenizer/chat_format.h"
 
 namespace gemma::coordinator {
 
@@ -17,6 +19,11 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
   switch (request.input_case()) {
     case GenerateRequest::kText:
       if (request.text().empty()) return absl::InvalidArgumentError("text is empty");
+      if (request.text().size() > kMaxInputBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "text of ", request.text().size(), " bytes is over the limit of ", kMaxInputBytes,
+            " bytes; split the work into several requests"));
+      }
       break;
     case GenerateRequest::kTokenIds: {
       const auto& ids = request.token_ids().ids();
@@ -35,11 +42,14 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
                            " ids"));
         }
       }
-      if (limits.max_context > 0 && ids.size() + max_tokens > limits.max_context) {
+      // Compared without forming the sum: max_tokens may be near INT64_MAX.
+      if (limits.max_context > 0 && (ids.size() > limits.max_context ||
+                                     max_tokens > limits.max_context - ids.size())) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "input of ", ids.size(), " tokens plus max_tokens ", max_tokens, " needs ",
-            ids.size() + max_tokens, " positions; this cluster serves at most ",
-            limits.max_context, "; shorten the input or lower max_tokens"));
+            "input of ", ids.size(), " tokens plus max_tokens ", max_tokens,
+            " does not fit the context: this cluster serves at most ", limits.max_context,
+            " positions; shorten the input or lower max_tokens (at most ",
+            std::max<int64_t>(0, limits.max_context - ids.size()), " here)"));
       }
       break;
     }
@@ -48,11 +58,29 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
       if (messages.empty()) {
         return absl::InvalidArgumentError("chat has no messages; give at least one user turn");
       }
+      if (messages.size() > kMaxChatMessages) {
+        return absl::InvalidArgumentError(absl::StrCat("chat has ", messages.size(),
+                                                       " messages, over the limit of ",
+                                                       kMaxChatMessages));
+      }
+      size_t content_bytes = 0;
       for (int i = 0; i < messages.size(); ++i) {
         if (messages[i].role().empty()) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "chat message ", i, " has no role; use system, user or model"));
+              "chat message ", i, " has no role; use system, developer, user, assistant or "
+              "model"));
         }
+        if (!tokenizer::IsKnownChatRole(messages[i].role())) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "chat message ", i, " has role \"", messages[i].role(),
+              "\"; use system, developer, user, assistant or model"));
+        }
+        content_bytes += messages[i].content().size();
+      }
+      if (content_bytes > kMaxInputBytes) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "chat contents of ", content_bytes, " bytes are over the limit of ", kMaxInputBytes,
+            " bytes; shorten the conversation"));
       }
       break;
     }
@@ -61,7 +89,7 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
           "the request has no input; set text, token_ids or chat");
   }
   if (request.input_case() != GenerateRequest::kTokenIds && limits.max_context > 0 &&
-      max_tokens + 1 > limits.max_context) {
+      max_tokens >= limits.max_context) {
     // At least one input token besides the generated ones.
     return absl::InvalidArgumentError(absl::StrCat(
         "max_tokens ", max_tokens, " leaves no room for the input: this cluster serves at most ",
@@ -80,6 +108,16 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
     return absl::InvalidArgumentError(
         absl::StrCat("top_p must be in (0, 1], got ", sampling.top_p()));
   }
+  if (request.stop_token_ids_size() > kMaxStopTokenIds) {
+    return absl::InvalidArgumentError(absl::StrCat(request.stop_token_ids_size(),
+                                                   " stop ids, over the limit of ",
+                                                   kMaxStopTokenIds));
+  }
+  if (request.stop_strings_size() > kMaxStopStrings) {
+    return absl::InvalidArgumentError(absl::StrCat(request.stop_strings_size(),
+                                                   " stop strings, over the limit of ",
+                                                   kMaxStopStrings));
+  }
   for (int32_t id : request.stop_token_ids()) {
     if (id < 0 || (limits.vocab_size > 0 && id >= limits.vocab_size)) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -91,6 +129,11 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
   }
   for (const std::string& stop : request.stop_strings()) {
     if (stop.empty()) return absl::InvalidArgumentError("a stop string is empty");
+    if (stop.size() > kMaxStopStringBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("a stop string of ", stop.size(),
+                                                     " bytes is over the limit of ",
+                                                     kMaxStopStringBytes, " bytes"));
+    }
   }
   return absl::OkStatus();
 }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -16,6 +17,13 @@ namespace gemma::coordinator {
 
 // max_tokens 0 means this many (as on the replicas).
 inline constexpr int64_t kDefaultMaxTokens = 16;
+
+// The most a request may carry; each refusal names its limit.
+inline constexpr int kMaxStopStrings = 16;
+inline constexpr size_t kMaxStopStringBytes = 256;
+inline constexpr int kMaxStopTokenIds = 64;
+inline constexpr int kMaxChatMessages = 1024;
+inline constexpr size_t kMaxInputBytes = size_t{1} << 20;  // text, or a chat's contents together
 
 // INVALID_ARGUMENT with a message for a request no replica could serve. Token ids must be below
 // `limits.vocab_size` and stop ids in [0, vocab_size); an input of token ids plus max_tokens

@@ -28,11 +28,28 @@ std::string StripThinking(std::string_view content) {
   return std::string(StripPythonSpace(kept));
 }
 
+bool IsKnownChatRole(std::string_view role) {
+  return role == "system" || role == "developer" || role == "user" || role == "assistant" ||
+         role == "model";
+}
+
 absl::StatusOr<std::string> RenderGemma4Chat(absl::Span<const ChatMessage> messages,
-                                             const ChatOptions& options) {
-  for (const ChatMessage& message : messages) {
-    if (message.role.empty()) return absl::InvalidArgumentError("chat message without a role");
+                                             const ChatOptions& options,
+                                             std::vector<std::pair<size_t, size_t>>* content_ranges) {
+  for (size_t i = 0; i < messages.size(); ++i) {
+    if (!IsKnownChatRole(messages[i].role)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "chat message ", i, " has role \"", AsAbsl(messages[i].role),
+          "\"; use system, developer, user, assistant or model"));
+    }
   }
+  auto append_content = [&](std::string* prompt, std::string_view content) {
+    const size_t begin = prompt->size();
+    prompt->append(content);
+    if (content_ranges != nullptr && prompt->size() > begin) {
+      content_ranges->emplace_back(begin, prompt->size());
+    }
+  };
   std::string prompt = options.bos_token;
   size_t first = 0;
   const bool has_system =
@@ -41,7 +58,7 @@ absl::StatusOr<std::string> RenderGemma4Chat(absl::Span<const ChatMessage> messa
     absl::StrAppend(&prompt, AsAbsl(kTurnStart), "system\n");
     if (options.enable_thinking) prompt.append(kThink);
     if (has_system) {
-      prompt.append(StripPythonSpace(messages[0].content));
+      append_content(&prompt, StripPythonSpace(messages[0].content));
       first = 1;
     }
     prompt.append(kTurnEnd);
@@ -51,9 +68,9 @@ absl::StatusOr<std::string> RenderGemma4Chat(absl::Span<const ChatMessage> messa
     const bool is_model = message.role == "assistant" || message.role == "model";
     absl::StrAppend(&prompt, AsAbsl(kTurnStart), is_model ? "model" : message.role, "\n");
     if (is_model) {
-      prompt.append(StripThinking(message.content));
+      append_content(&prompt, StripThinking(message.content));
     } else {
-      prompt.append(StripPythonSpace(message.content));
+      append_content(&prompt, StripPythonSpace(message.content));
     }
     prompt.append(kTurnEnd);
   }

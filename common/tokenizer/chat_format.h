@@ -4,6 +4,8 @@
 #pragma once
 
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -25,12 +27,18 @@ struct ChatOptions {
   std::string bos_token = "<bos>";
 };
 
+// The roles a chat message may have: system, developer, user, assistant, model.
+bool IsKnownChatRole(std::string_view role);
+
 // Renders the prompt. Starts with exactly one bos_token; encode the result without adding
 // special tokens. A leading system or developer message becomes the system turn; later
 // messages keep their role ("assistant" becomes "model"). Model turns lose any
-// "<|channel>...<channel|>" thoughts. Errors: an empty role.
-absl::StatusOr<std::string> RenderGemma4Chat(absl::Span<const ChatMessage> messages,
-                                             const ChatOptions& options = {});
+// "<|channel>...<channel|>" thoughts. `content_ranges`, when given, receives the byte range of
+// each message's content in the prompt (for EncodeOptions::plain_ranges). Errors: a role that
+// is not one of the known roles.
+absl::StatusOr<std::string> RenderGemma4Chat(
+    absl::Span<const ChatMessage> messages, const ChatOptions& options = {},
+    std::vector<std::pair<size_t, size_t>>* content_ranges = nullptr);
 
 // Model-turn content with thought channels removed and surrounding whitespace trimmed.
 std::string StripThinking(std::string_view content);

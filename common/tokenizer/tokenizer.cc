@@ -452,7 +452,21 @@ void Tokenizer::SplitOnAddedTokens(std::string_view text, const Matcher& matcher
   }
   size_t start_offset = 0;
   size_t pos = 0;
+  // Plain ranges apply to the raw pass, over the text Encode was given.
+  const bool raw = &matcher == &raw_matcher_;
+  size_t next_range = 0;
   while (pos < text.size()) {
+    if (raw && next_range < options.plain_ranges.size()) {
+      const auto& [begin, end] = options.plain_ranges[next_range];
+      if (pos >= end) {
+        ++next_range;
+        continue;
+      }
+      if (pos >= begin) {  // inside: no token starts here; the stretch goes on
+        pos = end;
+        continue;
+      }
+    }
     int32_t index;
     size_t length;
     if (!matcher.MayStartWith(static_cast<uint8_t>(text[pos])) ||

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -35,6 +36,11 @@ struct EncodeOptions {
   // Treat special added tokens in the text as plain text (the library's
   // `encode_special_tokens`). Use it for untrusted user text.
   bool split_special_tokens = false;
+  // Byte ranges [begin, end) of the text, sorted and disjoint, in which no special added token
+  // is read: a chat prompt's message contents, so that a user cannot open or close turns by
+  // typing "<|turn>". Elsewhere special tokens are read as usual. The text must be valid
+  // UTF-8 (offsets would move in the repair).
+  std::vector<std::pair<size_t, size_t>> plain_ranges = {};
 };
 
 struct DecodeOptions {

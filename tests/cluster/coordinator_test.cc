@@ -495,8 +495,9 @@ TEST_F(FakeReplicaTest, LimitsFromRegistrationRefuseBadRequests) {
       Generate(cluster_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 5));
   EXPECT_EQ(context.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(context.status.error_message(),
-            "input of 60 tokens plus max_tokens 5 needs 65 positions; this cluster serves at "
-            "most 64; shorten the input or lower max_tokens");
+            "input of 60 tokens plus max_tokens 5 does not fit the context: this cluster "
+            "serves at most 64 positions; shorten the input or lower max_tokens (at most 4 "
+            "here)");
   EXPECT_TRUE(a->requests().empty());
   StreamResult fits = Generate(cluster_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 4));
   EXPECT_TRUE(fits.status.ok()) << fits.status.error_message();

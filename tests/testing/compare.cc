@@ -8,6 +8,10 @@
 namespace gemma::testing {
 
 std::string Comparison::ToString() const {
+  if (size_mismatch) {
+    return absl::StrFormat("SIZE MISMATCH: %d values against %d in the reference", ours_size,
+                           ref_size);
+  }
   return absl::StrFormat("max |err| %.3g at %d (max |ref| %.4g, relative %.3g)%s", max_abs_err,
                          worst_index, max_ref, Relative(), nan_mismatch ? ", NaN MISMATCH" : "");
 }
@@ -28,6 +32,15 @@ Comparison Compare(const float* ours, const float* ref, int64_t n) {
       c.worst_index = i;
     }
   }
+  return c;
+}
+
+Comparison Compare(const std::vector<float>& ours, const std::vector<float>& ref) {
+  Comparison c = Compare(ours.data(), ref.data(),
+                         static_cast<int64_t>(std::min(ours.size(), ref.size())));
+  c.ours_size = static_cast<int64_t>(ours.size());
+  c.ref_size = static_cast<int64_t>(ref.size());
+  c.size_mismatch = ours.size() != ref.size();
   return c;
 }
 

@@ -14,15 +14,21 @@ struct Comparison {
   double max_ref = 0.0;
   int64_t worst_index = -1;
   bool nan_mismatch = false;
-  double Relative() const { return max_ref > 0 ? max_abs_err / max_ref : max_abs_err; }
+  // The two sides have different lengths: Relative() is then infinite, so every tolerance
+  // check fails (a short result must not pass on its common prefix).
+  bool size_mismatch = false;
+  int64_t ours_size = 0, ref_size = 0;
+  double Relative() const {
+    if (size_mismatch) return INFINITY;
+    return max_ref > 0 ? max_abs_err / max_ref : max_abs_err;
+  }
   // "max |err| 1.2e-6 at 37 (max |ref| 10.7, relative 1.1e-7)"
   std::string ToString() const;
 };
 
 Comparison Compare(const float* ours, const float* ref, int64_t n);
-inline Comparison Compare(const std::vector<float>& ours, const std::vector<float>& ref) {
-  return Compare(ours.data(), ref.data(), static_cast<int64_t>(std::min(ours.size(), ref.size())));
-}
+// Element-wise over both vectors; sizes must match (size_mismatch otherwise).
+Comparison Compare(const std::vector<float>& ours, const std::vector<float>& ref);
 
 // Index of the largest value of each row (lowest index on ties).
 std::vector<int64_t> RowArgmax(const std::vector<float>& x, int64_t cols);

@@ -114,6 +114,10 @@ struct MoeExpertsArgs {
 // Sampling parameters of one row of logits. temperature <= 0 means greedy (argmax, lowest id on
 // ties). Otherwise: divide by temperature, keep the top_k (0 = all), then the smallest set whose
 // probability reaches top_p, and draw with the uniform keyed by (seed, request_key, position).
+// Temperatures below this are greedy (Model::Sample makes them 0): dividing f32 logits by a
+// tiny temperature overflows to inf, and the softmax to NaN.
+inline constexpr float kMinTemperature = 1e-5f;
+
 struct SamplingParams {
   float temperature = 0.0f;
   int32_t top_k = 0;

@@ -24,6 +24,10 @@ ABSL_FLAG(std::string, tokenizer, "", "Path to tokenizer.json.");
 ABSL_FLAG(bool, encode, false, "Encode standard input to ids.");
 ABSL_FLAG(bool, decode, false, "Decode whitespace- or comma-separated ids from standard input.");
 ABSL_FLAG(std::string, chat, "", "Render this chat JSON file to a prompt and its ids.");
+ABSL_FLAG(bool, control_tokens_in_content, false,
+          "With --chat: read text in a message that spells a control token (<|turn>, ...) as "
+          "that token, as Hugging Face tokenizers do; by default it is plain text, as on a "
+          "replica.");
 ABSL_FLAG(bool, add_special_tokens, false, "With --encode: apply the post-processor (<bos>).");
 ABSL_FLAG(bool, split_special_tokens, false,
           "With --encode: special tokens in the text are "
@@ -95,11 +99,15 @@ int main(int argc, char** argv) {
   if (absl::Status status = tok::ParseChatRequest(request, &messages, &options); !status.ok()) {
     return Fail(std::string(status.message()));
   }
-  auto prompt = tok::RenderGemma4Chat(messages, options);
+  // As a replica encodes a chat request: message contents as plain text unless asked.
+  tok::EncodeOptions encode;
+  auto prompt = tok::RenderGemma4Chat(
+      messages, options,
+      absl::GetFlag(FLAGS_control_tokens_in_content) ? nullptr : &encode.plain_ranges);
   if (!prompt.ok()) return Fail(std::string(prompt.status().message()));
   nlohmann::json out;
   out["prompt"] = *prompt;
-  out["ids"] = (*tokenizer)->Encode(*prompt);
+  out["ids"] = (*tokenizer)->Encode(*prompt, encode);
   std::cout << out.dump() << "\n";
   return 0;
 }

@@ -122,14 +122,17 @@ absl::Status Engine::Validate(const Request& request) const {
     return absl::InvalidArgumentError("stop strings need an engine with a tokenizer");
   }
   // The last generated token is never fed, so the cache holds prompt + max_tokens - 1 positions.
+  // Compared without forming prompt + max_tokens: max_tokens may be near INT64_MAX.
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
-  const int64_t positions = prompt_tokens + request.max_tokens - 1;
-  if (positions > config_.max_position_embeddings) {
+  if (prompt_tokens > config_.max_position_embeddings ||
+      request.max_tokens - 1 > config_.max_position_embeddings - prompt_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt_tokens, " tokens plus max_tokens ", request.max_tokens,
-        " needs ", positions, " positions, past max_position_embeddings ",
-        config_.max_position_embeddings));
+        " does not fit the model's ", config_.max_position_embeddings,
+        " positions; lower max_tokens to at most ",
+        std::max<int64_t>(0, config_.max_position_embeddings - prompt_tokens + 1)));
   }
+  const int64_t positions = prompt_tokens + request.max_tokens - 1;
   const int64_t full_pages =
       CeilDiv(positions, cache_->page_size()) + options_.scheduler.headroom_pages;
   if (full_pages > cache_->pool(kFullPool).num_pages()) {

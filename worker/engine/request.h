@@ -14,7 +14,8 @@
 namespace gemma::engine {
 
 struct SamplingOptions {
-  float temperature = 0.0f;  // <= 0: greedy (the argmax, lowest id on ties)
+  // Below kMinTemperature (backend.h): greedy (the argmax, lowest id on ties).
+  float temperature = 0.0f;
   int32_t top_k = 0;         // 0: no top-k cut
   float top_p = 1.0f;        // 1: no nucleus cut
   // Seeded draws are keyed by (seed, key, position of the generated token), so a seeded request

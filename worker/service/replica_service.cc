@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/tokenizer/chat_format.h"
+#include "common/tokenizer/unicode.h"
 #include "glog/logging.h"
 #include "proto/status_convert.h"
 
@@ -46,17 +47,23 @@ absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& ca
     case GenerateRequest::kChat: {
       std::vector<tokenizer::ChatMessage> messages;
       for (const gemma::v1::ChatMessage& m : proto.chat().messages()) {
-        messages.push_back({m.role(), m.content()});
+        // Contents are placed by byte offset below: repair first, so offsets stay true.
+        messages.push_back({m.role(), tokenizer::IsValidUtf8(m.content())
+                                          ? m.content()
+                                          : tokenizer::RepairUtf8(m.content())});
       }
       if (messages.empty()) {
         return absl::InvalidArgumentError("chat has no messages; give at least one user turn");
       }
-      absl::StatusOr<std::string> rendered = tokenizer::RenderGemma4Chat(messages);
+      tokenizer::EncodeOptions options;  // the rendered chat starts with <bos> already
+      absl::StatusOr<std::string> rendered = tokenizer::RenderGemma4Chat(
+          messages, {},
+          proto.chat().control_tokens_in_content() ? nullptr : &options.plain_ranges);
       if (!rendered.ok()) {
         return absl::InvalidArgumentError(
             absl::StrCat("cannot render the chat: ", rendered.status().message()));
       }
-      tokenizer::EncodeOptions options;  // the rendered chat starts with <bos> already
+      // Control tokens spelled in a message are plain text unless the request asks otherwise.
       request.prompt = tokenizer->Encode(*rendered, options);
       break;
     }

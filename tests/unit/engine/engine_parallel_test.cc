@@ -182,6 +182,21 @@ TEST_P(EngineReplicaTest, SixtyFourRequestsWithPreemptionMatchTheirSoloRuns) {
   }
 }
 
+// A positive temperature too small to divide by is greedy. On a tp replica the vocabulary-
+// sharded sampler scales logits in f32, where 30 / 1e-38 is inf and the softmax NaN.
+TEST(EngineReplicaSamplingTest, TinyTemperatureIsGreedyOnATpReplica) {
+  std::vector<Request> greedy = MakeRequests(8, 9);
+  for (Request& r : greedy) r.sampling = SamplingOptions();
+  std::vector<Request> tiny = greedy;
+  for (Request& r : tiny) {
+    r.sampling.temperature = 1e-38f;
+    r.sampling.seed = 5;
+  }
+  const auto want = RunAlone(greedy);
+  auto [got, preemptions] = RunReplica(tiny, 2, 2, false);
+  for (size_t i = 0; i < greedy.size(); ++i) EXPECT_EQ(got[i], want[i]) << "request " << i;
+}
+
 INSTANTIATE_TEST_SUITE_P(Replicas, EngineReplicaTest,
                          ::testing::Values(Case{2, 2, false}, Case{2, 1, true},
                                            Case{4, 2, true}),

@@ -249,6 +249,10 @@ TEST_F(EngineStopTest, SubmitRejectsBadRequests) {
   EXPECT_EQ(engine->Submit(top_p, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(engine->Submit(MakeRequest(1, 5000), nullptr).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // The largest max_tokens: prompt + max_tokens would overflow; refused, never admitted.
+  const absl::Status huge = engine->Submit(MakeRequest(1, INT64_MAX), nullptr).status();
+  EXPECT_EQ(huge.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(huge.message()).find("does not fit"), std::string::npos) << huge;
   // 64 full pages of 4 positions cannot hold 300 positions.
   EXPECT_EQ(engine->Submit(MakeRequest(1, 300), nullptr).status().code(),
             absl::StatusCode::kResourceExhausted);

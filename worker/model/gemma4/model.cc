@@ -329,11 +329,15 @@ absl::Status Model::RunNetwork(const BatchLayout& layout, const StepInputs& in, 
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& params) {
+absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& given) {
   const int64_t rows = num_logit_rows_;
-  if (static_cast<int64_t>(params.size()) != rows) {
-    return absl::InvalidArgumentError(absl::StrCat("Sample got ", params.size(),
+  if (static_cast<int64_t>(given.size()) != rows) {
+    return absl::InvalidArgumentError(absl::StrCat("Sample got ", given.size(),
                                                    " parameter sets for ", rows, " logit rows"));
+  }
+  std::vector<SamplingParams> params = given;
+  for (SamplingParams& p : params) {
+    if (p.temperature < kMinTemperature) p.temperature = 0.0f;
   }
   std::vector<int32_t> ids(rows);
   if (rows == 0) return ids;
