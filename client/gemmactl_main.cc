@@ -32,6 +32,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/flag_dashes.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
@@ -60,17 +61,6 @@ constexpr char kUsage[] =
     "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)";
-
-void NormalizeFlagDashes(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--") break;
-    if (arg.rfind("--", 0) != 0) continue;
-    for (char* p = argv[i] + 2; *p != '\0' && *p != '='; ++p) {
-      if (*p == '-') *p = '_';
-    }
-  }
-}
 
 std::string CoordinatorAddress() {
   std::string address = absl::GetFlag(FLAGS_coordinator);
@@ -374,7 +364,7 @@ absl::Status Status() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  NormalizeFlagDashes(argc, argv);
+  gemma::NormalizeFlagDashes(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   absl::Status status;
   const std::string command = args.size() >= 2 ? args[1] : "";

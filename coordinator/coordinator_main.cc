@@ -17,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "common/flag_dashes.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
@@ -57,18 +58,6 @@ constexpr char kUsage[] =
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
-
-// "--some-flag" -> "--some_flag" (flags are documented with dashes).
-void NormalizeFlagDashes(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--") break;
-    if (arg.rfind("--", 0) != 0) continue;
-    for (char* p = argv[i] + 2; *p != '\0' && *p != '='; ++p) {
-      if (*p == '-') *p = '_';
-    }
-  }
-}
 
 int Run() {
   const int64_t timeout_ms = absl::GetFlag(FLAGS_heartbeat_timeout_ms);
@@ -132,7 +121,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  NormalizeFlagDashes(argc, argv);
+  gemma::NormalizeFlagDashes(argc, argv);
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
   // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.

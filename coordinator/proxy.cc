@@ -12,7 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "coordinator/request_checks.h"
-#include "coordinator/services.h"
+#include "proto/status_convert.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "glog/logging.h"
 

@@ -10,13 +10,13 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "common/request_defaults.h"
 #include "coordinator/registry.h"
 #include "gemma/v1/inference.pb.h"
 
 namespace gemma::coordinator {
 
-// max_tokens 0 means this many (as on the replicas).
-inline constexpr int64_t kDefaultMaxTokens = 16;
+using gemma::kDefaultMaxTokens;  // max_tokens 0 means this many (common/request_defaults.h)
 
 // The most a request may carry; each refusal names its limit.
 inline constexpr int kMaxStopStrings = 16;

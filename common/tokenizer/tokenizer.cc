@@ -29,6 +29,18 @@ std::string TypeOf(const json& obj) {
   return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string("?");
 }
 
+// The steps of a normalizer, pre-tokenizer or decoder: the list of a Sequence, else the node.
+absl::StatusOr<std::vector<json>> StepsOf(const json& node, const char* list_key,
+                                          std::string_view component) {
+  if (TypeOf(node) != "Sequence") return std::vector<json>{node};
+  auto list = node.find(list_key);
+  if (list == node.end() || !list->is_array()) {
+    return Invalid(absl::StrCat(AsAbsl(component), " Sequence has no \"", list_key,
+                                "\" array"));
+  }
+  return std::vector<json>(list->begin(), list->end());
+}
+
 bool BoolField(const json& obj, const char* key, bool fallback) {
   auto it = obj.find(key);
   return it != obj.end() && it->is_boolean() ? it->get<bool>() : fallback;
@@ -207,16 +219,8 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
   // Normalizer: null, Replace, or a Sequence of Replace.
   auto normalizer = doc.find("normalizer");
   if (normalizer != doc.end() && !normalizer->is_null()) {
-    std::vector<json> steps;
-    if (TypeOf(*normalizer) == "Sequence") {
-      auto list = normalizer->find("normalizers");
-      if (list == normalizer->end() || !list->is_array()) {
-        return Invalid("normalizer Sequence has no \"normalizers\" array");
-      }
-      steps.assign(list->begin(), list->end());
-    } else {
-      steps.push_back(*normalizer);
-    }
+    ASSIGN_OR_RETURN(const std::vector<json> steps,
+                     StepsOf(*normalizer, "normalizers", "normalizer"));
     for (const json& step : steps) {
       if (TypeOf(step) != "Replace") return Unsupported("normalizer", TypeOf(step));
       ASSIGN_OR_RETURN(auto replace, ParseReplace(step, "normalizer"));
@@ -227,16 +231,8 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
   // Pre-tokenizer: null, Split with a String pattern, or a Sequence of those.
   auto pre_tokenizer = doc.find("pre_tokenizer");
   if (pre_tokenizer != doc.end() && !pre_tokenizer->is_null()) {
-    std::vector<json> steps;
-    if (TypeOf(*pre_tokenizer) == "Sequence") {
-      auto list = pre_tokenizer->find("pretokenizers");
-      if (list == pre_tokenizer->end() || !list->is_array()) {
-        return Invalid("pre_tokenizer Sequence has no \"pretokenizers\" array");
-      }
-      steps.assign(list->begin(), list->end());
-    } else {
-      steps.push_back(*pre_tokenizer);
-    }
+    ASSIGN_OR_RETURN(const std::vector<json> steps,
+                     StepsOf(*pre_tokenizer, "pretokenizers", "pre_tokenizer"));
     for (const json& step : steps) {
       if (TypeOf(step) != "Split") return Unsupported("pre_tokenizer", TypeOf(step));
       auto pattern = step.find("pattern");
@@ -365,16 +361,7 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
   // Decoder: Replace steps, then ByteFallback, then Fuse (all optional, in that order).
   auto decoder = doc.find("decoder");
   if (decoder != doc.end() && !decoder->is_null()) {
-    std::vector<json> steps;
-    if (TypeOf(*decoder) == "Sequence") {
-      auto list = decoder->find("decoders");
-      if (list == decoder->end() || !list->is_array()) {
-        return Invalid("decoder Sequence has no \"decoders\" array");
-      }
-      steps.assign(list->begin(), list->end());
-    } else {
-      steps.push_back(*decoder);
-    }
+    ASSIGN_OR_RETURN(const std::vector<json> steps, StepsOf(*decoder, "decoders", "decoder"));
     bool fused = false;
     for (const json& step : steps) {
       const std::string type = TypeOf(step);

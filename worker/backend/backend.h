@@ -111,13 +111,13 @@ struct MoeExpertsArgs {
   Buffer* out = nullptr;  // [num_tokens, hidden] f32, overwritten
 };
 
-// Sampling parameters of one row of logits. temperature <= 0 means greedy (argmax, lowest id on
-// ties). Otherwise: divide by temperature, keep the top_k (0 = all), then the smallest set whose
-// probability reaches top_p, and draw with the uniform keyed by (seed, request_key, position).
 // Temperatures below this are greedy (Model::Sample makes them 0): dividing f32 logits by a
 // tiny temperature overflows to inf, and the softmax to NaN.
 inline constexpr float kMinTemperature = 1e-5f;
 
+// Sampling parameters of one row of logits. temperature <= 0 means greedy (argmax, lowest id on
+// ties). Otherwise: divide by temperature, keep the top_k (0 = all), then the smallest set whose
+// probability reaches top_p, and draw with the uniform keyed by (seed, request_key, position).
 struct SamplingParams {
   float temperature = 0.0f;
   int32_t top_k = 0;

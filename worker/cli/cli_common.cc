@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/flag_dashes.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #include "worker/backend/cpu/cpu_backend.h"
@@ -20,21 +21,10 @@
 
 namespace gemma::cli {
 
-void NormalizeFlagDashes(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    char* arg = argv[i];
-    if (arg[0] != '-' || arg[1] != '-') continue;
-    if (arg[2] == '\0') break;  // "--": the rest are positional
-    for (char* p = arg + 2; *p != '\0' && *p != '='; ++p) {
-      if (*p == '-') *p = '_';
-    }
-  }
-}
-
 int ToolMain(int argc, char** argv, const char* name, const char* usage,
              const std::function<absl::Status()>& run) {
   absl::SetProgramUsageMessage(usage);
-  NormalizeFlagDashes(argc, argv);
+  gemma::NormalizeFlagDashes(argc, argv);
   absl::ParseCommandLine(argc, argv);
   google::InitGoogleLogging(argv[0]);
   // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.

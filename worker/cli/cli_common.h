@@ -17,9 +17,6 @@
 
 namespace gemma::cli {
 
-// Rewrites "--some-flag[=v]" as "--some_flag[=v]" in place, so flags may be spelled with dashes
-// (as documented) while absl's parser sees underscores. Arguments after "--" are left alone.
-void NormalizeFlagDashes(int argc, char** argv);
 
 // The main() of a tool: sets the usage text, parses the flags (dashes allowed), sends logs to
 // stderr, runs `run`, and on error prints "NAME: message" and returns 1.

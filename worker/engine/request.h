@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/request_defaults.h"
 
 namespace gemma::engine {
 
@@ -28,7 +29,7 @@ struct SamplingOptions {
 struct Request {
   std::vector<int32_t> prompt;  // token ids, BOS included; not empty
   SamplingOptions sampling;
-  int64_t max_tokens = 16;                // generated tokens at most; >= 1
+  int64_t max_tokens = kDefaultMaxTokens;  // generated tokens at most; >= 1
   std::vector<int32_t> stop_token_ids;    // generation ends after emitting one of these
   std::vector<std::string> stop_strings;  // needs an engine with a tokenizer
   bool ignore_end_ids = false;            // do not stop at the model's end ids (benchmarks)

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/request_defaults.h"
 #include "common/tokenizer/chat_format.h"
 #include "common/tokenizer/unicode.h"
 #include "glog/logging.h"
@@ -22,7 +23,6 @@ using gemma::internal::v1::ReplicaGenerateResponse;
 using gemma::v1::GenerateRequest;
 using gemma::v1::GenerateResponse;
 
-constexpr int64_t kDefaultMaxTokens = 16;
 
 using gemma::ToGrpc;
 

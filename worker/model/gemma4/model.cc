@@ -470,20 +470,7 @@ absl::Status Model::FeedForwardBlock(int l) {
     if (parallel_.ep_comm != nullptr) {
       RETURN_IF_ERROR(DispatchExperts(l));
     } else {
-      MoeExpertsArgs experts;
-      experts.x = moe_in_.get();
-      experts.topk_ids = topk_ids_.get();
-      experts.topk_weights = topk_weights_.get();
-      experts.gate_up = w.experts_gate_up.get();
-      experts.down = w.experts_down.get();
-      experts.num_tokens = t;
-      experts.hidden = hidden;
-      experts.inter = c.moe_intermediate_size;
-      experts.top_k = c.top_k_experts;
-      experts.first_expert = dims_.expert_offset;
-      experts.num_local_experts = dims_.experts;
-      experts.out = moe_out_.get();
-      backend_.MoeExperts(experts);
+      RunLocalExperts(l, *moe_in_, *topk_ids_, *topk_weights_, t, *moe_out_);
     }
     // The dense and expert partials feed two different norms: one collective for both.
     RETURN_IF_ERROR(TpAllReduce(*ffn_pair_, 2 * t * hidden));
@@ -516,9 +503,27 @@ absl::Status Model::CheckRouting(int l) {
   return absl::OkStatus();
 }
 
+void Model::RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids,
+                            const Buffer& topk_weights, int64_t num_tokens, Buffer& out) {
+  const LayerWeights& w = weights_->layers[l];
+  MoeExpertsArgs experts;
+  experts.x = &x;
+  experts.topk_ids = &topk_ids;
+  experts.topk_weights = &topk_weights;
+  experts.gate_up = w.experts_gate_up.get();
+  experts.down = w.experts_down.get();
+  experts.num_tokens = num_tokens;
+  experts.hidden = config_.hidden_size;
+  experts.inter = config_.moe_intermediate_size;
+  experts.top_k = config_.top_k_experts;
+  experts.first_expert = dims_.expert_offset;
+  experts.num_local_experts = dims_.experts;
+  experts.out = &out;
+  backend_.MoeExperts(experts);
+}
+
 absl::Status Model::DispatchExperts(int l) {
   const ModelConfig& c = config_;
-  const LayerWeights& w = weights_->layers[l];
   parallel::Communicator& comm = *parallel_.ep_comm;
   const int world = comm.world_size();
   const int64_t hidden = c.hidden_size;
@@ -609,20 +614,7 @@ absl::Status Model::DispatchExperts(int l) {
     backend_.Write(*xb, recv_x.data(), recv_x.size() * sizeof(float));
     backend_.Write(*ib, local_ids.data(), local_ids.size() * sizeof(int32_t));
     backend_.Write(*wb, local_weights.data(), local_weights.size() * sizeof(float));
-    MoeExpertsArgs experts;
-    experts.x = xb.get();
-    experts.topk_ids = ib.get();
-    experts.topk_weights = wb.get();
-    experts.gate_up = w.experts_gate_up.get();
-    experts.down = w.experts_down.get();
-    experts.num_tokens = total_recv;
-    experts.hidden = hidden;
-    experts.inter = c.moe_intermediate_size;
-    experts.top_k = top_k;
-    experts.first_expert = dims_.expert_offset;
-    experts.num_local_experts = dims_.experts;
-    experts.out = ob.get();
-    backend_.MoeExperts(experts);
+    RunLocalExperts(l, *xb, *ib, *wb, total_recv, *ob);
     RETURN_IF_ERROR(backend_.Read(*ob, result.data(), result.size() * sizeof(float)));
   }
   // Send the results back the way they came, and sum each token's partials in rank (= expert)

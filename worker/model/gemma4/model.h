@@ -110,6 +110,9 @@ class Model {
   // dp-ep: sends this rank's share of the tokens to their experts' owners, runs the local
   // experts on what arrives, and returns the results into moe_out_.
   absl::Status DispatchExperts(int layer_idx);
+  // This rank's experts of layer l on num_tokens rows of x routed by topk_ids / topk_weights.
+  void RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids, const Buffer& topk_weights,
+                       int64_t num_tokens, Buffer& out);
   absl::Status CheckRouting(int layer_idx);
   absl::StatusOr<std::vector<int32_t>> SampleSharded(const std::vector<SamplingParams>& params);
   void Observe(std::string_view name, const Buffer& buffer, std::vector<int64_t> shape);
