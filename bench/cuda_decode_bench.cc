@@ -70,9 +70,9 @@
 #include "common/dtype.h"
 #include "common/model_config.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "worker/backend/cuda/cuda_backend.h"
-#include "worker/cli/cli_common.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 
 ABSL_FLAG(std::string, model, "26b-a4b", "the widths: 26b-a4b (MoE) or 31b (dense)");
@@ -823,7 +823,7 @@ absl::Status Run() {
 }  // namespace gemma
 
 int main(int argc, char** argv) {
-  return gemma::cli::ToolMain(
+  return gemma::ToolMain(
       argc, argv, "cuda_decode_bench",
       "decode steps of the 26B-A4B or 31B network (random bf16 weights, real widths, a few "
       "layers) on the CUDA backend against their memory-bandwidth floor\n"

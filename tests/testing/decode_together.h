@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 
 namespace gemma::testing {

@@ -15,7 +15,7 @@
 #include "gtest/gtest.h"
 #include "worker/backend/backend.h"
 #include "worker/engine/generate.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 #include "worker/parallel/communicator.h"
 #include "worker/parallel/in_process_communicator.h"

@@ -47,10 +47,12 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
 #include "worker/cli/parallel_ranks.h"
 #include "worker/engine/generate.h"
+#include "worker/replica/load.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(int64_t, prompt_len, 128, "prompt length in tokens, BOS included");
@@ -216,9 +218,13 @@ absl::Status RunRank(cli::RankEnv& env, const Settings& s) {
   ASSIGN_OR_RETURN(const int64_t rss_before, RssAnonBytes());
   RETURN_IF_ERROR(control.Barrier());
   ASSIGN_OR_RETURN(
-      cli::LoadedModel loaded,
-      cli::LoadForCli(absl::GetFlag(FLAGS_model), s.threads, s.prompt_len + s.decode_tokens,
-                      absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process));
+      replica::LoadedRank loaded,
+      replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
+                         .threads = s.threads,
+                         .ranks_in_process = env.ranks_in_process,
+                         .cache_tokens = s.prompt_len + s.decode_tokens,
+                         .page_size = absl::GetFlag(FLAGS_page_size),
+                         .parallel = env.parallel}));
   RETURN_IF_ERROR(control.Barrier());
   ASSIGN_OR_RETURN(const int64_t rss_after, RssAnonBytes());
   RETURN_IF_ERROR(control.Barrier());
@@ -344,7 +350,7 @@ absl::Status Run() {
 }  // namespace gemma
 
 int main(int argc, char** argv) {
-  return gemma::cli::ToolMain(
+  return gemma::ToolMain(
       argc, argv, "gemma-bench",
       "prefill and decode tokens/s of one sequence on the CPU backend, on one rank or several\n"
       "  gemma-bench --model DIR --prompt-len 128 --decode-tokens 64 --runs 5 --threads N\n"

@@ -27,10 +27,12 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/cli/cli_common.h"
 #include "worker/engine/engine.h"
+#include "worker/replica/load.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "backend to run on: cpu or cuda (the first CUDA device)");
@@ -165,10 +167,12 @@ absl::Status Run() {
     levels.push_back(n);
   }
   const std::string backend = absl::GetFlag(FLAGS_backend);
-  ASSIGN_OR_RETURN(cli::LoadedModel loaded,
-                   cli::LoadForCli(absl::GetFlag(FLAGS_model), threads, prompt_len + decode_tokens,
-                                   absl::GetFlag(FLAGS_page_size), /*parallel=*/{},
-                                   /*ranks_in_process=*/1, backend));
+  ASSIGN_OR_RETURN(replica::LoadedRank loaded,
+                   replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
+                                      .backend = backend,
+                                      .threads = threads,
+                                      .cache_tokens = prompt_len + decode_tokens,
+                                      .page_size = absl::GetFlag(FLAGS_page_size)}));
   gemma4::Model& model = *loaded.model;
   if (model.config().vocab_size <= kFirstRandomId) {
     return absl::InvalidArgumentError("the vocabulary is too small for random prompts");
@@ -222,7 +226,7 @@ absl::Status Run() {
 }  // namespace gemma
 
 int main(int argc, char** argv) {
-  return gemma::cli::ToolMain(
+  return gemma::ToolMain(
       argc, argv, "gemma-engine-bench",
       "decode tokens/s, step time, TTFT and inter-token latency of the engine loop\n"
       "  gemma-engine-bench --model DIR [--backend cpu|cuda] --concurrency 1,8,32 --prompt-len 64 "

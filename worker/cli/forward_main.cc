@@ -10,10 +10,12 @@
 #include "absl/flags/usage.h"
 #include "common/npy.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
 #include "worker/cli/parallel_ranks.h"
 #include "worker/cli/rank_driver.h"
+#include "worker/replica/load.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, tokens, "",
@@ -41,10 +43,14 @@ absl::Status Run() {
       std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens), static_cast<int64_t>(tokens.size()));
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
     ASSIGN_OR_RETURN(
-        gemma::cli::LoadedModel loaded,
-        gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
-                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process,
-                               absl::GetFlag(FLAGS_backend)));
+        gemma::replica::LoadedRank loaded,
+        gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
+                                  .backend = absl::GetFlag(FLAGS_backend),
+                                  .threads = absl::GetFlag(FLAGS_threads),
+                                  .ranks_in_process = env.ranks_in_process,
+                                  .cache_tokens = capacity,
+                                  .page_size = absl::GetFlag(FLAGS_page_size),
+                                  .parallel = env.parallel}));
     ASSIGN_OR_RETURN(std::vector<float> logits,
                      gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
                                                   absl::GetFlag(FLAGS_prefill_chunk)));
@@ -58,7 +64,7 @@ absl::Status Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return gemma::cli::ToolMain(
+  return gemma::ToolMain(
       argc, argv, "gemma-forward",
       "writes the float32 logits of every position as .npy [num_tokens, vocab_size]\n"
       "  gemma-forward --model DIR --tokens 2,17,301 --logits-out FILE.npy",

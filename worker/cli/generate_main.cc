@@ -10,11 +10,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
 #include "worker/cli/parallel_ranks.h"
 #include "worker/cli/rank_driver.h"
 #include "worker/engine/generate.h"
+#include "worker/replica/load.h"
 
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, tokens, "", "comma-separated prompt token ids, e.g. 2,17,301");
@@ -62,10 +64,14 @@ absl::Status Run() {
   options.sampling.seed = absl::GetFlag(FLAGS_seed);
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
     ASSIGN_OR_RETURN(
-        gemma::cli::LoadedModel loaded,
-        gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model), absl::GetFlag(FLAGS_threads), capacity,
-                               absl::GetFlag(FLAGS_page_size), env.parallel, env.ranks_in_process,
-                               absl::GetFlag(FLAGS_backend)));
+        gemma::replica::LoadedRank loaded,
+        gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
+                                  .backend = absl::GetFlag(FLAGS_backend),
+                                  .threads = absl::GetFlag(FLAGS_threads),
+                                  .ranks_in_process = env.ranks_in_process,
+                                  .cache_tokens = capacity,
+                                  .page_size = absl::GetFlag(FLAGS_page_size),
+                                  .parallel = env.parallel}));
     gemma::GenerateOptions rank_options = options;
     if (absl::GetFlag(FLAGS_stop_at_eos)) {
       for (int64_t id : loaded.model->config().eos_token_ids) {
@@ -83,7 +89,7 @@ absl::Status Run() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return gemma::cli::ToolMain(argc, argv, "gemma-generate",
+  return gemma::ToolMain(argc, argv, "gemma-generate",
                               "generates token ids after a prompt and prints them space separated\n"
                               "  gemma-generate --model DIR --tokens 2,17,301 --max-new-tokens 32",
                               Run);

@@ -9,7 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
-#include "worker/parallel/gloo_communicator.h"
 #include "worker/parallel/in_process_communicator.h"
 #include "worker/parallel/tcp_store.h"
 
@@ -98,20 +97,6 @@ absl::StatusOr<Plan> PlanFromFlags() {
   return plan;
 }
 
-// Fills the ModelParallel of `env` from its WorldConfig and communicators.
-void SetParallel(RankEnv& env, parallel::Communicator* tp_comm, parallel::Communicator* ep_comm) {
-  const WorldConfig& w = env.world;
-  gemma4::ModelParallel& p = env.parallel;
-  const bool dp_ep = w.mode() == ParallelMode::kDpEp;
-  p.layout.tp_size = w.tp_size();
-  p.layout.tp_rank = w.tp_rank();
-  p.layout.ep_size = dp_ep ? w.world_size() : w.tp_size();
-  p.layout.ep_rank = dp_ep ? w.rank() : w.tp_rank();
-  p.tp_comm = w.tp_size() > 1 ? tp_comm : nullptr;
-  p.ep_comm = dp_ep && w.world_size() > 1 ? ep_comm : nullptr;
-  p.check_routing = absl::GetFlag(FLAGS_check_routing);
-}
-
 absl::Status RunThreads(const Plan& plan, const std::function<absl::Status(RankEnv&)>& body) {
   const int world = plan.world.world_size;
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
@@ -135,8 +120,9 @@ absl::Status RunThreads(const Plan& plan, const std::function<absl::Status(RankE
       std::unique_ptr<parallel::Communicator> tp_comm =
           tp_groups[env.world.dp_group()]->communicator(env.world.tp_rank());
       env.control = control.get();
-      SetParallel(env, base.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
-                  world_comm.get());
+      replica::SetParallel(env,
+                           base.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
+                           world_comm.get(), absl::GetFlag(FLAGS_check_routing));
       results[r] = body(env);
       if (!results[r].ok()) {
         // Let the other ranks fail fast instead of waiting for a peer that has given up.
@@ -152,56 +138,6 @@ absl::Status RunThreads(const Plan& plan, const std::function<absl::Status(RankE
       return absl::Status(results[r].code(), absl::StrCat("rank ", r, ": ", results[r].message()));
     }
   }
-  return absl::OkStatus();
-}
-
-// Joins the Gloo groups of this rank through `store` and runs `body`.
-absl::Status JoinAndRun(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
-                        bool barrier_at_end, const std::function<absl::Status(RankEnv&)>& body) {
-  ASSIGN_OR_RETURN(WorldConfig world, WorldConfig::Create(options.world));
-  auto gloo = [&](int rank, int size, const std::string& prefix, std::chrono::milliseconds timeout)
-      -> absl::StatusOr<std::unique_ptr<parallel::Communicator>> {
-    parallel::GlooOptions gloo_options;
-    gloo_options.rank = rank;
-    gloo_options.world_size = size;
-    gloo_options.timeout = timeout;
-    gloo_options.key_prefix = prefix;
-    if (absl::GetFlag(FLAGS_interface).empty()) {
-      gloo_options.hostname = options.hostname;
-    } else {
-      gloo_options.interface = absl::GetFlag(FLAGS_interface);
-    }
-    return parallel::CreateGlooCommunicator(gloo_options, store);
-  };
-  ASSIGN_OR_RETURN(auto world_comm,
-                   gloo(world.rank(), world.world_size(), "world", options.timeout));
-  ASSIGN_OR_RETURN(auto control,
-                   gloo(world.rank(), world.world_size(), "control", options.control_timeout));
-  std::unique_ptr<parallel::Communicator> tp_comm, group_control, leaders;
-  if (world.mode() == ParallelMode::kDpEp && world.tp_size() > 1) {
-    ASSIGN_OR_RETURN(tp_comm, gloo(world.tp_rank(), world.tp_size(),
-                                   absl::StrCat("tp", world.dp_group()), options.timeout));
-    if (options.group_channels) {
-      ASSIGN_OR_RETURN(group_control,
-                       gloo(world.tp_rank(), world.tp_size(),
-                            absl::StrCat("control", world.dp_group()), options.control_timeout));
-    }
-  }
-  const int groups = world.world_size() / world.tp_size();
-  if (world.mode() == ParallelMode::kDpEp && groups > 1 && world.tp_rank() == 0 &&
-      options.group_channels) {
-    ASSIGN_OR_RETURN(leaders, gloo(world.dp_group(), groups, "leaders", options.timeout));
-  }
-  RankEnv env{world, {}, control.get(), 1, true};
-  env.group_control = group_control.get();
-  env.leaders = leaders.get();
-  SetParallel(env, world.mode() == ParallelMode::kTp ? world_comm.get() : tp_comm.get(),
-              world_comm.get());
-  absl::Status status = body(env);
-  if (!status.ok()) {
-    return absl::Status(status.code(), absl::StrCat("rank ", world.rank(), ": ", status.message()));
-  }
-  if (barrier_at_end) return control->Barrier();
   return absl::OkStatus();
 }
 
@@ -223,13 +159,16 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
   store_options.timeout = timeout;
   ASSIGN_OR_RETURN(std::unique_ptr<parallel::TcpStoreClient> store,
                    parallel::TcpStoreClient::Connect(plan.host, plan.port, store_options));
-  ProcessRankOptions options;
+  replica::ProcessRankOptions options;
   options.world = plan.world;
   options.hostname = plan.host;
+  options.interface = absl::GetFlag(FLAGS_interface);
   options.timeout = timeout;
   options.control_timeout = timeout;
+  options.check_routing = absl::GetFlag(FLAGS_check_routing);
   // Rank 0 serves the store: it stays up until every rank is done with the control group.
-  return JoinAndRun(options, *store, /*barrier_at_end=*/true, body);
+  options.barrier_at_end = true;
+  return replica::RunProcessRank(options, *store, body);
 }
 
 }  // namespace
@@ -237,11 +176,6 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
 absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body) {
   ASSIGN_OR_RETURN(Plan plan, PlanFromFlags());
   return plan.processes ? RunProcess(plan, body) : RunThreads(plan, body);
-}
-
-absl::Status RunProcessRank(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
-                            const std::function<absl::Status(RankEnv&)>& body) {
-  return JoinAndRun(options, store, /*barrier_at_end=*/false, body);
 }
 
 }  // namespace gemma::cli

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "worker/parallel/step_plan.h"
+#include "worker/replica/executor.h"
 
 namespace gemma::cli {
 namespace {
@@ -32,7 +33,7 @@ StepPlan JoinPlan(std::span<const int32_t> prompt, const SamplingParams& samplin
   joined.sequence_id = kSequenceId;
   joined.token_ids.assign(prompt.begin(), prompt.end());
   for (size_t i = 0; i < prompt.size(); ++i) joined.positions.push_back(static_cast<int32_t>(i));
-  joined.sampling = {sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed};
+  joined.sampling = replica::ToPlanSampling(sampling);
   plan.joined.push_back(joined);
   return plan;
 }
@@ -70,11 +71,8 @@ absl::StatusOr<std::vector<int32_t>> RankGenerate(RankEnv& env, gemma4::Model& m
     ASSIGN_OR_RETURN(StepPlan plan, Exchange(channel, env, JoinPlan(prompt, options.sampling)));
     RETURN_IF_ERROR(CheckJoin(plan));
     const parallel::JoinedSequence joined = plan.joined[0];
-    SamplingParams sampling = options.sampling;
-    sampling.temperature = joined.sampling.temperature;
-    sampling.top_k = joined.sampling.top_k;
-    sampling.top_p = joined.sampling.top_p;
-    sampling.seed = joined.sampling.seed;
+    // The leader's parameters, every field (the request key included).
+    SamplingParams sampling = replica::FromPlanSampling(joined.sampling, 0);
     std::vector<int32_t> pending = joined.token_ids;
     int64_t max_new = options.max_new_tokens;
     // The first plan carries the join; each later plan one decode entry, or the finish.

@@ -18,7 +18,7 @@
 #include "absl/time/time.h"
 #include "common/model_config.h"
 #include "common/tokenizer/tokenizer.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/engine/request.h"
 #include "worker/engine/scheduler.h"
 #include "worker/engine/step_executor.h"

@@ -11,7 +11,7 @@
 #include "common/tokenizer/stop_matcher.h"
 #include "common/tokenizer/stream_decoder.h"
 #include "worker/backend/backend.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/engine/request.h"
 
 namespace gemma::engine {

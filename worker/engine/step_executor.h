@@ -9,7 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/backend/backend.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 
 namespace gemma::engine {

@@ -16,7 +16,7 @@
 namespace gemma::parallel {
 
 struct SamplingParams {
-  float temperature = 1.0f;
+  float temperature = 0.0f;  // greedy by default, as everywhere else
   int32_t top_k = 0;  // 0: no top-k cut
   float top_p = 1.0f;
   uint64_t seed = 0;

@@ -40,18 +40,19 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
+#include "common/tool_main.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "glog/logging.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
-#include "worker/cli/cli_common.h"
-#include "worker/cli/parallel_ranks.h"
 #include "worker/engine/engine.h"
-#include "worker/engine/kv_cache.h"
-#include "worker/engine/replica_executor.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/service/fingerprint.h"
 #include "worker/service/grpc_store.h"
+#include "worker/replica/executor.h"
+#include "worker/replica/load.h"
+#include "worker/replica/rank.h"
 #include "worker/service/replica_service.h"
 #include "proto/status_convert.h"
 
@@ -78,6 +79,13 @@ ABSL_FLAG(int32_t, node_rank, 0, "this worker's place among them, 0..nodes-1 (0 
 ABSL_FLAG(std::string, store_prefix, "",
           "internal: the rendezvous key prefix the supervisor gives its rank processes");
 ABSL_FLAG(int32_t, local_ranks, 1, "internal: rank processes of this worker");
+ABSL_FLAG(int32_t, rank, -1, "internal: this process's rank (a rank process of the supervisor)");
+ABSL_FLAG(int32_t, world_size, 0, "internal: the replica's ranks (with --rank)");
+ABSL_FLAG(std::string, mode, "tp", "parallel mode of the replica: tp or dp-ep");
+ABSL_FLAG(int32_t, tp, 0, "dp-ep mode: tensor-parallel ranks per data-parallel group");
+ABSL_FLAG(int32_t, comm_timeout_s, 60, "seconds before a collective or the rendezvous gives up");
+ABSL_FLAG(std::string, interface, "", "network interface for Gloo (default: by --listen host)");
+ABSL_FLAG(bool, check_routing, false, "compare a hash of each layer's routing across tp ranks");
 
 namespace {
 
@@ -368,7 +376,7 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
 // loop, the Replica service, registration and heartbeats, until SIGTERM. `plans` carries the
 // step plans to the group's other ranks (null: none); `leaders` (dp-ep with several groups)
 // steps the group leaders in lockstep.
-absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded,
+absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank& loaded,
                        iv1::Coordinator::Stub& stub, gemma::parallel::Communicator* plans,
                        gemma::parallel::Communicator* leaders) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
@@ -381,8 +389,8 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   }
   gemma::engine::EngineOptions options;
   options.tokenizer = tokenizer.get();
-  auto executor = std::make_unique<gemma::engine::LeaderExecutor>(loaded.model.get(), plans);
-  gemma::engine::LeaderExecutor* leader = executor.get();
+  auto executor = std::make_unique<gemma::replica::LeaderExecutor>(loaded.model.get(), plans);
+  gemma::replica::LeaderExecutor* leader = executor.get();
   ASSIGN_OR_RETURN(std::unique_ptr<gemma::engine::Engine> engine,
                    gemma::engine::Engine::Create(std::move(executor), loaded.model->config(),
                                                  loaded.cache.get(), options));
@@ -403,28 +411,8 @@ absl::Status RunLeader(gemma::cli::RankEnv& env, gemma::cli::LoadedModel& loaded
   std::atomic<bool> engine_stop{false};
   absl::Status engine_status;
   std::thread engine_thread([&] {
-    if (leaders == nullptr) {
-      engine_status = engine->Run(&engine_stop);
-    } else {
-      // Every expert all-to-all needs every rank: the groups step together, an idle group
-      // with an empty step. While none has work they poll, backing off from 1 to 16 ms so an
-      // idle replica does not spin on its collectives.
-      std::chrono::milliseconds idle_wait{1};
-      while (!engine_stop.load()) {
-        absl::StatusOr<bool> ran =
-            gemma::engine::LockstepStep(*engine, *leader, *loaded.cache, leaders);
-        if (!ran.ok()) {
-          engine_status = ran.status();
-          break;
-        }
-        if (*ran) {
-          idle_wait = std::chrono::milliseconds(1);
-        } else {
-          std::this_thread::sleep_for(idle_wait);
-          idle_wait = std::min(idle_wait * 2, std::chrono::milliseconds(16));
-        }
-      }
-    }
+    engine_status =
+        gemma::replica::RunLeaderLoop(*engine, *leader, *loaded.cache, leaders, &engine_stop);
     if (!engine_status.ok()) {
       LOG(ERROR) << "engine loop failed: " << engine_status;
       g_stop.store(true);
@@ -519,7 +507,7 @@ absl::Status RunRank() {
   const std::string backend = absl::GetFlag(FLAGS_backend);
 
   std::unique_ptr<gemma::service::GrpcStore> store;
-  auto body = [&](gemma::cli::RankEnv& env) -> absl::Status {
+  auto body = [&](gemma::replica::RankEnv& env) -> absl::Status {
     const bool group_leader = env.world.tp_rank() == 0;
     if (group_leader) {
       signal(SIGTERM, OnSignal);
@@ -528,13 +516,14 @@ absl::Status RunRank() {
       // The supervisor's SIGTERM ends a follower at once; Ctrl-C is the supervisor's to handle.
       signal(SIGINT, SIG_IGN);
     }
-    ASSIGN_OR_RETURN(gemma::cli::LoadedModel loaded,
-                     gemma::cli::LoadForCli(absl::GetFlag(FLAGS_model),
-                                            absl::GetFlag(FLAGS_threads),
-                                            absl::GetFlag(FLAGS_cache_tokens),
-                                            absl::GetFlag(FLAGS_page_size), env.parallel,
-                                            /*ranks_in_process=*/absl::GetFlag(FLAGS_local_ranks),
-                                            backend));
+    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
+                     gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
+                                               .backend = backend,
+                                               .threads = absl::GetFlag(FLAGS_threads),
+                                               .ranks_in_process = absl::GetFlag(FLAGS_local_ranks),
+                                               .cache_tokens = absl::GetFlag(FLAGS_cache_tokens),
+                                               .page_size = absl::GetFlag(FLAGS_page_size),
+                                               .parallel = env.parallel}));
     if (env.control != nullptr) {
       // Ready only when every rank has loaded its slices; the rendezvous keys are done with.
       RETURN_IF_ERROR(env.control->Barrier());
@@ -544,7 +533,7 @@ absl::Status RunRank() {
     gemma::parallel::Communicator* plans = dp_ep ? env.group_control : env.control;
     if (!group_leader) {
       LOG(INFO) << "rank " << rank << " loaded; following its group leader's step plans";
-      return gemma::engine::FollowPlans(*loaded.model, *loaded.cache, plans);
+      return gemma::replica::FollowPlans(*loaded.model, *loaded.cache, plans);
     }
     return RunLeader(env, loaded, *stub, plans, dp_ep ? env.leaders : nullptr);
   };
@@ -553,7 +542,7 @@ absl::Status RunRank() {
     gemma::parallel::WorldConfig::Options single;
     ASSIGN_OR_RETURN(gemma::parallel::WorldConfig world,
                      gemma::parallel::WorldConfig::Create(single));
-    gemma::cli::RankEnv env{world, {}, nullptr, 1, true};
+    gemma::replica::RankEnv env{world, {}, nullptr, 1, true};
     return body(env);
   }
   store = std::make_unique<gemma::service::GrpcStore>(stub.get(),
@@ -569,7 +558,7 @@ absl::Status RunRank() {
         "; every worker of a replica needs the same --nodes, --cpu-ranks (or --gpus), --mode "
         "and --tp"));
   }
-  gemma::cli::ProcessRankOptions options;
+  gemma::replica::ProcessRankOptions options;
   ASSIGN_OR_RETURN(options.world.mode,
                    gemma::parallel::ParseParallelMode(absl::GetFlag(FLAGS_mode)));
   options.world.tp_size = options.world.mode == gemma::parallel::ParallelMode::kTp
@@ -586,10 +575,12 @@ absl::Status RunRank() {
   } else {
     options.hostname = host;
   }
+  options.interface = absl::GetFlag(FLAGS_interface);
+  options.check_routing = absl::GetFlag(FLAGS_check_routing);
   options.timeout = timeout;
   // Followers wait on the control group for as long as the replica is idle.
   options.control_timeout = std::chrono::hours(24 * 365);
-  absl::Status status = gemma::cli::RunProcessRank(options, *store, body);
+  absl::Status status = gemma::replica::RunProcessRank(options, *store, body);
   if (rank == 0) store->Clear().IgnoreError();
   return status;
 }
@@ -604,7 +595,7 @@ absl::Status Run() {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv, argv + argc);
   g_argv = &args;
-  return gemma::cli::ToolMain(
+  return gemma::ToolMain(
       argc, argv, "gemma-worker",
       "serves one replica of the model (one process per rank) and registers it with the "
       "coordinator\n"

@@ -13,7 +13,7 @@
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/generate.h"
-#include "worker/engine/replica_executor.h"
+#include "worker/replica/executor.h"
 #include "worker/parallel/in_process_communicator.h"
 
 namespace gemma::engine {
@@ -124,12 +124,12 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
       ASSERT_TRUE(cache.ok()) << cache.status();
       s.cache = std::move(*cache);
       if (tp_rank != 0) {
-        absl::Status followed = FollowPlans(*s.model, *s.cache, s.control.get());
+        absl::Status followed = replica::FollowPlans(*s.model, *s.cache, s.control.get());
         EXPECT_TRUE(followed.ok()) << "rank " << r << ": " << followed;
         return;
       }
-      auto executor = std::make_unique<LeaderExecutor>(s.model.get(), s.control.get());
-      LeaderExecutor* leader = executor.get();
+      auto executor = std::make_unique<replica::LeaderExecutor>(s.model.get(), s.control.get());
+      replica::LeaderExecutor* leader = executor.get();
       EngineOptions engine_options;
       engine_options.scheduler.max_step_tokens = 128;
       auto engine =
@@ -147,7 +147,7 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
       if (dp_ep) {
         s.leaders = leader_group.communicator(group);
         while (true) {
-          auto ran = LockstepStep(**engine, *leader, *s.cache, s.leaders.get());
+          auto ran = replica::LockstepStep(**engine, *leader, *s.cache, s.leaders.get());
           ASSERT_TRUE(ran.ok()) << "rank " << r << ": " << ran.status();
           if (!*ran) break;
         }

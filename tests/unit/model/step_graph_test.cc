@@ -18,7 +18,7 @@
 #include "tests/testing/thread_replica.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/generate.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/model.h"
 
 namespace gemma {

@@ -16,7 +16,7 @@
 #include "common/model_config.h"
 #include "common/safetensors.h"
 #include "worker/backend/backend.h"
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/sharding.h"
 #include "worker/model/gemma4/weights.h"
 #include "worker/parallel/communicator.h"

@@ -1,26 +1,16 @@
-#include "worker/engine/replica_executor.h"
+#include "worker/replica/executor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
 
-namespace gemma::engine {
+namespace gemma::replica {
 namespace {
 
-parallel::SamplingParams ToPlan(const SamplingParams& s) {
-  return {s.temperature, s.top_k, s.top_p, s.seed, s.request_key};
-}
-
-SamplingParams FromPlan(const parallel::SamplingParams& s, int64_t position) {
-  SamplingParams out;
-  out.temperature = s.temperature;
-  out.top_k = s.top_k;
-  out.top_p = s.top_p;
-  out.seed = s.seed;
-  out.request_key = s.request_key;
-  out.position = position;
-  return out;
-}
 
 // Forward over `steps`, then sampling of the rows in `params` (if any).
 absl::StatusOr<std::vector<int32_t>> RunStep(gemma4::Model& model, KvCache& cache,
@@ -33,6 +23,21 @@ absl::StatusOr<std::vector<int32_t>> RunStep(gemma4::Model& model, KvCache& cach
 }
 
 }  // namespace
+
+parallel::SamplingParams ToPlanSampling(const SamplingParams& s) {
+  return {s.temperature, s.top_k, s.top_p, s.seed, s.request_key};
+}
+
+SamplingParams FromPlanSampling(const parallel::SamplingParams& s, int64_t position) {
+  SamplingParams out;
+  out.temperature = s.temperature;
+  out.top_k = s.top_k;
+  out.top_p = s.top_p;
+  out.seed = s.seed;
+  out.request_key = s.request_key;
+  out.position = position;
+  return out;
+}
 
 LeaderExecutor::LeaderExecutor(gemma4::Model* model, parallel::Communicator* group_control)
     : model_(model) {
@@ -60,7 +65,7 @@ absl::StatusOr<std::vector<int32_t>> LeaderExecutor::Execute(const StepBatch& ba
     e.start_position = static_cast<int32_t>(entry.kv->length);
     e.token_ids.assign(entry.tokens.begin(), entry.tokens.end());
     e.sample = entry.sample;
-    e.sampling = ToPlan(entry.sampling);
+    e.sampling = ToPlanSampling(entry.sampling);
     plan.entries.push_back(std::move(e));
     steps.push_back({entry.tokens, entry.kv,
                      entry.sample ? gemma4::LogitsMode::kLast : gemma4::LogitsMode::kNone});
@@ -122,7 +127,7 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
       }
       steps.push_back({e.token_ids, &kv,
                        e.sample ? gemma4::LogitsMode::kLast : gemma4::LogitsMode::kNone});
-      if (e.sample) params.push_back(FromPlan(e.sampling, e.start_position + e.num_new_tokens));
+      if (e.sample) params.push_back(FromPlanSampling(e.sampling, e.start_position + e.num_new_tokens));
     }
     absl::StatusOr<std::vector<int32_t>> sampled = RunStep(model, cache, steps, params);
     if (!sampled.ok()) {
@@ -147,4 +152,22 @@ absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCa
   return true;
 }
 
-}  // namespace gemma::engine
+absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& cache,
+                           parallel::Communicator* leaders, const std::atomic<bool>* stop) {
+  if (leaders == nullptr) return engine.Run(stop);
+  // Every expert all-to-all needs every rank: the groups step together, an idle group with an
+  // empty step.
+  std::chrono::milliseconds idle_wait{1};
+  while (!stop->load()) {
+    ASSIGN_OR_RETURN(const bool ran, LockstepStep(engine, executor, cache, leaders));
+    if (ran) {
+      idle_wait = std::chrono::milliseconds(1);
+    } else {
+      std::this_thread::sleep_for(idle_wait);
+      idle_wait = std::min(idle_wait * 2, std::chrono::milliseconds(16));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace gemma::replica

@@ -1,4 +1,4 @@
-#include "worker/engine/kv_cache.h"
+#include "worker/model/gemma4/kv_cache.h"
 
 #include <algorithm>
 

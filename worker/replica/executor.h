@@ -6,6 +6,7 @@
 // every expert all-to-all needs every rank.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -16,7 +17,12 @@
 #include "worker/parallel/communicator.h"
 #include "worker/parallel/step_plan.h"
 
-namespace gemma::engine {
+namespace gemma::replica {
+
+using engine::Engine;
+using engine::StepBatch;
+using engine::StepEntry;
+using engine::StepExecutor;
 
 class LeaderExecutor : public StepExecutor {
  public:
@@ -51,4 +57,14 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
 absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCache& cache,
                                   parallel::Communicator* leaders);
 
-}  // namespace gemma::engine
+// Sampling parameters into and out of a step plan, every field (the position is the plan's).
+parallel::SamplingParams ToPlanSampling(const SamplingParams& s);
+SamplingParams FromPlanSampling(const parallel::SamplingParams& s, int64_t position);
+
+// The leader's engine loop until *stop: Engine::Run, or in dp-ep (leaders not null) the
+// lockstep iterations, polling while no group has work with a wait backing off from 1 to
+// 16 ms so an idle replica does not spin on its collectives. Returns the first error.
+absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& cache,
+                           parallel::Communicator* leaders, const std::atomic<bool>* stop);
+
+}  // namespace gemma::replica
