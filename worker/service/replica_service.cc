@@ -73,18 +73,9 @@ absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& ca
   if (request.prompt.empty()) {
     return absl::InvalidArgumentError("the request has no input; set text or token_ids");
   }
+  // The coordinator has checked the sampling values; the engine's Submit asserts them again.
+  // Here only what the conversion itself needs.
   const gemma::v1::SamplingParams& sampling = proto.sampling();
-  if (sampling.temperature() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("temperature must be >= 0, got ", sampling.temperature()));
-  }
-  if (sampling.top_k() < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", sampling.top_k()));
-  }
-  if (sampling.has_top_p() && !(sampling.top_p() > 0 && sampling.top_p() <= 1)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("top_p must be in (0, 1], got ", sampling.top_p()));
-  }
   if (proto.max_tokens() < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens must be >= 0 (0: the default), got ", proto.max_tokens()));

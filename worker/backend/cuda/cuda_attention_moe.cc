@@ -121,6 +121,7 @@ void CudaBackend::MoeExperts(const MoeExpertsArgs& a) {
 }
 
 void CudaBackend::MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_type) {
+  ++moe_paths_.fused;
   const int64_t num_slots = a.num_tokens * a.top_k;
   std::shared_ptr<Buffer> act = Scratch(DType::kF32, num_slots * a.inter);
   std::shared_ptr<Buffer> slot_out = Scratch(DType::kF32, num_slots * a.hidden);
@@ -250,6 +251,7 @@ void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
                 F32Ptr(*gate_up_out));
   }
   GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
+  ++(grouped_gemm_unsupported_ ? moe_paths_.per_expert : moe_paths_.grouped);
   GEMMA_CUDA_CHECK(kernels::MoeGeluMul(F32Ptr(*gate_up_out), rows, a.inter,
                                        AsCuda(*act).data(), w_type, stream_));
   s = products(AsCuda(*a.down).data(), a.hidden, a.inter, AsCuda(*act).data(), F32Ptr(*y));

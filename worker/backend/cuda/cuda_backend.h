@@ -126,6 +126,14 @@ class CudaBackend final : public Backend {
   void DropGraphs() override;
   bool capturing() const { return capturing_; }
 
+  // Which MoeExperts path each call took (tests use it to know a path ran).
+  struct MoePathCounts {
+    int64_t fused = 0;       // the fused kernels (few tokens, capture, f32 products)
+    int64_t grouped = 0;     // cuBLAS's grouped GEMM over the permuted rows
+    int64_t per_expert = 0;  // one cuBLASLt product per active expert (no grouped GEMM)
+  };
+  const MoePathCounts& moe_paths() const { return moe_paths_; }
+
   cudaStream_t stream() const { return stream_; }
   const DeviceArena& arena() const { return region_->arena; }
 
@@ -186,6 +194,7 @@ class CudaBackend final : public Backend {
   // cuBLAS refused its grouped GEMM for these types once: expert products run as one cuBLASLt
   // product per active expert instead.
   bool grouped_gemm_unsupported_ = false;
+  MoePathCounts moe_paths_;
   // Host sources of UploadScratch copies that may still be in flight (a cudaMemcpyAsync from
   // pageable memory may read its source after the call returns).
   std::vector<std::vector<char>> upload_keepalive_;
