@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <thread>
 #include <chrono>
 #include <cstdlib>
 #include <functional>
@@ -50,6 +51,9 @@ ABSL_FLAG(double, temperature, 0.0, "generate, chat: sampling temperature; 0 = g
 ABSL_FLAG(int64_t, timeout_ms, 60000, "deadline of each call (of each turn for chat)");
 ABSL_FLAG(int64_t, connect_timeout_ms, 3000, "how long to wait for the coordinator to answer");
 ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate and chat)");
+ABSL_FLAG(bool, watch, false, "experts: redraw every --interval-ms until interrupted");
+ABSL_FLAG(int64_t, interval_ms, 1000, "experts --watch: milliseconds between redraws");
+ABSL_FLAG(std::string, replica, "", "experts: one replica's totals (default: the whole cluster)");
 
 namespace {
 
@@ -60,6 +64,8 @@ constexpr char kUsage[] =
     "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--json] [--echo]\n"
     "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
+    "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]]\n"
+    "      expert load: a layers x experts heatmap and each layer's balancedness\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)";
 
 std::string CoordinatorAddress() {
@@ -360,6 +366,93 @@ absl::Status Status() {
   return absl::OkStatus();
 }
 
+// One cell per expert, darker for more load relative to the layer's busiest expert.
+constexpr const char* kRamp[] = {" ", "\u2591", "\u2592", "\u2593", "\u2588"};
+
+// The heatmap of `load` and each layer's balancedness (mean / max tokens per expert: 1 is
+// perfectly even) and busiest expert's share of the layer's routed tokens.
+std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
+  const int layers = load.num_layers(), experts = load.num_experts();
+  if (layers == 0 || experts == 0 ||
+      load.counts_size() != static_cast<int64_t>(layers) * experts) {
+    return "no expert load reported yet (a model without experts, or no request has run)\n";
+  }
+  std::string out = absl::StrFormat(
+      "expert load: %d layers x %d experts, steps %d..%d, %d windows; each row is a layer, each "
+      "cell an expert: ' ' none, \u2591 \u2592 \u2593 \u2588 up to the layer's busiest\n",
+      layers, experts, load.first_step(), load.last_step(), load.windows());
+  int64_t all = 0, all_max_sum = 0;
+  for (int l = 0; l < layers; ++l) {
+    int64_t total = 0, max = 0;
+    int busiest = 0;
+    for (int e = 0; e < experts; ++e) {
+      const int64_t c = load.counts(l * experts + e);
+      total += c;
+      if (c > max) {
+        max = c;
+        busiest = e;
+      }
+    }
+    std::string row;
+    for (int e = 0; e < experts; ++e) {
+      const int64_t c = load.counts(l * experts + e);
+      const int level = c == 0 || max == 0 ? 0 : static_cast<int>(1 + (3 * c) / max);
+      row += kRamp[std::min(level, 4)];
+    }
+    const double mean = static_cast<double>(total) / experts;
+    out += absl::StrFormat("%3d |%s| balance %.2f, busiest #%d %.1f%%\n", l, row,
+                           max > 0 ? mean / max : 1.0, busiest,
+                           total > 0 ? 100.0 * max / total : 0.0);
+    all += total;
+    all_max_sum += max;
+  }
+  const double mean_of_max = static_cast<double>(all_max_sum) / layers;
+  out += absl::StrFormat("overall balance %.2f (mean over layers of mean / max), %d routed\n",
+                         mean_of_max > 0 ? (static_cast<double>(all) / layers / experts) /
+                                               mean_of_max
+                                         : 1.0,
+                         all);
+  return out;
+}
+
+absl::Status Experts() {
+  const std::string address = CoordinatorAddress();
+  auto channel = Connect(address);
+  if (!channel.ok()) return channel.status();
+  auto stub = gemma::v1::Cluster::NewStub(*channel);
+  const std::string replica = absl::GetFlag(FLAGS_replica);
+  while (true) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    gemma::v1::GetExpertLoadResponse response;
+    grpc::Status status =
+        stub->GetExpertLoad(&context, gemma::v1::GetExpertLoadRequest(), &response);
+    if (!status.ok()) return FromGrpc(status);
+    const gemma::v1::ExpertLoad* load = &response.totals();
+    if (!replica.empty()) {
+      load = nullptr;
+      for (const gemma::v1::ReplicaExpertLoad& r : response.replicas()) {
+        if (r.replica_id() == replica) load = &r.totals();
+      }
+      if (load == nullptr) {
+        std::vector<std::string> ids;
+        for (const auto& r : response.replicas()) ids.push_back(r.replica_id());
+        return absl::NotFoundError(absl::StrCat("no replica \"", replica, "\"; known: ",
+                                                ids.empty() ? "none" : absl::StrJoin(ids, ", ")));
+      }
+    }
+    if (absl::GetFlag(FLAGS_json)) {
+      std::cout << (replica.empty() ? ToJson(response) : ToJson(*load)) << "\n" << std::flush;
+    } else {
+      // In place on a terminal: home the cursor and clear the screen first.
+      if (absl::GetFlag(FLAGS_watch)) std::cout << "\x1b[H\x1b[2J";
+      std::cout << RenderExpertLoad(*load) << std::flush;
+    }
+    if (!absl::GetFlag(FLAGS_watch)) return absl::OkStatus();
+    std::this_thread::sleep_for(std::chrono::milliseconds(absl::GetFlag(FLAGS_interval_ms)));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -374,6 +467,8 @@ int main(int argc, char** argv) {
     status = Chat();
   } else if (command == "status" && args.size() == 2) {
     status = Status();
+  } else if (command == "experts" && args.size() == 2) {
+    status = Experts();
   } else {
     std::cerr << "gemmactl: " << kUsage << "\n";
     return 2;

@@ -95,6 +95,19 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
     }
     entry.last_heartbeat = Now();
     entry.load = request;
+    for (const gemma::v1::ExpertLoad& window : request.expert_windows()) {
+      if (!AddExpertLoad(window, &entry.expert_totals) ||
+          !AddExpertLoad(window, &expert_totals_)) {
+        LOG_EVERY_N(WARNING, 100) << "replica " << entry.replica->id << " sent an expert-load "
+                                  << "window of another shape; dropped";
+        continue;
+      }
+      entry.expert_windows.push_back(window);
+      while (static_cast<int>(entry.expert_windows.size()) > options_.expert_windows_kept) {
+        entry.expert_windows.pop_front();
+      }
+    }
+    entry.load.clear_expert_windows();
     return true;
   }
   return false;
@@ -195,6 +208,43 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     status->set_parallel(entry.replica->parallel);
     status->set_preemptions(entry.load.preemptions());
     status->set_max_context(entry.replica->max_context);
+  }
+  return response;
+}
+
+bool AddExpertLoad(const gemma::v1::ExpertLoad& window, gemma::v1::ExpertLoad* total) {
+  if (window.counts_size() !=
+      static_cast<int64_t>(window.num_layers()) * window.num_experts()) {
+    return false;
+  }
+  if (total->counts_size() == 0) {
+    total->set_num_layers(window.num_layers());
+    total->set_num_experts(window.num_experts());
+    total->mutable_counts()->Resize(window.counts_size(), 0);
+    total->set_first_step(window.first_step());
+  } else if (total->num_layers() != window.num_layers() ||
+             total->num_experts() != window.num_experts()) {
+    return false;
+  }
+  for (int i = 0; i < window.counts_size(); ++i) {
+    total->set_counts(i, total->counts(i) + window.counts(i));
+  }
+  total->set_last_step(window.last_step());
+  total->set_windows(total->windows() + std::max<int64_t>(1, window.windows()));
+  return true;
+}
+
+gemma::v1::GetExpertLoadResponse Registry::ExpertLoad(bool include_windows) const {
+  absl::MutexLock lock(&mutex_);
+  gemma::v1::GetExpertLoadResponse response;
+  *response.mutable_totals() = expert_totals_;
+  for (const Entry& entry : entries_) {
+    gemma::v1::ReplicaExpertLoad* replica = response.add_replicas();
+    replica->set_replica_id(entry.replica->id);
+    *replica->mutable_totals() = entry.expert_totals;
+    if (include_windows) {
+      for (const gemma::v1::ExpertLoad& w : entry.expert_windows) *replica->add_windows() = w;
+    }
   }
   return response;
 }

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -55,7 +56,13 @@ struct RegistryOptions {
   int64_t max_outstanding_per_replica = 256;
   // The clock (tests pass a fake one); null: steady_clock.
   std::function<Clock::time_point()> now;
+  // Expert-load windows kept per replica (the latest; totals are kept whole).
+  int expert_windows_kept = 60;
 };
+
+// Adds `window` into `total` (same shape; a total with no shape takes the window's). False,
+// leaving `total` as it was, when the shapes differ.
+bool AddExpertLoad(const gemma::v1::ExpertLoad& window, gemma::v1::ExpertLoad* total);
 
 class Registry {
  public:
@@ -89,6 +96,9 @@ class Registry {
   std::chrono::milliseconds heartbeat_timeout() const { return options_.heartbeat_timeout; }
   int64_t max_outstanding_per_replica() const { return options_.max_outstanding_per_replica; }
   gemma::v1::GetStatusResponse Status() const;
+  // The totals over every window received (replicas gone included) and, per known replica,
+  // its totals and (with include_windows) its latest windows.
+  gemma::v1::GetExpertLoadResponse ExpertLoad(bool include_windows) const;
 
  private:
   struct Entry {
@@ -96,6 +106,8 @@ class Registry {
     Clock::time_point last_heartbeat;
     gemma::internal::v1::HeartbeatRequest load;
     bool failed = false;
+    gemma::v1::ExpertLoad expert_totals;
+    std::deque<gemma::v1::ExpertLoad> expert_windows;
   };
   bool Healthy(const Entry& entry, Clock::time_point now) const {
     return !entry.failed && now - entry.last_heartbeat <= options_.heartbeat_timeout;
@@ -117,6 +129,7 @@ class Registry {
   bool have_reference_ ABSL_GUARDED_BY(mutex_) = false;
   uint32_t protocol_version_ ABSL_GUARDED_BY(mutex_) = 0;
   std::string fingerprint_ ABSL_GUARDED_BY(mutex_);
+  gemma::v1::ExpertLoad expert_totals_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace gemma::coordinator

@@ -61,6 +61,13 @@ grpc::ServerUnaryReactor* ClusterService::GetStatus(grpc::CallbackServerContext*
   return FinishUnary(context, absl::OkStatus());
 }
 
+grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
+    grpc::CallbackServerContext* context, const gemma::v1::GetExpertLoadRequest* request,
+    gemma::v1::GetExpertLoadResponse* response) {
+  *response = registry_->ExpertLoad(request->include_windows());
+  return FinishUnary(context, absl::OkStatus());
+}
+
 grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
                                                        const iv1::RegisterRequest* request,
                                                        iv1::RegisterResponse* response) {

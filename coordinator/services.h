@@ -39,6 +39,9 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* context,
                                       const gemma::v1::GetStatusRequest* request,
                                       gemma::v1::GetStatusResponse* response) override;
+  grpc::ServerUnaryReactor* GetExpertLoad(grpc::CallbackServerContext* context,
+                                          const gemma::v1::GetExpertLoadRequest* request,
+                                          gemma::v1::GetExpertLoadResponse* response) override;
 
  private:
   Registry* registry_;

@@ -14,12 +14,14 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/npy.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "google/protobuf/util/json_util.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster/cluster_harness.h"
+#include "tests/testing/compare.h"
 
 namespace gemma::testing::cluster {
 namespace {
@@ -180,6 +182,82 @@ TEST_F(GemmactlClusterTest, ChatSendsTheWholeConversation) {
     ASSERT_TRUE(direct.status.ok()) << direct.status.error_message();
     EXPECT_EQ(direct.ids, turn.ids) << "turn " << i;
   }
+}
+
+nlohmann::json ReadJsonFile(const std::string& path) {
+  std::ifstream in(path);
+  EXPECT_TRUE(in.good()) << path;
+  return nlohmann::json::parse(in);
+}
+
+// Expert load through the real cluster equals the routing transformers recorded for the
+// golden prompts: each prompt is sent with max_tokens 1 (the replica feeds exactly the prompt),
+// and the counts the replica sends in its heartbeats, summed by the coordinator, are the
+// histogram of the fixture's chosen experts, in GetExpertLoad and in gemmactl experts --json.
+TEST_F(GemmactlClusterTest, ExpertLoadEqualsTheReferenceRouting) {
+  std::ifstream in(testing::GoldenPath("reference/tiny-moe/manifest.json"));
+  ASSERT_TRUE(in.good());
+  const nlohmann::json manifest = nlohmann::json::parse(in);
+  std::vector<int64_t> want;
+  int64_t layers = 0, experts = 0;
+  for (const auto& prompt : manifest["prompts"]) {
+    const std::vector<int32_t> tokens = prompt["tokens"].get<std::vector<int32_t>>();
+    auto ref = ReadNpy(testing::GoldenPath("reference/tiny-moe/" +
+                                           prompt["experts"].get<std::string>()));
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    ASSERT_EQ(ref->shape.size(), 3u);
+    layers = ref->shape[0];
+    const int64_t t = ref->shape[1], k = ref->shape[2];
+    experts = ReadJsonFile(kTinyMoe + "/config.json")["text_config"]["num_experts"];
+    if (want.empty()) want.assign(layers * experts, 0);
+    const std::vector<int64_t> ids = ref->AsInt64();
+    for (int64_t i = 0; i < static_cast<int64_t>(ids.size()); ++i) {
+      ++want[(i / (t * k)) * experts + ids[i]];
+    }
+    StreamResult result = Generate(cluster_.inference(), TokenRequest(tokens, 1));
+    ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  }
+  int64_t want_total = 0;
+  for (int64_t c : want) want_total += c;
+
+  // Windows arrive with the heartbeats (about once a second).
+  v1::GetExpertLoadResponse load;
+  const auto deadline = Clock::now() + seconds(15);
+  int64_t total = 0;
+  while (Clock::now() < deadline) {
+    grpc::ClientContext context;
+    v1::GetExpertLoadRequest request;
+    request.set_include_windows(true);
+    ASSERT_TRUE(cluster_.cluster().GetExpertLoad(&context, request, &load).ok());
+    total = 0;
+    for (int64_t c : load.totals().counts()) total += c;
+    if (total >= want_total) break;
+    std::this_thread::sleep_for(milliseconds(200));
+  }
+  ASSERT_EQ(load.totals().num_layers(), layers);
+  ASSERT_EQ(load.totals().num_experts(), experts);
+  EXPECT_EQ(std::vector<int64_t>(load.totals().counts().begin(), load.totals().counts().end()),
+            want);
+  ASSERT_EQ(load.replicas_size(), 1);
+  EXPECT_GE(load.replicas(0).windows_size(), 1);
+  EXPECT_EQ(load.replicas(0).totals().SerializeAsString(), load.totals().SerializeAsString());
+
+  ToolRun json = RunWithStdin(Gemmactl({"experts", "--json"}), "");
+  ASSERT_EQ(json.exit_code, 0) << json.err;
+  const nlohmann::json parsed = nlohmann::json::parse(json.out);
+  std::vector<int64_t> from_tool;
+  for (const auto& c : parsed["totals"]["counts"]) from_tool.push_back(std::stoll(c.get<std::string>()));
+  EXPECT_EQ(from_tool, want);
+
+  ToolRun text = RunWithStdin(Gemmactl({"experts"}), "");
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_NE(text.out.find(absl::StrCat(layers, " layers x ", experts, " experts")),
+            std::string::npos)
+      << text.out;
+  EXPECT_EQ(std::count(text.out.begin(), text.out.end(), '\n'), layers + 2) << text.out;
+  ToolRun unknown = RunWithStdin(Gemmactl({"experts", "--replica", "nope"}), "");
+  EXPECT_EQ(unknown.exit_code, 1);
+  EXPECT_NE(unknown.err.find("no replica \"nope\""), std::string::npos) << unknown.err;
 }
 
 TEST_F(GemmactlClusterTest, ChatPrintsLabelledRepliesAndResets) {

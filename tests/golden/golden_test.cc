@@ -179,6 +179,33 @@ TEST_P(GoldenTest, ChosenExpertsMatch) {
   }
 }
 
+// The expert-load counters equal the routing transformers recorded: per layer, each expert's
+// count is the number of prompt tokens that chose it. Taking them zeroes them.
+TEST_P(GoldenTest, ExpertCountsEqualTheReferenceRouting) {
+  const auto& config = loaded_.model->config();
+  if (!config.enable_moe_block) GTEST_SKIP() << "dense model: no experts";
+  ASSERT_TRUE(loaded_.model->EnableExpertCounts().ok());
+  const int64_t experts = config.num_experts;
+  for (const auto& prompt : manifest_["prompts"]) {
+    std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
+    NpyArray ref = ReadFixture(GetParam(), prompt["experts"]);
+    const int64_t t = static_cast<int64_t>(tokens.size());
+    const int64_t k = config.top_k_experts;
+    std::vector<int64_t> want(config.num_hidden_layers * experts, 0);
+    const std::vector<int64_t> ref_ids = ref.AsInt64();
+    for (int64_t i = 0; i < static_cast<int64_t>(ref_ids.size()); ++i) {
+      ++want[(i / (t * k)) * experts + ref_ids[i]];
+    }
+    ASSERT_TRUE(PromptLogits(*loaded_.model, *loaded_.cache, tokens).ok());
+    auto counts = loaded_.model->TakeExpertCounts();
+    ASSERT_TRUE(counts.ok()) << counts.status();
+    EXPECT_EQ(*counts, want) << "prompt " << prompt["name"];
+    auto again = loaded_.model->TakeExpertCounts();
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(*again, std::vector<int64_t>(want.size(), 0));
+  }
+}
+
 TEST_P(GoldenTest, GreedyContinuationsIdentical) {
   for (const auto& g : manifest_["greedy"]) {
     std::vector<int32_t> prompt = Tokens(g["prompt"]);

@@ -248,3 +248,62 @@ TEST_F(RegistryTest, StatusReportsReplicasAndCounters) {
 
 }  // namespace
 }  // namespace gemma::coordinator
+
+namespace gemma::coordinator {
+namespace {
+
+gemma::v1::ExpertLoad Window(std::vector<int64_t> counts, int64_t first, int64_t last,
+                             int32_t layers = 2, int32_t experts = 3) {
+  gemma::v1::ExpertLoad w;
+  w.set_num_layers(layers);
+  w.set_num_experts(experts);
+  w.mutable_counts()->Add(counts.begin(), counts.end());
+  w.set_first_step(first);
+  w.set_last_step(last);
+  w.set_windows(1);
+  return w;
+}
+
+TEST_F(RegistryTest, ExpertLoadWindowsSumPerReplicaAndOverTheClusterWithABoundedHistory) {
+  RegistryOptions options;
+  options.expert_windows_kept = 2;
+  options.now = [this] { return now_; };
+  Registry registry(options);
+  const std::string a = *registry.Register(Worker("127.0.0.1:1001"));
+  const std::string b = *registry.Register(Worker("127.0.0.1:1002"));
+  iv1::HeartbeatRequest beat;
+  beat.set_replica_id(a);
+  *beat.add_expert_windows() = Window({1, 0, 2, 3, 0, 0}, 1, 4);
+  *beat.add_expert_windows() = Window({0, 1, 0, 0, 1, 1}, 5, 9);
+  ASSERT_TRUE(registry.Heartbeat(beat));
+  beat.clear_expert_windows();
+  *beat.add_expert_windows() = Window({5, 0, 0, 0, 0, 5}, 10, 12);
+  // A window of another shape (another model) is dropped, the others kept.
+  *beat.add_expert_windows() = Window({1, 1}, 13, 13, 1, 2);
+  ASSERT_TRUE(registry.Heartbeat(beat));
+  iv1::HeartbeatRequest other;
+  other.set_replica_id(b);
+  *other.add_expert_windows() = Window({0, 0, 1, 0, 0, 1}, 1, 2);
+  ASSERT_TRUE(registry.Heartbeat(other));
+
+  gemma::v1::GetExpertLoadResponse load = registry.ExpertLoad(/*include_windows=*/true);
+  EXPECT_EQ(std::vector<int64_t>(load.totals().counts().begin(), load.totals().counts().end()),
+            (std::vector<int64_t>{6, 1, 3, 3, 1, 7}));
+  EXPECT_EQ(load.totals().windows(), 4);
+  ASSERT_EQ(load.replicas_size(), 2);
+  const gemma::v1::ReplicaExpertLoad& ra = load.replicas(0);
+  EXPECT_EQ(ra.replica_id(), a);
+  EXPECT_EQ(std::vector<int64_t>(ra.totals().counts().begin(), ra.totals().counts().end()),
+            (std::vector<int64_t>{6, 1, 2, 3, 1, 6}));
+  EXPECT_EQ(ra.totals().first_step(), 1);
+  EXPECT_EQ(ra.totals().last_step(), 12);
+  ASSERT_EQ(ra.windows_size(), 2);  // the latest two of three
+  EXPECT_EQ(ra.windows(0).first_step(), 5);
+  EXPECT_EQ(ra.windows(1).first_step(), 10);
+  EXPECT_EQ(registry.ExpertLoad(false).replicas(0).windows_size(), 0);
+  // GetStatus does not carry the windows.
+  EXPECT_EQ(registry.Status().replicas_size(), 2);
+}
+
+}  // namespace
+}  // namespace gemma::coordinator

@@ -48,6 +48,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "worker/engine/engine.h"
 #include "worker/model/gemma4/kv_cache.h"
+#include "worker/service/expert_load.h"
 #include "worker/service/fingerprint.h"
 #include "worker/service/grpc_store.h"
 #include "worker/replica/executor.h"
@@ -340,8 +341,11 @@ absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
 
 void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
                    const iv1::RegisterRequest& registration,
-                   const gemma::service::ReplicaLoad& load) {
+                   const gemma::service::ReplicaLoad& load,
+                   gemma::service::ExpertLoadRecorder& experts) {
   iv1::HeartbeatRequest beat;
+  std::vector<gemma::v1::ExpertLoad> windows = experts.Drain();
+  for (const gemma::v1::ExpertLoad& w : windows) *beat.add_expert_windows() = w;
   beat.set_replica_id(*replica_id);
   beat.set_running(load.running);
   beat.set_waiting(load.waiting);
@@ -357,6 +361,8 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(900));
   grpc::Status status = stub.Heartbeat(&context, beat, &reply);
+  // Windows the coordinator did not take go out again with the next heartbeat.
+  if (!status.ok() || !reply.known()) experts.Requeue(std::move(windows));
   if (!status.ok()) {
     LOG_EVERY_N(WARNING, 10) << "heartbeat to " << absl::GetFlag(FLAGS_coordinator)
                              << " failed: " << status.error_message();
@@ -398,7 +404,18 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   for (int pool = 0; pool < 2; ++pool) {
     load.pages_total[pool] = loaded.cache->pool(pool).num_pages();
   }
-  engine->set_step_observer([&load](const gemma::engine::StepStats& stats) {
+  // Expert load, counted on the leader (its group's ranks route the same tokens) and sent in
+  // windows of about one heartbeat.
+  RETURN_IF_ERROR(loaded.model->EnableExpertCounts());
+  gemma::service::ExpertLoadRecorder experts(
+      std::chrono::milliseconds(absl::GetFlag(FLAGS_heartbeat_ms)));
+  gemma::replica::LoadedRank* rank = &loaded;
+  engine->set_step_observer([&load, &experts, rank](const gemma::engine::StepStats& stats) {
+    // A window closes when it has lasted a heartbeat, or when the replica falls idle.
+    const bool idle = stats.num_running == 0 && stats.num_waiting == 0;
+    if (absl::Status s = experts.OnStep(*rank->model, stats.step, idle); !s.ok()) {
+      LOG_EVERY_N(WARNING, 100) << "expert counts: " << s;
+    }
     load.running = stats.num_running;
     load.waiting = stats.num_waiting;
     load.preemptions += stats.num_preempted;
@@ -481,7 +498,7 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   while (!g_stop.load()) {
     if (Clock::now() >= next_beat) {
       next_beat += std::chrono::milliseconds(absl::GetFlag(FLAGS_heartbeat_ms));
-      SendHeartbeat(stub, &*replica_id, registration, load);
+      SendHeartbeat(stub, &*replica_id, registration, load, experts);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

@@ -329,6 +329,32 @@ absl::Status Model::RunNetwork(const BatchLayout& layout, const StepInputs& in, 
   return absl::OkStatus();
 }
 
+absl::Status Model::EnableExpertCounts() {
+  if (!config_.enable_moe_block || expert_counts_ != nullptr) return absl::OkStatus();
+  const int64_t layers = config_.num_hidden_layers, experts = config_.num_experts;
+  ASSIGN_OR_RETURN(expert_counts_, backend_.Alloc(DType::kI32, layers * experts));
+  const std::vector<int32_t> zeros(layers * experts, 0);
+  backend_.Write(*expert_counts_, zeros.data(), zeros.size() * sizeof(int32_t));
+  for (int64_t l = 0; l < layers; ++l) {
+    ASSIGN_OR_RETURN(BufferPtr view, backend_.View(*expert_counts_, l * experts, experts));
+    layer_expert_counts_.push_back(std::move(view));
+  }
+  // Graphs recorded before had no counter in their routers.
+  DropStepGraphs();
+  return backend_.Synchronize();
+}
+
+absl::StatusOr<std::vector<int64_t>> Model::TakeExpertCounts() {
+  if (expert_counts_ == nullptr) return std::vector<int64_t>();
+  const int64_t n = expert_counts_->numel();
+  std::vector<int32_t> counts(n);
+  RETURN_IF_ERROR(backend_.Read(*expert_counts_, counts.data(), n * sizeof(int32_t)));
+  const std::vector<int32_t> zeros(n, 0);
+  backend_.Write(*expert_counts_, zeros.data(), zeros.size() * sizeof(int32_t));
+  RETURN_IF_ERROR(backend_.Synchronize());
+  return std::vector<int64_t>(counts.begin(), counts.end());
+}
+
 absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& given) {
   const int64_t rows = num_logit_rows_;
   if (static_cast<int64_t>(given.size()) != rows) {
@@ -463,6 +489,7 @@ absl::Status Model::FeedForwardBlock(int l) {
     route.eps = eps;
     route.topk_ids = topk_ids_.get();
     route.topk_weights = topk_weights_.get();
+    if (expert_counts_ != nullptr) route.expert_counts = layer_expert_counts_[l].get();
     backend_.MoeRoute(route);
     Observe(absl::StrCat("layers.", l, ".router_ids"), *topk_ids_, {t, c.top_k_experts});
     if (parallel_.check_routing) RETURN_IF_ERROR(CheckRouting(l));

@@ -79,6 +79,16 @@ class Model {
   absl::StatusOr<std::vector<float>> LogitsToHost();
 
   void set_observer(TensorObserver observer) { observer_ = std::move(observer); }
+
+  // Expert load: once enabled (before the first step, so that step graphs record it), every
+  // router adds the tokens it routes to a per-layer, per-expert counter on the backend, with no
+  // extra pass and no host round trip per step. TakeExpertCounts reads and zeroes them
+  // ([num_hidden_layers * num_experts], layer-major; a synchronisation, so once per window,
+  // between steps). Nothing for a model without experts. Enable it on one rank of each group
+  // that routes the same tokens (in tp every rank does).
+  absl::Status EnableExpertCounts();
+  bool expert_counts_enabled() const { return expert_counts_ != nullptr; }
+  absl::StatusOr<std::vector<int64_t>> TakeExpertCounts();
   // Step graphs, on a backend that has them (CUDA): a step whose sequences each bring one token
   // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
   // width rounded up to a power of two, logit rows) and replayed after that. On by default.
@@ -147,6 +157,8 @@ class Model {
   BufferPtr row_hidden_;  // [R, H]
   BufferPtr logits_;      // [R, V]
   BufferPtr sampled_;     // [R] i32
+  BufferPtr expert_counts_;                 // [layers, experts] i32, when enabled
+  std::vector<BufferPtr> layer_expert_counts_;  // a view per layer
   // Step metadata: the last eager step's, and each step graph's (fixed buffers it replays on).
   StepInputs step_inputs_;
   std::map<int64_t, StepInputs> graph_inputs_;
