@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -16,8 +17,10 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/flag_dashes.h"
+#include "coordinator/metrics.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
@@ -26,6 +29,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "httplib.h"
 
 ABSL_FLAG(std::string, listen, "0.0.0.0:50051", "address to serve on, HOST:PORT");
 ABSL_FLAG(int64_t, heartbeat_timeout_ms, 3000,
@@ -37,6 +41,10 @@ ABSL_FLAG(int64_t, forget_after_ms, 60000,
 ABSL_FLAG(int64_t, max_outstanding_per_replica, 256,
           "admission limit: requests in flight on one replica; when every healthy replica is "
           "at it, new requests get RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, http_listen, "",
+          "HOST:PORT of the HTTP port (/metrics in the Prometheus text format); empty: none");
+ABSL_FLAG(bool, metrics_per_expert, false,
+          "also export gemma:expert_tokens_total per layer and expert (layers x experts series)");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -87,7 +95,9 @@ int Run() {
   registry_options.forget_after = std::chrono::milliseconds(forget_after_ms);
   gemma::coordinator::Registry registry(registry_options);
   gemma::coordinator::Store store;
+  gemma::coordinator::Metrics metrics(&registry, absl::GetFlag(FLAGS_metrics_per_expert));
   gemma::coordinator::ProxyOptions proxy_options;
+  proxy_options.metrics = &metrics;
   proxy_options.max_attempts = max_attempts;
   proxy_options.requeue_wait = std::chrono::milliseconds(timeout_ms);
   gemma::coordinator::InferenceService inference(&registry, proxy_options);
@@ -106,6 +116,37 @@ int Run() {
     std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen) << "\n";
     return 1;
   }
+  // The HTTP port: one server for everything HTTP.
+  httplib::Server http;
+  std::thread http_thread;
+  if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {
+    const size_t colon = http_listen.rfind(':');
+    int http_port = 0;
+    if (colon == std::string::npos ||
+        !absl::SimpleAtoi(http_listen.substr(colon + 1), &http_port) || http_port < 0 ||
+        http_port > 65535) {
+      std::cerr << "gemma-coordinator: --http-listen \"" << http_listen
+                << "\" is not HOST:PORT\n";
+      server->Shutdown();
+      return 1;
+    }
+    http.Get("/metrics", [&metrics](const httplib::Request&, httplib::Response& response) {
+      response.set_content(metrics.Scrape(), "text/plain; version=0.0.4; charset=utf-8");
+    });
+    const std::string host = http_listen.substr(0, colon);
+    const int bound = http_port == 0 ? http.bind_to_any_port(host)
+                                     : (http.bind_to_port(host, http_port) ? http_port : -1);
+    if (bound <= 0) {
+      std::cerr << "gemma-coordinator: cannot listen for HTTP on " << http_listen << "\n";
+      server->Shutdown();
+      return 1;
+    }
+    http_thread = std::thread([&http] { http.listen_after_bind(); });
+    // On stdout, for scripts that start the coordinator with port 0.
+    std::printf("http serving on %s:%d\n", host.c_str(), bound);
+    std::fflush(stdout);
+    LOG(INFO) << "HTTP /metrics on " << host << ":" << bound;
+  }
   LOG(INFO) << "coordinator serving on port " << port << " (heartbeat timeout " << timeout_ms
             << " ms, at most " << max_outstanding << " requests per replica, "
             << max_attempts << " attempts per request)";
@@ -113,6 +154,10 @@ int Run() {
   signal(SIGINT, OnSignal);
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   LOG(INFO) << "shutting down";
+  if (http_thread.joinable()) {
+    http.stop();
+    http_thread.join();
+  }
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }

@@ -186,6 +186,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     relayed_ids_.insert(relayed_ids_.end(), response.token_ids().begin(),
                         response.token_ids().end());
     if (response.has_final()) final_relayed_ = true;
+    CountLocked(response);
     outgoing_ = std::move(response);
     message_.Clear();
     writing_ = true;
@@ -258,6 +259,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       final->set_finish_reason("max_tokens");
       final->set_prompt_tokens(static_cast<int64_t>(prompt_ids_.size()));
       final->set_generated_tokens(static_cast<int64_t>(relayed_ids_.size()));
+      CountLocked(outgoing_);
       finished_ = true;
       if (counted_) registry_->RequestEnded();
       StartWriteAndFinish(&outgoing_, grpc::WriteOptions(), grpc::Status::OK);
@@ -340,6 +342,30 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     FinishLocked(grpc::Status(grpc::StatusCode::UNAVAILABLE, message));
   }
 
+  // The metrics of a message about to go to the client: its first token's latency or the gap
+  // since the previous token message, and the finish.
+  void CountLocked(const GenerateResponse& response) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    Metrics* metrics = options_.metrics;
+    if (metrics == nullptr) return;
+    const auto now = std::chrono::steady_clock::now();
+    auto seconds = [](std::chrono::steady_clock::duration d) {
+      return std::chrono::duration<double>(d).count();
+    };
+    if (response.token_ids_size() > 0) {
+      if (!first_token_counted_) {
+        metrics->FirstToken(seconds(now - arrived_));
+        first_token_counted_ = true;
+      } else {
+        metrics->InterToken(seconds(now - last_token_));
+      }
+      last_token_ = now;
+    }
+    if (response.has_final()) {
+      metrics->Finished(response.final().finish_reason(), response.final().prompt_tokens(),
+                        response.final().generated_tokens(), seconds(now - arrived_));
+    }
+  }
+
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     if (finished_) return;
     finished_ = true;
@@ -359,6 +385,9 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   GenerateRequest request_;  // as sent on the first attempt
 
   absl::Mutex mutex_;
+  const std::chrono::steady_clock::time_point arrived_ = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point last_token_ ABSL_GUARDED_BY(mutex_);
+  bool first_token_counted_ ABSL_GUARDED_BY(mutex_) = false;
   bool counted_ ABSL_GUARDED_BY(mutex_) = false;  // in the registry's requests in flight
   std::vector<std::unique_ptr<Attempt>> attempts_ ABSL_GUARDED_BY(mutex_);
   ReplicaGenerateResponse message_;  // being read from the replica

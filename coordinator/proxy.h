@@ -17,6 +17,7 @@
 #include <chrono>
 
 #include "coordinator/registry.h"
+#include "coordinator/metrics.h"
 #include "coordinator/timer.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -30,6 +31,8 @@ struct ProxyOptions {
   // A replica call that ends CANCELLED is the replica's doing only if the client's call is not
   // cancelled this long after.
   std::chrono::milliseconds cancel_grace{200};
+  // Where the streams' timings and finishes are counted (not owned; null: nowhere).
+  Metrics* metrics = nullptr;
 };
 
 // Whether a replica call that ended with `status` means the replica failed (its process, its

@@ -51,9 +51,14 @@ PKGS=(
   # Gloo, and what libgloo.so.0 loads (hiredis, ibverbs and its netlink libraries).
   libgloo-dev libgloo0 libhiredis0.14 libibverbs1 libnl-3-200 libnl-route-3-200
 )
-# The cluster services (find_package(Protobuf) and find_package(gRPC CONFIG) in proto/; the
-# top-level CMakeLists looks for nothing else: no SQLite, prometheus-cpp or cpp-httplib).
+# The cluster services (find_package(Protobuf) and find_package(gRPC CONFIG) in proto/, and the
+# coordinator's prometheus-cpp and cpp-httplib).
 SERVICES_PKGS=(
+  # The coordinator's /metrics: prometheus-cpp (headers and the core library; its CMake config
+  # is not used) and cpp-httplib (its header and the library Debian builds with OpenSSL, zlib
+  # and Brotli).
+  prometheus-cpp-dev libprometheus-cpp-core1.0 libcpp-httplib-dev libcpp-httplib0.11
+  libbrotli-dev libbrotli1
   # gRPC C++: headers, the gRPC CMake config and the shared libraries (libgrpc++.so.1.51,
   # libgrpc.so.29 with libgpr, libupb, libaddress_sorting).
   libgrpc++-dev libgrpc-dev libgrpc++1.51 libgrpc29

@@ -13,12 +13,14 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/npy.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "google/protobuf/util/json_util.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster/cluster_harness.h"
 #include "tests/testing/compare.h"
@@ -57,13 +59,14 @@ struct ToolRun {
   std::string err;  // stderr
 };
 
-// Runs bin/`args[0]` with `stdin_text` as its standard input (a file, so not a terminal).
+// Runs bin/`args[0]` (or `args[0]` itself when it is an absolute path) with `stdin_text` as its
+// standard input (a file, so not a terminal).
 ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text) {
   static int counter = 0;
   const std::string base =
       absl::StrCat(::testing::TempDir(), "/gemmactl_", getpid(), "_", counter++);
   WriteFile(base + ".in", stdin_text);
-  args[0] = kBin + args[0];
+  if (args[0].rfind('/', 0) != 0) args[0] = kBin + args[0];
   std::vector<std::string> quoted;
   for (const std::string& arg : args) quoted.push_back(ShellQuote(arg));
   const std::string command =
@@ -122,7 +125,8 @@ class GemmactlClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
     std::string error;
-    ASSERT_TRUE(cluster_.StartCoordinator({}, &error)) << error;
+    http_address_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
+    ASSERT_TRUE(cluster_.StartCoordinator({"--http-listen", http_address_}, &error)) << error;
     worker_address_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
     cluster_.StartWorker(kTinyMoe, {"--tokenizer", Tokenizer(), "--listen", worker_address_});
     ASSERT_TRUE(WaitServing(worker_address_, Clock::now() + seconds(20)))
@@ -140,6 +144,7 @@ class GemmactlClusterTest : public ::testing::Test {
   }
 
   Cluster cluster_{"gemmactl_cluster"};
+  std::string http_address_;  // the coordinator's HTTP port (/metrics)
   std::string worker_address_;
 };
 
@@ -258,6 +263,105 @@ TEST_F(GemmactlClusterTest, ExpertLoadEqualsTheReferenceRouting) {
   ToolRun unknown = RunWithStdin(Gemmactl({"experts", "--replica", "nope"}), "");
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_NE(unknown.err.find("no replica \"nope\""), std::string::npos) << unknown.err;
+}
+
+// /metrics through a real HTTP client, parsed by the Prometheus project's own Python parser
+// (Debian's python3-prometheus-client): every family follows the naming conventions, and the
+// values count what the test sent.
+TEST_F(GemmactlClusterTest, MetricsParseAndCountTheRequests) {
+  const std::vector<int32_t> prompt = {2, 17, 301, 45, 99};
+  int64_t generated = 0;
+  for (int i = 0; i < 3; ++i) {
+    StreamResult result = Generate(cluster_.inference(), TokenRequest(prompt, 4));
+    ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+    generated += static_cast<int64_t>(result.ids.size());
+  }
+  // Every fed token (each prompt, and each generated token but a request's last) is routed to
+  // top_k experts in every layer. The windows come with the heartbeats: wait for them.
+  const nlohmann::json config = ReadJsonFile(kTinyMoe + "/config.json")["text_config"];
+  const int64_t layers = config["num_hidden_layers"], top_k = config["top_k_experts"];
+  const int64_t fed = 3 * static_cast<int64_t>(prompt.size()) + generated - 3;
+  const int64_t want_routed = fed * top_k * layers;
+  const auto deadline = Clock::now() + seconds(15);
+  int64_t routed = 0;
+  while (Clock::now() < deadline && routed < want_routed) {
+    grpc::ClientContext context;
+    v1::GetExpertLoadResponse load;
+    ASSERT_TRUE(cluster_.cluster()
+                    .GetExpertLoad(&context, v1::GetExpertLoadRequest(), &load)
+                    .ok());
+    routed = 0;
+    for (int64_t c : load.totals().counts()) routed += c;
+    if (routed < want_routed) std::this_thread::sleep_for(milliseconds(200));
+  }
+  ASSERT_EQ(routed, want_routed);
+
+  const size_t colon = http_address_.rfind(':');
+  httplib::Client http(http_address_.substr(0, colon), std::stoi(http_address_.substr(colon + 1)));
+  auto response = http.Get("/metrics");
+  ASSERT_TRUE(response) << "no answer from " << http_address_;
+  ASSERT_EQ(response->status, 200);
+  EXPECT_NE(response->get_header_value("Content-Type").find("text/plain"), std::string::npos);
+  const std::string text_path = absl::StrCat(::testing::TempDir(), "/metrics_", getpid(), ".txt");
+  WriteFile(text_path, response->body);
+  // Families as the parser sees them: {name: {"type": ..., "samples": [[name, labels, value]]}}.
+  const std::string script_path = absl::StrCat(::testing::TempDir(), "/parse_", getpid(), ".py");
+  WriteFile(script_path, R"(
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    out[family.name] = {"type": family.type,
+                        "samples": [[s.name, s.labels, s.value] for s in family.samples]}
+print(json.dumps(out))
+)");
+  ToolRun parsed = RunWithStdin({"/usr/bin/python3", script_path, text_path}, "");
+  ASSERT_EQ(parsed.exit_code, 0) << parsed.err << "\n" << response->body;
+  const nlohmann::json families = nlohmann::json::parse(parsed.out);
+  auto total = [&](const std::string& family, const std::string& sample) {
+    double sum = 0;
+    for (const auto& s : families.at(family)["samples"]) {
+      if (s[0] == sample) sum += s[2].get<double>();
+    }
+    return sum;
+  };
+  for (const auto& [name, family] : families.items()) {
+    EXPECT_EQ(name.rfind("gemma:", 0), 0u) << name;
+    const std::string type = family["type"];
+    for (const auto& sample : family["samples"]) {
+      const std::string sample_name = sample[0];
+      if (type == "counter") {
+        EXPECT_TRUE(absl::EndsWith(sample_name, "_total")) << sample_name;
+      } else if (type == "histogram") {
+        EXPECT_TRUE(absl::EndsWith(name, "_seconds")) << name;
+      }
+    }
+  }
+  EXPECT_EQ(families.at("gemma:request_success")["type"], "counter");
+  EXPECT_EQ(total("gemma:request_success", "gemma:request_success_total"), 3);
+  EXPECT_EQ(total("gemma:prompt_tokens", "gemma:prompt_tokens_total"), 3.0 * prompt.size());
+  EXPECT_EQ(total("gemma:generation_tokens", "gemma:generation_tokens_total"), generated);
+  EXPECT_EQ(families.at("gemma:time_to_first_token_seconds")["type"], "histogram");
+  EXPECT_EQ(total("gemma:time_to_first_token_seconds", "gemma:time_to_first_token_seconds_count"),
+            3);
+  EXPECT_EQ(total("gemma:e2e_request_latency_seconds", "gemma:e2e_request_latency_seconds_count"),
+            3);
+  EXPECT_EQ(total("gemma:inter_token_latency_seconds", "gemma:inter_token_latency_seconds_count"),
+            generated - 3);
+  EXPECT_EQ(total("gemma:num_requests_running", "gemma:num_requests_running"), 0);
+  EXPECT_EQ(total("gemma:expert_routed_tokens", "gemma:expert_routed_tokens_total"), routed);
+  int balanced_layers = 0;
+  for (const auto& s : families.at("gemma:expert_balancedness")["samples"]) {
+    EXPECT_GT(s[2].get<double>(), 0.0);
+    EXPECT_LE(s[2].get<double>(), 1.0);
+    ++balanced_layers;
+  }
+  EXPECT_EQ(balanced_layers, layers);
+  bool healthy_one = false;
+  for (const auto& s : families.at("gemma:replicas")["samples"]) {
+    if (s[1]["state"] == "healthy") healthy_one = s[2].get<double>() == 1.0;
+  }
+  EXPECT_TRUE(healthy_one) << response->body;
 }
 
 TEST_F(GemmactlClusterTest, ChatPrintsLabelledRepliesAndResets) {

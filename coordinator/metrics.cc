@@ -1,0 +1,196 @@
+#include "coordinator/metrics.h"
+
+#include <algorithm>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "prometheus/text_serializer.h"
+
+namespace gemma::coordinator {
+namespace {
+
+using prometheus::Histogram;
+
+// vLLM's buckets for the same histograms.
+const Histogram::BucketBoundaries kTtftBuckets = {
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0};
+const Histogram::BucketBoundaries kItlBuckets = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                                                 0.4,  0.5,   0.75, 1.0,   2.5, 5.0,  7.5, 10.0,
+                                                 20.0, 40.0,  80.0};
+const Histogram::BucketBoundaries kE2eBuckets = {0.3,  0.5,  0.8,  1.0,   1.5,   2.0,  2.5,
+                                                 5.0,  10.0, 15.0, 20.0,  30.0,  40.0, 50.0,
+                                                 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
+
+}  // namespace
+
+Metrics::Metrics(const Registry* registry, bool per_expert)
+    : registry_(registry),
+      per_expert_(per_expert),
+      running_(prometheus::BuildGauge()
+                   .Name("gemma:num_requests_running")
+                   .Help("Sequences in the replicas' running sets (last heartbeats).")
+                   .Register(*prom_)),
+      waiting_(prometheus::BuildGauge()
+                   .Name("gemma:num_requests_waiting")
+                   .Help("Sequences waiting in the replicas' queues (last heartbeats).")
+                   .Register(*prom_)),
+      kv_usage_(prometheus::BuildGauge()
+                    .Name("gemma:kv_cache_usage_perc")
+                    .Help("KV-cache usage of the full-attention pool, 1 = full, per replica.")
+                    .Register(*prom_)),
+      replicas_(prometheus::BuildGauge()
+                    .Name("gemma:replicas")
+                    .Help("Registered replicas by health.")
+                    .Register(*prom_)),
+      preemptions_(prometheus::BuildCounter()
+                       .Name("gemma:num_preemptions_total")
+                       .Help("KV-cache preemptions the replicas reported.")
+                       .Register(*prom_)),
+      prompt_tokens_(prometheus::BuildCounter()
+                         .Name("gemma:prompt_tokens_total")
+                         .Help("Prompt tokens of the requests that finished.")
+                         .Register(*prom_)),
+      generation_tokens_(prometheus::BuildCounter()
+                             .Name("gemma:generation_tokens_total")
+                             .Help("Generated tokens of the requests that finished.")
+                             .Register(*prom_)),
+      success_(prometheus::BuildCounter()
+                   .Name("gemma:request_success_total")
+                   .Help("Requests that finished normally, by finish reason.")
+                   .Register(*prom_)),
+      ttft_(prometheus::BuildHistogram()
+                .Name("gemma:time_to_first_token_seconds")
+                .Help("Seconds from a request's arrival to its first token.")
+                .Register(*prom_)),
+      itl_(prometheus::BuildHistogram()
+               .Name("gemma:inter_token_latency_seconds")
+               .Help("Seconds between a stream's consecutive token messages.")
+               .Register(*prom_)),
+      e2e_(prometheus::BuildHistogram()
+               .Name("gemma:e2e_request_latency_seconds")
+               .Help("Seconds from a request's arrival to its final message.")
+               .Register(*prom_)),
+      expert_layer_tokens_(prometheus::BuildCounter()
+                               .Name("gemma:expert_routed_tokens_total")
+                               .Help("Tokens routed to experts (top-k choices), per layer and "
+                                     "replica.")
+                               .Register(*prom_)),
+      balancedness_(prometheus::BuildGauge()
+                        .Name("gemma:expert_balancedness")
+                        .Help("Mean over max tokens per expert of a layer, over everything "
+                              "routed so far: 1 is even.")
+                        .Register(*prom_)),
+      balancedness_overall_(prometheus::BuildGauge()
+                                .Name("gemma:expert_balancedness_overall")
+                                .Help("Mean over layers of mean tokens per expert, over the mean "
+                                      "over layers of the busiest expert's tokens.")
+                                .Register(*prom_)),
+      hottest_share_(prometheus::BuildGauge()
+                         .Name("gemma:expert_hottest_share")
+                         .Help("The busiest expert's share of a layer's routed tokens.")
+                         .Register(*prom_)) {
+  ttft_all_ = &ttft_.Add({}, kTtftBuckets);
+  itl_all_ = &itl_.Add({}, kItlBuckets);
+  e2e_all_ = &e2e_.Add({}, kE2eBuckets);
+  if (per_expert_) {
+    expert_tokens_ = &prometheus::BuildCounter()
+                          .Name("gemma:expert_tokens_total")
+                          .Help("Tokens routed to each expert of each layer, over the cluster.")
+                          .Register(*prom_);
+  }
+}
+
+void Metrics::FirstToken(double seconds) { ttft_all_->Observe(seconds); }
+
+void Metrics::InterToken(double seconds) { itl_all_->Observe(seconds); }
+
+void Metrics::Finished(const std::string& finish_reason, int64_t prompt_tokens,
+                       int64_t generated_tokens, double seconds) {
+  success_.Add({{"finished_reason", finish_reason}}).Increment();
+  prompt_tokens_.Add({}).Increment(static_cast<double>(prompt_tokens));
+  generation_tokens_.Add({}).Increment(static_cast<double>(generated_tokens));
+  e2e_all_->Observe(seconds);
+}
+
+void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last) {
+  const int64_t growth = value >= *last ? value - *last : value;
+  if (growth > 0) counter.Increment(static_cast<double>(growth));
+  *last = value;
+}
+
+void Metrics::RefreshLocked() {
+  const gemma::v1::GetStatusResponse status = registry_->Status();
+  int64_t running = 0, waiting = 0, healthy = 0, unhealthy = 0;
+  std::set<std::string> seen;
+  for (const gemma::v1::ReplicaStatus& r : status.replicas()) {
+    seen.insert(r.id());
+    (r.healthy() ? healthy : unhealthy) += 1;
+    running += r.running();
+    waiting += r.waiting();
+    for (const gemma::v1::KvPoolUsage& pool : r.kv_pools()) {
+      if (pool.name() != "full" || pool.pages_total() <= 0) continue;
+      prometheus::Gauge*& gauge = kv_usage_by_replica_[r.id()];
+      if (gauge == nullptr) gauge = &kv_usage_.Add({{"replica", r.id()}});
+      gauge->Set(static_cast<double>(pool.pages_used()) / pool.pages_total());
+    }
+    AddGrowth(preemptions_.Add({}), r.preemptions(), &last_preemptions_[r.id()]);
+  }
+  for (auto it = kv_usage_by_replica_.begin(); it != kv_usage_by_replica_.end();) {
+    if (seen.count(it->first) > 0) {
+      ++it;
+      continue;
+    }
+    kv_usage_.Remove(it->second);
+    it = kv_usage_by_replica_.erase(it);
+  }
+  running_.Add({}).Set(static_cast<double>(running));
+  waiting_.Add({}).Set(static_cast<double>(waiting));
+  replicas_.Add({{"state", "healthy"}}).Set(static_cast<double>(healthy));
+  replicas_.Add({{"state", "unhealthy"}}).Set(static_cast<double>(unhealthy));
+
+  const gemma::v1::GetExpertLoadResponse load = registry_->ExpertLoad(false);
+  for (const gemma::v1::ReplicaExpertLoad& r : load.replicas()) {
+    const gemma::v1::ExpertLoad& t = r.totals();
+    for (int l = 0; l < t.num_layers(); ++l) {
+      int64_t tokens = 0;
+      for (int e = 0; e < t.num_experts(); ++e) tokens += t.counts(l * t.num_experts() + e);
+      AddGrowth(expert_layer_tokens_.Add({{"replica", r.replica_id()},
+                                          {"layer", std::to_string(l)}}),
+                tokens, &last_layer_tokens_[{r.replica_id(), l}]);
+    }
+  }
+  const gemma::v1::ExpertLoad& t = load.totals();
+  if (t.num_layers() == 0 || t.num_experts() == 0) return;
+  double sum_mean = 0, sum_max = 0;
+  for (int l = 0; l < t.num_layers(); ++l) {
+    int64_t total = 0, max = 0;
+    for (int e = 0; e < t.num_experts(); ++e) {
+      const int64_t c = t.counts(l * t.num_experts() + e);
+      total += c;
+      max = std::max(max, c);
+      if (expert_tokens_ != nullptr) {
+        AddGrowth(expert_tokens_->Add({{"layer", std::to_string(l)},
+                                       {"expert", std::to_string(e)}}),
+                  c, &last_expert_tokens_[{l, e}]);
+      }
+    }
+    const double mean = static_cast<double>(total) / t.num_experts();
+    const std::string layer = std::to_string(l);
+    balancedness_.Add({{"layer", layer}}).Set(max > 0 ? mean / max : 1.0);
+    hottest_share_.Add({{"layer", layer}})
+        .Set(total > 0 ? static_cast<double>(max) / total : 0.0);
+    sum_mean += mean;
+    sum_max += static_cast<double>(max);
+  }
+  balancedness_overall_.Add({}).Set(sum_max > 0 ? sum_mean / sum_max : 1.0);
+}
+
+std::string Metrics::Scrape() {
+  absl::MutexLock lock(&mutex_);
+  RefreshLocked();
+  return prometheus::TextSerializer().Serialize(prom_->Collect());
+}
+
+}  // namespace gemma::coordinator

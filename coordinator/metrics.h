@@ -1,0 +1,81 @@
+// The coordinator's Prometheus metrics, in the text format, for its HTTP port's /metrics.
+// Where vLLM has a metric, the same name and type under the gemma: prefix (so a vLLM dashboard
+// ports by one substitution): requests running and waiting, KV-cache usage, prompt and
+// generation token counters, preemptions, request success by finish reason, and the
+// time-to-first-token, inter-token latency and end-to-end latency histograms. Plus the
+// replicas by health and the expert load: tokens routed per layer and replica, balancedness
+// (mean / max tokens per expert) per layer and overall, and the busiest expert's share per
+// layer; per-expert series only when asked (layers x experts of them).
+//
+// Request events come from the proxy as streams progress (thread-safe); the replica gauges and
+// the expert series are refreshed from the registry at each scrape.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "absl/synchronization/mutex.h"
+#include "coordinator/registry.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace gemma::coordinator {
+
+class Metrics {
+ public:
+  // `registry` is not owned and must outlive this. `per_expert` adds
+  // gemma:expert_tokens_total{layer, expert} (num_layers x num_experts series).
+  Metrics(const Registry* registry, bool per_expert);
+
+  // A stream's first token came `seconds` after the request arrived; a later token `seconds`
+  // after the one before; the stream finished normally.
+  void FirstToken(double seconds);
+  void InterToken(double seconds);
+  void Finished(const std::string& finish_reason, int64_t prompt_tokens,
+                int64_t generated_tokens, double seconds);
+
+  // Every metric in the Prometheus text exposition format (version 0.0.4).
+  std::string Scrape();
+
+ private:
+  void RefreshLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  // Adds to a counter the growth of a cumulative value reported from elsewhere (a replica
+  // restarting from 0 adds its new value).
+  static void AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last);
+
+  const Registry* const registry_;
+  const bool per_expert_;
+  std::shared_ptr<prometheus::Registry> prom_ = std::make_shared<prometheus::Registry>();
+  prometheus::Family<prometheus::Gauge>& running_;
+  prometheus::Family<prometheus::Gauge>& waiting_;
+  prometheus::Family<prometheus::Gauge>& kv_usage_;
+  prometheus::Family<prometheus::Gauge>& replicas_;
+  prometheus::Family<prometheus::Counter>& preemptions_;
+  prometheus::Family<prometheus::Counter>& prompt_tokens_;
+  prometheus::Family<prometheus::Counter>& generation_tokens_;
+  prometheus::Family<prometheus::Counter>& success_;
+  prometheus::Family<prometheus::Histogram>& ttft_;
+  prometheus::Family<prometheus::Histogram>& itl_;
+  prometheus::Family<prometheus::Histogram>& e2e_;
+  prometheus::Family<prometheus::Counter>& expert_layer_tokens_;
+  prometheus::Family<prometheus::Gauge>& balancedness_;
+  prometheus::Family<prometheus::Gauge>& balancedness_overall_;
+  prometheus::Family<prometheus::Gauge>& hottest_share_;
+  prometheus::Family<prometheus::Counter>* expert_tokens_ = nullptr;
+  prometheus::Histogram* ttft_all_;
+  prometheus::Histogram* itl_all_;
+  prometheus::Histogram* e2e_all_;
+
+  absl::Mutex mutex_;
+  std::map<std::string, prometheus::Gauge*> kv_usage_by_replica_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::string, int64_t> last_preemptions_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::tuple<std::string, int>, int64_t> last_layer_tokens_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::tuple<int, int>, int64_t> last_expert_tokens_ ABSL_GUARDED_BY(mutex_);
+};
+
+}  // namespace gemma::coordinator
