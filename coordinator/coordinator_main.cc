@@ -20,12 +20,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/flag_dashes.h"
+#include "coordinator/dashboard.h"
 #include "coordinator/metrics.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
 #include "coordinator/store.h"
 #include "glog/logging.h"
+#include "google/protobuf/util/json_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -132,6 +134,26 @@ int Run() {
     }
     http.Get("/metrics", [&metrics](const httplib::Request&, httplib::Response& response) {
       response.set_content(metrics.Scrape(), "text/plain; version=0.0.4; charset=utf-8");
+    });
+    // The dashboard and the JSON it polls (the gRPC messages in their JSON form).
+    http.Get("/dashboard", [](const httplib::Request&, httplib::Response& response) {
+      response.set_content(gemma::coordinator::DashboardHtml(), "text/html; charset=utf-8");
+    });
+    auto json = [](const google::protobuf::Message& message, httplib::Response& response) {
+      std::string out;
+      if (!google::protobuf::util::MessageToJsonString(message, &out).ok()) {
+        response.status = 500;
+        return;
+      }
+      response.set_content(out, "application/json");
+    };
+    http.Get("/api/status", [&registry, &json](const httplib::Request&,
+                                                httplib::Response& response) {
+      json(registry.Status(), response);
+    });
+    http.Get("/api/expert-load", [&registry, &json](const httplib::Request& request,
+                                                     httplib::Response& response) {
+      json(registry.ExpertLoad(request.has_param("windows")), response);
     });
     const std::string host = http_listen.substr(0, colon);
     const int bound = http_port == 0 ? http.bind_to_any_port(host)

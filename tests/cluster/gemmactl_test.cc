@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <regex>
@@ -362,6 +363,79 @@ print(json.dumps(out))
     if (s[1]["state"] == "healthy") healthy_one = s[2].get<double>() == 1.0;
   }
   EXPECT_TRUE(healthy_one) << response->body;
+}
+
+// The sum of the routed-token counts, waiting until the replica's windows reach `at_least`.
+int64_t RoutedTokens(Cluster& cluster, int64_t at_least, v1::GetExpertLoadResponse* load) {
+  const auto deadline = Clock::now() + seconds(15);
+  int64_t routed = 0;
+  while (true) {
+    grpc::ClientContext context;
+    EXPECT_TRUE(cluster.cluster().GetExpertLoad(&context, v1::GetExpertLoadRequest(), load).ok());
+    routed = 0;
+    for (int64_t c : load->totals().counts()) routed += c;
+    if (routed >= at_least || Clock::now() >= deadline) return routed;
+    std::this_thread::sleep_for(milliseconds(200));
+  }
+}
+
+// The dashboard in a real browser (Debian's headless chromium): it loads without a console
+// error, the numbers it shows are the coordinator's (GetExpertLoad, the finished requests of
+// /metrics), they change under load, and a screenshot is kept under
+// <build>/test-artifacts/dashboard.png.
+TEST_F(GemmactlClusterTest, DashboardShowsTheCoordinatorsNumbersInABrowser) {
+  ASSERT_TRUE(Generate(cluster_.inference(), TokenRequest({2, 17, 301, 45}, 3)).status.ok());
+  v1::GetExpertLoadResponse load;
+  const int64_t routed = RoutedTokens(cluster_, 1, &load);
+  ASSERT_GT(routed, 0);
+  const std::string url = absl::StrCat("http://", http_address_, "/dashboard");
+  auto browse = [&](const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"/usr/bin/chromium", "--headless", "--no-sandbox",
+                                     "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                                     "--virtual-time-budget=3000"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.push_back(url);
+    return RunWithStdin(args, "");
+  };
+  auto shown = [](const std::string& dom, const std::string& id) {
+    std::smatch m;
+    const std::regex re("id=\"" + id + "\"[^>]*>([^<]*)<");
+    return std::regex_search(dom, m, re) ? m[1].str() : std::string("(missing)");
+  };
+  ToolRun page = browse({"--dump-dom"});
+  ASSERT_EQ(page.exit_code, 0) << page.err;
+  EXPECT_EQ(page.err.find("Uncaught"), std::string::npos) << page.err;
+  EXPECT_EQ(shown(page.out, "error"), "") << page.out;
+  EXPECT_EQ(shown(page.out, "total-routed"), std::to_string(routed)) << page.out;
+  EXPECT_EQ(shown(page.out, "requests-finished"), "1") << page.out;
+  EXPECT_EQ(shown(page.out, "replicas-healthy"), "1") << page.out;
+  // One heatmap cell per layer and expert, with the counts in order.
+  std::vector<int64_t> cells;
+  const std::regex cell("data-count=\"([0-9]+)\"");
+  for (auto it = std::sregex_iterator(page.out.begin(), page.out.end(), cell);
+       it != std::sregex_iterator(); ++it) {
+    cells.push_back(std::stoll((*it)[1].str()));
+  }
+  EXPECT_EQ(cells, std::vector<int64_t>(load.totals().counts().begin(),
+                                        load.totals().counts().end()));
+
+  // Under load the numbers move.
+  ASSERT_TRUE(Generate(cluster_.inference(), TokenRequest({2, 99, 7, 45, 12, 300}, 3)).status.ok());
+  const int64_t routed_after = RoutedTokens(cluster_, routed + 1, &load);
+  ASSERT_GT(routed_after, routed);
+  ToolRun again = browse({"--dump-dom"});
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(shown(again.out, "total-routed"), std::to_string(routed_after));
+  EXPECT_EQ(shown(again.out, "requests-finished"), "2");
+
+  const std::string artifacts = std::string(GEMMA_BINARY_DIR) + "/test-artifacts";
+  std::filesystem::create_directories(artifacts);
+  const std::string png = artifacts + "/dashboard.png";
+  std::filesystem::remove(png);
+  ToolRun shot = browse({"--screenshot=" + png, "--window-size=1280,900"});
+  ASSERT_EQ(shot.exit_code, 0) << shot.err;
+  ASSERT_TRUE(std::filesystem::exists(png)) << shot.err;
+  EXPECT_GT(std::filesystem::file_size(png), 1000u);
 }
 
 TEST_F(GemmactlClusterTest, ChatPrintsLabelledRepliesAndResets) {
