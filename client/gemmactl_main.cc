@@ -416,6 +416,10 @@ std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
 }
 
 absl::Status Experts() {
+  if (absl::GetFlag(FLAGS_interval_ms) <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--interval-ms must be positive, got ",
+                                                   absl::GetFlag(FLAGS_interval_ms)));
+  }
   const std::string address = CoordinatorAddress();
   auto channel = Connect(address);
   if (!channel.ok()) return channel.status();

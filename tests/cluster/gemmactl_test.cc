@@ -264,6 +264,10 @@ TEST_F(GemmactlClusterTest, ExpertLoadEqualsTheReferenceRouting) {
   ToolRun unknown = RunWithStdin(Gemmactl({"experts", "--replica", "nope"}), "");
   EXPECT_EQ(unknown.exit_code, 1);
   EXPECT_NE(unknown.err.find("no replica \"nope\""), std::string::npos) << unknown.err;
+  ToolRun bad_interval = RunWithStdin(Gemmactl({"experts", "--watch", "--interval-ms", "0"}), "");
+  EXPECT_EQ(bad_interval.exit_code, 1);
+  EXPECT_NE(bad_interval.err.find("--interval-ms must be positive"), std::string::npos)
+      << bad_interval.err;
 }
 
 // /metrics through a real HTTP client, parsed by the Prometheus project's own Python parser
