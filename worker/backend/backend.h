@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "common/sampling_params.h"
 
 namespace gemma {
 
@@ -111,22 +112,6 @@ struct MoeExpertsArgs {
   Buffer* out = nullptr;  // [num_tokens, hidden] f32, overwritten
 };
 
-// Temperatures below this are greedy (Model::Sample makes them 0): dividing f32 logits by a
-// tiny temperature overflows to inf, and the softmax to NaN.
-inline constexpr float kMinTemperature = 1e-5f;
-
-// Sampling parameters of one row of logits. temperature <= 0 means greedy (argmax, lowest id on
-// ties). Otherwise: divide by temperature, keep the top_k (0 = all), then the smallest set whose
-// probability reaches top_p, and draw with the uniform keyed by (seed, request_key, position).
-struct SamplingParams {
-  float temperature = 0.0f;
-  int32_t top_k = 0;
-  float top_p = 1.0f;
-  uint64_t seed = 0;
-  uint64_t request_key = 0;
-  int64_t position = 0;
-};
-
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -221,5 +206,9 @@ class Backend {
 // The uniform in [0, 1) that seeded sampling draws for (seed, request_key, position): a
 // counter-based hash, so the draw does not depend on batch composition or preemption.
 double SamplingUniform(uint64_t seed, uint64_t request_key, int64_t position);
+// The draw of one row under `p` (an unset seed reads as 0).
+inline double SamplingUniform(const SamplingParams& p) {
+  return SamplingUniform(p.seed.value_or(0), p.request_key, p.position);
+}
 
 }  // namespace gemma

@@ -1,6 +1,7 @@
-// Driving one sequence through a model spread over ranks, with the leader (rank 0) sending each
-// step's plan over the control group and the other ranks following it. On one rank it is the
-// plain single-sequence driver of worker/engine/generate.h.
+// Driving one sequence through a model spread over ranks: rank 0 runs the single-sequence
+// driver of worker/engine/generate.h through the replica's LeaderExecutor, which sends each
+// step's plan over the control group; every other rank follows those plans
+// (replica::FollowPlans) on its own shard and cache. On one rank it is the plain driver.
 #pragma once
 
 #include <cstdint>
@@ -13,13 +14,13 @@
 
 namespace gemma::cli {
 
-// Logits [prompt.size(), vocab] of every prompt position; followers take the prompt from the
-// leader's plan (their own `prompt` is ignored).
+// Logits [prompt.size(), vocab] of every prompt position, on rank 0; the other ranks follow
+// the leader's plans (their own `prompt` is ignored) and return an empty vector.
 absl::StatusOr<std::vector<float>> RankPromptLogits(RankEnv& env, gemma4::Model& model,
                                                     KvCache& cache, std::span<const int32_t> prompt,
                                                     int64_t prefill_chunk);
 
-// Generated ids (identical on every rank).
+// Generated ids on rank 0; the other ranks follow and return an empty vector.
 absl::StatusOr<std::vector<int32_t>> RankGenerate(RankEnv& env, gemma4::Model& model,
                                                   KvCache& cache, std::span<const int32_t> prompt,
                                                   const GenerateOptions& options);

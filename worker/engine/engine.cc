@@ -107,7 +107,7 @@ absl::Status Engine::Validate(const Request& request) const {
         "num_resumed ", request.num_resumed, " must be >= 0, below the ", request.prompt.size(),
         " input ids and below max_tokens ", request.max_tokens));
   }
-  const SamplingOptions& sampling = request.sampling;
+  const SamplingParams& sampling = request.sampling;
   if (!std::isfinite(sampling.temperature)) {
     return absl::InvalidArgumentError("temperature must be finite");
   }
@@ -148,10 +148,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback
   auto s = std::make_unique<Sequence>();
   s->tokens = request.prompt;
   s->num_prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
-  s->sampling.temperature = request.sampling.temperature;
-  s->sampling.top_k = request.sampling.top_k;
-  s->sampling.top_p = request.sampling.top_p;
-  s->sampling.request_key = request.sampling.key;
+  s->sampling = request.sampling;
   if (options_.tokenizer != nullptr) {
     s->decoder = std::make_unique<tokenizer::StreamDecoder>(options_.tokenizer);
     if (!request.stop_strings.empty()) {
@@ -169,8 +166,7 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback
   absl::MutexLock lock(&mutex_);
   s->id = next_id_++;
   s->arrival = s->id;
-  s->sampling.seed = s->request.sampling.seed.has_value() ? *s->request.sampling.seed
-                                                          : SplitMix64(&seed_state_);
+  if (!s->sampling.seed.has_value()) s->sampling.seed = SplitMix64(&seed_state_);
   VLOG(1) << "request " << s->id << " (" << s->request.client_id << "): submitted, "
           << s->num_prompt_tokens << " prompt tokens, max_tokens " << s->request.max_tokens;
   const uint64_t id = s->id;

@@ -11,24 +11,13 @@
 
 #include "absl/status/status.h"
 #include "common/request_defaults.h"
+#include "common/sampling_params.h"
 
 namespace gemma::engine {
 
-struct SamplingOptions {
-  // Below kMinTemperature (backend.h): greedy (the argmax, lowest id on ties).
-  float temperature = 0.0f;
-  int32_t top_k = 0;         // 0: no top-k cut
-  float top_p = 1.0f;        // 1: no nucleus cut
-  // Seeded draws are keyed by (seed, key, position of the generated token), so a seeded request
-  // yields the same tokens whatever shares its batch and after a preemption. Without a seed the
-  // engine picks one at submission.
-  std::optional<uint64_t> seed;
-  uint64_t key = 0;
-};
-
 struct Request {
   std::vector<int32_t> prompt;  // token ids, BOS included; not empty
-  SamplingOptions sampling;
+  SamplingParams sampling;  // position unused; an unset seed is drawn at submission
   int64_t max_tokens = kDefaultMaxTokens;  // generated tokens at most; >= 1
   std::vector<int32_t> stop_token_ids;    // generation ends after emitting one of these
   std::vector<std::string> stop_strings;  // needs an engine with a tokenizer

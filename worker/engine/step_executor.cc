@@ -11,9 +11,7 @@ absl::StatusOr<std::vector<int32_t>> SingleRankExecutor::Execute(const StepBatch
   steps_.clear();
   params_.clear();
   for (const StepEntry& entry : batch.entries) {
-    steps_.push_back(gemma4::SequenceStep{
-        entry.tokens, entry.kv,
-        entry.sample ? gemma4::LogitsMode::kLast : gemma4::LogitsMode::kNone});
+    steps_.push_back(gemma4::SequenceStep{entry.tokens, entry.kv, entry.logits_mode()});
     if (entry.sample) params_.push_back(entry.sampling);
   }
   RETURN_IF_ERROR(model_->Forward(steps_, cache).status());

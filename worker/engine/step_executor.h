@@ -16,13 +16,18 @@ namespace gemma::engine {
 
 // One sequence's share of a step: `tokens` go to positions kv->length, ... (the scheduler has
 // already grown kv's pages to cover them). When `sample` is set the last position's logits are
-// sampled under `sampling` (whose position is kv->length + tokens.size()).
+// sampled under `sampling` (whose position is kv->length + tokens.size()). When `all_logits` is
+// set instead, every position's logits are kept for Model::LogitsToHost (prompt scoring); the
+// caller then reads them with LogitsToHost, a gather in which a replica's followers take part.
 struct StepEntry {
   uint64_t sequence_id = 0;
   std::span<const int32_t> tokens;
   SequenceKv* kv = nullptr;
   bool sample = false;
+  bool all_logits = false;
   SamplingParams sampling;
+
+  gemma4::LogitsMode logits_mode() const { return gemma4::LogitsModeOf(sample, all_logits); }
 };
 
 struct StepBatch {

@@ -58,19 +58,29 @@ class Reader {
   absl::string_view data_;
 };
 
-constexpr uint32_t kStepPlanFormat = 2;
+constexpr uint32_t kStepPlanFormat = 3;
 
 void WriteSampling(Writer& w, const SamplingParams& s) {
   w.F32(s.temperature);
   w.I32(s.top_k);
   w.F32(s.top_p);
-  w.U64(s.seed);
+  w.U32(s.seed.has_value() ? 1 : 0);
+  w.U64(s.seed.value_or(0));
   w.U64(s.request_key);
+  w.U64(static_cast<uint64_t>(s.position));
 }
 
 bool ReadSampling(Reader& r, SamplingParams* s) {
-  return r.F32(&s->temperature) && r.I32(&s->top_k) && r.F32(&s->top_p) && r.U64(&s->seed) &&
-         r.U64(&s->request_key);
+  uint32_t has_seed;
+  uint64_t seed, position;
+  if (!(r.F32(&s->temperature) && r.I32(&s->top_k) && r.F32(&s->top_p) && r.U32(&has_seed) &&
+        r.U64(&seed) && r.U64(&s->request_key) && r.U64(&position))) {
+    return false;
+  }
+  s->seed.reset();
+  if (has_seed != 0) s->seed = seed;
+  s->position = static_cast<int64_t>(position);
+  return true;
 }
 
 absl::Status Malformed(absl::string_view what) {
@@ -84,15 +94,6 @@ std::string SerializeStepPlan(const StepPlan& plan) {
   w.U32(kStepPlanFormat);
   w.U64(plan.sequence_number);
   w.U64(plan.placement_epoch);
-  w.U32(static_cast<uint32_t>(plan.joined.size()));
-  for (const JoinedSequence& seq : plan.joined) {
-    w.U64(seq.sequence_id);
-    w.I32s(seq.token_ids);
-    w.I32s(seq.positions);
-    w.U32(static_cast<uint32_t>(seq.pages_per_pool.size()));
-    for (const std::vector<int32_t>& pages : seq.pages_per_pool) w.I32s(pages);
-    WriteSampling(w, seq.sampling);
-  }
   w.U32(static_cast<uint32_t>(plan.finished.size()));
   for (uint64_t id : plan.finished) w.U64(id);
   w.U32(static_cast<uint32_t>(plan.entries.size()));
@@ -101,7 +102,7 @@ std::string SerializeStepPlan(const StepPlan& plan) {
     w.I32(e.num_new_tokens);
     w.I32(e.start_position);
     w.I32s(e.token_ids);
-    w.U32(e.sample ? 1 : 0);
+    w.U32((e.sample ? 1u : 0u) | (e.all_logits ? 2u : 0u));
     WriteSampling(w, e.sampling);
   }
   w.U32(plan.stop ? 1 : 0);
@@ -119,29 +120,13 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
   if (!r.U64(&plan.sequence_number) || !r.U64(&plan.placement_epoch)) {
     return Malformed("truncated header");
   }
-  uint32_t num_joined;
-  // A joined sequence takes at least 8 + 4 + 4 + 4 + 28 bytes.
-  if (!r.Count(48, &num_joined)) return Malformed("joined count");
-  plan.joined.resize(num_joined);
-  for (JoinedSequence& seq : plan.joined) {
-    uint32_t num_pools;
-    if (!r.U64(&seq.sequence_id) || !r.I32s(&seq.token_ids) || !r.I32s(&seq.positions) ||
-        !r.Count(4, &num_pools)) {
-      return Malformed("joined sequence");
-    }
-    seq.pages_per_pool.resize(num_pools);
-    for (std::vector<int32_t>& pages : seq.pages_per_pool) {
-      if (!r.I32s(&pages)) return Malformed("page list");
-    }
-    if (!ReadSampling(r, &seq.sampling)) return Malformed("sampling parameters");
-  }
   uint32_t num_finished;
   if (!r.Count(8, &num_finished)) return Malformed("finished count");
   plan.finished.resize(num_finished);
   for (uint64_t& id : plan.finished) r.U64(&id);
   uint32_t num_entries;
-  // An entry takes at least 8 + 4 + 4 + 4 + 4 + 28 bytes.
-  if (!r.Count(52, &num_entries)) return Malformed("entry count");
+  // An entry takes at least 8 + 4 + 4 + 4 + 4 + 40 bytes.
+  if (!r.Count(64, &num_entries)) return Malformed("entry count");
   plan.entries.resize(num_entries);
   for (StepEntry& e : plan.entries) {
     uint32_t sample;
@@ -152,7 +137,9 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
     if (e.num_new_tokens != static_cast<int32_t>(e.token_ids.size())) {
       return Malformed("entry token count disagrees with its tokens");
     }
-    e.sample = sample != 0;
+    if ((sample & ~3u) != 0 || sample == 3) return Malformed("entry logits flags");
+    e.sample = (sample & 1u) != 0;
+    e.all_logits = (sample & 2u) != 0;
   }
   uint32_t stop;
   if (!r.U32(&stop)) return Malformed("stop flag");

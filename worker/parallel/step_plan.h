@@ -1,5 +1,6 @@
-// The step plan: what the replica leader decided for one engine step (sequences joined and
-// finished, pages, sampling parameters, per-sequence token counts), its deterministic binary form
+// The step plan: what the replica leader decided for one engine step (the tokens each sequence
+// appends, at which position, which rows are sampled under which parameters, and the sequences
+// that left the batch), its deterministic binary form
 // and hash, and the channel that broadcasts it from rank 0 over the CPU control group.
 // Knows nothing of the scheduler, the KV cache or the model: it carries ids and numbers only.
 #pragma once
@@ -11,29 +12,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/sampling_params.h"
 #include "worker/parallel/communicator.h"
 
 namespace gemma::parallel {
-
-struct SamplingParams {
-  float temperature = 0.0f;  // greedy by default, as everywhere else
-  int32_t top_k = 0;  // 0: no top-k cut
-  float top_p = 1.0f;
-  uint64_t seed = 0;
-  uint64_t request_key = 0;  // keys the seeded draws with the seed and the position
-  bool operator==(const SamplingParams&) const = default;
-};
-
-// A sequence that joins the batch at this step.
-struct JoinedSequence {
-  uint64_t sequence_id = 0;
-  std::vector<int32_t> token_ids;  // [num_prompt_tokens]
-  std::vector<int32_t> positions;  // [num_prompt_tokens]
-  // Page ids assigned to the sequence, one vector per KV pool (e.g. sliding and global layers).
-  std::vector<std::vector<int32_t>> pages_per_pool;
-  SamplingParams sampling;
-  bool operator==(const JoinedSequence&) const = default;
-};
 
 // Work for one running sequence in this step.
 struct StepEntry {
@@ -41,9 +23,12 @@ struct StepEntry {
   int32_t num_new_tokens = 0;
   int32_t start_position = 0;
   // The tokens appended this step (num_new_tokens of them), and whether the last position is
-  // sampled, under which parameters.
+  // sampled, under which parameters (every field, the request key and position included). A
+  // follower meets a sequence id for the first time in the entry that starts it at position 0.
   std::vector<int32_t> token_ids;
   bool sample = false;
+  // Every position's logits are kept (prompt scoring, gemma-forward); not sampled.
+  bool all_logits = false;
   SamplingParams sampling;
   bool operator==(const StepEntry&) const = default;
 };
@@ -51,7 +36,6 @@ struct StepEntry {
 struct StepPlan {
   uint64_t sequence_number = 0;  // 1 for the first plan of a channel, then +1 per step
   uint64_t placement_epoch = 0;  // expert placement the step runs with
-  std::vector<JoinedSequence> joined;
   std::vector<uint64_t> finished;  // sequence ids leaving the batch
   std::vector<StepEntry> entries;
   bool stop = false;  // the replica is shutting down: followers leave their loop

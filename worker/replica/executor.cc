@@ -11,7 +11,6 @@
 namespace gemma::replica {
 namespace {
 
-
 // Forward over `steps`, then sampling of the rows in `params` (if any).
 absl::StatusOr<std::vector<int32_t>> RunStep(gemma4::Model& model, KvCache& cache,
                                              const std::vector<gemma4::SequenceStep>& steps,
@@ -23,21 +22,6 @@ absl::StatusOr<std::vector<int32_t>> RunStep(gemma4::Model& model, KvCache& cach
 }
 
 }  // namespace
-
-parallel::SamplingParams ToPlanSampling(const SamplingParams& s) {
-  return {s.temperature, s.top_k, s.top_p, s.seed, s.request_key};
-}
-
-SamplingParams FromPlanSampling(const parallel::SamplingParams& s, int64_t position) {
-  SamplingParams out;
-  out.temperature = s.temperature;
-  out.top_k = s.top_k;
-  out.top_p = s.top_p;
-  out.seed = s.seed;
-  out.request_key = s.request_key;
-  out.position = position;
-  return out;
-}
 
 LeaderExecutor::LeaderExecutor(gemma4::Model* model, parallel::Communicator* group_control)
     : model_(model) {
@@ -65,10 +49,10 @@ absl::StatusOr<std::vector<int32_t>> LeaderExecutor::Execute(const StepBatch& ba
     e.start_position = static_cast<int32_t>(entry.kv->length);
     e.token_ids.assign(entry.tokens.begin(), entry.tokens.end());
     e.sample = entry.sample;
-    e.sampling = ToPlanSampling(entry.sampling);
+    e.all_logits = entry.all_logits;
+    e.sampling = entry.sampling;
     plan.entries.push_back(std::move(e));
-    steps.push_back({entry.tokens, entry.kv,
-                     entry.sample ? gemma4::LogitsMode::kLast : gemma4::LogitsMode::kNone});
+    steps.push_back({entry.tokens, entry.kv, entry.logits_mode()});
     if (entry.sample) params.push_back(entry.sampling);
   }
   RETURN_IF_ERROR(Send(std::move(plan)));
@@ -125,14 +109,19 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
         return absl::Status(grown.code(), absl::StrCat("step plan ", plan->sequence_number,
                                                        ": ", grown.message()));
       }
-      steps.push_back({e.token_ids, &kv,
-                       e.sample ? gemma4::LogitsMode::kLast : gemma4::LogitsMode::kNone});
-      if (e.sample) params.push_back(FromPlanSampling(e.sampling, e.start_position + e.num_new_tokens));
+      steps.push_back({e.token_ids, &kv, gemma4::LogitsModeOf(e.sample, e.all_logits)});
+      if (e.sample) params.push_back(e.sampling);
     }
     absl::StatusOr<std::vector<int32_t>> sampled = RunStep(model, cache, steps, params);
-    if (!sampled.ok()) {
+    // A step that keeps every position's logits is read by the leader with LogitsToHost, which
+    // gathers the vocabulary shards from every rank of the group: take part.
+    const bool gathers = std::any_of(plan->entries.begin(), plan->entries.end(),
+                                     [](const parallel::StepEntry& e) { return e.all_logits; });
+    absl::Status status = sampled.status();
+    if (status.ok() && gathers) status = model.LogitsToHost().status();
+    if (!status.ok()) {
       release_all();
-      return sampled.status();
+      return status;
     }
   }
   release_all();

@@ -57,10 +57,6 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
 absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCache& cache,
                                   parallel::Communicator* leaders);
 
-// Sampling parameters into and out of a step plan, every field (the position is the plan's).
-parallel::SamplingParams ToPlanSampling(const SamplingParams& s);
-SamplingParams FromPlanSampling(const parallel::SamplingParams& s, int64_t position);
-
 // The leader's engine loop until *stop: Engine::Run, or in dp-ep (leaders not null) the
 // lockstep iterations, polling while no group has work with a wait backing off from 1 to
 // 16 ms so an idle replica does not spin on its collectives. Returns the first error.

@@ -40,7 +40,7 @@ std::vector<Request> MakeRequests(int n, uint32_t seed) {
       r.sampling.temperature = 0.9f;
       r.sampling.top_k = 20;
       r.sampling.seed = 77;
-      r.sampling.key = static_cast<uint64_t>(i);
+      r.sampling.request_key = static_cast<uint64_t>(i);
     }
     requests.push_back(r);
   }
@@ -60,11 +60,7 @@ std::vector<std::vector<int32_t>> RunAlone(const std::vector<Request>& requests)
   for (const Request& r : requests) {
     GenerateOptions g;
     g.max_new_tokens = r.max_tokens;
-    g.sampling.temperature = r.sampling.temperature;
-    g.sampling.top_k = r.sampling.top_k;
-    g.sampling.top_p = r.sampling.top_p;
-    g.sampling.seed = r.sampling.seed.value_or(0);
-    g.sampling.request_key = r.sampling.key;
+    g.sampling = r.sampling;
     auto tokens = Generate(**model, **cache, r.prompt, g);
     CHECK(tokens.ok()) << tokens.status();
     out.push_back(*tokens);
@@ -186,7 +182,7 @@ TEST_P(EngineReplicaTest, SixtyFourRequestsWithPreemptionMatchTheirSoloRuns) {
 // sharded sampler scales logits in f32, where 30 / 1e-38 is inf and the softmax NaN.
 TEST(EngineReplicaSamplingTest, TinyTemperatureIsGreedyOnATpReplica) {
   std::vector<Request> greedy = MakeRequests(8, 9);
-  for (Request& r : greedy) r.sampling = SamplingOptions();
+  for (Request& r : greedy) r.sampling = SamplingParams();
   std::vector<Request> tiny = greedy;
   for (Request& r : tiny) {
     r.sampling.temperature = 1e-38f;

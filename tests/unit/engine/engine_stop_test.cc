@@ -71,7 +71,7 @@ class EngineStopTest : public ::testing::Test {
   Request MakeRequest(uint64_t key, int64_t max_tokens) {
     Request r;
     r.prompt = kPrompt;
-    r.sampling.key = key;
+    r.sampling.request_key = key;
     r.max_tokens = max_tokens;
     return r;
   }

@@ -77,11 +77,7 @@ class EngineTest : public ::testing::Test {
   std::vector<int32_t> Alone(const Request& request) {
     GenerateOptions options;
     options.max_new_tokens = request.max_tokens;
-    options.sampling.temperature = request.sampling.temperature;
-    options.sampling.top_k = request.sampling.top_k;
-    options.sampling.top_p = request.sampling.top_p;
-    options.sampling.seed = request.sampling.seed.value_or(0);
-    options.sampling.request_key = request.sampling.key;
+    options.sampling = request.sampling;
     if (!request.ignore_end_ids) {
       for (int64_t id : model_->config().eos_token_ids) {
         options.stop_ids.push_back(static_cast<int32_t>(id));
@@ -270,7 +266,7 @@ TEST_F(EngineTest, SeededSamplingIsTheSameAloneInABatchAndAfterPreemption) {
   seeded.sampling.top_k = 50;
   seeded.sampling.top_p = 0.95f;
   seeded.sampling.seed = 1234;
-  seeded.sampling.key = 77;
+  seeded.sampling.request_key = 77;
 
   // Alone, through the engine.
   std::vector<int32_t> alone;
@@ -303,7 +299,7 @@ TEST_F(EngineTest, SeededSamplingIsTheSameAloneInABatchAndAfterPreemption) {
       r.ignore_end_ids = true;
       r.sampling.temperature = 1.0f;
       if (i % 2 == 0) r.sampling.seed = 1234;  // same seed, other keys
-      r.sampling.key = static_cast<uint64_t>(i);
+      r.sampling.request_key = static_cast<uint64_t>(i);
       ASSERT_TRUE(engine->Submit(r, collector.For(std::to_string(i))).ok());
     }
     auto id = engine->Submit(seeded, collector.For("s"));

@@ -16,26 +16,13 @@ StepPlan MakePlan(uint64_t sequence_number) {
   StepPlan plan;
   plan.sequence_number = sequence_number;
   plan.placement_epoch = 7 + sequence_number / 3;
-  if (sequence_number % 2 == 1) {
-    JoinedSequence seq;
-    seq.sequence_id = 1000 + sequence_number;
-    for (int i = 0; i < 5 + static_cast<int>(sequence_number); ++i) {
-      seq.token_ids.push_back(2 + 31 * i);
-      seq.positions.push_back(i);
-    }
-    seq.pages_per_pool = {{3, 4, 9}, {}, {17}};
-    seq.sampling = {.temperature = 0.7f,
-                    .top_k = 40,
-                    .top_p = 0.95f,
-                    .seed = 0xfeedface00000000ull + sequence_number};
-    plan.joined.push_back(seq);
-  }
   if (sequence_number % 3 == 0) plan.finished = {1000 + sequence_number - 2, 42};
   plan.entries = {{.sequence_id = 1000 + sequence_number,
                    .num_new_tokens = 6,
                    .start_position = 0,
                    .token_ids = {2, 10, 11, 12, 13, static_cast<int32_t>(sequence_number)},
                    .sample = false,
+                   .all_logits = sequence_number % 2 == 1,
                    .sampling = {}},
                   {.sequence_id = 42,
                    .num_new_tokens = 1,
@@ -43,7 +30,8 @@ StepPlan MakePlan(uint64_t sequence_number) {
                    .token_ids = {99},
                    .sample = true,
                    .sampling = {.temperature = 0.5f, .top_k = 0, .top_p = 1.0f, .seed = 3,
-                                .request_key = 8}}};
+                                .request_key = 8, .position = 312}}};
+  if (sequence_number % 2 == 1) plan.entries[1].sampling.seed.reset();
   plan.stop = sequence_number == 6;
   return plan;
 }

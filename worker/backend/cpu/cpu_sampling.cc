@@ -91,7 +91,7 @@ void CpuBackend::Sample(const Buffer& logits, int64_t rows, int64_t vocab,
     }
     double nucleus_total = 0.0;
     for (int64_t i = 0; i < nucleus; ++i) nucleus_total += probs[i];
-    double target = SamplingUniform(p.seed, p.request_key, p.position) * nucleus_total;
+    double target = SamplingUniform(p) * nucleus_total;
     int64_t chosen = nucleus - 1;
     double cumulative = 0.0;
     for (int64_t i = 0; i < nucleus; ++i) {

@@ -54,7 +54,7 @@ void CudaBackend::Sample(const Buffer& logits, int64_t rows, int64_t vocab,
     host[r].temperature = p.temperature;
     host[r].top_k = p.top_k;
     host[r].top_p = p.top_p;
-    host[r].uniform = p.temperature > 0 ? SamplingUniform(p.seed, p.request_key, p.position) : 0.0;
+    host[r].uniform = p.temperature > 0 ? SamplingUniform(p) : 0.0;
   }
   const int64_t param_words =
       static_cast<int64_t>((rows * sizeof(kernels::SampleRow) + sizeof(int32_t) - 1) / sizeof(int32_t));

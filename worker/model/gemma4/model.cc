@@ -761,7 +761,7 @@ absl::StatusOr<std::vector<int32_t>> Model::SampleSharded(
         } else {
           for (int64_t i = 0; i < nucleus; ++i) nucleus_total += probs[i];
         }
-        double target = SamplingUniform(p.seed, p.request_key, p.position) * nucleus_total;
+        double target = SamplingUniform(p) * nucleus_total;
         double cumulative = 0.0;
         int64_t chosen = -1;
         for (int64_t i = 0; i < std::min(nucleus, have); ++i) {

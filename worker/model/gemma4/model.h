@@ -25,6 +25,10 @@ namespace gemma::gemma4 {
 
 // Which positions of a sequence produce logits.
 enum class LogitsMode : uint8_t { kNone, kLast, kAll };
+// kAll when every position's logits are kept, else kLast when the last one is sampled.
+inline LogitsMode LogitsModeOf(bool sample, bool all_logits) {
+  return all_logits ? LogitsMode::kAll : sample ? LogitsMode::kLast : LogitsMode::kNone;
+}
 
 // One sequence's share of a step: `tokens` are appended at positions kv->length, ... The caller
 // has grown kv's pages to cover them (KvCache::Grow); Forward advances kv->length.
