@@ -17,6 +17,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/flags.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -123,7 +124,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "latency and throughput of streaming requests through the coordinator against straight "
       "to a replica leader\n  coordinator_bench --coordinator HOST:PORT --replica HOST:PORT");
-  absl::ParseCommandLine(argc, argv);
+  gemma::ParseFlags(argc, argv);
   const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
   const std::string replica = absl::GetFlag(FLAGS_replica);
   if (coordinator.empty() || replica.empty()) {

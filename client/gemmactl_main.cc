@@ -33,7 +33,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "common/flag_dashes.h"
+#include "common/flags.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
@@ -461,8 +461,7 @@ absl::Status Experts() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  gemma::NormalizeFlagDashes(argc, argv);
-  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  std::vector<char*> args = gemma::ParseFlags(argc, argv);
   absl::Status status;
   const std::string command = args.size() >= 2 ? args[1] : "";
   if (command == "generate") {

@@ -4,7 +4,7 @@
 
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "common/flag_dashes.h"
+#include "common/flags.h"
 #include "glog/logging.h"
 
 namespace gemma {
@@ -12,8 +12,7 @@ namespace gemma {
 int ToolMain(int argc, char** argv, const char* name, const char* usage,
              const std::function<absl::Status()>& run) {
   absl::SetProgramUsageMessage(usage);
-  NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  ParseFlags(argc, argv);
   google::InitGoogleLogging(argv[0]);
   // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.
   google::InstallFailureSignalHandler();

@@ -19,7 +19,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "common/flag_dashes.h"
+#include "common/flags.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/metrics.h"
 #include "coordinator/proxy.h"
@@ -188,8 +188,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
-  gemma::NormalizeFlagDashes(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  gemma::ParseFlags(argc, argv);
   google::InitGoogleLogging(argv[0]);
   // A crash (SIGSEGV, SIGABRT, ...) prints its stack to the log before the process dies.
   google::InstallFailureSignalHandler();

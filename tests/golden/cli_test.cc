@@ -46,6 +46,27 @@ nlohmann::json Manifest(const std::string& model) {
   return nlohmann::json::parse(in);
 }
 
+// --help, -h and --helpfull print the usage and exit 0 on every binary, as users of other
+// tools expect; an unknown flag still exits non-zero.
+TEST(CliTest, HelpExitsZeroOnEveryBinary) {
+  int checked = 0;
+  for (const char* tool : {"gemma-forward", "gemma-generate", "gemma-tokenize", "gemma-bench",
+                           "gemma-engine-bench", "gemma-coordinator", "gemma-worker",
+                           "gemmactl"}) {
+    if (access(absl::StrCat(GEMMA_BINARY_DIR, "/bin/", tool).c_str(), X_OK) != 0) continue;
+    ++checked;
+    for (const char* flag : {"--help", "-h", "--helpfull"}) {
+      RunResult r = RunTool(tool, flag);
+      EXPECT_EQ(r.exit_code, 0) << tool << " " << flag << ": " << r.output;
+      EXPECT_NE(r.output.find(tool), std::string::npos) << tool << " " << flag << ": " << r.output;
+    }
+    RunResult bad = RunTool(tool, "--no-such-flag=1");
+    EXPECT_EQ(bad.exit_code, 1) << tool << ": " << bad.output;
+    EXPECT_NE(bad.output.find("no_such_flag"), std::string::npos) << tool << ": " << bad.output;
+  }
+  EXPECT_GE(checked, 5);
+}
+
 TEST(CliTest, ForwardWritesTransformersLogitsAsNpy) {
   nlohmann::json manifest = Manifest("tiny-moe");
   const auto& prompt = manifest["prompts"][4];

@@ -13,8 +13,9 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/str_join.h"
+#include "common/flags.h"
 #include "common/tokenizer/chat_format.h"
 #include "common/tokenizer/tokenizer.h"
 #include "glog/logging.h"
@@ -50,7 +51,12 @@ std::string ReadAll(std::istream& in) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  absl::SetProgramUsageMessage(
+      "encodes, decodes and renders chat prompts with a tokenizer.json\n"
+      "  gemma-tokenize --tokenizer tokenizer.json --encode < text\n"
+      "  gemma-tokenize --tokenizer tokenizer.json --decode < ids\n"
+      "  gemma-tokenize --tokenizer tokenizer.json --chat chat.json");
+  gemma::ParseFlags(argc, argv);
   google::InitGoogleLogging(argv[0]);
   const std::string path = absl::GetFlag(FLAGS_tokenizer);
   const int modes = absl::GetFlag(FLAGS_encode) + absl::GetFlag(FLAGS_decode) +
