@@ -4,6 +4,7 @@
 #include <cstring>
 #include <iostream>
 
+#include "absl/flags/internal/program_name.h"
 #include "absl/flags/internal/usage.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -38,6 +39,7 @@ std::vector<char*> ParseFlags(int argc, char** argv) {
     }
   }
   if (help != HelpMode::kNone) {
+    absl::flags_internal::SetProgramInvocationName(argv[0]);
     absl::flags_internal::SetFlagsHelpMode(help);
     absl::flags_internal::HandleUsageFlags(std::cout, absl::ProgramUsageMessage());
     std::cout << std::flush;

@@ -58,7 +58,7 @@ TEST(CliTest, HelpExitsZeroOnEveryBinary) {
     for (const char* flag : {"--help", "-h", "--helpfull"}) {
       RunResult r = RunTool(tool, flag);
       EXPECT_EQ(r.exit_code, 0) << tool << " " << flag << ": " << r.output;
-      EXPECT_NE(r.output.find(tool), std::string::npos) << tool << " " << flag << ": " << r.output;
+      EXPECT_TRUE(r.output.starts_with(tool)) << tool << " " << flag << ": " << r.output;
     }
     RunResult bad = RunTool(tool, "--no-such-flag=1");
     EXPECT_EQ(bad.exit_code, 1) << tool << ": " << bad.output;
