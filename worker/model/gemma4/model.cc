@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/fnv.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
+#include "worker/parallel/expert_dispatch.h"
+#include "worker/parallel/sharded_sampling.h"
 
 namespace gemma::gemma4 {
 namespace {
@@ -79,7 +82,7 @@ absl::Status Model::TpAllReduce(Buffer& buffer, int64_t count) {
 absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
   const ModelConfig& c = config_;
   if (num_tokens > scratch_tokens_ || hidden_ == nullptr) {
-    DropStepGraphs();  // they replay on the buffers about to be replaced
+    graphs_.Drop();  // they replay on the buffers about to be replaced
     const int64_t t = std::max<int64_t>(num_tokens, 16);
     const int64_t h = c.hidden_size;
     int64_t max_q = 0, max_kv = 0, max_inter = c.moe_intermediate_size;
@@ -110,7 +113,7 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
     scratch_tokens_ = t;
   }
   if (num_rows > scratch_rows_ || logits_ == nullptr) {
-    DropStepGraphs();
+    graphs_.Drop();
     const int64_t r = std::max<int64_t>(num_rows, 4);
     ASSIGN_OR_RETURN(row_hidden_, backend_.Alloc(DType::kF32, r * c.hidden_size));
     ASSIGN_OR_RETURN(logits_, backend_.Alloc(DType::kF32, r * dims_.vocab));
@@ -176,13 +179,7 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   const int64_t num_tokens = static_cast<int64_t>(host.token_ids.size());
   const int64_t num_rows = static_cast<int64_t>(host.rows.size());
   const bool graph = GraphEligible(steps);
-  if (graph) {
-    // One graph serves every width up to the next power of two (the kernels read a sequence's
-    // pages up to its length only; the rest of its row is -1).
-    int64_t width = 1;
-    while (width < max_pages) width *= 2;
-    max_pages = width;
-  }
+  if (graph) max_pages = StepGraphs::RoundPages(max_pages);
   for (int pool = 0; pool < 2; ++pool) {
     host.page_tables[pool].assign(steps.size() * max_pages, -1);
     for (size_t s = 0; s < steps.size(); ++s) {
@@ -203,34 +200,11 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   const int64_t hidden = c.hidden_size;
   ASSIGN_OR_RETURN(mlp_out_, backend_.View(*ffn_pair_, 0, num_tokens * hidden));
   ASSIGN_OR_RETURN(moe_out_, backend_.View(*ffn_pair_, num_tokens * hidden, num_tokens * hidden));
-  // Step graph key: sequences, page-table width and logit rows fix every shape of the step.
-  constexpr int64_t kKeyField = int64_t{1} << 21;
   const int64_t num_seqs = static_cast<int64_t>(steps.size());
-  const bool use_graph = graph && num_seqs < kKeyField && max_pages < kKeyField;
-  const int64_t key = (num_seqs * kKeyField + max_pages) * kKeyField + num_rows;
-  StepInputs* in = &step_inputs_;
-  bool reuse = false;
-  if (use_graph) {
-    // A graph writes and reads the KV storage it was recorded with: a step on other storage
-    // (a new KvCache, as benches make one per run) must not replay it.
-    auto address = [&](Buffer* b) {
-      return b != nullptr ? reinterpret_cast<uintptr_t>(backend_.RawData(*b)) : uintptr_t{0};
-    };
-    std::vector<uintptr_t> cache_id = {static_cast<uintptr_t>(cache.page_size())};
-    for (int l = 0; l < c.num_hidden_layers; ++l) {
-      cache_id.push_back(address(&cache.v(l)));
-      cache_id.push_back(static_cast<uintptr_t>(cache.v(l).numel()));
-      cache_id.push_back(address(cache.k(l)));
-    }
-    if (cache_id != graph_cache_id_) {
-      DropStepGraphs();
-      graph_cache_id_ = std::move(cache_id);
-    }
-    constexpr size_t kMaxGraphs = 64;  // past it, start over rather than grow without bound
-    if (graph_inputs_.size() >= kMaxGraphs && graph_inputs_.count(key) == 0) DropStepGraphs();
-    in = &graph_inputs_[key];
-    reuse = in->token_ids != nullptr;
-  }
+  std::optional<StepGraphs::Slot> slot;
+  if (graph) slot = graphs_.Acquire(num_seqs, max_pages, num_rows, cache, c.num_hidden_layers);
+  StepInputs* in = slot ? slot->inputs : &step_inputs_;
+  const bool reuse = slot && slot->reuse;
   // Eager steps take fresh buffers; a graph's are allocated once and overwritten each replay.
   auto upload = [&](BufferPtr& buffer, const std::vector<int32_t>& values) -> absl::Status {
     if (!reuse) {
@@ -265,20 +239,8 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   num_tokens_ = num_tokens;
   num_logit_rows_ = num_rows;
 
-  if (use_graph) {
-    // Inputs just allocated (!reuse): a graph the backend holds under this key was not
-    // recorded on them (another model's on this backend, or one from before this model's
-    // inputs were dropped) and would replay on freed buffers. Record anew; it replaces that.
-    if (!reuse || !backend_.HasGraph(key)) {
-      RETURN_IF_ERROR(backend_.BeginCapture());
-      absl::Status recorded = RunNetwork(layout, *in, cache);
-      absl::Status ended = backend_.EndCapture(key);
-      RETURN_IF_ERROR(recorded);
-      RETURN_IF_ERROR(ended);
-      ++graph_captures_;
-    }
-    RETURN_IF_ERROR(backend_.Replay(key));
-    ++graph_replays_;
+  if (slot) {
+    RETURN_IF_ERROR(graphs_.Run(*slot, [&] { return RunNetwork(layout, *in, cache); }));
   } else {
     RETURN_IF_ERROR(RunNetwork(layout, *in, cache));
   }
@@ -295,11 +257,6 @@ bool Model::GraphEligible(std::span<const SequenceStep> steps) const {
     if (step.tokens.size() != 1) return false;
   }
   return true;
-}
-
-void Model::DropStepGraphs() {
-  backend_.DropGraphs();
-  graph_inputs_.clear();
 }
 
 absl::Status Model::RunNetwork(const BatchLayout& layout, const StepInputs& in, KvCache& cache) {
@@ -340,7 +297,7 @@ absl::Status Model::EnableExpertCounts() {
     layer_expert_counts_.push_back(std::move(view));
   }
   // Graphs recorded before had no counter in their routers.
-  DropStepGraphs();
+  graphs_.Drop();
   return backend_.Synchronize();
 }
 
@@ -367,7 +324,14 @@ absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingPar
   }
   std::vector<int32_t> ids(rows);
   if (rows == 0) return ids;
-  if (parallel_.tp_comm != nullptr) return SampleSharded(params);
+  if (parallel_.tp_comm != nullptr) {
+    return parallel::SampleSharded(backend_, *parallel_.tp_comm, *logits_,
+                                   {.rows = num_logit_rows_,
+                                    .local_vocab = dims_.vocab,
+                                    .vocab_offset = dims_.vocab_offset,
+                                    .vocab = config_.vocab_size},
+                                   params);
+  }
   if (sampled_ == nullptr || sampled_->numel() < rows) {
     ASSIGN_OR_RETURN(sampled_, backend_.Alloc(DType::kI32, std::max<int64_t>(rows, 16)));
   }
@@ -495,7 +459,17 @@ absl::Status Model::FeedForwardBlock(int l) {
     if (parallel_.check_routing) RETURN_IF_ERROR(CheckRouting(l));
     backend_.RmsNorm(*hidden_, w.pre_feedforward_layernorm_2.get(), t, hidden, eps, *moe_in_);
     if (parallel_.ep_comm != nullptr) {
-      RETURN_IF_ERROR(DispatchExperts(l));
+      RETURN_IF_ERROR(parallel::DispatchExperts(
+          backend_, *parallel_.ep_comm,
+          {.num_tokens = t,
+           .hidden = c.hidden_size,
+           .top_k = c.top_k_experts,
+           .experts_per_rank = dims_.experts,
+           .tp_rank = parallel_.layout.tp_rank,
+           .tp_size = parallel_.layout.tp_size},
+          *topk_ids_, *topk_weights_, *moe_in_, *moe_out_,
+          [&](const Buffer& x, const Buffer& ids, const Buffer& weights, int64_t rows,
+              Buffer& out) { RunLocalExperts(l, x, ids, weights, rows, out); }));
     } else {
       RunLocalExperts(l, *moe_in_, *topk_ids_, *topk_weights_, t, *moe_out_);
     }
@@ -547,241 +521,6 @@ void Model::RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids,
   experts.num_local_experts = dims_.experts;
   experts.out = &out;
   backend_.MoeExperts(experts);
-}
-
-absl::Status Model::DispatchExperts(int l) {
-  const ModelConfig& c = config_;
-  parallel::Communicator& comm = *parallel_.ep_comm;
-  const int world = comm.world_size();
-  const int64_t hidden = c.hidden_size;
-  const int64_t top_k = c.top_k_experts;
-  const int64_t t = num_tokens_;
-  const int64_t per_rank = dims_.experts;
-  // This tp rank dispatches only its share of the group's tokens.
-  const int64_t share_begin = t * parallel_.layout.tp_rank / parallel_.layout.tp_size;
-  const int64_t share_end = t * (parallel_.layout.tp_rank + 1) / parallel_.layout.tp_size;
-  const int64_t share = share_end - share_begin;
-
-  std::vector<int32_t> ids(t * top_k);
-  std::vector<float> weights(t * top_k);
-  std::vector<float> x(t * hidden);
-  if (t > 0) {
-    RETURN_IF_ERROR(backend_.Read(*topk_ids_, ids.data(), ids.size() * sizeof(int32_t)));
-    RETURN_IF_ERROR(backend_.Read(*topk_weights_, weights.data(), weights.size() * sizeof(float)));
-    RETURN_IF_ERROR(backend_.Read(*moe_in_, x.data(), x.size() * sizeof(float)));
-  }
-  // One (token, owner rank) pair per rank a token needs, ordered by rank then token. Each pair
-  // carries the token's activation row and, as metadata, the ids and weights of the experts it
-  // needs there (padded with -1).
-  std::vector<std::vector<int64_t>> pairs(world);
-  for (int64_t tok = share_begin; tok < share_end; ++tok) {
-    int last_owner = -1;
-    for (int64_t k = 0; k < top_k; ++k) {  // ids are ascending, so owners are too
-      int owner = static_cast<int>(ids[tok * top_k + k] / per_rank);
-      if (owner != last_owner) pairs[owner].push_back(tok);
-      last_owner = owner;
-    }
-  }
-  std::vector<int64_t> send_pairs(world), recv_pairs(world);
-  for (int r = 0; r < world; ++r) send_pairs[r] = static_cast<int64_t>(pairs[r].size());
-  {
-    std::vector<int64_t> ones(world, 1);
-    RETURN_IF_ERROR(comm.AllToAllV(send_pairs.data(), ones, recv_pairs.data(), ones, DType::kI64));
-  }
-  const int64_t meta = 2 * top_k;  // ids, then weight bits
-  std::vector<float> send_x;
-  std::vector<int32_t> send_meta;
-  for (int r = 0; r < world; ++r) {
-    for (int64_t tok : pairs[r]) {
-      send_x.insert(send_x.end(), x.begin() + tok * hidden, x.begin() + (tok + 1) * hidden);
-      std::vector<int32_t> m(meta, -1);
-      int64_t n = 0;
-      for (int64_t k = 0; k < top_k; ++k) {
-        int32_t e = ids[tok * top_k + k];
-        if (e / per_rank != r) continue;
-        m[n] = e;
-        std::memcpy(&m[top_k + n], &weights[tok * top_k + k], sizeof(float));
-        ++n;
-      }
-      send_meta.insert(send_meta.end(), m.begin(), m.end());
-    }
-  }
-  int64_t total_recv = 0;
-  std::vector<int64_t> send_x_counts(world), recv_x_counts(world), send_m_counts(world),
-      recv_m_counts(world);
-  for (int r = 0; r < world; ++r) {
-    total_recv += recv_pairs[r];
-    send_x_counts[r] = send_pairs[r] * hidden;
-    recv_x_counts[r] = recv_pairs[r] * hidden;
-    send_m_counts[r] = send_pairs[r] * meta;
-    recv_m_counts[r] = recv_pairs[r] * meta;
-  }
-  std::vector<float> recv_x(total_recv * hidden);
-  std::vector<int32_t> recv_meta(total_recv * meta);
-  RETURN_IF_ERROR(comm.AllToAllV(send_x.data(), send_x_counts, recv_x.data(), recv_x_counts,
-                                 DType::kF32));
-  RETURN_IF_ERROR(comm.AllToAllV(send_meta.data(), send_m_counts, recv_meta.data(), recv_m_counts,
-                                 DType::kI32));
-  // Run the local experts over what arrived: each pair's partial sum over this rank's experts.
-  std::vector<float> result(total_recv * hidden, 0.0f);
-  if (total_recv > 0) {
-    std::vector<int32_t> local_ids(total_recv * top_k);
-    std::vector<float> local_weights(total_recv * top_k);
-    for (int64_t p = 0; p < total_recv; ++p) {
-      for (int64_t k = 0; k < top_k; ++k) {
-        local_ids[p * top_k + k] = recv_meta[p * meta + k];
-        std::memcpy(&local_weights[p * top_k + k], &recv_meta[p * meta + top_k + k],
-                    sizeof(float));
-      }
-    }
-    ASSIGN_OR_RETURN(BufferPtr xb, backend_.Alloc(DType::kF32, total_recv * hidden));
-    ASSIGN_OR_RETURN(BufferPtr ib, backend_.Alloc(DType::kI32, total_recv * top_k));
-    ASSIGN_OR_RETURN(BufferPtr wb, backend_.Alloc(DType::kF32, total_recv * top_k));
-    ASSIGN_OR_RETURN(BufferPtr ob, backend_.Alloc(DType::kF32, total_recv * hidden));
-    backend_.Write(*xb, recv_x.data(), recv_x.size() * sizeof(float));
-    backend_.Write(*ib, local_ids.data(), local_ids.size() * sizeof(int32_t));
-    backend_.Write(*wb, local_weights.data(), local_weights.size() * sizeof(float));
-    RunLocalExperts(l, *xb, *ib, *wb, total_recv, *ob);
-    RETURN_IF_ERROR(backend_.Read(*ob, result.data(), result.size() * sizeof(float)));
-  }
-  // Send the results back the way they came, and sum each token's partials in rank (= expert)
-  // order. Tokens outside this rank's share stay zero; the tp all-reduce fills them.
-  std::vector<float> returned(share > 0 ? send_x.size() : 0);
-  RETURN_IF_ERROR(comm.AllToAllV(result.data(), recv_x_counts, returned.data(), send_x_counts,
-                                 DType::kF32));
-  std::vector<float> out(t * hidden, 0.0f);
-  int64_t p = 0;
-  for (int r = 0; r < world; ++r) {
-    for (int64_t tok : pairs[r]) {
-      float* o = &out[tok * hidden];
-      const float* src = &returned[p * hidden];
-      for (int64_t i = 0; i < hidden; ++i) o[i] += src[i];
-      ++p;
-    }
-  }
-  if (t > 0) backend_.Write(*moe_out_, out.data(), out.size() * sizeof(float));
-  return backend_.Synchronize();
-}
-
-absl::StatusOr<std::vector<int32_t>> Model::SampleSharded(
-    const std::vector<SamplingParams>& params) {
-  parallel::Communicator& comm = *parallel_.tp_comm;
-  const int tp = comm.world_size();
-  const int64_t rows = num_logit_rows_;
-  const int64_t local = dims_.vocab;
-  const int64_t vocab = config_.vocab_size;
-  std::vector<float> temperature(rows);
-  int64_t want = 1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const SamplingParams& p = params[r];
-    temperature[r] = p.temperature > 0 ? p.temperature : 1.0f;
-    if (p.temperature > 0) want = std::max<int64_t>(want, p.top_k > 0 ? p.top_k : 64);
-  }
-  // Each shard's log-sum-exp pieces: the mass of the whole vocabulary without whole rows.
-  ASSIGN_OR_RETURN(BufferPtr max_b, backend_.Alloc(DType::kF32, rows));
-  ASSIGN_OR_RETURN(BufferPtr sum_b, backend_.Alloc(DType::kF32, rows));
-  backend_.LogSumExp(*logits_, rows, local, temperature, *max_b, *sum_b);
-  std::vector<float> maxes(tp * rows), sums(tp * rows);
-  RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*max_b), maxes.data(), rows, DType::kF32));
-  RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*sum_b), sums.data(), rows, DType::kF32));
-
-  std::vector<int32_t> out(rows, -1);
-  std::vector<bool> done(rows, false);
-  for (int64_t per_shard = std::min(want, local);; per_shard = std::min(local, per_shard * 4)) {
-    ASSIGN_OR_RETURN(BufferPtr values_b, backend_.Alloc(DType::kF32, rows * per_shard));
-    ASSIGN_OR_RETURN(BufferPtr ids_b, backend_.Alloc(DType::kI32, rows * per_shard));
-    backend_.TopK(*logits_, rows, local, per_shard, dims_.vocab_offset, *values_b, *ids_b);
-    std::vector<float> values(tp * rows * per_shard);
-    std::vector<int32_t> ids(tp * rows * per_shard);
-    RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*values_b), values.data(), rows * per_shard,
-                                   DType::kF32));
-    RETURN_IF_ERROR(comm.AllGather(backend_.RawData(*ids_b), ids.data(), rows * per_shard,
-                                   DType::kI32));
-    const bool complete = per_shard == local;  // every logit is among the candidates
-    for (int64_t r = 0; r < rows; ++r) {
-      if (done[r]) continue;
-      const SamplingParams& p = params[r];
-      // Merge the shards' candidates: largest first, lower id on ties (as the full-row path).
-      std::vector<std::pair<float, int32_t>> cand;
-      for (int s = 0; s < tp; ++s) {
-        for (int64_t i = 0; i < per_shard; ++i) {
-          int64_t at = (s * rows + r) * per_shard + i;
-          cand.emplace_back(values[at], ids[at]);
-        }
-      }
-      std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
-        return a.first != b.first ? a.first > b.first : a.second < b.second;
-      });
-      if (p.temperature <= 0.0f) {
-        out[r] = cand[0].second;
-        done[r] = true;
-        continue;
-      }
-      const int64_t keep = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
-      const int64_t have = std::min<int64_t>(keep, static_cast<int64_t>(cand.size()));
-      const double max_scaled = cand[0].first / p.temperature;
-      std::vector<double> probs(have);
-      double gathered_total = 0.0;
-      for (int64_t i = 0; i < have; ++i) {
-        probs[i] = std::exp(cand[i].first / p.temperature - max_scaled);
-        gathered_total += probs[i];
-      }
-      double total = gathered_total;
-      if (keep == vocab && !complete) {
-        total = 0.0;  // the whole vocabulary's mass, from the shards' log-sum-exp pieces
-        for (int s = 0; s < tp; ++s) {
-          total += std::exp(static_cast<double>(maxes[s * rows + r]) - max_scaled) *
-                   sums[s * rows + r];
-        }
-      }
-      int64_t nucleus = keep;
-      bool need_more = false;
-      if (p.top_p < 1.0f) {
-        double cumulative = 0.0;
-        nucleus = -1;
-        for (int64_t i = 0; i < have; ++i) {
-          cumulative += probs[i] / total;
-          if (cumulative >= p.top_p) {
-            nucleus = i + 1;
-            break;
-          }
-        }
-        if (nucleus < 0) {
-          if (have < keep && !complete) {
-            need_more = true;
-          } else {
-            nucleus = have;
-          }
-        }
-      }
-      if (!need_more) {
-        double nucleus_total = 0.0;
-        if (nucleus > have) {
-          nucleus_total = total;
-        } else {
-          for (int64_t i = 0; i < nucleus; ++i) nucleus_total += probs[i];
-        }
-        double target = SamplingUniform(p) * nucleus_total;
-        double cumulative = 0.0;
-        int64_t chosen = -1;
-        for (int64_t i = 0; i < std::min(nucleus, have); ++i) {
-          cumulative += probs[i];
-          if (target < cumulative) {
-            chosen = i;
-            break;
-          }
-        }
-        if (chosen < 0 && (nucleus <= have || complete)) chosen = std::min(nucleus, have) - 1;
-        if (chosen >= 0) {
-          out[r] = cand[chosen].second;
-          done[r] = true;
-        }
-      }
-    }
-    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
-    if (complete) return absl::InternalError("sharded sampling could not place a draw");
-  }
-  return out;
 }
 
 }  // namespace gemma::gemma4

@@ -18,6 +18,7 @@
 #include "worker/backend/backend.h"
 #include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/sharding.h"
+#include "worker/model/gemma4/step_graphs.h"
 #include "worker/model/gemma4/weights.h"
 #include "worker/parallel/communicator.h"
 
@@ -97,8 +98,8 @@ class Model {
   // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
   // width rounded up to a power of two, logit rows) and replayed after that. On by default.
   void set_use_graphs(bool on) { use_graphs_ = on; }
-  int64_t graph_captures() const { return graph_captures_; }
-  int64_t graph_replays() const { return graph_replays_; }
+  int64_t graph_captures() const { return graphs_.captures(); }
+  int64_t graph_replays() const { return graphs_.replays(); }
   const ModelConfig& config() const { return config_; }
   const LocalDims& local_dims() const { return dims_; }
   const ModelParallel& parallel() const { return parallel_; }
@@ -106,29 +107,19 @@ class Model {
 
  private:
   Model(const ModelConfig& config, Backend& backend, const ModelParallel& parallel)
-      : config_(config), backend_(backend), parallel_(parallel) {}
-  // Device copies of one step's metadata.
-  struct StepInputs {
-    BufferPtr token_ids, positions, query_start, seq_lens, rows;
-    BufferPtr page_tables[2], slots[2];
-  };
+      : config_(config), backend_(backend), parallel_(parallel), graphs_(backend) {}
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows);
   bool GraphEligible(std::span<const SequenceStep> steps) const;
-  void DropStepGraphs();
   // The network from the embedding to the (soft-capped) logits of the step in `layout`.
   absl::Status RunNetwork(const BatchLayout& layout, const StepInputs& in, KvCache& cache);
   absl::Status AttentionBlock(int layer_idx, const BatchLayout& layout, KvCache& cache);
   absl::Status FeedForwardBlock(int layer_idx);
   // Sums `buffer`'s first `count` floats over the tp group (no-op without one).
   absl::Status TpAllReduce(Buffer& buffer, int64_t count);
-  // dp-ep: sends this rank's share of the tokens to their experts' owners, runs the local
-  // experts on what arrives, and returns the results into moe_out_.
-  absl::Status DispatchExperts(int layer_idx);
   // This rank's experts of layer l on num_tokens rows of x routed by topk_ids / topk_weights.
   void RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids, const Buffer& topk_weights,
                        int64_t num_tokens, Buffer& out);
   absl::Status CheckRouting(int layer_idx);
-  absl::StatusOr<std::vector<int32_t>> SampleSharded(const std::vector<SamplingParams>& params);
   void Observe(std::string_view name, const Buffer& buffer, std::vector<int64_t> shape);
 
   ModelConfig config_;
@@ -163,14 +154,10 @@ class Model {
   BufferPtr sampled_;     // [R] i32
   BufferPtr expert_counts_;                 // [layers, experts] i32, when enabled
   std::vector<BufferPtr> layer_expert_counts_;  // a view per layer
-  // Step metadata: the last eager step's, and each step graph's (fixed buffers it replays on).
+  // The last eager step's metadata; step graphs keep their own.
   StepInputs step_inputs_;
-  std::map<int64_t, StepInputs> graph_inputs_;
-  // The KV storage the step graphs were recorded on (page size, each layer's addresses).
-  std::vector<uintptr_t> graph_cache_id_;
+  StepGraphs graphs_;
   bool use_graphs_ = true;
-  int64_t graph_captures_ = 0;
-  int64_t graph_replays_ = 0;
 };
 
 }  // namespace gemma::gemma4
