@@ -13,20 +13,15 @@
 #include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
+#include "worker/cli/model_flags.h"
 #include "worker/cli/parallel_ranks.h"
 #include "worker/cli/rank_driver.h"
 #include "worker/replica/load.h"
 
-ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, tokens, "",
           "comma-separated token ids, e.g. 2,17,301 (ranks other than 0 of a multi-process run "
           "take them from rank 0)");
 ABSL_FLAG(std::string, logits_out, "", "output .npy file for the logits (written by rank 0)");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
-ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
-ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
-ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
-ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least the prompt)");
 
 namespace {
 
@@ -39,18 +34,10 @@ absl::Status Run() {
   if (leader && absl::GetFlag(FLAGS_logits_out).empty()) {
     return absl::InvalidArgumentError("--logits-out FILE.npy is required");
   }
-  const int64_t capacity =
-      std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens), static_cast<int64_t>(tokens.size()));
+  const int64_t min_cache = static_cast<int64_t>(tokens.size());
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(
-        gemma::replica::LoadedRank loaded,
-        gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
-                                  .backend = absl::GetFlag(FLAGS_backend),
-                                  .threads = absl::GetFlag(FLAGS_threads),
-                                  .ranks_in_process = env.ranks_in_process,
-                                  .cache_tokens = capacity,
-                                  .page_size = absl::GetFlag(FLAGS_page_size),
-                                  .parallel = env.parallel}));
+    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
+                     gemma::replica::LoadRank(gemma::cli::RankLoadOptions(env, min_cache)));
     ASSIGN_OR_RETURN(std::vector<float> logits,
                      gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
                                                   absl::GetFlag(FLAGS_prefill_chunk)));

@@ -13,12 +13,12 @@
 #include "common/tool_main.h"
 #include "glog/logging.h"
 #include "worker/cli/cli_common.h"
+#include "worker/cli/model_flags.h"
 #include "worker/cli/parallel_ranks.h"
 #include "worker/cli/rank_driver.h"
 #include "worker/engine/generate.h"
 #include "worker/replica/load.h"
 
-ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, tokens, "", "comma-separated prompt token ids, e.g. 2,17,301");
 ABSL_FLAG(int64_t, max_new_tokens, 32, "tokens to generate");
 ABSL_FLAG(double, temperature, 0.0, "sampling temperature; 0 = greedy");
@@ -26,11 +26,6 @@ ABSL_FLAG(int32_t, top_k, 0, "keep the k most likely tokens (0 = all)");
 ABSL_FLAG(double, top_p, 1.0, "nucleus probability in (0, 1]");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
 ABSL_FLAG(bool, stop_at_eos, false, "stop after an end-of-sequence id of config.json");
-ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
-ABSL_FLAG(int64_t, prefill_chunk, 0, "tokens per prefill step (0: all in one step)");
-ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
-ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
-ABSL_FLAG(int64_t, cache_tokens, 4096, "KV-cache capacity in positions (at least prompt + new)");
 
 namespace {
 
@@ -53,8 +48,7 @@ absl::Status Run() {
   if (!absl::GetFlag(FLAGS_tokens).empty() || absl::GetFlag(FLAGS_rank) <= 0) {
     ASSIGN_OR_RETURN(tokens, gemma::cli::ParseTokenList(absl::GetFlag(FLAGS_tokens)));
   }
-  const int64_t capacity = std::max<int64_t>(absl::GetFlag(FLAGS_cache_tokens),
-                                             static_cast<int64_t>(tokens.size()) + max_new);
+  const int64_t min_cache = static_cast<int64_t>(tokens.size()) + max_new;
   gemma::GenerateOptions options;
   options.max_new_tokens = max_new;
   options.prefill_chunk = absl::GetFlag(FLAGS_prefill_chunk);
@@ -63,15 +57,8 @@ absl::Status Run() {
   options.sampling.top_p = static_cast<float>(top_p);
   options.sampling.seed = absl::GetFlag(FLAGS_seed);
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(
-        gemma::replica::LoadedRank loaded,
-        gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
-                                  .backend = absl::GetFlag(FLAGS_backend),
-                                  .threads = absl::GetFlag(FLAGS_threads),
-                                  .ranks_in_process = env.ranks_in_process,
-                                  .cache_tokens = capacity,
-                                  .page_size = absl::GetFlag(FLAGS_page_size),
-                                  .parallel = env.parallel}));
+    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
+                     gemma::replica::LoadRank(gemma::cli::RankLoadOptions(env, min_cache)));
     gemma::GenerateOptions rank_options = options;
     if (absl::GetFlag(FLAGS_stop_at_eos)) {
       for (int64_t id : loaded.model->config().eos_token_ids) {
