@@ -22,6 +22,7 @@
 #include "common/flags.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/metrics.h"
+#include "coordinator/openai_api.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
@@ -44,9 +45,13 @@ ABSL_FLAG(int64_t, max_outstanding_per_replica, 256,
           "admission limit: requests in flight on one replica; when every healthy replica is "
           "at it, new requests get RESOURCE_EXHAUSTED");
 ABSL_FLAG(std::string, http_listen, "",
-          "HOST:PORT of the HTTP port (/metrics in the Prometheus text format); empty: none");
+          "HOST:PORT of the HTTP port (/metrics in the Prometheus text format, /dashboard, the "
+          "OpenAI-compatible /v1 API); empty: none");
 ABSL_FLAG(bool, metrics_per_expert, false,
           "also export gemma:expert_tokens_total per layer and expert (layers x experts series)");
+ABSL_FLAG(std::string, served_model_name, "gemma-4",
+          "the model id of the OpenAI-compatible API on the HTTP port (the \"model\" clients "
+          "name; GET /v1/models lists it)");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -118,8 +123,11 @@ int Run() {
     std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen) << "\n";
     return 1;
   }
-  // The HTTP port: one server for everything HTTP.
+  // The HTTP port: one server for everything HTTP. Streams hold a thread each.
   httplib::Server http;
+  http.new_task_queue = [] { return new httplib::ThreadPool(64); };
+  gemma::coordinator::OpenAiOptions openai_options;
+  openai_options.model_name = absl::GetFlag(FLAGS_served_model_name);
   std::thread http_thread;
   if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {
     const size_t colon = http_listen.rfind(':');
@@ -155,6 +163,10 @@ int Run() {
                                                      httplib::Response& response) {
       json(registry.ExpertLoad(request.has_param("windows")), response);
     });
+    // The OpenAI-compatible API, through this coordinator's own Inference service.
+    http.set_payload_max_length(openai_options.max_body_bytes);
+    gemma::coordinator::AddOpenAiRoutes(http, server->InProcessChannel(grpc::ChannelArguments()),
+                                        openai_options);
     const std::string host = http_listen.substr(0, colon);
     const int bound = http_port == 0 ? http.bind_to_any_port(host)
                                      : (http.bind_to_port(host, http_port) ? http_port : -1);

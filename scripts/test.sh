@@ -7,6 +7,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${ROOT}"
 
 scripts/build.sh -DGEMMA_BUILD_TESTS=ON
+# The official OpenAI client (PyPI) for the tests of the OpenAI-compatible API.
+scripts/python_env.sh
 # Idle pool threads block rather than spin, and BLAS stays single-threaded inside our pool.
 export OPENBLAS_NUM_THREADS=1
 ctest --test-dir build --output-on-failure -j "$(nproc)" --timeout 600

@@ -120,6 +120,47 @@ std::string RunTool(std::vector<std::string> args, int* exit_code) {
   return ReadFileToString(output);
 }
 
+namespace {
+
+std::string ShellQuote(const std::string& arg) {
+  std::string quoted = "'";
+  for (char c : arg) {
+    if (c == '\'') {
+      quoted += "'\\''";
+    } else {
+      quoted += c;
+    }
+  }
+  return quoted + "'";
+}
+
+}  // namespace
+
+std::string WriteFile(const std::string& path, const std::string& content) {
+  std::ofstream(path, std::ios::binary) << content;
+  return path;
+}
+
+ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text,
+                     std::chrono::milliseconds timeout) {
+  static std::atomic<int> counter{0};
+  const std::string base =
+      absl::StrCat(::testing::TempDir(), "/run_", getpid(), "_", counter++);
+  WriteFile(base + ".in", stdin_text);
+  if (args[0].rfind('/', 0) != 0) args[0] = kBin + args[0];
+  std::vector<std::string> quoted;
+  for (const std::string& arg : args) quoted.push_back(ShellQuote(arg));
+  const std::string command =
+      absl::StrCat("exec ", absl::StrJoin(quoted, " "), " < ", ShellQuote(base + ".in"), " 2> ",
+                   ShellQuote(base + ".err"));
+  ChildProcess child({"/bin/sh", "-c", command}, base + ".out");
+  ToolRun run;
+  run.exit_code = child.WaitForExitCode(timeout);
+  run.out = ReadFileToString(base + ".out");
+  run.err = ReadFileToString(base + ".err");
+  return run;
+}
+
 std::vector<int32_t> ParseIds(const std::string& line) {
   std::vector<int32_t> ids;
   for (absl::string_view item : absl::StrSplit(line, ' ', absl::SkipWhitespace())) {

@@ -54,6 +54,20 @@ gemma::v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt, int6
 // Runs build/bin/<args[0]> to completion; its stdout and stderr together.
 std::string RunTool(std::vector<std::string> args, int* exit_code);
 
+// Writes `content` to `path`; returns `path`.
+std::string WriteFile(const std::string& path, const std::string& content);
+
+struct ToolRun {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs bin/`args[0]` (or `args[0]` itself when it is an absolute path) with `stdin_text` as its
+// standard input (a file, so not a terminal), for at most `timeout`.
+ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text,
+                     std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
 // The integers of a line of text.
 std::vector<int32_t> ParseIds(const std::string& line);
 

@@ -37,50 +37,6 @@ namespace v1 = gemma::v1;
 std::string Tokenizer() { return kTinyMoe + "/tokenizer.json"; }
 constexpr int64_t kReplyTokens = 8;
 
-std::string ShellQuote(const std::string& arg) {
-  std::string quoted = "'";
-  for (char c : arg) {
-    if (c == '\'') {
-      quoted += "'\\''";
-    } else {
-      quoted += c;
-    }
-  }
-  return quoted + "'";
-}
-
-std::string WriteFile(const std::string& path, const std::string& content) {
-  std::ofstream(path, std::ios::binary) << content;
-  return path;
-}
-
-struct ToolRun {
-  int exit_code = -1;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-// Runs bin/`args[0]` (or `args[0]` itself when it is an absolute path) with `stdin_text` as its
-// standard input (a file, so not a terminal).
-ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text) {
-  static int counter = 0;
-  const std::string base =
-      absl::StrCat(::testing::TempDir(), "/gemmactl_", getpid(), "_", counter++);
-  WriteFile(base + ".in", stdin_text);
-  if (args[0].rfind('/', 0) != 0) args[0] = kBin + args[0];
-  std::vector<std::string> quoted;
-  for (const std::string& arg : args) quoted.push_back(ShellQuote(arg));
-  const std::string command =
-      absl::StrCat("exec ", absl::StrJoin(quoted, " "), " < ", ShellQuote(base + ".in"), " 2> ",
-                   ShellQuote(base + ".err"));
-  ChildProcess child({"/bin/sh", "-c", command}, base + ".out");
-  ToolRun run;
-  run.exit_code = child.WaitForExitCode(milliseconds(30000));
-  run.out = ReadFileToString(base + ".out");
-  run.err = ReadFileToString(base + ".err");
-  return run;
-}
-
 // One model reply of `gemmactl chat --json`: its responses, in order.
 struct Turn {
   int num_responses = 0;

@@ -1,0 +1,76 @@
+"""Drives the coordinator's OpenAI-compatible API with the official openai client and prints
+what it got as one JSON object (the C++ test compares it with the gRPC API's answers).
+
+usage: openai_client_check.py BASE_URL MODEL PROMPT MAX_TOKENS
+"""
+import json
+import sys
+
+import openai
+
+base_url, model, prompt, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+out = {"models": [m.id for m in client.models.list().data]}
+
+messages = [{"role": "user", "content": prompt}]
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                      temperature=0)
+out["chat"] = {"content": chat.choices[0].message.content,
+               "role": chat.choices[0].message.role,
+               "finish_reason": chat.choices[0].finish_reason,
+               "usage": chat.usage.model_dump()}
+
+pieces, finish, usage, roles = [], None, None, []
+for chunk in client.chat.completions.create(model=model, messages=messages,
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage.model_dump()
+    for choice in chunk.choices:
+        if choice.delta.role:
+            roles.append(choice.delta.role)
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+out["chat_stream"] = {"content": "".join(pieces), "chunks": len(pieces), "roles": roles,
+                      "finish_reason": finish, "usage": usage}
+
+completion = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0)
+out["completion"] = {"text": completion.choices[0].text,
+                     "finish_reason": completion.choices[0].finish_reason,
+                     "usage": completion.usage.model_dump()}
+pieces = []
+for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0, stream=True):
+    for choice in chunk.choices:
+        pieces.append(choice.text)
+out["completion_stream"] = {"text": "".join(pieces)}
+
+# Seeded sampling repeats.
+seeded = [client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                    temperature=0.9, seed=7).choices[0].text for _ in range(2)]
+out["seeded_equal"] = seeded[0] == seeded[1]
+
+errors = {}
+def expect_error(name, call):
+    try:
+        call()
+        errors[name] = None
+    except openai.APIStatusError as e:
+        errors[name] = {"status": e.status_code, "body": e.body}
+expect_error("unknown_model", lambda: client.completions.create(model="no-such-model",
+                                                                prompt=prompt))
+expect_error("n_2", lambda: client.completions.create(model=model, prompt=prompt, n=2))
+expect_error("logprobs", lambda: client.chat.completions.create(model=model, messages=messages,
+                                                                logprobs=True))
+expect_error("tools", lambda: client.chat.completions.create(
+    model=model, messages=messages,
+    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]))
+expect_error("bad_role", lambda: client.chat.completions.create(
+    model=model, messages=[{"role": "robot", "content": "x"}]))
+expect_error("temperature", lambda: client.completions.create(model=model, prompt=prompt,
+                                                              temperature=5))
+out["errors"] = errors
+print(json.dumps(out))
