@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <thread>
 #include <chrono>
 #include <cstdlib>
@@ -33,6 +34,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "client/batch_commands.h"
 #include "common/flags.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
@@ -54,6 +56,12 @@ ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate a
 ABSL_FLAG(bool, watch, false, "experts: redraw every --interval-ms until interrupted");
 ABSL_FLAG(int64_t, interval_ms, 1000, "experts --watch: milliseconds between redraws");
 ABSL_FLAG(std::string, replica, "", "experts: one replica's totals (default: the whole cluster)");
+ABSL_FLAG(bool, wait, false, "batch submit: follow the batch to its end with a progress bar");
+ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (default stdout)");
+ABSL_FLAG(std::string, errors, "",
+          "batch results: the OpenAI error file (default OUTPUT.errors.jsonl, or stdout)");
+ABSL_FLAG(std::string, model_name, "gemma-4",
+          "batch results: the \"model\" written in OpenAI response bodies");
 
 namespace {
 
@@ -66,6 +74,9 @@ constexpr char kUsage[] =
     "  gemmactl status [--json]\n"
     "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]]\n"
     "      expert load: a layers x experts heatmap and each layer's balancedness\n"
+    "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
+    "  gemmactl batch status ID | list | cancel ID [--json]\n"
+    "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)";
 
 std::string CoordinatorAddress() {
@@ -461,6 +472,12 @@ absl::Status Experts() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
+  // -o is --output, as users of other tools expect (Abseil has no short flags).
+  static char kOutputFlag[] = "--output";
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--") == 0) break;
+    if (std::strcmp(argv[i], "-o") == 0) argv[i] = kOutputFlag;
+  }
   std::vector<char*> args = gemma::ParseFlags(argc, argv);
   absl::Status status;
   const std::string command = args.size() >= 2 ? args[1] : "";
@@ -472,6 +489,19 @@ int main(int argc, char** argv) {
     status = Status();
   } else if (command == "experts" && args.size() == 2) {
     status = Experts();
+  } else if (command == "batch") {
+    auto channel = Connect(CoordinatorAddress());
+    if (channel.ok()) {
+      gemma::client::BatchFlags flags;
+      flags.wait = absl::GetFlag(FLAGS_wait);
+      flags.json = absl::GetFlag(FLAGS_json);
+      flags.output = absl::GetFlag(FLAGS_output);
+      flags.errors = absl::GetFlag(FLAGS_errors);
+      flags.model_name = absl::GetFlag(FLAGS_model_name);
+      status = gemma::client::BatchCommand({args.begin() + 2, args.end()}, *channel, flags);
+    } else {
+      status = channel.status();
+    }
   } else {
     std::cerr << "gemmactl: " << kUsage << "\n";
     return 2;

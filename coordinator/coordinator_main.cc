@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -20,9 +21,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
+#include "coordinator/batch_store.h"
+#include "coordinator/batches.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/metrics.h"
 #include "coordinator/openai_api.h"
+#include "coordinator/openai_batch_api.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
@@ -52,6 +56,11 @@ ABSL_FLAG(bool, metrics_per_expert, false,
 ABSL_FLAG(std::string, served_model_name, "gemma-4",
           "the model id of the OpenAI-compatible API on the HTTP port (the \"model\" clients "
           "name; GET /v1/models lists it)");
+ABSL_FLAG(std::string, data_dir, "",
+          "directory of the coordinator's durable state (batch jobs and uploaded files, in "
+          "SQLite); created if missing; empty: no batches");
+ABSL_FLAG(int32_t, batch_max_in_flight_per_replica, 4,
+          "batch items running at once per healthy replica (interactive requests go first)");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -110,6 +119,33 @@ int Run() {
   gemma::coordinator::InferenceService inference(&registry, proxy_options);
   gemma::coordinator::ClusterService cluster(&registry);
   gemma::coordinator::CoordinatorService coordinator(&registry, &store);
+  // Batches: durable in --data-dir, run through this coordinator's own Inference service (the
+  // channel exists once the server is built).
+  const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
+  const int32_t batch_in_flight = absl::GetFlag(FLAGS_batch_max_in_flight_per_replica);
+  if (batch_in_flight <= 0) {
+    std::cerr << "gemma-coordinator: --batch-max-in-flight-per-replica must be positive\n";
+    return 1;
+  }
+  std::unique_ptr<gemma::coordinator::BatchStore> batch_store;
+  if (!data_dir.empty()) {
+    std::error_code error;
+    std::filesystem::create_directories(data_dir, error);
+    if (error) {
+      std::cerr << "gemma-coordinator: cannot create --data-dir " << data_dir << ": "
+                << error.message() << "\n";
+      return 1;
+    }
+    auto opened = gemma::coordinator::BatchStore::Open(data_dir + "/batches.db");
+    if (!opened.ok()) {
+      std::cerr << "gemma-coordinator: " << opened.status().message() << "\n";
+      return 1;
+    }
+    batch_store = std::move(*opened);
+  }
+  gemma::coordinator::OpenAiOptions openai_options;
+  openai_options.model_name = absl::GetFlag(FLAGS_served_model_name);
+  std::unique_ptr<gemma::coordinator::BatchRunner> batch_runner;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -118,16 +154,28 @@ int Run() {
   builder.RegisterService(&inference);
   builder.RegisterService(&cluster);
   builder.RegisterService(&coordinator);
+  // The Batches service is registered before the server starts; its runner starts after,
+  // when the in-process channel to Inference exists.
+  std::atomic<gemma::coordinator::BatchRunner*> runner_slot{nullptr};
+  gemma::coordinator::BatchesService batches_service(&runner_slot);
+  builder.RegisterService(&batches_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen) << "\n";
     return 1;
   }
+  if (batch_store != nullptr) {
+    gemma::coordinator::BatchOptions batch_options;
+    batch_options.max_in_flight_per_replica = batch_in_flight;
+    batch_runner = std::make_unique<gemma::coordinator::BatchRunner>(
+        batch_store.get(), &registry, server->InProcessChannel(grpc::ChannelArguments()),
+        &openai_options, batch_options);
+    batch_runner->Start();
+    runner_slot.store(batch_runner.get());
+  }
   // The HTTP port: one server for everything HTTP. Streams hold a thread each.
   httplib::Server http;
   http.new_task_queue = [] { return new httplib::ThreadPool(64); };
-  gemma::coordinator::OpenAiOptions openai_options;
-  openai_options.model_name = absl::GetFlag(FLAGS_served_model_name);
   std::thread http_thread;
   if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {
     const size_t colon = http_listen.rfind(':');
@@ -164,9 +212,15 @@ int Run() {
       json(registry.ExpertLoad(request.has_param("windows")), response);
     });
     // The OpenAI-compatible API, through this coordinator's own Inference service.
-    http.set_payload_max_length(openai_options.max_body_bytes);
+    gemma::coordinator::OpenAiBatchOptions file_options;
+    http.set_payload_max_length(std::max(openai_options.max_body_bytes,
+                                         file_options.max_file_bytes));
     gemma::coordinator::AddOpenAiRoutes(http, server->InProcessChannel(grpc::ChannelArguments()),
                                         openai_options);
+    if (batch_runner != nullptr) {
+      gemma::coordinator::AddOpenAiBatchRoutes(http, batch_runner.get(), &openai_options,
+                                               file_options);
+    }
     const std::string host = http_listen.substr(0, colon);
     const int bound = http_port == 0 ? http.bind_to_any_port(host)
                                      : (http.bind_to_port(host, http_port) ? http_port : -1);
@@ -192,6 +246,8 @@ int Run() {
     http.stop();
     http_thread.join();
   }
+  runner_slot.store(nullptr);
+  if (batch_runner != nullptr) batch_runner->Stop();  // items in flight stay pending
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }

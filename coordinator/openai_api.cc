@@ -1,252 +1,14 @@
 #include "coordinator/openai_api.h"
 
-#include <chrono>
-#include <random>
-#include <set>
+#include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "glog/logging.h"
 
 namespace gemma::coordinator {
 namespace {
 
 using nlohmann::json;
-
-// JSON text of `value`; bytes that are not UTF-8 (a token's text may end inside a character)
-// become U+FFFD rather than an exception.
-std::string Dump(const json& value) {
-  return value.dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
-ApiError Invalid(std::string param, std::string message) {
-  ApiError e;
-  e.param = std::move(param);
-  e.message = std::move(message);
-  return e;
-}
-
-ApiError Unsupported(const std::string& param, const std::string& what) {
-  ApiError e = Invalid(param, absl::StrCat(what, " is not supported by this server"));
-  e.code = "unsupported_parameter";
-  return e;
-}
-
-bool Present(const json& body, const char* key) {
-  auto it = body.find(key);
-  return it != body.end() && !it->is_null();
-}
-
-// Fields accepted when they ask for nothing this server does not do.
-struct Harmless {
-  const char* key;
-  std::function<bool(const json&)> harmless;
-};
-
-const std::vector<Harmless>& HarmlessFields() {
-  static const auto* fields = new std::vector<Harmless>{
-      {"user", [](const json&) { return true; }},
-      {"presence_penalty", [](const json& v) { return v.is_number() && v.get<double>() == 0; }},
-      {"frequency_penalty", [](const json& v) { return v.is_number() && v.get<double>() == 0; }},
-      {"logprobs", [](const json& v) { return v.is_boolean() ? !v.get<bool>() : false; }},
-      {"logit_bias", [](const json& v) { return v.is_object() && v.empty(); }},
-      {"echo", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }},
-      {"best_of", [](const json& v) { return v.is_number_integer() && v.get<int64_t>() == 1; }},
-      {"response_format",
-       [](const json& v) { return v.is_object() && v.value("type", "") == "text"; }},
-      {"parallel_tool_calls", [](const json&) { return true; }},
-      {"store", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }},
-      {"metadata", [](const json&) { return true; }},
-  };
-  return *fields;
-}
-
-// Reads an optional number field in [lo, hi]; false with *error set when it is out of range.
-bool ReadNumber(const json& body, const char* key, double lo, double hi, double* out,
-                ApiError* error) {
-  if (!Present(body, key)) return true;
-  const json& v = body.at(key);
-  if (!v.is_number()) {
-    *error = Invalid(key, absl::StrCat(key, " must be a number"));
-    return false;
-  }
-  const double x = v.get<double>();
-  if (!(x >= lo && x <= hi)) {
-    *error = Invalid(key, absl::StrFormat("%s must be in [%g, %g], got %g", key, lo, hi, x));
-    return false;
-  }
-  *out = x;
-  return true;
-}
-
-bool ReadInt(const json& body, const char* key, int64_t lo, int64_t* out, ApiError* error) {
-  if (!Present(body, key)) return true;
-  const json& v = body.at(key);
-  if (!v.is_number_integer()) {
-    *error = Invalid(key, absl::StrCat(key, " must be an integer"));
-    return false;
-  }
-  const int64_t x = v.get<int64_t>();
-  if (x < lo) {
-    *error = Invalid(key, absl::StrCat(key, " must be at least ", lo, ", got ", x));
-    return false;
-  }
-  *out = x;
-  return true;
-}
-
-// A chat message's content: a string, or text parts.
-bool ReadContent(const json& content, size_t index, std::string* out, ApiError* error) {
-  const std::string param = absl::StrCat("messages[", index, "].content");
-  if (content.is_string()) {
-    *out = content.get<std::string>();
-    return true;
-  }
-  if (!content.is_array()) {
-    *error = Invalid(param, absl::StrCat(param, " must be a string or a list of text parts"));
-    return false;
-  }
-  for (const json& part : content) {
-    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
-        !part["text"].is_string()) {
-      *error = Unsupported(param, "a content part other than {\"type\": \"text\", \"text\": ...}");
-      return false;
-    }
-    *out += part["text"].get<std::string>();
-  }
-  return true;
-}
-
-bool ReadPrompt(const json& body, gemma::v1::GenerateRequest* request, ApiError* error) {
-  if (!Present(body, "prompt")) {
-    *error = Invalid("prompt", "prompt is required");
-    return false;
-  }
-  json prompt = body.at("prompt");
-  // A list of one prompt is that prompt.
-  if (prompt.is_array() && prompt.size() == 1 && (prompt[0].is_string() || prompt[0].is_array())) {
-    prompt = json(prompt[0]);
-  }
-  if (prompt.is_string()) {
-    request->set_text(prompt.get<std::string>());
-    return true;
-  }
-  if (prompt.is_array() && !prompt.empty()) {
-    auto* ids = request->mutable_token_ids();
-    for (const json& id : prompt) {
-      if (!id.is_number_integer()) {
-        *error = Unsupported("prompt", "more than one prompt per request");
-        return false;
-      }
-      const int64_t v = id.get<int64_t>();
-      if (v < 0 || v > INT32_MAX) {
-        *error = Invalid("prompt", absl::StrCat("token id ", v, " is not a valid id"));
-        return false;
-      }
-      ids->add_ids(static_cast<int32_t>(v));
-    }
-    return true;
-  }
-  *error = Invalid("prompt", "prompt must be a string or a list of token ids");
-  return false;
-}
-
-bool ReadMessages(const json& body, gemma::v1::GenerateRequest* request, ApiError* error) {
-  if (!Present(body, "messages") || !body.at("messages").is_array() ||
-      body.at("messages").empty()) {
-    *error = Invalid("messages", "messages must be a non-empty list");
-    return false;
-  }
-  auto* chat = request->mutable_chat();
-  size_t index = 0;
-  for (const json& message : body.at("messages")) {
-    const std::string param = absl::StrCat("messages[", index, "]");
-    if (!message.is_object() || !message.contains("role") || !message["role"].is_string()) {
-      *error = Invalid(param, absl::StrCat(param, " must be an object with a role"));
-      return false;
-    }
-    std::string role = message["role"].get<std::string>();
-    if (role == "developer") role = "system";
-    if (role == "tool" || role == "function") {
-      *error = Unsupported(param + ".role", absl::StrCat("the role \"", role, "\""));
-      return false;
-    }
-    if (role != "system" && role != "user" && role != "assistant") {
-      *error = Invalid(param + ".role",
-                       absl::StrCat("unknown role \"", role,
-                                    "\"; use system, developer, user or assistant"));
-      return false;
-    }
-    for (const char* key : {"tool_calls", "function_call", "audio"}) {
-      if (Present(message, key)) {
-        *error = Unsupported(param + "." + key, absl::StrCat(key, " in a message"));
-        return false;
-      }
-    }
-    std::string content;
-    if (Present(message, "content") && !ReadContent(message["content"], index, &content, error)) {
-      return false;
-    }
-    auto* m = chat->add_messages();
-    m->set_role(role);
-    m->set_content(content);
-    ++index;
-  }
-  return true;
-}
-
-std::string NewId(const char* prefix) {
-  thread_local std::mt19937_64 rng(std::random_device{}());
-  return absl::StrFormat("%s%016x%08x", prefix, rng(), static_cast<uint32_t>(rng()));
-}
-
-json ModelObject(const std::string& name) {
-  return {{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "gemma-cluster"}};
-}
-
-int64_t UnixNow() {
-  return std::chrono::duration_cast<std::chrono::seconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-void SendError(httplib::Response& response, const ApiError& error) {
-  response.status = error.http_status;
-  response.set_content(Dump(json{{"error", error.ToJson()}}), "application/json");
-}
-
-json Usage(const gemma::v1::GenerateFinal& final) {
-  return {{"prompt_tokens", final.prompt_tokens()},
-          {"completion_tokens", final.generated_tokens()},
-          {"total_tokens", final.prompt_tokens() + final.generated_tokens()}};
-}
-
-// One OpenAI response or chunk around `choice`.
-json Envelope(ApiKind kind, bool chunk, const std::string& id, int64_t created,
-              const std::string& model, json choices) {
-  const char* object = kind == ApiKind::kChat
-                           ? (chunk ? "chat.completion.chunk" : "chat.completion")
-                           : "text_completion";
-  return {{"id", id}, {"object", object}, {"created", created}, {"model", model},
-          {"choices", std::move(choices)}};
-}
-
-json Choice(ApiKind kind, bool chunk, const std::string& text, const json& finish_reason,
-            bool first) {
-  json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
-  if (kind == ApiKind::kCompletion) {
-    choice["text"] = text;
-  } else if (chunk) {
-    json delta = json::object();
-    if (first) delta["role"] = "assistant";
-    if (!text.empty() || first) delta["content"] = text;
-    choice["delta"] = delta;
-  } else {
-    choice["message"] = {{"role", "assistant"}, {"content", text}};
-  }
-  return choice;
-}
 
 // A streaming call in progress: its context and reader outlive the handler, which returns
 // before the chunked content provider writes the events.
@@ -257,10 +19,15 @@ struct StreamState {
   bool finished = false;
 };
 
+void SendError(httplib::Response& response, const ApiError& error) {
+  response.status = error.http_status;
+  response.set_content(Dump(json{{"error", error.ToJson()}}), "application/json");
+}
+
 void Handle(const httplib::Request& http_request, httplib::Response& response, ApiKind kind,
             gemma::v1::Inference::Stub* stub, const OpenAiOptions& options) {
   if (http_request.body.size() > options.max_body_bytes) {
-    ApiError e = Invalid("", absl::StrCat("the request body is ", http_request.body.size(),
+    ApiError e = InvalidRequestError("", absl::StrCat("the request body is ", http_request.body.size(),
                                           " bytes, more than the limit of ",
                                           options.max_body_bytes));
     e.http_status = 413;
@@ -269,7 +36,7 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
   }
   json body = json::parse(http_request.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded() || !body.is_object()) {
-    SendError(response, Invalid("", "the request body is not a JSON object"));
+    SendError(response, InvalidRequestError("", "the request body is not a JSON object"));
     return;
   }
   ParseResult parsed = ParseOpenAiRequest(body, kind, options);
@@ -315,10 +82,7 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
                                                        : status));
       return;
     }
-    json out = Envelope(kind, false, id, created, model,
-                        json::array({Choice(kind, false, text,
-                                            OpenAiFinishReason(final.finish_reason()), false)}));
-    out["usage"] = Usage(final);
+    json out = ResponseBody(kind, id, created, model, text, final);
     response.set_content(Dump(out), "application/json");
     return;
   }
@@ -390,205 +154,6 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
 
 }  // namespace
 
-json ApiError::ToJson() const {
-  return {{"message", message},
-          {"type", type},
-          {"param", param.empty() ? json(nullptr) : json(param)},
-          {"code", code.empty() ? json(nullptr) : json(code)}};
-}
-
-ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptions& options) {
-  ParseResult result;
-  ApiError& error = result.error;
-  gemma::v1::GenerateRequest& request = result.parsed.request;
-
-  static const std::set<std::string> kCompletionFields = {
-      "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-      "stream", "stream_options", "suffix"};
-  static const std::set<std::string> kChatFields = {
-      "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-      "top_k", "seed", "stop", "n", "stream", "stream_options", "tools", "tool_choice",
-      "functions", "function_call", "top_logprobs", "modalities", "audio", "reasoning_effort"};
-  const auto& known = kind == ApiKind::kChat ? kChatFields : kCompletionFields;
-  for (const auto& [key, value] : body.items()) {
-    if (known.count(key)) continue;
-    bool harmless_field = false;
-    for (const Harmless& h : HarmlessFields()) {
-      if (key != h.key) continue;
-      harmless_field = true;
-      if (!value.is_null() && !h.harmless(value)) {
-        error = Unsupported(key, absl::StrCat(key, " = ", Dump(value)));
-        return result;
-      }
-    }
-    if (!harmless_field) {
-      error = Invalid(key, absl::StrCat("Unrecognized request argument supplied: ", key));
-      return result;
-    }
-  }
-  for (const char* key : {"tools", "tool_choice", "functions", "function_call", "top_logprobs",
-                          "audio", "suffix", "reasoning_effort"}) {
-    if (Present(body, key)) {
-      error = Unsupported(key, key);
-      return result;
-    }
-  }
-  if (Present(body, "modalities") && body["modalities"] != json::array({"text"})) {
-    error = Unsupported("modalities", "an output other than text");
-    return result;
-  }
-
-  if (!Present(body, "model") || !body["model"].is_string()) {
-    error = Invalid("model", "model is required (GET /v1/models lists the models served)");
-    return result;
-  }
-  const std::string model = body["model"].get<std::string>();
-  if (model != options.model_name) {
-    error = Invalid("model", absl::StrCat("The model `", model, "` does not exist; this server "
-                                          "serves `", options.model_name, "`"));
-    error.http_status = 404;
-    error.code = "model_not_found";
-    return result;
-  }
-  if (kind == ApiKind::kChat ? !ReadMessages(body, &request, &error)
-                             : !ReadPrompt(body, &request, &error)) {
-    return result;
-  }
-
-  int64_t n = 1;
-  if (!ReadInt(body, "n", 1, &n, &error)) return result;
-  if (n != 1) {
-    error = Unsupported("n", "n other than 1");
-    return result;
-  }
-  int64_t max_tokens = kind == ApiKind::kChat ? options.default_chat_max_tokens : 16;
-  if (!ReadInt(body, "max_tokens", 1, &max_tokens, &error)) return result;
-  if (kind == ApiKind::kChat && !ReadInt(body, "max_completion_tokens", 1, &max_tokens, &error)) {
-    return result;
-  }
-  request.set_max_tokens(max_tokens);
-
-  auto* sampling = request.mutable_sampling();
-  double temperature = 1.0, top_p = 1.0;  // OpenAI's defaults
-  if (!ReadNumber(body, "temperature", 0, 2, &temperature, &error)) return result;
-  if (!ReadNumber(body, "top_p", 0, 1, &top_p, &error)) return result;
-  if (top_p <= 0) {
-    error = Invalid("top_p", "top_p must be greater than 0");
-    return result;
-  }
-  sampling->set_temperature(static_cast<float>(temperature));
-  if (top_p < 1) sampling->set_top_p(static_cast<float>(top_p));
-  if (Present(body, "top_k")) {  // an extension (vLLM's): -1 or 0 keeps every token
-    int64_t top_k = 0;
-    if (!ReadInt(body, "top_k", -1, &top_k, &error)) return result;
-    if (top_k > INT32_MAX) {
-      error = Invalid("top_k", "top_k is too large");
-      return result;
-    }
-    sampling->set_top_k(top_k < 0 ? 0 : static_cast<int32_t>(top_k));
-  }
-  if (Present(body, "seed")) {
-    if (!body["seed"].is_number_integer()) {
-      error = Invalid("seed", "seed must be an integer");
-      return result;
-    }
-    sampling->set_seed(body["seed"].is_number_unsigned()
-                           ? body["seed"].get<uint64_t>()
-                           : static_cast<uint64_t>(body["seed"].get<int64_t>()));
-  }
-  if (Present(body, "stop")) {
-    const json& stop = body["stop"];
-    if (stop.is_string()) {
-      request.add_stop_strings(stop.get<std::string>());
-    } else if (stop.is_array()) {
-      for (const json& s : stop) {
-        if (!s.is_string()) {
-          error = Invalid("stop", "stop must be a string or a list of strings");
-          return result;
-        }
-        request.add_stop_strings(s.get<std::string>());
-      }
-    } else {
-      error = Invalid("stop", "stop must be a string or a list of strings");
-      return result;
-    }
-  }
-  if (Present(body, "stream")) {
-    if (!body["stream"].is_boolean()) {
-      error = Invalid("stream", "stream must be true or false");
-      return result;
-    }
-    result.parsed.stream = body["stream"].get<bool>();
-  }
-  if (Present(body, "stream_options")) {
-    const json& so = body["stream_options"];
-    if (!result.parsed.stream) {
-      error = Invalid("stream_options", "stream_options is only allowed with stream: true");
-      return result;
-    }
-    if (!so.is_object()) {
-      error = Invalid("stream_options", "stream_options must be an object");
-      return result;
-    }
-    for (const auto& [key, value] : so.items()) {
-      if (key == "include_usage" && value.is_boolean()) {
-        result.parsed.include_usage = value.get<bool>();
-      } else if (key != "include_obfuscation") {
-        error = Unsupported("stream_options." + key, key);
-        return result;
-      }
-    }
-  }
-  result.ok = true;
-  return result;
-}
-
-std::string OpenAiFinishReason(const std::string& ours) {
-  if (ours == "end_id" || ours == "stop_token" || ours == "stop_string") return "stop";
-  if (ours == "max_tokens" || ours == "length" || ours == "context_length") return "length";
-  return ours;
-}
-
-ApiError ApiErrorFromGrpc(const grpc::Status& status) {
-  ApiError e;
-  e.message = status.error_message();
-  switch (status.error_code()) {
-    case grpc::StatusCode::INVALID_ARGUMENT:
-    case grpc::StatusCode::OUT_OF_RANGE:
-    case grpc::StatusCode::FAILED_PRECONDITION:
-      e.http_status = 400;
-      break;
-    case grpc::StatusCode::NOT_FOUND:
-      e.http_status = 404;
-      e.code = "not_found";
-      break;
-    case grpc::StatusCode::UNAUTHENTICATED:
-      e.http_status = 401;
-      e.type = "authentication_error";
-      break;
-    case grpc::StatusCode::PERMISSION_DENIED:
-      e.http_status = 403;
-      e.type = "permission_error";
-      break;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED:
-      e.http_status = 429;
-      e.type = "rate_limit_error";
-      break;
-    case grpc::StatusCode::UNAVAILABLE:
-      e.http_status = 503;
-      e.type = "service_unavailable";
-      break;
-    case grpc::StatusCode::DEADLINE_EXCEEDED:
-      e.http_status = 504;
-      e.type = "timeout";
-      break;
-    default:
-      e.http_status = 500;
-      e.type = "server_error";
-  }
-  return e;
-}
-
 void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> channel,
                      const OpenAiOptions& options) {
   auto stub = std::shared_ptr<gemma::v1::Inference::Stub>(gemma::v1::Inference::NewStub(channel));
@@ -601,7 +166,7 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
   http.Get(R"(/v1/models/([^/]+))", [opts](const httplib::Request& request,
                                             httplib::Response& response) {
     if (request.matches[1] != opts->model_name) {
-      ApiError e = Invalid("model", absl::StrCat("The model `", std::string(request.matches[1]),
+      ApiError e = InvalidRequestError("model", absl::StrCat("The model `", std::string(request.matches[1]),
                                                  "` does not exist"));
       e.http_status = 404;
       e.code = "model_not_found";

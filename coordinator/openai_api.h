@@ -16,52 +16,9 @@
 #include "grpcpp/grpcpp.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
+#include "coordinator/openai_format.h"
 
 namespace gemma::coordinator {
-
-struct OpenAiOptions {
-  // The model id clients name in "model" and GET /v1/models lists.
-  std::string model_name = "gemma-4";
-  // Largest request body accepted (413 past it).
-  size_t max_body_bytes = size_t{8} << 20;
-  // max_tokens of a chat completion that names none (a completion's default is OpenAI's, 16).
-  int64_t default_chat_max_tokens = 1024;
-};
-
-// An error as the OpenAI API reports it: HTTP status and the "error" object.
-struct ApiError {
-  int http_status = 400;
-  std::string message;
-  std::string type = "invalid_request_error";
-  std::string param;  // the offending field, when there is one
-  std::string code;
-  nlohmann::json ToJson() const;
-};
-
-enum class ApiKind { kCompletion, kChat };
-
-// The GenerateRequest a /v1/completions (kCompletion) or /v1/chat/completions (kChat) body asks
-// for, and whether it streams; an ApiError for a body this server cannot serve as asked.
-struct ParsedRequest {
-  gemma::v1::GenerateRequest request;
-  bool stream = false;
-  bool include_usage = false;  // stream_options.include_usage
-};
-struct ParseResult {
-  bool ok = false;
-  ParsedRequest parsed;
-  ApiError error;
-};
-ParseResult ParseOpenAiRequest(const nlohmann::json& body, ApiKind kind,
-                               const OpenAiOptions& options);
-
-// OpenAI's finish reason for ours: "stop" (an end id, a stop id or string), "length"
-// (max_tokens, the context), else ours as it is.
-std::string OpenAiFinishReason(const std::string& ours);
-
-// The ApiError for a failed Generate call (INVALID_ARGUMENT 400, NOT_FOUND 404,
-// RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...).
-ApiError ApiErrorFromGrpc(const grpc::Status& status);
 
 // Adds the routes to `http`. `channel` reaches the coordinator's Inference service; it and
 // `options` must outlive the server's handlers.

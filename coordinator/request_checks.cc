@@ -12,6 +12,10 @@ using gemma::v1::GenerateRequest;
 
 absl::Status ValidateGenerateRequest(const GenerateRequest& request, const ModelLimits& limits) {
   const int64_t max_tokens = request.max_tokens() > 0 ? request.max_tokens() : kDefaultMaxTokens;
+  if (request.priority() < kMinPriority || request.priority() > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "priority must be in [", kMinPriority, ", 0] (0: interactive), got ", request.priority()));
+  }
   if (request.max_tokens() < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_tokens must be >= 0 (0: the default), got ", request.max_tokens()));

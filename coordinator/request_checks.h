@@ -24,6 +24,7 @@ inline constexpr size_t kMaxStopStringBytes = 256;
 inline constexpr int kMaxStopTokenIds = 64;
 inline constexpr int kMaxChatMessages = 1024;
 inline constexpr size_t kMaxInputBytes = size_t{1} << 20;  // text, or a chat's contents together
+inline constexpr int32_t kMinPriority = -100;  // priorities are in [kMinPriority, 0]
 
 // INVALID_ARGUMENT with a message for a request no replica could serve. Token ids must be below
 // `limits.vocab_size` and stop ids in [0, vocab_size); an input of token ids plus max_tokens

@@ -77,6 +77,11 @@ TEST(CoordinatorRequestTest, BadRequestsNameTheirProblem) {
             "input of 4000 tokens plus max_tokens 200 does not fit the context: this cluster "
             "serves at most 4096 positions; shorten the input or lower max_tokens (at most 96 "
             "here)");
+  GenerateRequest urgent = Tokens({2, 7});
+  urgent.set_priority(1);
+  EXPECT_TRUE(absl::StrContains(Refusal(urgent), "priority must be in [-100, 0]"));
+  urgent.set_priority(-101);
+  EXPECT_TRUE(absl::StrContains(Refusal(urgent), "got -101"));
   // max_tokens 0 is the default 16.
   EXPECT_TRUE(absl::StrContains(Refusal(Tokens(std::vector<int32_t>(4090, 7), 0)),
                                 "plus max_tokens 16 does not fit"));

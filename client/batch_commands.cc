@@ -1,0 +1,246 @@
+#include "client/batch_commands.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "coordinator/openai_format.h"
+#include "gemma/v1/batches.grpc.pb.h"
+#include "google/protobuf/util/json_util.h"
+#include "common/status_macros.h"
+#include "proto/status_convert.h"
+
+namespace gemma::client {
+namespace {
+
+using gemma::FromGrpc;
+using gemma::v1::Batch;
+
+constexpr char kBatchUsage[] =
+    "gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
+    "gemmactl batch status ID | list | cancel ID [--json]\n"
+    "gemmactl batch results ID [-o OUT.jsonl] [--errors ERR.jsonl]";
+
+std::string ToJson(const google::protobuf::Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(message, &json, options);
+  return json;
+}
+
+bool Final(const std::string& status) {
+  return status == "completed" || status == "failed" || status == "expired" ||
+         status == "cancelled";
+}
+
+std::string Clock(double seconds) {
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  return s >= 3600 ? absl::StrFormat("%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60)
+                   : absl::StrFormat("%d:%02d", s / 60, s % 60);
+}
+
+void PrintBatch(const Batch& b, bool json) {
+  if (json) {
+    std::cout << ToJson(b) << "\n";
+    return;
+  }
+  std::cout << absl::StrFormat("%s  %s  %d/%d done, %d failed, %d prompt + %d generated tokens\n",
+                               b.id(), b.status(), b.counts().completed() + b.counts().failed(),
+                               b.counts().total(), b.counts().failed(), b.prompt_tokens(),
+                               b.completion_tokens());
+  for (const auto& e : b.errors()) {
+    std::cout << absl::StrFormat("  line %d (%s): %s: %s\n", e.line(), e.custom_id(), e.code(),
+                                 e.message());
+  }
+}
+
+absl::StatusOr<Batch> Get(gemma::v1::Batches::Stub& stub, const std::string& id) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  gemma::v1::GetBatchRequest request;
+  request.set_id(id);
+  Batch batch;
+  RETURN_IF_ERROR(FromGrpc(stub.GetBatch(&context, request, &batch)));
+  return batch;
+}
+
+// A live progress line on stderr until the batch ends: done/total, failed, tokens/s, ETA.
+absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id,
+                           const BatchFlags& flags) {
+  const bool tty = isatty(STDERR_FILENO);
+  const auto start = std::chrono::steady_clock::now();
+  int64_t first_tokens = -1;
+  while (true) {
+    auto batch = Get(stub, id);
+    if (!batch.ok()) return batch.status();
+    const auto& c = batch->counts();
+    const int64_t done = c.completed() + c.failed();
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (first_tokens < 0) first_tokens = batch->completion_tokens();
+    const double rate = elapsed > 0 ? (batch->completion_tokens() - first_tokens) / elapsed : 0;
+    constexpr int kWidth = 30;
+    const int filled = c.total() > 0 ? static_cast<int>(kWidth * done / c.total()) : 0;
+    std::string eta = "--:--";
+    if (done > 0 && done < c.total()) eta = Clock(elapsed * (c.total() - done) / done);
+    if (done == c.total()) eta = Clock(0);
+    const std::string line = absl::StrFormat(
+        "[%s%s] %d/%d done, %d failed, %.1f tokens/s, ETA %s  %s", std::string(filled, '#'),
+        std::string(kWidth - filled, '.'), done, c.total(), c.failed(), rate, eta,
+        batch->status());
+    std::cerr << (tty ? "\r" : "") << line << (tty ? "" : "\n") << std::flush;
+    if (Final(batch->status())) {
+      if (tty) std::cerr << "\n";
+      return batch;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(flags.poll_ms));
+  }
+}
+
+absl::Status Submit(gemma::v1::Batches::Stub& stub, const std::string& path,
+                    const BatchFlags& flags) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  grpc::ClientContext context;
+  Batch batch;
+  auto writer = stub.CreateBatch(&context, &batch);
+  std::string text;
+  int64_t line = 0, items = 0;
+  while (std::getline(in, text)) {
+    ++line;
+    if (absl::StripAsciiWhitespace(text).empty()) continue;
+    gemma::v1::CreateBatchRequest part;
+    part.mutable_item()->set_openai_line(text);
+    part.mutable_item()->set_line(line);
+    if (!writer->Write(part)) break;  // the coordinator refused: Finish says why
+    ++items;
+  }
+  writer->WritesDone();
+  RETURN_IF_ERROR(FromGrpc(writer->Finish(), absl::StrCat("submitting ", path)));
+  std::cerr << absl::StrFormat("batch %s: %d items from %s (%d refused)\n", batch.id(), items,
+                               path, batch.errors_size());
+  if (!flags.wait) {
+    PrintBatch(batch, flags.json);
+    return absl::OkStatus();
+  }
+  auto final = Wait(stub, batch.id(), flags);
+  if (!final.ok()) return final.status();
+  PrintBatch(*final, flags.json);
+  if (final->status() != "completed") {
+    return absl::AbortedError(absl::StrCat("batch ", final->id(), " ended ", final->status()));
+  }
+  return absl::OkStatus();
+}
+
+// Writes to `path` through a temporary file renamed at the end, so an interrupted run never
+// leaves a partial file under the final name ("" or "-": stdout).
+class Output {
+ public:
+  explicit Output(std::string path) : path_(std::move(path)) {
+    if (!path_.empty() && path_ != "-") {
+      temp_ = path_ + ".partial";
+      file_.open(temp_, std::ios::binary | std::ios::trunc);
+    }
+  }
+  bool ok() const { return temp_.empty() || file_.good(); }
+  std::ostream& stream() { return temp_.empty() ? std::cout : file_; }
+  absl::Status Close() {
+    if (temp_.empty()) return absl::OkStatus();
+    file_.close();
+    if (!file_) return absl::DataLossError(absl::StrCat("cannot write ", temp_));
+    std::error_code error;
+    std::filesystem::rename(temp_, path_, error);
+    if (error) return absl::DataLossError(absl::StrCat("cannot rename ", temp_, ": ", error.message()));
+    return absl::OkStatus();
+  }
+
+ private:
+  std::string path_, temp_;
+  std::ofstream file_;
+};
+
+absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
+                     const BatchFlags& flags) {
+  ASSIGN_OR_RETURN(Batch batch, Get(stub, id));
+  const bool to_stdout = flags.output.empty() || flags.output == "-";
+  std::string errors_path = flags.errors;
+  if (errors_path.empty()) {
+    errors_path = to_stdout ? "-" : absl::StrCat(flags.output, ".errors.jsonl");
+  }
+  Output out(flags.output), errors(errors_path);
+  if (!out.ok() || !errors.ok()) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot write ", flags.output, " or ", errors_path));
+  }
+  grpc::ClientContext context;
+  gemma::v1::StreamResultsRequest request;
+  request.set_id(id);
+  auto reader = stub.StreamResults(&context, request);
+  gemma::v1::BatchResult result;
+  int64_t ok = 0, failed = 0;
+  while (reader->Read(&result)) {
+    const bool error = result.error_code() != 0;
+    (error ? errors : out).stream()
+        << coordinator::Dump(coordinator::BatchOutputLine(result, id, flags.model_name,
+                                                          batch.created_at()))
+        << "\n";
+    ++(error ? failed : ok);
+  }
+  RETURN_IF_ERROR(FromGrpc(reader->Finish(), absl::StrCat("reading the results of ", id)));
+  RETURN_IF_ERROR(out.Close());
+  RETURN_IF_ERROR(errors.Close());
+  std::cerr << absl::StrFormat("%d results%s, %d errors%s\n", ok,
+                               to_stdout ? "" : absl::StrCat(" in ", flags.output), failed,
+                               errors_path == "-" ? "" : absl::StrCat(" in ", errors_path));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status BatchCommand(const std::vector<std::string>& args,
+                          const std::shared_ptr<grpc::Channel>& channel, const BatchFlags& flags) {
+  auto stub = gemma::v1::Batches::NewStub(channel);
+  const std::string verb = args.empty() ? "" : args[0];
+  if (verb == "submit" && args.size() == 2) return Submit(*stub, args[1], flags);
+  if (verb == "status" && args.size() == 2) {
+    ASSIGN_OR_RETURN(Batch batch, Get(*stub, args[1]));
+    PrintBatch(batch, flags.json);
+    return absl::OkStatus();
+  }
+  if (verb == "results" && args.size() == 2) return Results(*stub, args[1], flags);
+  if (verb == "cancel" && args.size() == 2) {
+    grpc::ClientContext context;
+    gemma::v1::CancelBatchRequest request;
+    request.set_id(args[1]);
+    Batch batch;
+    RETURN_IF_ERROR(FromGrpc(stub->CancelBatch(&context, request, &batch)));
+    PrintBatch(batch, flags.json);
+    return absl::OkStatus();
+  }
+  if (verb == "list" && args.size() == 1) {
+    std::string token;
+    do {
+      grpc::ClientContext context;
+      gemma::v1::ListBatchesRequest request;
+      request.set_page_size(100);
+      request.set_page_token(token);
+      gemma::v1::ListBatchesResponse page;
+      RETURN_IF_ERROR(FromGrpc(stub->ListBatches(&context, request, &page)));
+      for (const Batch& b : page.batches()) PrintBatch(b, flags.json);
+      token = page.next_page_token();
+    } while (!token.empty());
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("usage:\n", kBatchUsage));
+}
+
+}  // namespace gemma::client

@@ -1,0 +1,462 @@
+#include "coordinator/batches.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "coordinator/request_checks.h"
+#include "glog/logging.h"
+#include "proto/status_convert.h"
+
+namespace gemma::coordinator {
+namespace {
+
+using gemma::v1::Batch;
+using gemma::v1::BatchItem;
+using Key = std::pair<std::string, int64_t>;
+
+constexpr char kChatEndpoint[] = "/v1/chat/completions";
+constexpr char kCompletionEndpoint[] = "/v1/completions";
+
+// An OpenAI batch line as an item: its custom_id and request, or why the line is refused (the
+// whole batch when it cannot be read at all: no custom_id to report it under).
+absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_endpoint,
+                            const OpenAiOptions& openai, const BatchOptions& options,
+                            NewBatchItem* out) {
+  const std::string where =
+      item.line() > 0 ? absl::StrCat("line ", item.line()) : std::string("an item");
+  if (item.openai_line().size() > options.max_line_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " has ", item.openai_line().size(),
+                                                   " bytes, over the limit of ",
+                                                   options.max_line_bytes));
+  }
+  nlohmann::json line = nlohmann::json::parse(item.openai_line(), nullptr, false);
+  if (line.is_discarded() || !line.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " is not a JSON object"));
+  }
+  if (!line.contains("custom_id") || !line["custom_id"].is_string() ||
+      line["custom_id"].get<std::string>().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " has no custom_id (a string)"));
+  }
+  out->custom_id = line["custom_id"].get<std::string>();
+  auto refuse = [&](const std::string& code, const std::string& message) {
+    out->refused = true;
+    out->error_code = code;
+    out->grpc_code = static_cast<int32_t>(absl::StatusCode::kInvalidArgument);
+    out->error_message = message;
+    return absl::OkStatus();
+  };
+  const std::string method = line.value("method", "");
+  if (method != "POST") {
+    return refuse("invalid_method", absl::StrCat("method must be \"POST\", got \"", method, "\""));
+  }
+  const std::string url = line.contains("url") && line["url"].is_string() ? line["url"].get<std::string>() : "";
+  if (url != kChatEndpoint && url != kCompletionEndpoint) {
+    return refuse("invalid_url", absl::StrCat("url must be ", kChatEndpoint, " or ",
+                                              kCompletionEndpoint, ", got \"", url, "\""));
+  }
+  if (!required_endpoint.empty() && url != required_endpoint) {
+    return refuse("mismatched_url", absl::StrCat("url \"", url, "\" differs from the batch's "
+                                                 "endpoint ", required_endpoint));
+  }
+  out->endpoint = url;
+  if (!line.contains("body") || !line["body"].is_object()) {
+    return refuse("invalid_body", "body must be a JSON object");
+  }
+  ParseResult parsed = ParseOpenAiRequest(
+      line["body"], url == kChatEndpoint ? ApiKind::kChat : ApiKind::kCompletion, openai);
+  if (!parsed.ok) {
+    return refuse(parsed.error.code.empty() ? "invalid_request" : parsed.error.code,
+                  parsed.error.message);
+  }
+  if (parsed.parsed.stream) return refuse("invalid_request", "stream is not allowed in a batch");
+  out->request = parsed.parsed.request;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool BatchFinal(const std::string& status) {
+  return status == "completed" || status == "failed" || status == "expired" ||
+         status == "cancelled";
+}
+
+BatchRunner::BatchRunner(BatchStore* store, Registry* registry,
+                         std::shared_ptr<grpc::Channel> inference, const OpenAiOptions* openai,
+                         BatchOptions options)
+    : store_(store),
+      registry_(registry),
+      stub_(gemma::v1::Inference::NewStub(inference)),
+      openai_(openai),
+      options_(options) {}
+
+BatchRunner::~BatchRunner() { Stop(); }
+
+void BatchRunner::Start() {
+  // Batches created before a restart: those still validating had every item committed with
+  // them (one transaction), so they run.
+  auto unfinished = store_->Unfinished();
+  if (unfinished.ok()) {
+    for (const auto& [id, status] : *unfinished) {
+      if (status == "validating") store_->SetStatus(id, "in_progress", UnixNow()).IgnoreError();
+      LOG(INFO) << "batch " << id << " (" << status << ") resumes";
+    }
+  } else {
+    LOG(ERROR) << unfinished.status();
+  }
+  loop_ = std::thread([this] { Loop(); });
+}
+
+void BatchRunner::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stop_) return;
+    stop_ = true;
+    for (auto& [key, context] : running_) context->TryCancel();
+  }
+  wake_.notify_all();
+  if (loop_.joinable()) loop_.join();
+  std::map<uint64_t, std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    threads.swap(threads_);
+  }
+  for (auto& [key, thread] : threads) thread.join();
+}
+
+int BatchRunner::Bound() {
+  int healthy = 0;
+  const gemma::v1::GetStatusResponse status = registry_->Status();
+  for (const auto& replica : status.replicas()) healthy += replica.healthy() ? 1 : 0;
+  return std::max(1, healthy) * options_.max_in_flight_per_replica;
+}
+
+absl::StatusOr<Batch> BatchRunner::Create(const gemma::v1::CreateBatchHeader& header,
+                                          const std::vector<BatchItem>& items) {
+  if (items.empty()) return absl::InvalidArgumentError("the batch has no items");
+  if (static_cast<int64_t>(items.size()) > options_.max_items) {
+    return absl::InvalidArgumentError(absl::StrCat("the batch has ", items.size(),
+                                                   " items, over the limit of ",
+                                                   options_.max_items, "; split it"));
+  }
+  if (!header.endpoint().empty() && header.endpoint() != kChatEndpoint &&
+      header.endpoint() != kCompletionEndpoint) {
+    return absl::InvalidArgumentError(absl::StrCat("endpoint must be ", kChatEndpoint, " or ",
+                                                   kCompletionEndpoint, ", got \"",
+                                                   header.endpoint(), "\""));
+  }
+  const ModelLimits limits = registry_->Limits();
+  std::vector<NewBatchItem> rows(items.size());
+  std::map<std::string, int64_t> seen;  // custom_id -> line (or item number)
+  for (size_t i = 0; i < items.size(); ++i) {
+    const BatchItem& item = items[i];
+    NewBatchItem& row = rows[i];
+    row.line = item.line();
+    const std::string where =
+        item.line() > 0 ? absl::StrCat("line ", item.line()) : absl::StrCat("item ", i + 1);
+    switch (item.input_case()) {
+      case BatchItem::kOpenaiLine:
+        RETURN_IF_ERROR(ReadOpenAiLine(item, header.endpoint(), *openai_, options_, &row));
+        break;
+      case BatchItem::kRequest:
+        if (item.custom_id().empty()) {
+          return absl::InvalidArgumentError(absl::StrCat(where, " has no custom_id"));
+        }
+        row.custom_id = item.custom_id();
+        row.request = item.request();
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(where, " has no request"));
+    }
+    auto [it, fresh] = seen.emplace(row.custom_id, item.line() > 0 ? item.line() : i + 1);
+    if (!fresh) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "custom_id \"", row.custom_id, "\" appears twice (", where, " and ",
+          item.line() > 0 ? "line " : "item ", it->second, "); custom_ids must be unique"));
+    }
+    if (row.refused) continue;
+    row.request.set_priority(options_.priority);
+    absl::Status valid = ValidateGenerateRequest(row.request, limits);
+    if (!valid.ok()) {
+      row.refused = true;
+      row.error_code = "invalid_request";
+      row.grpc_code = static_cast<int32_t>(valid.code());
+      row.error_message = std::string(valid.message());
+    }
+  }
+  const std::string id = NewId("batch_");
+  const int64_t now = UnixNow();
+  const int64_t expires =
+      now + std::chrono::duration_cast<std::chrono::seconds>(options_.completion_window).count();
+  RETURN_IF_ERROR(store_->Create(id, header, rows, now, expires).status());
+  RETURN_IF_ERROR(store_->SetStatus(id, "in_progress", UnixNow()));
+  LOG(INFO) << "batch " << id << ": " << rows.size() << " items";
+  wake_.notify_all();
+  return store_->Get(id);
+}
+
+absl::StatusOr<Batch> BatchRunner::Cancel(const std::string& id) {
+  ASSIGN_OR_RETURN(Batch batch, store_->Get(id));
+  if (BatchFinal(batch.status()) || batch.status() == "cancelling") return batch;
+  RETURN_IF_ERROR(store_->SetStatus(id, "cancelling", UnixNow()));
+  RETURN_IF_ERROR(store_->CancelPending(id).status());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [key, context] : running_) {
+      if (key.first == id) context->TryCancel();
+    }
+  }
+  wake_.notify_all();
+  return store_->Get(id);
+}
+
+void BatchRunner::Advance() {
+  auto unfinished = store_->Unfinished();
+  if (!unfinished.ok()) {
+    LOG(ERROR) << unfinished.status();
+    return;
+  }
+  for (const auto& [id, status] : *unfinished) {
+    bool running = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const auto& [key, context] : running_) running = running || key.first == id;
+    }
+    if (running) continue;
+    auto batch = store_->Get(id);
+    if (!batch.ok()) continue;
+    if (status == "cancelling") {
+      // Items cancelled while in flight were left pending: cancel them now.
+      store_->CancelPending(id).IgnoreError();
+      store_->SetStatus(id, "cancelled", UnixNow()).IgnoreError();
+      LOG(INFO) << "batch " << id << " cancelled";
+      continue;
+    }
+    if (status == "in_progress" && UnixNow() > batch->expires_at()) {
+      store_->CancelPending(id).IgnoreError();
+      store_->SetStatus(id, "expired", UnixNow()).IgnoreError();
+      LOG(INFO) << "batch " << id << " expired";
+      continue;
+    }
+    auto pending = store_->CountPending(id);
+    if (!pending.ok() || *pending > 0) continue;
+    if (status == "in_progress") store_->SetStatus(id, "finalizing", UnixNow()).IgnoreError();
+    // Every result is committed: nothing to assemble (output files are written on reading).
+    const bool all_failed = batch->counts().completed() == 0 && batch->counts().total() > 0;
+    store_->SetStatus(id, all_failed ? "failed" : "completed", UnixNow()).IgnoreError();
+    LOG(INFO) << "batch " << id << (all_failed ? " failed: every item failed" : " completed")
+              << " (" << batch->counts().completed() << " completed, "
+              << batch->counts().failed() << " failed)";
+  }
+}
+
+void BatchRunner::Loop() {
+  while (true) {
+    std::vector<std::thread> finished;
+    std::set<Key> exclude;
+    int room = 0;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (stop_) break;
+      for (uint64_t key : done_threads_) {
+        finished.push_back(std::move(threads_[key]));
+        threads_.erase(key);
+      }
+      done_threads_.clear();
+      const auto now = std::chrono::steady_clock::now();
+      for (auto it = cooling_.begin(); it != cooling_.end();) {
+        it = it->second <= now ? cooling_.erase(it) : std::next(it);
+      }
+      for (const auto& [key, context] : running_) exclude.insert(key);
+      for (const auto& [key, until] : cooling_) exclude.insert(key);
+      room = Bound() - static_cast<int>(running_.size());
+    }
+    for (std::thread& t : finished) t.join();
+    Advance();
+    if (room > 0) {
+      auto items = store_->Pending(room, exclude);
+      if (!items.ok()) {
+        LOG(ERROR) << items.status();
+      } else {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (BatchItemRecord& item : *items) {
+          const uint64_t key = next_thread_++;
+          running_[{item.batch_id, item.index}] = nullptr;  // the call sets its context
+          threads_[key] = std::thread(
+              [this, item = std::move(item), key]() mutable { RunItem(std::move(item), key); });
+        }
+      }
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (stop_) break;
+    wake_.wait_for(lock, std::chrono::milliseconds(100));
+  }
+}
+
+void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
+  const Key key{item.batch_id, item.index};
+  grpc::ClientContext context;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_[key] = &context;
+    if (stop_) context.TryCancel();
+  }
+  BatchItemResult result;
+  auto reader = stub_->Generate(&context, item.request);
+  gemma::v1::GenerateResponse response;
+  bool has_final = false;
+  while (reader->Read(&response)) {
+    result.response.mutable_token_ids()->Add(response.token_ids().begin(),
+                                             response.token_ids().end());
+    result.response.mutable_text()->append(response.text());
+    if (response.has_final()) {
+      *result.response.mutable_final() = response.final();
+      has_final = true;
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  bool stopping;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping = stop_;
+  }
+  const auto code = status.error_code();
+  const bool retry = code == grpc::StatusCode::UNAVAILABLE ||
+                     code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+                     code == grpc::StatusCode::CANCELLED || (status.ok() && !has_final);
+  if (!retry) {
+    if (!status.ok()) {
+      result = BatchItemResult();
+      result.error_code = static_cast<int32_t>(code);
+      result.error_message = status.error_message();
+    }
+    auto committed = store_->Finish(item.batch_id, item.index, result);
+    if (!committed.ok()) LOG(ERROR) << "batch " << item.batch_id << ": " << committed.status();
+  } else if (!stopping) {
+    VLOG(1) << "batch " << item.batch_id << " item " << item.index << " waits: "
+            << status.error_message();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_.erase(key);
+    if (retry) cooling_[key] = std::chrono::steady_clock::now() + options_.retry_wait;
+    done_threads_.push_back(thread_key);
+  }
+  wake_.notify_all();
+}
+
+absl::StatusOr<BatchRunner*> BatchesService::Runner() const {
+  BatchRunner* runner = runner_->load();
+  if (runner == nullptr) {
+    return absl::FailedPreconditionError(
+        "this coordinator keeps no batches: start it with --data-dir DIR");
+  }
+  return runner;
+}
+
+grpc::Status BatchesService::CreateBatch(grpc::ServerContext*,
+                                         grpc::ServerReader<gemma::v1::CreateBatchRequest>* reader,
+                                         Batch* response) {
+  auto runner_or = Runner();
+  if (!runner_or.ok()) return ToGrpc(runner_or.status());
+  BatchRunner* runner = *runner_or;
+  gemma::v1::CreateBatchHeader header;
+  std::vector<BatchItem> items;
+  gemma::v1::CreateBatchRequest part;
+  bool first = true;
+  while (reader->Read(&part)) {
+    if (part.has_header()) {
+      if (!first) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "the header must be the first message of CreateBatch");
+      }
+      header = part.header();
+    } else if (part.has_item()) {
+      if (static_cast<int64_t>(items.size()) >= runner->options().max_items) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            absl::StrCat("more than ", runner->options().max_items,
+                                         " items in one batch; split it"));
+      }
+      items.push_back(std::move(*part.mutable_item()));
+    }
+    first = false;
+  }
+  auto batch = runner->Create(header, items);
+  if (!batch.ok()) return ToGrpc(batch.status());
+  *response = std::move(*batch);
+  return grpc::Status::OK;
+}
+
+grpc::Status BatchesService::GetBatch(grpc::ServerContext*,
+                                      const gemma::v1::GetBatchRequest* request,
+                                      Batch* response) {
+  auto runner_or = Runner();
+  if (!runner_or.ok()) return ToGrpc(runner_or.status());
+  BatchRunner* runner = *runner_or;
+  auto batch = runner->store().Get(request->id());
+  if (!batch.ok()) return ToGrpc(batch.status());
+  *response = std::move(*batch);
+  return grpc::Status::OK;
+}
+
+grpc::Status BatchesService::ListBatches(grpc::ServerContext*,
+                                         const gemma::v1::ListBatchesRequest* request,
+                                         gemma::v1::ListBatchesResponse* response) {
+  auto runner_or = Runner();
+  if (!runner_or.ok()) return ToGrpc(runner_or.status());
+  BatchRunner* runner = *runner_or;
+  if (request->page_size() < 0 || request->page_size() > 100) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("page_size must be in [0, 100], got ", request->page_size()));
+  }
+  auto page = runner->store().List(request->page_size() == 0 ? 20 : request->page_size(),
+                                    request->page_token());
+  if (!page.ok()) return ToGrpc(page.status());
+  *response = std::move(*page);
+  return grpc::Status::OK;
+}
+
+grpc::Status BatchesService::CancelBatch(grpc::ServerContext*,
+                                         const gemma::v1::CancelBatchRequest* request,
+                                         Batch* response) {
+  auto runner_or = Runner();
+  if (!runner_or.ok()) return ToGrpc(runner_or.status());
+  BatchRunner* runner = *runner_or;
+  auto batch = runner->Cancel(request->id());
+  if (!batch.ok()) return ToGrpc(batch.status());
+  *response = std::move(*batch);
+  return grpc::Status::OK;
+}
+
+grpc::Status BatchesService::StreamResults(grpc::ServerContext* context,
+                                           const gemma::v1::StreamResultsRequest* request,
+                                           grpc::ServerWriter<gemma::v1::BatchResult>* writer) {
+  auto runner_or = Runner();
+  if (!runner_or.ok()) return ToGrpc(runner_or.status());
+  BatchRunner* runner = *runner_or;
+  if (request->offset() < 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "offset must be >= 0");
+  }
+  int64_t offset = request->offset();
+  while (!context->IsCancelled()) {
+    // The status first: results committed before a final status are all there.
+    auto batch = runner->store().Get(request->id());
+    if (!batch.ok()) return ToGrpc(batch.status());
+    const bool final = BatchFinal(batch->status());
+    auto results = runner->store().Results(request->id(), offset, 256);
+    if (!results.ok()) return ToGrpc(results.status());
+    for (const gemma::v1::BatchResult& r : *results) {
+      if (!writer->Write(r)) return grpc::Status(grpc::StatusCode::CANCELLED, "client left");
+      offset = r.offset() + 1;
+    }
+    if (results->empty()) {
+      if (final) return grpc::Status::OK;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client left");
+}
+
+}  // namespace gemma::coordinator

@@ -1,0 +1,258 @@
+#include "coordinator/openai_batch_api.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/match.h"
+#include "absl/strings/strip.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+
+namespace gemma::coordinator {
+namespace {
+
+using nlohmann::json;
+
+void SendJson(httplib::Response& response, const json& value) {
+  response.set_content(Dump(value), "application/json");
+}
+
+void SendApiError(httplib::Response& response, const ApiError& error) {
+  response.status = error.http_status;
+  SendJson(response, json{{"error", error.ToJson()}});
+}
+
+void SendStatus(httplib::Response& response, const absl::Status& status) {
+  SendApiError(response, ApiErrorFromGrpc(grpc::Status(
+                             static_cast<grpc::StatusCode>(status.code()),
+                             std::string(status.message()))));
+}
+
+json FileObject(const StoredFile& file) {
+  return {{"id", file.id},
+          {"object", "file"},
+          {"bytes", file.bytes},
+          {"created_at", file.created_at},
+          {"filename", file.filename},
+          {"purpose", file.purpose}};
+}
+
+// A batch's output ("-output": results) or error ("-errors": failures) file, from its results.
+absl::StatusOr<std::string> ResultFile(BatchRunner& runner, const std::string& batch_id,
+                                       bool errors, const std::string& model_name) {
+  ASSIGN_OR_RETURN(gemma::v1::Batch batch, runner.store().Get(batch_id));
+  std::string out;
+  for (int64_t offset = 0;;) {
+    ASSIGN_OR_RETURN(auto results, runner.store().Results(batch_id, offset, 1024));
+    if (results.empty()) break;
+    for (const gemma::v1::BatchResult& r : results) {
+      offset = r.offset() + 1;
+      if ((r.error_code() != 0) != errors) continue;
+      absl::StrAppend(&out, Dump(BatchOutputLine(r, batch_id, model_name, batch.created_at())),
+                      "\n");
+    }
+  }
+  return out;
+}
+
+// "<batch id>-output" / "<batch id>-errors" -> (batch id, errors?).
+bool ResultFileId(const std::string& id, std::string* batch_id, bool* errors) {
+  for (const auto& [suffix, is_errors] : {std::pair{"-output", false}, std::pair{"-errors", true}}) {
+    absl::string_view rest = id;
+    if (absl::ConsumeSuffix(&rest, suffix) && absl::StartsWith(rest, "batch_")) {
+      *batch_id = std::string(rest);
+      *errors = is_errors;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
+                          const OpenAiOptions* openai, const OpenAiBatchOptions& options) {
+  const size_t max_file_bytes = options.max_file_bytes;
+  http.Post("/v1/files", [runner, max_file_bytes](const httplib::Request& request,
+                                                  httplib::Response& response) {
+    if (!request.is_multipart_form_data() || !request.has_file("file")) {
+      SendApiError(response, InvalidRequestError(
+                                 "file", "send the file as multipart/form-data field \"file\""));
+      return;
+    }
+    const httplib::MultipartFormData file = request.get_file_value("file");
+    const std::string purpose =
+        request.has_file("purpose") ? request.get_file_value("purpose").content : "";
+    if (purpose != "batch") {
+      SendApiError(response, InvalidRequestError(
+                                 "purpose", absl::StrCat("purpose must be \"batch\" (the only "
+                                                         "files this server keeps), got \"",
+                                                         purpose, "\"")));
+      return;
+    }
+    if (file.content.size() > max_file_bytes) {
+      ApiError e = InvalidRequestError(
+          "file", absl::StrCat("the file has ", file.content.size(),
+                               " bytes, over the limit of ", max_file_bytes));
+      e.http_status = 413;
+      SendApiError(response, e);
+      return;
+    }
+    StoredFile stored{NewId("file-"), purpose, file.filename,
+                      static_cast<int64_t>(file.content.size()), UnixNow()};
+    absl::Status put = runner->store().PutFile(stored, file.content);
+    if (!put.ok()) {
+      SendStatus(response, put);
+      return;
+    }
+    SendJson(response, FileObject(stored));
+  });
+  http.Get(R"(/v1/files/([^/]+))", [runner](const httplib::Request& request,
+                                            httplib::Response& response) {
+    const std::string id = request.matches[1];
+    std::string batch_id;
+    bool errors = false;
+    if (ResultFileId(id, &batch_id, &errors)) {
+      auto batch = runner->store().Get(batch_id);
+      if (!batch.ok()) {
+        SendStatus(response, absl::NotFoundError(absl::StrCat("no file ", id)));
+        return;
+      }
+      SendJson(response, FileObject({id, "batch_output", id + ".jsonl", 0, batch->created_at()}));
+      return;
+    }
+    auto file = runner->store().GetFile(id);
+    if (!file.ok()) {
+      SendStatus(response, file.status());
+      return;
+    }
+    SendJson(response, FileObject(*file));
+  });
+  http.Get(R"(/v1/files/([^/]+)/content)", [runner, openai](const httplib::Request& request,
+                                                            httplib::Response& response) {
+    const std::string id = request.matches[1];
+    std::string batch_id;
+    bool errors = false;
+    absl::StatusOr<std::string> content =
+        ResultFileId(id, &batch_id, &errors)
+            ? ResultFile(*runner, batch_id, errors, openai->model_name)
+            : runner->store().FileContent(id);
+    if (!content.ok()) {
+      SendStatus(response, content.status());
+      return;
+    }
+    response.set_content(*content, "application/jsonl");
+  });
+  http.Post("/v1/batches", [runner](const httplib::Request& request,
+                                    httplib::Response& response) {
+    json body = json::parse(request.body, nullptr, false);
+    if (body.is_discarded() || !body.is_object()) {
+      SendApiError(response, InvalidRequestError("", "the request body is not a JSON object"));
+      return;
+    }
+    for (const auto& [key, value] : body.items()) {
+      if (key != "input_file_id" && key != "endpoint" && key != "completion_window" &&
+          key != "metadata") {
+        SendApiError(response, InvalidRequestError(
+                                   key, absl::StrCat("Unrecognized request argument supplied: ",
+                                                     key)));
+        return;
+      }
+    }
+    if (!body.contains("input_file_id") || !body["input_file_id"].is_string()) {
+      SendApiError(response, InvalidRequestError("input_file_id", "input_file_id is required"));
+      return;
+    }
+    if (!body.contains("endpoint") || !body["endpoint"].is_string()) {
+      SendApiError(response, InvalidRequestError("endpoint", "endpoint is required"));
+      return;
+    }
+    if (body.value("completion_window", "24h") != "24h") {
+      SendApiError(response,
+                   InvalidRequestError("completion_window", "completion_window must be \"24h\""));
+      return;
+    }
+    gemma::v1::CreateBatchHeader header;
+    header.set_input_file_id(body["input_file_id"].get<std::string>());
+    header.set_endpoint(body["endpoint"].get<std::string>());
+    if (body.contains("metadata") && body["metadata"].is_object()) {
+      for (const auto& [k, v] : body["metadata"].items()) {
+        if (!v.is_string()) {
+          SendApiError(response, InvalidRequestError("metadata", "metadata values are strings"));
+          return;
+        }
+        (*header.mutable_metadata())[k] = v.get<std::string>();
+      }
+    }
+    auto content = runner->store().FileContent(header.input_file_id());
+    if (!content.ok()) {
+      SendStatus(response, content.status());
+      return;
+    }
+    std::vector<gemma::v1::BatchItem> items;
+    int64_t line_number = 0;
+    for (absl::string_view line : absl::StrSplit(*content, '\n')) {
+      ++line_number;
+      if (absl::StripAsciiWhitespace(line).empty()) continue;
+      gemma::v1::BatchItem item;
+      item.set_openai_line(std::string(line));
+      item.set_line(line_number);
+      items.push_back(std::move(item));
+    }
+    auto batch = runner->Create(header, items);
+    if (!batch.ok()) {
+      SendStatus(response, batch.status());
+      return;
+    }
+    SendJson(response, BatchObject(*batch));
+  });
+  http.Get("/v1/batches", [runner](const httplib::Request& request, httplib::Response& response) {
+    int limit = 20;
+    if (request.has_param("limit")) {
+      try {
+        limit = std::stoi(request.get_param_value("limit"));
+      } catch (...) {
+        limit = -1;
+      }
+      if (limit < 1 || limit > 100) {
+        SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 100]"));
+        return;
+      }
+    }
+    auto page = runner->store().List(limit, request.get_param_value("after"));
+    if (!page.ok()) {
+      SendStatus(response, page.status());
+      return;
+    }
+    json data = json::array();
+    for (const auto& b : page->batches()) data.push_back(BatchObject(b));
+    SendJson(response, {{"object", "list"},
+                        {"data", data},
+                        {"first_id", data.empty() ? json(nullptr) : data.front()["id"]},
+                        {"last_id", data.empty() ? json(nullptr) : data.back()["id"]},
+                        {"has_more", !page->next_page_token().empty()}});
+  });
+  http.Get(R"(/v1/batches/([^/]+))", [runner](const httplib::Request& request,
+                                              httplib::Response& response) {
+    auto batch = runner->store().Get(request.matches[1]);
+    if (!batch.ok()) {
+      SendStatus(response, batch.status());
+      return;
+    }
+    SendJson(response, BatchObject(*batch));
+  });
+  http.Post(R"(/v1/batches/([^/]+)/cancel)", [runner](const httplib::Request& request,
+                                                      httplib::Response& response) {
+    auto batch = runner->Cancel(request.matches[1]);
+    if (!batch.ok()) {
+      SendStatus(response, batch.status());
+      return;
+    }
+    SendJson(response, BatchObject(*batch));
+  });
+}
+
+}  // namespace gemma::coordinator
