@@ -200,9 +200,22 @@ Cluster::~Cluster() {
 
 bool Cluster::StartCoordinator(const std::vector<std::string>& flags, std::string* error) {
   coordinator_address_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  coordinator_flags_ = flags;
+  return RestartCoordinator(error);
+}
+
+bool Cluster::RestartCoordinator(std::string* error) {
+  const std::string log = dir_ + "/coordinator.log";
+  if (coordinator_ != nullptr) {
+    coordinator_->Kill();
+    coordinator_->WaitForExitCode(seconds(10));
+    // Keep the earlier runs' logs.
+    std::filesystem::rename(log, absl::StrCat(log, ".", coordinator_starts_));
+  }
+  ++coordinator_starts_;
   std::vector<std::string> args = {kBin + "gemma-coordinator", "--listen", coordinator_address_};
-  args.insert(args.end(), flags.begin(), flags.end());
-  coordinator_ = std::make_unique<ChildProcess>(args, dir_ + "/coordinator.log");
+  args.insert(args.end(), coordinator_flags_.begin(), coordinator_flags_.end());
+  coordinator_ = std::make_unique<ChildProcess>(args, log);
   if (!WaitServing(coordinator_address_, Clock::now() + seconds(10))) {
     *error = Log("coordinator");
     return false;

@@ -90,6 +90,10 @@ class Cluster {
   // Starts the coordinator with extra flags and waits until it serves; false (with the log in
   // *error) if it does not within 10 s.
   bool StartCoordinator(const std::vector<std::string>& flags, std::string* error);
+  // SIGKILLs the coordinator and starts it again on the same address with the same flags
+  // (workers register again on their next heartbeat); false (with the log) if it does not
+  // serve within 10 s.
+  bool RestartCoordinator(std::string* error);
   // Starts a worker (a supervisor) on `model` with extra flags (e.g. --cpu-ranks 2); its index.
   int StartWorker(const std::string& model, const std::vector<std::string>& flags);
   // Starts worker `index` again with the flags it had.
@@ -125,6 +129,8 @@ class Cluster {
   };
   std::string dir_;
   std::string coordinator_address_;
+  std::vector<std::string> coordinator_flags_;
+  int coordinator_starts_ = 0;
   std::unique_ptr<ChildProcess> coordinator_;
   std::vector<Worker> workers_;
   std::unique_ptr<gemma::v1::Inference::Stub> inference_;

@@ -1,0 +1,337 @@
+// Batch jobs on the real coordinator and workers: a batch of 300 items, some invalid, runs to
+// completion while the coordinator is SIGKILLed and restarted on its data dir and a replica is
+// SIGKILLed, and ends with exactly one result per custom_id, each equal to the same request
+// sent alone; cancelling stops the rest and keeps what finished; gemmactl submits an OpenAI
+// batch file, shows progress, and writes the OpenAI output and error files.
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gemma/v1/batches.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/cluster/cluster_harness.h"
+
+namespace gemma::testing::cluster {
+namespace {
+
+using nlohmann::json;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+std::vector<int32_t> Prompt(int i) {
+  std::mt19937 rng(1000 + i);
+  std::uniform_int_distribution<int32_t> id(5, 500);
+  std::vector<int32_t> prompt = {2};
+  for (int k = 0; k < 4 + i % 5; ++k) prompt.push_back(id(rng));
+  return prompt;
+}
+
+class BatchTest : public ::testing::Test {
+ protected:
+  void StartCluster(int workers) {
+    data_dir_ = absl::StrCat(cluster_.dir(), "/data");
+    std::string error;
+    ASSERT_TRUE(cluster_.StartCoordinator({"--data-dir", data_dir_}, &error)) << error;
+    for (int w = 0; w < workers; ++w) {
+      cluster_.StartWorker(kTinyMoe, {"--tokenizer", kTinyMoe + "/tokenizer.json"});
+    }
+    ASSERT_TRUE(cluster_.WaitHealthy(workers, Clock::now() + seconds(30)))
+        << cluster_.Log("worker0");
+    Connect();
+  }
+  void Connect() {
+    batches_ = gemma::v1::Batches::NewStub(grpc::CreateChannel(
+        cluster_.coordinator_address(), grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override { cluster_.Stop(milliseconds(10000)); }
+
+  gemma::v1::Batch Create(const std::vector<gemma::v1::BatchItem>& items) {
+    grpc::ClientContext context;
+    gemma::v1::Batch batch;
+    auto writer = batches_->CreateBatch(&context, &batch);
+    for (const auto& item : items) {
+      gemma::v1::CreateBatchRequest part;
+      *part.mutable_item() = item;
+      EXPECT_TRUE(writer->Write(part));
+    }
+    writer->WritesDone();
+    grpc::Status status = writer->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return batch;
+  }
+
+  // The batch as the coordinator reports it; retried while the coordinator restarts.
+  gemma::v1::Batch Get(const std::string& id) {
+    gemma::v1::Batch batch;
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + seconds(2));
+      gemma::v1::GetBatchRequest request;
+      request.set_id(id);
+      if (batches_->GetBatch(&context, request, &batch).ok()) return batch;
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+    ADD_FAILURE() << "GetBatch " << id << " kept failing";
+    return batch;
+  }
+
+  // Waits until `done` holds for the batch (or `timeout`); the batch last seen.
+  gemma::v1::Batch WaitFor(const std::string& id,
+                           const std::function<bool(const gemma::v1::Batch&)>& done,
+                           seconds timeout = seconds(120)) {
+    const auto deadline = Clock::now() + timeout;
+    gemma::v1::Batch batch = Get(id);
+    while (!done(batch) && Clock::now() < deadline) {
+      std::this_thread::sleep_for(milliseconds(100));
+      batch = Get(id);
+    }
+    return batch;
+  }
+
+  std::vector<gemma::v1::BatchResult> Results(const std::string& id) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + seconds(30));
+    gemma::v1::StreamResultsRequest request;
+    request.set_id(id);
+    auto reader = batches_->StreamResults(&context, request);
+    std::vector<gemma::v1::BatchResult> results;
+    gemma::v1::BatchResult r;
+    while (reader->Read(&r)) results.push_back(r);
+    grpc::Status status = reader->Finish();
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return results;
+  }
+
+  Cluster cluster_{"batch"};
+  std::string data_dir_;
+  std::unique_ptr<gemma::v1::Batches::Stub> batches_;
+};
+
+TEST_F(BatchTest, ThreeHundredItemsSurviveACoordinatorKillAndAReplicaKill) {
+  StartCluster(2);
+  constexpr int kItems = 300;
+  constexpr int64_t kMaxTokens = 6;
+  std::vector<gemma::v1::BatchItem> items;
+  std::set<std::string> invalid;
+  for (int i = 0; i < kItems; ++i) {
+    gemma::v1::BatchItem item;
+    item.set_custom_id(absl::StrCat("item-", i));
+    std::vector<int32_t> prompt = Prompt(i);
+    if (i % 37 == 5) {
+      prompt.push_back(100000);  // outside the vocabulary: refused on its own
+      invalid.insert(item.custom_id());
+    }
+    *item.mutable_request() = TokenRequest(prompt, kMaxTokens);
+    items.push_back(item);
+  }
+  const gemma::v1::Batch created = Create(items);
+  ASSERT_EQ(created.status(), "in_progress");
+  EXPECT_EQ(created.counts().total(), kItems);
+  EXPECT_EQ(created.errors_size(), static_cast<int>(invalid.size()));
+  for (const auto& e : created.errors()) {
+    EXPECT_TRUE(invalid.count(e.custom_id())) << e.custom_id();
+    EXPECT_TRUE(absl::StrContains(e.message(), "vocabulary")) << e.message();
+  }
+
+  // The coordinator dies mid-batch and comes back on the same data dir.
+  gemma::v1::Batch batch = WaitFor(created.id(), [](const gemma::v1::Batch& b) {
+    return b.counts().completed() >= 60;
+  });
+  ASSERT_GE(batch.counts().completed(), 60);
+  ASSERT_LT(batch.counts().completed() + batch.counts().failed(), kItems)
+      << "the batch finished before the coordinator could be killed";
+  std::string error;
+  std::cerr << "coordinator killed at " << batch.counts().completed() << " completed\n";
+  ASSERT_TRUE(cluster_.RestartCoordinator(&error)) << error;
+  Connect();
+  ASSERT_TRUE(cluster_.WaitHealthy(2, Clock::now() + seconds(30))) << cluster_.Log("coordinator");
+  // Then a replica dies; the other finishes the batch.
+  batch = WaitFor(created.id(), [](const gemma::v1::Batch& b) {
+    return b.counts().completed() >= 150;
+  });
+  // Not finished yet, or the kill proves nothing.
+  ASSERT_LT(batch.counts().completed() + batch.counts().failed(), kItems);
+  std::cerr << "replica killed at " << batch.counts().completed() << " completed\n";
+  cluster_.worker(0).Kill();
+  batch = WaitFor(created.id(), [](const gemma::v1::Batch& b) { return b.status() == "completed"; });
+  ASSERT_EQ(batch.status(), "completed") << cluster_.Log("coordinator");
+  EXPECT_EQ(batch.counts().completed(), kItems - static_cast<int>(invalid.size()));
+  EXPECT_EQ(batch.counts().failed(), static_cast<int>(invalid.size()));
+
+  // One result per custom_id, numbered 0, 1, ...; each valid one equal to the request alone.
+  const std::vector<gemma::v1::BatchResult> results = Results(created.id());
+  ASSERT_EQ(results.size(), static_cast<size_t>(kItems));
+  std::map<std::string, gemma::v1::BatchResult> by_id;
+  for (size_t i = 0; i < results.size(); ++i) {
+    EXPECT_EQ(results[i].offset(), static_cast<int64_t>(i));
+    EXPECT_TRUE(by_id.emplace(results[i].custom_id(), results[i]).second)
+        << "two results for " << results[i].custom_id();
+  }
+  ASSERT_EQ(by_id.size(), static_cast<size_t>(kItems));
+  for (int i = 0; i < kItems; ++i) {
+    const std::string id = absl::StrCat("item-", i);
+    const gemma::v1::BatchResult& r = by_id.at(id);
+    if (invalid.count(id)) {
+      EXPECT_EQ(r.error_code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT)) << id;
+      continue;
+    }
+    ASSERT_EQ(r.error_code(), 0) << id << ": " << r.error_message();
+    if (i % 3 != 0) continue;  // a third of them against the request sent alone
+    StreamResult alone = Generate(cluster_.inference(), TokenRequest(Prompt(i), kMaxTokens));
+    ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+    EXPECT_EQ(std::vector<int32_t>(r.response().token_ids().begin(),
+                                   r.response().token_ids().end()),
+              alone.ids)
+        << id;
+    EXPECT_EQ(r.response().final().finish_reason(), alone.final.finish_reason()) << id;
+  }
+  // Resuming the results from an offset gives the tail.
+  grpc::ClientContext context;
+  gemma::v1::StreamResultsRequest request;
+  request.set_id(created.id());
+  request.set_offset(kItems - 2);
+  auto reader = batches_->StreamResults(&context, request);
+  gemma::v1::BatchResult r;
+  int tail = 0;
+  while (reader->Read(&r)) EXPECT_EQ(r.custom_id(), results[kItems - 2 + tail++].custom_id());
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tail, 2);
+}
+
+TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
+  StartCluster(1);
+  std::vector<gemma::v1::BatchItem> items;
+  for (int i = 0; i < 200; ++i) {
+    gemma::v1::BatchItem item;
+    item.set_custom_id(absl::StrCat("c", i));
+    *item.mutable_request() = TokenRequest(Prompt(i), 24);
+    items.push_back(item);
+  }
+  const gemma::v1::Batch created = Create(items);
+  WaitFor(created.id(), [](const gemma::v1::Batch& b) { return b.counts().completed() >= 4; });
+  grpc::ClientContext context;
+  gemma::v1::CancelBatchRequest cancel;
+  cancel.set_id(created.id());
+  gemma::v1::Batch cancelling;
+  ASSERT_TRUE(batches_->CancelBatch(&context, cancel, &cancelling).ok());
+  EXPECT_TRUE(cancelling.status() == "cancelling" || cancelling.status() == "cancelled")
+      << cancelling.status();
+  const gemma::v1::Batch batch =
+      WaitFor(created.id(), [](const gemma::v1::Batch& b) { return b.status() == "cancelled"; });
+  ASSERT_EQ(batch.status(), "cancelled");
+  EXPECT_GE(batch.counts().completed(), 4);
+  EXPECT_LT(batch.counts().completed(), 200);
+  EXPECT_GT(batch.cancelled_at(), 0);
+  // Nothing runs after the cancellation; what finished stays readable.
+  std::this_thread::sleep_for(milliseconds(500));
+  EXPECT_EQ(Get(created.id()).counts().completed(), batch.counts().completed());
+  const auto results = Results(created.id());
+  EXPECT_EQ(static_cast<int64_t>(results.size()), batch.counts().completed());
+  for (const auto& r : results) EXPECT_EQ(r.response().token_ids_size(), 24) << r.custom_id();
+}
+
+TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
+  StartCluster(1);
+  const std::string dir = cluster_.dir();
+  auto line = [](const std::string& custom_id, const json& body) {
+    return json{{"custom_id", custom_id},
+                {"method", "POST"},
+                {"url", "/v1/chat/completions"},
+                {"body", body}}
+        .dump();
+  };
+  auto chat = [](const std::string& text) {
+    return json{{"model", "gemma-4"},
+                {"messages", {{{"role", "user"}, {"content", text}}}},
+                {"max_tokens", 5},
+                {"temperature", 0}};
+  };
+  // A line that is not JSON refuses the whole file, naming the line.
+  const std::string bad = WriteFile(dir + "/bad.jsonl", line("a", chat("one")) + "\n{oops\n");
+  ToolRun refused = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit", bad}, "");
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(refused.err, "line 2")) << refused.err;
+  // A repeated custom_id too.
+  const std::string twice =
+      WriteFile(dir + "/twice.jsonl", line("a", chat("one")) + "\n" + line("a", chat("two")));
+  ToolRun repeated = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit", twice}, "");
+  EXPECT_EQ(repeated.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(repeated.err, "appears twice")) << repeated.err;
+
+  std::string file;
+  for (int i = 0; i < 12; ++i) {
+    json body = chat(absl::StrCat("Verse ", i));
+    if (i == 7) body["n"] = 3;  // refused on its own
+    file += line(absl::StrCat("q", i), body) + "\n";
+  }
+  const std::string input = WriteFile(dir + "/in.jsonl", file);
+  ToolRun submitted = RunWithStdin({"gemmactl", "--coordinator", cluster_.coordinator_address(),
+                                    "batch", "submit", input, "--wait", "--json"},
+                                   "", seconds(120));
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.out << submitted.err;
+  EXPECT_TRUE(absl::StrContains(submitted.err, "12/12 done, 1 failed")) << submitted.err;
+  const json batch = json::parse(submitted.out);
+  EXPECT_EQ(batch["status"], "completed");
+  const std::string id = batch["id"];
+
+  const std::string out = dir + "/out.jsonl";
+  ToolRun results = RunWithStdin({"gemmactl", "--coordinator", cluster_.coordinator_address(),
+                                  "batch", "results", id, "-o", out},
+                                 "");
+  ASSERT_EQ(results.exit_code, 0) << results.err;
+  EXPECT_FALSE(std::filesystem::exists(out + ".partial"));
+  std::set<std::string> seen;
+  for (absl::string_view text : absl::StrSplit(ReadFileToString(out), '\n', absl::SkipEmpty())) {
+    const json line_out = json::parse(text);
+    const std::string custom_id = line_out["custom_id"];
+    EXPECT_TRUE(seen.insert(custom_id).second) << custom_id;
+    EXPECT_EQ(line_out["response"]["status_code"], 200);
+    const json& body = line_out["response"]["body"];
+    EXPECT_EQ(body["object"], "chat.completion");
+    // Equal to the same chat sent alone.
+    gemma::v1::GenerateRequest alone;
+    auto* m = alone.mutable_chat()->add_messages();
+    m->set_role("user");
+    m->set_content(absl::StrCat("Verse ", custom_id.substr(1)));
+    alone.set_max_tokens(5);
+    StreamResult reference = Generate(cluster_.inference(), alone);
+    EXPECT_EQ(body["choices"][0]["message"]["content"], reference.text) << custom_id;
+    EXPECT_EQ(body["usage"]["completion_tokens"], reference.final.generated_tokens());
+  }
+  EXPECT_EQ(seen.size(), 11u);
+  const std::string errors = ReadFileToString(out + ".errors.jsonl");
+  const json error_line = json::parse(errors.substr(0, errors.find('\n')));
+  EXPECT_EQ(error_line["custom_id"], "q7");
+  EXPECT_EQ(error_line["response"]["status_code"], 400);
+  EXPECT_TRUE(absl::StrContains(error_line["response"]["body"]["error"]["message"].get<std::string>(),
+                                "n other than 1"))
+      << errors;
+}
+
+TEST_F(BatchTest, WithoutADataDirBatchesAreRefusedSayingHowToGetThem) {
+  std::string error;
+  ASSERT_TRUE(cluster_.StartCoordinator({}, &error)) << error;
+  Connect();
+  grpc::ClientContext context;
+  gemma::v1::ListBatchesRequest request;
+  gemma::v1::ListBatchesResponse response;
+  grpc::Status status = batches_->ListBatches(&context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "--data-dir")) << status.error_message();
+}
+
+}  // namespace
+}  // namespace gemma::testing::cluster
