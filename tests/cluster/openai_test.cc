@@ -1,7 +1,8 @@
 // The OpenAI-compatible HTTP API of the real coordinator, judged by the official openai Python
 // client (PyPI, pinned by scripts/python_env.sh) against one real worker: chat completions,
-// streamed and not, completions, the model list and OpenAI-shaped errors; each answer equals
-// the same request sent through the gRPC API. Raw HTTP covers what the client cannot send.
+// streamed and not, completions, the model list, OpenAI-shaped errors, and a batch through the
+// Files and Batches endpoints; each answer equals the same request sent through the gRPC API.
+// Raw HTTP covers what the client cannot send.
 #include <unistd.h>
 
 #include <chrono>
@@ -32,7 +33,9 @@ class OpenAiTest : public ::testing::Test {
     std::string error;
     http_address_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
     ASSERT_TRUE(cluster_.StartCoordinator(
-        {"--http-listen", http_address_, "--served-model-name", kModelName}, &error))
+        {"--http-listen", http_address_, "--served-model-name", kModelName, "--data-dir",
+         cluster_.dir() + "/data"},
+        &error))
         << error;
     const std::string worker = absl::StrCat("127.0.0.1:", FreeLocalPort());
     cluster_.StartWorker(kTinyMoe,
@@ -121,6 +124,34 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   expect("temperature", 400, "temperature");
   EXPECT_NE(errors["unknown_model"]["body"]["message"].get<std::string>().find(kModelName),
             std::string::npos);
+
+  // The batch: five results equal to the chats sent alone, the sixth refused with its line.
+  const json& batch = out["batch"];
+  EXPECT_EQ(batch["status"], "completed");
+  EXPECT_EQ(batch["counts"]["total"], 6);
+  EXPECT_EQ(batch["counts"]["completed"], 5);
+  EXPECT_EQ(batch["counts"]["failed"], 1);
+  EXPECT_EQ(batch["metadata"]["job"], "check");
+  EXPECT_TRUE(batch["listed"].get<bool>());
+  ASSERT_EQ(batch["errors"].size(), 1u);
+  EXPECT_EQ(batch["errors"][0]["line"], 5);
+  ASSERT_EQ(batch["output"].size(), 5u);
+  for (const json& line : batch["output"]) {
+    const std::string custom_id = line["custom_id"];
+    gemma::v1::GenerateRequest alone;
+    auto* m = alone.mutable_chat()->add_messages();
+    m->set_role("user");
+    m->set_content(absl::StrCat(kPrompt, " ", custom_id.substr(1)));
+    StreamResult reference = Grpc(alone);
+    ASSERT_TRUE(reference.status.ok());
+    EXPECT_EQ(line["response"]["status_code"], 200);
+    EXPECT_EQ(line["response"]["body"]["choices"][0]["message"]["content"], reference.text)
+        << custom_id;
+    EXPECT_EQ(line["response"]["body"]["model"], kModelName);
+  }
+  ASSERT_EQ(batch["error_file"].size(), 1u);
+  EXPECT_EQ(batch["error_file"][0]["custom_id"], "b4");
+  EXPECT_EQ(batch["error_file"][0]["response"]["status_code"], 400);
 }
 
 TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {

@@ -73,4 +73,37 @@ expect_error("bad_role", lambda: client.chat.completions.create(
 expect_error("temperature", lambda: client.completions.create(model=model, prompt=prompt,
                                                               temperature=5))
 out["errors"] = errors
+
+# A batch through the Files and Batches endpoints: upload, create, poll, read both files.
+import io
+import time
+
+lines = []
+for i in range(6):
+    body = {"model": model, "messages": [{"role": "user", "content": f"{prompt} {i}"}],
+            "max_tokens": max_tokens, "temperature": 0}
+    if i == 4:
+        body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    lines.append(json.dumps({"custom_id": f"b{i}", "method": "POST",
+                             "url": "/v1/chat/completions", "body": body}))
+uploaded = client.files.create(file=("batch.jsonl", io.BytesIO("\n".join(lines).encode())),
+                               purpose="batch")
+batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"job": "check"})
+deadline = time.time() + 60
+while batch.status not in ("completed", "failed", "cancelled", "expired") and time.time() < deadline:
+    time.sleep(0.2)
+    batch = client.batches.retrieve(batch.id)
+output = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
+errors_text = client.files.content(batch.error_file_id).text if batch.error_file_id else ""
+out["batch"] = {
+    "file_bytes": uploaded.bytes,
+    "status": batch.status,
+    "counts": batch.request_counts.model_dump(),
+    "metadata": batch.metadata,
+    "listed": batch.id in [b.id for b in client.batches.list().data],
+    "errors": [e.model_dump() for e in (batch.errors.data if batch.errors else [])],
+    "output": [json.loads(l) for l in output.splitlines() if l.strip()],
+    "error_file": [json.loads(l) for l in errors_text.splitlines() if l.strip()],
+}
 print(json.dumps(out))
