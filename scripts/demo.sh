@@ -10,7 +10,9 @@
 #    and two rank processes, the experts split over them).
 # 3. Waits until `gemmactl status` shows both healthy, shows the status table, sends several
 #    concurrent `gemmactl generate` requests (their streams shown side by side as they arrive)
-#    and a two-turn `gemmactl chat` through piped stdin, then shows the status table again.
+#    and a two-turn `gemmactl chat` through piped stdin, runs a batch job from an OpenAI batch
+#    file (`gemmactl batch submit --wait`, then `batch results`), then shows the status table
+#    again.
 # 4. Stops everything (SIGTERM to each process group, SIGKILL after a timeout) and checks that
 #    no process is left, also when interrupted with Ctrl-C.
 #
@@ -191,7 +193,7 @@ PORT="$(free_port)"
 export GEMMA_COORDINATOR="127.0.0.1:${PORT}"
 echo "== coordinator on ${GEMMA_COORDINATOR}"
 start_server coordinator "${LOG_DIR}/coordinator.log" \
-  "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}"
+  "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}" --data-dir "${LOG_DIR}/data"
 # The workers read the model directory's tokenizer.json (text and chat requests need it).
 WORKER_ARGS=(--coordinator "${GEMMA_COORDINATOR}" --model "${MODEL}" --threads "${THREADS}")
 echo "== replica A: ${MODEL}, 1 CPU rank"
@@ -293,6 +295,26 @@ printf '%s\n' "${CHAT_LINES[@]}" |
   "${BIN}/gemmactl" chat --echo --max-tokens "${MAX_TOKENS}" 2>&1 |
   stdbuf -o0 tr '\000-\010\013-\037\177' ' ' ||
   fail "gemmactl chat failed"
+
+# --- a batch job ------------------------------------------------------------------------------
+
+BATCH_ITEMS=24
+echo
+echo "== gemmactl batch submit: ${BATCH_ITEMS} chat completions from an OpenAI batch file, run"
+echo "   behind interactive requests and kept in ${LOG_DIR}/data (SQLite)"
+for i in $(seq 1 "${BATCH_ITEMS}"); do
+  prompt="${PROMPTS[$(( (i - 1) % ${#PROMPTS[@]} ))]}"
+  printf '{"custom_id": "verse-%d", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gemma-4", "messages": [{"role": "user", "content": "%s (%d)"}], "max_tokens": %d, "temperature": 0}}\n' \
+    "${i}" "${prompt//\"/\\\"}" "${i}" "${MAX_TOKENS}"
+done >"${LOG_DIR}/batch.jsonl"
+"${BIN}/gemmactl" batch submit "${LOG_DIR}/batch.jsonl" --wait --json \
+  >"${LOG_DIR}/batch.json" || fail "the batch did not complete (see ${LOG_DIR}/batch.json)"
+batch_id="$(grep -o '"id":"batch_[^"]*"' "${LOG_DIR}/batch.json" | head -n 1 | cut -d'"' -f4)"
+"${BIN}/gemmactl" batch results "${batch_id}" -o "${LOG_DIR}/batch-output.jsonl" ||
+  fail "gemmactl batch results failed"
+"${BIN}/gemmactl" batch list | head -n 3
+echo "   first lines of ${LOG_DIR}/batch-output.jsonl (OpenAI's batch output format):"
+head -n 2 "${LOG_DIR}/batch-output.jsonl" | cut -c 1-160 | sed 's/^/   /'
 
 echo
 echo "== gemmactl status"
