@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <thread>
 #include <chrono>
 #include <cstdlib>
@@ -56,6 +57,9 @@ ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate a
 ABSL_FLAG(bool, watch, false, "experts: redraw every --interval-ms until interrupted");
 ABSL_FLAG(int64_t, interval_ms, 1000, "experts --watch: milliseconds between redraws");
 ABSL_FLAG(std::string, replica, "", "experts: one replica's totals (default: the whole cluster)");
+ABSL_FLAG(std::string, record, "",
+          "experts: append every expert-load window as it arrives to this file, one JSON "
+          "object a line, until interrupted");
 ABSL_FLAG(bool, wait, false, "batch submit: follow the batch to its end with a progress bar");
 ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (default stdout)");
 ABSL_FLAG(std::string, errors, "",
@@ -72,8 +76,9 @@ constexpr char kUsage[] =
     "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--json] [--echo]\n"
     "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
-    "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]]\n"
-    "      expert load: a layers x experts heatmap and each layer's balancedness\n"
+    "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]] [--record FILE]\n"
+    "      expert load: a layers x experts heatmap, each layer's balancedness, per-rank load;\n"
+    "      --record appends each window as it arrives (JSON lines) until interrupted\n"
     "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
     "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
@@ -382,7 +387,8 @@ constexpr const char* kRamp[] = {" ", "\u2591", "\u2592", "\u2593", "\u2588"};
 
 // The heatmap of `load` and each layer's balancedness (mean / max tokens per expert: 1 is
 // perfectly even) and busiest expert's share of the layer's routed tokens.
-std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
+// `colour`: each level of the ramp also in its colour (blue, green, yellow, red), for terminals.
+std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load, bool colour) {
   const int layers = load.num_layers(), experts = load.num_experts();
   if (layers == 0 || experts == 0 ||
       load.counts_size() != static_cast<int64_t>(layers) * experts) {
@@ -408,7 +414,14 @@ std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
     for (int e = 0; e < experts; ++e) {
       const int64_t c = load.counts(l * experts + e);
       const int level = c == 0 || max == 0 ? 0 : static_cast<int>(1 + (3 * c) / max);
-      row += kRamp[std::min(level, 4)];
+      static constexpr const char* kColours[] = {"", "\x1b[34m", "\x1b[32m", "\x1b[33m",
+                                                 "\x1b[31m"};
+      const int shade = std::min(level, 4);
+      if (colour && shade > 0) {
+        row += absl::StrCat(kColours[shade], kRamp[shade], "\x1b[0m");
+      } else {
+        row += kRamp[shade];
+      }
     }
     const double mean = static_cast<double>(total) / experts;
     out += absl::StrFormat("%3d |%s| balance %.2f, busiest #%d %.1f%%\n", l, row,
@@ -417,6 +430,37 @@ std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
     all += total;
     all_max_sum += max;
   }
+  // Ranks: each owns a contiguous block of experts; the busiest rank sets the pace of every
+  // expert all-to-all.
+  const int ranks = load.expert_ranks();
+  if (ranks > 1 && experts % ranks == 0) {
+    const int per_rank = experts / ranks;
+    std::vector<int64_t> rank_tokens(ranks, 0);
+    double balance_sum = 0;
+    for (int l = 0; l < layers; ++l) {
+      int64_t max = 0, total = 0;
+      for (int r = 0; r < ranks; ++r) {
+        int64_t sum = 0;
+        for (int e = r * per_rank; e < (r + 1) * per_rank; ++e) sum += load.counts(l * experts + e);
+        rank_tokens[r] += sum;
+        max = std::max(max, sum);
+        total += sum;
+      }
+      balance_sum += max > 0 ? static_cast<double>(total) / ranks / max : 1.0;
+    }
+    const int64_t busiest = *std::max_element(rank_tokens.begin(), rank_tokens.end());
+    out += absl::StrFormat("ranks (%d experts each), tokens over all layers:\n", per_rank);
+    for (int r = 0; r < ranks; ++r) {
+      const int width = busiest > 0 ? static_cast<int>(40 * rank_tokens[r] / busiest) : 0;
+      out += absl::StrFormat("  rank %2d %s %d\n", r, std::string(width, '#'), rank_tokens[r]);
+    }
+    out += absl::StrFormat("rank balance %.2f (mean over layers of mean / max tokens per rank)\n",
+                           balance_sum / layers);
+  }
+  if (load.recomputed_tokens() > 0) {
+    out += absl::StrFormat("%d tokens recomputed after preemptions (counted above)\n",
+                           load.recomputed_tokens());
+  }
   const double mean_of_max = static_cast<double>(all_max_sum) / layers;
   out += absl::StrFormat("overall balance %.2f (mean over layers of mean / max), %d routed\n",
                          mean_of_max > 0 ? (static_cast<double>(all) / layers / experts) /
@@ -424,6 +468,32 @@ std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load) {
                                          : 1.0,
                          all);
   return out;
+}
+
+// experts --record FILE: appends every window as it arrives (Cluster.WatchExpertLoad), one
+// ExpertLoadWindow JSON object a line, flushed each time, until interrupted.
+absl::Status RecordExpertLoad(gemma::v1::Cluster::Stub& stub, const std::string& path,
+                              const std::string& replica) {
+  std::ofstream out(path, std::ios::app);
+  if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot append to ", path));
+  grpc::ClientContext context;
+  gemma::v1::WatchExpertLoadRequest request;
+  request.set_replica_id(replica);
+  auto reader = stub.WatchExpertLoad(&context, request);
+  std::cerr << "recording expert-load windows to " << path << " (Ctrl-C to stop)\n";
+  gemma::v1::ExpertLoadWindow window;
+  int64_t n = 0;
+  while (reader->Read(&window)) {
+    out << ToJson(window) << "\n" << std::flush;
+    if (!out) return absl::DataLossError(absl::StrCat("cannot write ", path));
+    ++n;
+    std::cerr << absl::StrFormat("\rwindows recorded: %d (replica %s, steps %d..%d)", n,
+                                 window.replica_id(), window.window().first_step(),
+                                 window.window().last_step())
+              << std::flush;
+  }
+  std::cerr << "\n";
+  return FromGrpc(reader->Finish(), "watching the expert load");
 }
 
 absl::Status Experts() {
@@ -436,6 +506,9 @@ absl::Status Experts() {
   if (!channel.ok()) return channel.status();
   auto stub = gemma::v1::Cluster::NewStub(*channel);
   const std::string replica = absl::GetFlag(FLAGS_replica);
+  if (const std::string record = absl::GetFlag(FLAGS_record); !record.empty()) {
+    return RecordExpertLoad(*stub, record, replica);
+  }
   while (true) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -461,7 +534,7 @@ absl::Status Experts() {
     } else {
       // In place on a terminal: home the cursor and clear the screen first.
       if (absl::GetFlag(FLAGS_watch)) std::cout << "\x1b[H\x1b[2J";
-      std::cout << RenderExpertLoad(*load) << std::flush;
+      std::cout << RenderExpertLoad(*load, isatty(STDOUT_FILENO)) << std::flush;
     }
     if (!absl::GetFlag(FLAGS_watch)) return absl::OkStatus();
     std::this_thread::sleep_for(std::chrono::milliseconds(absl::GetFlag(FLAGS_interval_ms)));

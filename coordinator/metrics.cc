@@ -90,7 +90,26 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
       hottest_share_(prometheus::BuildGauge()
                          .Name("gemma:expert_hottest_share")
                          .Help("The busiest expert's share of a layer's routed tokens.")
-                         .Register(*prom_)) {
+                         .Register(*prom_)),
+      rank_tokens_(prometheus::BuildCounter()
+                       .Name("gemma:expert_rank_tokens_total")
+                       .Help("Tokens routed to the experts a rank holds, per replica, layer "
+                             "and rank (replicas whose experts are spread over ranks).")
+                       .Register(*prom_)),
+      rank_balancedness_(prometheus::BuildGauge()
+                             .Name("gemma:expert_rank_balancedness")
+                             .Help("Mean over max tokens per rank of a layer, per replica, over "
+                                   "everything routed so far: 1 is even.")
+                             .Register(*prom_)),
+      rank_balancedness_overall_(prometheus::BuildGauge()
+                                     .Name("gemma:expert_rank_balancedness_overall")
+                                     .Help("Mean over layers of a replica's rank balancedness.")
+                                     .Register(*prom_)),
+      recomputed_tokens_(prometheus::BuildCounter()
+                             .Name("gemma:expert_recomputed_tokens_total")
+                             .Help("Tokens fed again after a preemption (their routing is in "
+                                   "the routed counts too), per replica.")
+                             .Register(*prom_)) {
   ttft_all_ = &ttft_.Add({}, kTtftBuckets);
   itl_all_ = &itl_.Add({}, kItlBuckets);
   e2e_all_ = &e2e_.Add({}, kE2eBuckets);
@@ -159,6 +178,35 @@ void Metrics::RefreshLocked() {
       AddGrowth(expert_layer_tokens_.Add({{"replica", r.replica_id()},
                                           {"layer", std::to_string(l)}}),
                 tokens, &last_layer_tokens_[{r.replica_id(), l}]);
+    }
+    AddGrowth(recomputed_tokens_.Add({{"replica", r.replica_id()}}), t.recomputed_tokens(),
+              &last_recomputed_[r.replica_id()]);
+    const int ranks = t.expert_ranks();
+    if (ranks <= 1 || t.num_experts() % ranks != 0) continue;
+    const int per_rank = t.num_experts() / ranks;
+    double balance_sum = 0;
+    for (int l = 0; l < t.num_layers(); ++l) {
+      int64_t total = 0, max = 0;
+      for (int rank = 0; rank < ranks; ++rank) {
+        int64_t tokens = 0;
+        for (int e = rank * per_rank; e < (rank + 1) * per_rank; ++e) {
+          tokens += t.counts(l * t.num_experts() + e);
+        }
+        AddGrowth(rank_tokens_.Add({{"replica", r.replica_id()},
+                                    {"layer", std::to_string(l)},
+                                    {"rank", std::to_string(rank)}}),
+                  tokens, &last_rank_tokens_[{r.replica_id(), l, rank}]);
+        total += tokens;
+        max = std::max(max, tokens);
+      }
+      const double balance = max > 0 ? static_cast<double>(total) / ranks / max : 1.0;
+      rank_balancedness_.Add({{"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+          .Set(balance);
+      balance_sum += balance;
+    }
+    if (t.num_layers() > 0) {
+      rank_balancedness_overall_.Add({{"replica", r.replica_id()}})
+          .Set(balance_sum / t.num_layers());
     }
   }
   const gemma::v1::ExpertLoad& t = load.totals();

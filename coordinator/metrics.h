@@ -5,7 +5,10 @@
 // time-to-first-token, inter-token latency and end-to-end latency histograms. Plus the
 // replicas by health and the expert load: tokens routed per layer and replica, balancedness
 // (mean / max tokens per expert) per layer and overall, and the busiest expert's share per
-// layer; per-expert series only when asked (layers x experts of them).
+// layer; per replica whose experts are spread over ranks, the tokens per layer and rank and the
+// rank balancedness (mean / max tokens per rank, as vLLM and SGLang define it) per layer and
+// overall; recomputed tokens per replica; per-expert series only when asked (layers x experts
+// of them).
 //
 // Request events come from the proxy as streams progress (thread-safe); the replica gauges and
 // the expert series are refreshed from the registry at each scrape.
@@ -66,6 +69,10 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& balancedness_;
   prometheus::Family<prometheus::Gauge>& balancedness_overall_;
   prometheus::Family<prometheus::Gauge>& hottest_share_;
+  prometheus::Family<prometheus::Counter>& rank_tokens_;
+  prometheus::Family<prometheus::Gauge>& rank_balancedness_;
+  prometheus::Family<prometheus::Gauge>& rank_balancedness_overall_;
+  prometheus::Family<prometheus::Counter>& recomputed_tokens_;
   prometheus::Family<prometheus::Counter>* expert_tokens_ = nullptr;
   prometheus::Histogram* ttft_all_;
   prometheus::Histogram* itl_all_;
@@ -76,6 +83,8 @@ class Metrics {
   std::map<std::string, int64_t> last_preemptions_ ABSL_GUARDED_BY(mutex_);
   std::map<std::tuple<std::string, int>, int64_t> last_layer_tokens_ ABSL_GUARDED_BY(mutex_);
   std::map<std::tuple<int, int>, int64_t> last_expert_tokens_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::tuple<std::string, int, int>, int64_t> last_rank_tokens_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::string, int64_t> last_recomputed_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace gemma::coordinator

@@ -102,10 +102,17 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
                                   << "window of another shape; dropped";
         continue;
       }
-      entry.expert_windows.push_back(window);
+      gemma::v1::ExpertLoad numbered = window;
+      numbered.set_sequence(++last_window_sequence_);
+      entry.expert_windows.push_back(numbered);
       while (static_cast<int>(entry.expert_windows.size()) > options_.expert_windows_kept) {
         entry.expert_windows.pop_front();
       }
+      gemma::v1::ExpertLoadWindow recent;
+      recent.set_replica_id(entry.replica->id);
+      *recent.mutable_window() = std::move(numbered);
+      recent_windows_.push_back(std::move(recent));
+      while (recent_windows_.size() > kRecentWindowsKept) recent_windows_.pop_front();
     }
     entry.load.clear_expert_windows();
     return true;
@@ -222,15 +229,19 @@ bool AddExpertLoad(const gemma::v1::ExpertLoad& window, gemma::v1::ExpertLoad* t
     total->set_num_experts(window.num_experts());
     total->mutable_counts()->Resize(window.counts_size(), 0);
     total->set_first_step(window.first_step());
+    total->set_expert_ranks(window.expert_ranks());
   } else if (total->num_layers() != window.num_layers() ||
              total->num_experts() != window.num_experts()) {
     return false;
+  } else if (total->expert_ranks() != window.expert_ranks()) {
+    total->set_expert_ranks(0);  // replicas of different layouts: no one split over ranks
   }
   for (int i = 0; i < window.counts_size(); ++i) {
     total->set_counts(i, total->counts(i) + window.counts(i));
   }
   total->set_last_step(window.last_step());
   total->set_windows(total->windows() + std::max<int64_t>(1, window.windows()));
+  total->set_recomputed_tokens(total->recomputed_tokens() + window.recomputed_tokens());
   return true;
 }
 
@@ -247,6 +258,23 @@ gemma::v1::GetExpertLoadResponse Registry::ExpertLoad(bool include_windows) cons
     }
   }
   return response;
+}
+
+std::vector<gemma::v1::ExpertLoadWindow> Registry::WindowsAfter(
+    int64_t after_sequence, const std::string& replica_id) const {
+  absl::MutexLock lock(&mutex_);
+  std::vector<gemma::v1::ExpertLoadWindow> out;
+  for (const gemma::v1::ExpertLoadWindow& w : recent_windows_) {
+    if (w.window().sequence() <= after_sequence) continue;
+    if (!replica_id.empty() && w.replica_id() != replica_id) continue;
+    out.push_back(w);
+  }
+  return out;
+}
+
+int64_t Registry::LastWindowSequence() const {
+  absl::MutexLock lock(&mutex_);
+  return last_window_sequence_;
 }
 
 }  // namespace gemma::coordinator

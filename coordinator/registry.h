@@ -99,6 +99,13 @@ class Registry {
   // The totals over every window received (replicas gone included) and, per known replica,
   // its totals and (with include_windows) its latest windows.
   gemma::v1::GetExpertLoadResponse ExpertLoad(bool include_windows) const;
+  // Windows numbered after `after_sequence`, oldest first (of `replica_id` alone when not
+  // empty), from the last kRecentWindowsKept received.
+  std::vector<gemma::v1::ExpertLoadWindow> WindowsAfter(int64_t after_sequence,
+                                                        const std::string& replica_id) const;
+  // The number of the last window received (0: none yet).
+  int64_t LastWindowSequence() const;
+  static constexpr size_t kRecentWindowsKept = 4096;
 
  private:
   struct Entry {
@@ -130,6 +137,8 @@ class Registry {
   uint32_t protocol_version_ ABSL_GUARDED_BY(mutex_) = 0;
   std::string fingerprint_ ABSL_GUARDED_BY(mutex_);
   gemma::v1::ExpertLoad expert_totals_ ABSL_GUARDED_BY(mutex_);
+  int64_t last_window_sequence_ ABSL_GUARDED_BY(mutex_) = 0;
+  std::deque<gemma::v1::ExpertLoadWindow> recent_windows_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace gemma::coordinator

@@ -1,6 +1,8 @@
 #include "coordinator/services.h"
 
 #include <chrono>
+#include <deque>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -66,6 +68,102 @@ grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
     gemma::v1::GetExpertLoadResponse* response) {
   *response = registry_->ExpertLoad(request->include_windows());
   return FinishUnary(context, absl::OkStatus());
+}
+
+namespace {
+
+// One WatchExpertLoad stream: sends the windows that arrived since the last one sent, and when
+// there are none looks again after kWatchPollMs on the timer. Every reaction and the timer's
+// polls take the state's mutex; once the reactor is done the polls find it gone.
+class WatchReactor : public grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow> {
+ public:
+  WatchReactor(Registry* registry, Timer* timer, const gemma::v1::WatchExpertLoadRequest& request)
+      : registry_(registry), timer_(timer), state_(std::make_shared<State>()),
+        replica_(request.replica_id()),
+        after_(request.after_sequence() > 0 ? request.after_sequence()
+                                            : registry->LastWindowSequence()) {
+    state_->reactor = this;
+    absl::MutexLock lock(&state_->mutex);
+    PollLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&state_->mutex);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "the client left"));
+      return;
+    }
+    PollLocked();
+  }
+  void OnCancel() override {
+    absl::MutexLock lock(&state_->mutex);
+    cancelled_ = true;
+    if (timer_id_ != 0) timer_->Cancel(timer_id_);
+    if (!writing_) FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+  }
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&state_->mutex);
+      state_->reactor = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  struct State {
+    absl::Mutex mutex;
+    WatchReactor* reactor = nullptr;
+  };
+
+  void PollLocked() {
+    if (cancelled_ || finished_ || writing_) return;
+    if (pending_.empty()) {
+      for (auto& w : registry_->WindowsAfter(after_, replica_)) pending_.push_back(std::move(w));
+    }
+    if (!pending_.empty()) {
+      current_ = std::move(pending_.front());
+      pending_.pop_front();
+      after_ = current_.window().sequence();
+      writing_ = true;
+      StartWrite(&current_);
+      return;
+    }
+    std::shared_ptr<State> state = state_;
+    timer_id_ = timer_->Schedule(
+        Timer::Clock::now() + std::chrono::milliseconds(ClusterService::kWatchPollMs),
+        [state] {
+          absl::MutexLock lock(&state->mutex);
+          if (state->reactor != nullptr) {
+            state->reactor->timer_id_ = 0;
+            state->reactor->PollLocked();
+          }
+        });
+  }
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  Registry* registry_;
+  Timer* timer_;
+  std::shared_ptr<State> state_;
+  const std::string replica_;
+  int64_t after_;
+  std::deque<gemma::v1::ExpertLoadWindow> pending_;
+  gemma::v1::ExpertLoadWindow current_;
+  bool writing_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;
+  uint64_t timer_id_ = 0;
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow>* ClusterService::WatchExpertLoad(
+    grpc::CallbackServerContext*, const gemma::v1::WatchExpertLoadRequest* request) {
+  return new WatchReactor(registry_, &timer_, *request);
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,

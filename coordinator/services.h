@@ -42,9 +42,15 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
   grpc::ServerUnaryReactor* GetExpertLoad(grpc::CallbackServerContext* context,
                                           const gemma::v1::GetExpertLoadRequest* request,
                                           gemma::v1::GetExpertLoadResponse* response) override;
+  // Polls the registry every kWatchPollMs on the timer thread (no gRPC thread waits).
+  grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow>* WatchExpertLoad(
+      grpc::CallbackServerContext* context,
+      const gemma::v1::WatchExpertLoadRequest* request) override;
+  static constexpr int kWatchPollMs = 100;
 
  private:
   Registry* registry_;
+  Timer timer_;
 };
 
 class CoordinatorService final : public gemma::internal::v1::Coordinator::CallbackService {

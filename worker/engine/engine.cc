@@ -298,6 +298,10 @@ absl::StatusOr<StepStats> Engine::Step() {
       entry.sampling = s.sampling;
       entry.sampling.position = s.kv.length + chunk.num_tokens;
       batch.entries.push_back(entry);
+      stats.tokens_recomputed += std::clamp<int64_t>(s.positions_computed - s.kv.length, 0,
+                                                     chunk.num_tokens);
+      s.positions_computed =
+          std::max(s.positions_computed, s.kv.length + chunk.num_tokens);
     }
     absl::StatusOr<std::vector<int32_t>> sampled = executor_->Execute(batch, *cache_);
     if (sampled.ok()) {
@@ -359,6 +363,7 @@ absl::StatusOr<StepStats> Engine::Step() {
     counters_.preemptions += stats.num_preempted;
     counters_.tokens_prefilled += stats.tokens_prefilled;
     counters_.tokens_decoded += stats.tokens_decoded;
+    counters_.tokens_recomputed += stats.tokens_recomputed;
     counters_.requests_finished += num_finished;
     counters_.requests_cancelled += num_cancelled;
   }

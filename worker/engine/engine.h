@@ -46,6 +46,8 @@ struct StepStats {
   int64_t num_preempted = 0;    // preempted while planning this step
   int64_t tokens_prefilled = 0; // prompt and recomputation tokens fed
   int64_t tokens_decoded = 0;   // decode tokens fed
+  // Of the prefill tokens, those re-fed after a preemption (positions computed before).
+  int64_t tokens_recomputed = 0;
   int64_t num_finished = 0;     // requests that finished (any reason) in this step
   int64_t pages_used[2] = {0, 0};   // per pool (kSlidingPool, kFullPool), after the step
   int64_t pages_total[2] = {0, 0};
@@ -57,6 +59,7 @@ struct EngineCounters {
   int64_t preemptions = 0;
   int64_t tokens_prefilled = 0;
   int64_t tokens_decoded = 0;
+  int64_t tokens_recomputed = 0;
   int64_t requests_submitted = 0;
   int64_t requests_finished = 0;
   int64_t requests_cancelled = 0;

@@ -39,6 +39,9 @@ struct Sequence {
   // pages were grown for them (the most the sliding pool held for it during that step).
   int64_t last_chunk = 0;
   int64_t sliding_positions_peak = 0;
+  // The most positions it ever had computed (kv.length's high-water mark): after a preemption,
+  // positions below it are fed again (recomputed).
+  int64_t positions_computed = 0;
 
   int64_t num_generated() const {
     return static_cast<int64_t>(tokens.size()) - num_prompt_tokens;

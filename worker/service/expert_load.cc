@@ -1,14 +1,17 @@
 #include "worker/service/expert_load.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "common/status_macros.h"
 
 namespace gemma::service {
 
-absl::Status ExpertLoadRecorder::OnStep(gemma4::Model& model, uint64_t step, bool force) {
+absl::Status ExpertLoadRecorder::OnStep(gemma4::Model& model, uint64_t step,
+                                        int64_t recomputed_tokens, bool force) {
   if (!model.expert_counts_enabled()) return absl::OkStatus();
   if (first_step_ == 0) first_step_ = step;
+  recomputed_ += recomputed_tokens;
   const Clock::time_point now = Clock::now();
   if (!force && now < next_take_) return absl::OkStatus();
   next_take_ = now + window_;
@@ -16,7 +19,9 @@ absl::Status ExpertLoadRecorder::OnStep(gemma4::Model& model, uint64_t step, boo
   bool any = false;
   for (int64_t c : counts) any = any || c != 0;
   const uint64_t first = first_step_;
+  const int64_t recomputed = recomputed_;
   first_step_ = 0;
+  recomputed_ = 0;
   if (!any) return absl::OkStatus();
   gemma::v1::ExpertLoad window;
   window.set_num_layers(static_cast<int32_t>(model.config().num_hidden_layers));
@@ -25,6 +30,8 @@ absl::Status ExpertLoadRecorder::OnStep(gemma4::Model& model, uint64_t step, boo
   window.set_first_step(static_cast<int64_t>(first));
   window.set_last_step(static_cast<int64_t>(step));
   window.set_windows(1);
+  window.set_expert_ranks(std::max(1, model.parallel().layout.ep_size));
+  window.set_recomputed_tokens(recomputed);
   absl::MutexLock lock(&mutex_);
   queue_.push_back(std::move(window));
   while (static_cast<int>(queue_.size()) > kMaxQueued) queue_.pop_front();

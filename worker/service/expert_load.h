@@ -24,10 +24,11 @@ class ExpertLoadRecorder {
 
   explicit ExpertLoadRecorder(std::chrono::milliseconds window) : window_(window) {}
 
-  // Engine thread, after step `step` ran. Takes the model's counters when the window has
-  // elapsed (or always with `force`); an error of the read is returned (the counters are
-  // then left as they were).
-  absl::Status OnStep(gemma4::Model& model, uint64_t step, bool force = false);
+  // Engine thread, after step `step` ran, which recomputed `recomputed_tokens` positions
+  // dropped by a preemption. Takes the model's counters when the window has elapsed (or always
+  // with `force`); an error of the read is returned (the counters are then left as they were).
+  absl::Status OnStep(gemma4::Model& model, uint64_t step, int64_t recomputed_tokens,
+                      bool force = false);
   // Heartbeat thread.
   std::vector<gemma::v1::ExpertLoad> Drain();
   void Requeue(std::vector<gemma::v1::ExpertLoad> windows);
@@ -37,6 +38,7 @@ class ExpertLoadRecorder {
   // Engine thread only.
   Clock::time_point next_take_ = Clock::now();
   uint64_t first_step_ = 0;  // first step of the window being counted (0: none yet)
+  int64_t recomputed_ = 0;   // recomputed tokens in the window being counted
   absl::Mutex mutex_;
   std::deque<gemma::v1::ExpertLoad> queue_ ABSL_GUARDED_BY(mutex_);
 };

@@ -413,7 +413,8 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   engine->set_step_observer([&load, &experts, rank](const gemma::engine::StepStats& stats) {
     // A window closes when it has lasted a heartbeat, or when the replica falls idle.
     const bool idle = stats.num_running == 0 && stats.num_waiting == 0;
-    if (absl::Status s = experts.OnStep(*rank->model, stats.step, idle); !s.ok()) {
+    if (absl::Status s = experts.OnStep(*rank->model, stats.step, stats.tokens_recomputed, idle);
+        !s.ok()) {
       LOG_EVERY_N(WARNING, 100) << "expert counts: " << s;
     }
     load.running = stats.num_running;

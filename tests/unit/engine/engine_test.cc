@@ -149,6 +149,12 @@ TEST_F(EngineTest, SixtyFourRequestsWithPreemptionMatchTheirSoloRuns) {
   }
   RunChecked(*engine, collector);
   EXPECT_GT(engine->counters().preemptions, 0);
+  // Every prompt token is fed once; what preemptions dropped is fed again, and counted so.
+  int64_t prompt_tokens = 0;
+  for (const Request& r : requests) prompt_tokens += static_cast<int64_t>(r.prompt.size());
+  EXPECT_GT(engine->counters().tokens_recomputed, 0);
+  EXPECT_EQ(engine->counters().tokens_prefilled,
+            prompt_tokens + engine->counters().tokens_recomputed);
   for (int i = 0; i < 64; ++i) {
     const testing::Collected& c = collector[std::to_string(i)];
     EXPECT_TRUE(c.finished);
@@ -316,6 +322,7 @@ TEST_F(EngineTest, SeededSamplingIsTheSameAloneInABatchAndAfterPreemption) {
       EXPECT_GT(seeded_preemptions, 0);
     } else {
       EXPECT_EQ(engine->counters().preemptions, 0);
+      EXPECT_EQ(engine->counters().tokens_recomputed, 0);
     }
   }
 }
