@@ -39,6 +39,8 @@ const char* DashboardHtml() {
 </div>
 <h2>Expert load (tokens routed; each row a layer, each cell an expert, darker = busier)</h2>
 <table class="heat" id="heatmap"></table>
+<h2>Load per rank (tokens routed to the experts each rank holds, all layers)</h2>
+<div id="ranks">no replica spreads its experts over ranks</div>
 <h2>Balancedness per layer (mean / max tokens per expert; 1 is even)</h2>
 <table id="layers"></table>
 <h2>Overall balancedness over time</h2>
@@ -105,6 +107,38 @@ function drawHeatmap(totals) {
   return layers > 0 ? overall : null;
 }
 
+// Per replica whose experts are spread over ranks: a bar per rank and the rank balancedness
+// (mean over layers of mean / max tokens per rank).
+function drawRanks(replicas) {
+  const div = document.getElementById("ranks");
+  let html = "";
+  for (const r of replicas || []) {
+    const t = r.totals || {};
+    const ranks = Number(t.expertRanks || 0), layers = t.numLayers || 0, experts = t.numExperts || 0;
+    if (ranks <= 1 || experts % ranks !== 0) continue;
+    const counts = (t.counts || []).map(Number), perRank = experts / ranks;
+    const tokens = new Array(ranks).fill(0);
+    let balanceSum = 0;
+    for (let l = 0; l < layers; ++l) {
+      const row = new Array(ranks).fill(0);
+      for (let e = 0; e < experts; ++e) row[Math.floor(e / perRank)] += counts[l * experts + e];
+      row.forEach((c, k) => { tokens[k] += c; });
+      const max = Math.max(...row), total = row.reduce((a, b) => a + b, 0);
+      balanceSum += max > 0 ? total / ranks / max : 1;
+    }
+    const busiest = Math.max(1, ...tokens);
+    html += `<div>replica ${r.replicaId}: rank balancedness <span data-rank-balance="${
+        r.replicaId}">${(layers > 0 ? balanceSum / layers : 1).toFixed(3)}</span></div><table>`;
+    tokens.forEach((c, k) => {
+      html += `<tr><td class="n">rank ${k}</td><td><span class="bar" style="width:${Math.round(
+          300 * c / busiest)}px"></span></td><td class="n" data-rank-tokens="${r.replicaId}/${
+          k}">${c}</td></tr>`;
+    });
+    html += "</table>";
+  }
+  div.innerHTML = html || "no replica spreads its experts over ranks";
+}
+
 function drawHistory() {
   const svg = document.getElementById("history");
   const w = 600, h = 80;
@@ -150,6 +184,7 @@ async function refresh() {
     ]);
     drawReplicas(status);
     const overall = drawHeatmap(load.totals || {});
+    drawRanks(load.replicas);
     if (overall !== null) {
       history.push(overall);
       if (history.length > 300) history.shift();

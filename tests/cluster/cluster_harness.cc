@@ -161,6 +161,15 @@ ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_tex
   return run;
 }
 
+ToolRun HeadlessChromium(const std::string& url, const std::vector<std::string>& extra) {
+  std::vector<std::string> args = {"/usr/bin/chromium", "--headless", "--no-sandbox",
+                                   "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                                   "--virtual-time-budget=3000"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  args.push_back(url);
+  return RunWithStdin(args, "");
+}
+
 std::vector<int32_t> ParseIds(const std::string& line) {
   std::vector<int32_t> ids;
   for (absl::string_view item : absl::StrSplit(line, ' ', absl::SkipWhitespace())) {

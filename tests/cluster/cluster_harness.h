@@ -68,6 +68,10 @@ struct ToolRun {
 ToolRun RunWithStdin(std::vector<std::string> args, const std::string& stdin_text,
                      std::chrono::milliseconds timeout = std::chrono::seconds(30));
 
+// Loads `url` in Debian's headless chromium (console messages on stderr) with `extra` flags
+// (e.g. --dump-dom, --screenshot=FILE), giving its scripts 3 s of virtual time.
+ToolRun HeadlessChromium(const std::string& url, const std::vector<std::string>& extra);
+
 // The integers of a line of text.
 std::vector<int32_t> ParseIds(const std::string& line);
 

@@ -184,6 +184,18 @@ TEST_P(ExpertLoadTest, CountsEqualTheFixturesChosenExperts) {
       EXPECT_EQ(rank_tokens[r], static_cast<double>(want)) << "rank " << r;
     }
     EXPECT_NE(response->body.find("gemma:expert_rank_balancedness{"), std::string::npos);
+    // The dashboard draws the same per-rank load.
+    ToolRun page = HeadlessChromium(absl::StrCat("http://", http_address_, "/dashboard"),
+                                    {"--dump-dom"});
+    ASSERT_EQ(page.exit_code, 0) << page.err;
+    EXPECT_EQ(page.err.find("Uncaught"), std::string::npos) << page.err;
+    std::map<int, double> drawn;
+    const std::regex bar(R"re(data-rank-tokens="[^/"]+/(\d+)">(\d+)<)re");
+    for (auto it = std::sregex_iterator(page.out.begin(), page.out.end(), bar);
+         it != std::sregex_iterator(); ++it) {
+      drawn[std::stoi((*it)[1].str())] += std::stod((*it)[2].str());
+    }
+    EXPECT_EQ(drawn, rank_tokens) << page.out;
   } else {
     EXPECT_TRUE(rank_tokens.empty()) << response->body;
   }

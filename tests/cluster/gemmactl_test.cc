@@ -350,12 +350,7 @@ TEST_F(GemmactlClusterTest, DashboardShowsTheCoordinatorsNumbersInABrowser) {
   ASSERT_GT(routed, 0);
   const std::string url = absl::StrCat("http://", http_address_, "/dashboard");
   auto browse = [&](const std::vector<std::string>& extra) {
-    std::vector<std::string> args = {"/usr/bin/chromium", "--headless", "--no-sandbox",
-                                     "--disable-gpu", "--enable-logging=stderr", "--v=0",
-                                     "--virtual-time-budget=3000"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    args.push_back(url);
-    return RunWithStdin(args, "");
+    return HeadlessChromium(url, extra);
   };
   auto shown = [](const std::string& dom, const std::string& id) {
     std::smatch m;
