@@ -6,12 +6,15 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
+#include <functional>
 #include <map>
 #include <regex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -184,6 +187,37 @@ TEST_P(ExpertLoadTest, CountsEqualTheFixturesChosenExperts) {
       EXPECT_EQ(rank_tokens[r], static_cast<double>(want)) << "rank " << r;
     }
     EXPECT_NE(response->body.find("gemma:expert_rank_balancedness{"), std::string::npos);
+    // Every metric the Grafana dashboard queries is one the coordinator exports.
+    const nlohmann::json grafana = nlohmann::json::parse(
+        ReadFileToString(std::string(GEMMA_SOURCE_DIR) + "/deploy/grafana/gemma-cluster.json"));
+    int queries = 0;
+    const std::regex name(R"re(gemma:[a-z0-9_:]+)re");
+    std::function<void(const nlohmann::json&)> visit = [&](const nlohmann::json& node) {
+      if (node.is_object()) {
+        if (node.contains("expr") && node["expr"].is_string()) {
+          ++queries;
+          const std::string expr = node["expr"];
+          for (auto it = std::sregex_iterator(expr.begin(), expr.end(), name);
+               it != std::sregex_iterator(); ++it) {
+            // The family is the name itself, or a histogram's without its series suffix.
+            const std::string series = (*it)[0].str();
+            std::string family = series;
+            for (const char* suffix : {"_bucket", "_sum", "_count"}) {
+              if (absl::EndsWith(family, suffix)) family.resize(family.size() - std::strlen(suffix));
+            }
+            EXPECT_TRUE(response->body.find("# TYPE " + series + " ") != std::string::npos ||
+                        response->body.find("# TYPE " + family + " histogram") !=
+                            std::string::npos)
+                << series << " (in \"" << expr << "\") is not exported";
+          }
+        }
+        for (const auto& [key, value] : node.items()) visit(value);
+      } else if (node.is_array()) {
+        for (const auto& value : node) visit(value);
+      }
+    };
+    visit(grafana);
+    EXPECT_GE(queries, 15);
     // The dashboard draws the same per-rank load.
     ToolRun page = HeadlessChromium(absl::StrCat("http://", http_address_, "/dashboard"),
                                     {"--dump-dom"});
