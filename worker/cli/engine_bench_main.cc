@@ -44,6 +44,10 @@ ABSL_FLAG(int64_t, max_step_tokens, 512, "per-step token budget of the scheduler
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(uint64_t, seed, 0, "seed of the random prompts");
 ABSL_FLAG(bool, json, false, "print one JSON line per concurrency instead of a table");
+ABSL_FLAG(std::string, expert_counts, "off",
+          "expert-load counting as a serving replica does it: off, on, or both (each "
+          "concurrency level run with counting off and on, alternating, 3 times each; the "
+          "decode step medians side by side)");
 
 namespace gemma {
 namespace {
@@ -150,6 +154,37 @@ absl::StatusOr<RunResult> RunOnce(gemma4::Model& model, int64_t concurrency, int
   return result;
 }
 
+// Decode step time with expert counting off and on, alternating (off, on, off, on, ...) so that
+// drift in the machine's speed falls on both; the median over every decode step of each.
+absl::Status CompareCounting(gemma4::Model& model, const std::vector<int64_t>& levels,
+                             int64_t prompt_len, int64_t decode_tokens) {
+  constexpr int kPairs = 3;
+  std::cout << "| concurrent | decode step ms, counting off (p50) | on (p50) | on / off |\n"
+               "|---|---|---|---|\n";
+  for (int64_t n : levels) {
+    RETURN_IF_ERROR(RunOnce(model, n, prompt_len, 4, absl::GetFlag(FLAGS_seed) + 1).status());
+    std::vector<double> off, on;
+    for (int pair = 0; pair < kPairs; ++pair) {
+      for (bool count : {false, true}) {
+        if (count) {
+          RETURN_IF_ERROR(model.EnableExpertCounts());
+        } else {
+          model.DisableExpertCounts();
+        }
+        ASSIGN_OR_RETURN(RunResult r,
+                         RunOnce(model, n, prompt_len, decode_tokens, absl::GetFlag(FLAGS_seed)));
+        auto& into = count ? on : off;
+        into.insert(into.end(), r.decode_step_ms.begin(), r.decode_step_ms.end());
+      }
+    }
+    model.DisableExpertCounts();
+    const double off50 = Percentile(off, 50), on50 = Percentile(on, 50);
+    std::cout << absl::StrFormat("| %d | %.3f | %.3f | %.4f |\n", n, off50, on50,
+                                 off50 > 0 ? on50 / off50 : 0.0);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Run() {
   const int64_t prompt_len = absl::GetFlag(FLAGS_prompt_len);
   const int64_t decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
@@ -177,6 +212,13 @@ absl::Status Run() {
   if (model.config().vocab_size <= kFirstRandomId) {
     return absl::InvalidArgumentError("the vocabulary is too small for random prompts");
   }
+  const std::string counting = absl::GetFlag(FLAGS_expert_counts);
+  if (counting != "off" && counting != "on" && counting != "both") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--expert-counts must be off, on or both, got \"", counting, "\""));
+  }
+  if (counting == "both") return CompareCounting(model, levels, prompt_len, decode_tokens);
+  if (counting == "on") RETURN_IF_ERROR(model.EnableExpertCounts());
   const bool json = absl::GetFlag(FLAGS_json);
   if (!json) {
     std::cout << absl::StrFormat(

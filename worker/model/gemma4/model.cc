@@ -301,6 +301,13 @@ absl::Status Model::EnableExpertCounts() {
   return backend_.Synchronize();
 }
 
+void Model::DisableExpertCounts() {
+  if (expert_counts_ == nullptr) return;
+  graphs_.Drop();  // they add to the counters
+  layer_expert_counts_.clear();
+  expert_counts_.reset();
+}
+
 absl::StatusOr<std::vector<int64_t>> Model::TakeExpertCounts() {
   if (expert_counts_ == nullptr) return std::vector<int64_t>();
   const int64_t n = expert_counts_->numel();

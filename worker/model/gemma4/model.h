@@ -93,6 +93,8 @@ class Model {
   // that routes the same tokens (in tp every rank does).
   absl::Status EnableExpertCounts();
   bool expert_counts_enabled() const { return expert_counts_ != nullptr; }
+  // Stops counting (the counters are freed; step graphs are recorded again without them).
+  void DisableExpertCounts();
   absl::StatusOr<std::vector<int64_t>> TakeExpertCounts();
   // Step graphs, on a backend that has them (CUDA): a step whose sequences each bring one token
   // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
