@@ -8,6 +8,8 @@
 #include "absl/flags/internal/usage.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 
 namespace gemma {
 
@@ -40,6 +42,15 @@ std::vector<char*> ParseFlags(int argc, char** argv) {
   }
   if (help != HelpMode::kNone) {
     absl::flags_internal::SetProgramInvocationName(argv[0]);
+    // --help and --helpshort list this project's flags (Abseil's default keeps only those of a
+    // file named like the program, which ours are not); --helpfull adds Abseil's own.
+    absl::FlagsUsageConfig config;
+    auto ours = [](absl::string_view file) {
+      return !absl::StartsWith(file, "absl/") && !absl::StrContains(file, "/absl/");
+    };
+    config.contains_helpshort_flags = ours;
+    config.contains_help_flags = ours;
+    absl::SetFlagsUsageConfig(config);
     absl::flags_internal::SetFlagsHelpMode(help);
     absl::flags_internal::HandleUsageFlags(std::cout, absl::ProgramUsageMessage());
     std::cout << std::flush;

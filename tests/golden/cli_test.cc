@@ -59,6 +59,9 @@ TEST(CliTest, HelpExitsZeroOnEveryBinary) {
       RunResult r = RunTool(tool, flag);
       EXPECT_EQ(r.exit_code, 0) << tool << " " << flag << ": " << r.output;
       EXPECT_TRUE(r.output.starts_with(tool)) << tool << " " << flag << ": " << r.output;
+      // The tool's own flags are listed (not "No flags matched").
+      EXPECT_EQ(r.output.find("No flags matched"), std::string::npos) << tool << " " << flag;
+      EXPECT_NE(r.output.find("Flags from"), std::string::npos) << tool << " " << flag;
     }
     RunResult bad = RunTool(tool, "--no-such-flag=1");
     EXPECT_EQ(bad.exit_code, 1) << tool << ": " << bad.output;
