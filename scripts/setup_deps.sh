@@ -11,6 +11,9 @@ PACKAGES=(
   clang-14 libclang-rt-14-dev python3 python3-venv python3-prometheus-client chromium
 )
 
+# kubectl renders the Kubernetes manifests in the tests (kubectl kustomize); any kubectl will do.
+command -v kubectl >/dev/null || PACKAGES+=(kubernetes-client)
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "${pkg}" 2>/dev/null | grep -q "install ok installed" ||
