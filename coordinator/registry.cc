@@ -88,6 +88,14 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
   PruneLocked(Now());
   for (Entry& entry : entries_) {
     if (entry.replica->id != request.replica_id()) continue;
+    if (!request.address().empty() && request.address() != entry.replica->address) {
+      // The id was issued again (this coordinator restarted) to the replica at the entry's
+      // address: the sender is another replica, and must register again.
+      LOG(INFO) << "a heartbeat for " << entry.replica->id << " came from "
+                << request.address() << ", but " << entry.replica->id << " is at "
+                << entry.replica->address << "; asking the sender to register again";
+      return false;
+    }
     if (entry.failed) {
       LOG(INFO) << "replica " << entry.replica->id << " failed a request; asking it to register "
                 << "again";

@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -817,6 +818,38 @@ TEST_F(RealClusterTest, RestartedWorkerTakesItsStreamOver) {
   EXPECT_EQ(status.requests_requeued(), 1);
   ASSERT_EQ(status.replicas_size(), 1);  // the new registration replaced the failed one
   EXPECT_TRUE(status.replicas(0).healthy());
+}
+
+// A coordinator SIGKILLed and restarted on its port issues replica ids from r1 again; every
+// worker must be back in rotation, under its own id, after each restart (an id alone used to let
+// a worker's stale heartbeats pass for another's). Five restarts with three workers.
+TEST_F(RealClusterTest, EveryWorkerIsBackAfterEachCoordinatorRestart) {
+  StartCoordinator({"--heartbeat-timeout-ms", "1500", "--forget-after-ms", "4000"});
+  for (int w = 0; w < 3; ++w) StartWorker(w + 1);
+  for (int restart = 0; restart < 5; ++restart) {
+    std::string error;
+    ASSERT_TRUE(cluster_->RestartCoordinator(&error)) << error;
+    // Every worker's address registered, each once, all healthy.
+    std::set<std::string> listed;
+    const bool back = PollUntil(
+        [&] {
+          listed.clear();
+          int healthy = 0;
+          const gemma::v1::GetStatusResponse status = cluster_->Status();
+          for (const auto& r : status.replicas()) {
+            listed.insert(r.address());
+            healthy += r.healthy() ? 1 : 0;
+          }
+          return healthy == 3 && listed == std::set<std::string>(addresses_.begin(),
+                                                                 addresses_.end());
+        },
+        milliseconds(15000));
+    ASSERT_TRUE(back) << "restart " << restart << ": listed " << listed.size()
+                      << " of 3 addresses\n" << CoordinatorLog();
+    // And they serve.
+    StreamResult result = Generate(cluster_->inference(), TokenRequest({2, 17, 301}, 2));
+    ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  }
 }
 
 }  // namespace

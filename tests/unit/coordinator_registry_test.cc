@@ -68,6 +68,31 @@ TEST_F(RegistryTest, PicksTheLeastLoadedHealthyReplica) {
   EXPECT_EQ(next->id, held[0]->id);
 }
 
+// After a coordinator restart ids are issued from r1 again: a worker still heartbeating with
+// its old id, which now names another worker, is told to register again, and its heartbeats do
+// not keep the other's entry alive.
+TEST_F(RegistryTest, AHeartbeatFromAnotherAddressIsNotTheReplicasOwn) {
+  Registry registry = MakeRegistry();
+  const std::string b = *registry.Register(Worker("127.0.0.1:2002"));  // the new r1
+  iv1::HeartbeatRequest stale;
+  stale.set_replica_id(b);
+  stale.set_address("127.0.0.1:2001");  // the worker that had r1 before the restart
+  EXPECT_FALSE(registry.Heartbeat(stale));
+  // B's own heartbeats count; A's do not keep B alive once B stops.
+  iv1::HeartbeatRequest own = stale;
+  own.set_address("127.0.0.1:2002");
+  EXPECT_TRUE(registry.Heartbeat(own));
+  now_ += milliseconds(2000);
+  EXPECT_FALSE(registry.Heartbeat(stale));
+  now_ += milliseconds(2000);
+  EXPECT_EQ(registry.Status().replicas(0).healthy(), false);
+  // A registers again and gets an id of its own.
+  const std::string a = *registry.Register(Worker("127.0.0.1:2001"));
+  EXPECT_NE(a, b);
+  stale.set_replica_id(a);
+  EXPECT_TRUE(registry.Heartbeat(stale));
+}
+
 TEST_F(RegistryTest, AdmissionRefusesWhenEveryHealthyReplicaIsFull) {
   Registry registry = MakeRegistry(/*max_outstanding=*/2);
   ASSERT_TRUE(registry.Register(Worker("127.0.0.1:1001")).ok());

@@ -347,6 +347,7 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   std::vector<gemma::v1::ExpertLoad> windows = experts.Drain();
   for (const gemma::v1::ExpertLoad& w : windows) *beat.add_expert_windows() = w;
   beat.set_replica_id(*replica_id);
+  beat.set_address(registration.address());
   beat.set_running(load.running);
   beat.set_waiting(load.waiting);
   beat.set_preemptions(load.preemptions);
