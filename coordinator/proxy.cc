@@ -183,6 +183,14 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       return;  // the replica's call is being cancelled
     }
     GenerateResponse& response = *message_.mutable_response();
+    if (absl::Status broken = CheckResponseLocked(response); !broken.ok()) {
+      // Nothing of it reaches the client: the replica is blamed and the request moves on.
+      broken_ = grpc::Status(grpc::StatusCode::INTERNAL, std::string(broken.message()));
+      attempts_.back()->context->TryCancel();
+      message_.Clear();
+      ReleaseHoldLocked();
+      return;
+    }
     relayed_ids_.insert(relayed_ids_.end(), response.token_ids().begin(),
                         response.token_ids().end());
     if (response.has_final()) final_relayed_ = true;
@@ -191,6 +199,26 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     message_.Clear();
     writing_ = true;
     StartWrite(&outgoing_);
+  }
+
+  // What a replica streams is checked before it is relayed: ids inside its vocabulary, and no
+  // more of them than max_tokens (resolved before the first send).
+  absl::Status CheckResponseLocked(const GenerateResponse& response)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    const int32_t vocab = attempts_.back()->replica->vocab_size;
+    for (int32_t id : response.token_ids()) {
+      if (id < 0 || (vocab > 0 && id >= vocab)) {
+        return absl::InternalError(absl::StrCat("it streamed token id ", id, ", outside its ",
+                                                "vocabulary of ", vocab));
+      }
+    }
+    const int64_t total =
+        static_cast<int64_t>(relayed_ids_.size()) + response.token_ids_size();
+    if (request_.max_tokens() > 0 && total > request_.max_tokens()) {
+      return absl::InternalError(absl::StrCat("it streamed ", total, " tokens for max_tokens ",
+                                              request_.max_tokens()));
+    }
+    return absl::OkStatus();
   }
 
   void OnUpstreamDone(const grpc::Status& status) {
@@ -212,6 +240,12 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     attempt_ended_ = false;
     const grpc::Status status = attempt_status_;
     if (finished_) return;
+    if (!broken_.ok()) {  // the replica sent what no replica may send
+      const grpc::Status broken = broken_;
+      broken_ = grpc::Status::OK;
+      FailOverLocked(broken);
+      return;
+    }
     if (final_relayed_) {
       FinishLocked(grpc::Status::OK);
       return;
@@ -396,6 +430,8 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   std::vector<int32_t> prompt_ids_ ABSL_GUARDED_BY(mutex_);
   std::vector<int32_t> relayed_ids_ ABSL_GUARDED_BY(mutex_);  // every id written to the client
   bool final_relayed_ ABSL_GUARDED_BY(mutex_) = false;
+  // Set when the replica streamed something invalid (its call is then cancelled).
+  grpc::Status broken_ ABSL_GUARDED_BY(mutex_);
   std::vector<std::string> failed_ids_ ABSL_GUARDED_BY(mutex_);
   std::vector<std::string> failures_ ABSL_GUARDED_BY(mutex_);
   bool upstream_active_ ABSL_GUARDED_BY(mutex_) = false;  // a replica call not yet done

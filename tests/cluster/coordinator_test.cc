@@ -74,13 +74,14 @@ constexpr char kFakeFingerprint[] = "fa4efa4efa4efa4e";
 
 // The fake model: the next id is a hash of the seed and every id before it, so a stream resumed
 // anywhere with the same seed goes on exactly as it would have.
-int32_t FakeNextToken(const std::vector<int32_t>& ids, uint64_t seed) {
+// Ids are in [5, vocab_size), at most 504.
+int32_t FakeNextToken(const std::vector<int32_t>& ids, uint64_t seed, int32_t vocab_size = 512) {
   uint64_t h = 1469598103934665603ull ^ seed;
   for (int32_t id : ids) {
     h ^= static_cast<uint32_t>(id);
     h *= 1099511628211ull;
   }
-  return static_cast<int32_t>(5 + (h >> 17) % 500);
+  return static_cast<int32_t>(5 + (h >> 17) % std::min<uint64_t>(500, vocab_size - 5));
 }
 
 std::vector<int32_t> FakeStream(std::vector<int32_t> prompt, uint64_t seed, int64_t n) {
@@ -99,6 +100,9 @@ struct FakeOptions {
   bool dies = false;  // stops heartbeating when it fails
   bool omit_final = false;  // streams every id but never a final response
   milliseconds token_interval{5};
+  // A failing call that misbehaves instead of failing: streams an id outside the vocabulary,
+  // or more ids than max_tokens.
+  enum class Rogue { kNone, kBadId, kTooMany } rogue = Rogue::kNone;
   int32_t vocab_size = 512;
   int64_t max_context = 4096;
 };
@@ -175,6 +179,19 @@ class FakeReplica final : public iv1::Replica::Service {
     int streamed = 0;
     while (generated < max_tokens) {
       if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      if (fail && streamed == options_.fail_after && options_.rogue != FakeOptions::Rogue::kNone) {
+        iv1::ReplicaGenerateResponse rogue;
+        if (streamed == 0) rogue.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
+        if (options_.rogue == FakeOptions::Rogue::kBadId) {
+          rogue.mutable_response()->add_token_ids(options_.vocab_size + 7);
+        } else {
+          for (int64_t i = generated; i < max_tokens + 2; ++i) {
+            rogue.mutable_response()->add_token_ids(FakeNextToken(ids, seed, options_.vocab_size));
+          }
+        }
+        writer->Write(rogue);
+        return grpc::Status::OK;
+      }
       if (fail && streamed == options_.fail_after) {
         if (options_.dies) {
           absl::MutexLock lock(&mutex_);
@@ -184,7 +201,7 @@ class FakeReplica final : public iv1::Replica::Service {
       }
       iv1::ReplicaGenerateResponse message;
       if (streamed == 0) message.mutable_prompt_token_ids()->Add(prompt.begin(), prompt.end());
-      ids.push_back(FakeNextToken(ids, seed));
+      ids.push_back(FakeNextToken(ids, seed, options_.vocab_size));
       ++generated;
       ++streamed;
       message.mutable_response()->add_token_ids(ids.back());
@@ -311,6 +328,40 @@ TEST_F(FakeReplicaTest, FailedStreamResumesOnAnotherReplica) {
   StreamResult again = Generate(cluster_->inference(), TokenRequest({2, 5}, 4));
   EXPECT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_TRUE(absl::StrContains(CoordinatorLog(), "re-queued")) << CoordinatorLog();
+}
+
+// A replica that streams what no replica may (an id outside the vocabulary, more ids than
+// max_tokens) is failed like a broken one: nothing of it reaches the client, the request moves
+// on, and the client's stream is what a sound replica gives.
+TEST_F(FakeReplicaTest, ARogueReplicasIdsAreCheckedAndItsRequestMovesOn) {
+  for (auto rogue : {FakeOptions::Rogue::kBadId, FakeOptions::Rogue::kTooMany}) {
+    StartCoordinator();  // a fresh one for each case
+    FakeOptions options;
+    options.fail_after = 2;
+    options.failing_calls = 1;
+    options.rogue = rogue;
+    std::unique_ptr<FakeReplica> a = AddReplica(options);
+    ASSERT_TRUE(WaitHealthyReplicas(1)) << CoordinatorLog();
+    std::unique_ptr<FakeReplica> b = AddReplica();
+    ASSERT_TRUE(WaitHealthyReplicas(2)) << CoordinatorLog();
+    // The first call goes to a replica with nothing outstanding: send until `a` has taken one.
+    v1::GenerateRequest request = TokenRequest({2, 17, 301}, 8);
+    request.mutable_sampling()->set_seed(11);
+    StreamResult result;
+    for (int i = 0; i < 4 && a->requests().empty(); ++i) {
+      result = Generate(cluster_->inference(), request);
+    }
+    ASSERT_EQ(a->requests().size(), 1u);
+    ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+    EXPECT_EQ(result.ids, FakeStream({2, 17, 301}, 11, 8));
+    EXPECT_TRUE(result.has_final);
+    EXPECT_TRUE(absl::StrContains(CoordinatorLog(),
+                                  rogue == FakeOptions::Rogue::kBadId
+                                      ? "outside its vocabulary of 512"
+                                      : "tokens for max_tokens 8"))
+        << CoordinatorLog();
+    EXPECT_GE(cluster_->Status().requests_requeued(), 1);
+  }
 }
 
 TEST_F(FakeReplicaTest, TransportErrorsAndUnfinishedStreamsAreFailures) {
