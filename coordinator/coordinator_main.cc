@@ -61,6 +61,9 @@ ABSL_FLAG(std::string, data_dir, "",
           "SQLite); created if missing; empty: no batches");
 ABSL_FLAG(int32_t, batch_max_in_flight_per_replica, 4,
           "batch items running at once per healthy replica (interactive requests go first)");
+ABSL_FLAG(int64_t, stall_timeout_ms, 60000,
+          "a replica's call that streams nothing for this long (the first token included) "
+          "fails that replica and moves the request on; 0: no watchdog");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -116,6 +119,11 @@ int Run() {
   proxy_options.metrics = &metrics;
   proxy_options.max_attempts = max_attempts;
   proxy_options.requeue_wait = std::chrono::milliseconds(timeout_ms);
+  if (absl::GetFlag(FLAGS_stall_timeout_ms) < 0) {
+    std::cerr << "gemma-coordinator: --stall-timeout-ms must be >= 0 (0: no watchdog)\n";
+    return 1;
+  }
+  proxy_options.stall_timeout = std::chrono::milliseconds(absl::GetFlag(FLAGS_stall_timeout_ms));
   gemma::coordinator::InferenceService inference(&registry, proxy_options);
   gemma::coordinator::ClusterService cluster(&registry);
   gemma::coordinator::CoordinatorService coordinator(&registry, &store);

@@ -165,10 +165,50 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     attempt.upstream.AddHold();
     attempt.upstream.StartRead(&message_);
     attempt.upstream.StartCall();
+    last_progress_ = Timer::Clock::now();
+    ArmWatchdogLocked(last_progress_ + options_.stall_timeout);
+  }
+
+  // The progress watchdog: a replica's call that streams nothing for stall_timeout (from its
+  // start, or since its last message) is treated as a failed replica. One timer per proxy,
+  // re-armed from its own callback while the call makes progress.
+  void ArmWatchdogLocked(Timer::Clock::time_point when) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    if (options_.stall_timeout.count() <= 0 || watchdog_pending_ || finished_) return;
+    watchdog_pending_ = true;
+    watchdog_id_ = timer_->Schedule(when, [this] { OnWatchdog(); });
+  }
+
+  void StopWatchdogLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    if (watchdog_pending_ && timer_->Cancel(watchdog_id_)) watchdog_pending_ = false;
+  }
+
+  void OnWatchdog() {
+    bool last;
+    {
+      absl::MutexLock lock(&mutex_);
+      watchdog_pending_ = false;
+      if (!finished_ && upstream_active_ && broken_.ok()) {
+        const auto now = Timer::Clock::now();
+        if (now - last_progress_ >= options_.stall_timeout) {
+          broken_ = grpc::Status(
+              grpc::StatusCode::DEADLINE_EXCEEDED,
+              absl::StrCat("it streamed nothing for ",
+                           std::chrono::duration_cast<std::chrono::milliseconds>(
+                               now - last_progress_).count(),
+                           " ms (--stall-timeout-ms ", options_.stall_timeout.count(), ")"));
+          attempts_.back()->context->TryCancel();
+        } else {
+          ArmWatchdogLocked(last_progress_ + options_.stall_timeout);
+        }
+      }
+      last = DoneLocked();
+    }
+    if (last) delete this;
   }
 
   void OnUpstreamRead(bool ok) {
     absl::MutexLock lock(&mutex_);
+    last_progress_ = Timer::Clock::now();
     if (!ok) {
       ReleaseHoldLocked();  // the stream is over; its status follows in OnUpstreamDone
       return;
@@ -295,6 +335,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       final->set_generated_tokens(static_cast<int64_t>(relayed_ids_.size()));
       CountLocked(outgoing_);
       finished_ = true;
+      StopWatchdogLocked();
       if (counted_) registry_->RequestEnded();
       StartWriteAndFinish(&outgoing_, grpc::WriteOptions(), grpc::Status::OK);
       return;
@@ -403,13 +444,14 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     if (finished_) return;
     finished_ = true;
+    StopWatchdogLocked();
     if (counted_) registry_->RequestEnded();  // before the client can see the end
     Finish(status);
   }
 
   // Whether nothing will call this reactor again.
   bool DoneLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
-    return server_done_ && !upstream_active_ && !timer_pending_;
+    return server_done_ && !upstream_active_ && !timer_pending_ && !watchdog_pending_;
   }
 
   grpc::CallbackServerContext* const context_;
@@ -441,6 +483,9 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   bool timer_pending_ ABSL_GUARDED_BY(mutex_) = false;  // a wait (see OnWaitTimer)
   bool checking_cancel_ ABSL_GUARDED_BY(mutex_) = false;  // the wait is cancel_grace
   uint64_t timer_id_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool watchdog_pending_ ABSL_GUARDED_BY(mutex_) = false;
+  uint64_t watchdog_id_ ABSL_GUARDED_BY(mutex_) = 0;
+  Timer::Clock::time_point last_progress_ ABSL_GUARDED_BY(mutex_);
   Timer::Clock::time_point wait_deadline_ ABSL_GUARDED_BY(mutex_);
   bool waited_ ABSL_GUARDED_BY(mutex_) = false;
   bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;    // OnCancel: the client cancelled

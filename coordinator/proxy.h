@@ -31,6 +31,9 @@ struct ProxyOptions {
   // A replica call that ends CANCELLED is the replica's doing only if the client's call is not
   // cancelled this long after.
   std::chrono::milliseconds cancel_grace{200};
+  // A replica's call that streams nothing for this long (from its start, or since its last
+  // message) counts as a failure of the replica: the request moves on. 0: no watchdog.
+  std::chrono::milliseconds stall_timeout{60000};
   // Where the streams' timings and finishes are counted (not owned; null: nowhere).
   Metrics* metrics = nullptr;
 };

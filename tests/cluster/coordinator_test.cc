@@ -103,6 +103,8 @@ struct FakeOptions {
   // A failing call that misbehaves instead of failing: streams an id outside the vocabulary,
   // or more ids than max_tokens.
   enum class Rogue { kNone, kBadId, kTooMany } rogue = Rogue::kNone;
+  // A failing call that stops streaming (but stays open) instead of failing.
+  bool hangs = false;
   int32_t vocab_size = 512;
   int64_t max_context = 4096;
 };
@@ -191,6 +193,10 @@ class FakeReplica final : public iv1::Replica::Service {
         }
         writer->Write(rogue);
         return grpc::Status::OK;
+      }
+      if (fail && streamed == options_.fail_after && options_.hangs) {
+        while (!context->IsCancelled()) std::this_thread::sleep_for(milliseconds(10));
+        return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled while hanging");
       }
       if (fail && streamed == options_.fail_after) {
         if (options_.dies) {
@@ -362,6 +368,30 @@ TEST_F(FakeReplicaTest, ARogueReplicasIdsAreCheckedAndItsRequestMovesOn) {
         << CoordinatorLog();
     EXPECT_GE(cluster_->Status().requests_requeued(), 1);
   }
+}
+
+// A replica that accepts a call and then streams nothing, its heartbeats fine, is caught by the
+// progress watchdog: the request moves on and the client's stream completes.
+TEST_F(FakeReplicaTest, AStalledStreamIsMovedOnByTheWatchdog) {
+  StartCoordinator({"--stall-timeout-ms", "400"});
+  FakeOptions stalls;
+  stalls.fail_after = 2;
+  stalls.failing_calls = 1;
+  stalls.hangs = true;
+  std::unique_ptr<FakeReplica> a = AddReplica(stalls);
+  ASSERT_TRUE(WaitHealthyReplicas(1)) << CoordinatorLog();
+  std::unique_ptr<FakeReplica> b = AddReplica();
+  ASSERT_TRUE(WaitHealthyReplicas(2)) << CoordinatorLog();
+  v1::GenerateRequest request = TokenRequest({2, 17, 301}, 8);
+  request.mutable_sampling()->set_seed(5);
+  StreamResult result;
+  for (int i = 0; i < 4 && a->requests().empty(); ++i) {
+    result = Generate(cluster_->inference(), request, std::chrono::seconds(20));
+  }
+  ASSERT_EQ(a->requests().size(), 1u);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids, FakeStream({2, 17, 301}, 5, 8));
+  EXPECT_TRUE(absl::StrContains(CoordinatorLog(), "streamed nothing for")) << CoordinatorLog();
 }
 
 TEST_F(FakeReplicaTest, TransportErrorsAndUnfinishedStreamsAreFailures) {
