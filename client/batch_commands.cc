@@ -1,4 +1,5 @@
 #include "client/batch_commands.h"
+#include "client/proto_json.h"
 
 #include <unistd.h>
 
@@ -29,13 +30,6 @@ constexpr char kBatchUsage[] =
     "gemmactl batch status ID | list | cancel ID [--json]\n"
     "gemmactl batch results ID [-o OUT.jsonl] [--errors ERR.jsonl]";
 
-std::string ToJson(const google::protobuf::Message& message) {
-  std::string json;
-  google::protobuf::util::JsonPrintOptions options;
-  options.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(message, &json, options);
-  return json;
-}
 
 bool Final(const std::string& status) {
   return status == "completed" || status == "failed" || status == "expired" ||

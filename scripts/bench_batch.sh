@@ -15,18 +15,12 @@ log() { echo "bench_batch: $*" >&2; }
 cmake -S "${repo}" -B "${build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "${build}" --target gemma-coordinator gemma-worker >/dev/null
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "${pid}" 2>/dev/null || true; done
-  rm -rf "${work}"
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=scripts/bench_lib.sh
+source "${repo}/scripts/bench_lib.sh"
+bench_start_cleanup
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-coordinator="127.0.0.1:$(free_port)"
-http="127.0.0.1:$(free_port)"
+coordinator="127.0.0.1:$(bench_free_port)"
+http="127.0.0.1:$(bench_free_port)"
 model="${repo}/tests/golden/data/tiny-moe"
 "${build}/bin/gemma-coordinator" --listen "${coordinator}" --http-listen "${http}" \
   --data-dir "${work}/data" --served-model-name tiny-moe 2>"${work}/coordinator.log" >/dev/null &

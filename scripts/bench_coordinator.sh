@@ -14,16 +14,11 @@ log() { echo "bench_coordinator: $*" >&2; }
 cmake -S "${repo}" -B "${build}" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "${build}" --target gemma-coordinator gemma-worker coordinator_bench >/dev/null
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "${pid}" 2>/dev/null || true; done
-  rm -rf "${work}"
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=scripts/bench_lib.sh
+source "${repo}/scripts/bench_lib.sh"
+bench_start_cleanup
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+port="$(bench_free_port)"
 coordinator="127.0.0.1:${port}"
 "${build}/bin/gemma-coordinator" --listen "${coordinator}" 2>"${work}/coordinator.log" &
 pids+=($!)

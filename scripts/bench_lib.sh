@@ -42,3 +42,22 @@ bench_ensure_model() {
   rm -rf "${model_dir}"
   mv "${model_dir}.tmp" "${model_dir}"
 }
+
+# bench_start_cleanup: makes ${work} (a temporary directory) and an EXIT trap that stops every
+# pid appended to the array `pids` and removes ${work}. Call once, at the top level.
+bench_start_cleanup() {
+  work="$(mktemp -d)"
+  pids=()
+  trap bench_cleanup EXIT INT TERM
+}
+bench_cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do kill "${pid}" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "${pid}" 2>/dev/null || true; done
+  rm -rf "${work}"
+}
+
+# bench_free_port: a free TCP port on 127.0.0.1.
+bench_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}

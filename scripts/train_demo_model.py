@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_tokenizer import (FIXED_SPECIALS, NEWLINE_ID, assemble, kjv_text,  # noqa: E402
                              train_bpe, write_tokenizer)
 from tokenizers import Tokenizer  # noqa: E402
+import make_golden  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 4096
@@ -46,42 +47,20 @@ SEED = 20261205
 
 
 def text_config():
-    return dict(
+    """The golden tiny MoE's config (scripts/make_golden.py) at the demo model's sizes."""
+    cfg = make_golden.text_config(True)
+    cfg.update(
         vocab_size=VOCAB_SIZE,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=len(LAYER_TYPES),
         layer_types=list(LAYER_TYPES),
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=64,
-        num_global_key_value_heads=1,
         global_head_dim=128,
-        attention_k_eq_v=True,
         sliding_window=64,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                               "rope_theta": 1000000.0},
-        },
-        enable_moe_block=True,
-        num_experts=16,
-        top_k_experts=4,
         moe_intermediate_size=128,
-        hidden_size_per_layer_input=0,
-        num_kv_shared_layers=0,
-        use_double_wide_mlp=False,
-        final_logit_softcapping=30.0,
-        rms_norm_eps=1e-6,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        attention_bias=False,
-        attention_dropout=0.0,
-        pad_token_id=0,
-        eos_token_id=[1, 106],
-        bos_token_id=2,
     )
+    return cfg
 
 
 def split_verses():
