@@ -4,10 +4,11 @@
 #   scripts/demo.sh [--help]
 #
 # 1. Installs the Debian packages and builds (scripts/build.sh).
-# 2. Starts gemma-coordinator on a free 127.0.0.1 port and two replicas of the committed tiny
-#    Gemma 4 MoE checkpoint (tests/golden/data/tiny-moe, random weights: its text is gibberish
-#    by design): replica A with one CPU rank, replica B with two (tp=2, a supervisor process
-#    and two rank processes, the experts split over them).
+# 2. Starts gemma-coordinator on a free 127.0.0.1 port and two replicas of the demo model
+#    (models/kjv-moe: a small Gemma 4 MoE trained on the King James Version by
+#    scripts/train_demo_model.sh, so its text reads like the KJV): replica A with one CPU
+#    rank, replica B with two (tp=2, a supervisor process and two rank processes, the experts
+#    split over them).
 # 3. Waits until `gemmactl status` shows both healthy, shows the status table, sends several
 #    concurrent `gemmactl generate` requests (their streams shown side by side as they arrive)
 #    and a two-turn `gemmactl chat` through piped stdin, runs a batch job from an OpenAI batch
@@ -17,7 +18,7 @@
 #    no process is left, also when interrupted with Ctrl-C.
 #
 # Environment:
-#   MODEL=DIR             checkpoint directory (default tests/golden/data/tiny-moe); a real one
+#   MODEL=DIR             checkpoint directory (default models/kjv-moe); a real one
 #                         needs its weights in memory twice (one copy per replica)
 #   MAX_TOKENS=N          tokens per request (default 24)
 #   THREADS=N             CPU threads per rank (default 1)
@@ -38,7 +39,7 @@ case "${1:-}" in
   *) echo "demo.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
 esac
 
-MODEL="${MODEL:-tests/golden/data/tiny-moe}"
+MODEL="${MODEL:-models/kjv-moe}"
 MAX_TOKENS="${MAX_TOKENS:-24}"
 THREADS="${THREADS:-1}"
 START_TIMEOUT="${DEMO_START_TIMEOUT:-120}"

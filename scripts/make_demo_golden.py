@@ -32,6 +32,9 @@ REF_DIR = os.path.join(REPO, "tests", "golden", "data", "reference", "kjv-moe")
 FORWARD_LENGTHS = [1, 12, 65, 160]
 GREEDY_LENGTHS = [8, 24, 70]
 GREEDY_NEW_TOKENS = 24
+# The trained router's 4th and 5th choices are often close (sixteen experts, top four): 2e-4 is
+# still a hundred times the difference between our router logits and transformers' (~1e-6).
+MIN_EXPERT_MARGIN = 2e-4
 
 
 def load():
@@ -69,13 +72,13 @@ def main():
     for length in FORWARD_LENGTHS:
         for prompt in candidates(stream, length):
             r = mg.forward_full(model, prompt, True)
-            if r["expert_margin"] >= mg.MIN_EXPERT_MARGIN:
+            if r["expert_margin"] >= MIN_EXPERT_MARGIN:
                 prompts.append(prompt)
                 results.append(r)
                 break
         else:
             sys.exit(f"no forward prompt of {length} tokens with expert margin >= "
-                     f"{mg.MIN_EXPERT_MARGIN}")
+                     f"{MIN_EXPERT_MARGIN}")
 
     cases = []
     for ci, length in enumerate(GREEDY_LENGTHS):
@@ -90,7 +93,7 @@ def main():
             if not np.array_equal(np.argmax(full["logits"][T - 1:T - 1 + GREEDY_NEW_TOKENS], -1),
                                   np.array(new)):
                 continue
-            if full["expert_margin"] < mg.MIN_EXPERT_MARGIN:
+            if full["expert_margin"] < MIN_EXPERT_MARGIN:
                 continue
             cases.append({"prompt": prompt, "max_new_tokens": GREEDY_NEW_TOKENS, "output": new,
                           "min_top1_margin": margin})
@@ -100,7 +103,8 @@ def main():
             sys.exit(f"no greedy case of {length} tokens with safe margins")
 
     manifest = mg.write_reference(REF_DIR, "kjv-moe", 0, prompts, results, cases, True,
-                                  extra={"weights": "bf16 checkpoint, fp32 compute"})
+                                  extra={"weights": "bf16 checkpoint, fp32 compute",
+                                         "min_expert_margin_required": MIN_EXPERT_MARGIN})
     for p in manifest["prompts"]:
         print(f"{p['name']}: {len(p['tokens'])} tokens, min top-1 margin "
               f"{p['min_top1_margin']:.4g}, min expert margin {p['min_expert_margin']:.4g}")
