@@ -17,6 +17,7 @@
 #include "gemma/v1/batches.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
 #include "common/status_macros.h"
+#include "proto/bearer.h"
 #include "proto/status_convert.h"
 
 namespace gemma::client {
@@ -57,8 +58,10 @@ void PrintBatch(const Batch& b, bool json) {
   }
 }
 
-absl::StatusOr<Batch> Get(gemma::v1::Batches::Stub& stub, const std::string& id) {
+absl::StatusOr<Batch> Get(gemma::v1::Batches::Stub& stub, const std::string& id,
+                          const std::string& token) {
   grpc::ClientContext context;
+  gemma::AddBearer(context, token);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   gemma::v1::GetBatchRequest request;
   request.set_id(id);
@@ -74,7 +77,7 @@ absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id
   const auto start = std::chrono::steady_clock::now();
   int64_t first_tokens = -1;
   while (true) {
-    auto batch = Get(stub, id);
+    auto batch = Get(stub, id, flags.token);
     if (!batch.ok()) return batch.status();
     const auto& c = batch->counts();
     const int64_t done = c.completed() + c.failed();
@@ -105,6 +108,7 @@ absl::Status Submit(gemma::v1::Batches::Stub& stub, const std::string& path,
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
   grpc::ClientContext context;
+  gemma::AddBearer(context, flags.token);
   Batch batch;
   auto writer = stub.CreateBatch(&context, &batch);
   std::string text;
@@ -164,7 +168,7 @@ class Output {
 
 absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
                      const BatchFlags& flags) {
-  ASSIGN_OR_RETURN(Batch batch, Get(stub, id));
+  ASSIGN_OR_RETURN(Batch batch, Get(stub, id, flags.token));
   const bool to_stdout = flags.output.empty() || flags.output == "-";
   std::string errors_path = flags.errors;
   if (errors_path.empty()) {
@@ -176,6 +180,7 @@ absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
         absl::StrCat("cannot write ", flags.output, " or ", errors_path));
   }
   grpc::ClientContext context;
+  gemma::AddBearer(context, flags.token);
   gemma::v1::StreamResultsRequest request;
   request.set_id(id);
   auto reader = stub.StreamResults(&context, request);
@@ -206,13 +211,14 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
   const std::string verb = args.empty() ? "" : args[0];
   if (verb == "submit" && args.size() == 2) return Submit(*stub, args[1], flags);
   if (verb == "status" && args.size() == 2) {
-    ASSIGN_OR_RETURN(Batch batch, Get(*stub, args[1]));
+    ASSIGN_OR_RETURN(Batch batch, Get(*stub, args[1], flags.token));
     PrintBatch(batch, flags.json);
     return absl::OkStatus();
   }
   if (verb == "results" && args.size() == 2) return Results(*stub, args[1], flags);
   if (verb == "cancel" && args.size() == 2) {
     grpc::ClientContext context;
+    gemma::AddBearer(context, flags.token);
     gemma::v1::CancelBatchRequest request;
     request.set_id(args[1]);
     Batch batch;
@@ -224,6 +230,7 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
     std::string token;
     do {
       grpc::ClientContext context;
+      gemma::AddBearer(context, flags.token);
       gemma::v1::ListBatchesRequest request;
       request.set_page_size(100);
       request.set_page_token(token);

@@ -18,6 +18,7 @@ struct BatchFlags {
   std::string errors;       // results: where the error lines go ("": OUTPUT.errors.jsonl)
   int64_t poll_ms = 500;    // --wait: how often the batch is read
   std::string model_name = "gemma-4";  // the "model" written in OpenAI output bodies
+  std::string token;                   // bearer token ("" for an open coordinator)
 };
 
 // `args`: the words after "batch" (e.g. {"submit", "in.jsonl"}). INVALID_ARGUMENT with the

@@ -37,6 +37,7 @@
 #include "absl/strings/strip.h"
 #include "client/batch_commands.h"
 #include "client/proto_json.h"
+#include "proto/bearer.h"
 #include "common/flags.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
@@ -53,6 +54,8 @@ ABSL_FLAG(int64_t, max_tokens, 0,
           "generate, chat: tokens to generate per reply (0: the server default)");
 ABSL_FLAG(double, temperature, 0.0, "generate, chat: sampling temperature; 0 = greedy");
 ABSL_FLAG(int64_t, timeout_ms, 60000, "deadline of each call (of each turn for chat)");
+ABSL_FLAG(std::string, token, "",
+          "bearer token for a coordinator started with --auth-tokens (default $GEMMA_TOKEN)");
 ABSL_FLAG(int64_t, connect_timeout_ms, 3000, "how long to wait for the coordinator to answer");
 ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate and chat)");
 ABSL_FLAG(bool, watch, false, "experts: redraw every --interval-ms until interrupted");
@@ -83,7 +86,8 @@ constexpr char kUsage[] =
     "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
     "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
-    "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)";
+    "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)\n"
+    "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one";
 
 std::string CoordinatorAddress() {
   std::string address = absl::GetFlag(FLAGS_coordinator);
@@ -111,6 +115,12 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& addres
 
 using gemma::client::ToJson;
 
+// --token, else $GEMMA_TOKEN ("" when neither: an open coordinator).
+std::string Token() {
+  const std::string flag = absl::GetFlag(FLAGS_token);
+  return flag.empty() ? gemma::EnvToken(gemma::kTokenEnv) : flag;
+}
+
 // The sampling and length flags shared by generate and chat.
 void SetSampling(gemma::v1::GenerateRequest* request) {
   request->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
@@ -125,6 +135,7 @@ absl::Status StreamGenerate(
     const std::function<void(const gemma::v1::GenerateResponse&)>& on_response,
     gemma::v1::GenerateFinal* final) {
   grpc::ClientContext context;
+  gemma::AddBearer(context, Token());
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(absl::GetFlag(FLAGS_timeout_ms)));
   std::unique_ptr<grpc::ClientReader<gemma::v1::GenerateResponse>> reader =
@@ -307,6 +318,7 @@ absl::Status Status() {
   if (!channel.ok()) return channel.status();
   auto stub = gemma::v1::Cluster::NewStub(*channel);
   grpc::ClientContext context;
+  gemma::AddBearer(context, Token());
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   gemma::v1::GetStatusResponse response;
   grpc::Status status = stub->GetStatus(&context, gemma::v1::GetStatusRequest(), &response);
@@ -472,6 +484,7 @@ absl::Status RecordExpertLoad(gemma::v1::Cluster::Stub& stub, const std::string&
   std::ofstream out(path, std::ios::app);
   if (!out) return absl::PermissionDeniedError(absl::StrCat("cannot append to ", path));
   grpc::ClientContext context;
+  gemma::AddBearer(context, Token());
   gemma::v1::WatchExpertLoadRequest request;
   request.set_replica_id(replica);
   auto reader = stub.WatchExpertLoad(&context, request);
@@ -506,6 +519,7 @@ absl::Status Experts() {
   }
   while (true) {
     grpc::ClientContext context;
+    gemma::AddBearer(context, Token());
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     gemma::v1::GetExpertLoadResponse response;
     grpc::Status status =
@@ -566,6 +580,7 @@ int main(int argc, char** argv) {
       flags.output = absl::GetFlag(FLAGS_output);
       flags.errors = absl::GetFlag(FLAGS_errors);
       flags.model_name = absl::GetFlag(FLAGS_model_name);
+      flags.token = Token();
       status = gemma::client::BatchCommand({args.begin() + 2, args.end()}, *channel, flags);
     } else {
       status = channel.status();

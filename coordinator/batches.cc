@@ -85,12 +85,13 @@ bool BatchFinal(const std::string& status) {
 
 BatchRunner::BatchRunner(BatchStore* store, Registry* registry,
                          std::shared_ptr<grpc::Channel> inference, const OpenAiOptions* openai,
-                         BatchOptions options)
+                         BatchOptions options, std::string internal_token)
     : store_(store),
       registry_(registry),
       stub_(gemma::v1::Inference::NewStub(inference)),
       openai_(openai),
-      options_(options) {}
+      options_(options),
+      internal_token_(std::move(internal_token)) {}
 
 BatchRunner::~BatchRunner() { Stop(); }
 
@@ -298,6 +299,7 @@ void BatchRunner::Loop() {
 void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
   const Key key{item.batch_id, item.index};
   grpc::ClientContext context;
+  AddBearer(context, internal_token_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     running_[key] = &context;
@@ -347,7 +349,12 @@ void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
   wake_.notify_all();
 }
 
-absl::StatusOr<BatchRunner*> BatchesService::Runner() const {
+absl::StatusOr<BatchRunner*> BatchesService::Runner(const grpc::ServerContext* context,
+                                                    absl::string_view what) const {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kUser}, what);
+      !auth.ok()) {
+    return auth;
+  }
   BatchRunner* runner = runner_->load();
   if (runner == nullptr) {
     return absl::FailedPreconditionError(
@@ -356,10 +363,10 @@ absl::StatusOr<BatchRunner*> BatchesService::Runner() const {
   return runner;
 }
 
-grpc::Status BatchesService::CreateBatch(grpc::ServerContext*,
+grpc::Status BatchesService::CreateBatch(grpc::ServerContext* context,
                                          grpc::ServerReader<gemma::v1::CreateBatchRequest>* reader,
                                          Batch* response) {
-  auto runner_or = Runner();
+  auto runner_or = Runner(context, "CreateBatch");
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   gemma::v1::CreateBatchHeader header;
@@ -389,10 +396,10 @@ grpc::Status BatchesService::CreateBatch(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status BatchesService::GetBatch(grpc::ServerContext*,
+grpc::Status BatchesService::GetBatch(grpc::ServerContext* context,
                                       const gemma::v1::GetBatchRequest* request,
                                       Batch* response) {
-  auto runner_or = Runner();
+  auto runner_or = Runner(context, "GetBatch");
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   auto batch = runner->store().Get(request->id());
@@ -401,10 +408,10 @@ grpc::Status BatchesService::GetBatch(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status BatchesService::ListBatches(grpc::ServerContext*,
+grpc::Status BatchesService::ListBatches(grpc::ServerContext* context,
                                          const gemma::v1::ListBatchesRequest* request,
                                          gemma::v1::ListBatchesResponse* response) {
-  auto runner_or = Runner();
+  auto runner_or = Runner(context, "ListBatches");
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   if (request->page_size() < 0 || request->page_size() > 100) {
@@ -418,10 +425,10 @@ grpc::Status BatchesService::ListBatches(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status BatchesService::CancelBatch(grpc::ServerContext*,
+grpc::Status BatchesService::CancelBatch(grpc::ServerContext* context,
                                          const gemma::v1::CancelBatchRequest* request,
                                          Batch* response) {
-  auto runner_or = Runner();
+  auto runner_or = Runner(context, "CancelBatch");
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   auto batch = runner->Cancel(request->id());
@@ -433,7 +440,7 @@ grpc::Status BatchesService::CancelBatch(grpc::ServerContext*,
 grpc::Status BatchesService::StreamResults(grpc::ServerContext* context,
                                            const gemma::v1::StreamResultsRequest* request,
                                            grpc::ServerWriter<gemma::v1::BatchResult>* writer) {
-  auto runner_or = Runner();
+  auto runner_or = Runner(context, "StreamResults");
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   if (request->offset() < 0) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "coordinator/auth.h"
 #include "coordinator/batch_store.h"
 #include "coordinator/openai_format.h"
 #include "coordinator/registry.h"
@@ -45,8 +46,9 @@ class BatchRunner {
  public:
   // `inference` reaches this coordinator's Inference service; `store`, `registry` and
   // `openai` must outlive the runner.
+  // `internal_token` authenticates its calls to Inference (Authenticator::internal_token).
   BatchRunner(BatchStore* store, Registry* registry, std::shared_ptr<grpc::Channel> inference,
-              const OpenAiOptions* openai, BatchOptions options);
+              const OpenAiOptions* openai, BatchOptions options, std::string internal_token);
   ~BatchRunner();  // stops; items in flight stay pending in the store
 
   void Start();
@@ -73,6 +75,7 @@ class BatchRunner {
   std::unique_ptr<gemma::v1::Inference::Stub> stub_;
   const OpenAiOptions* openai_;
   const BatchOptions options_;
+  const std::string internal_token_;
 
   std::mutex mutex_;
   std::condition_variable wake_;
@@ -91,7 +94,8 @@ class BatchesService final : public gemma::v1::Batches::Service {
  public:
   // `runner` is read at each call: null (a coordinator without --data-dir, or one still
   // starting) answers FAILED_PRECONDITION.
-  explicit BatchesService(const std::atomic<BatchRunner*>* runner) : runner_(runner) {}
+  BatchesService(const std::atomic<BatchRunner*>* runner, const Authenticator* auth)
+      : runner_(runner), auth_(auth) {}
   grpc::Status CreateBatch(grpc::ServerContext* context,
                            grpc::ServerReader<gemma::v1::CreateBatchRequest>* reader,
                            gemma::v1::Batch* response) override;
@@ -108,9 +112,12 @@ class BatchesService final : public gemma::v1::Batches::Service {
                              grpc::ServerWriter<gemma::v1::BatchResult>* writer) override;
 
  private:
-  // The runner, or FAILED_PRECONDITION saying how to get one.
-  absl::StatusOr<BatchRunner*> Runner() const;
+  // The runner for a call `what` (a user or admin token when tokens are on), or why not:
+  // FAILED_PRECONDITION saying how to get one.
+  absl::StatusOr<BatchRunner*> Runner(const grpc::ServerContext* context,
+                                      absl::string_view what) const;
   const std::atomic<BatchRunner*>* runner_;
+  const Authenticator* auth_;
 };
 
 // Whether a batch status is final (completed, failed, expired, cancelled).

@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
+#include "coordinator/auth.h"
 #include "coordinator/batch_store.h"
 #include "coordinator/batches.h"
 #include "coordinator/dashboard.h"
@@ -64,6 +65,10 @@ ABSL_FLAG(int32_t, batch_max_in_flight_per_replica, 4,
 ABSL_FLAG(int64_t, stall_timeout_ms, 60000,
           "a replica's call that streams nothing for this long (the first token included) "
           "fails that replica and moves the request on; 0: no watchdog");
+ABSL_FLAG(std::string, auth_tokens, "",
+          "file of bearer tokens, one \"TOKEN ROLE [NAME]\" a line (roles: user for the API, "
+          "worker for workers joining, admin for both): every gRPC call and every /v1 request "
+          "must carry one; empty: the coordinator is open to anyone who can reach it");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -124,9 +129,23 @@ int Run() {
     return 1;
   }
   proxy_options.stall_timeout = std::chrono::milliseconds(absl::GetFlag(FLAGS_stall_timeout_ms));
-  gemma::coordinator::InferenceService inference(&registry, proxy_options);
-  gemma::coordinator::ClusterService cluster(&registry);
-  gemma::coordinator::CoordinatorService coordinator(&registry, &store);
+  std::unique_ptr<gemma::coordinator::Authenticator> auth =
+      std::make_unique<gemma::coordinator::Authenticator>();
+  if (const std::string tokens = absl::GetFlag(FLAGS_auth_tokens); !tokens.empty()) {
+    auto loaded = gemma::coordinator::Authenticator::FromFile(tokens);
+    if (!loaded.ok()) {
+      std::cerr << "gemma-coordinator: --auth-tokens: " << loaded.status().message() << "\n";
+      return 1;
+    }
+    auth = std::move(*loaded);
+  } else {
+    LOG(WARNING) << "no --auth-tokens: anyone who can reach this coordinator may use it and "
+                    "join workers to it";
+  }
+  const std::string internal_token = auth->enabled() ? auth->internal_token() : "";
+  gemma::coordinator::InferenceService inference(&registry, proxy_options, auth.get());
+  gemma::coordinator::ClusterService cluster(&registry, auth.get());
+  gemma::coordinator::CoordinatorService coordinator(&registry, &store, auth.get());
   // Batches: durable in --data-dir, run through this coordinator's own Inference service (the
   // channel exists once the server is built).
   const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
@@ -165,7 +184,7 @@ int Run() {
   // The Batches service is registered before the server starts; its runner starts after,
   // when the in-process channel to Inference exists.
   std::atomic<gemma::coordinator::BatchRunner*> runner_slot{nullptr};
-  gemma::coordinator::BatchesService batches_service(&runner_slot);
+  gemma::coordinator::BatchesService batches_service(&runner_slot, auth.get());
   builder.RegisterService(&batches_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
@@ -177,7 +196,7 @@ int Run() {
     batch_options.max_in_flight_per_replica = batch_in_flight;
     batch_runner = std::make_unique<gemma::coordinator::BatchRunner>(
         batch_store.get(), &registry, server->InProcessChannel(grpc::ChannelArguments()),
-        &openai_options, batch_options);
+        &openai_options, batch_options, internal_token);
     batch_runner->Start();
     runner_slot.store(batch_runner.get());
   }
@@ -223,8 +242,27 @@ int Run() {
     gemma::coordinator::OpenAiBatchOptions file_options;
     http.set_payload_max_length(std::max(openai_options.max_body_bytes,
                                          file_options.max_file_bytes));
+    // The OpenAI API needs a user token when tokens are on (the OpenAI clients' api_key);
+    // /metrics, /dashboard and its JSON stay open (read-only cluster state).
+    http.set_pre_routing_handler([&auth](const httplib::Request& request,
+                                         httplib::Response& response) {
+      if (request.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+      absl::Status allowed = auth->CheckHeader(request.get_header_value("Authorization"),
+                                               {gemma::coordinator::Role::kUser}, request.path);
+      if (allowed.ok()) return httplib::Server::HandlerResponse::Unhandled;
+      gemma::coordinator::ApiError error;
+      error.message = std::string(allowed.message());
+      error.http_status = allowed.code() == absl::StatusCode::kPermissionDenied ? 403 : 401;
+      error.type = allowed.code() == absl::StatusCode::kPermissionDenied ? "permission_error"
+                                                                       : "authentication_error";
+      error.code = "invalid_api_key";
+      response.status = error.http_status;
+      response.set_content(gemma::coordinator::Dump(nlohmann::json{{"error", error.ToJson()}}),
+                           "application/json");
+      return httplib::Server::HandlerResponse::Handled;
+    });
     gemma::coordinator::AddOpenAiRoutes(http, server->InProcessChannel(grpc::ChannelArguments()),
-                                        openai_options);
+                                        internal_token, openai_options);
     if (batch_runner != nullptr) {
       gemma::coordinator::AddOpenAiBatchRoutes(http, batch_runner.get(), &openai_options,
                                                file_options);

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "coordinator/auth.h"
 
 namespace gemma::coordinator {
 namespace {
@@ -25,7 +26,8 @@ void SendError(httplib::Response& response, const ApiError& error) {
 }
 
 void Handle(const httplib::Request& http_request, httplib::Response& response, ApiKind kind,
-            gemma::v1::Inference::Stub* stub, const OpenAiOptions& options) {
+            gemma::v1::Inference::Stub* stub, const OpenAiOptions& options,
+            const std::string& internal_token) {
   if (http_request.body.size() > options.max_body_bytes) {
     ApiError e = InvalidRequestError("", absl::StrCat("the request body is ", http_request.body.size(),
                                           " bytes, more than the limit of ",
@@ -49,6 +51,7 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
   parsed.parsed.request.set_request_id(id);
 
   auto state = std::make_shared<StreamState>();
+  AddBearer(state->context, internal_token);
   state->reader = stub->Generate(&state->context, parsed.parsed.request);
   // The first response (or the error) before any byte is sent, so a refused request gets its
   // HTTP status.
@@ -155,7 +158,7 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
 }  // namespace
 
 void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> channel,
-                     const OpenAiOptions& options) {
+                     const std::string& internal_token, const OpenAiOptions& options) {
   auto stub = std::shared_ptr<gemma::v1::Inference::Stub>(gemma::v1::Inference::NewStub(channel));
   const OpenAiOptions* opts = &options;
   http.Get("/v1/models", [opts](const httplib::Request&, httplib::Response& response) {
@@ -175,13 +178,14 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
     }
     response.set_content(Dump(ModelObject(opts->model_name)), "application/json");
   });
-  http.Post("/v1/completions", [stub, opts](const httplib::Request& request,
-                                             httplib::Response& response) {
-    Handle(request, response, ApiKind::kCompletion, stub.get(), *opts);
+  http.Post("/v1/completions", [stub, opts, internal_token](const httplib::Request& request,
+                                                             httplib::Response& response) {
+    Handle(request, response, ApiKind::kCompletion, stub.get(), *opts, internal_token);
   });
-  http.Post("/v1/chat/completions", [stub, opts](const httplib::Request& request,
-                                                 httplib::Response& response) {
-    Handle(request, response, ApiKind::kChat, stub.get(), *opts);
+  http.Post("/v1/chat/completions", [stub, opts, internal_token](
+                                        const httplib::Request& request,
+                                        httplib::Response& response) {
+    Handle(request, response, ApiKind::kChat, stub.get(), *opts, internal_token);
   });
 }
 

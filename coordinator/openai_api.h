@@ -22,7 +22,11 @@ namespace gemma::coordinator {
 
 // Adds the routes to `http`. `channel` reaches the coordinator's Inference service; it and
 // `options` must outlive the server's handlers.
+// `internal_token` authenticates its in-process calls (Authenticator::internal_token; empty
+// when the coordinator is open). Who may call the HTTP API is checked before routing (see
+// coordinator_main.cc).
 void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> channel,
+                     const std::string& internal_token,
                      const OpenAiOptions& options);
 
 }  // namespace gemma::coordinator

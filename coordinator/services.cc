@@ -49,16 +49,32 @@ class StoreGetReactor final : public grpc::ServerUnaryReactor {
   uint64_t waiter_ = 0;
 };
 
+// A server stream refused before it starts.
+template <typename T>
+class RefusedStream final : public grpc::ServerWriteReactor<T> {
+ public:
+  explicit RefusedStream(const absl::Status& status) { this->Finish(ToGrpc(status)); }
+  void OnDone() override { delete this; }
+};
+
 }  // namespace
 
 grpc::ServerWriteReactor<gemma::v1::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const gemma::v1::GenerateRequest* request) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kUser}, "Generate");
+      !auth.ok()) {
+    return new RefusedStream<gemma::v1::GenerateResponse>(auth);
+  }
   return StartGenerateProxy(context, *request, registry_, &timer_, options_);
 }
 
 grpc::ServerUnaryReactor* ClusterService::GetStatus(grpc::CallbackServerContext* context,
                                                     const gemma::v1::GetStatusRequest*,
                                                     gemma::v1::GetStatusResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kUser}, "GetStatus");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   *response = registry_->Status();
   return FinishUnary(context, absl::OkStatus());
 }
@@ -66,6 +82,10 @@ grpc::ServerUnaryReactor* ClusterService::GetStatus(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
     grpc::CallbackServerContext* context, const gemma::v1::GetExpertLoadRequest* request,
     gemma::v1::GetExpertLoadResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kUser}, "GetExpertLoad");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   *response = registry_->ExpertLoad(request->include_windows());
   return FinishUnary(context, absl::OkStatus());
 }
@@ -162,13 +182,22 @@ class WatchReactor : public grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow
 }  // namespace
 
 grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow>* ClusterService::WatchExpertLoad(
-    grpc::CallbackServerContext*, const gemma::v1::WatchExpertLoadRequest* request) {
+    grpc::CallbackServerContext* context, const gemma::v1::WatchExpertLoadRequest* request) {
+  if (absl::Status auth =
+          auth_->Check(context->client_metadata(), {Role::kUser}, "WatchExpertLoad");
+      !auth.ok()) {
+    return new RefusedStream<gemma::v1::ExpertLoadWindow>(auth);
+  }
   return new WatchReactor(registry_, &timer_, *request);
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerContext* context,
                                                        const iv1::RegisterRequest* request,
                                                        iv1::RegisterResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "Register");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   absl::StatusOr<std::string> id = registry_->Register(*request);
   if (!id.ok()) {
     LOG(WARNING) << "refused a worker: " << id.status().message();
@@ -182,6 +211,10 @@ grpc::ServerUnaryReactor* CoordinatorService::Register(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
                                                         const iv1::HeartbeatRequest* request,
                                                         iv1::HeartbeatResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "Heartbeat");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   response->set_known(registry_->Heartbeat(*request));
   return FinishUnary(context, absl::OkStatus());
 }
@@ -189,18 +222,30 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CoordinatorService::StoreSet(grpc::CallbackServerContext* context,
                                                        const iv1::StoreSetRequest* request,
                                                        iv1::StoreSetResponse*) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "StoreSet");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   return FinishUnary(context, store_->Set(request->key(), request->value()));
 }
 
-grpc::ServerUnaryReactor* CoordinatorService::StoreGet(grpc::CallbackServerContext*,
+grpc::ServerUnaryReactor* CoordinatorService::StoreGet(grpc::CallbackServerContext* context,
                                                        const iv1::StoreGetRequest* request,
                                                        iv1::StoreGetResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "StoreGet");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   return new StoreGetReactor(store_, *request, response);
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::StoreAdd(grpc::CallbackServerContext* context,
                                                        const iv1::StoreAddRequest* request,
                                                        iv1::StoreAddResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "StoreAdd");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   absl::StatusOr<int64_t> value = store_->Add(request->key(), request->delta());
   if (value.ok()) response->set_value(*value);
   return FinishUnary(context, value.status());
@@ -209,6 +254,10 @@ grpc::ServerUnaryReactor* CoordinatorService::StoreAdd(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* CoordinatorService::StoreDeletePrefix(
     grpc::CallbackServerContext* context, const iv1::StoreDeletePrefixRequest* request,
     iv1::StoreDeletePrefixResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "StoreDeletePrefix");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
   absl::StatusOr<int64_t> deleted = store_->DeletePrefix(request->prefix());
   if (deleted.ok()) response->set_deleted(*deleted);
   return FinishUnary(context, deleted.status());

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "absl/status/status.h"
+#include "coordinator/auth.h"
 #include "coordinator/proxy.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
@@ -22,20 +23,23 @@ using gemma::ToGrpc;  // proto/status_convert.h
 
 class InferenceService final : public gemma::v1::Inference::CallbackService {
  public:
-  InferenceService(Registry* registry, ProxyOptions options)
-      : registry_(registry), options_(options) {}
+  // `auth` (not owned) decides who may call; every service here checks it.
+  InferenceService(Registry* registry, ProxyOptions options, const Authenticator* auth)
+      : registry_(registry), options_(options), auth_(auth) {}
   grpc::ServerWriteReactor<gemma::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context, const gemma::v1::GenerateRequest* request) override;
 
  private:
   Registry* registry_;
   const ProxyOptions options_;
+  const Authenticator* auth_;
   Timer timer_;  // the waits for a replica after a failure
 };
 
 class ClusterService final : public gemma::v1::Cluster::CallbackService {
  public:
-  explicit ClusterService(Registry* registry) : registry_(registry) {}
+  ClusterService(Registry* registry, const Authenticator* auth)
+      : registry_(registry), auth_(auth) {}
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* context,
                                       const gemma::v1::GetStatusRequest* request,
                                       gemma::v1::GetStatusResponse* response) override;
@@ -50,12 +54,14 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
 
  private:
   Registry* registry_;
+  const Authenticator* auth_;
   Timer timer_;
 };
 
 class CoordinatorService final : public gemma::internal::v1::Coordinator::CallbackService {
  public:
-  CoordinatorService(Registry* registry, Store* store) : registry_(registry), store_(store) {}
+  CoordinatorService(Registry* registry, Store* store, const Authenticator* auth)
+      : registry_(registry), store_(store), auth_(auth) {}
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* context,
                                      const gemma::internal::v1::RegisterRequest* request,
                                      gemma::internal::v1::RegisterResponse* response) override;
@@ -80,6 +86,7 @@ class CoordinatorService final : public gemma::internal::v1::Coordinator::Callba
  private:
   Registry* registry_;
   Store* store_;
+  const Authenticator* auth_;
 };
 
 }  // namespace gemma::coordinator

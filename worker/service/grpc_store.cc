@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "gloo/common/error.h"
 #include "proto/status_convert.h"
+#include "proto/bearer.h"
 
 namespace gemma::service {
 namespace {
@@ -34,6 +35,7 @@ absl::Status GrpcStore::Set(absl::string_view key, absl::string_view value) {
   request.set_value(std::string(value));
   iv1::StoreSetResponse response;
   grpc::ClientContext context;
+  gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
   context.set_wait_for_ready(true);  // the coordinator may still be starting
   context.set_deadline(std::chrono::system_clock::now() + timeout_ + kRpcSlack);
   return FromGrpc(stub_->StoreSet(&context, request, &response), absl::StrCat("set ", key));
@@ -46,6 +48,7 @@ absl::StatusOr<std::string> GrpcStore::Get(absl::string_view key,
   request.set_timeout_ms(timeout.count());
   iv1::StoreGetResponse response;
   grpc::ClientContext context;
+  gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
   context.set_wait_for_ready(true);  // the coordinator may still be starting
   context.set_deadline(std::chrono::system_clock::now() + timeout + kRpcSlack);
   grpc::Status status = stub_->StoreGet(&context, request, &response);
@@ -58,6 +61,7 @@ absl::Status GrpcStore::Clear() {
   request.set_prefix(prefix_);
   iv1::StoreDeletePrefixResponse response;
   grpc::ClientContext context;
+  gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
   context.set_wait_for_ready(true);  // the coordinator may still be starting
   context.set_deadline(std::chrono::system_clock::now() + kRpcSlack);
   return FromGrpc(stub_->StoreDeletePrefix(&context, request, &response), "clear");

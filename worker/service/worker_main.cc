@@ -55,8 +55,12 @@
 #include "worker/replica/load.h"
 #include "worker/replica/rank.h"
 #include "worker/service/replica_service.h"
+#include "proto/bearer.h"
 #include "proto/status_convert.h"
 
+ABSL_FLAG(std::string, join_token, "",
+          "the token a coordinator started with --auth-tokens asks workers for (a worker or "
+          "admin token; default $GEMMA_JOIN_TOKEN); passed to the rank processes");
 ABSL_FLAG(std::string, coordinator, "", "coordinator address HOST:PORT");
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
@@ -326,6 +330,7 @@ absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
                                      std::chrono::seconds timeout) {
   iv1::RegisterResponse response;
   grpc::ClientContext context;
+  gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
   context.set_wait_for_ready(true);
   context.set_deadline(std::chrono::system_clock::now() + timeout);
   const grpc::Status status = stub.Register(&context, request, &response);
@@ -360,6 +365,7 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   }
   iv1::HeartbeatResponse reply;
   grpc::ClientContext context;
+  gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(900));
   grpc::Status status = stub.Heartbeat(&context, beat, &reply);
   // Windows the coordinator did not take go out again with the next heartbeat.
@@ -605,6 +611,11 @@ absl::Status RunRank() {
 }
 
 absl::Status Run() {
+  // The join token travels in the environment: the calls here read it, and the rank processes
+  // inherit it.
+  if (const std::string token = absl::GetFlag(FLAGS_join_token); !token.empty()) {
+    setenv(gemma::kJoinTokenEnv, token.c_str(), 1);
+  }
   if (absl::GetFlag(FLAGS_rank) >= 0) return RunRank();
   return Supervise();
 }

@@ -1,0 +1,153 @@
+// Bearer tokens on the real coordinator (--auth-tokens): a worker joins only with a worker
+// token (and says why when refused), gemmactl and the official openai client need a user
+// token, a token of the wrong role is refused naming the role, and everything that goes through
+// the coordinator's own in-process calls (the OpenAI API, batch jobs) still works.
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+#include "tests/cluster/cluster_harness.h"
+
+namespace gemma::testing::cluster {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+
+constexpr char kUser[] = "user-token-5f1c0a7e93";
+constexpr char kWorker[] = "worker-token-b2d84c1f06";
+
+class AuthTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string tokens = WriteFile(cluster_.dir() + "/tokens",
+                                         absl::StrCat("# token role name\n", kUser,
+                                                      " user alice\n", kWorker, " worker nodes\n"));
+    http_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
+    std::string error;
+    ASSERT_TRUE(cluster_.StartCoordinator({"--auth-tokens", tokens, "--http-listen", http_,
+                                           "--data-dir", cluster_.dir() + "/data"},
+                                          &error))
+        << error;
+  }
+  void TearDown() override { cluster_.Stop(milliseconds(10000)); }
+
+  ToolRun Gemmactl(std::vector<std::string> args, const std::string& token) {
+    args.insert(args.begin(), {"gemmactl", "--coordinator", cluster_.coordinator_address()});
+    if (!token.empty()) args.push_back("--token=" + token);
+    return RunWithStdin(args, "", seconds(60));
+  }
+
+  Cluster cluster_{"auth"};
+  std::string http_;
+};
+
+TEST_F(AuthTest, OnlyTheRightTokensGetIn) {
+  // Workers: none, or a user's, are refused with the reason; a worker token joins (two ranks:
+  // the rendezvous store's calls carry it too).
+  for (const std::string& token : {std::string(), std::string(kUser)}) {
+    std::vector<std::string> args = {kBin + "gemma-worker", "--coordinator",
+                                     cluster_.coordinator_address(), "--model", kTinyMoe,
+                                     "--register-timeout-s", "5"};
+    if (!token.empty()) args.push_back("--join-token=" + token);
+    const std::string log = cluster_.dir() + "/refused_worker.log";
+    ChildProcess refused(args, log);
+    EXPECT_EQ(refused.WaitForExitCode(seconds(60)), 1) << ReadFileToString(log);
+    EXPECT_TRUE(absl::StrContains(ReadFileToString(log),
+                                  token.empty() ? "Register needs a bearer token"
+                                                : "not for the user role"))
+        << ReadFileToString(log);
+  }
+  cluster_.StartWorker(kTinyMoe, {"--cpu-ranks", "2", absl::StrCat("--join-token=", kWorker)});
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        ToolRun status = Gemmactl({"status", "--json"}, kUser);
+        return status.exit_code == 0 && absl::StrContains(status.out, "\"healthy\":true");
+      },
+      milliseconds(30000)))
+      << cluster_.Log("worker0");
+
+  // gemmactl: no token, an unknown one, a worker's, then a user's.
+  ToolRun none = Gemmactl({"status"}, "");
+  EXPECT_EQ(none.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(none.err, "UNAUTHENTICATED: GetStatus needs a bearer token"))
+      << none.err;
+  ToolRun unknown = Gemmactl({"status"}, "not-a-real-token-at-all");
+  EXPECT_TRUE(absl::StrContains(unknown.err, "not known")) << unknown.err;
+  ToolRun worker = Gemmactl({"generate", "In the beginning", "--max-tokens", "4"}, kWorker);
+  EXPECT_EQ(worker.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(worker.err, "PERMISSION_DENIED")) << worker.err;
+  ToolRun user = Gemmactl({"generate", "--tokens", "2,17,301", "--max-tokens", "4"}, kUser);
+  EXPECT_EQ(user.exit_code, 0) << user.err;
+
+  // A batch: its items go through the coordinator's own calls.
+  const std::string file = WriteFile(
+      cluster_.dir() + "/batch.jsonl",
+      nlohmann::json{{"custom_id", "a"},
+                     {"method", "POST"},
+                     {"url", "/v1/completions"},
+                     {"body", {{"model", "gemma-4"}, {"prompt", "In"}, {"max_tokens", 3}}}}
+          .dump());
+  ToolRun batch = Gemmactl({"batch", "submit", file, "--wait"}, kUser);
+  EXPECT_EQ(batch.exit_code, 0) << batch.out << batch.err;
+
+  // HTTP: /v1 needs the token (OpenAI's error shape), /metrics stays open.
+  const size_t colon = http_.rfind(':');
+  httplib::Client http(http_.substr(0, colon), std::stoi(http_.substr(colon + 1)));
+  auto refused = http.Get("/v1/models");
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->status, 401);
+  EXPECT_EQ(nlohmann::json::parse(refused->body)["error"]["type"], "authentication_error");
+  auto allowed = http.Get("/v1/models", {{"Authorization", absl::StrCat("Bearer ", kUser)}});
+  ASSERT_TRUE(allowed);
+  EXPECT_EQ(allowed->status, 200) << allowed->body;
+  auto metrics = http.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_EQ(metrics->status, 200);
+
+  // The official openai client, with the user token as its api_key, and with a wrong one.
+  const std::string script = WriteFile(cluster_.dir() + "/client.py", R"(
+import sys, openai
+base, good = sys.argv[1], sys.argv[2]
+ok = openai.OpenAI(base_url=base, api_key=good, max_retries=0).chat.completions.create(
+    model="gemma-4", messages=[{"role": "user", "content": "In the beginning"}], max_tokens=3)
+print("ok", ok.usage.completion_tokens)
+try:
+    openai.OpenAI(base_url=base, api_key="wrong-key-0000000000", max_retries=0).models.list()
+    print("accepted")
+except openai.AuthenticationError as e:
+    print("refused", e.status_code)
+)");
+  ToolRun client = RunWithStdin({GEMMA_TEST_PYTHON, script, absl::StrCat("http://", http_, "/v1"),
+                                 kUser},
+                                "", seconds(60));
+  ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
+  EXPECT_TRUE(absl::StrContains(client.out, "ok 3")) << client.out;
+  EXPECT_TRUE(absl::StrContains(client.out, "refused 401")) << client.out;
+}
+
+TEST(AuthFileTest, ABadTokensFileStopsTheCoordinatorSayingWhichLine) {
+  Cluster cluster("auth_file");
+  const std::string file = WriteFile(cluster.dir() + "/tokens", "short user\n");
+  ToolRun run = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0", "--auth-tokens",
+                              file},
+                             "", seconds(20));
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(run.err, "line 1: a token must have at least 16 characters"))
+      << run.err;
+  const std::string roles = WriteFile(cluster.dir() + "/roles",
+                                      "a-long-enough-token-1234 superuser\n");
+  ToolRun bad_role = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0",
+                                   "--auth-tokens", roles},
+                                  "", seconds(20));
+  EXPECT_EQ(bad_role.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(bad_role.err, "unknown role \"superuser\"")) << bad_role.err;
+}
+
+}  // namespace
+}  // namespace gemma::testing::cluster
