@@ -38,6 +38,7 @@
 #include "client/batch_commands.h"
 #include "client/proto_json.h"
 #include "proto/bearer.h"
+#include "proto/tls.h"
 #include "common/flags.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
@@ -56,6 +57,9 @@ ABSL_FLAG(double, temperature, 0.0, "generate, chat: sampling temperature; 0 = g
 ABSL_FLAG(int64_t, timeout_ms, 60000, "deadline of each call (of each turn for chat)");
 ABSL_FLAG(std::string, token, "",
           "bearer token for a coordinator started with --auth-tokens (default $GEMMA_TOKEN)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA file to verify a coordinator that speaks TLS (default $GEMMA_TLS_CA; none: "
+          "plaintext)");
 ABSL_FLAG(int64_t, connect_timeout_ms, 3000, "how long to wait for the coordinator to answer");
 ABSL_FLAG(bool, json, false, "print JSON (one object per response for generate and chat)");
 ABSL_FLAG(bool, watch, false, "experts: redraw every --interval-ms until interrupted");
@@ -87,7 +91,8 @@ constexpr char kUsage[] =
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
     "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)\n"
-    "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one";
+    "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one\n"
+    "  --tls-ca FILE (default $GEMMA_TLS_CA) for a coordinator that speaks TLS";
 
 std::string CoordinatorAddress() {
   std::string address = absl::GetFlag(FLAGS_coordinator);
@@ -101,14 +106,24 @@ std::string CoordinatorAddress() {
 using gemma::FromGrpc;
 
 // A channel that answered within --connect-timeout-ms.
+// --tls-ca, else $GEMMA_TLS_CA ("" when neither: plaintext).
+std::string TlsCa() {
+  const std::string flag = absl::GetFlag(FLAGS_tls_ca);
+  return flag.empty() ? gemma::EnvToken("GEMMA_TLS_CA") : flag;
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& address) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto credentials = gemma::CoordinatorCredentials(TlsCa());
+  if (!credentials.ok()) return credentials.status();
+  auto channel = grpc::CreateChannel(address, *credentials);
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
   if (!channel->WaitForConnected(deadline)) {
-    return absl::UnavailableError(absl::StrCat("cannot reach the coordinator at ", address,
-                                               " within ", absl::GetFlag(FLAGS_connect_timeout_ms),
-                                               " ms; set --coordinator or $GEMMA_COORDINATOR"));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot reach the coordinator at ", address, " within ",
+        absl::GetFlag(FLAGS_connect_timeout_ms), " ms; set --coordinator or $GEMMA_COORDINATOR",
+        TlsCa().empty() ? "; if it speaks TLS, give its CA with --tls-ca or $GEMMA_TLS_CA"
+                        : "; check that --tls-ca is the CA of its certificate"));
   }
   return channel;
 }

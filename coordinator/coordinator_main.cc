@@ -32,6 +32,7 @@
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
 #include "coordinator/store.h"
+#include "proto/tls.h"
 #include "glog/logging.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -69,6 +70,11 @@ ABSL_FLAG(std::string, auth_tokens, "",
           "file of bearer tokens, one \"TOKEN ROLE [NAME]\" a line (roles: user for the API, "
           "worker for workers joining, admin for both): every gRPC call and every /v1 request "
           "must carry one; empty: the coordinator is open to anyone who can reach it");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of this coordinator: with --tls-key, its gRPC port and its "
+          "HTTP port speak TLS only (clients verify it: gemmactl --tls-ca, gemma-worker "
+          "--coordinator-ca)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -177,7 +183,29 @@ int Run() {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  // TLS when a certificate and key are given (both or neither).
+  const std::string tls_cert = absl::GetFlag(FLAGS_tls_cert);
+  const std::string tls_key = absl::GetFlag(FLAGS_tls_key);
+  if (tls_cert.empty() != tls_key.empty()) {
+    std::cerr << "gemma-coordinator: --tls-cert and --tls-key go together\n";
+    return 1;
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!tls_cert.empty()) {
+    auto cert = gemma::ReadPemFile(tls_cert, "the certificate --tls-cert");
+    auto key = gemma::ReadPemFile(tls_key, "the key --tls-key");
+    if (!cert.ok() || !key.ok()) {
+      std::cerr << "gemma-coordinator: " << (cert.ok() ? key.status() : cert.status()).message()
+                << "\n";
+      return 1;
+    }
+    grpc::SslServerCredentialsOptions options;
+    options.pem_key_cert_pairs.push_back({*key, *cert});
+    credentials = grpc::SslServerCredentials(options);
+  } else {
+    LOG(WARNING) << "no --tls-cert: the gRPC and HTTP ports speak plaintext";
+  }
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), credentials, &port);
   builder.RegisterService(&inference);
   builder.RegisterService(&cluster);
   builder.RegisterService(&coordinator);
@@ -201,7 +229,16 @@ int Run() {
     runner_slot.store(batch_runner.get());
   }
   // The HTTP port: one server for everything HTTP. Streams hold a thread each.
-  httplib::Server http;
+  std::unique_ptr<httplib::Server> http_server =
+      tls_cert.empty() ? std::make_unique<httplib::Server>()
+                       : std::make_unique<httplib::SSLServer>(tls_cert.c_str(), tls_key.c_str());
+  if (!http_server->is_valid()) {
+    std::cerr << "gemma-coordinator: the HTTP port cannot use --tls-cert " << tls_cert
+              << " with --tls-key " << tls_key << "\n";
+    server->Shutdown();
+    return 1;
+  }
+  httplib::Server& http = *http_server;
   http.new_task_queue = [] { return new httplib::ThreadPool(64); };
   std::thread http_thread;
   if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {

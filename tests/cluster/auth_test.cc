@@ -2,6 +2,8 @@
 // token (and says why when refused), gemmactl and the official openai client need a user
 // token, a token of the wrong role is refused naming the role, and everything that goes through
 // the coordinator's own in-process calls (the OpenAI API, batch jobs) still works.
+#include <signal.h>
+
 #include <chrono>
 #include <string>
 #include <vector>
@@ -129,6 +131,67 @@ except openai.AuthenticationError as e:
   ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
   EXPECT_TRUE(absl::StrContains(client.out, "ok 3")) << client.out;
   EXPECT_TRUE(absl::StrContains(client.out, "refused 401")) << client.out;
+}
+
+// TLS on both ports (--tls-cert, a certificate made here by openssl for 127.0.0.1): a worker
+// joins verifying it (--coordinator-ca), gemmactl needs the CA and says so without it, the
+// OpenAI client verifies it too, and plaintext HTTP gets nothing.
+TEST(TlsTest, BothPortsSpeakTlsAndClientsVerifyTheCoordinator) {
+  Cluster cluster("tls");
+  const std::string cert = cluster.dir() + "/tls.crt", key = cluster.dir() + "/tls.key";
+  ToolRun made = RunWithStdin(
+      {"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+       "-out", cert, "-days", "2", "-subj", "/CN=localhost", "-addext",
+       "subjectAltName=IP:127.0.0.1,DNS:localhost"},
+      "");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  ChildProcess coordinator({kBin + "gemma-coordinator", "--listen", address, "--http-listen", http,
+                            "--tls-cert", cert, "--tls-key", key},
+                           cluster.dir() + "/coordinator.log");
+  ChildProcess worker({kBin + "gemma-worker", "--coordinator", address, "--coordinator-ca", cert,
+                       "--model", kTinyMoe, "--cpu-ranks", "2", "--threads", "1"},
+                      cluster.dir() + "/worker.log");
+  auto gemmactl = [&](std::vector<std::string> args, bool with_ca) {
+    args.insert(args.begin(), {"gemmactl", "--coordinator", address, "--connect-timeout-ms",
+                               "1500"});
+    if (with_ca) args.push_back("--tls-ca=" + cert);
+    return RunWithStdin(args, "", seconds(30));
+  };
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        ToolRun status = gemmactl({"status", "--json"}, true);
+        return status.exit_code == 0 && absl::StrContains(status.out, "\"healthy\":true");
+      },
+      milliseconds(30000)))
+      << ReadFileToString(cluster.dir() + "/worker.log")
+      << ReadFileToString(cluster.dir() + "/coordinator.log");
+  ToolRun generated = gemmactl({"generate", "--tokens", "2,17,301", "--max-tokens", "4"}, true);
+  EXPECT_EQ(generated.exit_code, 0) << generated.err;
+  ToolRun without_ca = gemmactl({"status"}, false);
+  EXPECT_EQ(without_ca.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(without_ca.err, "give its CA with --tls-ca")) << without_ca.err;
+
+  const std::string script = WriteFile(cluster.dir() + "/client.py", R"(
+import sys, openai
+base, ca = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base, api_key="-", max_retries=0,
+                       http_client=openai.DefaultHttpxClient(verify=ca))
+print("models", [m.id for m in client.models.list().data])
+)");
+  ToolRun client = RunWithStdin({GEMMA_TEST_PYTHON, script, absl::StrCat("https://", http, "/v1"),
+                                 cert},
+                                "", seconds(60));
+  EXPECT_EQ(client.exit_code, 0) << client.out << client.err;
+  EXPECT_TRUE(absl::StrContains(client.out, "models ['gemma-4']")) << client.out;
+  const size_t colon = http.rfind(':');
+  httplib::Client plain(http.substr(0, colon), std::stoi(http.substr(colon + 1)));
+  plain.set_connection_timeout(2, 0);
+  auto refused = plain.Get("/v1/models");
+  EXPECT_TRUE(!refused || refused->status != 200);
+  worker.Signal(SIGTERM);
+  worker.WaitForExitCode(seconds(10));
 }
 
 TEST(AuthFileTest, ABadTokensFileStopsTheCoordinatorSayingWhichLine) {

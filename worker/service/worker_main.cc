@@ -56,8 +56,12 @@
 #include "worker/replica/rank.h"
 #include "worker/service/replica_service.h"
 #include "proto/bearer.h"
+#include "proto/tls.h"
 #include "proto/status_convert.h"
 
+ABSL_FLAG(std::string, coordinator_ca, "",
+          "PEM CA file to verify a coordinator that speaks TLS (its --tls-cert); none: "
+          "plaintext");
 ABSL_FLAG(std::string, join_token, "",
           "the token a coordinator started with --auth-tokens asks workers for (a worker or "
           "admin token; default $GEMMA_JOIN_TOKEN); passed to the rank processes");
@@ -526,7 +530,9 @@ absl::Status RunRank() {
   }
   // A peer rank that dies must surface as an error on the socket, not kill this process.
   signal(SIGPIPE, SIG_IGN);
-  auto channel = grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials());
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   gemma::CoordinatorCredentials(absl::GetFlag(FLAGS_coordinator_ca)));
+  auto channel = grpc::CreateChannel(coordinator, credentials);
   std::unique_ptr<iv1::Coordinator::Stub> stub = iv1::Coordinator::NewStub(channel);
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
   const std::string backend = absl::GetFlag(FLAGS_backend);
