@@ -298,23 +298,26 @@ absl::StatusOr<gemma::v1::ListBatchesResponse> BatchStore::List(int page_size,
 }
 
 absl::Status BatchStore::SetStatus(const std::string& id, const std::string& status,
-                                   int64_t now) {
+                                   int64_t now, const std::string& from) {
   std::lock_guard<std::mutex> lock(mutex_);
   const char* stamp = StampColumn(status);
-  const std::string sql =
-      stamp == nullptr
-          ? std::string("UPDATE batches SET status = ? WHERE id = ?")
-          : absl::StrCat("UPDATE batches SET status = ?, ", stamp, " = ? WHERE id = ?");
+  std::string sql = stamp == nullptr
+                        ? std::string("UPDATE batches SET status = ? WHERE id = ?")
+                        : absl::StrCat("UPDATE batches SET status = ?, ", stamp,
+                                       " = ? WHERE id = ?");
+  if (!from.empty()) sql += " AND status = ?";
   Statement q(db_, sql.c_str());
-  q.Bind(1, status);
-  if (stamp == nullptr) {
-    q.Bind(2, id);
-  } else {
-    q.Bind(2, now).Bind(3, id);
-  }
+  int i = 1;
+  q.Bind(i++, status);
+  if (stamp != nullptr) q.Bind(i++, now);
+  q.Bind(i++, id);
+  if (!from.empty()) q.Bind(i++, from);
   RETURN_IF_ERROR(q.Run());
-  if (q.Changes() == 0) return absl::NotFoundError(absl::StrCat("no batch ", id));
-  return absl::OkStatus();
+  if (q.Changes() > 0) return absl::OkStatus();
+  if (!from.empty()) {
+    return absl::AbortedError(absl::StrCat("batch ", id, " is no longer ", from));
+  }
+  return absl::NotFoundError(absl::StrCat("no batch ", id));
 }
 
 absl::StatusOr<std::vector<std::pair<std::string, std::string>>> BatchStore::Unfinished() {

@@ -75,8 +75,10 @@ class BatchStore {
   // Newest first; page_token is the id of the last batch of the previous page.
   absl::StatusOr<gemma::v1::ListBatchesResponse> List(int page_size,
                                                       const std::string& page_token);
-  // Moves a batch to `status` and stamps the matching time (in_progress_at, ...).
-  absl::Status SetStatus(const std::string& id, const std::string& status, int64_t now);
+  // Moves a batch to `status` and stamps the matching time (in_progress_at, ...). With `from`,
+  // only a batch still in that status moves (ABORTED otherwise: someone else moved it first).
+  absl::Status SetStatus(const std::string& id, const std::string& status, int64_t now,
+                         const std::string& from = "");
   // Batches not yet in a final state, oldest first, with their status.
   absl::StatusOr<std::vector<std::pair<std::string, std::string>>> Unfinished();
   // Up to `limit` pending items of in_progress batches, oldest batch and lowest index first,

@@ -201,7 +201,12 @@ absl::StatusOr<Batch> BatchRunner::Create(const gemma::v1::CreateBatchHeader& he
 absl::StatusOr<Batch> BatchRunner::Cancel(const std::string& id) {
   ASSIGN_OR_RETURN(Batch batch, store_->Get(id));
   if (BatchFinal(batch.status()) || batch.status() == "cancelling") return batch;
-  RETURN_IF_ERROR(store_->SetStatus(id, "cancelling", UnixNow()));
+  if (absl::Status moved = store_->SetStatus(id, "cancelling", UnixNow(), batch.status());
+      !moved.ok()) {
+    // It finished (or was cancelled) meanwhile: that is the answer.
+    if (moved.code() == absl::StatusCode::kAborted) return store_->Get(id);
+    return moved;
+  }
   RETURN_IF_ERROR(store_->CancelPending(id).status());
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -219,7 +224,7 @@ void BatchRunner::Advance() {
     LOG(ERROR) << unfinished.status();
     return;
   }
-  for (const auto& [id, status] : *unfinished) {
+  for (const auto& [id, listed] : *unfinished) {
     bool running = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -228,28 +233,38 @@ void BatchRunner::Advance() {
     if (running) continue;
     auto batch = store_->Get(id);
     if (!batch.ok()) continue;
+    // The status as it is now (a cancel may have come since the list was read); every move
+    // below is conditional on it, so a cancel that lands in between is never overwritten.
+    const std::string status = batch->status();
     if (status == "cancelling") {
       // Items cancelled while in flight were left pending: cancel them now.
       store_->CancelPending(id).IgnoreError();
-      store_->SetStatus(id, "cancelled", UnixNow()).IgnoreError();
-      LOG(INFO) << "batch " << id << " cancelled";
+      if (store_->SetStatus(id, "cancelled", UnixNow(), status).ok()) {
+        LOG(INFO) << "batch " << id << " cancelled";
+      }
       continue;
     }
     if (status == "in_progress" && UnixNow() > batch->expires_at()) {
-      store_->CancelPending(id).IgnoreError();
-      store_->SetStatus(id, "expired", UnixNow()).IgnoreError();
-      LOG(INFO) << "batch " << id << " expired";
+      if (store_->SetStatus(id, "expired", UnixNow(), status).ok()) {
+        store_->CancelPending(id).IgnoreError();
+        LOG(INFO) << "batch " << id << " expired";
+      }
       continue;
     }
     auto pending = store_->CountPending(id);
     if (!pending.ok() || *pending > 0) continue;
-    if (status == "in_progress") store_->SetStatus(id, "finalizing", UnixNow()).IgnoreError();
+    std::string from = status;
+    if (status == "in_progress") {
+      if (!store_->SetStatus(id, "finalizing", UnixNow(), status).ok()) continue;
+      from = "finalizing";
+    }
     // Every result is committed: nothing to assemble (output files are written on reading).
     const bool all_failed = batch->counts().completed() == 0 && batch->counts().total() > 0;
-    store_->SetStatus(id, all_failed ? "failed" : "completed", UnixNow()).IgnoreError();
-    LOG(INFO) << "batch " << id << (all_failed ? " failed: every item failed" : " completed")
-              << " (" << batch->counts().completed() << " completed, "
-              << batch->counts().failed() << " failed)";
+    if (store_->SetStatus(id, all_failed ? "failed" : "completed", UnixNow(), from).ok()) {
+      LOG(INFO) << "batch " << id << (all_failed ? " failed: every item failed" : " completed")
+                << " (" << batch->counts().completed() << " completed, "
+                << batch->counts().failed() << " failed)";
+    }
   }
 }
 

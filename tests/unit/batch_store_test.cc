@@ -118,6 +118,12 @@ TEST(BatchStoreTest, CancellingKeepsResultsAndStopsTheRest) {
   ASSERT_TRUE((*store)->Create("batch_c", {}, Items(5), 1, 2).ok());
   ASSERT_TRUE((*store)->SetStatus("batch_c", "in_progress", 1).ok());
   ASSERT_TRUE(*(*store)->Finish("batch_c", 0, Done("kept", 2)));
+  // A move conditional on a status another move has left is refused: a cancel is never
+  // overwritten by a completion read before it.
+  ASSERT_TRUE((*store)->SetStatus("batch_c", "cancelling", 2, "in_progress").ok());
+  EXPECT_EQ((*store)->SetStatus("batch_c", "finalizing", 3, "in_progress").code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ((*store)->Get("batch_c")->status(), "cancelling");
   auto cancelled = (*store)->CancelPending("batch_c");
   ASSERT_TRUE(cancelled.ok());
   EXPECT_EQ(*cancelled, 4);
