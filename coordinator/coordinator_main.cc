@@ -20,6 +20,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/flags.h"
 #include "coordinator/auth.h"
 #include "coordinator/batch_store.h"
@@ -75,6 +76,9 @@ ABSL_FLAG(std::string, tls_cert, "",
           "HTTP port speak TLS only (clients verify it: gemmactl --tls-ca, gemma-worker "
           "--coordinator-ca)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
+ABSL_FLAG(bool, insecure, false,
+          "serve without TLS (no --tls-cert) or without tokens (no --auth-tokens): without "
+          "this flag the coordinator refuses to start open");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -147,6 +151,17 @@ int Run() {
   } else {
     LOG(WARNING) << "no --auth-tokens: anyone who can reach this coordinator may use it and "
                     "join workers to it";
+  }
+  // Closed by default: plaintext or no tokens only when asked for.
+  if (!absl::GetFlag(FLAGS_insecure)) {
+    std::vector<std::string> open;
+    if (absl::GetFlag(FLAGS_tls_cert).empty()) open.push_back("plaintext (no --tls-cert/--tls-key)");
+    if (!auth->enabled()) open.push_back("open to anyone (no --auth-tokens)");
+    if (!open.empty()) {
+      std::cerr << "gemma-coordinator: refusing to serve " << absl::StrJoin(open, " and ")
+                << "; give them, or --insecure to run open on purpose (a local demo, a test)\n";
+      return 1;
+    }
   }
   const std::string internal_token = auth->enabled() ? auth->internal_token() : "";
   gemma::coordinator::InferenceService inference(&registry, proxy_options, auth.get());

@@ -22,7 +22,7 @@ bench_start_cleanup
 coordinator="127.0.0.1:$(bench_free_port)"
 http="127.0.0.1:$(bench_free_port)"
 model="${repo}/tests/golden/data/tiny-moe"
-"${build}/bin/gemma-coordinator" --listen "${coordinator}" --http-listen "${http}" \
+"${build}/bin/gemma-coordinator" --listen "${coordinator}" --http-listen "${http}" --insecure \
   --data-dir "${work}/data" --served-model-name tiny-moe 2>"${work}/coordinator.log" >/dev/null &
 pids+=($!)
 for w in $(seq 1 "${workers}"); do

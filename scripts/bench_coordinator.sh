@@ -20,7 +20,7 @@ bench_start_cleanup
 
 port="$(bench_free_port)"
 coordinator="127.0.0.1:${port}"
-"${build}/bin/gemma-coordinator" --listen "${coordinator}" 2>"${work}/coordinator.log" &
+"${build}/bin/gemma-coordinator" --listen "${coordinator}" --insecure 2>"${work}/coordinator.log" &
 pids+=($!)
 "${build}/bin/gemma-worker" --coordinator "${coordinator}" --model "${repo}/tests/golden/data/tiny-moe" \
   --threads 1 >"${work}/worker.out" 2>"${work}/worker.log" &

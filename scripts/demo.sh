@@ -192,9 +192,10 @@ echo "== logs in ${LOG_DIR}"
 
 PORT="$(free_port)"
 export GEMMA_COORDINATOR="127.0.0.1:${PORT}"
-echo "== coordinator on ${GEMMA_COORDINATOR}"
+echo "== coordinator on ${GEMMA_COORDINATOR} (--insecure: plaintext and no tokens, on loopback for this demo)"
 start_server coordinator "${LOG_DIR}/coordinator.log" \
-  "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}" --data-dir "${LOG_DIR}/data"
+  "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}" --data-dir "${LOG_DIR}/data" \
+  --insecure  # plaintext, no tokens: this cluster lives on 127.0.0.1 for the demo only
 # The workers read the model directory's tokenizer.json (text and chat requests need it).
 WORKER_ARGS=(--coordinator "${GEMMA_COORDINATOR}" --model "${MODEL}" --threads "${THREADS}")
 echo "== replica A: ${MODEL}, 1 CPU rank"

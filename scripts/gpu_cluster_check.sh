@@ -318,7 +318,7 @@ fi
 if [[ ${BUILT} == 1 ]] && step "reference: gemma-generate --backend cpu" reference.log 120 bash -c reference; then
   PORT="$(free_port)"
   export GEMMA_COORDINATOR="127.0.0.1:${PORT}"
-  start coordinator coordinator.log "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}"
+  start coordinator coordinator.log "${BIN}/gemma-coordinator" --listen "${GEMMA_COORDINATOR}" --insecure
   if step "coordinator serving on ${GEMMA_COORDINATOR}" coordinator_up.log 20 \
        bash -c 'wait_serving "$@"' wait_serving "${GEMMA_COORDINATOR}"; then
     WORKER_ARGS=(--coordinator "${GEMMA_COORDINATOR}" --model "${MODEL}")

@@ -147,8 +147,9 @@ TEST(TlsTest, BothPortsSpeakTlsAndClientsVerifyTheCoordinator) {
   ASSERT_EQ(made.exit_code, 0) << made.err;
   const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
   const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  // TLS without tokens: still --insecure (open to anyone who can reach it).
   ChildProcess coordinator({kBin + "gemma-coordinator", "--listen", address, "--http-listen", http,
-                            "--tls-cert", cert, "--tls-key", key},
+                            "--tls-cert", cert, "--tls-key", key, "--insecure"},
                            cluster.dir() + "/coordinator.log");
   ChildProcess worker({kBin + "gemma-worker", "--coordinator", address, "--coordinator-ca", cert,
                        "--model", kTinyMoe, "--cpu-ranks", "2", "--threads", "1"},
@@ -210,6 +211,13 @@ TEST(AuthFileTest, ABadTokensFileStopsTheCoordinatorSayingWhichLine) {
                                   "", seconds(20));
   EXPECT_EQ(bad_role.exit_code, 1);
   EXPECT_TRUE(absl::StrContains(bad_role.err, "unknown role \"superuser\"")) << bad_role.err;
+  // Closed by default: open only with --insecure, and the refusal says what is open.
+  ToolRun open = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0"}, "", seconds(20));
+  EXPECT_EQ(open.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(open.err, "refusing to serve plaintext (no --tls-cert/--tls-key) "
+                                          "and open to anyone (no --auth-tokens)"))
+      << open.err;
+  EXPECT_TRUE(absl::StrContains(open.err, "--insecure")) << open.err;
 }
 
 }  // namespace

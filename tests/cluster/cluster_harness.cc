@@ -222,7 +222,9 @@ bool Cluster::RestartCoordinator(std::string* error) {
     std::filesystem::rename(log, absl::StrCat(log, ".", coordinator_starts_));
   }
   ++coordinator_starts_;
-  std::vector<std::string> args = {kBin + "gemma-coordinator", "--listen", coordinator_address_};
+  // Plaintext on loopback (--insecure); tests of TLS start their coordinator themselves.
+  std::vector<std::string> args = {kBin + "gemma-coordinator", "--listen", coordinator_address_,
+                                   "--insecure"};
   args.insert(args.end(), coordinator_flags_.begin(), coordinator_flags_.end());
   coordinator_ = std::make_unique<ChildProcess>(args, log);
   if (!WaitServing(coordinator_address_, Clock::now() + seconds(10))) {
