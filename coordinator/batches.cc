@@ -340,9 +340,14 @@ void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
     stopping = stop_;
   }
   const auto code = status.error_code();
+  // A call cancelled here (the batch cancelled, the coordinator stopping) may still end with a
+  // final response whose reason is "cancelled": that is no result, the item stays pending.
+  const bool cancelled_final =
+      has_final && result.response.final().finish_reason() == "cancelled";
   const bool retry = code == grpc::StatusCode::UNAVAILABLE ||
                      code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
-                     code == grpc::StatusCode::CANCELLED || (status.ok() && !has_final);
+                     code == grpc::StatusCode::CANCELLED || (status.ok() && !has_final) ||
+                     cancelled_final;
   if (!retry) {
     if (!status.ok()) {
       result = BatchItemResult();
