@@ -117,8 +117,9 @@ TEST_F(AuthTest, OnlyTheRightTokensGetIn) {
 import sys, openai
 base, good = sys.argv[1], sys.argv[2]
 ok = openai.OpenAI(base_url=base, api_key=good, max_retries=0).chat.completions.create(
-    model="gemma-4", messages=[{"role": "user", "content": "In the beginning"}], max_tokens=3)
-print("ok", ok.usage.completion_tokens)
+    model="gemma-4", messages=[{"role": "user", "content": "In the beginning"}], max_tokens=3,
+    temperature=0)
+print("ok", 1 <= ok.usage.completion_tokens <= 3)  # an end id may come first
 try:
     openai.OpenAI(base_url=base, api_key="wrong-key-0000000000", max_retries=0).models.list()
     print("accepted")
@@ -129,7 +130,7 @@ except openai.AuthenticationError as e:
                                  kUser},
                                 "", seconds(60));
   ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
-  EXPECT_TRUE(absl::StrContains(client.out, "ok 3")) << client.out;
+  EXPECT_TRUE(absl::StrContains(client.out, "ok True")) << client.out;
   EXPECT_TRUE(absl::StrContains(client.out, "refused 401")) << client.out;
 }
 
