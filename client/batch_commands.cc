@@ -32,11 +32,6 @@ constexpr char kBatchUsage[] =
     "gemmactl batch results ID [-o OUT.jsonl] [--errors ERR.jsonl]";
 
 
-bool Final(const std::string& status) {
-  return status == "completed" || status == "failed" || status == "expired" ||
-         status == "cancelled";
-}
-
 std::string Clock(double seconds) {
   const int64_t s = static_cast<int64_t>(seconds + 0.5);
   return s >= 3600 ? absl::StrFormat("%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60)
@@ -95,7 +90,7 @@ absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id
         std::string(kWidth - filled, '.'), done, c.total(), c.failed(), rate, eta,
         batch->status());
     std::cerr << (tty ? "\r" : "") << line << (tty ? "" : "\n") << std::flush;
-    if (Final(batch->status())) {
+    if (coordinator::BatchFinal(batch->status())) {
       if (tty) std::cerr << "\n";
       return batch;
     }

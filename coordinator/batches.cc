@@ -78,11 +78,6 @@ absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_e
 
 }  // namespace
 
-bool BatchFinal(const std::string& status) {
-  return status == "completed" || status == "failed" || status == "expired" ||
-         status == "cancelled";
-}
-
 BatchRunner::BatchRunner(BatchStore* store, Registry* registry,
                          std::shared_ptr<grpc::Channel> inference, const OpenAiOptions* openai,
                          BatchOptions options, std::string internal_token)

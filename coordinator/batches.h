@@ -120,7 +120,4 @@ class BatchesService final : public gemma::v1::Batches::Service {
   const Authenticator* auth_;
 };
 
-// Whether a batch status is final (completed, failed, expired, cancelled).
-bool BatchFinal(const std::string& status);
-
 }  // namespace gemma::coordinator

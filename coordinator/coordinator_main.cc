@@ -113,6 +113,11 @@ int Run() {
     std::cerr << "gemma-coordinator: --max-outstanding-per-replica must be positive\n";
     return 1;
   }
+  if (absl::GetFlag(FLAGS_served_model_name).empty()) {
+    std::cerr << "gemma-coordinator: --served-model-name must not be empty (the model id "
+                 "OpenAI clients name)\n";
+    return 1;
+  }
   if (max_attempts <= 0) {
     std::cerr << "gemma-coordinator: --max-attempts must be positive\n";
     return 1;

@@ -496,6 +496,11 @@ json BatchOutputLine(const gemma::v1::BatchResult& result, const std::string& ba
           {"error", nullptr}};
 }
 
+bool BatchFinal(const std::string& status) {
+  return status == "completed" || status == "failed" || status == "expired" ||
+         status == "cancelled";
+}
+
 json BatchObject(const gemma::v1::Batch& batch) {
   auto stamp = [](int64_t t) { return t > 0 ? json(t) : json(nullptr); };
   json errors = nullptr;
@@ -509,8 +514,7 @@ json BatchObject(const gemma::v1::Batch& batch) {
     }
     errors = {{"object", "list"}, {"data", data}};
   }
-  const bool final = batch.status() == "completed" || batch.status() == "failed" ||
-                     batch.status() == "expired" || batch.status() == "cancelled";
+  const bool final = BatchFinal(batch.status());
   json metadata = json::object();
   for (const auto& [k, v] : batch.metadata()) metadata[k] = v;
   return {{"id", batch.id()},

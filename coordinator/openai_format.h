@@ -90,6 +90,9 @@ nlohmann::json ResponseBody(ApiKind kind, const std::string& id, int64_t created
 nlohmann::json BatchOutputLine(const gemma::v1::BatchResult& result, const std::string& batch_id,
                                const std::string& model_name, int64_t created);
 
+// Whether a batch status is final (completed, failed, expired, cancelled).
+bool BatchFinal(const std::string& status);
+
 // OpenAI's batch object for `batch` (output_file_id "<id>-output" once a finished batch has
 // results, error_file_id "<id>-errors" once it has failures).
 nlohmann::json BatchObject(const gemma::v1::Batch& batch);
