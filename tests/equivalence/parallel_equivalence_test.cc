@@ -3,6 +3,7 @@
 // seeded samples, in tp mode (tp 1, 2, 4: above the global layers' single KV head) and in
 // dp-ep mode (groups of T = 1 and 2, each group with its own sequences, one group idle for
 // several steps). Also: the traffic the byte counters record is what the design says.
+#include <cmath>
 #include <functional>
 #include <memory>
 #include <random>
@@ -20,6 +21,8 @@
 #include "worker/engine/generate.h"
 #include "worker/model/gemma4/model.h"
 #include "worker/parallel/in_process_communicator.h"
+#include "eplb/placement.h"
+#include "common/model_config.h"
 
 namespace gemma {
 namespace {
@@ -168,6 +171,91 @@ INSTANTIATE_TEST_SUITE_P(Modes, DemoModelEquivalenceTest,
                                            ReplicaCase{"kjv-moe", 2, 1, true}),
                          testing::ReplicaCaseName);
 
+// Random expert placements, hot experts with several copies, in every mode: the experts' outputs
+// are summed in expert order wherever they ran, so logits stay within the same tolerance of one
+// rank and greedy continuations are identical.
+struct PlacementCase {
+  ReplicaCase replica;
+  int redundant;
+  int ranks_per_node;
+};
+void PrintTo(const PlacementCase& c, std::ostream* os) {
+  *os << c.replica.model << " world " << c.replica.world << " tp " << c.replica.tp
+      << (c.replica.dp_ep ? " dp-ep" : "") << ", " << c.redundant << " redundant, "
+      << c.ranks_per_node << " ranks per node";
+}
+
+class PlacementEquivalenceTest : public ::testing::TestWithParam<PlacementCase> {};
+
+TEST_P(PlacementEquivalenceTest, RandomPlacementsWithCopiesEqualOneRank) {
+  const PlacementCase& pc = GetParam();
+  const ReplicaCase& c = pc.replica;
+  const ModelConfig config = *LoadModelConfig(testing::GoldenPath(c.model));
+  const int ep = c.dp_ep ? c.world : c.tp;
+  for (uint64_t seed : {1u, 2u}) {
+    // A random, steep skew makes the balancer give a few experts several copies.
+    std::mt19937_64 rng(seed);
+    std::vector<int64_t> load(static_cast<size_t>(config.num_hidden_layers) * config.num_experts);
+    for (int64_t& v : load) v = static_cast<int64_t>(std::exp2(rng() % 12));
+    auto placement = eplb::BalancedPlacement(load, config.num_hidden_layers, config.num_experts,
+                                             {ep, pc.ranks_per_node}, pc.redundant);
+    ASSERT_TRUE(placement.ok()) << placement.status();
+    ASSERT_FALSE(eplb::CopyTable(*placement).contiguous());
+    testing::ReplicaOptions o;
+    o.model = c.model;
+    o.world = c.world;
+    o.tp = c.tp;
+    o.dp_ep = c.dp_ep;
+    o.placement = *placement;
+    o.ranks_per_node = pc.ranks_per_node;
+    o.make_backend = [](int, Rank&) -> absl::StatusOr<std::unique_ptr<Backend>> {
+      return std::make_unique<CpuBackend>(CpuBackendOptions{1});
+    };
+    testing::ThreadReplica replica(o);
+    const int groups = replica.groups();
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<Single> expected;
+    for (int g = 0; g < groups; ++g) {
+      prompts.push_back(RandomPrompt(23 + 5 * g, 300 + g + 10 * static_cast<int>(seed)));
+      expected.push_back(RunSingle(c.model, prompts[g]));
+    }
+    std::vector<Single> got(c.world);
+    replica.RunAll([&](int r) {
+      Rank& rank = replica.rank(r);
+      EXPECT_TRUE(rank.model->placement().SameSlots(*placement));
+      const auto& prompt = prompts[replica.group(r)];
+      auto logits = PromptLogits(*rank.model, *rank.cache, prompt);
+      ASSERT_TRUE(logits.ok()) << logits.status();
+      got[r].logits = *logits;
+      GenerateOptions greedy;
+      greedy.max_new_tokens = 20;
+      auto g = Generate(*rank.model, *rank.cache, prompt, greedy);
+      ASSERT_TRUE(g.ok()) << g.status();
+      got[r].greedy = *g;
+    });
+    for (int r = 0; r < c.world; ++r) {
+      const Single& want = expected[replica.group(r)];
+      auto cmp = testing::Compare(got[r].logits, want.logits);
+      EXPECT_LE(cmp.Relative(), testing::kSelfRelTol)
+          << "seed " << seed << " rank " << r << ": " << cmp.ToString();
+      EXPECT_EQ(got[r].greedy, want.greedy) << "seed " << seed << " rank " << r;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Placements, PlacementEquivalenceTest,
+    ::testing::Values(PlacementCase{{"tiny-moe", 2, 2, false}, 4, 2},
+                      PlacementCase{{"tiny-moe", 4, 4, false}, 8, 2},
+                      PlacementCase{{"tiny-moe", 2, 1, true}, 6, 1},
+                      PlacementCase{{"tiny-moe", 4, 1, true}, 12, 2},
+                      PlacementCase{{"tiny-moe", 4, 2, true}, 4, 4},
+                      PlacementCase{{"kjv-moe", 4, 1, true}, 8, 2}),
+    [](const ::testing::TestParamInfo<PlacementCase>& info) {
+      return absl::StrCat(testing::ReplicaCaseName({info.param.replica, info.index}), "_r",
+                          info.param.redundant, "_n", info.param.ranks_per_node);
+    });
+
 class DpEpIdleTest : public ::testing::TestWithParam<int> {};
 
 TEST_P(DpEpIdleTest, IdleGroupRunsEmptyStepsWhileTheOtherDecodes) {
@@ -245,8 +333,9 @@ TEST(TrafficTest, TpAllReducesCarryWhatTheDesignSays) {
 
 TEST(TrafficTest, DpEpDispatchSendsOnlyTokensRoutedOffRank) {
   // dp-ep over 2 ranks of one: each MoE layer's all-to-alls carry the counts, one activation
-  // row and its expert metadata per (token, other rank) pair, and the results coming back for
-  // the pairs this rank served: never whole activations.
+  // row and its expert metadata per (token, other rank) pair, and one result row back per
+  // (token, expert) this rank served, so the source sums them in expert order: never whole
+  // activations.
   Replica replica("tiny-moe", 2, 1, true);
   std::vector<int32_t> prompts[2] = {RandomPrompt(17, 11), RandomPrompt(9, 12)};
   std::vector<std::vector<std::vector<int32_t>>> routing(2);  // [rank][layer] -> ids
@@ -281,12 +370,18 @@ TEST(TrafficTest, DpEpDispatchSendsOnlyTokensRoutedOffRank) {
     }
     return n;
   };
+  // entries[src][layer]: (token, expert) choices of rank src's tokens served by the other rank.
+  auto off_rank_entries = [&](int src, int layer) {
+    uint64_t n = 0;
+    for (int32_t e : routing[src][layer]) n += e / static_cast<int>(per_rank) != src;
+    return n;
+  };
   for (int r = 0; r < 2; ++r) {
     uint64_t expected = 0, pairs = 0;
     for (int l = 0; l < c.num_hidden_layers; ++l) {
-      expected += 8;                                        // pair counts to the other rank
+      expected += 16;                                       // pair and entry counts
       expected += off_rank_pairs(r, l) * (h + 2 * k) * 4;   // dispatch rows + metadata
-      expected += off_rank_pairs(1 - r, l) * h * 4;         // results returned to the other
+      expected += off_rank_entries(1 - r, l) * h * 4;       // results returned to the other
       pairs += off_rank_pairs(r, l);
     }
     EXPECT_EQ(sent[r], expected) << "rank " << r;

@@ -29,6 +29,8 @@ ThreadReplica::ThreadReplica(ReplicaOptions options) : options_(std::move(option
     gemma4::ModelParallel p;
     p.layout = {tp, tp_rank, options_.dp_ep ? world : tp, options_.dp_ep ? r : tp_rank};
     p.check_routing = true;
+    if (options_.placement.has_value()) p.placement = &*options_.placement;
+    p.ranks_per_node = options_.ranks_per_node;
     if (tp > 1) {
       rank.tp_comm = wrap(tp_groups_[group(r)]->communicator(tp_rank));
       p.tp_comm = rank.tp_comm.get();

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,9 @@ struct ReplicaOptions {
   int world = 1;
   int tp = 1;  // dp-ep: ranks per group (tp mode: world)
   bool dp_ep = false;
+  // The expert placement every rank starts with (none: the static one), and ranks per node.
+  std::optional<eplb::Placement> placement;
+  int ranks_per_node = 0;
   int64_t page_size = 4;
   int64_t cache_tokens = 512;
   // Rank r's backend; may set rank.state.

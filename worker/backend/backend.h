@@ -141,6 +141,9 @@ class Backend {
   // dtype (F32 or BF16). `src` may be freed after the call returns.
   virtual absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src,
                                                  int64_t numel) = 0;
+  // Whether UploadWeight may run on another thread while steps run on this one (loading a new
+  // expert placement in the background). Backends that upload on the step stream say no.
+  virtual bool ThreadSafeUploads() const { return false; }
   // Host -> device copy of `bytes` at byte `offset`. `src` must stay valid until Synchronize().
   virtual void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) = 0;
   // Device -> host copy; waits for the stream. Returns the sticky error, if any.

@@ -61,6 +61,7 @@ class CpuBackend final : public Backend {
 
   absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
   absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src, int64_t numel) override;
+  bool ThreadSafeUploads() const override { return true; }
   void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;
   absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }

@@ -34,11 +34,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
                                                    const ModelParallel& parallel) {
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(model_dir));
   ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
-  return Create(config, *checkpoint, backend, parallel);
+  return Create(config, std::move(checkpoint), backend, parallel);
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
-                                                     const Checkpoint& checkpoint,
+                                                     std::unique_ptr<Checkpoint> checkpoint,
                                                      Backend& backend,
                                                      const ModelParallel& parallel) {
   const ShardLayout& layout = parallel.layout;
@@ -62,10 +62,67 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
         "and rank must equal tp size and rank");
   }
   std::unique_ptr<Model> model(new Model(config, backend, parallel));
+  model->parallel_.placement = nullptr;  // not kept: the model holds its own copy in experts_
   ASSIGN_OR_RETURN(model->dims_, ComputeLocalDims(config, layout));
-  ASSIGN_OR_RETURN(model->weights_, LoadWeights(config, checkpoint, model->dims_, backend));
+  ASSIGN_OR_RETURN(model->weights_, LoadWeights(config, *checkpoint, model->dims_, backend));
+  model->checkpoint_ = std::move(checkpoint);
+  if (config.enable_moe_block) {
+    eplb::Placement placement;
+    if (parallel.placement != nullptr) {
+      placement = *parallel.placement;
+    } else {
+      ASSIGN_OR_RETURN(placement, eplb::StaticPlacement(config.num_hidden_layers,
+                                                        config.num_experts, layout.ep_size, 0));
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<ExpertSlots> slots, model->PrepareExperts(placement));
+    RETURN_IF_ERROR(model->InstallExperts(std::move(slots)));
+  }
   RETURN_IF_ERROR(backend.Synchronize());
   return model;
+}
+
+absl::StatusOr<std::unique_ptr<ExpertSlots>> Model::PrepareExperts(
+    const eplb::Placement& placement) const {
+  const ModelConfig& c = config_;
+  if (!c.enable_moe_block) {
+    return absl::FailedPreconditionError("this model has no experts to place");
+  }
+  RETURN_IF_ERROR(eplb::Validate(placement));
+  const ShardLayout& layout = parallel_.layout;
+  if (placement.num_layers != c.num_hidden_layers || placement.num_experts != c.num_experts ||
+      placement.num_ranks != layout.ep_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert placement for ", placement.num_layers, " layers x ", placement.num_experts,
+        " experts over ", placement.num_ranks, " ranks does not fit this model (",
+        c.num_hidden_layers, " layers x ", c.num_experts, " experts) over ", layout.ep_size,
+        " expert ranks"));
+  }
+  auto slots = std::make_unique<ExpertSlots>();
+  slots->placement = placement;
+  slots->copies = std::make_unique<eplb::CopyTable>(placement);
+  slots->rank = layout.ep_rank;
+  slots->layers.resize(c.num_hidden_layers);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    ASSIGN_OR_RETURN(slots->layers[l],
+                     LoadExpertSlots(c, *checkpoint_, l, placement.RankSlots(l, layout.ep_rank),
+                                     backend_));
+  }
+  return slots;
+}
+
+absl::Status Model::InstallExperts(std::unique_ptr<ExpertSlots> slots) {
+  if (slots == nullptr || slots->rank != parallel_.layout.ep_rank ||
+      slots->layers.size() != static_cast<size_t>(config_.num_hidden_layers)) {
+    return absl::InvalidArgumentError("expert slots were not prepared for this rank");
+  }
+  graphs_.Drop();  // they replay on the old slot weights
+  experts_ = std::move(slots);
+  return absl::OkStatus();
+}
+
+const eplb::Placement& Model::placement() const {
+  static const eplb::Placement kNone;
+  return experts_ != nullptr ? experts_->placement : kNone;
 }
 
 KvCacheOptions Model::CacheOptions(KvCacheOptions base) const {
@@ -109,6 +166,7 @@ absl::Status Model::EnsureScratch(int64_t num_tokens, int64_t num_rows) {
       RETURN_IF_ERROR(alloc(moe_in_, DType::kF32, t * h));
       RETURN_IF_ERROR(alloc(topk_ids_, DType::kI32, t * c.top_k_experts));
       RETURN_IF_ERROR(alloc(topk_weights_, DType::kF32, t * c.top_k_experts));
+      RETURN_IF_ERROR(alloc(local_slots_, DType::kI32, t * c.top_k_experts));
     }
     scratch_tokens_ = t;
   }
@@ -465,20 +523,32 @@ absl::Status Model::FeedForwardBlock(int l) {
     Observe(absl::StrCat("layers.", l, ".router_ids"), *topk_ids_, {t, c.top_k_experts});
     if (parallel_.check_routing) RETURN_IF_ERROR(CheckRouting(l));
     backend_.RmsNorm(*hidden_, w.pre_feedforward_layernorm_2.get(), t, hidden, eps, *moe_in_);
+    const eplb::CopyTable& copies = *experts_->copies;
     if (parallel_.ep_comm != nullptr) {
+      const int ranks = parallel_.layout.ep_size;
+      const int per_node = parallel_.ranks_per_node > 0 ? parallel_.ranks_per_node : ranks;
       RETURN_IF_ERROR(parallel::DispatchExperts(
           backend_, *parallel_.ep_comm,
           {.num_tokens = t,
            .hidden = c.hidden_size,
            .top_k = c.top_k_experts,
-           .experts_per_rank = dims_.experts,
+           .layer = l,
            .tp_rank = parallel_.layout.tp_rank,
            .tp_size = parallel_.layout.tp_size},
-          *topk_ids_, *topk_weights_, *moe_in_, *moe_out_,
-          [&](const Buffer& x, const Buffer& ids, const Buffer& weights, int64_t rows,
-              Buffer& out) { RunLocalExperts(l, x, ids, weights, rows, out); }));
+          copies, {.num_ranks = ranks, .ranks_per_node = per_node}, *topk_ids_, *topk_weights_,
+          *moe_in_, *moe_out_,
+          [&](const Buffer& x, const Buffer& slots, const Buffer& weights, int64_t rows,
+              int64_t top_k, Buffer& out) {
+            RunLocalExperts(l, x, slots, weights, rows, top_k, 0, out);
+          }));
+    } else if (copies.contiguous()) {
+      // Rank r holds experts [r * S, (r + 1) * S) in order: the router's ids are the slots.
+      RunLocalExperts(l, *moe_in_, *topk_ids_, *topk_weights_, t, c.top_k_experts,
+                      static_cast<int64_t>(experts_->rank) * copies.slots_per_rank(), *moe_out_);
     } else {
-      RunLocalExperts(l, *moe_in_, *topk_ids_, *topk_weights_, t, *moe_out_);
+      RETURN_IF_ERROR(MapToLocalSlots(l));
+      RunLocalExperts(l, *moe_in_, *local_slots_, *topk_weights_, t, c.top_k_experts, 0,
+                      *moe_out_);
     }
     // The dense and expert partials feed two different norms: one collective for both.
     RETURN_IF_ERROR(TpAllReduce(*ffn_pair_, 2 * t * hidden));
@@ -511,21 +581,39 @@ absl::Status Model::CheckRouting(int l) {
   return absl::OkStatus();
 }
 
-void Model::RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids,
-                            const Buffer& topk_weights, int64_t num_tokens, Buffer& out) {
-  const LayerWeights& w = weights_->layers[l];
+absl::Status Model::MapToLocalSlots(int l) {
+  const int64_t n = num_tokens_ * config_.top_k_experts;
+  if (n == 0) return absl::OkStatus();
+  std::vector<int32_t>& ids = host_local_slots_;  // kept: Write reads it until the step ends
+  ids.resize(n);
+  RETURN_IF_ERROR(backend_.Read(*topk_ids_, ids.data(), n * sizeof(int32_t)));
+  const eplb::CopyTable& copies = *experts_->copies;
+  const int spr = copies.slots_per_rank();
+  std::vector<int64_t> nth(config_.num_experts, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    std::span<const int32_t> list = copies.Copies(l, ids[i]);
+    const int32_t slot = list[static_cast<size_t>(nth[ids[i]]++ % static_cast<int64_t>(list.size()))];
+    ids[i] = slot / spr == experts_->rank ? slot % spr : -1;
+  }
+  backend_.Write(*local_slots_, ids.data(), n * sizeof(int32_t));
+  return absl::OkStatus();
+}
+
+void Model::RunLocalExperts(int l, const Buffer& x, const Buffer& ids, const Buffer& topk_weights,
+                            int64_t num_tokens, int64_t top_k, int64_t first_slot, Buffer& out) {
+  const ExpertSlotWeights& w = experts_->layers[l];
   MoeExpertsArgs experts;
   experts.x = &x;
-  experts.topk_ids = &topk_ids;
+  experts.topk_ids = &ids;
   experts.topk_weights = &topk_weights;
-  experts.gate_up = w.experts_gate_up.get();
-  experts.down = w.experts_down.get();
+  experts.gate_up = w.gate_up.get();
+  experts.down = w.down.get();
   experts.num_tokens = num_tokens;
   experts.hidden = config_.hidden_size;
   experts.inter = config_.moe_intermediate_size;
-  experts.top_k = config_.top_k_experts;
-  experts.first_expert = dims_.expert_offset;
-  experts.num_local_experts = dims_.experts;
+  experts.top_k = top_k;
+  experts.first_expert = first_slot;
+  experts.num_local_experts = experts_->copies->slots_per_rank();
   experts.out = &out;
   backend_.MoeExperts(experts);
 }

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
 #include "common/safetensors.h"
+#include "eplb/placement.h"
 #include "worker/backend/backend.h"
 #include "worker/model/gemma4/kv_cache.h"
 #include "worker/model/gemma4/sharding.h"
@@ -55,6 +56,20 @@ struct ModelParallel {
   parallel::Communicator* ep_comm = nullptr;
   // Compare a hash of each layer's routing across the tp group (debug; one host sync a layer).
   bool check_routing = false;
+  // Where the experts sit over the ep_size ranks (tp mode: the tp group) to start with; null is
+  // the static placement (E / ep_size contiguous experts per rank, no copies). Copied.
+  const eplb::Placement* placement = nullptr;
+  // Consecutive ranks that share a node, for choosing among an expert's copies (0: one node).
+  int ranks_per_node = 0;
+};
+
+// One expert placement's share on this rank: the placement, its copy table and the weights of
+// this rank's slots, per layer. Made by Model::PrepareExperts, used after InstallExperts.
+struct ExpertSlots {
+  eplb::Placement placement;
+  std::unique_ptr<eplb::CopyTable> copies;
+  int rank = 0;                            // this rank's index in the placement
+  std::vector<ExpertSlotWeights> layers;   // per layer: [slots, 2 * I_moe, H], [slots, H, I_moe]
 };
 
 class Model {
@@ -63,8 +78,10 @@ class Model {
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& model_dir,
                                                      Backend& backend,
                                                      const ModelParallel& parallel = {});
+  // Takes the checkpoint, which stays mapped while the model lives (expert placements load
+  // from it).
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
-                                                       const Checkpoint& checkpoint,
+                                                       std::unique_ptr<Checkpoint> checkpoint,
                                                        Backend& backend,
                                                        const ModelParallel& parallel = {});
   // KV-cache options for this rank (its KV heads per layer), from `base`.
@@ -96,6 +113,18 @@ class Model {
   // Stops counting (the counters are freed; step graphs are recorded again without them).
   void DisableExpertCounts();
   absl::StatusOr<std::vector<int64_t>> TakeExpertCounts();
+  // Expert placement (MoE models): the experts this rank's slots hold, and the live switch.
+  // PrepareExperts reads this rank's slots of `placement` from the mapped checkpoint and uploads
+  // them; on a backend with ThreadSafeUploads() it may run on another thread while steps run.
+  // InstallExperts makes them the ones the next step uses (between steps, on the step thread;
+  // every rank of the placement must switch at the same step). INVALID_ARGUMENT when the
+  // placement's layers, experts or ranks do not match this model and layout.
+  absl::StatusOr<std::unique_ptr<ExpertSlots>> PrepareExperts(
+      const eplb::Placement& placement) const;
+  absl::Status InstallExperts(std::unique_ptr<ExpertSlots> slots);
+  // The placement in use (an empty one for a model without experts).
+  const eplb::Placement& placement() const;
+
   // Step graphs, on a backend that has them (CUDA): a step whose sequences each bring one token
   // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
   // width rounded up to a power of two, logit rows) and replayed after that. On by default.
@@ -118,14 +147,22 @@ class Model {
   absl::Status FeedForwardBlock(int layer_idx);
   // Sums `buffer`'s first `count` floats over the tp group (no-op without one).
   absl::Status TpAllReduce(Buffer& buffer, int64_t count);
-  // This rank's experts of layer l on num_tokens rows of x routed by topk_ids / topk_weights.
-  void RunLocalExperts(int l, const Buffer& x, const Buffer& topk_ids, const Buffer& topk_weights,
-                       int64_t num_tokens, Buffer& out);
+  // This rank's slots of layer l on num_tokens rows of x routed by `ids` / topk_weights
+  // [num_tokens, top_k]: ids are slot indices offset by first_slot (out of range: not here).
+  void RunLocalExperts(int l, const Buffer& x, const Buffer& ids, const Buffer& topk_weights,
+                       int64_t num_tokens, int64_t top_k, int64_t first_slot, Buffer& out);
+  // tp mode with copies or a non-contiguous placement: each (token, expert) of layer l goes to
+  // one copy (the copies taken in turn per expert, the same on every tp rank); writes this
+  // rank's local slot or -1 per (token, k) into local_slots_.
+  absl::Status MapToLocalSlots(int l);
   absl::Status CheckRouting(int layer_idx);
   void Observe(std::string_view name, const Buffer& buffer, std::vector<int64_t> shape);
 
   ModelConfig config_;
   Backend& backend_;
+  // The checkpoint the weights came from, kept mapped for loading other expert placements.
+  std::unique_ptr<Checkpoint> checkpoint_;
+  std::unique_ptr<ExpertSlots> experts_;
   ModelParallel parallel_;
   LocalDims dims_;
   std::unique_ptr<Weights> weights_;
@@ -151,6 +188,8 @@ class Model {
   BufferPtr moe_in_;      // [T, H]
   BufferPtr topk_ids_;    // [T, top_k]
   BufferPtr topk_weights_;// [T, top_k]
+  BufferPtr local_slots_; // [T, top_k] i32 (MapToLocalSlots)
+  std::vector<int32_t> host_local_slots_;
   BufferPtr row_hidden_;  // [R, H]
   BufferPtr logits_;      // [R, V]
   BufferPtr sampled_;     // [R] i32

@@ -1,6 +1,8 @@
 #include "worker/model/gemma4/weights.h"
 
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -16,6 +18,15 @@ struct Slice {
   std::vector<uint8_t> gathered;    // used when the slice is not contiguous in the file
   const uint8_t* data = nullptr;    // the slice's bytes (into the mapping or `gathered`)
 };
+
+absl::Status CheckFloat(const TensorView& view) {
+  if (view.dtype == DType::kF32 || view.dtype == DType::kBF16 || view.dtype == DType::kF16) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat("tensor '", view.name, "' in ", view.file,
+                                                 " has dtype ", DTypeName(view.dtype),
+                                                 "; weights must be F32, BF16 or F16"));
+}
 
 class Loader {
  public:
@@ -51,15 +62,6 @@ class Loader {
   }
 
  private:
-  static absl::Status CheckFloat(const TensorView& view) {
-    if (view.dtype == DType::kF32 || view.dtype == DType::kBF16 || view.dtype == DType::kF16) {
-      return absl::OkStatus();
-    }
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", view.name, "' in ", view.file,
-                                                   " has dtype ", DTypeName(view.dtype),
-                                                   "; weights must be F32, BF16 or F16"));
-  }
-
   absl::StatusOr<Slice> Read(const std::string& name, const std::vector<int64_t>& shape,
                              int layer_idx) {
     ASSIGN_OR_RETURN(TensorView view,
@@ -103,6 +105,41 @@ class Loader {
 };
 
 }  // namespace
+
+absl::StatusOr<ExpertSlotWeights> LoadExpertSlots(const ModelConfig& config,
+                                                  const Checkpoint& checkpoint, int layer_idx,
+                                                  std::span<const int32_t> experts,
+                                                  Backend& backend) {
+  const int64_t e_count = config.num_experts, hidden = config.hidden_size,
+                inter = config.moe_intermediate_size;
+  const std::string p = absl::StrCat(config.tensor_prefix, "layers.", layer_idx, ".");
+  ExpertSlotWeights out;
+  struct Part {
+    const char* name;
+    int64_t rows, cols;
+    BufferPtr* target;
+  };
+  for (const Part& part : {Part{"experts.gate_up_proj", 2 * inter, hidden, &out.gate_up},
+                           Part{"experts.down_proj", hidden, inter, &out.down}}) {
+    const auto& [name, rows, cols, target] = part;
+    ASSIGN_OR_RETURN(TensorView view, checkpoint.GetWithShape(p + name, {e_count, rows, cols}));
+    RETURN_IF_ERROR(CheckFloat(view));
+    const size_t expert_bytes = static_cast<size_t>(rows * cols) * DTypeSize(view.dtype);
+    std::vector<uint8_t> joined(expert_bytes * experts.size());
+    for (size_t s = 0; s < experts.size(); ++s) {
+      if (experts[s] < 0 || experts[s] >= e_count) {
+        return absl::InvalidArgumentError(absl::StrCat("expert slot ", s, " of layer ", layer_idx,
+                                                       " names expert ", experts[s], " of ",
+                                                       e_count));
+      }
+      std::memcpy(joined.data() + s * expert_bytes, view.data + experts[s] * expert_bytes,
+                  expert_bytes);
+    }
+    ASSIGN_OR_RETURN(*target, backend.UploadWeight(view.dtype, joined.data(),
+                                                   static_cast<int64_t>(experts.size()) * rows * cols));
+  }
+  return out;
+}
 
 absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
                                                      const Checkpoint& checkpoint,
@@ -156,10 +193,15 @@ absl::StatusOr<std::unique_ptr<Weights>> LoadWeights(const ModelConfig& config,
       ASSIGN_OR_RETURN(lw.router_proj, loader.Load(p + "router.proj.weight", {experts, hidden}));
       ASSIGN_OR_RETURN(lw.router_scale, loader.Load(p + "router.scale", {hidden}));
       ASSIGN_OR_RETURN(lw.per_expert_scale, loader.Load(p + "router.per_expert_scale", {experts}));
-      ASSIGN_OR_RETURN(lw.experts_gate_up,
-                       loader.Load(p + "experts.gate_up_proj", {experts, 2 * moe_inter, hidden}, l));
-      ASSIGN_OR_RETURN(lw.experts_down,
-                       loader.Load(p + "experts.down_proj", {experts, hidden, moe_inter}, l));
+      // The experts themselves are loaded per placement (LoadExpertSlots); check them here.
+      for (const auto& [name, shape] :
+           {std::pair<const char*, std::vector<int64_t>>{"experts.gate_up_proj",
+                                                         {experts, 2 * moe_inter, hidden}},
+            {"experts.down_proj", {experts, hidden, moe_inter}}}) {
+        ASSIGN_OR_RETURN(TensorView view,
+                         checkpoint.GetWithShape(config.tensor_prefix + p + name, shape));
+        RETURN_IF_ERROR(CheckFloat(view));
+      }
       ASSIGN_OR_RETURN(lw.pre_feedforward_layernorm_2,
                        loader.Load(p + "pre_feedforward_layernorm_2.weight", {hidden}));
       ASSIGN_OR_RETURN(lw.post_feedforward_layernorm_1,

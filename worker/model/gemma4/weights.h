@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -32,8 +33,6 @@ struct LayerWeights {
   BufferPtr router_proj;               // [E, H]
   BufferPtr router_scale;              // [H]
   BufferPtr per_expert_scale;          // [E]
-  BufferPtr experts_gate_up;           // [E, 2 * I_moe, H]
-  BufferPtr experts_down;              // [E, H, I_moe]
   BufferPtr pre_feedforward_layernorm_2;   // [H] expert input norm
   BufferPtr post_feedforward_layernorm_1;  // [H] dense-branch output norm
   BufferPtr post_feedforward_layernorm_2;  // [H] expert output norm
@@ -48,7 +47,21 @@ struct Weights {
   const Buffer& LmHead() const { return lm_head ? *lm_head : *embed_tokens; }
 };
 
-// Loads this rank's slice (`dims`, split as ShardSpecFor says) of every text-decoder weight of
+// One rank's expert slots of one MoE layer: the slots' experts, in slot order.
+struct ExpertSlotWeights {
+  BufferPtr gate_up;  // [slots, 2 * I_moe, H]: gate rows first
+  BufferPtr down;     // [slots, H, I_moe]
+};
+
+// Reads the experts `experts` (logical ids, one per slot) of layer `layer_idx` out of the mapped
+// checkpoint and uploads them as one slot array. Touches only those experts' bytes. Safe to call
+// on another thread while the backend runs steps (it only allocates new buffers).
+absl::StatusOr<ExpertSlotWeights> LoadExpertSlots(const ModelConfig& config,
+                                                  const Checkpoint& checkpoint, int layer_idx,
+                                                  std::span<const int32_t> experts,
+                                                  Backend& backend);
+
+// Loads this rank's slice (`dims`, split as ShardSpecFor says) of every text-decoder weight but the experts (LoadExpertSlots) of
 // `checkpoint` (names under config.tensor_prefix) onto `backend`, reading only the slice's bytes
 // of the memory-mapped files. Shapes are checked whole, against the config, before slicing.
 // Errors name the tensor, its file, and the expected and found shapes.
