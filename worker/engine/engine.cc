@@ -388,17 +388,17 @@ absl::Status Engine::RunUntilIdle() {
   return absl::OkStatus();
 }
 
+bool Engine::WaitForWork(absl::Duration timeout) {
+  absl::MutexLock lock(&mutex_);
+  auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mutex_) {
+    return num_live_ > 0 || !cancels_.empty();
+  };
+  return mutex_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+}
+
 absl::Status Engine::Run(const std::atomic<bool>* stop) {
   while (!stop->load()) {
-    {
-      absl::MutexLock lock(&mutex_);
-      auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mutex_) {
-        return num_live_ > 0 || !cancels_.empty();
-      };
-      mutex_.AwaitWithTimeout(absl::Condition(&ready), absl::Milliseconds(20));
-      if (num_live_ == 0 && cancels_.empty()) continue;
-    }
-    RETURN_IF_ERROR(Step().status());
+    if (WaitForWork(absl::Milliseconds(20))) RETURN_IF_ERROR(Step().status());
   }
   return absl::OkStatus();
 }

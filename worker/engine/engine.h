@@ -112,6 +112,8 @@ class Engine {
 
   // Submitted requests not yet finished. Thread-safe.
   bool HasWork() const;
+  // Waits up to `timeout` for a live request or a cancellation; whether there is one.
+  bool WaitForWork(absl::Duration timeout);
   EngineCounters counters() const;  // thread-safe
   // Called at the end of every executed step, on the stepping thread.
   void set_step_observer(std::function<void(const StepStats&)> observer) {

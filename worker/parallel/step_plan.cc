@@ -20,6 +20,10 @@ class Writer {
     U32(static_cast<uint32_t>(v.size()));
     for (int32_t x : v) I32(x);
   }
+  void Bytes(const std::string& v) {
+    U32(static_cast<uint32_t>(v.size()));
+    Raw(v.data(), v.size());
+  }
   std::string Take() { return std::move(out_); }
 
  private:
@@ -46,6 +50,13 @@ class Reader {
     for (int32_t& x : *v) I32(&x);
     return true;
   }
+  bool Bytes(std::string* v) {
+    uint32_t n;
+    if (!Count(1, &n)) return false;
+    v->assign(data_.data(), n);
+    data_.remove_prefix(n);
+    return true;
+  }
   bool done() const { return data_.empty(); }
 
  private:
@@ -58,7 +69,7 @@ class Reader {
   absl::string_view data_;
 };
 
-constexpr uint32_t kStepPlanFormat = 3;
+constexpr uint32_t kStepPlanFormat = 4;
 
 void WriteSampling(Writer& w, const SamplingParams& s) {
   w.F32(s.temperature);
@@ -105,7 +116,8 @@ std::string SerializeStepPlan(const StepPlan& plan) {
     w.U32((e.sample ? 1u : 0u) | (e.all_logits ? 2u : 0u));
     WriteSampling(w, e.sampling);
   }
-  w.U32(plan.stop ? 1 : 0);
+  w.U32((plan.stop ? 1u : 0u) | (plan.vote_placement ? 2u : 0u));
+  w.Bytes(plan.offered_placement);
   return w.Take();
 }
 
@@ -141,9 +153,12 @@ absl::StatusOr<StepPlan> ParseStepPlan(absl::string_view bytes) {
     e.sample = (sample & 1u) != 0;
     e.all_logits = (sample & 2u) != 0;
   }
-  uint32_t stop;
-  if (!r.U32(&stop)) return Malformed("stop flag");
-  plan.stop = stop != 0;
+  uint32_t flags;
+  if (!r.U32(&flags)) return Malformed("flags");
+  if ((flags & ~3u) != 0) return Malformed("unknown flags");
+  plan.stop = (flags & 1u) != 0;
+  plan.vote_placement = (flags & 2u) != 0;
+  if (!r.Bytes(&plan.offered_placement)) return Malformed("offered placement");
   if (!r.done()) return Malformed("trailing bytes");
   return plan;
 }

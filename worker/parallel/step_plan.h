@@ -39,6 +39,12 @@ struct StepPlan {
   std::vector<uint64_t> finished;  // sequence ids leaving the batch
   std::vector<StepEntry> entries;
   bool stop = false;  // the replica is shutting down: followers leave their loop
+  // A new expert placement (eplb::SerializePlacement) the ranks start loading in the background
+  // now; the step whose placement_epoch is its epoch is the first to use it.
+  std::string offered_placement;
+  // After this step every rank of the group says whether the offered placement is loaded (one
+  // all-reduce over the control group: the not-ready ranks, plus 1 << 20 per failed one).
+  bool vote_placement = false;
   bool operator==(const StepPlan&) const = default;
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -21,13 +22,168 @@ absl::StatusOr<std::vector<int32_t>> RunStep(gemma4::Model& model, KvCache& cach
   return model.Sample(params);
 }
 
+// After a step whose plan asked for a vote, every rank of the group sums its PlacementLoader
+// vote over the control group. Returns the sum (0: all ready).
+absl::StatusOr<int64_t> GroupVote(PlacementLoader& loader, parallel::Communicator* control) {
+  int64_t vote = loader.Vote();
+  if (control != nullptr && control->world_size() > 1) {
+    RETURN_IF_ERROR(control->AllReduce(&vote, 1, DType::kI64));
+  }
+  return vote;
+}
+
 }  // namespace
 
-LeaderExecutor::LeaderExecutor(gemma4::Model* model, parallel::Communicator* group_control)
-    : model_(model) {
+LeaderExecutor::LeaderExecutor(gemma4::Model* model, parallel::Communicator* group_control,
+                               std::chrono::milliseconds load_delay)
+    : model_(model), group_control_(group_control), loader_(model, load_delay) {
   if (group_control != nullptr && group_control->world_size() > 1) {
     channel_ = std::make_unique<parallel::StepPlanChannel>(group_control);
   }
+  absl::MutexLock lock(&mutex_);
+  active_ = model->placement();
+}
+
+void LeaderExecutor::OfferPlacement(eplb::Placement placement) {
+  absl::MutexLock lock(&mutex_);
+  if (placement.epoch <= active_.epoch) return;
+  if (incoming_.has_value() && placement.epoch <= incoming_->epoch) return;
+  incoming_ = std::move(placement);
+}
+
+eplb::Placement LeaderExecutor::ActivePlacement() const {
+  absl::MutexLock lock(&mutex_);
+  return active_;
+}
+
+bool LeaderExecutor::placement_pending() const {
+  absl::MutexLock lock(&mutex_);
+  return incoming_.has_value() || candidate_.has_value() || offered_.has_value();
+}
+
+void LeaderExecutor::PlacementState(int64_t mine[4]) {
+  const uint64_t known = std::max(ActivePlacement().epoch, offered_ ? offered_->epoch : 0);
+  {
+    absl::MutexLock lock(&mutex_);
+    if (incoming_.has_value() && (!candidate_ || incoming_->epoch > candidate_->epoch)) {
+      candidate_ = std::move(incoming_);
+    }
+    incoming_.reset();
+  }
+  if (candidate_ && candidate_->epoch <= known) candidate_.reset();
+  mine[0] = 0;
+  mine[1] = candidate_ ? static_cast<int64_t>(candidate_->epoch) : 0;
+  mine[2] = offered_ && group_ready_ ? static_cast<int64_t>(offered_->epoch) : 0;
+  mine[3] = offered_ ? static_cast<int64_t>(offered_->epoch) : 0;
+}
+
+absl::Status LeaderExecutor::AgreeOnPlacement(const std::vector<int64_t>& all,
+                                              parallel::Communicator* leaders) {
+  const size_t n = all.size() / 4;
+  int64_t newest = 0;
+  size_t root = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (all[4 * i + 1] > newest) {
+      newest = all[4 * i + 1];
+      root = i;
+    }
+  }
+  if (newest > 0) {
+    // A newer offer: the first leader holding it hands it to the others.
+    std::string bytes;
+    const bool mine = leaders == nullptr || static_cast<int>(root) == leaders->rank();
+    if (mine) {
+      if (!candidate_ || static_cast<int64_t>(candidate_->epoch) != newest) {
+        return absl::InternalError("expert placement agreement: this leader lost its offer");
+      }
+      bytes = eplb::SerializePlacement(*candidate_);
+    }
+    if (leaders != nullptr && leaders->world_size() > 1) {
+      int64_t size = static_cast<int64_t>(bytes.size());
+      RETURN_IF_ERROR(leaders->Broadcast(&size, 1, DType::kI64, static_cast<int>(root)));
+      std::vector<int64_t> words((size + 7) / 8, 0);
+      if (mine) std::memcpy(words.data(), bytes.data(), bytes.size());
+      RETURN_IF_ERROR(
+          leaders->Broadcast(words.data(), words.size(), DType::kI64, static_cast<int>(root)));
+      bytes.assign(reinterpret_cast<const char*>(words.data()), static_cast<size_t>(size));
+    }
+    absl::StatusOr<eplb::Placement> parsed = eplb::ParsePlacement(bytes);
+    if (!parsed.ok()) return parsed.status();
+    if (candidate_ && candidate_->epoch <= parsed->epoch) candidate_.reset();
+    LOG(INFO) << "expert placement epoch " << parsed->epoch << " offered; loading it";
+    offered_ = *std::move(parsed);
+    forward_ = true;
+    group_ready_ = false;
+    switch_now_ = false;
+    return absl::OkStatus();
+  }
+  // Every leader's group has loaded the same offer: the coming step switches.
+  if (offered_ && !forward_) {
+    bool all_ready = true;
+    for (size_t i = 0; i < n; ++i) {
+      all_ready = all_ready && all[4 * i + 2] == static_cast<int64_t>(offered_->epoch);
+    }
+    switch_now_ = all_ready;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LeaderExecutor::PreparePlacement(parallel::StepPlan& plan) {
+  if (switch_now_) {
+    RETURN_IF_ERROR(loader_.Install(offered_->epoch));
+    LOG(INFO) << "expert placement epoch " << offered_->epoch << " in use from step "
+              << steps_executed_ + 1;
+    {
+      absl::MutexLock lock(&mutex_);
+      active_ = *std::move(offered_);
+    }
+    offered_.reset();
+    switch_now_ = false;
+    group_ready_ = false;
+  }
+  {
+    absl::MutexLock lock(&mutex_);
+    plan.placement_epoch = active_.epoch;
+  }
+  if (forward_) {
+    plan.offered_placement = eplb::SerializePlacement(*offered_);
+    forward_ = false;
+    loader_.Start(*offered_);
+  }
+  plan.vote_placement = offered_.has_value() && !group_ready_;
+  return absl::OkStatus();
+}
+
+absl::Status LeaderExecutor::VoteOnPlacement(const parallel::StepPlan& plan) {
+  if (!plan.vote_placement) return absl::OkStatus();
+  ASSIGN_OR_RETURN(const int64_t vote, GroupVote(loader_, group_control_));
+  if (vote >= PlacementLoader::kFailed) {
+    LOG(ERROR) << "expert placement epoch " << offered_->epoch
+               << " abandoned: a rank of this group could not load it"
+               << (loader_.Vote() >= PlacementLoader::kFailed
+                       ? absl::StrCat(" (this rank: ", loader_.error().ToString(), ")")
+                       : std::string());
+    loader_.Drop();
+    offered_.reset();
+    group_ready_ = false;
+  } else {
+    group_ready_ = vote == 0;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int32_t>> LeaderExecutor::RunPlan(
+    parallel::StepPlan plan, const std::vector<gemma4::SequenceStep>& steps,
+    const std::vector<SamplingParams>& params, KvCache& cache) {
+  RETURN_IF_ERROR(PreparePlacement(plan));
+  const bool vote = plan.vote_placement;
+  RETURN_IF_ERROR(Send(std::move(plan)));
+  ++steps_executed_;
+  ASSIGN_OR_RETURN(std::vector<int32_t> sampled, RunStep(*model_, cache, steps, params));
+  parallel::StepPlan voted;
+  voted.vote_placement = vote;
+  RETURN_IF_ERROR(VoteOnPlacement(voted));
+  return sampled;
 }
 
 absl::Status LeaderExecutor::Send(parallel::StepPlan plan) {
@@ -55,15 +211,11 @@ absl::StatusOr<std::vector<int32_t>> LeaderExecutor::Execute(const StepBatch& ba
     steps.push_back({entry.tokens, entry.kv, entry.logits_mode()});
     if (entry.sample) params.push_back(entry.sampling);
   }
-  RETURN_IF_ERROR(Send(std::move(plan)));
-  ++steps_executed_;
-  return RunStep(*model_, cache, steps, params);
+  return RunPlan(std::move(plan), steps, params, cache);
 }
 
 absl::Status LeaderExecutor::ExecuteEmpty(KvCache& cache) {
-  RETURN_IF_ERROR(Send(parallel::StepPlan{}));
-  ++steps_executed_;
-  return RunStep(*model_, cache, {}, {}).status();
+  return RunPlan(parallel::StepPlan{}, {}, {}, cache).status();
 }
 
 absl::Status LeaderExecutor::Stop() {
@@ -73,8 +225,11 @@ absl::Status LeaderExecutor::Stop() {
 }
 
 absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
-                         parallel::Communicator* group_control) {
+                         parallel::Communicator* group_control,
+                         std::chrono::milliseconds load_delay) {
   parallel::StepPlanChannel channel(group_control);
+  PlacementLoader loader(&model, load_delay);
+  uint64_t active_epoch = model.placement().epoch;
   std::map<uint64_t, SequenceKv> sequences;
   auto release_all = [&] {
     for (auto& [id, kv] : sequences) cache.Release(kv);
@@ -87,6 +242,21 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
       return plan.status();
     }
     if (plan->stop) break;
+    if (!plan->offered_placement.empty()) {
+      absl::StatusOr<eplb::Placement> offered = eplb::ParsePlacement(plan->offered_placement);
+      if (!offered.ok()) {
+        release_all();
+        return offered.status();
+      }
+      loader.Start(*std::move(offered));
+    }
+    if (plan->placement_epoch != active_epoch) {
+      if (absl::Status installed = loader.Install(plan->placement_epoch); !installed.ok()) {
+        release_all();
+        return installed;
+      }
+      active_epoch = plan->placement_epoch;
+    }
     for (uint64_t id : plan->finished) {
       auto it = sequences.find(id);
       if (it == sequences.end()) continue;
@@ -119,6 +289,11 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
                                      [](const parallel::StepEntry& e) { return e.all_logits; });
     absl::Status status = sampled.status();
     if (status.ok() && gathers) status = model.LogitsToHost().status();
+    if (status.ok() && plan->vote_placement) {
+      absl::StatusOr<int64_t> vote = GroupVote(loader, group_control);
+      status = vote.status();
+      if (vote.ok() && *vote >= PlacementLoader::kFailed) loader.Drop();  // the leader abandons it
+    }
     if (!status.ok()) {
       release_all();
       return status;
@@ -130,9 +305,18 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
 
 absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCache& cache,
                                   parallel::Communicator* leaders) {
-  int64_t busy = engine.HasWork() ? 1 : 0;
-  if (leaders != nullptr) RETURN_IF_ERROR(leaders->AllReduce(&busy, 1, DType::kI64));
-  if (busy == 0) return false;
+  int64_t mine[4];
+  executor.PlacementState(mine);
+  mine[0] = engine.HasWork() ? 1 : 0;
+  std::vector<int64_t> all(mine, mine + 4);
+  if (leaders != nullptr && leaders->world_size() > 1) {
+    all.resize(4 * leaders->world_size());
+    RETURN_IF_ERROR(leaders->AllGather(mine, all.data(), 4, DType::kI64));
+  }
+  RETURN_IF_ERROR(executor.AgreeOnPlacement(all, leaders));
+  bool busy = executor.placement_pending();
+  for (size_t i = 0; i < all.size(); i += 4) busy = busy || all[i] != 0;
+  if (!busy) return false;
   const uint64_t before = executor.steps_executed();
   if (engine.HasWork()) RETURN_IF_ERROR(engine.Step().status());
   // The engine may have had nothing to schedule this time (or no work at all): the group still
@@ -143,13 +327,26 @@ absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCa
 
 absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& cache,
                            parallel::Communicator* leaders, const std::atomic<bool>* stop) {
-  if (leaders == nullptr) return engine.Run(stop);
+  if (leaders == nullptr) {
+    while (!stop->load()) {
+      if (executor.placement_pending()) {
+        ASSIGN_OR_RETURN(const bool ran, LockstepStep(engine, executor, cache, nullptr));
+        // An idle replica steps (empty) only to move the switch on: not flat out.
+        if (ran && !engine.HasWork()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      } else if (engine.WaitForWork(absl::Milliseconds(20))) {
+        RETURN_IF_ERROR(engine.Step().status());
+      }
+    }
+    return absl::OkStatus();
+  }
   // Every expert all-to-all needs every rank: the groups step together, an idle group with an
   // empty step.
   std::chrono::milliseconds idle_wait{1};
   while (!stop->load()) {
     ASSIGN_OR_RETURN(const bool ran, LockstepStep(engine, executor, cache, leaders));
-    if (ran) {
+    if (ran && !engine.HasWork() && executor.placement_pending()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    } else if (ran) {
       idle_wait = std::chrono::milliseconds(1);
     } else {
       std::this_thread::sleep_for(idle_wait);

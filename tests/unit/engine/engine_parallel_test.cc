@@ -2,6 +2,8 @@
 // replica (leader engine + a follower applying its step plans) and dp-ep replicas (an engine
 // per data-parallel group, stepping in lockstep) serve 64 concurrent requests, preemption
 // included, each output equal to the request run alone on one rank.
+#include <chrono>
+#include <cmath>
 #include <memory>
 #include <random>
 #include <thread>
@@ -13,6 +15,8 @@
 #include "worker/backend/cpu/cpu_backend.h"
 #include "worker/engine/engine.h"
 #include "worker/engine/generate.h"
+#include "common/model_config.h"
+#include "eplb/placement.h"
 #include "worker/replica/executor.h"
 #include "worker/parallel/in_process_communicator.h"
 
@@ -76,11 +80,31 @@ struct RankState {
   std::unique_ptr<parallel::Communicator> tp, ep, control, leaders;
 };
 
+// Live placement switches during a run: `placements[0]` is offered to group `offer_group`'s
+// leader after its step `first_offer`, each next one two steps after the one before is in use;
+// every load stalls `load_delay`, and every step of that leader takes at least `step_time`
+// (a model slower than the tiny one).
+struct Switches {
+  std::vector<eplb::Placement> placements;
+  uint64_t first_offer = 3;
+  std::chrono::milliseconds step_time{0};
+  int offer_group = 0;
+  std::chrono::milliseconds load_delay{0};
+  // Filled in: per rank, the placement epoch its model ended with; per group, the steps its
+  // leader ran.
+  std::vector<uint64_t> final_epochs;
+  std::vector<uint64_t> steps;
+  // The offering leader's step after which each placement was offered, and its first step
+  // with it (0: never).
+  std::vector<uint64_t> offered_at, switched_at;
+};
+
 // Runs `requests` on a replica of `world` ranks: tp mode (dp_ep false) or dp-ep with groups of
 // `tp` ranks, requests dealt round-robin to the groups. Returns each request's tokens and the
 // total preemptions.
 std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
-    const std::vector<Request>& requests, int world, int tp, bool dp_ep) {
+    const std::vector<Request>& requests, int world, int tp, bool dp_ep,
+    Switches* switches = nullptr) {
   const int groups = dp_ep ? world / tp : 1;
   const int group_size = dp_ep ? tp : world;
   std::vector<std::unique_ptr<parallel::InProcessGroup>> tp_groups, control_groups;
@@ -91,6 +115,12 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
   parallel::InProcessGroup ep_group(world), leader_group(groups);
   std::vector<std::vector<int32_t>> outputs(requests.size());
   std::vector<int64_t> preemptions(world, 0);
+  if (switches != nullptr) {
+    switches->final_epochs.assign(world, 0);
+    switches->steps.assign(groups, 0);
+  }
+  const std::chrono::milliseconds delay =
+      switches != nullptr ? switches->load_delay : std::chrono::milliseconds(0);
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
@@ -120,11 +150,13 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
       ASSERT_TRUE(cache.ok()) << cache.status();
       s.cache = std::move(*cache);
       if (tp_rank != 0) {
-        absl::Status followed = replica::FollowPlans(*s.model, *s.cache, s.control.get());
+        absl::Status followed = replica::FollowPlans(*s.model, *s.cache, s.control.get(), delay);
         EXPECT_TRUE(followed.ok()) << "rank " << r << ": " << followed;
+        if (switches != nullptr) switches->final_epochs[r] = s.model->placement().epoch;
         return;
       }
-      auto executor = std::make_unique<replica::LeaderExecutor>(s.model.get(), s.control.get());
+      auto executor =
+          std::make_unique<replica::LeaderExecutor>(s.model.get(), s.control.get(), delay);
       replica::LeaderExecutor* leader = executor.get();
       EngineOptions engine_options;
       engine_options.scheduler.max_step_tokens = 128;
@@ -140,8 +172,28 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
                                  })
                         .ok());
       }
-      if (dp_ep) {
-        s.leaders = leader_group.communicator(group);
+      if (switches != nullptr && group == switches->offer_group) {
+        switches->switched_at.assign(switches->placements.size(), 0);
+        switches->offered_at.assign(switches->placements.size(), 0);
+        (*engine)->set_step_observer([switches, leader](const StepStats& stats) {
+          std::this_thread::sleep_for(switches->step_time);
+          const uint64_t epoch = leader->ActivePlacement().epoch;
+          for (size_t i = 0; i < switches->placements.size(); ++i) {
+            if (epoch == switches->placements[i].epoch && switches->switched_at[i] == 0) {
+              switches->switched_at[i] = stats.step;
+            }
+            const bool due = i == 0 ? stats.step >= switches->first_offer
+                                    : switches->switched_at[i - 1] != 0 &&
+                                          stats.step >= switches->switched_at[i - 1] + 2;
+            if (due && switches->offered_at[i] == 0) {
+              switches->offered_at[i] = stats.step;
+              leader->OfferPlacement(switches->placements[i]);
+            }
+          }
+        });
+      }
+      if (dp_ep || switches != nullptr) {
+        if (dp_ep) s.leaders = leader_group.communicator(group);
         while (true) {
           auto ran = replica::LockstepStep(**engine, *leader, *s.cache, s.leaders.get());
           ASSERT_TRUE(ran.ok()) << "rank " << r << ": " << ran.status();
@@ -149,6 +201,10 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
         }
       } else {
         ASSERT_TRUE((*engine)->RunUntilIdle().ok());
+      }
+      if (switches != nullptr) {
+        switches->final_epochs[r] = s.model->placement().epoch;
+        switches->steps[group] = leader->steps_executed();
       }
       preemptions[r] = (*engine)->counters().preemptions;
       ASSERT_TRUE(leader->Stop().ok());
@@ -192,6 +248,51 @@ TEST(EngineReplicaSamplingTest, TinyTemperatureIsGreedyOnATpReplica) {
   auto [got, preemptions] = RunReplica(tiny, 2, 2, false);
   for (size_t i = 0; i < greedy.size(); ++i) EXPECT_EQ(got[i], want[i]) << "request " << i;
 }
+
+// Live placement switches in the middle of 64 requests: every rank moves to each offered
+// placement at the same step (a mismatch would break the expert all-to-all or the routing
+// check), and no output changes. With loads stalled 60 ms the steps go on meanwhile.
+class PlacementSwitchTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PlacementSwitchTest, SwitchesMidRunChangeNoOutput) {
+  const Case& c = GetParam();
+  const std::vector<Request> requests = MakeRequests(64, 11);
+  const auto alone = RunAlone(requests);
+  const ModelConfig config = *LoadModelConfig(testing::GoldenPath(kModel));
+  const int ep = c.dp_ep ? c.world : c.tp;
+  Switches switches;
+  for (uint64_t epoch : {1u, 2u}) {
+    std::mt19937_64 rng(epoch);
+    std::vector<int64_t> load(static_cast<size_t>(config.num_hidden_layers) * config.num_experts);
+    for (int64_t& v : load) v = static_cast<int64_t>(std::exp2(rng() % 10));
+    auto p = eplb::BalancedPlacement(load, config.num_hidden_layers, config.num_experts,
+                                     {ep, 1}, 16 % ep == 0 ? ep : 0);
+    ASSERT_TRUE(p.ok()) << p.status();
+    p->epoch = epoch;
+    switches.placements.push_back(*p);
+  }
+  switches.offer_group = c.dp_ep ? c.world / c.tp - 1 : 0;  // dp-ep: the last group's leader
+  switches.load_delay = std::chrono::milliseconds(60);
+  switches.step_time = std::chrono::milliseconds(4);
+  auto [got, preemptions] = RunReplica(requests, c.world, c.tp, c.dp_ep, &switches);
+  for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(got[i], alone[i]) << "request " << i;
+  for (int r = 0; r < c.world; ++r) EXPECT_EQ(switches.final_epochs[r], 2u) << "rank " << r;
+  // Steps went on while each placement loaded (60 ms; a step here takes about 4 ms).
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_GT(switches.offered_at[i], 0u) << "placement " << i + 1;
+    EXPECT_GT(switches.switched_at[i], switches.offered_at[i] + 5) << "placement " << i + 1;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Replicas, PlacementSwitchTest,
+                         ::testing::Values(Case{2, 2, false}, Case{2, 1, true},
+                                           Case{4, 2, true}),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           const Case& c = info.param;
+                           return c.dp_ep ? "dpep_w" + std::to_string(c.world) + "_t" +
+                                                std::to_string(c.tp)
+                                          : "tp" + std::to_string(c.world);
+                         });
 
 INSTANTIATE_TEST_SUITE_P(Replicas, EngineReplicaTest,
                          ::testing::Values(Case{2, 2, false}, Case{2, 1, true},
