@@ -1,15 +1,19 @@
 // One model over W ranks as separate processes (gemma-forward / gemma-generate with
 // --world-size --rank --rendezvous, Gloo over loopback) gives the one-rank result; start-up
 // errors are refused with clear messages; a rank killed mid-run makes the others fail within
-// the timeout; a rank loads only its share of the weights.
+// the timeout; a rank loads only its share of the weights; placements with copies of hot
+// experts (--expert-placement, --redundant-experts) give the one-rank result too.
 #include <signal.h>
 #include <sys/wait.h>
 
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,7 +23,10 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "common/model_config.h"
 #include "common/npy.h"
+#include "eplb/placement.h"
+#include "eplb/placement_json.h"
 #include "gtest/gtest.h"
 #include "tests/testing/child_process.h"
 #include "tests/testing/compare.h"
@@ -44,9 +51,11 @@ std::string Temp(const std::string& name) {
 
 const char kPrompt[] = "2,17,301,42,7,256,106,107,105,88,107,33,44,55,66,77,88,99,111";
 
-// Runs `tool` as W processes with `args` plus the rank flags; returns rank 0's output and
-// checks every rank exits 0.
-std::string RunRanks(const std::string& tool, int world, const std::vector<std::string>& args) {
+// Runs `tool` as W processes with `args` plus the rank flags; returns each rank's exit code
+// (-1 if it did not exit normally within `timeout`).
+std::vector<int> RunRanksForCodes(const std::string& tool, int world,
+                                  const std::vector<std::string>& args,
+                                  std::chrono::seconds timeout = std::chrono::seconds(120)) {
   const int port = testing::FreeLocalPort();
   std::vector<std::unique_ptr<ChildProcess>> ranks;
   for (int r = 0; r < world; ++r) {
@@ -60,9 +69,17 @@ std::string RunRanks(const std::string& tool, int world, const std::vector<std::
     }
     ranks.push_back(std::make_unique<ChildProcess>(argv, Temp(absl::StrCat(tool, r, ".log"))));
   }
+  std::vector<int> codes;
+  for (int r = 0; r < world; ++r) codes.push_back(ranks[r]->WaitForExitCode(timeout));
+  return codes;
+}
+
+// As RunRanksForCodes; returns rank 0's output and checks every rank exits 0.
+std::string RunRanks(const std::string& tool, int world, const std::vector<std::string>& args) {
+  const std::vector<int> codes = RunRanksForCodes(tool, world, args);
   for (int r = 0; r < world; ++r) {
-    EXPECT_EQ(ranks[r]->WaitForExitCode(std::chrono::seconds(120)), 0)
-        << "rank " << r << ": " << testing::ReadFileToString(Temp(absl::StrCat(tool, r, ".log")));
+    EXPECT_EQ(codes[r], 0) << "rank " << r << ": "
+                           << testing::ReadFileToString(Temp(absl::StrCat(tool, r, ".log")));
   }
   return testing::ReadFileToString(Temp(absl::StrCat(tool, "0.log")));
 }
@@ -207,6 +224,115 @@ TEST(MultiProcessErrorsTest, KilledRankMakesTheOthersFailWithinTheTimeout) {
   EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) != 0);
   std::string output = testing::ReadFileToString(Temp("killed0.log"));
   EXPECT_NE(output.find("rank 0:"), std::string::npos) << output;
+}
+
+// tiny-moe's placement fitted to a random, steep load (as PlacementEquivalenceTest does): the
+// hot experts get copies and ownership is not contiguous. Written as JSON; returns the path.
+std::string WriteBalancedPlacement(int ranks, int redundant, uint64_t seed) {
+  const ModelConfig config = *LoadModelConfig(testing::GoldenPath("tiny-moe"));
+  const int layers = static_cast<int>(config.num_hidden_layers);
+  const int experts = static_cast<int>(config.num_experts);
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> load(static_cast<size_t>(layers) * experts);
+  for (int64_t& v : load) v = static_cast<int64_t>(std::exp2(rng() % 12));
+  auto placement = eplb::BalancedPlacement(load, layers, experts, {ranks, ranks}, redundant);
+  EXPECT_TRUE(placement.ok()) << placement.status();
+  if (!placement.ok()) return "";
+  EXPECT_FALSE(eplb::CopyTable(*placement).contiguous());
+  const std::string path = Temp(absl::StrCat("placement_", ranks, "_", redundant, ".json"));
+  std::ofstream(path) << eplb::PlacementToJson(*placement);
+  return path;
+}
+
+TEST(MultiProcessPlacementTest, PlacementsWithCopiesEqualOneRank) {
+  const std::string model = "--model=" + testing::GoldenPath("tiny-moe");
+  const std::vector<float> one = ForwardLogits("tiny-moe", 1, {});
+  const std::vector<std::string> generate = {model, absl::StrCat("--tokens=", kPrompt),
+                                             "--max-new-tokens=12", "--temperature=0"};
+  std::vector<std::string> argv = {Tool("gemma-generate")};
+  argv.insert(argv.end(), generate.begin(), generate.end());
+  ChildProcess single(argv, Temp("generate1.log"));
+  ASSERT_EQ(single.WaitForExitCode(std::chrono::seconds(60)), 0);
+  const std::string want(
+      absl::StripAsciiWhitespace(testing::ReadFileToString(Temp("generate1.log"))));
+
+  struct PlacementCase {
+    int world;
+    std::vector<std::string> flags;
+    std::string logged;  // what rank 0 says of the placement it loads
+  };
+  const std::vector<PlacementCase> cases = {
+      {2, {"--expert-placement=" + WriteBalancedPlacement(2, 4, 1)}, "4 copies over 2 ranks"},
+      {4, {"--mode=dp-ep", "--expert-placement=" + WriteBalancedPlacement(4, 8, 2)},
+       "8 copies over 4 ranks"},
+      {4, {"--mode=dp-ep", "--tp=2", "--expert-placement=" + WriteBalancedPlacement(4, 4, 3)},
+       "4 copies over 4 ranks"},
+      {2, {"--mode=dp-ep", "--redundant-experts=6"}, "6 copies over 2 ranks"},
+  };
+  for (const PlacementCase& c : cases) {
+    SCOPED_TRACE(absl::StrCat("world ", c.world, " ", absl::StrJoin(c.flags, " ")));
+    const std::vector<float> many = ForwardLogits("tiny-moe", c.world, c.flags);
+    EXPECT_NE(testing::ReadFileToString(Temp("gemma-forward0.log")).find(c.logged),
+              std::string::npos)
+        << testing::ReadFileToString(Temp("gemma-forward0.log"));
+    ASSERT_EQ(one.size(), many.size());
+    auto cmp = testing::Compare(many, one);
+    EXPECT_LE(cmp.Relative(), testing::kSelfRelTol) << cmp.ToString();
+
+    std::vector<std::string> args = generate;
+    args.insert(args.end(), c.flags.begin(), c.flags.end());
+    const std::string got = RunRanks("gemma-generate", c.world, args);
+    EXPECT_NE(got.find(want), std::string::npos) << "want: " << want << "\ngot: " << got;
+  }
+}
+
+TEST(MultiProcessPlacementTest, PlacementsThatDoNotFitAreRefused) {
+  const std::string model = "--model=" + testing::GoldenPath("tiny-moe");
+  const std::string tokens = absl::StrCat("--tokens=", kPrompt);
+  // A placement over 4 ranks given to 2 rank processes: every rank fails, none hangs. Each
+  // refuses it after joining its peers, so rank 0 (which serves the rendezvous and gets there
+  // first) says why; a peer may instead see rank 0 leave.
+  const std::string four = WriteBalancedPlacement(4, 4, 5);
+  const auto start = Clock::now();
+  const std::vector<int> codes = RunRanksForCodes(
+      "gemma-generate", 2, {model, tokens, "--expert-placement=" + four},
+      std::chrono::seconds(40));
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 20.0);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_GT(codes[r], 0) << "rank " << r << ": "
+                           << testing::ReadFileToString(Temp(absl::StrCat("gemma-generate", r,
+                                                                          ".log")));
+  }
+  const std::string log0 = testing::ReadFileToString(Temp("gemma-generate0.log"));
+  EXPECT_NE(log0.find("rank 0: --expert-placement " + four + ": the placement is for 4 ranks"),
+            std::string::npos)
+      << log0;
+
+  // The rest fail before any peer is needed: ranks as threads of one process.
+  const std::string dense = "--model=" + testing::GoldenPath("tiny-dense");
+  const std::string bad_json = Temp("bad_placement.json");
+  std::ofstream(bad_json) << R"({"num_experts": 16, "num_ranks": 2, "slots_per_rank": 8,
+    "layers": [[[0, 1, 2, 3, 4, 5, 6, "seven"]]]})";
+  struct BadCase {
+    std::vector<std::string> flags;
+    std::string expected;
+  };
+  const std::vector<BadCase> cases = {
+      {{model, "--tp=2", "--redundant-experts=3"}, "--redundant-experts 3 over 2"},
+      {{model, "--tp=2", "--redundant-experts=-1"}, "must not be negative"},
+      {{dense, "--tp=2", "--redundant-experts=2"}, "has no experts"},
+      {{dense, "--expert-placement=" + four}, "has no experts"},
+      {{model, "--tp=2", "--expert-placement=" + Temp("absent.json")}, "absent.json"},
+      {{model, "--tp=2", "--expert-placement=" + bad_json}, "layers[0]"},
+  };
+  for (const BadCase& c : cases) {
+    std::vector<std::string> argv = {Tool("gemma-generate"), tokens};
+    argv.insert(argv.end(), c.flags.begin(), c.flags.end());
+    auto [code, output] = RunOnce(argv);
+    EXPECT_GT(code, 0) << absl::StrJoin(c.flags, " ");
+    EXPECT_NE(output.find(c.expected), std::string::npos)
+        << absl::StrJoin(c.flags, " ") << "\nprinted: " << output;
+  }
 }
 
 }  // namespace

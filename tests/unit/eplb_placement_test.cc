@@ -4,9 +4,15 @@
 // round-robin on the next window of a stable skew, and copies are chosen as documented.
 #include "eplb/placement.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <random>
+
+#include "eplb/placement_json.h"
 
 #include "gtest/gtest.h"
 
@@ -187,6 +193,77 @@ TEST(PlacementSerializationTest, RoundTripsAndRejectsDamage) {
   bad[26] = bad[30];
   bad[27] = bad[31];
   EXPECT_EQ(ParsePlacement(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+
+TEST(PlacementJsonTest, RoundTripsThroughTextAndFile) {
+  Placement p = *BalancedPlacement(SkewedLoad(3, 16, 1.0, 5), 3, 16, {4, 2}, 4);
+  p.epoch = 7;
+  const std::string json = PlacementToJson(p);
+  // Five header lines and the closing two, per layer its brackets and one line per rank.
+  EXPECT_EQ(std::count(json.begin(), json.end(), '\n'), 1 + 5 + 3 * (2 + 4) + 2) << json;
+  auto back = PlacementFromJson(json);
+  ASSERT_TRUE(back.ok()) << back.status() << "\n" << json;
+  EXPECT_EQ(back->epoch, 7u);
+  EXPECT_TRUE(back->SameSlots(p));
+
+  const std::string path =
+      ::testing::TempDir() + "/eplb_placement_test_" + std::to_string(getpid()) + ".json";
+  std::ofstream(path) << json;
+  auto read = ReadPlacementFile(path);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(read->SameSlots(p));
+  std::remove(path.c_str());
+  auto missing = ReadPlacementFile(path);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find(path), std::string::npos) << missing.status();
+}
+
+TEST(PlacementJsonTest, BadFieldsAreNamedByTheirPath) {
+  // 2 layers of 4 experts over 2 ranks with 3 slots each.
+  auto json = [](const std::string& layers, const std::string& head =
+                                                 R"("num_experts": 4, "num_ranks": 2, )"
+                                                 R"("slots_per_rank": 3)") {
+    return "{" + head + R"(, "layers": )" + layers + "}";
+  };
+  const std::string good = "[[[0, 1, 2], [3, 0, 1]], [[3, 2, 1], [0, 1, 2]]]";
+  ASSERT_TRUE(PlacementFromJson(json(good)).ok()) << PlacementFromJson(json(good)).status();
+  struct Bad {
+    std::string text;
+    std::string expected;
+  };
+  const std::vector<Bad> cases = {
+      {R"({"num_experts": 4,)", "line 1"},
+      {"[1, 2]", "top level"},
+      {json(good, R"("num_experts": 4, "slots_per_rank": 3)"), "num_ranks: missing"},
+      {json(good, R"("num_experts": -4, "num_ranks": 2, "slots_per_rank": 3)"), "num_experts"},
+      {json(good, R"("epoch": "x", "num_experts": 4, "num_ranks": 2, "slots_per_rank": 3)"),
+       "epoch"},
+      {json(good, R"("num_experts": 4, "num_ranks": 2, "slot_per_rank": 3)"), "slot_per_rank"},
+      {json(R"({"a": 1})"), "layers: expected an array"},
+      {json("[[[0, 1, 2], [3, 0, 1]], [[3, 2, 1]]]"), "layers[1]: expected an array of "
+                                                      "num_ranks = 2"},
+      {json("[[[0, 1, 2], [3, 0]], [[3, 2, 1], [0, 1, 2]]]"), "layers[0][1]: expected"},
+      {json(R"([[[0, 1, 2], [3, 0, 1]], [[3, 2, 1], [0, "x", 2]]])"), "layers[1][1][1]"},
+      {json("[[[0, 1, 2], [3, 0, 1]], [[3, 2, 1], [0, 1.5, 2]]]"), "layers[1][1][1]"},
+      {json("[[[0, 1, 1], [3, 0, 2]], [[3, 2, 1], [0, 1, 2]]]"), "two copies of expert 1"},
+      {json("[[[0, 1, 2], [0, 1, 2]], [[3, 2, 1], [0, 1, 2]]]"), "no copy of expert 3"},
+      {json("[[[0, 1, 2], [3, 0, 9]], [[3, 2, 1], [0, 1, 2]]]"), "expert 9"},
+  };
+  for (const Bad& c : cases) {
+    auto parsed = PlacementFromJson(c.text);
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument) << c.text;
+    EXPECT_NE(parsed.status().message().find(c.expected), std::string::npos)
+        << c.text << "\ngave: " << parsed.status();
+  }
+  const std::string path =
+      ::testing::TempDir() + "/eplb_placement_bad_" + std::to_string(getpid()) + ".json";
+  std::ofstream(path) << json(R"([[[0, 1, 2], [3, 0, 1]], [[3, 2, 1], [0, "x", 2]]])");
+  auto read = ReadPlacementFile(path);
+  std::remove(path.c_str());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(read.status().message().find(path + ": "), std::string::npos) << read.status();
+  EXPECT_NE(read.status().message().find("layers[1][1][1]"), std::string::npos) << read.status();
 }
 
 }  // namespace

@@ -36,8 +36,8 @@ absl::Status Run() {
   }
   const int64_t min_cache = static_cast<int64_t>(tokens.size());
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
-                     gemma::replica::LoadRank(gemma::cli::RankLoadOptions(env, min_cache)));
+    ASSIGN_OR_RETURN(gemma::replica::LoadOptions load, gemma::cli::RankLoadOptions(env, min_cache));
+    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded, gemma::replica::LoadRank(load));
     ASSIGN_OR_RETURN(std::vector<float> logits,
                      gemma::cli::RankPromptLogits(env, *loaded.model, *loaded.cache, tokens,
                                                   absl::GetFlag(FLAGS_prefill_chunk)));

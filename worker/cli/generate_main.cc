@@ -57,8 +57,8 @@ absl::Status Run() {
   options.sampling.top_p = static_cast<float>(top_p);
   options.sampling.seed = absl::GetFlag(FLAGS_seed);
   return gemma::cli::RunOnRanks([&](gemma::cli::RankEnv& env) -> absl::Status {
-    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
-                     gemma::replica::LoadRank(gemma::cli::RankLoadOptions(env, min_cache)));
+    ASSIGN_OR_RETURN(gemma::replica::LoadOptions load, gemma::cli::RankLoadOptions(env, min_cache));
+    ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded, gemma::replica::LoadRank(load));
     gemma::GenerateOptions rank_options = options;
     if (absl::GetFlag(FLAGS_stop_at_eos)) {
       for (int64_t id : loaded.model->config().eos_token_ids) {
