@@ -20,7 +20,9 @@
 #include <cstdlib>
 #include <functional>
 #include <iostream>
+#include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -38,6 +40,7 @@
 #include "client/batch_commands.h"
 #include "client/proto_json.h"
 #include "proto/bearer.h"
+#include "proto/placement_convert.h"
 #include "proto/tls.h"
 #include "common/flags.h"
 #include "gemma/v1/cluster.grpc.pb.h"
@@ -68,7 +71,10 @@ ABSL_FLAG(std::string, replica, "", "experts: one replica's totals (default: the
 ABSL_FLAG(std::string, record, "",
           "experts: append every expert-load window as it arrives to this file, one JSON "
           "object a line, until interrupted");
-ABSL_FLAG(bool, wait, false, "batch submit: follow the batch to its end with a progress bar");
+ABSL_FLAG(bool, wait, false,
+          "batch submit: follow the batch to its end with a progress bar; rebalance: wait "
+          "until each replica runs its new placement");
+ABSL_FLAG(bool, dry_run, false, "rebalance: plan and report, switch nothing");
 ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (default stdout)");
 ABSL_FLAG(std::string, errors, "",
           "batch results: the OpenAI error file (default OUTPUT.errors.jsonl, or stdout)");
@@ -87,6 +93,9 @@ constexpr char kUsage[] =
     "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]] [--record FILE]\n"
     "      expert load: a layers x experts heatmap, each layer's balancedness, per-rank load;\n"
     "      --record appends each window as it arrives (JSON lines) until interrupted\n"
+    "  gemmactl rebalance [--replica ID] [--dry-run] [--wait]   (admin)\n"
+    "      fits each replica's expert placement (copies of hot experts in its spare slots) to\n"
+    "      its recent load and switches to it live; prints balancedness before and predicted\n"
     "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
     "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
@@ -407,10 +416,52 @@ absl::Status Status() {
 // One cell per expert, darker for more load relative to the layer's busiest expert.
 constexpr const char* kRamp[] = {" ", "\u2591", "\u2592", "\u2593", "\u2588"};
 
+// A replica's placement in a few lines: epoch, slots, the experts with the most copies, and
+// its last switch with the balancedness before, predicted and measured.
+std::string RenderPlacement(const std::string& replica_id, const gemma::v1::ReplicaExpertLoad& r) {
+  const gemma::v1::ExpertPlacement& p = r.placement();
+  if (p.num_ranks() <= 1) return "";
+  std::vector<int> most(p.num_experts(), 0);  // per expert, its most copies in any layer
+  for (int l = 0; l < p.num_layers(); ++l) {
+    std::vector<int> copies(p.num_experts(), 0);
+    for (int i = 0; i < p.num_ranks() * p.slots_per_rank(); ++i) {
+      const int32_t e = p.slots(l * p.num_ranks() * p.slots_per_rank() + i);
+      if (e >= 0 && e < p.num_experts()) ++copies[e];
+    }
+    for (int e = 0; e < p.num_experts(); ++e) most[e] = std::max(most[e], copies[e]);
+  }
+  std::vector<int> copied;
+  for (int e = 0; e < p.num_experts(); ++e) {
+    if (most[e] > 1) copied.push_back(e);
+  }
+  std::stable_sort(copied.begin(), copied.end(), [&](int a, int b) { return most[a] > most[b]; });
+  std::vector<std::string> shown;
+  for (size_t i = 0; i < copied.size() && i < 8; ++i) {
+    shown.push_back(absl::StrFormat("#%d x%d", copied[i], most[copied[i]]));
+  }
+  std::string out = absl::StrFormat(
+      "replica %s: placement epoch %d, %d ranks x %d slots (%d redundant)%s%s\n", replica_id,
+      p.epoch(), p.num_ranks(), p.slots_per_rank(),
+      p.num_ranks() * p.slots_per_rank() - p.num_experts(),
+      shown.empty() ? "" : "; most copies: ", absl::StrJoin(shown, ", "));
+  if (r.switches_size() > 0) {
+    const gemma::v1::RebalanceRecord& s = r.switches(r.switches_size() - 1);
+    out += absl::StrFormat(
+        "  last switch: epoch %d (%s, %s): rank balance %.3f before, %.3f predicted, %s\n",
+        s.epoch(), s.reason(), s.state(), s.balancedness_before(), s.balancedness_predicted(),
+        s.balancedness_measured() >= 0 ? absl::StrFormat("%.3f measured", s.balancedness_measured())
+                                       : std::string("not measured yet"));
+  }
+  return out;
+}
+
 // The heatmap of `load` and each layer's balancedness (mean / max tokens per expert: 1 is
 // perfectly even) and busiest expert's share of the layer's routed tokens.
 // `colour`: each level of the ramp also in its colour (blue, green, yellow, red), for terminals.
-std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load, bool colour) {
+// `placement` (a replica's, may be null): per-rank load follows its slots, each expert's
+// tokens split evenly over its copies; without one, ranks own contiguous blocks.
+std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load, bool colour,
+                             const gemma::v1::ExpertPlacement* placement = nullptr) {
   const int layers = load.num_layers(), experts = load.num_experts();
   if (layers == 0 || experts == 0 ||
       load.counts_size() != static_cast<int64_t>(layers) * experts) {
@@ -452,10 +503,42 @@ std::string RenderExpertLoad(const gemma::v1::ExpertLoad& load, bool colour) {
     all += total;
     all_max_sum += max;
   }
-  // Ranks: each owns a contiguous block of experts; the busiest rank sets the pace of every
-  // expert all-to-all.
+  // Ranks: the busiest rank sets the pace of every expert all-to-all.
+  absl::StatusOr<gemma::eplb::Placement> placed = absl::NotFoundError("none");
+  if (placement != nullptr && placement->num_ranks() > 1 &&
+      placement->num_layers() == layers && placement->num_experts() == experts) {
+    placed = gemma::PlacementFromProto(*placement);
+  }
+  if (placed.ok()) {
+    const int ranks = placed->num_ranks;
+    std::vector<double> rank_tokens(ranks, 0);
+    double balance_sum = 0;
+    std::vector<int64_t> counts(load.counts().begin(), load.counts().end());
+    for (int l = 0; l < layers; ++l) {
+      const std::vector<double> per_rank = gemma::eplb::RankLoads(
+          *placed, l, std::span<const int64_t>(counts).subspan(l * experts, experts));
+      double max = 0, total = 0;
+      for (int r = 0; r < ranks; ++r) {
+        rank_tokens[r] += per_rank[r];
+        max = std::max(max, per_rank[r]);
+        total += per_rank[r];
+      }
+      balance_sum += max > 0 ? total / ranks / max : 1.0;
+    }
+    const double busiest = *std::max_element(rank_tokens.begin(), rank_tokens.end());
+    out += absl::StrFormat(
+        "ranks (%d slots each, placement epoch %d; an expert's tokens split over its copies), "
+        "tokens over all layers:\n",
+        placed->slots_per_rank, placed->epoch);
+    for (int r = 0; r < ranks; ++r) {
+      const int width = busiest > 0 ? static_cast<int>(40 * rank_tokens[r] / busiest) : 0;
+      out += absl::StrFormat("  rank %2d %s %.0f\n", r, std::string(width, '#'), rank_tokens[r]);
+    }
+    out += absl::StrFormat("rank balance %.2f (mean over layers of mean / max tokens per rank)\n",
+                           balance_sum / layers);
+  }
   const int ranks = load.expert_ranks();
-  if (ranks > 1 && experts % ranks == 0) {
+  if (!placed.ok() && ranks > 1 && experts % ranks == 0) {
     const int per_rank = experts / ranks;
     std::vector<int64_t> rank_tokens(ranks, 0);
     double balance_sum = 0;
@@ -541,10 +624,14 @@ absl::Status Experts() {
         stub->GetExpertLoad(&context, gemma::v1::GetExpertLoadRequest(), &response);
     if (!status.ok()) return FromGrpc(status);
     const gemma::v1::ExpertLoad* load = &response.totals();
+    const gemma::v1::ReplicaExpertLoad* chosen = nullptr;
     if (!replica.empty()) {
       load = nullptr;
       for (const gemma::v1::ReplicaExpertLoad& r : response.replicas()) {
-        if (r.replica_id() == replica) load = &r.totals();
+        if (r.replica_id() == replica) {
+          load = &r.totals();
+          chosen = &r;
+        }
       }
       if (load == nullptr) {
         std::vector<std::string> ids;
@@ -558,11 +645,95 @@ absl::Status Experts() {
     } else {
       // In place on a terminal: home the cursor and clear the screen first.
       if (absl::GetFlag(FLAGS_watch)) std::cout << "\x1b[H\x1b[2J";
-      std::cout << RenderExpertLoad(*load, isatty(STDOUT_FILENO)) << std::flush;
+      std::string placements;
+      for (const gemma::v1::ReplicaExpertLoad& r : response.replicas()) {
+        if (chosen == nullptr || &r == chosen) placements += RenderPlacement(r.replica_id(), r);
+      }
+      std::cout << RenderExpertLoad(*load, isatty(STDOUT_FILENO),
+                                    chosen != nullptr ? &chosen->placement() : nullptr)
+                << placements << std::flush;
     }
     if (!absl::GetFlag(FLAGS_watch)) return absl::OkStatus();
     std::this_thread::sleep_for(std::chrono::milliseconds(absl::GetFlag(FLAGS_interval_ms)));
   }
+}
+
+// rebalance [--replica ID] [--dry-run] [--wait]: Cluster.Rebalance, one line per replica; with
+// --wait, polls until each replica offered a placement runs it (or it is abandoned).
+absl::Status Rebalance() {
+  auto channel = Connect(CoordinatorAddress());
+  if (!channel.ok()) return channel.status();
+  auto stub = gemma::v1::Cluster::NewStub(*channel);
+  gemma::v1::RebalanceRequest request;
+  request.set_replica_id(absl::GetFlag(FLAGS_replica));
+  request.set_dry_run(absl::GetFlag(FLAGS_dry_run));
+  gemma::v1::RebalanceResponse response;
+  {
+    grpc::ClientContext context;
+    gemma::AddBearer(context, Token());
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Status status = stub->Rebalance(&context, request, &response);
+    if (!status.ok()) return FromGrpc(status, "rebalancing");
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << ToJson(response) << "\n";
+  } else if (response.replicas_size() == 0) {
+    std::cout << "no replica has its experts spread over several ranks: nothing to balance\n";
+  }
+  std::map<std::string, uint64_t> waiting;
+  for (const gemma::v1::ReplicaRebalance& r : response.replicas()) {
+    if (absl::GetFlag(FLAGS_json)) {
+      if (r.has_plan()) waiting[r.replica_id()] = r.plan().epoch();
+      continue;
+    }
+    if (!r.has_plan()) {
+      std::cout << absl::StrFormat("%s: unchanged: %s\n", r.replica_id(), r.skipped());
+      continue;
+    }
+    std::cout << absl::StrFormat(
+        "%s: placement epoch %d %s: rank balance %.3f -> %.3f predicted on its recent load, "
+        "%d slots to load\n",
+        r.replica_id(), r.plan().epoch(),
+        request.dry_run() ? "planned (dry run, not offered)" : "offered", r.plan().balancedness_before(),
+        r.plan().balancedness_predicted(), r.plan().slots_moved());
+    if (!request.dry_run()) waiting[r.replica_id()] = r.plan().epoch();
+  }
+  if (!absl::GetFlag(FLAGS_wait) || request.dry_run() || waiting.empty()) return absl::OkStatus();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(150);
+  while (!waiting.empty()) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "replicas ", absl::StrJoin(waiting, ", ", absl::PairFormatter("@epoch ")),
+          " did not switch within 150 s; see the coordinator's log"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    grpc::ClientContext context;
+    gemma::AddBearer(context, Token());
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    gemma::v1::GetExpertLoadResponse load;
+    grpc::Status status = stub->GetExpertLoad(&context, {}, &load);
+    if (!status.ok()) return FromGrpc(status, "waiting for the switch");
+    for (const gemma::v1::ReplicaExpertLoad& r : load.replicas()) {
+      auto it = waiting.find(r.replica_id());
+      if (it == waiting.end()) continue;
+      for (const gemma::v1::RebalanceRecord& s : r.switches()) {
+        if (s.epoch() != it->second) continue;
+        if (s.state() == "abandoned") {
+          return absl::AbortedError(absl::StrCat(r.replica_id(), ": placement epoch ", s.epoch(),
+                                                 " was abandoned (a rank could not load it, or a "
+                                                 "newer one replaced it); see the logs"));
+        }
+      }
+      if (r.placement().epoch() >= it->second) {
+        if (!absl::GetFlag(FLAGS_json)) {
+          std::cout << absl::StrFormat("%s: switched to placement epoch %d\n", r.replica_id(),
+                                       r.placement().epoch());
+        }
+        waiting.erase(it);
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -586,6 +757,8 @@ int main(int argc, char** argv) {
     status = Status();
   } else if (command == "experts" && args.size() == 2) {
     status = Experts();
+  } else if (command == "rebalance" && args.size() == 2) {
+    status = Rebalance();
   } else if (command == "batch") {
     auto channel = Connect(CoordinatorAddress());
     if (channel.ok()) {

@@ -79,6 +79,16 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(bool, insecure, false,
           "serve without TLS (no --tls-cert) or without tokens (no --auth-tokens): without "
           "this flag the coordinator refuses to start open");
+ABSL_FLAG(double, rebalance_threshold, 0.85,
+          "rebalance a replica's experts on its own when its rank balancedness (mean over max "
+          "tokens per rank) over --rebalance-window windows is below this; 0: only on request "
+          "(gemmactl rebalance)");
+ABSL_FLAG(int32_t, rebalance_window, 10,
+          "expert-load windows (about a heartbeat each) a rebalance is fitted to and judged on");
+ABSL_FLAG(int32_t, rebalance_min_interval_s, 60,
+          "seconds at least between two automatic rebalances of one replica");
+ABSL_FLAG(double, rebalance_min_gain, 0.05,
+          "the rise in predicted rank balancedness an automatic rebalance needs");
 ABSL_FLAG(int32_t, max_attempts, 3,
           "sends of one request to replicas, the first included, before it fails with "
           "UNAVAILABLE (each failure moves it to another replica)");
@@ -170,7 +180,23 @@ int Run() {
   }
   const std::string internal_token = auth->enabled() ? auth->internal_token() : "";
   gemma::coordinator::InferenceService inference(&registry, proxy_options, auth.get());
-  gemma::coordinator::ClusterService cluster(&registry, auth.get());
+  const double rebalance_threshold = absl::GetFlag(FLAGS_rebalance_threshold);
+  const int32_t rebalance_window = absl::GetFlag(FLAGS_rebalance_window);
+  const int32_t rebalance_interval = absl::GetFlag(FLAGS_rebalance_min_interval_s);
+  const double rebalance_gain = absl::GetFlag(FLAGS_rebalance_min_gain);
+  if (rebalance_threshold < 0 || rebalance_threshold > 1 || rebalance_window < 1 ||
+      rebalance_interval < 0 || rebalance_gain < 0) {
+    std::cerr << "gemma-coordinator: --rebalance-threshold must be in [0, 1], "
+                 "--rebalance-window at least 1, --rebalance-min-interval-s and "
+                 "--rebalance-min-gain not negative\n";
+    return 1;
+  }
+  gemma::coordinator::Rebalancer rebalancer(
+      &registry, {.threshold = rebalance_threshold,
+                  .window = rebalance_window,
+                  .min_interval = std::chrono::seconds(rebalance_interval),
+                  .min_gain = rebalance_gain});
+  gemma::coordinator::ClusterService cluster(&registry, auth.get(), &rebalancer);
   gemma::coordinator::CoordinatorService coordinator(&registry, &store, auth.get());
   // Batches: durable in --data-dir, run through this coordinator's own Inference service (the
   // channel exists once the server is built).
@@ -343,7 +369,15 @@ int Run() {
             << max_attempts << " attempts per request)";
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
-  while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // The balancer looks at the replicas' expert load about once a heartbeat.
+  auto next_tick = std::chrono::steady_clock::now();
+  while (!g_stop.load()) {
+    if (std::chrono::steady_clock::now() >= next_tick) {
+      rebalancer.Tick();
+      next_tick += std::chrono::milliseconds(1000);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   LOG(INFO) << "shutting down";
   if (http_thread.joinable()) {
     http.stop();

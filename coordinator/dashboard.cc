@@ -108,31 +108,60 @@ function drawHeatmap(totals) {
 }
 
 // Per replica whose experts are spread over ranks: a bar per rank and the rank balancedness
-// (mean over layers of mean / max tokens per rank).
+// (mean over layers of mean / max tokens per rank), each expert's tokens split over its copies
+// in the replica's placement (contiguous blocks without one); the placement's epoch and slots
+// and its last switch.
 function drawRanks(replicas) {
   const div = document.getElementById("ranks");
   let html = "";
   for (const r of replicas || []) {
-    const t = r.totals || {};
-    const ranks = Number(t.expertRanks || 0), layers = t.numLayers || 0, experts = t.numExperts || 0;
-    if (ranks <= 1 || experts % ranks !== 0) continue;
-    const counts = (t.counts || []).map(Number), perRank = experts / ranks;
+    const t = r.totals || {}, p = r.placement || {};
+    const layers = t.numLayers || 0, experts = t.numExperts || 0;
+    const placed = Number(p.numRanks || 0) > 1 && p.numLayers === layers &&
+        p.numExperts === experts;
+    const ranks = placed ? p.numRanks : Number(t.expertRanks || 0);
+    if (ranks <= 1 || (!placed && experts % ranks !== 0)) continue;
+    const counts = (t.counts || []).map(Number), slots = (p.slots || []).map(Number);
+    const spr = placed ? p.slotsPerRank : experts / ranks;
     const tokens = new Array(ranks).fill(0);
     let balanceSum = 0;
     for (let l = 0; l < layers; ++l) {
       const row = new Array(ranks).fill(0);
-      for (let e = 0; e < experts; ++e) row[Math.floor(e / perRank)] += counts[l * experts + e];
+      if (placed) {
+        const base = l * ranks * spr, copies = new Array(experts).fill(0);
+        for (let i = 0; i < ranks * spr; ++i) copies[slots[base + i]] += 1;
+        for (let i = 0; i < ranks * spr; ++i) {
+          const e = slots[base + i];
+          row[Math.floor(i / spr)] += counts[l * experts + e] / copies[e];
+        }
+      } else {
+        for (let e = 0; e < experts; ++e) row[Math.floor(e / spr)] += counts[l * experts + e];
+      }
       row.forEach((c, k) => { tokens[k] += c; });
       const max = Math.max(...row), total = row.reduce((a, b) => a + b, 0);
       balanceSum += max > 0 ? total / ranks / max : 1;
     }
     const busiest = Math.max(1, ...tokens);
     html += `<div>replica ${r.replicaId}: rank balancedness <span data-rank-balance="${
-        r.replicaId}">${(layers > 0 ? balanceSum / layers : 1).toFixed(3)}</span></div><table>`;
+        r.replicaId}">${(layers > 0 ? balanceSum / layers : 1).toFixed(3)}</span>`;
+    if (placed) {
+      html += ` &middot; placement epoch <span data-placement-epoch="${r.replicaId}">${
+          Number(p.epoch || 0)}</span>, ${spr} slots per rank (${ranks * spr - experts} redundant)`;
+    }
+    const switches = r.switches || [];
+    if (switches.length > 0) {
+      const s = switches[switches.length - 1];
+      const measured = Number(s.balancednessMeasured);
+      html += ` &middot; last switch: epoch ${Number(s.epoch)} (${s.reason}, ${s.state}), ${
+          Number(s.balancednessBefore || 0).toFixed(3)} before, ${
+          Number(s.balancednessPredicted || 0).toFixed(3)} predicted, ${
+          measured >= 0 ? measured.toFixed(3) + " measured" : "not measured yet"}`;
+    }
+    html += "</div><table>";
     tokens.forEach((c, k) => {
       html += `<tr><td class="n">rank ${k}</td><td><span class="bar" style="width:${Math.round(
           300 * c / busiest)}px"></span></td><td class="n" data-rank-tokens="${r.replicaId}/${
-          k}">${c}</td></tr>`;
+          k}">${Math.round(c)}</td></tr>`;
     });
     html += "</table>";
   }

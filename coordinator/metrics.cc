@@ -2,10 +2,13 @@
 
 #include <algorithm>
 #include <set>
+#include <span>
 #include <utility>
 #include <vector>
 
+#include "eplb/placement.h"
 #include "prometheus/text_serializer.h"
+#include "proto/placement_convert.h"
 
 namespace gemma::coordinator {
 namespace {
@@ -109,7 +112,32 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
                              .Name("gemma:expert_recomputed_tokens_total")
                              .Help("Tokens fed again after a preemption (their routing is in "
                                    "the routed counts too), per replica.")
-                             .Register(*prom_)) {
+                             .Register(*prom_)),
+      placement_epoch_(prometheus::BuildGauge()
+                           .Name("gemma:expert_placement_epoch")
+                           .Help("The expert placement a replica runs with (0: the one it "
+                                 "started with; +1 per switch).")
+                           .Register(*prom_)),
+      redundant_slots_(prometheus::BuildGauge()
+                           .Name("gemma:expert_redundant_slots")
+                           .Help("Spare expert slots of a replica (ranks x slots per rank - "
+                                 "experts), which hold copies of hot experts.")
+                           .Register(*prom_)),
+      expert_copies_max_(prometheus::BuildGauge()
+                             .Name("gemma:expert_copies_max")
+                             .Help("The most copies any expert of a layer has in a replica's "
+                                   "placement.")
+                             .Register(*prom_)),
+      rebalances_(prometheus::BuildGauge()
+                      .Name("gemma:expert_rebalances")
+                      .Help("Placement switches of a replica the coordinator remembers, by "
+                            "state (offered, active, abandoned).")
+                      .Register(*prom_)),
+      rebalance_balancedness_(prometheus::BuildGauge()
+                                  .Name("gemma:expert_rebalance_balancedness")
+                                  .Help("Rank balancedness around a replica's last placement "
+                                        "switch: stage before, predicted, measured.")
+                                  .Register(*prom_)) {
   ttft_all_ = &ttft_.Add({}, kTtftBuckets);
   itl_all_ = &itl_.Add({}, kItlBuckets);
   e2e_all_ = &e2e_.Add({}, kE2eBuckets);
@@ -181,25 +209,70 @@ void Metrics::RefreshLocked() {
     }
     AddGrowth(recomputed_tokens_.Add({{"replica", r.replica_id()}}), t.recomputed_tokens(),
               &last_recomputed_[r.replica_id()]);
-    const int ranks = t.expert_ranks();
-    if (ranks <= 1 || t.num_experts() % ranks != 0) continue;
-    const int per_rank = t.num_experts() / ranks;
+    // The placement: its epoch and copies, and the last switch's balancedness.
+    const gemma::v1::ExpertPlacement& placement = r.placement();
+    absl::StatusOr<eplb::Placement> placed = absl::NotFoundError("none");
+    if (placement.num_ranks() > 1) {
+      placement_epoch_.Add({{"replica", r.replica_id()}}).Set(static_cast<double>(placement.epoch()));
+      placed = PlacementFromProto(placement);
+    }
+    if (placed.ok()) {
+      redundant_slots_.Add({{"replica", r.replica_id()}}).Set(placed->redundant());
+      for (int l = 0; l < placed->num_layers; ++l) {
+        std::vector<int> copies(placed->num_experts, 0);
+        for (int rank = 0; rank < placed->num_ranks; ++rank) {
+          for (int32_t e : placed->RankSlots(l, rank)) ++copies[e];
+        }
+        expert_copies_max_.Add({{"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+            .Set(*std::max_element(copies.begin(), copies.end()));
+      }
+    }
+    std::map<std::string, int> states;
+    for (const gemma::v1::RebalanceRecord& s : r.switches()) ++states[s.state()];
+    for (const char* state : {"offered", "active", "abandoned"}) {
+      rebalances_.Add({{"replica", r.replica_id()}, {"state", state}}).Set(states[state]);
+    }
+    if (r.switches_size() > 0) {
+      const gemma::v1::RebalanceRecord& last = r.switches(r.switches_size() - 1);
+      rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "before"}})
+          .Set(last.balancedness_before());
+      rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "predicted"}})
+          .Set(last.balancedness_predicted());
+      if (last.balancedness_measured() >= 0) {
+        rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "measured"}})
+            .Set(last.balancedness_measured());
+      }
+    }
+    // Per rank: the tokens of the experts it holds, each expert's split over its copies under
+    // the placement in use (contiguous blocks without one).
+    const int ranks = placed.ok() ? placed->num_ranks : t.expert_ranks();
+    if (ranks <= 1 || (!placed.ok() && t.num_experts() % ranks != 0)) continue;
+    if (placed.ok() && (placed->num_layers != t.num_layers() ||
+                        placed->num_experts != t.num_experts())) {
+      continue;
+    }
+    std::vector<int64_t> counts(t.counts().begin(), t.counts().end());
+    if (counts.size() != static_cast<size_t>(t.num_layers()) * t.num_experts()) continue;
     double balance_sum = 0;
     for (int l = 0; l < t.num_layers(); ++l) {
-      int64_t total = 0, max = 0;
+      std::vector<double> per_rank(ranks, 0.0);
+      if (placed.ok()) {
+        per_rank = eplb::RankLoads(
+            *placed, l, std::span<const int64_t>(counts).subspan(l * t.num_experts(), t.num_experts()));
+      } else {
+        const int per = t.num_experts() / ranks;
+        for (int e = 0; e < t.num_experts(); ++e) per_rank[e / per] += counts[l * t.num_experts() + e];
+      }
+      double total = 0, max = 0;
       for (int rank = 0; rank < ranks; ++rank) {
-        int64_t tokens = 0;
-        for (int e = rank * per_rank; e < (rank + 1) * per_rank; ++e) {
-          tokens += t.counts(l * t.num_experts() + e);
-        }
         AddGrowth(rank_tokens_.Add({{"replica", r.replica_id()},
                                     {"layer", std::to_string(l)},
                                     {"rank", std::to_string(rank)}}),
-                  tokens, &last_rank_tokens_[{r.replica_id(), l, rank}]);
-        total += tokens;
-        max = std::max(max, tokens);
+                  static_cast<int64_t>(per_rank[rank]), &last_rank_tokens_[{r.replica_id(), l, rank}]);
+        total += per_rank[rank];
+        max = std::max(max, per_rank[rank]);
       }
-      const double balance = max > 0 ? static_cast<double>(total) / ranks / max : 1.0;
+      const double balance = max > 0 ? total / ranks / max : 1.0;
       rank_balancedness_.Add({{"replica", r.replica_id()}, {"layer", std::to_string(l)}})
           .Set(balance);
       balance_sum += balance;

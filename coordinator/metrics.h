@@ -73,6 +73,11 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& rank_balancedness_;
   prometheus::Family<prometheus::Gauge>& rank_balancedness_overall_;
   prometheus::Family<prometheus::Counter>& recomputed_tokens_;
+  prometheus::Family<prometheus::Gauge>& placement_epoch_;
+  prometheus::Family<prometheus::Gauge>& redundant_slots_;
+  prometheus::Family<prometheus::Gauge>& expert_copies_max_;
+  prometheus::Family<prometheus::Gauge>& rebalances_;
+  prometheus::Family<prometheus::Gauge>& rebalance_balancedness_;
   prometheus::Family<prometheus::Counter>* expert_tokens_ = nullptr;
   prometheus::Histogram* ttft_all_;
   prometheus::Histogram* itl_all_;

@@ -4,6 +4,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "glog/logging.h"
 #include "grpcpp/grpcpp.h"
 
@@ -59,6 +61,7 @@ absl::StatusOr<std::string> Registry::Register(
   replica->max_context = request.max_context();
   replica->world_size = request.world_size();
   replica->parallel = request.parallel();
+  replica->placement_group = request.placement_group();
   Entry entry;
   entry.replica = replica;
   entry.last_heartbeat = Now();
@@ -103,6 +106,26 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
     }
     entry.last_heartbeat = Now();
     entry.load = request;
+    // A pending offer is done once the replica runs it (or a newer one), or given up on.
+    const std::string key = entry.replica->placement_group.empty() ? entry.replica->id
+                                                                   : entry.replica->placement_group;
+    if (auto group = groups_.find(key); group != groups_.end() && group->second.offer) {
+      GroupState& g = group->second;
+      const uint64_t running = request.expert_placement().epoch();
+      const bool active = running >= g.offer->epoch();
+      const bool expired = Now() - g.offered_at > kOfferTimeout;
+      if (active || expired) {
+        for (gemma::v1::RebalanceRecord& r : g.switches) {
+          if (r.epoch() != g.offer->epoch() || r.state() != "offered") continue;
+          r.set_state(active ? "active" : "abandoned");
+          if (active) r.set_switched_unix_ms(absl::ToUnixMillis(absl::Now()));
+        }
+        LOG(INFO) << "replica " << entry.replica->id << ": expert placement epoch "
+                  << g.offer->epoch()
+                  << (active ? " in use" : " abandoned: not in use after the offer timeout");
+        g.offer.reset();
+      }
+    }
     for (const gemma::v1::ExpertLoad& window : request.expert_windows()) {
       if (!AddExpertLoad(window, &entry.expert_totals) ||
           !AddExpertLoad(window, &expert_totals_)) {
@@ -261,6 +284,15 @@ gemma::v1::GetExpertLoadResponse Registry::ExpertLoad(bool include_windows) cons
     gemma::v1::ReplicaExpertLoad* replica = response.add_replicas();
     replica->set_replica_id(entry.replica->id);
     *replica->mutable_totals() = entry.expert_totals;
+    *replica->mutable_placement() = entry.load.expert_placement();
+    const std::string& key = entry.replica->placement_group.empty()
+                                 ? entry.replica->id
+                                 : entry.replica->placement_group;
+    if (auto group = groups_.find(key); group != groups_.end()) {
+      for (const gemma::v1::RebalanceRecord& r : group->second.switches) {
+        *replica->add_switches() = r;
+      }
+    }
     if (include_windows) {
       for (const gemma::v1::ExpertLoad& w : entry.expert_windows) *replica->add_windows() = w;
     }
@@ -283,6 +315,97 @@ std::vector<gemma::v1::ExpertLoadWindow> Registry::WindowsAfter(
 int64_t Registry::LastWindowSequence() const {
   absl::MutexLock lock(&mutex_);
   return last_window_sequence_;
+}
+
+std::vector<BalanceGroup> Registry::BalanceGroups(int max_windows, uint64_t epoch) const {
+  absl::MutexLock lock(&mutex_);
+  const Clock::time_point now = Now();
+  std::vector<BalanceGroup> groups;
+  for (const Entry& entry : entries_) {
+    const gemma::v1::ExpertPlacement& placement = entry.load.expert_placement();
+    if (!Healthy(entry, now) || placement.num_ranks() <= 1) continue;
+    const std::string key = entry.replica->placement_group.empty()
+                                ? entry.replica->id
+                                : entry.replica->placement_group;
+    auto it = std::find_if(groups.begin(), groups.end(),
+                           [&](const BalanceGroup& g) { return g.key == key; });
+    if (it == groups.end()) {
+      BalanceGroup group;
+      group.key = key;
+      group.placement = placement;
+      group.load.assign(static_cast<size_t>(placement.num_layers()) * placement.num_experts(),
+                        0);
+      if (auto state = groups_.find(key); state != groups_.end()) {
+        group.offer_pending = state->second.offer.has_value();
+        group.last_offer = state->second.offered_at;
+        if (!state->second.switches.empty()) group.last = state->second.switches.back();
+      }
+      groups.push_back(std::move(group));
+      it = groups.end() - 1;
+    } else if (placement.epoch() > it->placement.epoch()) {
+      it->placement = placement;  // the freshest
+    }
+    it->replica_ids.push_back(entry.replica->id);
+  }
+  for (BalanceGroup& group : groups) {
+    const uint64_t want = epoch != 0 ? epoch : group.placement.epoch();
+    for (const Entry& entry : entries_) {
+      if (std::find(group.replica_ids.begin(), group.replica_ids.end(), entry.replica->id) ==
+          group.replica_ids.end()) {
+        continue;
+      }
+      int taken = 0;
+      for (auto w = entry.expert_windows.rbegin();
+           w != entry.expert_windows.rend() && taken < max_windows; ++w) {
+        if (w->placement_epoch() != want ||
+            static_cast<size_t>(w->counts_size()) != group.load.size()) {
+          continue;
+        }
+        for (size_t i = 0; i < group.load.size(); ++i) group.load[i] += w->counts(i);
+        ++taken;
+      }
+      group.windows += taken;
+    }
+  }
+  return groups;
+}
+
+void Registry::OfferPlacement(const std::string& key, const gemma::v1::ExpertPlacement& placement,
+                              gemma::v1::RebalanceRecord record) {
+  absl::MutexLock lock(&mutex_);
+  GroupState& g = groups_[key];
+  g.offer = placement;
+  g.offered_at = Now();
+  // A newer offer replaces one still pending.
+  for (gemma::v1::RebalanceRecord& r : g.switches) {
+    if (r.state() == "offered") r.set_state("abandoned");
+  }
+  g.switches.push_back(std::move(record));
+  if (g.switches.size() > 32) g.switches.erase(g.switches.begin());
+}
+
+std::optional<gemma::v1::ExpertPlacement> Registry::PendingOffer(
+    const std::string& replica_id) const {
+  absl::MutexLock lock(&mutex_);
+  for (const Entry& entry : entries_) {
+    if (entry.replica->id != replica_id) continue;
+    const std::string& key = entry.replica->placement_group.empty()
+                                 ? entry.replica->id
+                                 : entry.replica->placement_group;
+    auto it = groups_.find(key);
+    if (it == groups_.end() || !it->second.offer) return std::nullopt;
+    return it->second.offer;
+  }
+  return std::nullopt;
+}
+
+void Registry::SetMeasured(const std::string& key, uint64_t epoch, double balancedness) {
+  absl::MutexLock lock(&mutex_);
+  auto it = groups_.find(key);
+  if (it == groups_.end()) return;
+  for (gemma::v1::RebalanceRecord& r : it->second.switches) {
+    if (r.epoch() == epoch) r.set_balancedness_measured(balancedness);
+  }
 }
 
 }  // namespace gemma::coordinator

@@ -15,7 +15,9 @@
 #include <deque>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,7 +39,23 @@ struct Replica {
   int64_t max_context = 0;
   int32_t world_size = 0;
   std::string parallel;
+  // Entries of one replica (its dp-ep groups) share it; empty: the entry is the replica.
+  std::string placement_group;
   std::atomic<int64_t> outstanding{0};
+};
+
+// A replica's experts for the balancer (rebalancer.h): the entries that share one placement,
+// the placement in use, and the load of their latest windows counted under it.
+struct BalanceGroup {
+  std::string key;                       // placement_group, or the entry's id
+  std::vector<std::string> replica_ids;  // healthy entries, registration order
+  gemma::v1::ExpertPlacement placement;  // from the freshest heartbeat
+  std::vector<int64_t> load;             // [layers * experts], summed over `windows` windows
+  int64_t windows = 0;                   // windows summed (each entry's latest, same epoch)
+  bool offer_pending = false;            // an offered placement not yet in use
+  // The latest placement switch, if any, and when the latest offer was made.
+  std::optional<gemma::v1::RebalanceRecord> last;
+  std::chrono::steady_clock::time_point last_offer{};
 };
 
 // What requests must fit, over the healthy replicas (the smallest of those that sent them).
@@ -105,9 +123,29 @@ class Registry {
                                                         const std::string& replica_id) const;
   // The number of the last window received (0: none yet).
   int64_t LastWindowSequence() const;
+
+  // Expert balancing. Groups of healthy entries whose experts are spread over ranks, with the
+  // load of up to `max_windows` latest windows per entry counted under the placement in use
+  // (of `epoch` instead, when not 0).
+  std::vector<BalanceGroup> BalanceGroups(int max_windows, uint64_t epoch = 0) const;
+  // Offers `placement` to every entry of group `key` (each heartbeat answer carries it until
+  // one reports it in use, or `offer_timeout` passes: then the record says "abandoned").
+  void OfferPlacement(const std::string& key, const gemma::v1::ExpertPlacement& placement,
+                      gemma::v1::RebalanceRecord record);
+  // The offer for `replica_id`'s group, if one is pending.
+  std::optional<gemma::v1::ExpertPlacement> PendingOffer(const std::string& replica_id) const;
+  // The balancedness measured after switch `epoch` of group `key`.
+  void SetMeasured(const std::string& key, uint64_t epoch, double balancedness);
+  static constexpr std::chrono::seconds kOfferTimeout{120};
   static constexpr size_t kRecentWindowsKept = 4096;
 
  private:
+  // Balancing state of one placement group.
+  struct GroupState {
+    std::optional<gemma::v1::ExpertPlacement> offer;
+    Clock::time_point offered_at{};
+    std::vector<gemma::v1::RebalanceRecord> switches;  // oldest first, the last kept 32
+  };
   struct Entry {
     std::shared_ptr<Replica> replica;
     Clock::time_point last_heartbeat;
@@ -139,6 +177,7 @@ class Registry {
   gemma::v1::ExpertLoad expert_totals_ ABSL_GUARDED_BY(mutex_);
   int64_t last_window_sequence_ ABSL_GUARDED_BY(mutex_) = 0;
   std::deque<gemma::v1::ExpertLoadWindow> recent_windows_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::string, GroupState> groups_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace gemma::coordinator

@@ -90,6 +90,26 @@ grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
   return FinishUnary(context, absl::OkStatus());
 }
 
+grpc::ServerUnaryReactor* ClusterService::Rebalance(grpc::CallbackServerContext* context,
+                                                    const gemma::v1::RebalanceRequest* request,
+                                                    gemma::v1::RebalanceResponse* response) {
+  // Moving experts is the operator's call: admin only.
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {}, "Rebalance"); !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
+  if (rebalancer_ == nullptr) {
+    return FinishUnary(context, absl::UnimplementedError("this coordinator does not rebalance"));
+  }
+  *response = rebalancer_->Rebalance(*request);
+  if (!request->replica_id().empty() && response->replicas_size() == 0) {
+    return FinishUnary(context, absl::NotFoundError(absl::StrCat(
+                                    "no healthy replica ", request->replica_id(),
+                                    " with experts spread over ranks (gemmactl status lists "
+                                    "the replicas)")));
+  }
+  return FinishUnary(context, absl::OkStatus());
+}
+
 namespace {
 
 // One WatchExpertLoad stream: sends the windows that arrived since the last one sent, and when
@@ -216,6 +236,12 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
     return FinishUnary(context, auth);
   }
   response->set_known(registry_->Heartbeat(*request));
+  if (response->known()) {
+    if (std::optional<gemma::v1::ExpertPlacement> offer =
+            registry_->PendingOffer(request->replica_id())) {
+      *response->mutable_expert_placement() = *std::move(offer);
+    }
+  }
   return FinishUnary(context, absl::OkStatus());
 }
 

@@ -8,6 +8,7 @@
 #include "absl/status/status.h"
 #include "coordinator/auth.h"
 #include "coordinator/proxy.h"
+#include "coordinator/rebalancer.h"
 #include "coordinator/registry.h"
 #include "coordinator/store.h"
 #include "coordinator/timer.h"
@@ -38,8 +39,9 @@ class InferenceService final : public gemma::v1::Inference::CallbackService {
 
 class ClusterService final : public gemma::v1::Cluster::CallbackService {
  public:
-  ClusterService(Registry* registry, const Authenticator* auth)
-      : registry_(registry), auth_(auth) {}
+  // `rebalancer` (not owned) may be null: Rebalance is then UNIMPLEMENTED.
+  ClusterService(Registry* registry, const Authenticator* auth, Rebalancer* rebalancer = nullptr)
+      : registry_(registry), auth_(auth), rebalancer_(rebalancer) {}
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* context,
                                       const gemma::v1::GetStatusRequest* request,
                                       gemma::v1::GetStatusResponse* response) override;
@@ -51,10 +53,15 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
       grpc::CallbackServerContext* context,
       const gemma::v1::WatchExpertLoadRequest* request) override;
   static constexpr int kWatchPollMs = 100;
+  // Admin only.
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
+                                      const gemma::v1::RebalanceRequest* request,
+                                      gemma::v1::RebalanceResponse* response) override;
 
  private:
   Registry* registry_;
   const Authenticator* auth_;
+  Rebalancer* rebalancer_;
   Timer timer_;
 };
 

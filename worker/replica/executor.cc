@@ -46,7 +46,8 @@ LeaderExecutor::LeaderExecutor(gemma4::Model* model, parallel::Communicator* gro
 
 void LeaderExecutor::OfferPlacement(eplb::Placement placement) {
   absl::MutexLock lock(&mutex_);
-  if (placement.epoch <= active_.epoch) return;
+  // An epoch seen before (switched to, or abandoned after a failed load) is not tried again.
+  if (placement.epoch <= std::max(active_.epoch, highest_seen_)) return;
   if (incoming_.has_value() && placement.epoch <= incoming_->epoch) return;
   incoming_ = std::move(placement);
 }
@@ -111,6 +112,10 @@ absl::Status LeaderExecutor::AgreeOnPlacement(const std::vector<int64_t>& all,
     if (!parsed.ok()) return parsed.status();
     if (candidate_ && candidate_->epoch <= parsed->epoch) candidate_.reset();
     LOG(INFO) << "expert placement epoch " << parsed->epoch << " offered; loading it";
+    {
+      absl::MutexLock lock(&mutex_);
+      highest_seen_ = std::max(highest_seen_, parsed->epoch);
+    }
     offered_ = *std::move(parsed);
     forward_ = true;
     group_ready_ = false;

@@ -84,6 +84,7 @@ class LeaderExecutor : public StepExecutor {
   mutable absl::Mutex mutex_;
   std::optional<eplb::Placement> incoming_ ABSL_GUARDED_BY(mutex_);
   eplb::Placement active_ ABSL_GUARDED_BY(mutex_);
+  uint64_t highest_seen_ ABSL_GUARDED_BY(mutex_) = 0;  // the newest epoch adopted
   // Step thread.
   std::optional<eplb::Placement> candidate_;  // taken from incoming_, not yet agreed
   std::optional<eplb::Placement> offered_;    // agreed, being loaded

@@ -32,6 +32,7 @@ absl::Status ExpertLoadRecorder::OnStep(gemma4::Model& model, uint64_t step,
   window.set_windows(1);
   window.set_expert_ranks(std::max(1, model.parallel().layout.ep_size));
   window.set_recomputed_tokens(recomputed);
+  window.set_placement_epoch(model.placement().epoch);
   absl::MutexLock lock(&mutex_);
   queue_.push_back(std::move(window));
   while (static_cast<int>(queue_.size()) > kMaxQueued) queue_.pop_front();

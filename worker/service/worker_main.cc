@@ -55,7 +55,10 @@
 #include "worker/replica/load.h"
 #include "worker/replica/rank.h"
 #include "worker/service/replica_service.h"
+#include "common/model_config.h"
+#include "eplb/placement.h"
 #include "proto/bearer.h"
+#include "proto/placement_convert.h"
 #include "proto/tls.h"
 #include "proto/status_convert.h"
 
@@ -85,6 +88,13 @@ ABSL_FLAG(std::string, replica, "",
           "name of the replica when it spans several nodes (the same on each of its workers)");
 ABSL_FLAG(int32_t, nodes, 1, "workers (nodes) that together form the replica");
 ABSL_FLAG(int32_t, node_rank, 0, "this worker's place among them, 0..nodes-1 (0 leads)");
+ABSL_FLAG(int32_t, redundant_experts, 0,
+          "MoE replicas whose experts are spread over ranks: spare expert slots over the replica "
+          "(experts + spares must divide over the expert ranks), which the coordinator fills "
+          "with copies of hot experts when it rebalances (gemmactl rebalance); they start as "
+          "copies dealt in id order");
+ABSL_FLAG(int32_t, placement_load_delay_ms, 0,
+          "testing: stall every expert-placement load this long (loads run beside the steps)");
 ABSL_FLAG(std::string, store_prefix, "",
           "internal: the rendezvous key prefix the supervisor gives its rank processes");
 ABSL_FLAG(int32_t, local_ranks, 1, "internal: rank processes of this worker");
@@ -129,6 +139,27 @@ std::string HostOf(const std::string& address) {
 
 // ---------------------------------------------------------------------------------------------
 // Supervisor
+
+// --redundant-experts: the static placement with that many spare slots over the replica's
+// `expert_ranks` ranks (every rank holds experts in tp and dp-ep alike). Null without the flag.
+absl::StatusOr<std::unique_ptr<gemma::eplb::Placement>> InitialPlacement(int expert_ranks) {
+  const int redundant = absl::GetFlag(FLAGS_redundant_experts);
+  if (redundant == 0) return nullptr;
+  ASSIGN_OR_RETURN(gemma::ModelConfig config, gemma::LoadModelConfig(absl::GetFlag(FLAGS_model)));
+  if (!config.enable_moe_block) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--redundant-experts ", redundant, ": ", absl::GetFlag(FLAGS_model),
+                     " is a dense model; it has no experts to copy"));
+  }
+  absl::StatusOr<gemma::eplb::Placement> placement = gemma::eplb::StaticPlacement(
+      config.num_hidden_layers, config.num_experts, expert_ranks, redundant);
+  if (!placement.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--redundant-experts ", redundant, " over ",
+                                                   expert_ranks, " ranks: ",
+                                                   placement.status().message()));
+  }
+  return std::make_unique<gemma::eplb::Placement>(*std::move(placement));
+}
 
 struct RankProcess {
   int rank;
@@ -279,6 +310,12 @@ absl::Status Supervise() {
         "--mode dp-ep: --tp ", tp, " (ranks per data-parallel group) must divide the replica's ",
         world_size, " ranks"));
   }
+  if (const int redundant = absl::GetFlag(FLAGS_redundant_experts); redundant != 0) {
+    RETURN_IF_ERROR(InitialPlacement(world_size).status());
+  }
+  if (absl::GetFlag(FLAGS_placement_load_delay_ms) < 0) {
+    return absl::InvalidArgumentError("--placement-load-delay-ms must not be negative");
+  }
   // The prefix of this replica's keys in the coordinator's rendezvous store: shared by its
   // nodes when it spans several, fresh for each start otherwise. The leader deletes the keys
   // once every rank has joined.
@@ -351,8 +388,13 @@ absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
 void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
                    const iv1::RegisterRequest& registration,
                    const gemma::service::ReplicaLoad& load,
-                   gemma::service::ExpertLoadRecorder& experts) {
+                   gemma::service::ExpertLoadRecorder& experts,
+                   gemma::replica::LeaderExecutor& leader, int ranks_per_node) {
   iv1::HeartbeatRequest beat;
+  const gemma::eplb::Placement placement = leader.ActivePlacement();
+  if (placement.num_ranks > 1) {
+    *beat.mutable_expert_placement() = gemma::PlacementToProto(placement, ranks_per_node);
+  }
   std::vector<gemma::v1::ExpertLoad> windows = experts.Drain();
   for (const gemma::v1::ExpertLoad& w : windows) *beat.add_expert_windows() = w;
   beat.set_replica_id(*replica_id);
@@ -374,6 +416,23 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   grpc::Status status = stub.Heartbeat(&context, beat, &reply);
   // Windows the coordinator did not take go out again with the next heartbeat.
   if (!status.ok() || !reply.known()) experts.Requeue(std::move(windows));
+  if (status.ok() && reply.has_expert_placement()) {
+    absl::StatusOr<gemma::eplb::Placement> offer =
+        gemma::PlacementFromProto(reply.expert_placement());
+    if (!offer.ok()) {
+      LOG_EVERY_N(WARNING, 10) << "the coordinator offered an expert placement this replica "
+                               << "cannot use: " << offer.status();
+    } else if (offer->num_layers != placement.num_layers ||
+               offer->num_experts != placement.num_experts ||
+               offer->num_ranks != placement.num_ranks ||
+               offer->slots_per_rank != placement.slots_per_rank) {
+      LOG_EVERY_N(WARNING, 10) << "the coordinator offered an expert placement of another "
+                               << "shape (" << offer->num_ranks << " ranks x "
+                               << offer->slots_per_rank << " slots); ignored";
+    } else {
+      leader.OfferPlacement(*std::move(offer));
+    }
+  }
   if (!status.ok()) {
     LOG_EVERY_N(WARNING, 10) << "heartbeat to " << absl::GetFlag(FLAGS_coordinator)
                              << " failed: " << status.error_message();
@@ -406,7 +465,9 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   }
   gemma::engine::EngineOptions options;
   options.tokenizer = tokenizer.get();
-  auto executor = std::make_unique<gemma::replica::LeaderExecutor>(loaded.model.get(), plans);
+  auto executor = std::make_unique<gemma::replica::LeaderExecutor>(
+      loaded.model.get(), plans,
+      std::chrono::milliseconds(absl::GetFlag(FLAGS_placement_load_delay_ms)));
   gemma::replica::LeaderExecutor* leader = executor.get();
   ASSIGN_OR_RETURN(std::unique_ptr<gemma::engine::Engine> engine,
                    gemma::engine::Engine::Create(std::move(executor), loaded.model->config(),
@@ -491,6 +552,9 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     registration.set_parallel(absl::StrCat("dp-ep ep=", env.world.world_size(),
                                            " tp=", env.world.tp_size(), " group ",
                                            env.world.dp_group() + 1, "/", groups));
+    // The groups' entries balance their experts together: the replica's rendezvous prefix is
+    // theirs alone.
+    registration.set_placement_group(absl::GetFlag(FLAGS_store_prefix));
   } else {
     registration.set_parallel(env.world.world_size() > 1
                                   ? absl::StrCat("tp=", env.world.world_size())
@@ -510,7 +574,8 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   while (!g_stop.load()) {
     if (Clock::now() >= next_beat) {
       next_beat += std::chrono::milliseconds(absl::GetFlag(FLAGS_heartbeat_ms));
-      SendHeartbeat(stub, &*replica_id, registration, load, experts);
+      SendHeartbeat(stub, &*replica_id, registration, load, experts, *leader,
+                    env.parallel.ranks_per_node);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -547,6 +612,10 @@ absl::Status RunRank() {
       // The supervisor's SIGTERM ends a follower at once; Ctrl-C is the supervisor's to handle.
       signal(SIGINT, SIG_IGN);
     }
+    ASSIGN_OR_RETURN(std::unique_ptr<gemma::eplb::Placement> placement,
+                     InitialPlacement(env.world.world_size()));
+    env.parallel.placement = placement.get();
+    env.parallel.ranks_per_node = env.world.ranks_per_node();
     ASSIGN_OR_RETURN(gemma::replica::LoadedRank loaded,
                      gemma::replica::LoadRank({.model_dir = absl::GetFlag(FLAGS_model),
                                                .backend = backend,
@@ -564,7 +633,9 @@ absl::Status RunRank() {
     gemma::parallel::Communicator* plans = dp_ep ? env.group_control : env.control;
     if (!group_leader) {
       LOG(INFO) << "rank " << rank << " loaded; following its group leader's step plans";
-      return gemma::replica::FollowPlans(*loaded.model, *loaded.cache, plans);
+      return gemma::replica::FollowPlans(
+          *loaded.model, *loaded.cache, plans,
+          std::chrono::milliseconds(absl::GetFlag(FLAGS_placement_load_delay_ms)));
     }
     return RunLeader(env, loaded, *stub, plans, dp_ep ? env.leaders : nullptr);
   };
