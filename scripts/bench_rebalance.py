@@ -31,6 +31,8 @@ parser.add_argument("coordinator")
 parser.add_argument("--streams", type=int, default=8)
 parser.add_argument("--seconds", type=float, default=20)
 parser.add_argument("--max-tokens", type=int, default=48)
+parser.add_argument("--control", action="store_true",
+                    help="no rebalance between the phases: what the phases differ by alone")
 args = parser.parse_args()
 client = openai.OpenAI(base_url=args.http + "/v1", api_key="-", max_retries=0, timeout=600)
 
@@ -79,11 +81,14 @@ def phase(name):
 
 
 a = phase("before")
-rebalance = subprocess.run([args.gemmactl, "--coordinator", args.coordinator, "rebalance",
-                            "--wait"], capture_output=True, text=True)
-print(rebalance.stdout.strip())
-if rebalance.returncode != 0:
-    raise SystemExit("rebalance failed: " + rebalance.stderr)
+if args.control:
+    print("control run: no rebalance between the phases")
+else:
+    rebalance = subprocess.run([args.gemmactl, "--coordinator", args.coordinator, "rebalance",
+                                "--wait"], capture_output=True, text=True)
+    print(rebalance.stdout.strip())
+    if rebalance.returncode != 0:
+        raise SystemExit("rebalance failed: " + rebalance.stderr)
 b = phase("after")
 load = expert_load()
 record = None
@@ -93,9 +98,13 @@ for r in load.get("replicas", []):
 print()
 print("| phase | rank balancedness | mean inter-token latency (ms) | tokens/s |")
 print("|---|---:|---:|---:|")
-before = record.get("balancednessBefore", 0) if record else 0
-measured = record.get("balancednessMeasured", -1) if record else -1
-print(f"| before (epoch 0) | {before:.3f} | {a['itl_ms']:.1f} | {a['tokens_per_s']:.1f} |")
-print(f"| after (epoch 1; predicted {record.get('balancednessPredicted', 0):.3f}) | "
-      f"{measured:.3f} | {b['itl_ms']:.1f} | {b['tokens_per_s']:.1f} |")
+before = record.get("balancedness_before", 0) if record else 0
+measured = record.get("balancedness_measured", -1) if record else -1
+if record is None:
+    print(f"| first (epoch 0) | - | {a['itl_ms']:.1f} | {a['tokens_per_s']:.1f} |")
+    print(f"| second (epoch 0) | - | {b['itl_ms']:.1f} | {b['tokens_per_s']:.1f} |")
+else:
+    print(f"| before (epoch 0) | {before:.3f} | {a['itl_ms']:.1f} | {a['tokens_per_s']:.1f} |")
+    print(f"| after (epoch 1; predicted {record.get('balancedness_predicted', 0):.3f}) | "
+          f"{measured:.3f} | {b['itl_ms']:.1f} | {b['tokens_per_s']:.1f} |")
 print(json.dumps({"before": a, "after": b, "switch": record}))
