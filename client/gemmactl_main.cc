@@ -75,6 +75,9 @@ ABSL_FLAG(bool, wait, false,
           "batch submit: follow the batch to its end with a progress bar; rebalance: wait "
           "until each replica runs its new placement");
 ABSL_FLAG(bool, dry_run, false, "rebalance: plan and report, switch nothing");
+ABSL_FLAG(std::string, model, "",
+          "generate, chat: the model to run on, by its served name (gemmactl status lists them; "
+          "default: the cluster's default model)");
 ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (default stdout)");
 ABSL_FLAG(std::string, errors, "",
           "batch results: the OpenAI error file (default OUTPUT.errors.jsonl, or stdout)");
@@ -93,6 +96,7 @@ constexpr char kUsage[] =
     "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]] [--record FILE]\n"
     "      expert load: a layers x experts heatmap, each layer's balancedness, per-rank load;\n"
     "      --record appends each window as it arrives (JSON lines) until interrupted\n"
+    "  gemmactl drain REPLICA   (admin) no new requests; it leaves once its requests are done\n"
     "  gemmactl rebalance [--replica ID] [--dry-run] [--wait]   (admin)\n"
     "      fits each replica's expert placement (copies of hot experts in its spare slots) to\n"
     "      its recent load and switches to it live; prints balancedness before and predicted\n"
@@ -147,6 +151,7 @@ std::string Token() {
 
 // The sampling and length flags shared by generate and chat.
 void SetSampling(gemma::v1::GenerateRequest* request) {
+  request->set_model(absl::GetFlag(FLAGS_model));
   request->set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
   request->mutable_sampling()->set_temperature(
       static_cast<float>(absl::GetFlag(FLAGS_temperature)));
@@ -373,13 +378,27 @@ absl::Status Status() {
       response.max_outstanding_per_replica() > 0
           ? absl::StrCat(response.max_outstanding_per_replica())
           : std::string("-"));
+  for (const gemma::v1::ServedModel& m : response.models()) {
+    std::cout << absl::StrFormat("model %s: %d replica%s", m.name(), m.replicas(),
+                                 m.replicas() == 1 ? "" : "s");
+    if (!m.path().empty()) {
+      std::cout << absl::StrFormat(" (wants %d..%d; %s; %s)", m.min_replicas(), m.max_replicas(),
+                                   m.layout(), m.path());
+    }
+    std::cout << "\n";
+  }
+  for (const gemma::v1::FreeWorker& w : response.free_workers()) {
+    std::cout << absl::StrFormat("free worker %s on %s: %d %s rank%s, waiting for a model\n",
+                                 w.worker_id(), w.host().empty() ? "-" : w.host(), w.ranks(),
+                                 w.backend(), w.ranks() == 1 ? "" : "s");
+  }
   if (response.replicas_size() == 0) {
     std::cout << "no replica has registered\n";
     return absl::OkStatus();
   }
-  std::vector<std::string> header = {"ID",    "ADDRESS",  "HEALTH",     "PARALLEL",
+  std::vector<std::string> header = {"ID",    "ADDRESS",  "MODEL", "HEALTH",     "PARALLEL",
                                      "WORLD", "RUN/WAIT", "OUTSTANDING"};
-  std::vector<bool> right = {false, false, false, false, true, true, true};
+  std::vector<bool> right = {false, false, false, false, false, true, true, true};
   for (const std::string& name : pool_names) {
     header.push_back(absl::StrCat("KV ", name));
     right.push_back(true);
@@ -393,7 +412,8 @@ absl::Status Status() {
     std::vector<std::string> row = {
         replica.id(),
         replica.address(),
-        replica.healthy() ? "healthy" : "UNHEALTHY",
+        replica.model().empty() ? "-" : replica.model(),
+        !replica.healthy() ? "UNHEALTHY" : replica.draining() ? "draining" : "healthy",
         replica.parallel().empty() ? "-" : replica.parallel(),
         replica.world_size() > 0 ? absl::StrCat(replica.world_size()) : "-",
         absl::StrCat(replica.running(), "/", replica.waiting()),
@@ -658,6 +678,26 @@ absl::Status Experts() {
   }
 }
 
+// drain REPLICA: Cluster.Drain; prints the entries now draining.
+absl::Status Drain(const std::string& replica) {
+  auto channel = Connect(CoordinatorAddress());
+  if (!channel.ok()) return channel.status();
+  auto stub = gemma::v1::Cluster::NewStub(*channel);
+  gemma::v1::DrainRequest request;
+  request.set_replica_id(replica);
+  gemma::v1::DrainResponse response;
+  grpc::ClientContext context;
+  gemma::AddBearer(context, Token());
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::Status status = stub->Drain(&context, request, &response);
+  if (!status.ok()) return FromGrpc(status, "draining");
+  std::cout << absl::StrFormat(
+      "draining %s: no new requests; each leaves once its requests are done (its worker's "
+      "--drain-grace-s at most)\n",
+      absl::StrJoin(response.replica_ids(), ", "));
+  return absl::OkStatus();
+}
+
 // rebalance [--replica ID] [--dry-run] [--wait]: Cluster.Rebalance, one line per replica; with
 // --wait, polls until each replica offered a placement runs it (or it is abandoned).
 absl::Status Rebalance() {
@@ -759,6 +799,8 @@ int main(int argc, char** argv) {
     status = Experts();
   } else if (command == "rebalance" && args.size() == 2) {
     status = Rebalance();
+  } else if (command == "drain" && args.size() == 3) {
+    status = Drain(args[2]);
   } else if (command == "batch") {
     auto channel = Connect(CoordinatorAddress());
     if (channel.ok()) {

@@ -143,7 +143,6 @@ absl::StatusOr<Batch> BatchRunner::Create(const gemma::v1::CreateBatchHeader& he
                                                    kCompletionEndpoint, ", got \"",
                                                    header.endpoint(), "\""));
   }
-  const ModelLimits limits = registry_->Limits();
   std::vector<NewBatchItem> rows(items.size());
   std::map<std::string, int64_t> seen;  // custom_id -> line (or item number)
   for (size_t i = 0; i < items.size(); ++i) {
@@ -174,7 +173,7 @@ absl::StatusOr<Batch> BatchRunner::Create(const gemma::v1::CreateBatchHeader& he
     }
     if (row.refused) continue;
     row.request.set_priority(options_.priority);
-    absl::Status valid = ValidateGenerateRequest(row.request, limits);
+    absl::Status valid = ValidateGenerateRequest(row.request, registry_->Limits(row.request.model()));
     if (!valid.ok()) {
       row.refused = true;
       row.error_code = "invalid_request";

@@ -79,6 +79,16 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(bool, insecure, false,
           "serve without TLS (no --tls-cert) or without tokens (no --auth-tokens): without "
           "this flag the coordinator refuses to start open");
+ABSL_FLAG(int64_t, queue_wait_ms, 5000,
+          "a request that finds every replica of its model full (or none up) waits up to this "
+          "long in the admission queue (and never past its own deadline) before it is refused; "
+          "0: refused at once");
+ABSL_FLAG(int64_t, max_queued, 1024, "requests the admission queue holds; past it, refused at once");
+ABSL_FLAG(std::string, models, "",
+          "JSON file of the models served: per model its name, checkpoint path on the workers, "
+          "replica layout and replica count (min/max); workers started without --model are "
+          "assigned from it, requests pick one by name (\"model\"); the first is the default. "
+          "Empty: one model, named --served-model-name");
 ABSL_FLAG(double, rebalance_threshold, 0.85,
           "rebalance a replica's experts on its own when its rank balancedness (mean over max "
           "tokens per rank) over --rebalance-window windows is below this; 0: only on request "
@@ -142,6 +152,22 @@ int Run() {
   registry_options.heartbeat_timeout = std::chrono::milliseconds(timeout_ms);
   registry_options.max_outstanding_per_replica = max_outstanding;
   registry_options.forget_after = std::chrono::milliseconds(forget_after_ms);
+  registry_options.default_model = absl::GetFlag(FLAGS_served_model_name);
+  if (const std::string models = absl::GetFlag(FLAGS_models); !models.empty()) {
+    absl::StatusOr<std::vector<gemma::coordinator::ModelSpec>> specs =
+        gemma::coordinator::ReadModelSpecs(models);
+    if (!specs.ok()) {
+      std::cerr << "gemma-coordinator: " << specs.status().message() << "\n";
+      return 1;
+    }
+    registry_options.models = *std::move(specs);
+    registry_options.default_model = registry_options.models.front().name;
+    for (const gemma::coordinator::ModelSpec& spec : registry_options.models) {
+      LOG(INFO) << "serving model " << spec.name << " from " << spec.path << " ("
+                << gemma::coordinator::DescribeLayout(spec.layout) << ", replicas "
+                << spec.min_replicas << ".." << spec.max_replicas << ")";
+    }
+  }
   gemma::coordinator::Registry registry(registry_options);
   gemma::coordinator::Store store;
   gemma::coordinator::Metrics metrics(&registry, absl::GetFlag(FLAGS_metrics_per_expert));
@@ -154,6 +180,12 @@ int Run() {
     return 1;
   }
   proxy_options.stall_timeout = std::chrono::milliseconds(absl::GetFlag(FLAGS_stall_timeout_ms));
+  if (absl::GetFlag(FLAGS_queue_wait_ms) < 0 || absl::GetFlag(FLAGS_max_queued) < 0) {
+    std::cerr << "gemma-coordinator: --queue-wait-ms and --max-queued must be >= 0\n";
+    return 1;
+  }
+  proxy_options.queue_wait = std::chrono::milliseconds(absl::GetFlag(FLAGS_queue_wait_ms));
+  proxy_options.max_queued = absl::GetFlag(FLAGS_max_queued);
   std::unique_ptr<gemma::coordinator::Authenticator> auth =
       std::make_unique<gemma::coordinator::Authenticator>();
   if (const std::string tokens = absl::GetFlag(FLAGS_auth_tokens); !tokens.empty()) {
@@ -223,7 +255,8 @@ int Run() {
     batch_store = std::move(*opened);
   }
   gemma::coordinator::OpenAiOptions openai_options;
-  openai_options.model_name = absl::GetFlag(FLAGS_served_model_name);
+  openai_options.model_name = registry.ResolveModel("");
+  openai_options.served_models = [&registry] { return registry.ServedModels(); };
   std::unique_ptr<gemma::coordinator::BatchRunner> batch_runner;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -63,7 +63,8 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
                                         : status));
     return;
   }
-  const std::string model = options.model_name;
+  const std::string model = parsed.parsed.request.model().empty() ? options.model_name
+                                                                 : parsed.parsed.request.model();
   if (!parsed.parsed.stream) {
     std::string text = state->first.text();
     gemma::v1::GenerateFinal final = state->first.final();
@@ -161,14 +162,19 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
                      const std::string& internal_token, const OpenAiOptions& options) {
   auto stub = std::shared_ptr<gemma::v1::Inference::Stub>(gemma::v1::Inference::NewStub(channel));
   const OpenAiOptions* opts = &options;
-  http.Get("/v1/models", [opts](const httplib::Request&, httplib::Response& response) {
-    response.set_content(
-        Dump(json{{"object", "list"}, {"data", json::array({ModelObject(opts->model_name)})}}),
-                         "application/json");
+  auto served = [opts] {
+    return opts->served_models ? opts->served_models()
+                               : std::vector<std::string>{opts->model_name};
+  };
+  http.Get("/v1/models", [served](const httplib::Request&, httplib::Response& response) {
+    json data = json::array();
+    for (const std::string& name : served()) data.push_back(ModelObject(name));
+    response.set_content(Dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
-  http.Get(R"(/v1/models/([^/]+))", [opts](const httplib::Request& request,
-                                            httplib::Response& response) {
-    if (request.matches[1] != opts->model_name) {
+  http.Get(R"(/v1/models/([^/]+))", [served](const httplib::Request& request,
+                                              httplib::Response& response) {
+    const std::vector<std::string> names = served();
+    if (std::find(names.begin(), names.end(), std::string(request.matches[1])) == names.end()) {
       ApiError e = InvalidRequestError("model", absl::StrCat("The model `", std::string(request.matches[1]),
                                                  "` does not exist"));
       e.http_status = 404;
@@ -176,7 +182,7 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
       SendError(response, e);
       return;
     }
-    response.set_content(Dump(ModelObject(opts->model_name)), "application/json");
+    response.set_content(Dump(ModelObject(std::string(request.matches[1]))), "application/json");
   });
   http.Post("/v1/completions", [stub, opts, internal_token](const httplib::Request& request,
                                                              httplib::Response& response) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 
 namespace gemma::coordinator {
@@ -316,13 +317,16 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
     return result;
   }
   const std::string model = body["model"].get<std::string>();
-  if (model != options.model_name) {
+  const std::vector<std::string> served =
+      options.served_models ? options.served_models() : std::vector<std::string>{options.model_name};
+  if (std::find(served.begin(), served.end(), model) == served.end()) {
     error = InvalidRequestError("model", absl::StrCat("The model `", model, "` does not exist; this server "
-                                          "serves `", options.model_name, "`"));
+                                          "serves `", absl::StrJoin(served, "`, `"), "`"));
     error.http_status = 404;
     error.code = "model_not_found";
     return result;
   }
+  request.set_model(model);
   if (kind == ApiKind::kChat ? !ReadMessages(body, &request, &error)
                              : !ReadPrompt(body, &request, &error)) {
     return result;

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "gemma/v1/batches.pb.h"
 #include "gemma/v1/inference.pb.h"
@@ -16,8 +18,10 @@
 namespace gemma::coordinator {
 
 struct OpenAiOptions {
-  // The model id clients name in "model" and GET /v1/models lists.
+  // The default model's id; with `served_models`, every id they return is accepted and listed
+  // by GET /v1/models (a request's "model" then picks the replicas).
   std::string model_name = "gemma-4";
+  std::function<std::vector<std::string>()> served_models;
   // Largest request body accepted (413 past it).
   size_t max_body_bytes = size_t{8} << 20;
   // max_tokens of a chat completion that names none (a completion's default is OpenAI's, 16).

@@ -120,7 +120,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   }
 
   absl::Status Admit() {
-    if (absl::Status status = ValidateGenerateRequest(request_, registry_->Limits());
+    if (absl::Status status = ValidateGenerateRequest(request_, registry_->Limits(request_.model()));
         !status.ok()) {
       return status;
     }
@@ -130,8 +130,35 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       return status;
     }
     PrepareForReplicas(&request_, RandomSeed());
-    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick({}, /*admit=*/true);
-    if (!replica.ok()) return replica.status();
+    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick({}, /*admit=*/true, request_.model());
+    if (!replica.ok()) {
+      // Every replica full, or none up right now: wait in the admission queue (bounded in
+      // length and time) rather than refuse at once.
+      const absl::StatusCode code = replica.status().code();
+      if ((code != absl::StatusCode::kResourceExhausted &&
+           code != absl::StatusCode::kUnavailable) ||
+          options_.queue_wait.count() <= 0) {
+        return replica.status();
+      }
+      if (!registry_->TryQueue(options_.max_queued)) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            replica.status().message(), "; and the admission queue is full (",
+            options_.max_queued, " requests waiting); retry later or add replicas"));
+      }
+      absl::MutexLock lock(&mutex_);
+      in_queue_ = true;
+      queued_at_ = Timer::Clock::now();
+      queue_deadline_ = queued_at_ + options_.queue_wait;
+      const auto client_deadline = context_->deadline();
+      if (client_deadline != std::chrono::system_clock::time_point::max()) {
+        queue_deadline_ = std::min(
+            queue_deadline_, queued_at_ + std::chrono::duration_cast<Timer::Clock::duration>(
+                                              client_deadline - std::chrono::system_clock::now()));
+      }
+      timer_pending_ = true;
+      timer_id_ = timer_->Schedule(queued_at_ + options_.poll_interval, [this] { OnWaitTimer(); });
+      return absl::OkStatus();
+    }
     absl::MutexLock lock(&mutex_);
     registry_->RequestStarted();
     counted_ = true;
@@ -363,7 +390,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   }
 
   void TryRequeueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
-    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick(failed_ids_, false);
+    absl::StatusOr<std::shared_ptr<Replica>> replica = registry_->Pick(failed_ids_, false, request_.model());
     if (replica.ok()) {
       registry_->CountRequeue();
       LOG(WARNING) << "request '" << request_.request_id() << "': " << failures_.back()
@@ -402,6 +429,8 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
         } else if (checking_cancel_) {
           checking_cancel_ = false;
           FailOverLocked(attempt_status_);  // the client did not cancel: the replica did
+        } else if (in_queue_) {
+          TryAdmitLocked();
         } else {
           TryRequeueLocked();
         }
@@ -409,6 +438,46 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       last = DoneLocked();
     }
     if (last) delete this;
+  }
+
+  // One look at the registry for a request in the admission queue.
+  void TryAdmitLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    absl::StatusOr<std::shared_ptr<Replica>> replica =
+        registry_->Pick({}, /*admit=*/true, request_.model());
+    const Timer::Clock::time_point now = Timer::Clock::now();
+    if (replica.ok()) {
+      LeaveQueueLocked();
+      VLOG(1) << "request '" << request_.request_id() << "' admitted after "
+              << std::chrono::duration_cast<std::chrono::milliseconds>(now - queued_at_).count()
+              << " ms in the admission queue";
+      registry_->RequestStarted();
+      counted_ = true;
+      StartAttemptLocked(*std::move(replica));
+      return;
+    }
+    const absl::StatusCode code = replica.status().code();
+    if (code != absl::StatusCode::kResourceExhausted && code != absl::StatusCode::kUnavailable) {
+      FinishLocked(ToGrpc(replica.status()));
+      return;
+    }
+    if (now >= queue_deadline_) {
+      const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(now - queued_at_);
+      LOG(WARNING) << "request '" << request_.request_id() << "' refused after " << waited.count()
+                   << " ms in the admission queue: " << replica.status();
+      FinishLocked(ToGrpc(absl::Status(
+          code, absl::StrCat(replica.status().message(), " (after ", waited.count(),
+                             " ms in the admission queue)"))));
+      return;
+    }
+    timer_pending_ = true;
+    timer_id_ = timer_->Schedule(std::min(now + options_.poll_interval, queue_deadline_),
+                                 [this] { OnWaitTimer(); });
+  }
+
+  void LeaveQueueLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    if (!in_queue_) return;
+    in_queue_ = false;
+    registry_->Dequeue();
   }
 
   void FailLocked(const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
@@ -444,6 +513,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     if (finished_) return;
     finished_ = true;
+    LeaveQueueLocked();
     StopWatchdogLocked();
     if (counted_) registry_->RequestEnded();  // before the client can see the end
     Finish(status);
@@ -488,6 +558,10 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   Timer::Clock::time_point last_progress_ ABSL_GUARDED_BY(mutex_);
   Timer::Clock::time_point wait_deadline_ ABSL_GUARDED_BY(mutex_);
   bool waited_ ABSL_GUARDED_BY(mutex_) = false;
+  // In the admission queue: since when, and until when.
+  bool in_queue_ ABSL_GUARDED_BY(mutex_) = false;
+  Timer::Clock::time_point queued_at_ ABSL_GUARDED_BY(mutex_);
+  Timer::Clock::time_point queue_deadline_ ABSL_GUARDED_BY(mutex_);
   bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;    // OnCancel: the client cancelled
   bool client_gone_ ABSL_GUARDED_BY(mutex_) = false;  // a write to the client failed
   bool finished_ ABSL_GUARDED_BY(mutex_) = false;

@@ -28,6 +28,11 @@ struct ProxyOptions {
   int max_attempts = 3;                          // sends of one request, the first included
   std::chrono::milliseconds requeue_wait{3000};  // wait for a healthy replica after a failure
   std::chrono::milliseconds poll_interval{50};   // how often the wait looks at the registry
+  // A request that finds every replica of its model full (or none up) waits this long for
+  // one to take it (bounded by its own deadline) before it is refused; 0: refused at once.
+  std::chrono::milliseconds queue_wait{0};
+  // Requests waiting so at most; past it, refused at once.
+  int64_t max_queued = 1024;
   // A replica call that ends CANCELLED is the replica's doing only if the client's call is not
   // cancelled this long after.
   std::chrono::milliseconds cancel_grace{200};

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "glog/logging.h"
@@ -25,23 +26,41 @@ absl::StatusOr<std::string> Registry::Register(
         request.world_size(), "; none may be negative"));
   }
   absl::MutexLock lock(&mutex_);
-  if (have_reference_) {
-    if (request.protocol_version() != protocol_version_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "protocol version ", request.protocol_version(), " of the worker at ", request.address(),
-          " differs from the cluster's protocol version ", protocol_version_,
-          "; run matching builds"));
-    }
-    if (request.model_fingerprint() != fingerprint_) {
+  const std::string model = ResolveModelLocked(request.model_name());
+  if (!options_.models.empty() && SpecOf(model) == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the worker at ", request.address(), " serves model \"", model,
+        "\", which this coordinator's --models does not list (it serves: ",
+        absl::StrJoin(ServedModelsLocked(), ", "), "); start it with --model-name NAME"));
+  }
+  if (have_reference_ && request.protocol_version() != protocol_version_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "protocol version ", request.protocol_version(), " of the worker at ", request.address(),
+        " differs from the cluster's protocol version ", protocol_version_,
+        "; run matching builds"));
+  }
+  if (auto known = fingerprints_.find(model); known != fingerprints_.end()) {
+    if (request.model_fingerprint() != known->second) {
       return absl::FailedPreconditionError(absl::StrCat(
           "model fingerprint ", request.model_fingerprint(), " of the worker at ",
-          request.address(), " differs from the cluster's model fingerprint ", fingerprint_,
-          "; every worker must load the same checkpoint"));
+          request.address(), " differs from model \"", model, "\"'s fingerprint ",
+          known->second, "; every worker of a model must load the same checkpoint (or give "
+          "another --model-name)"));
     }
   } else {
+    fingerprints_[model] = request.model_fingerprint();
+  }
+  if (!have_reference_) {
     have_reference_ = true;
     protocol_version_ = request.protocol_version();
     fingerprint_ = request.model_fingerprint();
+  }
+  // A worker this coordinator assigned to the model has arrived.
+  for (auto it = assignments_.begin(); it != assignments_.end(); ++it) {
+    if (it->first == model) {
+      assignments_.erase(it);
+      break;
+    }
   }
   PruneLocked(Now());
   entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
@@ -62,6 +81,7 @@ absl::StatusOr<std::string> Registry::Register(
   replica->world_size = request.world_size();
   replica->parallel = request.parallel();
   replica->placement_group = request.placement_group();
+  replica->model = model;
   Entry entry;
   entry.replica = replica;
   entry.last_heartbeat = Now();
@@ -69,7 +89,7 @@ absl::StatusOr<std::string> Registry::Register(
   LOG(INFO) << "replica " << replica->id << " registered at " << replica->address
             << ", fingerprint " << request.model_fingerprint() << ", vocab "
             << request.vocab_size() << ", max context " << request.max_context() << ", "
-            << request.world_size() << " rank(s) " << request.parallel();
+            << request.world_size() << " rank(s) " << request.parallel() << ", model " << model;
   return replica->id;
 }
 
@@ -152,16 +172,25 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
 }
 
 absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick(const std::vector<std::string>& exclude,
-                                                        bool admit) {
+                                                        bool admit, absl::string_view model_name) {
   absl::MutexLock lock(&mutex_);
   const Clock::time_point now = Now();
   PruneLocked(now);
+  const std::string model = ResolveModelLocked(model_name);
+  const bool known = SpecOf(model) != nullptr ||
+                     std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
+                       return e.replica->model == model;
+                     });
+  if (!known && !(options_.models.empty() && model == options_.default_model)) {
+    return absl::NotFoundError(absl::StrCat("model \"", model, "\" is not served here; served: ",
+                                            absl::StrJoin(ServedModelsLocked(), ", ")));
+  }
   const int64_t limit = options_.max_outstanding_per_replica;
   std::shared_ptr<Replica> best;
   int64_t healthy = 0;
   int64_t in_flight = 0;
   for (const Entry& entry : entries_) {
-    if (!Healthy(entry, now)) continue;
+    if (!Healthy(entry, now) || entry.replica->model != model || entry.draining()) continue;
     if (std::find(exclude.begin(), exclude.end(), entry.replica->id) != exclude.end()) continue;
     const int64_t outstanding = entry.replica->outstanding.load();
     ++healthy;
@@ -182,8 +211,8 @@ absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick(const std::vector<std::s
           " failed this request)"));
     }
     return absl::UnavailableError(absl::StrCat(
-        "no healthy replica (", entries_.size(),
-        " registered); start a gemma-worker or wait for one to heartbeat"));
+        "no healthy replica of model \"", model, "\" (", entries_.size(),
+        " registered in all); start a gemma-worker or wait for one to heartbeat"));
   }
   best->outstanding.fetch_add(1);
   return best;
@@ -202,13 +231,17 @@ void Registry::MarkFailed(const Replica& replica, absl::string_view reason) {
   }
 }
 
-ModelLimits Registry::Limits() const {
+ModelLimits Registry::Limits(absl::string_view model_name) const {
   absl::MutexLock lock(&mutex_);
   const Clock::time_point now = Now();
+  const std::string model = ResolveModelLocked(model_name);
   ModelLimits limits;
   bool any_healthy = false;
-  for (const Entry& entry : entries_) any_healthy |= Healthy(entry, now);
   for (const Entry& entry : entries_) {
+    any_healthy |= Healthy(entry, now) && entry.replica->model == model;
+  }
+  for (const Entry& entry : entries_) {
+    if (entry.replica->model != model) continue;
     if (any_healthy && !Healthy(entry, now)) continue;
     const Replica& r = *entry.replica;
     if (r.vocab_size > 0 && (limits.vocab_size == 0 || r.vocab_size < limits.vocab_size)) {
@@ -225,6 +258,7 @@ gemma::v1::GetStatusResponse Registry::Status() const {
   gemma::v1::GetStatusResponse response;
   response.set_requests_in_flight(in_flight_.load());
   response.set_requests_requeued(requeued_.load());
+  response.set_requests_queued(queued_.load());
   response.set_max_outstanding_per_replica(options_.max_outstanding_per_replica);
   absl::MutexLock lock(&mutex_);
   const Clock::time_point now = Now();
@@ -246,7 +280,197 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     status->set_parallel(entry.replica->parallel);
     status->set_preemptions(entry.load.preemptions());
     status->set_max_context(entry.replica->max_context);
+    status->set_model(entry.replica->model);
+    status->set_draining(entry.draining());
   }
+  for (const std::string& name : ServedModelsLocked()) {
+    gemma::v1::ServedModel* model = response.add_models();
+    model->set_name(name);
+    int healthy = 0;
+    std::vector<std::string> groups;
+    for (const Entry& entry : entries_) {
+      if (entry.replica->model != name || !Healthy(entry, now) || entry.draining()) continue;
+      const std::string& key = entry.replica->placement_group.empty()
+                                   ? entry.replica->id
+                                   : entry.replica->placement_group;
+      if (std::find(groups.begin(), groups.end(), key) == groups.end()) {
+        groups.push_back(key);
+        ++healthy;
+      }
+    }
+    model->set_replicas(healthy);
+    if (const ModelSpec* spec = SpecOf(name)) {
+      model->set_path(spec->path);
+      model->set_min_replicas(spec->min_replicas);
+      model->set_max_replicas(spec->max_replicas);
+      model->set_layout(DescribeLayout(spec->layout));
+    }
+  }
+  for (const auto& [id, worker] : free_workers_) {
+    const auto age = std::chrono::duration_cast<std::chrono::milliseconds>(now - worker.last_seen);
+    if (age > std::chrono::seconds(10)) continue;  // gone, or assigned
+    gemma::v1::FreeWorker* free = response.add_free_workers();
+    free->set_worker_id(id);
+    free->set_host(worker.host);
+    free->set_backend(worker.backend);
+    free->set_ranks(worker.ranks);
+    free->set_ms_since_seen(age.count());
+  }
+  return response;
+}
+
+std::string Registry::ResolveModelLocked(absl::string_view model) const {
+  if (!model.empty()) return std::string(model);
+  return options_.models.empty() ? options_.default_model : options_.models.front().name;
+}
+
+std::string Registry::ResolveModel(absl::string_view model) const {
+  absl::MutexLock lock(&mutex_);
+  return ResolveModelLocked(model);
+}
+
+const ModelSpec* Registry::SpecOf(const std::string& model) const {
+  for (const ModelSpec& spec : options_.models) {
+    if (spec.name == model) return &spec;
+  }
+  return nullptr;
+}
+
+std::vector<std::string> Registry::ServedModelsLocked() const {
+  std::vector<std::string> names;
+  for (const ModelSpec& spec : options_.models) names.push_back(spec.name);
+  if (names.empty()) names.push_back(options_.default_model);
+  for (const Entry& entry : entries_) {
+    if (std::find(names.begin(), names.end(), entry.replica->model) == names.end()) {
+      names.push_back(entry.replica->model);
+    }
+  }
+  return names;
+}
+
+std::vector<std::string> Registry::ServedModels() const {
+  absl::MutexLock lock(&mutex_);
+  return ServedModelsLocked();
+}
+
+absl::StatusOr<std::vector<std::string>> Registry::Drain(const std::string& replica_id) {
+  absl::MutexLock lock(&mutex_);
+  std::string key;
+  for (const Entry& entry : entries_) {
+    if (entry.replica->id != replica_id) continue;
+    key = entry.replica->placement_group.empty() ? entry.replica->id
+                                                 : entry.replica->placement_group;
+  }
+  if (key.empty()) {
+    std::vector<std::string> ids;
+    for (const Entry& entry : entries_) ids.push_back(entry.replica->id);
+    return absl::NotFoundError(absl::StrCat("no replica \"", replica_id, "\"; known: ",
+                                            ids.empty() ? "none" : absl::StrJoin(ids, ", ")));
+  }
+  std::vector<std::string> drained;
+  for (Entry& entry : entries_) {
+    const std::string& k = entry.replica->placement_group.empty()
+                               ? entry.replica->id
+                               : entry.replica->placement_group;
+    if (k != key) continue;
+    entry.drain_requested = true;
+    drained.push_back(entry.replica->id);
+    LOG(INFO) << "replica " << entry.replica->id << " draining on request: no new requests; "
+              << "told to leave once its requests are done";
+  }
+  return drained;
+}
+
+bool Registry::DrainRequested(const std::string& replica_id) const {
+  absl::MutexLock lock(&mutex_);
+  for (const Entry& entry : entries_) {
+    if (entry.replica->id == replica_id) return entry.drain_requested;
+  }
+  return false;
+}
+
+int Registry::ReplicasOfLocked(const std::string& model, Clock::time_point now) const {
+  std::vector<std::string> groups;
+  for (const Entry& entry : entries_) {
+    if (entry.replica->model != model || !Healthy(entry, now) || entry.draining()) continue;
+    const std::string& key = entry.replica->placement_group.empty()
+                                 ? entry.replica->id
+                                 : entry.replica->placement_group;
+    if (std::find(groups.begin(), groups.end(), key) == groups.end()) groups.push_back(key);
+  }
+  int n = static_cast<int>(groups.size());
+  for (const auto& [name, at] : assignments_) {
+    if (name == model && now - at <= options_.assignment_timeout) ++n;
+  }
+  return n;
+}
+
+gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::JoinRequest& request) {
+  absl::MutexLock lock(&mutex_);
+  const Clock::time_point now = Now();
+  PruneLocked(now);
+  assignments_.erase(std::remove_if(assignments_.begin(), assignments_.end(),
+                                    [&](const auto& a) {
+                                      return now - a.second > options_.assignment_timeout;
+                                    }),
+                     assignments_.end());
+  gemma::internal::v1::JoinResponse response;
+  FreeWorker& free = free_workers_[request.worker_id()];
+  free.host = request.host();
+  free.backend = request.backend();
+  free.ranks = request.ranks();
+  free.last_seen = now;
+  // The model its ranks fit, furthest below its min first (then the fewest replicas against its
+  // max), never one at its max or one the worker cannot read.
+  const ModelSpec* best = nullptr;
+  double best_score = 0;
+  std::vector<std::string> unfit;
+  for (const ModelSpec& spec : options_.models) {
+    if (spec.layout.ranks != request.ranks()) {
+      unfit.push_back(absl::StrCat(spec.name, " needs ", spec.layout.ranks, " ranks"));
+      continue;
+    }
+    if (std::find(request.unreadable_models().begin(), request.unreadable_models().end(),
+                  spec.name) != request.unreadable_models().end()) {
+      unfit.push_back(absl::StrCat(spec.name, ": this worker cannot read ", spec.path));
+      continue;
+    }
+    const int have = ReplicasOfLocked(spec.name, now);
+    if (have >= spec.max_replicas) {
+      unfit.push_back(absl::StrCat(spec.name, " has its ", spec.max_replicas, " replicas"));
+      continue;
+    }
+    // Below min: 1 + the missing share; else the free share of max.
+    const double score = have < spec.min_replicas
+                             ? 1.0 + static_cast<double>(spec.min_replicas - have) /
+                                         std::max(1, spec.min_replicas)
+                             : 1.0 - static_cast<double>(have) / spec.max_replicas;
+    if (best == nullptr || score > best_score) {
+      best = &spec;
+      best_score = score;
+    }
+  }
+  if (best == nullptr) {
+    response.set_assigned(false);
+    response.set_retry_ms(2000);
+    response.set_reason(options_.models.empty()
+                            ? "this coordinator has no --models to assign; start the worker "
+                              "with --model DIR"
+                            : absl::StrCat("no model needs this worker now (",
+                                           absl::StrJoin(unfit, "; "), ")"));
+    return response;
+  }
+  free_workers_.erase(request.worker_id());
+  assignments_.emplace_back(best->name, now);
+  response.set_assigned(true);
+  response.set_model_name(best->name);
+  response.set_model_path(best->path);
+  response.set_mode(best->layout.mode);
+  response.set_tp(best->layout.tp);
+  response.set_redundant_experts(best->layout.redundant_experts);
+  LOG(INFO) << "worker " << request.worker_id() << " on " << request.host() << " ("
+            << request.ranks() << " " << request.backend() << " ranks) assigned model "
+            << best->name << " (" << DescribeLayout(best->layout) << ")";
   return response;
 }
 

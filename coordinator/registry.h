@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "coordinator/model_spec.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "gemma/v1/cluster.pb.h"
 
@@ -41,6 +42,7 @@ struct Replica {
   std::string parallel;
   // Entries of one replica (its dp-ep groups) share it; empty: the entry is the replica.
   std::string placement_group;
+  std::string model;  // its served name
   std::atomic<int64_t> outstanding{0};
 };
 
@@ -76,6 +78,13 @@ struct RegistryOptions {
   std::function<Clock::time_point()> now;
   // Expert-load windows kept per replica (the latest; totals are kept whole).
   int expert_windows_kept = 60;
+  // The models served (--models): replicas register under these names only, and free workers
+  // are assigned from them. Empty: any name; a worker that names none serves default_model.
+  std::vector<ModelSpec> models;
+  // The model of requests and registrations that name none (the first of `models` if any).
+  std::string default_model = "gemma-4";
+  // A worker assigned a model counts toward its replicas this long before it registers.
+  std::chrono::milliseconds assignment_timeout{120000};
 };
 
 // Adds `window` into `total` (same shape; a total with no shape takes the window's). False,
@@ -87,9 +96,11 @@ class Registry {
   using Clock = std::chrono::steady_clock;
   explicit Registry(RegistryOptions options);
 
-  // The new replica's id. FAILED_PRECONDITION naming both values when the protocol version or
-  // the fingerprint differs from the first registered replica's; INVALID_ARGUMENT for an empty
-  // address. A worker registering again at the same address replaces its old entry.
+  // The new replica's id. FAILED_PRECONDITION naming both values when the protocol version
+  // differs from the first registered replica's or the fingerprint from the first of the same
+  // model's, or naming the models served when its model is not one of `models`;
+  // INVALID_ARGUMENT for an empty address. A worker registering again at the same address
+  // replaces its old entry.
   absl::StatusOr<std::string> Register(const gemma::internal::v1::RegisterRequest& request);
   // False when `id` is unknown or has failed a request since it registered (the worker should
   // register again).
@@ -99,17 +110,41 @@ class Registry {
   // there is none. With `admit`, only replicas below the admission limit count, and
   // RESOURCE_EXHAUSTED says the cluster is full when every healthy one is at it (a request
   // that moves after a failure was admitted already and is not refused).
+  // Only replicas of `model` (empty: the default model) that are not draining; NOT_FOUND naming
+  // the models served when no replica serves it and it is not in `models`.
   absl::StatusOr<std::shared_ptr<Replica>> Pick(const std::vector<std::string>& exclude = {},
-                                                bool admit = true);
+                                                bool admit = true, absl::string_view model = "");
   // A request failed on `replica` (its process or its connection is gone): unhealthy at once,
   // until its worker registers again. Nothing when that entry is gone already.
   void MarkFailed(const Replica& replica, absl::string_view reason);
-  ModelLimits Limits() const;
+  ModelLimits Limits(absl::string_view model = "") const;
+  // The served name `model` stands for (the default model when empty).
+  std::string ResolveModel(absl::string_view model) const;
+  // Every model name served: those of `models`, then any other a replica registered.
+  std::vector<std::string> ServedModels() const;
+
+  // Draining: `replica_id` (with the other entries of its placement group) takes no new
+  // requests and is told to leave in its next heartbeat answer. NOT_FOUND for an unknown id.
+  absl::StatusOr<std::vector<std::string>> Drain(const std::string& replica_id);
+  bool DrainRequested(const std::string& replica_id) const;
+  // A worker without a model asks for one: the model of `models` its ranks fit that is furthest
+  // below its min replicas, else below its max (replicas and recent assignments counted);
+  // otherwise it waits, listed as free in Status.
+  gemma::internal::v1::JoinResponse Join(const gemma::internal::v1::JoinRequest& request);
 
   // Counters shown by Status.
   void RequestStarted() { in_flight_.fetch_add(1); }
   void RequestEnded() { in_flight_.fetch_sub(1); }
   void CountRequeue() { requeued_.fetch_add(1); }
+  // The admission queue's length: false (nothing counted) when `max` are waiting already.
+  bool TryQueue(int64_t max) {
+    int64_t n = queued_.load();
+    while (n < max) {
+      if (queued_.compare_exchange_weak(n, n + 1)) return true;
+    }
+    return false;
+  }
+  void Dequeue() { queued_.fetch_sub(1); }
 
   std::chrono::milliseconds heartbeat_timeout() const { return options_.heartbeat_timeout; }
   int64_t max_outstanding_per_replica() const { return options_.max_outstanding_per_replica; }
@@ -151,6 +186,8 @@ class Registry {
     Clock::time_point last_heartbeat;
     gemma::internal::v1::HeartbeatRequest load;
     bool failed = false;
+    bool drain_requested = false;  // gemmactl drain: told to leave
+    bool draining() const { return drain_requested || load.draining(); }
     gemma::v1::ExpertLoad expert_totals;
     std::deque<gemma::v1::ExpertLoad> expert_windows;
   };
@@ -168,6 +205,7 @@ class Registry {
   const RegistryOptions options_;
   std::atomic<int64_t> in_flight_{0};
   std::atomic<int64_t> requeued_{0};
+  std::atomic<int64_t> queued_{0};
   mutable absl::Mutex mutex_;
   std::vector<Entry> entries_ ABSL_GUARDED_BY(mutex_);
   uint64_t next_id_ ABSL_GUARDED_BY(mutex_) = 1;
@@ -178,6 +216,23 @@ class Registry {
   int64_t last_window_sequence_ ABSL_GUARDED_BY(mutex_) = 0;
   std::deque<gemma::v1::ExpertLoadWindow> recent_windows_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, GroupState> groups_ ABSL_GUARDED_BY(mutex_);
+  // Per served name, the fingerprint of its first replica.
+  std::map<std::string, std::string> fingerprints_ ABSL_GUARDED_BY(mutex_);
+  struct FreeWorker {
+    std::string host, backend;
+    int32_t ranks = 0;
+    Clock::time_point last_seen;
+  };
+  std::map<std::string, FreeWorker> free_workers_ ABSL_GUARDED_BY(mutex_);
+  // Models assigned to joining workers that have not registered yet: (model, when).
+  std::vector<std::pair<std::string, Clock::time_point>> assignments_ ABSL_GUARDED_BY(mutex_);
+  // Healthy, not draining replicas of `model` (a placement group counts once) plus its recent
+  // assignments.
+  int ReplicasOfLocked(const std::string& model, Clock::time_point now) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  std::string ResolveModelLocked(absl::string_view model) const;
+  std::vector<std::string> ServedModelsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  const ModelSpec* SpecOf(const std::string& model) const;
 };
 
 }  // namespace gemma::coordinator

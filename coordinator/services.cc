@@ -90,6 +90,18 @@ grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
   return FinishUnary(context, absl::OkStatus());
 }
 
+grpc::ServerUnaryReactor* ClusterService::Drain(grpc::CallbackServerContext* context,
+                                                const gemma::v1::DrainRequest* request,
+                                                gemma::v1::DrainResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {}, "Drain"); !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
+  absl::StatusOr<std::vector<std::string>> drained = registry_->Drain(request->replica_id());
+  if (!drained.ok()) return FinishUnary(context, drained.status());
+  for (const std::string& id : *drained) response->add_replica_ids(id);
+  return FinishUnary(context, absl::OkStatus());
+}
+
 grpc::ServerUnaryReactor* ClusterService::Rebalance(grpc::CallbackServerContext* context,
                                                     const gemma::v1::RebalanceRequest* request,
                                                     gemma::v1::RebalanceResponse* response) {
@@ -237,11 +249,27 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
   }
   response->set_known(registry_->Heartbeat(*request));
   if (response->known()) {
+    response->set_drain(registry_->DrainRequested(request->replica_id()));
     if (std::optional<gemma::v1::ExpertPlacement> offer =
             registry_->PendingOffer(request->replica_id())) {
       *response->mutable_expert_placement() = *std::move(offer);
     }
   }
+  return FinishUnary(context, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* context,
+                                                   const iv1::JoinRequest* request,
+                                                   iv1::JoinResponse* response) {
+  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kWorker}, "Join");
+      !auth.ok()) {
+    return FinishUnary(context, auth);
+  }
+  if (request->worker_id().empty() || request->ranks() <= 0) {
+    return FinishUnary(context, absl::InvalidArgumentError(
+                                    "Join: a worker id and a positive rank count are required"));
+  }
+  *response = registry_->Join(*request);
   return FinishUnary(context, absl::OkStatus());
 }
 

@@ -54,6 +54,10 @@ class ClusterService final : public gemma::v1::Cluster::CallbackService {
       const gemma::v1::WatchExpertLoadRequest* request) override;
   static constexpr int kWatchPollMs = 100;
   // Admin only.
+  grpc::ServerUnaryReactor* Drain(grpc::CallbackServerContext* context,
+                                  const gemma::v1::DrainRequest* request,
+                                  gemma::v1::DrainResponse* response) override;
+  // Admin only.
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
                                       const gemma::v1::RebalanceRequest* request,
                                       gemma::v1::RebalanceResponse* response) override;
@@ -75,6 +79,9 @@ class CoordinatorService final : public gemma::internal::v1::Coordinator::Callba
   grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context,
                                       const gemma::internal::v1::HeartbeatRequest* request,
                                       gemma::internal::v1::HeartbeatResponse* response) override;
+  grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
+                                 const gemma::internal::v1::JoinRequest* request,
+                                 gemma::internal::v1::JoinResponse* response) override;
   grpc::ServerUnaryReactor* StoreSet(grpc::CallbackServerContext* context,
                                      const gemma::internal::v1::StoreSetRequest* request,
                                      gemma::internal::v1::StoreSetResponse* response) override;

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "gtest/gtest.h"
@@ -206,10 +207,13 @@ TEST_F(ClusterTest, ProcessesExitCleanlyOnSigterm) {
 TEST(ClusterNoReplicaTest, CoordinatorWithoutReplicasAnswersUnavailable) {
   Cluster lonely("lonely_coordinator");
   std::string error;
-  ASSERT_TRUE(lonely.StartCoordinator({}, &error)) << error;
+  ASSERT_TRUE(lonely.StartCoordinator({"--queue-wait-ms", "300"}, &error)) << error;
   v1::Inference::Stub* stub = &lonely.inference();
   StreamResult result = Generate(*stub, TokenRequest({2, 17}, 4));
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << result.status.error_message();
+  // It waited in the admission queue for a replica first.
+  EXPECT_TRUE(absl::StrContains(result.status.error_message(), "ms in the admission queue"))
       << result.status.error_message();
   // A bad request is refused as such even without replicas.
   EXPECT_EQ(Generate(*stub, TokenRequest({2, 17}, -3)).status.error_code(),

@@ -787,7 +787,7 @@ TEST_F(RealClusterTest, BadRequestsAreRefusedNamingTheProblem) {
 }
 
 TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
-  StartCoordinator({"--max-outstanding-per-replica", "1"});
+  StartCoordinator({"--max-outstanding-per-replica", "1", "--queue-wait-ms", "0"});
   StartWorker(1);
   EXPECT_EQ(cluster_->Status().max_outstanding_per_replica(), 1);
   const std::string replica_id = cluster_->Status().replicas(0).id();
@@ -821,6 +821,36 @@ TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
   ASSERT_EQ(status.replicas_size(), 1);
   EXPECT_EQ(status.replicas(0).id(), replica_id);
   EXPECT_TRUE(status.replicas(0).healthy());
+}
+
+// With every replica full a request waits in the admission queue instead of being refused,
+// and runs once a slot frees; past the queue's bound the next is refused at once, saying so.
+TEST_F(RealClusterTest, AdmissionQueueHoldsARequestUntilAReplicaFrees) {
+  StartCoordinator({"--max-outstanding-per-replica", "1", "--queue-wait-ms", "30000",
+                    "--max-queued", "1"});
+  StartWorker(1);
+  grpc::ClientContext long_context;
+  long_context.set_deadline(In(seconds(60)));
+  auto long_reader =
+      cluster_->inference().Generate(&long_context, TokenRequest({2, 17, 301}, 4000));
+  v1::GenerateResponse response;
+  ASSERT_TRUE(long_reader->Read(&response));
+  StreamResult queued;
+  std::thread waiter([&] { queued = Generate(cluster_->inference(), TokenRequest({2, 17}, 4)); });
+  ASSERT_TRUE(PollUntil([&] { return cluster_->Status().requests_queued() == 1; },
+                        milliseconds(10000)));
+  StreamResult refused = Generate(cluster_->inference(), TokenRequest({2, 18}, 4));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(absl::StrContains(refused.status.error_message(),
+                                "the admission queue is full (1 requests waiting)"))
+      << refused.status.error_message();
+  long_context.TryCancel();
+  while (long_reader->Read(&response)) {
+  }
+  waiter.join();
+  EXPECT_TRUE(queued.status.ok()) << queued.status.error_message();
+  EXPECT_FALSE(queued.ids.empty());
+  EXPECT_EQ(cluster_->Status().requests_queued(), 0);
 }
 
 // Streams `request`, SIGKILLs the worker serving it after a few ids (then runs `after_kill`),

@@ -319,8 +319,10 @@ absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCa
     RETURN_IF_ERROR(leaders->AllGather(mine, all.data(), 4, DType::kI64));
   }
   RETURN_IF_ERROR(executor.AgreeOnPlacement(all, leaders));
-  bool busy = executor.placement_pending();
-  for (size_t i = 0; i < all.size(); i += 4) busy = busy || all[i] != 0;
+  bool any_work = false;
+  for (size_t i = 0; i < all.size(); i += 4) any_work = any_work || all[i] != 0;
+  executor.set_replica_idle(!any_work);
+  const bool busy = any_work || executor.placement_pending();
   if (!busy) return false;
   const uint64_t before = executor.steps_executed();
   if (engine.HasWork()) RETURN_IF_ERROR(engine.Step().status());

@@ -64,6 +64,10 @@ class LeaderExecutor : public StepExecutor {
   // first leader that has it) and decides whether this iteration's step switches.
   void PlacementState(int64_t mine[4]);
   absl::Status AgreeOnPlacement(const std::vector<int64_t>& all, parallel::Communicator* leaders);
+  // dp-ep: whether no group had work at the last lockstep iteration (a draining leader leaves
+  // only then, since every group's steps need every leader). Thread-safe.
+  bool replica_idle() const { return replica_idle_.load(); }
+  void set_replica_idle(bool idle) { replica_idle_.store(idle); }
 
  private:
   absl::Status Send(parallel::StepPlan plan);
@@ -91,6 +95,7 @@ class LeaderExecutor : public StepExecutor {
   bool forward_ = false;                      // offered_ not yet sent to the followers
   bool group_ready_ = false;                  // every rank of the group has loaded offered_
   bool switch_now_ = false;                   // the next step runs with offered_
+  std::atomic<bool> replica_idle_{true};
 };
 
 // A follower rank: applies the leader's plans to this rank's model and cache until a stop plan.

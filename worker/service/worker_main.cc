@@ -88,6 +88,13 @@ ABSL_FLAG(std::string, replica, "",
           "name of the replica when it spans several nodes (the same on each of its workers)");
 ABSL_FLAG(int32_t, nodes, 1, "workers (nodes) that together form the replica");
 ABSL_FLAG(int32_t, node_rank, 0, "this worker's place among them, 0..nodes-1 (0 leads)");
+ABSL_FLAG(std::string, model_name, "",
+          "the served name of the model (what requests name in \"model\"); empty: the "
+          "coordinator's default model. Workers started without --model get it assigned");
+ABSL_FLAG(int32_t, drain_grace_s, 30,
+          "on SIGTERM (or gemmactl drain) the replica takes no new requests and waits this long "
+          "for the ones in flight before it leaves; those still running then move to another "
+          "replica with the tokens already streamed. A second SIGTERM leaves at once");
 ABSL_FLAG(int32_t, redundant_experts, 0,
           "MoE replicas whose experts are spread over ranks: spare expert slots over the replica "
           "(experts + spares must divide over the expert ranks), which the coordinator fills "
@@ -116,7 +123,11 @@ constexpr uint32_t kProtocolVersion = 1;
 constexpr auto kStopGrace = std::chrono::seconds(10);
 
 std::atomic<bool> g_stop{false};
-void OnSignal(int) { g_stop.store(true); }
+// A second SIGTERM or SIGINT: leave now, without draining.
+std::atomic<bool> g_force_stop{false};
+void OnSignal(int) {
+  if (g_stop.exchange(true)) g_force_stop.store(true);
+}
 
 // The command line as given, for starting the rank processes.
 std::vector<std::string>* g_argv = nullptr;
@@ -239,9 +250,93 @@ void StopRanks(std::vector<RankProcess>& ranks) {
   }
 }
 
+// A worker started without --model: asks the coordinator for a model (Coordinator.Join) until
+// it gets one whose checkpoint it can read, then takes the assignment as its flags (and passes
+// them on to its rank processes). False when stopped while waiting.
+absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backend) {
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   gemma::CoordinatorCredentials(absl::GetFlag(FLAGS_coordinator_ca)));
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), credentials);
+  auto stub = iv1::Coordinator::NewStub(channel);
+  std::random_device random;
+  iv1::JoinRequest request;
+  request.set_worker_id(absl::StrFormat("w%08x%08x", random(), random()));
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  request.set_host(host);
+  request.set_backend(backend);
+  request.set_ranks(local_ranks);
+  std::string last_reason;
+  LOG(INFO) << "no --model: joining " << absl::GetFlag(FLAGS_coordinator) << " as worker "
+            << request.worker_id() << " with " << local_ranks << " " << backend
+            << " rank(s); waiting for a model";
+  while (!g_stop.load()) {
+    iv1::JoinResponse response;
+    grpc::ClientContext context;
+    gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    const grpc::Status status = stub->Join(&context, request, &response);
+    if (!status.ok()) {
+      if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+          status.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
+          status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        return FromGrpc(status, "joining the coordinator");
+      }
+      LOG_EVERY_N(WARNING, 10) << "joining " << absl::GetFlag(FLAGS_coordinator)
+                               << " failed: " << status.error_message() << "; retrying";
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      continue;
+    }
+    if (response.assigned()) {
+      if (!std::filesystem::exists(std::filesystem::path(response.model_path()) / "config.json")) {
+        LOG(WARNING) << "assigned model " << response.model_name() << " at "
+                     << response.model_path() << ", which this worker cannot read; asking for "
+                     << "another";
+        request.add_unreadable_models(response.model_name());
+        continue;
+      }
+      LOG(INFO) << "assigned model " << response.model_name() << " (" << response.model_path()
+                << ", " << response.mode() << ")";
+      absl::SetFlag(&FLAGS_model, response.model_path());
+      absl::SetFlag(&FLAGS_model_name, response.model_name());
+      absl::SetFlag(&FLAGS_mode, response.mode());
+      absl::SetFlag(&FLAGS_tp, response.tp());
+      absl::SetFlag(&FLAGS_redundant_experts, response.redundant_experts());
+      // The rank processes are started with this process's arguments: add the assignment.
+      g_argv->push_back(absl::StrCat("--model=", response.model_path()));
+      g_argv->push_back(absl::StrCat("--model_name=", response.model_name()));
+      g_argv->push_back(absl::StrCat("--mode=", response.mode()));
+      g_argv->push_back(absl::StrCat("--tp=", response.tp()));
+      g_argv->push_back(absl::StrCat("--redundant_experts=", response.redundant_experts()));
+      return true;
+    }
+    if (response.reason() != last_reason) {
+      LOG(INFO) << "waiting for a model: " << response.reason();
+      last_reason = response.reason();
+    }
+    const auto wait = std::chrono::milliseconds(std::clamp<int64_t>(response.retry_ms(), 100, 10000));
+    for (auto until = Clock::now() + wait; Clock::now() < until && !g_stop.load();) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  return false;
+}
+
 absl::Status Supervise() {
   if (absl::GetFlag(FLAGS_coordinator).empty()) {
     return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
+  }
+  if (absl::GetFlag(FLAGS_model).empty()) {
+    const std::string backend = absl::GetFlag(FLAGS_backend);
+    const int ranks = backend == "cuda" ? std::max(1, absl::GetFlag(FLAGS_gpus))
+                                        : std::max(1, absl::GetFlag(FLAGS_cpu_ranks));
+    signal(SIGTERM, OnSignal);
+    signal(SIGINT, OnSignal);
+    ASSIGN_OR_RETURN(const bool assigned, JoinForAssignment(ranks, backend));
+    if (!assigned) return absl::OkStatus();  // stopped while waiting
+  }
+  if (absl::GetFlag(FLAGS_drain_grace_s) < 0) {
+    return absl::InvalidArgumentError("--drain-grace-s must not be negative");
   }
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -340,20 +435,50 @@ absl::Status Supervise() {
   LOG(INFO) << "supervising " << local_ranks << " rank process" << (local_ranks > 1 ? "es" : "")
             << " (" << backend << "), ranks " << node_rank * local_ranks << ".."
             << (node_rank + 1) * local_ranks - 1 << " of " << world_size;
+  // The ranks that lead a group (and serve requests): rank 0 in tp mode, the first of each
+  // data-parallel group in dp-ep. On SIGTERM they drain first; the others follow their plans
+  // until their leader stops them.
+  const int group = *mode == gemma::parallel::ParallelMode::kDpEp ? std::max(1, tp) : world_size;
+  auto is_leader = [&](int rank) { return rank % group == 0; };
   absl::Status result;
-  while (!g_stop.load()) {
+  bool draining = false;
+  while (!g_force_stop.load()) {
+    if (g_stop.load() && !draining) {
+      draining = true;
+      int leaders = 0;
+      for (const RankProcess& r : ranks) {
+        if (!is_leader(r.rank)) continue;
+        kill(r.pid, SIGTERM);
+        ++leaders;
+      }
+      if (leaders == 0) break;  // nothing here serves requests: stop at once
+      LOG(INFO) << "draining: the replica finishes its requests (up to --drain-grace-s "
+                << absl::GetFlag(FLAGS_drain_grace_s) << ") and leaves; SIGTERM again to stop now";
+    }
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid > 0) {
       for (auto it = ranks.begin(); it != ranks.end(); ++it) {
         if (it->pid != pid) continue;
-        result = absl::UnavailableError(absl::StrCat(
-            "rank ", it->rank, " (pid ", pid, ") ", DescribeExit(status),
-            "; stopped the replica's other ranks"));
+        // A leader that drained and left (or was told to by the coordinator) exits 0: the
+        // replica is done, the others stop with it.
+        const bool left = WIFEXITED(status) && WEXITSTATUS(status) == 0 && is_leader(it->rank);
+        if (left) {
+          LOG(INFO) << "rank " << it->rank << " drained and left; stopping the replica";
+          g_stop.store(true);
+          draining = true;
+        } else if (!draining || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+          result = absl::UnavailableError(absl::StrCat(
+              "rank ", it->rank, " (pid ", pid, ") ", DescribeExit(status),
+              "; stopped the replica's other ranks"));
+        }
         ranks.erase(it);
         break;
       }
       if (!result.ok()) break;
+      const bool leaders_left = std::none_of(ranks.begin(), ranks.end(),
+                                             [&](const RankProcess& r) { return is_leader(r.rank); });
+      if (draining && leaders_left) break;
       continue;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -385,12 +510,16 @@ absl::StatusOr<std::string> Register(iv1::Coordinator::Stub& stub,
   return response.replica_id();
 }
 
-void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
+// One heartbeat; true when the coordinator took it. `draining` tells the coordinator to route
+// nothing new here; *drain is set when the coordinator asks the replica to leave.
+bool SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
                    const iv1::RegisterRequest& registration,
                    const gemma::service::ReplicaLoad& load,
                    gemma::service::ExpertLoadRecorder& experts,
-                   gemma::replica::LeaderExecutor& leader, int ranks_per_node) {
+                   gemma::replica::LeaderExecutor& leader, int ranks_per_node, bool draining,
+                   bool* drain) {
   iv1::HeartbeatRequest beat;
+  beat.set_draining(draining);
   const gemma::eplb::Placement placement = leader.ActivePlacement();
   if (placement.num_ranks > 1) {
     *beat.mutable_expert_placement() = gemma::PlacementToProto(placement, ranks_per_node);
@@ -416,6 +545,7 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   grpc::Status status = stub.Heartbeat(&context, beat, &reply);
   // Windows the coordinator did not take go out again with the next heartbeat.
   if (!status.ok() || !reply.known()) experts.Requeue(std::move(windows));
+  if (status.ok() && reply.drain()) *drain = true;
   if (status.ok() && reply.has_expert_placement()) {
     absl::StatusOr<gemma::eplb::Placement> offer =
         gemma::PlacementFromProto(reply.expert_placement());
@@ -446,6 +576,7 @@ void SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
       LOG(WARNING) << again.status();
     }
   }
+  return status.ok() && reply.known();
 }
 
 // A group leader (rank 0, or in dp-ep the first rank of each data-parallel group): the engine
@@ -547,6 +678,7 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   registration.set_max_context(
       std::min<int64_t>(config.max_position_embeddings, absl::GetFlag(FLAGS_cache_tokens)));
   registration.set_world_size(env.world.world_size());
+  registration.set_model_name(absl::GetFlag(FLAGS_model_name));
   if (env.world.mode() == gemma::parallel::ParallelMode::kDpEp) {
     const int groups = env.world.world_size() / env.world.tp_size();
     registration.set_parallel(absl::StrCat("dp-ep ep=", env.world.world_size(),
@@ -570,12 +702,36 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   LOG(INFO) << "registered with " << absl::GetFlag(FLAGS_coordinator) << " as replica "
             << *replica_id;
 
+  // Serves until SIGTERM or the coordinator's drain; then drains: the heartbeats say so (no new
+  // requests come), the requests in flight finish (up to --drain-grace-s), and it leaves.
   auto next_beat = Clock::now();
-  while (!g_stop.load()) {
+  bool draining = false, drain_requested = false, drain_announced = false;
+  Clock::time_point drain_deadline;
+  while (!g_force_stop.load()) {
+    if (!draining && (g_stop.load() || drain_requested)) {
+      draining = true;
+      drain_deadline = Clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_drain_grace_s));
+      next_beat = Clock::now();  // tell the coordinator now
+      LOG(INFO) << "draining" << (drain_requested ? " (the coordinator asked)" : "")
+                << ": no new requests; waiting up to " << absl::GetFlag(FLAGS_drain_grace_s)
+                << " s for the ones in flight";
+    }
+    if (draining) {
+      // Leave once the coordinator knows and nothing is left, or the grace is over (what is
+      // still running then fails over elsewhere with the tokens it streamed).
+      if (drain_announced && !engine->HasWork() && (leaders == nullptr || leader->replica_idle())) {
+        break;
+      }
+      if (Clock::now() >= drain_deadline) {
+        LOG(WARNING) << "drain grace over with requests in flight; they move to other replicas";
+        break;
+      }
+    }
     if (Clock::now() >= next_beat) {
       next_beat += std::chrono::milliseconds(absl::GetFlag(FLAGS_heartbeat_ms));
-      SendHeartbeat(stub, &*replica_id, registration, load, experts, *leader,
-                    env.parallel.ranks_per_node);
+      const bool taken = SendHeartbeat(stub, &*replica_id, registration, load, experts, *leader,
+                                       env.parallel.ranks_per_node, draining, &drain_requested);
+      if (draining && taken) drain_announced = true;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

@@ -1,0 +1,147 @@
+#include "coordinator/model_spec.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+
+namespace gemma::coordinator {
+namespace {
+
+using json = nlohmann::json;
+
+absl::Status Bad(const std::string& where, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("--models: ", where, ": ", what));
+}
+
+absl::Status OnlyKeys(const json& object, const std::string& where,
+                      const std::set<std::string>& allowed) {
+  if (!object.is_object()) return Bad(where, "expected an object");
+  for (const auto& [key, value] : object.items()) {
+    if (!allowed.count(key)) {
+      std::string names;
+      for (const std::string& a : allowed) absl::StrAppend(&names, names.empty() ? "" : ", ", a);
+      return Bad(absl::StrCat(where, ".", key), absl::StrCat("unknown field (known: ", names, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ReadInt(const json& object, const std::string& where, const char* key, int low,
+                     int high, int* out) {
+  if (!object.contains(key)) return absl::OkStatus();
+  const json& v = object[key];
+  if (!v.is_number_integer() || v.get<int64_t>() < low || v.get<int64_t>() > high) {
+    return Bad(absl::StrCat(where, ".", key),
+               absl::StrCat("expected an integer in [", low, ", ", high, "], got ", v.dump()));
+  }
+  *out = v.get<int>();
+  return absl::OkStatus();
+}
+
+absl::Status ReadString(const json& object, const std::string& where, const char* key,
+                        bool required, std::string* out) {
+  if (!object.contains(key)) {
+    return required ? Bad(absl::StrCat(where, ".", key), "required") : absl::OkStatus();
+  }
+  const json& v = object[key];
+  if (!v.is_string() || v.get<std::string>().empty()) {
+    return Bad(absl::StrCat(where, ".", key),
+               absl::StrCat("expected a non-empty string, got ", v.dump()));
+  }
+  *out = v.get<std::string>();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view text) {
+  json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) return Bad("the file", "not valid JSON");
+  if (absl::Status s = OnlyKeys(root, "(top)", {"models"}); !s.ok()) return s;
+  if (!root.contains("models") || !root["models"].is_array() || root["models"].empty()) {
+    return Bad("models", "expected a non-empty list of models");
+  }
+  std::vector<ModelSpec> specs;
+  std::set<std::string> names;
+  for (size_t i = 0; i < root["models"].size(); ++i) {
+    const json& m = root["models"][i];
+    const std::string where = absl::StrCat("models[", i, "]");
+    if (absl::Status s = OnlyKeys(m, where, {"name", "path", "layout", "replicas"}); !s.ok()) {
+      return s;
+    }
+    ModelSpec spec;
+    if (absl::Status s = ReadString(m, where, "name", true, &spec.name); !s.ok()) return s;
+    if (spec.name.find_first_of(" \t/") != std::string::npos) {
+      return Bad(where + ".name", absl::StrCat("\"", spec.name, "\" must not contain spaces or '/'"));
+    }
+    if (!names.insert(spec.name).second) {
+      return Bad(where + ".name", absl::StrCat("\"", spec.name, "\" is named twice"));
+    }
+    if (absl::Status s = ReadString(m, where, "path", true, &spec.path); !s.ok()) return s;
+    if (m.contains("layout")) {
+      const json& l = m["layout"];
+      const std::string lw = where + ".layout";
+      if (absl::Status s = OnlyKeys(l, lw, {"mode", "ranks", "tp", "redundant_experts"}); !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = ReadString(l, lw, "mode", false, &spec.layout.mode); !s.ok()) return s;
+      if (spec.layout.mode != "tp" && spec.layout.mode != "dp-ep") {
+        return Bad(lw + ".mode", absl::StrCat("\"", spec.layout.mode, "\" is not tp or dp-ep"));
+      }
+      if (absl::Status s = ReadInt(l, lw, "ranks", 1, 4096, &spec.layout.ranks); !s.ok()) return s;
+      if (absl::Status s = ReadInt(l, lw, "tp", 0, 4096, &spec.layout.tp); !s.ok()) return s;
+      if (absl::Status s = ReadInt(l, lw, "redundant_experts", 0, 1 << 20,
+                                   &spec.layout.redundant_experts);
+          !s.ok()) {
+        return s;
+      }
+      if (spec.layout.mode == "dp-ep" && spec.layout.tp > 0 &&
+          spec.layout.ranks % spec.layout.tp != 0) {
+        return Bad(lw + ".tp", absl::StrCat(spec.layout.tp, " does not divide ranks ",
+                                            spec.layout.ranks));
+      }
+      if (spec.layout.mode == "tp" && spec.layout.tp > 0 && spec.layout.tp != spec.layout.ranks) {
+        return Bad(lw + ".tp", "in tp mode tp is the ranks; leave it out");
+      }
+    }
+    if (m.contains("replicas")) {
+      const json& r = m["replicas"];
+      const std::string rw = where + ".replicas";
+      if (absl::Status s = OnlyKeys(r, rw, {"min", "max"}); !s.ok()) return s;
+      if (absl::Status s = ReadInt(r, rw, "min", 0, 100000, &spec.min_replicas); !s.ok()) return s;
+      spec.max_replicas = std::max(1, spec.min_replicas);
+      if (absl::Status s = ReadInt(r, rw, "max", 0, 100000, &spec.max_replicas); !s.ok()) return s;
+      if (spec.max_replicas < spec.min_replicas) {
+        return Bad(rw, absl::StrCat("max ", spec.max_replicas, " is below min ",
+                                    spec.min_replicas));
+      }
+    }
+    specs.push_back(std::move(spec));
+  }
+  return specs;
+}
+
+absl::StatusOr<std::vector<ModelSpec>> ReadModelSpecs(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--models ", path, ": cannot read the file"));
+  std::stringstream text;
+  text << in.rdbuf();
+  absl::StatusOr<std::vector<ModelSpec>> specs = ParseModelSpecs(text.str());
+  if (!specs.ok()) {
+    return absl::Status(specs.status().code(),
+                        absl::StrCat(path, ": ", specs.status().message()));
+  }
+  return specs;
+}
+
+std::string DescribeLayout(const ModelLayout& l) {
+  std::string out = absl::StrCat(l.mode, " ranks=", l.ranks);
+  if (l.mode == "dp-ep") absl::StrAppend(&out, " tp=", l.tp > 0 ? l.tp : l.ranks);
+  if (l.redundant_experts > 0) absl::StrAppend(&out, " redundant=", l.redundant_experts);
+  return out;
+}
+
+}  // namespace gemma::coordinator
