@@ -371,10 +371,10 @@ absl::Status Status() {
       "coordinator %s  protocol %d  model %s\n", address, response.protocol_version(),
       response.model_fingerprint().empty() ? "-" : response.model_fingerprint());
   std::cout << absl::StrFormat(
-      "replicas %d (%d healthy)  requests in flight %d  re-queued %d  admission limit %s per "
-      "replica\n",
+      "replicas %d (%d healthy)  requests in flight %d  queued %d  re-queued %d  admission limit "
+      "%s per replica\n",
       response.replicas_size(), healthy, response.requests_in_flight(),
-      response.requests_requeued(),
+      response.requests_queued(), response.requests_requeued(),
       response.max_outstanding_per_replica() > 0
           ? absl::StrCat(response.max_outstanding_per_replica())
           : std::string("-"));
@@ -425,7 +425,7 @@ absl::Status Status() {
       }
       row.push_back(cell);
     }
-    row.push_back(absl::StrCat(replica.preemptions()));
+    row.push_back(absl::StrFormat("%d (%.1f/s)", replica.preemptions(), replica.preemptions_per_s()));
     row.push_back(HeartbeatAge(replica.ms_since_heartbeat()));
     table.Add(std::move(row));
   }

@@ -124,7 +124,13 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
                 << "again";
       return false;
     }
-    entry.last_heartbeat = Now();
+    const Clock::time_point beat = Now();
+    const double seconds = std::chrono::duration<double>(beat - entry.last_heartbeat).count();
+    if (seconds > 0 && request.preemptions() >= entry.load.preemptions()) {
+      const double rate = (request.preemptions() - entry.load.preemptions()) / seconds;
+      entry.preemptions_per_s = 0.5 * entry.preemptions_per_s + 0.5 * rate;
+    }
+    entry.last_heartbeat = beat;
     entry.load = request;
     // A pending offer is done once the replica runs it (or a newer one), or given up on.
     const std::string key = entry.replica->placement_group.empty() ? entry.replica->id
@@ -279,6 +285,7 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     status->set_world_size(entry.replica->world_size);
     status->set_parallel(entry.replica->parallel);
     status->set_preemptions(entry.load.preemptions());
+    status->set_preemptions_per_s(entry.preemptions_per_s);
     status->set_max_context(entry.replica->max_context);
     status->set_model(entry.replica->model);
     status->set_draining(entry.draining());

@@ -187,6 +187,7 @@ class Registry {
     gemma::internal::v1::HeartbeatRequest load;
     bool failed = false;
     bool drain_requested = false;  // gemmactl drain: told to leave
+    double preemptions_per_s = 0;  // smoothed over heartbeats
     bool draining() const { return drain_requested || load.draining(); }
     gemma::v1::ExpertLoad expert_totals;
     std::deque<gemma::v1::ExpertLoad> expert_windows;

@@ -483,7 +483,8 @@ TEST_F(GemmactlClusterTest, StatusIsATableOfReplicas) {
   EXPECT_EQ(row["HEALTH"], "healthy") << run.out;
   EXPECT_EQ(row["OUTSTANDING"], "1") << run.out;
   EXPECT_TRUE(std::regex_match(row["RUN/WAIT"], std::regex("[0-9]+/[0-9]+"))) << run.out;
-  EXPECT_TRUE(std::regex_match(row["PREEMPTIONS"], std::regex("[0-9]+"))) << run.out;
+  EXPECT_TRUE(std::regex_match(row["PREEMPTIONS"], std::regex(R"([0-9]+ \([0-9.]+/s\))")))
+      << run.out;
   EXPECT_TRUE(std::regex_match(row["HEARTBEAT"], std::regex("[0-9.]+s"))) << run.out;
   ASSERT_FALSE(status.replicas(0).kv_pools().empty());
   for (const v1::KvPoolUsage& pool : status.replicas(0).kv_pools()) {

@@ -71,6 +71,43 @@ int64_t Scheduler::FitTokens(const Sequence& sequence, int64_t want, int64_t hea
   return lo;
 }
 
+int64_t Scheduler::PagesStillNeeded(const Sequence& s, int pool) const {
+  // Its last position: the prompt (resumed ids included) plus what it may still generate.
+  const int64_t final_length =
+      s.num_prompt_tokens - s.request.num_resumed + std::max<int64_t>(1, s.request.max_tokens);
+  if (pool == kFullPool) return cache_->PagesNeeded(s.kv, final_length, pool);
+  // Sliding layers hold at most a window and a step's chunk (plus page rounding) at a time.
+  const int64_t page = cache_->page_size();
+  const int64_t cap = std::min<int64_t>(
+      (final_length + page - 1) / page,
+      (cache_->sliding_window() - 1 + options_.max_step_tokens + page - 1) / page + 1);
+  int64_t held = 0;
+  for (int32_t p : s.kv.page_tables[pool]) held += p >= 0 ? 1 : 0;
+  return std::max<int64_t>(0, cap - held);
+}
+
+bool Scheduler::NeedFits(const Sequence& s) const {
+  for (int pool = 0; pool < 2; ++pool) {
+    int64_t reserved = 0;
+    for (const Sequence* r : running_) reserved += PagesStillNeeded(*r, pool);
+    if (PagesStillNeeded(s, pool) + reserved + options_.headroom_pages >
+        cache_->pool(pool).num_free()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Sequence* Scheduler::PickVictim(size_t first) const {
+  for (size_t j = running_.size(); j-- > first;) {
+    const Sequence* s = running_[j];
+    if (s->generated_at_preemption < 0 || s->num_generated() > s->generated_at_preemption) {
+      return running_[j];
+    }
+  }
+  return running_.back();
+}
+
 void Scheduler::Preempt(Sequence* sequence, Schedule* schedule) {
   VLOG(1) << "request " << sequence->id << ": preempted at " << sequence->kv.length
           << " cached positions (" << sequence->num_generated() << " generated)";
@@ -78,6 +115,7 @@ void Scheduler::Preempt(Sequence* sequence, Schedule* schedule) {
   cache_->Release(sequence->kv);
   sequence->state = SequenceState::kWaiting;
   ++sequence->num_preemptions;
+  sequence->generated_at_preemption = sequence->num_generated();
   ++total_preemptions_;
   schedule->preempted.push_back(sequence->id);
   InsertOrdered(&waiting_, sequence);
@@ -85,12 +123,13 @@ void Scheduler::Preempt(Sequence* sequence, Schedule* schedule) {
 
 Schedule Scheduler::Plan() {
   Schedule schedule;
+  ++step_;
   int64_t num_decodes = 0;
   for (const Sequence* s : running_) num_decodes += s->num_pending() == 1 ? 1 : 0;
   int64_t prefill_budget = std::max<int64_t>(0, options_.max_step_tokens - num_decodes);
 
-  // Running sequences, oldest first. A victim is always the youngest, so never one already
-  // planned in this step (or the current one itself).
+  // Running sequences, oldest first. A victim comes from those not planned yet in this step
+  // (the current one or younger).
   size_t i = 0;
   while (i < running_.size()) {
     Sequence* s = running_[i];
@@ -102,9 +141,9 @@ Schedule Scheduler::Plan() {
     }
     const int64_t n = FitTokens(*s, want, /*headroom=*/0);
     if (n == 0) {
-      Sequence* victim = running_.back();
-      Preempt(victim, &schedule);
-      continue;  // retry s (or, if s was the victim, the loop ends at the shorter set)
+      // Never one planned already in this step (before i): s itself or one after it.
+      Preempt(PickVictim(i), &schedule);
+      continue;  // retry s (or, if s was the victim, the sequence now at i)
     }
     CHECK(cache_->Grow(s->kv, s->kv.length + n).ok()) << "request " << s->id;
     schedule.chunks.push_back({s, n, is_decode, n == s->num_pending()});
@@ -117,18 +156,35 @@ Schedule Scheduler::Plan() {
     ++i;
   }
 
-  // Admissions: the head of the queue first; if it does not fit, nothing behind it jumps it.
-  while (!waiting_.empty() && prefill_budget > 0 &&
-         static_cast<int64_t>(running_.size()) < options_.max_running) {
-    Sequence* s = waiting_.front();
-    if (std::find(schedule.preempted.begin(), schedule.preempted.end(), s->id) !=
-        schedule.preempted.end()) {
-      break;
+  // Admissions in queue order. kReserve admits a sequence only when all it will need fits
+  // beside the running ones' reservations; kFirstChunk when its first chunk fits. A head that
+  // does not fit may be passed by later sequences that do, for head_bypass_steps steps.
+  bool head = true;
+  for (size_t w = 0; w < waiting_.size() && prefill_budget > 0 &&
+                     static_cast<int64_t>(running_.size()) < options_.max_running;) {
+    Sequence* s = waiting_[w];
+    const bool just_preempted = std::find(schedule.preempted.begin(), schedule.preempted.end(),
+                                          s->id) != schedule.preempted.end();
+    int64_t n = 0;
+    if (!just_preempted &&
+        (options_.admission == Admission::kFirstChunk || NeedFits(*s))) {
+      n = FitTokens(*s, std::min(s->num_pending(), prefill_budget), options_.headroom_pages);
     }
-    const int64_t n = FitTokens(*s, std::min(s->num_pending(), prefill_budget),
-                                options_.headroom_pages);
-    if (n == 0) break;
-    waiting_.erase(waiting_.begin());
+    if (n == 0) {
+      if (head) {
+        if (blocked_head_ != s->id) {
+          blocked_head_ = s->id;
+          blocked_since_ = step_;
+        }
+        // Past its bypass steps the head keeps its place: nothing behind it goes first.
+        if (step_ - blocked_since_ >= options_.head_bypass_steps) break;
+      }
+      head = false;
+      ++w;
+      continue;
+    }
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+    if (s->id == blocked_head_) blocked_head_ = 0;
     s->state = SequenceState::kRunning;
     InsertOrdered(&running_, s);
     CHECK(cache_->Grow(s->kv, s->kv.length + n).ok()) << "request " << s->id;

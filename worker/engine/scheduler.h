@@ -42,6 +42,9 @@ struct Sequence {
   // The most positions it ever had computed (kv.length's high-water mark): after a preemption,
   // positions below it are fed again (recomputed).
   int64_t positions_computed = 0;
+  // num_generated() when it was last preempted (-1: never): until it generates more, it is
+  // not chosen as a victim again if another can be.
+  int64_t generated_at_preemption = -1;
 
   int64_t num_generated() const {
     return static_cast<int64_t>(tokens.size()) - num_prompt_tokens;
@@ -49,10 +52,26 @@ struct Sequence {
   int64_t num_pending() const { return static_cast<int64_t>(tokens.size()) - kv.length; }
 };
 
+// How a waiting sequence is admitted.
+enum class Admission : uint8_t {
+  // By what it will need: its prompt plus max_tokens must fit in the free pages of each pool
+  // less what the running sequences may still grow into (their own prompt plus max_tokens; on
+  // the sliding pool at most a window and a step's chunk). Running sequences then never run out
+  // of pages, so nothing is preempted; a request that stops early frees its reservation.
+  kReserve,
+  // By its first chunk only (more running at once, more preemptions when they all grow).
+  kFirstChunk,
+};
+
 struct SchedulerOptions {
   int64_t max_step_tokens = 512;  // tokens fed per step, decodes and prefill chunks together
   int64_t max_running = 256;      // sequences in the running set
   int64_t headroom_pages = 1;     // free pages per pool left after admitting a first chunk
+  Admission admission = Admission::kReserve;
+  // When the head of the waiting queue does not fit, sequences behind it that fit are admitted
+  // (short requests keep flowing while long ones wait for room), for at most this many steps;
+  // then nothing jumps the head until it is admitted (so it cannot starve).
+  int64_t head_bypass_steps = 64;
 };
 
 // A sequence's work in the step being planned.
@@ -99,6 +118,14 @@ class Scheduler {
  private:
   // Largest n <= want whose pages fit in the free pages of both pools, less `headroom` each.
   int64_t FitTokens(const Sequence& sequence, int64_t want, int64_t headroom) const;
+  // kReserve: the pages of `pool` the sequence may still need until it ends.
+  int64_t PagesStillNeeded(const Sequence& sequence, int pool) const;
+  // kReserve: whether the sequence's whole need fits beside the running sequences' reservations.
+  bool NeedFits(const Sequence& sequence) const;
+  // The running sequence to preempt, from running_[first..]: the youngest that has made
+  // progress since it was last preempted (none has: the youngest), so that no sequence is
+  // preempted over and over while others advance.
+  Sequence* PickVictim(size_t first) const;
   void Preempt(Sequence* sequence, Schedule* schedule);
   // Inserts by (priority desc, arrival asc).
   static void InsertOrdered(std::vector<Sequence*>* queue, Sequence* sequence);
@@ -110,6 +137,10 @@ class Scheduler {
   std::vector<Sequence*> running_;
   std::vector<Sequence*> waiting_;
   int64_t total_preemptions_ = 0;
+  int64_t step_ = 0;
+  // The waiting head that did not fit, and the step it first did not.
+  uint64_t blocked_head_ = 0;
+  int64_t blocked_since_ = 0;
 };
 
 }  // namespace gemma::engine

@@ -95,6 +95,14 @@ ABSL_FLAG(int32_t, drain_grace_s, 30,
           "on SIGTERM (or gemmactl drain) the replica takes no new requests and waits this long "
           "for the ones in flight before it leaves; those still running then move to another "
           "replica with the tokens already streamed. A second SIGTERM leaves at once");
+ABSL_FLAG(std::string, kv_admission, "reserve",
+          "how the replica admits a waiting request: reserve (only when its prompt plus "
+          "max_tokens fits beside what the running requests may still grow into: never "
+          "preempts) or first-chunk (when its first chunk fits: more at once, preempts as they "
+          "grow)");
+ABSL_FLAG(int32_t, head_bypass_steps, 64,
+          "steps that requests may pass a waiting request that does not fit yet, before it "
+          "keeps its place at the head of the queue");
 ABSL_FLAG(int32_t, redundant_experts, 0,
           "MoE replicas whose experts are spread over ranks: spare expert slots over the replica "
           "(experts + spares must divide over the expert ranks), which the coordinator fills "
@@ -337,6 +345,13 @@ absl::Status Supervise() {
   }
   if (absl::GetFlag(FLAGS_drain_grace_s) < 0) {
     return absl::InvalidArgumentError("--drain-grace-s must not be negative");
+  }
+  if (const std::string a = absl::GetFlag(FLAGS_kv_admission); a != "reserve" && a != "first-chunk") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-admission \"", a, "\" is not one of reserve, first-chunk"));
+  }
+  if (absl::GetFlag(FLAGS_head_bypass_steps) < 0) {
+    return absl::InvalidArgumentError("--head-bypass-steps must not be negative");
   }
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
@@ -596,6 +611,10 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   }
   gemma::engine::EngineOptions options;
   options.tokenizer = tokenizer.get();
+  options.scheduler.admission = absl::GetFlag(FLAGS_kv_admission) == "first-chunk"
+                                    ? gemma::engine::Admission::kFirstChunk
+                                    : gemma::engine::Admission::kReserve;
+  options.scheduler.head_bypass_steps = absl::GetFlag(FLAGS_head_bypass_steps);
   auto executor = std::make_unique<gemma::replica::LeaderExecutor>(
       loaded.model.get(), plans,
       std::chrono::milliseconds(absl::GetFlag(FLAGS_placement_load_delay_ms)));

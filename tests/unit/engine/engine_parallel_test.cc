@@ -160,6 +160,8 @@ std::pair<std::vector<std::vector<int32_t>>, int64_t> RunReplica(
       replica::LeaderExecutor* leader = executor.get();
       EngineOptions engine_options;
       engine_options.scheduler.max_step_tokens = 128;
+      // Admitted by their first chunk, so that preemption happens (the machinery under test).
+      engine_options.scheduler.admission = Admission::kFirstChunk;
       auto engine =
           Engine::Create(std::move(executor), s.model->config(), s.cache.get(), engine_options);
       ASSERT_TRUE(engine.ok()) << engine.status();

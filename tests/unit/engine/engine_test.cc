@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "glog/logging.h"
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "tests/unit/engine/engine_test_util.h"
 #include "worker/backend/cpu/cpu_backend.h"
@@ -65,9 +66,13 @@ class EngineTest : public ::testing::Test {
     return std::move(*cache);
   }
 
-  std::unique_ptr<Engine> MakeEngine(KvCache* cache, int64_t max_step_tokens) {
+  std::unique_ptr<Engine> MakeEngine(KvCache* cache, int64_t max_step_tokens,
+                                     Admission admission = Admission::kReserve,
+                                     int64_t head_bypass_steps = 64) {
     EngineOptions options;
     options.scheduler.max_step_tokens = max_step_tokens;
+    options.scheduler.admission = admission;
+    options.scheduler.head_bypass_steps = head_bypass_steps;
     auto engine = Engine::Create(model_, cache, options);
     CHECK(engine.ok()) << engine.status();
     return std::move(*engine);
@@ -141,8 +146,9 @@ TEST_F(EngineTest, SixtyFourRequestsWithPreemptionMatchTheirSoloRuns) {
     requests.push_back(r);
   }
   // Page size 4: 64 sequences of up to 40 positions need up to 640 full pages; give 96.
+  // Admitted by their first chunk, they outgrow the pool: preemption must happen.
   auto cache = MakeCache(4, 400, 96);
-  auto engine = MakeEngine(cache.get(), 128);
+  auto engine = MakeEngine(cache.get(), 128, Admission::kFirstChunk);
   Collector collector;
   for (int i = 0; i < 64; ++i) {
     ASSERT_TRUE(engine->Submit(requests[i], collector.For(std::to_string(i))).ok());
@@ -300,7 +306,7 @@ TEST_F(EngineTest, SeededSamplingIsTheSameAloneInABatchAndAfterPreemption) {
   // (submitted last, it is the youngest).
   for (int64_t full_pages : {int64_t{512}, int64_t{40}}) {
     auto cache = MakeCache(4, 400, full_pages);
-    auto engine = MakeEngine(cache.get(), 64);
+    auto engine = MakeEngine(cache.get(), 64, Admission::kFirstChunk);
     Collector collector;
     for (int i = 0; i < 24; ++i) {
       Request r;
@@ -353,6 +359,92 @@ TEST_F(EngineTest, HigherPriorityRequestsAreAdmittedFirst) {
   }
   RunChecked(*engine, collector);
   EXPECT_EQ(order, (std::vector<std::string>{"2", "1", "0"}));
+}
+
+
+// Six long requests and forty short ones on a small cache. Admitted by what they will need,
+// nothing is ever preempted, every output equals its solo run, and the short ones, passing the
+// long ones that wait for room, are all done before the last long one (they do not wait behind
+// it). Admitted by their first chunk instead, the same load preempts.
+TEST_F(EngineTest, ReservedAdmissionNeverPreemptsAndShortRequestsPassWaitingLongOnes) {
+  std::mt19937 rng(21);
+  std::vector<Request> requests;
+  for (int i = 0; i < 46; ++i) {
+    Request r;
+    r.prompt = RandomPrompt(rng, 10, 512);
+    r.max_tokens = i < 6 ? 200 : 8;  // 210 positions: 53 pages of 4; 18: 5 pages
+    r.ignore_end_ids = true;
+    requests.push_back(r);
+  }
+  for (Admission admission : {Admission::kReserve, Admission::kFirstChunk}) {
+    SCOPED_TRACE(admission == Admission::kReserve ? "reserve" : "first chunk");
+    auto cache = MakeCache(4, 400, 200);  // three long ones at a time, and room beside them
+    auto engine = MakeEngine(cache.get(), 128, admission);
+    Collector collector;
+    for (int i = 0; i < 46; ++i) {
+      ASSERT_TRUE(engine->Submit(requests[i], collector.For(std::to_string(i))).ok());
+    }
+    RunChecked(*engine, collector);
+    if (admission == Admission::kFirstChunk) {
+      EXPECT_GT(engine->counters().preemptions, 0);
+      continue;
+    }
+    EXPECT_EQ(engine->counters().preemptions, 0);
+    EXPECT_EQ(engine->counters().tokens_recomputed, 0);
+    uint64_t last_long = 0, last_short = 0;
+    for (int i = 0; i < 46; ++i) {
+      const testing::Collected& c = collector[std::to_string(i)];
+      EXPECT_EQ(c.tokens, Alone(requests[i])) << "request " << i;
+      (i < 6 ? last_long : last_short) = std::max(i < 6 ? last_long : last_short, c.last_step);
+    }
+    EXPECT_LT(last_short, last_long) << "short requests waited behind the long ones";
+  }
+}
+
+// A long request at the head of the queue while short ones keep arriving two a step: the
+// short ones may pass it only for head_bypass_steps steps, then it keeps its place and gets in
+// as they finish. With no bound it starves until the arrivals stop.
+TEST_F(EngineTest, AWaitingLongRequestIsNotStarvedByShortOnes) {
+  std::mt19937 rng(31);
+  auto make = [&](int64_t max_tokens) {
+    Request r;
+    r.prompt = RandomPrompt(rng, 8, 512);
+    r.max_tokens = max_tokens;
+    r.ignore_end_ids = true;
+    return r;
+  };
+  for (int64_t bypass : {int64_t{8}, int64_t{1} << 40}) {
+    SCOPED_TRACE(absl::StrCat("head bypass ", bypass));
+    auto cache = MakeCache(4, 400, 70);  // the long one needs 52 pages, a short one 4
+    auto engine = MakeEngine(cache.get(), 128, Admission::kReserve, bypass);
+    Collector collector;
+    int n = 0;
+    // Staggered lengths, so that the short ones never all finish together.
+    for (; n < 14; ++n) {
+      ASSERT_TRUE(engine->Submit(make(2 + n), collector.For(absl::StrCat(n))).ok());
+    }
+    ASSERT_TRUE(engine->Submit(make(200), collector.For("long")).ok());
+    constexpr int kArrivalSteps = 150;
+    int step = 0;
+    for (; step < 5000 && engine->HasWork(); ++step) {
+      if (step < kArrivalSteps) {
+        for (int k = 0; k < 2; ++k, ++n) {
+          ASSERT_TRUE(engine->Submit(make(4 + n % 11), collector.For(absl::StrCat(n))).ok());
+        }
+      }
+      collector.set_current_step(static_cast<uint64_t>(step) + 1);
+      ASSERT_TRUE(engine->Step().ok());
+    }
+    ASSERT_TRUE(collector["long"].finished);
+    ASSERT_EQ(collector["long"].tokens.size(), 200u);
+    // One token a step from its admission (its prefill step gives the first).
+    const int64_t admitted = static_cast<int64_t>(collector["long"].last_step) - 199;
+    if (bypass == 8) {
+      EXPECT_LT(admitted, 40) << "the long request starved";
+    } else {
+      EXPECT_GT(admitted, kArrivalSteps) << "no starvation to prevent here";
+    }
+  }
 }
 
 }  // namespace
