@@ -81,9 +81,7 @@ int64_t Scheduler::PagesStillNeeded(const Sequence& s, int pool) const {
   const int64_t cap = std::min<int64_t>(
       (final_length + page - 1) / page,
       (cache_->sliding_window() - 1 + options_.max_step_tokens + page - 1) / page + 1);
-  int64_t held = 0;
-  for (int32_t p : s.kv.page_tables[pool]) held += p >= 0 ? 1 : 0;
-  return std::max<int64_t>(0, cap - held);
+  return std::max<int64_t>(0, cap - HeldPages(s, pool));
 }
 
 bool Scheduler::NeedFits(const Sequence& s) const {
@@ -95,6 +93,52 @@ bool Scheduler::NeedFits(const Sequence& s) const {
       return false;
     }
   }
+  return true;
+}
+
+int64_t Scheduler::HeldPages(const Sequence& s, int pool) {
+  int64_t held = 0;
+  for (int32_t p : s.kv.page_tables[pool]) held += p >= 0 ? 1 : 0;
+  return held;
+}
+
+int64_t Scheduler::StepsLeft(const Sequence& s) const {
+  const int64_t final_length =
+      s.num_prompt_tokens - s.request.num_resumed + std::max<int64_t>(1, s.request.max_tokens);
+  // One step per token still to generate, plus the prefill chunks still to feed.
+  const int64_t to_generate =
+      std::max<int64_t>(0, final_length - static_cast<int64_t>(s.tokens.size()));
+  const int64_t to_prefill = std::max<int64_t>(0, s.num_pending() - 1);
+  return std::max<int64_t>(1, to_generate + (to_prefill + options_.max_step_tokens - 1) /
+                                                options_.max_step_tokens);
+}
+
+bool Scheduler::HeadShadow(const Sequence& head, Shadow* shadow) const {
+  // What admission would have left in each pool after the head's need, now. A running sequence
+  // that ends gives back everything it holds then: its pages now plus its reservation.
+  int64_t spare[2];
+  for (int pool = 0; pool < 2; ++pool) {
+    spare[pool] = cache_->pool(pool).num_free() - options_.headroom_pages -
+                  PagesStillNeeded(head, pool);
+    for (const Sequence* r : running_) spare[pool] -= PagesStillNeeded(*r, pool);
+  }
+  std::vector<const Sequence*> by_end(running_.begin(), running_.end());
+  std::sort(by_end.begin(), by_end.end(), [this](const Sequence* a, const Sequence* b) {
+    return StepsLeft(*a) < StepsLeft(*b);
+  });
+  int64_t steps = 0;
+  size_t next = 0;
+  while (spare[0] < 0 || spare[1] < 0) {
+    if (next == by_end.size()) return false;
+    const Sequence* r = by_end[next++];
+    steps = StepsLeft(*r);
+    for (int pool = 0; pool < 2; ++pool) {
+      spare[pool] += HeldPages(*r, pool) + PagesStillNeeded(*r, pool);
+    }
+  }
+  shadow->steps = steps;
+  shadow->spare[0] = spare[0];
+  shadow->spare[1] = spare[1];
   return true;
 }
 
@@ -158,17 +202,31 @@ Schedule Scheduler::Plan() {
 
   // Admissions in queue order. kReserve admits a sequence only when all it will need fits
   // beside the running ones' reservations; kFirstChunk when its first chunk fits. A head that
-  // does not fit may be passed by later sequences that do, for head_bypass_steps steps.
+  // does not fit may be passed by later sequences that do: under kReserve only by those that
+  // end before the head's shadow step or fit in what the head leaves spare then (backfilling,
+  // which never delays the head); under kFirstChunk for head_bypass_steps steps.
+  const bool reserve = options_.admission == Admission::kReserve;
   bool head = true;
+  bool backfilling = false;  // kReserve: the head is blocked and `shadow` holds its shadow
+  Shadow shadow;
   for (size_t w = 0; w < waiting_.size() && prefill_budget > 0 &&
                      static_cast<int64_t>(running_.size()) < options_.max_running;) {
     Sequence* s = waiting_[w];
     const bool just_preempted = std::find(schedule.preempted.begin(), schedule.preempted.end(),
                                           s->id) != schedule.preempted.end();
     int64_t n = 0;
-    if (!just_preempted &&
-        (options_.admission == Admission::kFirstChunk || NeedFits(*s))) {
-      n = FitTokens(*s, std::min(s->num_pending(), prefill_budget), options_.headroom_pages);
+    bool uses_spare = false;
+    if (!just_preempted && (!reserve || NeedFits(*s))) {
+      if (backfilling && StepsLeft(*s) > shadow.steps) {
+        // It would still hold pages when the head is due: only from what the head leaves.
+        uses_spare = PagesStillNeeded(*s, 0) <= shadow.spare[0] &&
+                     PagesStillNeeded(*s, 1) <= shadow.spare[1];
+        if (uses_spare) {
+          n = FitTokens(*s, std::min(s->num_pending(), prefill_budget), options_.headroom_pages);
+        }
+      } else {
+        n = FitTokens(*s, std::min(s->num_pending(), prefill_budget), options_.headroom_pages);
+      }
     }
     if (n == 0) {
       if (head) {
@@ -176,12 +234,22 @@ Schedule Scheduler::Plan() {
           blocked_head_ = s->id;
           blocked_since_ = step_;
         }
-        // Past its bypass steps the head keeps its place: nothing behind it goes first.
-        if (step_ - blocked_since_ >= options_.head_bypass_steps) break;
+        if (reserve) {
+          // A head that cannot fit even once all running ones end is passed freely (it waits
+          // for nothing that admitting others would delay).
+          backfilling = !just_preempted && HeadShadow(*s, &shadow);
+        } else if (step_ - blocked_since_ >= options_.head_bypass_steps) {
+          // Past its bypass steps the head keeps its place: nothing behind it goes first.
+          break;
+        }
       }
       head = false;
       ++w;
       continue;
+    }
+    if (uses_spare) {
+      shadow.spare[0] -= PagesStillNeeded(*s, 0);
+      shadow.spare[1] -= PagesStillNeeded(*s, 1);
     }
     waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
     if (s->id == blocked_head_) blocked_head_ = 0;

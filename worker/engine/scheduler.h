@@ -68,9 +68,9 @@ struct SchedulerOptions {
   int64_t max_running = 256;      // sequences in the running set
   int64_t headroom_pages = 1;     // free pages per pool left after admitting a first chunk
   Admission admission = Admission::kReserve;
-  // When the head of the waiting queue does not fit, sequences behind it that fit are admitted
-  // (short requests keep flowing while long ones wait for room), for at most this many steps;
-  // then nothing jumps the head until it is admitted (so it cannot starve).
+  // kFirstChunk: when the head of the waiting queue does not fit, sequences behind it that fit
+  // are admitted for at most this many steps; then nothing jumps the head until it is admitted.
+  // (kReserve backfills instead: see Scheduler::Plan.)
   int64_t head_bypass_steps = 64;
 };
 
@@ -103,7 +103,11 @@ class Scheduler {
 
   // Plans one step: running sequences oldest first (decodes always, prefill chunks within the
   // budget left after the decodes), then admissions from the waiting queue while the budget
-  // and free pages allow. Pages are grown for every chunk; when a running sequence cannot get
+  // and free pages allow. kReserve backfills: when the head of the queue does not fit, it is
+  // given the earliest step at which it will (its shadow: running sequences end at the latest
+  // after their max_tokens), and a sequence behind it is admitted only if it fits now and
+  // either ends by that step or fits in what the head leaves free then; so short requests keep
+  // flowing while a long one waits, and the head is never delayed by them. Pages are grown for every chunk; when a running sequence cannot get
   // a page, the youngest running sequence is preempted (pages released, back to the waiting
   // queue for recomputation), possibly itself.
   Schedule Plan();
@@ -122,6 +126,18 @@ class Scheduler {
   int64_t PagesStillNeeded(const Sequence& sequence, int pool) const;
   // kReserve: whether the sequence's whole need fits beside the running sequences' reservations.
   bool NeedFits(const Sequence& sequence) const;
+  // Pages of `pool` the sequence holds now.
+  static int64_t HeldPages(const Sequence& sequence, int pool);
+  // Steps until the sequence ends at the latest (it generates max_tokens).
+  int64_t StepsLeft(const Sequence& sequence) const;
+  // kReserve backfilling: for a waiting head that does not fit, the steps until it fits at the
+  // latest and the pages of each pool it leaves free then. False when it would not fit even
+  // with every running sequence ended.
+  struct Shadow {
+    int64_t steps = 0;
+    int64_t spare[2] = {0, 0};
+  };
+  bool HeadShadow(const Sequence& head, Shadow* shadow) const;
   // The running sequence to preempt, from running_[first..]: the youngest that has made
   // progress since it was last preempted (none has: the youngest), so that no sequence is
   // preempted over and over while others advance.

@@ -22,7 +22,8 @@ struct Collected {
   bool finished = false;
   FinishReason reason = FinishReason::kNone;
   absl::Status status;
-  uint64_t last_step = 0;  // engine step (as counted by the test) of the latest token
+  uint64_t first_step = 0;  // engine step (as counted by the test) of the first token
+  uint64_t last_step = 0;   // and of the latest
 };
 
 // Events keyed by request id; use from the stepping thread.
@@ -35,7 +36,10 @@ class Collector {
       c.text += output.text;
       c.event_texts.push_back(output.text);
       ++c.num_events;
-      if (!output.token_ids.empty()) c.last_step = current_step_;
+      if (!output.token_ids.empty()) {
+        if (c.first_step == 0) c.first_step = current_step_;
+        c.last_step = current_step_;
+      }
       if (output.finished) {
         ++c.num_final_events;
         c.finished = true;
