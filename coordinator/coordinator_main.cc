@@ -33,6 +33,7 @@
 #include "coordinator/registry.h"
 #include "coordinator/services.h"
 #include "coordinator/store.h"
+#include "proto/parse_errors.h"
 #include "proto/tls.h"
 #include "glog/logging.h"
 #include "google/protobuf/util/json_util.h"
@@ -285,6 +286,7 @@ int Run() {
     LOG(WARNING) << "no --tls-cert: the gRPC and HTTP ports speak plaintext";
   }
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), credentials, &port);
+  builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&inference);
   builder.RegisterService(&cluster);
   builder.RegisterService(&coordinator);

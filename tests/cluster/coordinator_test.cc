@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "glog/logging.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/cluster_harness.h"
 
@@ -574,6 +575,57 @@ TEST_F(FakeReplicaTest, LimitsFromRegistrationRefuseBadRequests) {
   EXPECT_TRUE(a->requests().empty());
   StreamResult fits = Generate(cluster_->inference(), TokenRequest(std::vector<int32_t>(60, 3), 4));
   EXPECT_TRUE(fits.status.ok()) << fits.status.error_message();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A request body that is not the method's message: INVALID_ARGUMENT naming the method (gRPC's
+// callback servers answer UNIMPLEMENTED with no message), and the coordinator serves on.
+
+TEST_F(CoordinatorTest, UnparsableRequestIsInvalidArgumentNamingTheMethod) {
+  ASSERT_NO_FATAL_FAILURE(StartCoordinator());
+  auto channel =
+      grpc::CreateChannel(cluster_->coordinator_address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  // One request of raw bytes to `method`; its status.
+  auto call = [&](const std::string& method, const std::string& body) {
+    grpc::Slice slice(body);
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ClientContext context;
+    context.set_deadline(In(seconds(10)));
+    grpc::CompletionQueue queue;
+    std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader =
+        stub.PrepareUnaryCall(&context, method, request, &queue);
+    reader->StartCall();
+    grpc::ByteBuffer response;
+    grpc::Status status;
+    reader->Finish(&response, &status, reinterpret_cast<void*>(1));
+    void* tag = nullptr;
+    bool ok = false;
+    EXPECT_TRUE(queue.Next(&tag, &ok));
+    queue.Shutdown();
+    while (queue.Next(&tag, &ok)) {
+    }
+    return status;
+  };
+  // A length-delimited field whose length runs past the end, and a tag varint that never ends.
+  for (const std::string& body : {std::string("\x0a\x7f\x01", 3), std::string(12, '\xff')}) {
+    for (const char* method : {"/gemma.v1.Inference/Generate", "/gemma.v1.Cluster/GetStatus",
+                               "/gemma.v1.Cluster/WatchExpertLoad"}) {
+      SCOPED_TRACE(method);
+      const grpc::Status status = call(method, body);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+          << status.error_code() << ": " << status.error_message();
+      EXPECT_TRUE(absl::StrContains(status.error_message(), "could not be parsed"))
+          << status.error_message();
+      EXPECT_TRUE(absl::StrContains(status.error_message(), method)) << status.error_message();
+    }
+  }
+  // An unknown method is still UNIMPLEMENTED, and a good request is answered.
+  EXPECT_EQ(call("/gemma.v1.Cluster/NoSuchMethod", "").error_code(),
+            grpc::StatusCode::UNIMPLEMENTED);
+  grpc::ClientContext context;
+  v1::GetStatusResponse status_response;
+  EXPECT_TRUE(cluster_->cluster().GetStatus(&context, v1::GetStatusRequest(), &status_response).ok());
 }
 
 // ---------------------------------------------------------------------------------------------

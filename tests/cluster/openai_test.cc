@@ -122,6 +122,12 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   expect("tools", 400, "tools");
   expect("bad_role", 400, "messages[0].role");
   expect("temperature", 400, "temperature");
+  ASSERT_TRUE(errors["stop_100k"].is_object()) << "accepted: " << errors.dump();
+  EXPECT_EQ(errors["stop_100k"]["status"], 400);
+  EXPECT_NE(errors["stop_100k"]["body"]["message"].get<std::string>().find(
+                "100000 stop strings, over the limit of 16"),
+            std::string::npos)
+      << errors["stop_100k"].dump();
   EXPECT_NE(errors["unknown_model"]["body"]["message"].get<std::string>().find(kModelName),
             std::string::npos);
 

@@ -72,6 +72,9 @@ expect_error("bad_role", lambda: client.chat.completions.create(
     model=model, messages=[{"role": "robot", "content": "x"}]))
 expect_error("temperature", lambda: client.completions.create(model=model, prompt=prompt,
                                                               temperature=5))
+# 100,000 stop strings: refused at once by the limit on stop strings, whatever it would cost.
+expect_error("stop_100k", lambda: client.completions.create(
+    model=model, prompt=prompt, stop=[f"s{i}" for i in range(100000)]))
 out["errors"] = errors
 
 # A batch through the Files and Batches endpoints: upload, create, poll, read both files.
