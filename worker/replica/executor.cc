@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -309,19 +310,26 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
 }
 
 absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCache& cache,
-                                  parallel::Communicator* leaders) {
+                                  parallel::Communicator* leaders, bool stop_wanted,
+                                  bool* all_stop) {
   int64_t mine[4];
   executor.PlacementState(mine);
-  mine[0] = engine.HasWork() ? 1 : 0;
+  // Bit 0: this group has work; bit 1: its leader wants to stop.
+  mine[0] = (engine.HasWork() ? 1 : 0) | (stop_wanted ? 2 : 0);
   std::vector<int64_t> all(mine, mine + 4);
   if (leaders != nullptr && leaders->world_size() > 1) {
     all.resize(4 * leaders->world_size());
     RETURN_IF_ERROR(leaders->AllGather(mine, all.data(), 4, DType::kI64));
   }
   RETURN_IF_ERROR(executor.AgreeOnPlacement(all, leaders));
-  bool any_work = false;
-  for (size_t i = 0; i < all.size(); i += 4) any_work = any_work || all[i] != 0;
+  bool any_work = false, every_stop = true;
+  for (size_t i = 0; i < all.size(); i += 4) {
+    any_work = any_work || (all[i] & 1) != 0;
+    every_stop = every_stop && (all[i] & 2) != 0;
+  }
   executor.set_replica_idle(!any_work);
+  if (all_stop != nullptr) *all_stop = every_stop;
+  if (every_stop) return false;
   const bool busy = any_work || executor.placement_pending();
   if (!busy) return false;
   const uint64_t before = executor.steps_executed();
@@ -333,7 +341,8 @@ absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCa
 }
 
 absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& cache,
-                           parallel::Communicator* leaders, const std::atomic<bool>* stop) {
+                           parallel::Communicator* leaders, const std::atomic<bool>* stop,
+                           std::chrono::milliseconds stop_wait) {
   if (leaders == nullptr) {
     while (!stop->load()) {
       if (executor.placement_pending()) {
@@ -349,8 +358,20 @@ absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& ca
   // Every expert all-to-all needs every rank: the groups step together, an idle group with an
   // empty step.
   std::chrono::milliseconds idle_wait{1};
-  while (!stop->load()) {
-    ASSIGN_OR_RETURN(const bool ran, LockstepStep(engine, executor, cache, leaders));
+  std::optional<std::chrono::steady_clock::time_point> stop_by;
+  while (true) {
+    if (stop->load() && !stop_by.has_value()) {
+      stop_by = std::chrono::steady_clock::now() + stop_wait;
+    }
+    if (stop_by.has_value() && std::chrono::steady_clock::now() >= *stop_by) {
+      LOG(WARNING) << "leaving without the other groups' leaders after " << stop_wait.count()
+                   << " ms: their collectives will fail";
+      break;
+    }
+    bool all_stop = false;
+    ASSIGN_OR_RETURN(const bool ran, LockstepStep(engine, executor, cache, leaders,
+                                                  stop_by.has_value(), &all_stop));
+    if (all_stop) break;
     if (ran && !engine.HasWork() && executor.placement_pending()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     } else if (ran) {

@@ -108,16 +108,22 @@ absl::Status FollowPlans(gemma4::Model& model, KvCache& cache,
 // their "has work" flags and placement states over `leaders` (a communicator of the group
 // leaders; null with one group); if any group has work or a placement switch is under way,
 // this group runs a step: the engine's step when it has work, an empty one otherwise. Returns
-// false when nothing ran.
+// false when nothing ran. `stop_wanted` is gathered with the flags: when every leader wants
+// to stop, *all_stop (if given) is set and nothing runs, so that the groups leave at the same
+// iteration (one leaving alone would break the others' collectives).
 absl::StatusOr<bool> LockstepStep(Engine& engine, LeaderExecutor& executor, KvCache& cache,
-                                  parallel::Communicator* leaders);
+                                  parallel::Communicator* leaders, bool stop_wanted = false,
+                                  bool* all_stop = nullptr);
 
 // The leader's engine loop until *stop: in tp mode the engine's steps, waiting (not spinning)
 // while there is no work, and lockstep iterations of its own while a placement switch is under
 // way; in dp-ep (leaders not null) the lockstep iterations, polling while no group has work
 // with a wait backing off from 1 to 16 ms so an idle replica does not spin on its
-// collectives. Returns the first error.
+// collectives. In dp-ep, after *stop the leader keeps stepping until every leader wants to
+// stop (a drained replica's groups leave together) or `stop_wait` has passed. Returns the
+// first error.
 absl::Status RunLeaderLoop(Engine& engine, LeaderExecutor& executor, KvCache& cache,
-                           parallel::Communicator* leaders, const std::atomic<bool>* stop);
+                           parallel::Communicator* leaders, const std::atomic<bool>* stop,
+                           std::chrono::milliseconds stop_wait = std::chrono::seconds(10));
 
 }  // namespace gemma::replica

@@ -58,6 +58,7 @@
 #include "common/model_config.h"
 #include "eplb/placement.h"
 #include "proto/bearer.h"
+#include "proto/parse_errors.h"
 #include "proto/placement_convert.h"
 #include "proto/tls.h"
 #include "proto/status_convert.h"
@@ -98,11 +99,13 @@ ABSL_FLAG(int32_t, drain_grace_s, 30,
 ABSL_FLAG(std::string, kv_admission, "reserve",
           "how the replica admits a waiting request: reserve (only when its prompt plus "
           "max_tokens fits beside what the running requests may still grow into: never "
-          "preempts) or first-chunk (when its first chunk fits: more at once, preempts as they "
+          "preempts; short requests backfill around a waiting long one without delaying it) or first-chunk (when its first chunk fits: more at once, preempts as they "
           "grow)");
 ABSL_FLAG(int32_t, head_bypass_steps, 64,
-          "steps that requests may pass a waiting request that does not fit yet, before it "
-          "keeps its place at the head of the queue");
+          "with --kv-admission first-chunk: steps that requests may pass a waiting request that "
+          "does not fit yet, before it keeps its place at the head of the queue (reserve "
+          "admission backfills instead: a request passes only if it ends before the waiting one "
+          "can start, or fits beside it)");
 ABSL_FLAG(int32_t, redundant_experts, 0,
           "MoE replicas whose experts are spread over ranks: spare expert slots over the replica "
           "(experts + spares must divide over the expert ranks), which the coordinator fills "
@@ -457,6 +460,9 @@ absl::Status Supervise() {
   auto is_leader = [&](int rank) { return rank % group == 0; };
   absl::Status result;
   bool draining = false;
+  // Set once a leader drained and left: the replica is done, and in dp-ep the other groups'
+  // ranks then lose their lockstep peer and may exit with an error; that is not a failure.
+  bool replica_left = false;
   while (!g_force_stop.load()) {
     if (g_stop.load() && !draining) {
       draining = true;
@@ -482,6 +488,10 @@ absl::Status Supervise() {
           LOG(INFO) << "rank " << it->rank << " drained and left; stopping the replica";
           g_stop.store(true);
           draining = true;
+          replica_left = true;
+        } else if (replica_left) {
+          LOG(INFO) << "rank " << it->rank << " " << DescribeExit(status)
+                    << " after the replica left";
         } else if (!draining || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
           result = absl::UnavailableError(absl::StrCat(
               "rank ", it->rank, " (pid ", pid, ") ", DescribeExit(status),
@@ -674,6 +684,7 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   // Each data-parallel group serves on its own port: the given one for the first.
   if (env.world.dp_group() > 0) listen = absl::StrCat(HostOf(listen), ":0");
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
