@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/json_util.h"
 #include "nlohmann/json.hpp"
 
 namespace gemma::coordinator {
@@ -58,8 +59,9 @@ absl::Status ReadString(const json& object, const std::string& where, const char
 }  // namespace
 
 absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view text) {
-  json root = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) return Bad("the file", "not valid JSON");
+  absl::StatusOr<json> parsed = ParseJson(text, "--models: the file");
+  if (!parsed.ok()) return parsed.status();
+  json root = *std::move(parsed);
   if (absl::Status s = OnlyKeys(root, "(top)", {"models"}); !s.ok()) return s;
   if (!root.contains("models") || !root["models"].is_array() || root["models"].empty()) {
     return Bad("models", "expected a non-empty list of models");

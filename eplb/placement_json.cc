@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/json_util.h"
 #include "nlohmann/json.hpp"
 
 namespace gemma::eplb {
@@ -16,30 +17,6 @@ namespace {
 using Json = nlohmann::json;
 
 constexpr char kWhat[] = "expert placement JSON";
-
-// Only records the first syntax error, with its line and column (the DOM parser without
-// exceptions says only that parsing failed).
-class SyntaxErrorSax : public nlohmann::json_sax<Json> {
- public:
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
-  bool start_object(std::size_t) override { return true; }
-  bool key(string_t&) override { return true; }
-  bool end_object() override { return true; }
-  bool start_array(std::size_t) override { return true; }
-  bool end_array() override { return true; }
-  bool parse_error(std::size_t, const std::string&,
-                   const nlohmann::detail::exception& ex) override {
-    message = ex.what();
-    return false;
-  }
-  std::string message;
-};
 
 absl::Status Bad(absl::string_view path, absl::string_view problem) {
   return absl::InvalidArgumentError(absl::StrCat(kWhat, ": ", path, ": ", problem));
@@ -80,12 +57,9 @@ std::string PlacementToJson(const Placement& p) {
 }
 
 absl::StatusOr<Placement> PlacementFromJson(absl::string_view json) {
-  const Json root = Json::parse(json.begin(), json.end(), nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) {
-    SyntaxErrorSax sax;
-    Json::sax_parse(json.begin(), json.end(), &sax);
-    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": ", sax.message));
-  }
+  absl::StatusOr<Json> parsed = ParseJson(json, kWhat);
+  if (!parsed.ok()) return parsed.status();
+  const Json root = *std::move(parsed);
   if (!root.is_object()) return Bad("top level", "expected an object");
   for (const auto& [key, value] : root.items()) {
     if (key != "epoch" && key != "num_experts" && key != "num_ranks" && key != "slots_per_rank" &&

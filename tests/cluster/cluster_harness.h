@@ -10,6 +10,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "gemma/internal/v1/worker.grpc.pb.h"
@@ -140,6 +142,27 @@ class Cluster {
   std::unique_ptr<gemma::v1::Inference::Stub> inference_;
   std::unique_ptr<gemma::v1::Cluster::Stub> cluster_;
   std::unique_ptr<gemma::internal::v1::Coordinator::Stub> internal_;
+};
+
+// Client threads of a test, stopped and joined however the test leaves its scope: a failed
+// ASSERT returns early, and terminating with threads running would leave the cluster's
+// processes behind. `stop` tells the threads to finish.
+class ThreadJoiner {
+ public:
+  ThreadJoiner(std::function<void()> stop, std::vector<std::thread>* threads)
+      : stop_(std::move(stop)), threads_(threads) {}
+  ThreadJoiner(const ThreadJoiner&) = delete;
+  ThreadJoiner& operator=(const ThreadJoiner&) = delete;
+  ~ThreadJoiner() {
+    stop_();
+    for (std::thread& t : *threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+ private:
+  std::function<void()> stop_;
+  std::vector<std::thread>* threads_;
 };
 
 }  // namespace gemma::testing::cluster

@@ -143,18 +143,7 @@ TEST(ScalingTest, ScaleUpDrainAndSigtermUnderSteadyTrafficFailNothing) {
   std::atomic<bool> stop{false};
   std::atomic<int> done{0}, failed{0}, wrong{0};
   std::vector<std::thread> clients;
-  // A failed ASSERT below returns early: stop and join the clients first (never terminate with
-  // threads running, which would leave the cluster's processes behind).
-  struct Joiner {
-    std::function<void()> stop;
-    std::vector<std::thread>* threads;
-    ~Joiner() {
-      stop();
-      for (std::thread& t : *threads) {
-        if (t.joinable()) t.join();
-      }
-    }
-  } joiner{[&] { stop.store(true); }, &clients};
+  ThreadJoiner joiner([&] { stop.store(true); }, &clients);
   for (int c = 0; c < 4; ++c) {
     clients.emplace_back([&, c] {
       for (int n = 0; !stop.load(); ++n) {

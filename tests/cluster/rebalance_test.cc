@@ -62,18 +62,7 @@ TEST_P(RebalanceTest, RebalanceUnderStreamingChangesNoOutputAndFailsNothing) {
   milliseconds longest_gap{0};  // between two responses of any stream, while loading
   std::atomic<bool> loading{false};
   std::vector<std::thread> clients;
-  // A failed ASSERT below returns early: stop and join the clients first (never terminate with
-  // threads running, which would leave the cluster's processes behind).
-  struct Joiner {
-    std::function<void()> stop;
-    std::vector<std::thread>* threads;
-    ~Joiner() {
-      stop();
-      for (std::thread& t : *threads) {
-        if (t.joinable()) t.join();
-      }
-    }
-  } joiner{[&] { switched.store(true); }, &clients};
+  ThreadJoiner joiner([&] { switched.store(true); }, &clients);
   for (int c = 0; c < 8; ++c) {
     clients.emplace_back([&, c] {
       int after = 0;

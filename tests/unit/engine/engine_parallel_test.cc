@@ -279,10 +279,11 @@ TEST_P(PlacementSwitchTest, SwitchesMidRunChangeNoOutput) {
   auto [got, preemptions] = RunReplica(requests, c.world, c.tp, c.dp_ep, &switches);
   for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(got[i], alone[i]) << "request " << i;
   for (int r = 0; r < c.world; ++r) EXPECT_EQ(switches.final_epochs[r], 2u) << "rank " << r;
-  // Steps went on while each placement loaded (60 ms; a step here takes about 4 ms).
+  // Steps went on while each placement loaded (60 ms; a step here takes about 4 ms, several
+  // times that on a loaded machine): more steps than agreeing and voting take.
   for (size_t i = 0; i < 2; ++i) {
     EXPECT_GT(switches.offered_at[i], 0u) << "placement " << i + 1;
-    EXPECT_GT(switches.switched_at[i], switches.offered_at[i] + 5) << "placement " << i + 1;
+    EXPECT_GT(switches.switched_at[i], switches.offered_at[i] + 3) << "placement " << i + 1;
   }
 }
 
