@@ -48,7 +48,9 @@ absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_e
     out->error_message = message;
     return absl::OkStatus();
   };
-  const std::string method = line.value("method", "");
+  const std::string method = line.contains("method") && line["method"].is_string()
+                                 ? line["method"].get<std::string>()
+                                 : "";
   if (method != "POST") {
     return refuse("invalid_method", absl::StrCat("method must be \"POST\", got \"", method, "\""));
   }

@@ -57,7 +57,7 @@ const std::vector<Harmless>& HarmlessFields() {
       {"echo", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }},
       {"best_of", [](const json& v) { return v.is_number_integer() && v.get<int64_t>() == 1; }},
       {"response_format",
-       [](const json& v) { return v.is_object() && v.value("type", "") == "text"; }},
+       [](const json& v) { return v.is_object() && v.contains("type") && v["type"] == "text"; }},
       {"parallel_tool_calls", [](const json&) { return true; }},
       {"store", [](const json& v) { return v.is_boolean() && !v.get<bool>(); }},
       {"metadata", [](const json&) { return true; }},
@@ -111,7 +111,8 @@ bool ReadContent(const json& content, size_t index, std::string* out, ApiError* 
     return false;
   }
   for (const json& part : content) {
-    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+    if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+        !part.contains("text") ||
         !part["text"].is_string()) {
       *error = Unsupported(param, "a content part other than {\"type\": \"text\", \"text\": ...}");
       return false;

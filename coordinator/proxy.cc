@@ -197,10 +197,15 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   }
 
   // The progress watchdog: a replica's call that streams nothing for stall_timeout (from its
-  // start, or since its last message) is treated as a failed replica. One timer per proxy,
+  // start, or since its last message), or whose replica is no longer healthy (checked every
+  // heartbeat timeout: a frozen or cut-off replica), is treated as a failed replica. One timer per proxy,
   // re-armed from its own callback while the call makes progress.
   void ArmWatchdogLocked(Timer::Clock::time_point when) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
-    if (options_.stall_timeout.count() <= 0 || watchdog_pending_ || finished_) return;
+    if (watchdog_pending_ || finished_) return;
+    // Also wakes every heartbeat timeout to see whether the replica is still healthy.
+    const Timer::Clock::time_point health_check =
+        Timer::Clock::now() + std::max(registry_->heartbeat_timeout(), std::chrono::milliseconds(50));
+    when = options_.stall_timeout.count() <= 0 ? health_check : std::min(when, health_check);
     watchdog_pending_ = true;
     watchdog_id_ = timer_->Schedule(when, [this] { OnWatchdog(); });
   }
@@ -216,7 +221,17 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       watchdog_pending_ = false;
       if (!finished_ && upstream_active_ && broken_.ok()) {
         const auto now = Timer::Clock::now();
-        if (now - last_progress_ >= options_.stall_timeout) {
+        const Replica& replica = *attempts_.back()->replica;
+        if (!registry_->IsHealthy(replica)) {
+          // Frozen, cut off or gone: its heartbeats stopped (or another call failed on it).
+          broken_ = grpc::Status(
+              grpc::StatusCode::UNAVAILABLE,
+              absl::StrCat("replica ", replica.id, " at ", replica.address,
+                           " is unhealthy (no heartbeat within ",
+                           registry_->heartbeat_timeout().count(), " ms, or failed)"));
+          attempts_.back()->context->TryCancel();
+        } else if (options_.stall_timeout.count() > 0 &&
+                   now - last_progress_ >= options_.stall_timeout) {
           broken_ = grpc::Status(
               grpc::StatusCode::DEADLINE_EXCEEDED,
               absl::StrCat("it streamed nothing for ",

@@ -237,6 +237,14 @@ void Registry::MarkFailed(const Replica& replica, absl::string_view reason) {
   }
 }
 
+bool Registry::IsHealthy(const Replica& replica) const {
+  absl::MutexLock lock(&mutex_);
+  for (const Entry& entry : entries_) {
+    if (entry.replica.get() == &replica) return Healthy(entry, Now());
+  }
+  return false;
+}
+
 ModelLimits Registry::Limits(absl::string_view model_name) const {
   absl::MutexLock lock(&mutex_);
   const Clock::time_point now = Now();

@@ -117,6 +117,9 @@ class Registry {
   // A request failed on `replica` (its process or its connection is gone): unhealthy at once,
   // until its worker registers again. Nothing when that entry is gone already.
   void MarkFailed(const Replica& replica, absl::string_view reason);
+  // Whether `replica`'s entry is still healthy (false when it is gone): a call in flight to a
+  // replica that stopped heartbeating is moved on without waiting for its stream to stall.
+  bool IsHealthy(const Replica& replica) const;
   ModelLimits Limits(absl::string_view model = "") const;
   // The served name `model` stands for (the default model when empty).
   std::string ResolveModel(absl::string_view model) const;

@@ -2,18 +2,23 @@
 // replica of two rank processes gives exactly gemma-generate's ids; 64 concurrent streams over
 // two replicas equal their single results; a SIGKILLed rank's streams continue on the other
 // replica without a token lost or repeated, the dead replica is marked unhealthy and a
-// restarted worker rejoins; a cancelled stream's KV pages are freed (seen in GetStatus).
+// restarted worker rejoins; the same with the supervisor SIGKILLed (no rank outlives it) and
+// with the replica frozen by SIGSTOP (it rejoins once resumed); a cancelled stream's KV pages
+// are freed (seen in GetStatus).
 #include <signal.h>
 #include <sys/wait.h>
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
+#include <memory>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "glog/logging.h"
 #include "gtest/gtest.h"
 #include "tests/cluster/cluster_harness.h"
 
@@ -255,6 +260,126 @@ TEST_F(TwoReplicasTest, KilledRankRequeuesStreamsAndRestartedWorkerRejoins) {
   // A restarted worker rejoins; with the other worker gone, it serves alone.
   cluster_.RestartWorker(1);
   ASSERT_TRUE(cluster_.WaitHealthy(2, Clock::now() + seconds(60))) << cluster_.Log("worker1");
+  cluster_.worker(0).Kill();
+  StreamResult after = Generate(cluster_.inference(), TokenRequest(Prompt(3), kTokens));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message() << cluster_.Log("coordinator");
+  EXPECT_EQ(after.ids, alone[3]);
+}
+
+// Streams of `kTokens` ids on every prompt, started on threads; returns once each has its
+// first ids. Join `threads` before reading `results`.
+void StartStreams(Cluster& cluster, int n, int64_t tokens, std::vector<StreamResult>* results,
+                  std::vector<std::thread>* threads) {
+  results->assign(n, StreamResult());
+  auto started = std::make_shared<std::atomic<int>>(0);
+  for (int i = 0; i < n; ++i) {
+    threads->emplace_back([&cluster, results, started, tokens, i] {
+      grpc::ClientContext context;
+      context.set_deadline(In(seconds(120)));
+      auto reader = cluster.inference().Generate(&context, TokenRequest(Prompt(i), tokens));
+      v1::GenerateResponse response;
+      bool counted = false;
+      while (reader->Read(&response)) {
+        (*results)[i].ids.insert((*results)[i].ids.end(), response.token_ids().begin(),
+                                 response.token_ids().end());
+        if (!counted) {
+          counted = true;
+          started->fetch_add(1);
+        }
+      }
+      (*results)[i].status = reader->Finish();
+    });
+  }
+  const Clock::time_point deadline = Clock::now() + seconds(30);
+  while (started->load() < n && Clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  EXPECT_EQ(started->load(), n) << "streams under way";
+}
+
+// Whether `pid` is gone (or a zombie nobody reaped yet).
+bool ProcessGone(pid_t pid) {
+  if (kill(pid, 0) != 0) return true;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  std::getline(stat, line);
+  const size_t paren = line.rfind(')');
+  return paren == std::string::npos || line.substr(paren + 2, 1) == "Z";
+}
+
+// The failure matrix's worker cells: the supervisor of the tp=2 replica SIGKILLed mid-stream.
+// Its streams move to the other replica with nothing lost or repeated, and its rank processes
+// do not outlive it.
+TEST_F(TwoReplicasTest, KilledSupervisorMovesItsStreamsAndLeavesNoRankBehind) {
+  constexpr int kStreams = 12;
+  constexpr int64_t kTokens = 120;
+  std::vector<std::vector<int32_t>> alone(kStreams);
+  for (int i = 0; i < kStreams; ++i) alone[i] = GemmaGenerate(kTinyMoe, Prompt(i), kTokens);
+  const std::vector<pid_t> ranks = cluster_.RankPids(1);
+  ASSERT_EQ(ranks.size(), 2u);
+  std::vector<StreamResult> results;
+  std::vector<std::thread> threads;
+  StartStreams(cluster_, kStreams, kTokens, &results, &threads);
+  cluster_.worker(1).Kill();
+  const Clock::time_point killed_at = Clock::now();
+  for (std::thread& t : threads) t.join();
+  LOG(INFO) << "killed supervisor: all " << kStreams << " streams done "
+            << std::chrono::duration_cast<milliseconds>(Clock::now() - killed_at).count()
+            << " ms after the kill; " << cluster_.Status().requests_requeued() << " requeued";
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, alone[i]) << "stream " << i << ": lost or repeated tokens";
+  }
+  const Clock::time_point deadline = Clock::now() + seconds(10);
+  for (pid_t pid : ranks) {
+    while (!ProcessGone(pid) && Clock::now() < deadline) std::this_thread::sleep_for(milliseconds(20));
+    EXPECT_TRUE(ProcessGone(pid)) << "rank process " << pid << " outlived its supervisor";
+  }
+}
+
+// A replica frozen (SIGSTOP on its supervisor and ranks) mid-stream: its heartbeats stop, it is
+// marked unhealthy within the heartbeat timeout, and its streams move on with nothing lost or
+// repeated; resumed (SIGCONT), it registers again and serves.
+TEST_F(TwoReplicasTest, FrozenReplicaIsMovedOffAndRejoinsWhenResumed) {
+  constexpr int kStreams = 12;
+  constexpr int64_t kTokens = 120;
+  std::vector<std::vector<int32_t>> alone(kStreams);
+  for (int i = 0; i < kStreams; ++i) alone[i] = GemmaGenerate(kTinyMoe, Prompt(i), kTokens);
+  std::vector<pid_t> frozen = cluster_.RankPids(1);
+  frozen.push_back(cluster_.worker(1).pid());
+  const std::string frozen_address = FindReplica(cluster_.Status(), 2)->address();
+  std::vector<StreamResult> results;
+  std::vector<std::thread> threads;
+  StartStreams(cluster_, kStreams, kTokens, &results, &threads);
+  for (pid_t pid : frozen) ASSERT_EQ(kill(pid, SIGSTOP), 0);
+  const Clock::time_point frozen_at = Clock::now();
+  bool unhealthy = false;
+  while (!unhealthy && Clock::now() < frozen_at + seconds(10)) {
+    unhealthy = true;
+    const v1::GetStatusResponse status = cluster_.Status();
+    for (const v1::ReplicaStatus& r : status.replicas()) {
+      if (r.address() == frozen_address && r.healthy()) unhealthy = false;
+    }
+    if (!unhealthy) std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(unhealthy);
+  const auto detected = std::chrono::duration_cast<milliseconds>(Clock::now() - frozen_at);
+  EXPECT_LE(detected, milliseconds(1500 + 1000)) << "heartbeat timeout 1500 ms";
+  for (std::thread& t : threads) t.join();
+  const auto done = std::chrono::duration_cast<milliseconds>(Clock::now() - frozen_at);
+  LOG(INFO) << "frozen replica: unhealthy after " << detected.count() << " ms; all " << kStreams
+            << " streams done " << done.count() << " ms after the freeze; "
+            << cluster_.Status().requests_requeued() << " requeued";
+  // Moved when the heartbeats stopped, not when the 60 s stall watchdog gave up on them.
+  EXPECT_LT(done, seconds(30));
+  for (pid_t pid : frozen) kill(pid, SIGCONT);
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids, alone[i]) << "stream " << i << ": lost or repeated tokens";
+  }
+  ASSERT_TRUE(cluster_.WaitHealthy(2, Clock::now() + seconds(30)))
+      << cluster_.Log("worker1") << cluster_.Log("coordinator");
+  // It serves again: with the other replica gone, a request can only go to it.
   cluster_.worker(0).Kill();
   StreamResult after = Generate(cluster_.inference(), TokenRequest(Prompt(3), kTokens));
   ASSERT_TRUE(after.status.ok()) << after.status.error_message() << cluster_.Log("coordinator");
