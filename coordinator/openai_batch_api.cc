@@ -170,7 +170,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
       SendApiError(response, InvalidRequestError("endpoint", "endpoint is required"));
       return;
     }
-    if (body.value("completion_window", "24h") != "24h") {
+    if (body.contains("completion_window") && body["completion_window"] != "24h") {
       SendApiError(response,
                    InvalidRequestError("completion_window", "completion_window must be \"24h\""));
       return;

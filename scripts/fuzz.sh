@@ -10,8 +10,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SECONDS_PER_FUZZER="${1:-${FUZZ_SECONDS:-30}}"
 BUILD_DIR="${FUZZ_BUILD_DIR:-build-fuzz}"
 [[ "${BUILD_DIR}" = /* ]] || BUILD_DIR="${ROOT}/${BUILD_DIR}"
-FUZZERS=(safetensors_fuzzer config_fuzzer)
-declare -A CORPUS=([safetensors_fuzzer]=safetensors [config_fuzzer]=config)
+FUZZERS=(safetensors_fuzzer config_fuzzer tokenizer_fuzzer chat_template_fuzzer
+  openai_request_fuzzer batch_line_fuzzer request_checks_fuzzer)
+declare -A CORPUS=([safetensors_fuzzer]=safetensors [config_fuzzer]=config
+  [tokenizer_fuzzer]=tokenizer [chat_template_fuzzer]=chat_template
+  [openai_request_fuzzer]=openai_request [batch_line_fuzzer]=batch_line
+  [request_checks_fuzzer]=request_checks)
 
 if ! [[ "${SECONDS_PER_FUZZER}" =~ ^[0-9]+$ ]] || (( SECONDS_PER_FUZZER < 1 )); then
   echo "fuzz.sh: seconds must be a positive integer, got '${SECONDS_PER_FUZZER}'" >&2

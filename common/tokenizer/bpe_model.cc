@@ -64,8 +64,9 @@ absl::StatusOr<BpeModel> BpeModel::FromJson(const nlohmann::json& model) {
   int64_t max_id = -1;
   for (auto it = vocab->begin(); it != vocab->end(); ++it) {
     if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
-        it.value().get<int64_t>() > INT32_MAX - 1) {
-      return Invalid(absl::StrCat("vocab entry \"", it.key(), "\" has no valid id"));
+        it.value().get<int64_t>() > kMaxTokenId) {
+      return Invalid(absl::StrCat("vocab entry \"", it.key(),
+                                  "\" has no valid id (an integer in [0, ", kMaxTokenId, "])"));
     }
     max_id = std::max<int64_t>(max_id, it.value().get<int64_t>());
   }

@@ -14,6 +14,10 @@
 
 namespace gemma::tokenizer {
 
+// The largest token id a tokenizer.json may use (Gemma 4's vocabulary is 262,144): tables are
+// indexed by id, so one huge id in a hostile file would otherwise size them to gigabytes.
+inline constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
+
 class BpeModel {
  public:
   // Parses the "model" object. Refuses options we do not implement (dropout, subword

@@ -273,8 +273,9 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
       auto content = entry.find("content");
       if (!entry.is_object() || id == entry.end() || !id->is_number_integer() ||
           content == entry.end() || !content->is_string() || id->get<int64_t>() < 0 ||
-          id->get<int64_t>() > INT32_MAX - 1) {
-        return Invalid("an added token lacks a valid \"id\" or \"content\"");
+          id->get<int64_t>() > kMaxTokenId) {
+        return Invalid(absl::StrCat("an added token lacks a valid \"id\" (an integer in [0, ",
+                                    kMaxTokenId, "]) or \"content\""));
       }
       AddedToken token;
       token.id = static_cast<int32_t>(id->get<int64_t>());
@@ -344,6 +345,9 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
       if (special == item.end() || !special->contains("id")) {
         return Invalid("TemplateProcessing item is neither SpecialToken nor Sequence");
       }
+      if (!(*special)["id"].is_string()) {
+        return Invalid("TemplateProcessing SpecialToken \"id\" is not a string");
+      }
       const std::string name = (*special)["id"].get<std::string>();
       if (specials == post->end() || !specials->contains(name) ||
           !(*specials)[name].contains("ids") || !(*specials)[name]["ids"].is_array()) {
@@ -352,6 +356,10 @@ absl::Status Tokenizer::Init(std::string_view json_text) {
       }
       for (const json& tid : (*specials)[name]["ids"]) {
         if (!tid.is_number_integer()) return Invalid("TemplateProcessing id is not a number");
+        if (tid.get<int64_t>() < 0 || tid.get<int64_t>() >= vocab_size_) {
+          return Invalid(absl::StrCat("TemplateProcessing special token \"", name, "\" has id ",
+                                      tid.dump(), ", outside the vocabulary of ", vocab_size_));
+        }
         (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(tid.get<int32_t>());
       }
     }
