@@ -77,6 +77,19 @@ ABSL_FLAG(std::string, tls_cert, "",
           "HTTP port speak TLS only (clients verify it: gemmactl --tls-ca, gemma-worker "
           "--coordinator-ca)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
+ABSL_FLAG(std::string, internal_listen, "",
+          "HOST:PORT of a separate internal port for workers (registration, heartbeats, the "
+          "rendezvous store): with it the public --listen port no longer serves them; empty: "
+          "workers join on the public port");
+ABSL_FLAG(std::string, internal_tls_cert, "",
+          "PEM certificate chain the internal port serves (with --internal-tls-key); with "
+          "--internal-ca it is also the client certificate this coordinator presents to the "
+          "workers' replica ports");
+ABSL_FLAG(std::string, internal_tls_key, "", "PEM private key of --internal-tls-cert");
+ABSL_FLAG(std::string, internal_ca, "",
+          "PEM CA of the workers' certificates: the internal port speaks mutual TLS (a worker "
+          "joins only with a client certificate this CA signed, no join token needed) and the "
+          "coordinator calls replicas over TLS, verifying their certificates against it");
 ABSL_FLAG(bool, insecure, false,
           "serve without TLS (no --tls-cert) or without tokens (no --auth-tokens): without "
           "this flag the coordinator refuses to start open");
@@ -118,6 +131,12 @@ constexpr char kUsage[] =
     "                                   every healthy replica has N in flight (default 256)\n"
     "  --max-attempts N                 sends of one request, the first included, when\n"
     "                                   replicas fail (default 3)";
+
+// "HOST" of "HOST:PORT" ("[::1]:0" gives "[::1]").
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? address : address.substr(0, colon);
+}
 
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop.store(true); }
@@ -169,6 +188,32 @@ int Run() {
                 << spec.min_replicas << ".." << spec.max_replicas << ")";
     }
   }
+  // The internal port: mutual TLS with --internal-ca, which also secures the calls to replicas.
+  const std::string internal_listen = absl::GetFlag(FLAGS_internal_listen);
+  const gemma::CertificateFiles internal_cert{absl::GetFlag(FLAGS_internal_tls_cert),
+                                              absl::GetFlag(FLAGS_internal_tls_key),
+                                              "--internal-tls-cert", "--internal-tls-key"};
+  const std::string internal_ca = absl::GetFlag(FLAGS_internal_ca);
+  if (internal_listen.empty() && (!internal_cert.cert.empty() || !internal_ca.empty())) {
+    std::cerr << "gemma-coordinator: --internal-tls-cert and --internal-ca are for the internal "
+                 "port: give --internal-listen HOST:PORT too\n";
+    return 1;
+  }
+  auto internal_credentials = gemma::ServerCredentialsFor(internal_cert, internal_ca);
+  if (!internal_credentials.ok()) {
+    std::cerr << "gemma-coordinator: the internal port: " << internal_credentials.status().message()
+              << "\n";
+    return 1;
+  }
+  const bool mutual_tls = !internal_ca.empty();
+  if (mutual_tls) {
+    auto to_replicas = gemma::ChannelCredentialsFor(internal_ca, internal_cert);
+    if (!to_replicas.ok()) {
+      std::cerr << "gemma-coordinator: " << to_replicas.status().message() << "\n";
+      return 1;
+    }
+    registry_options.replica_credentials = *to_replicas;
+  }
   gemma::coordinator::Registry registry(registry_options);
   gemma::coordinator::Store store;
   gemma::coordinator::Metrics metrics(&registry, absl::GetFlag(FLAGS_metrics_per_expert));
@@ -205,6 +250,9 @@ int Run() {
     std::vector<std::string> open;
     if (absl::GetFlag(FLAGS_tls_cert).empty()) open.push_back("plaintext (no --tls-cert/--tls-key)");
     if (!auth->enabled()) open.push_back("open to anyone (no --auth-tokens)");
+    if (!internal_listen.empty() && internal_cert.cert.empty()) {
+      open.push_back("the internal port in plaintext (no --internal-tls-cert/--internal-tls-key)");
+    }
     if (!open.empty()) {
       std::cerr << "gemma-coordinator: refusing to serve " << absl::StrJoin(open, " and ")
                 << "; give them, or --insecure to run open on purpose (a local demo, a test)\n";
@@ -230,7 +278,10 @@ int Run() {
                   .min_interval = std::chrono::seconds(rebalance_interval),
                   .min_gain = rebalance_gain});
   gemma::coordinator::ClusterService cluster(&registry, auth.get(), &rebalancer);
-  gemma::coordinator::CoordinatorService coordinator(&registry, &store, auth.get());
+  // Behind mutual TLS a worker is known by its certificate: no join token is asked for.
+  const gemma::coordinator::Authenticator open_to_certified;
+  gemma::coordinator::CoordinatorService coordinator(&registry, &store,
+                                                     mutual_tls ? &open_to_certified : auth.get());
   // Batches: durable in --data-dir, run through this coordinator's own Inference service (the
   // channel exists once the server is built).
   const std::string data_dir = absl::GetFlag(FLAGS_data_dir);
@@ -270,26 +321,39 @@ int Run() {
     std::cerr << "gemma-coordinator: --tls-cert and --tls-key go together\n";
     return 1;
   }
-  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
-  if (!tls_cert.empty()) {
-    auto cert = gemma::ReadPemFile(tls_cert, "the certificate --tls-cert");
-    auto key = gemma::ReadPemFile(tls_key, "the key --tls-key");
-    if (!cert.ok() || !key.ok()) {
-      std::cerr << "gemma-coordinator: " << (cert.ok() ? key.status() : cert.status()).message()
-                << "\n";
-      return 1;
-    }
-    grpc::SslServerCredentialsOptions options;
-    options.pem_key_cert_pairs.push_back({*key, *cert});
-    credentials = grpc::SslServerCredentials(options);
-  } else {
-    LOG(WARNING) << "no --tls-cert: the gRPC and HTTP ports speak plaintext";
+  auto credentials = gemma::ServerCredentialsFor({tls_cert, tls_key});
+  if (!credentials.ok()) {
+    std::cerr << "gemma-coordinator: " << credentials.status().message() << "\n";
+    return 1;
   }
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), credentials, &port);
+  if (tls_cert.empty()) LOG(WARNING) << "no --tls-cert: the gRPC and HTTP ports speak plaintext";
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *credentials, &port);
   builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&inference);
   builder.RegisterService(&cluster);
-  builder.RegisterService(&coordinator);
+  // Workers join on the public port unless they have a port of their own.
+  std::unique_ptr<grpc::Server> internal_server;
+  if (internal_listen.empty()) {
+    builder.RegisterService(&coordinator);
+  } else {
+    grpc::ServerBuilder internal_builder;
+    int internal_port = 0;
+    internal_builder.AddListeningPort(internal_listen, *internal_credentials, &internal_port);
+    internal_builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
+    internal_builder.RegisterService(&coordinator);
+    internal_server = internal_builder.BuildAndStart();
+    if (internal_server == nullptr || internal_port == 0) {
+      std::cerr << "gemma-coordinator: cannot listen on --internal-listen " << internal_listen
+                << "\n";
+      return 1;
+    }
+    // On stdout, for scripts that start the coordinator with port 0.
+    std::printf("internal serving on %s:%d (%s)\n", HostOf(internal_listen).c_str(),
+                internal_port,
+                mutual_tls ? "mutual TLS"
+                           : (internal_cert.cert.empty() ? "plaintext" : "TLS, join tokens"));
+    std::fflush(stdout);
+  }
   // The Batches service is registered before the server starts; its runner starts after,
   // when the in-process channel to Inference exists.
   std::atomic<gemma::coordinator::BatchRunner*> runner_slot{nullptr};
@@ -421,6 +485,9 @@ int Run() {
   runner_slot.store(nullptr);
   if (batch_runner != nullptr) batch_runner->Stop();  // items in flight stay pending
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (internal_server != nullptr) {
+    internal_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  }
   return 0;
 }
 

@@ -33,6 +33,18 @@ absl::StatusOr<std::string> Registry::Register(
         "\", which this coordinator's --models does not list (it serves: ",
         absl::StrJoin(ServedModelsLocked(), ", "), "); start it with --model-name NAME"));
   }
+  if ((options_.replica_credentials != nullptr) != request.replica_tls()) {
+    return absl::FailedPreconditionError(
+        request.replica_tls()
+            ? absl::StrCat("the worker at ", request.address(),
+                           " serves its replica over TLS (--tls-cert), but this coordinator calls "
+                           "replicas in plaintext: start it with --internal-ca and an internal "
+                           "certificate, or the worker without --tls-cert")
+            : absl::StrCat("the worker at ", request.address(),
+                           " serves its replica in plaintext, but this coordinator calls "
+                           "replicas over mutual TLS (--internal-ca): start the worker with "
+                           "--tls-cert and --tls-key signed by that CA"));
+  }
   if (have_reference_ && request.protocol_version() != protocol_version_) {
     return absl::FailedPreconditionError(absl::StrCat(
         "protocol version ", request.protocol_version(), " of the worker at ", request.address(),
@@ -75,7 +87,9 @@ absl::StatusOr<std::string> Registry::Register(
   replica->id = absl::StrCat("r", next_id_++);
   replica->address = request.address();
   replica->stub = gemma::internal::v1::Replica::NewStub(
-      grpc::CreateChannel(request.address(), grpc::InsecureChannelCredentials()));
+      grpc::CreateChannel(request.address(), options_.replica_credentials != nullptr
+                                                 ? options_.replica_credentials
+                                                 : grpc::InsecureChannelCredentials()));
   replica->vocab_size = request.vocab_size();
   replica->max_context = request.max_context();
   replica->world_size = request.world_size();

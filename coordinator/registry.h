@@ -26,6 +26,7 @@
 #include "absl/synchronization/mutex.h"
 #include "coordinator/model_spec.h"
 #include "gemma/internal/v1/worker.grpc.pb.h"
+#include "grpcpp/security/credentials.h"
 #include "gemma/v1/cluster.pb.h"
 
 namespace gemma::coordinator {
@@ -83,6 +84,9 @@ struct RegistryOptions {
   std::vector<ModelSpec> models;
   // The model of requests and registrations that name none (the first of `models` if any).
   std::string default_model = "gemma-4";
+  // How the coordinator calls replicas: null for plaintext; mutual-TLS credentials
+  // (--internal-ca), in which case only replicas that serve TLS may register.
+  std::shared_ptr<grpc::ChannelCredentials> replica_credentials;
   // A worker assigned a model counts toward its replicas this long before it registers.
   std::chrono::milliseconds assignment_timeout{120000};
 };

@@ -196,6 +196,132 @@ print("models", [m.id for m in client.models.list().data])
   worker.WaitForExitCode(seconds(10));
 }
 
+// Mutual TLS on a separate internal port (--internal-listen, --internal-ca), with certificates
+// made here by openssl: the public port no longer takes workers; a worker joins only with a
+// certificate the cluster CA signed (and serves its replica port over TLS, to the coordinator
+// alone), and each way of getting it wrong is refused at once, saying what is wrong.
+TEST(MutualTlsTest, OnlyWorkersCertifiedByTheClusterCaJoinTheInternalPort) {
+  Cluster cluster("mtls");
+  const std::string d = cluster.dir() + "/";
+  auto openssl = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "/usr/bin/openssl");
+    ToolRun run = RunWithStdin(args, "");
+    EXPECT_EQ(run.exit_code, 0) << run.err;
+  };
+  const std::string san = WriteFile(d + "san.ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+  auto make_ca = [&](const std::string& name) {
+    openssl({"req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d + name + ".key",
+             "-out", d + name + ".crt", "-days", "2", "-subj", "/CN=" + name});
+  };
+  // A certificate for 127.0.0.1 signed by `ca`, valid for `days` (negative: expired).
+  auto make_cert = [&](const std::string& name, const std::string& ca, int days) {
+    openssl({"req", "-newkey", "rsa:2048", "-nodes", "-keyout", d + name + ".key", "-out",
+             d + name + ".csr", "-subj", "/CN=" + name});
+    openssl({"x509", "-req", "-in", d + name + ".csr", "-CA", d + ca + ".crt", "-CAkey",
+             d + ca + ".key", "-CAcreateserial", "-out", d + name + ".crt", "-days",
+             absl::StrCat(days), "-extfile", san});
+  };
+  make_ca("cluster-ca");
+  make_ca("other-ca");
+  make_cert("coordinator", "cluster-ca", 2);
+  make_cert("worker", "cluster-ca", 2);
+  make_cert("stranger", "other-ca", 2);
+  make_cert("expired", "cluster-ca", -1);
+  if (::testing::Test::HasFailure()) return;
+
+  const std::string internal = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator(
+      {"--internal-listen", internal, "--internal-tls-cert", d + "coordinator.crt",
+       "--internal-tls-key", d + "coordinator.key", "--internal-ca", d + "cluster-ca.crt"},
+      &error))
+      << error;
+  ASSERT_TRUE(PollUntil(
+      [&] { return absl::StrContains(cluster.Log("coordinator"), "(mutual TLS)"); },
+      milliseconds(10000)));
+
+  // Each refused worker exits 1 within seconds, its log saying why.
+  auto refused = [&](const std::string& what, const std::vector<std::string>& flags,
+                     const std::string& expected) {
+    std::vector<std::string> args = {kBin + "gemma-worker", "--model", kTinyMoe,
+                                     "--register-timeout-s", "4", "--threads", "1"};
+    args.insert(args.end(), flags.begin(), flags.end());
+    const std::string log = d + "refused_" + what + ".log";
+    ChildProcess worker(args, log);
+    EXPECT_EQ(worker.WaitForExitCode(seconds(60)), 1) << what << ": " << ReadFileToString(log);
+    EXPECT_TRUE(absl::StrContains(ReadFileToString(log), expected))
+        << what << ": " << ReadFileToString(log);
+  };
+  const std::vector<std::string> to_internal = {"--coordinator", internal, "--coordinator-ca",
+                                                d + "cluster-ca.crt"};
+  auto with = [&](std::vector<std::string> flags, const std::string& cert,
+                  const std::string& key) {
+    flags.push_back("--tls-cert=" + d + cert);
+    flags.push_back("--tls-key=" + d + key);
+    return flags;
+  };
+  refused("no_certificate", to_internal,
+          "needs a client certificate signed by its --internal-ca");
+  refused("stranger", with(to_internal, "stranger.crt", "stranger.key"),
+          "check that --coordinator-ca is the CA of the coordinator's certificate, that "
+          "--tls-cert is signed by the CA the coordinator trusts");
+  refused("expired", with(to_internal, "expired.crt", "expired.key"),
+          "expired on ");
+  refused("wrong_key", with(to_internal, "worker.crt", "stranger.key"),
+          "does not belong to the certificate --tls-cert");
+  refused("public_port",
+          with({"--coordinator", cluster.coordinator_address()}, "worker.crt", "worker.key"),
+          "give the CA of the coordinator's certificate too");
+  refused("public_port_plain", {"--coordinator", cluster.coordinator_address()},
+          "does not take workers on this port");
+  refused("plaintext", {"--coordinator", internal},
+          "it closed the connection at once: if it speaks TLS");
+  EXPECT_EQ(cluster.HealthyReplicas(), 0);
+
+  // The certified worker joins with two rank processes (the rendezvous store goes over the
+  // same mutual-TLS channel) and serves through the public port.
+  cluster.StartWorker(kTinyMoe, with(to_internal, "worker.crt", "worker.key"));
+  cluster.StartWorker(kTinyMoe, with({"--cpu-ranks", "2", "--coordinator", internal,
+                                      "--coordinator-ca", d + "cluster-ca.crt"},
+                                     "worker.crt", "worker.key"));
+  ASSERT_TRUE(cluster.WaitHealthy(2, Clock::now() + seconds(60)))
+      << cluster.Log("worker0") << cluster.Log("worker1") << cluster.Log("coordinator");
+  const std::vector<int32_t> prompt = {2, 17, 301, 44};
+  const std::vector<int32_t> expected = GemmaGenerate(kTinyMoe, prompt, 12);
+  for (int i = 0; i < 4; ++i) {
+    StreamResult result = Generate(cluster.inference(), TokenRequest(prompt, 12));
+    EXPECT_TRUE(result.status.ok()) << result.status.error_message();
+    EXPECT_EQ(result.ids, expected);
+  }
+
+  // The replica port takes calls from the coordinator's certificate only.
+  const gemma::v1::GetStatusResponse status = cluster.Status();
+  ASSERT_GT(status.replicas_size(), 0);
+  const std::string replica = status.replicas(0).address();
+  auto call_replica = [&](const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
+    auto stub = gemma::internal::v1::Replica::NewStub(grpc::CreateChannel(replica, credentials));
+    gemma::internal::v1::ReplicaGenerateRequest request;
+    *request.mutable_request() = TokenRequest(prompt, 4);
+    grpc::ClientContext context;
+    context.set_deadline(In(milliseconds(5000)));
+    auto reader = stub->Generate(&context, request);
+    gemma::internal::v1::ReplicaGenerateResponse response;
+    int messages = 0;
+    while (reader->Read(&response)) ++messages;
+    const grpc::Status finished = reader->Finish();
+    return std::make_pair(messages, finished);
+  };
+  grpc::SslCredentialsOptions server_only;
+  server_only.pem_root_certs = ReadFileToString(d + "cluster-ca.crt");
+  for (const auto& credentials :
+       {grpc::InsecureChannelCredentials(), grpc::SslCredentials(server_only)}) {
+    auto [messages, finished] = call_replica(credentials);
+    EXPECT_EQ(messages, 0);
+    EXPECT_EQ(finished.error_code(), grpc::StatusCode::UNAVAILABLE) << finished.error_message();
+  }
+  cluster.Stop(milliseconds(10000));
+}
+
 TEST(AuthFileTest, ABadTokensFileStopsTheCoordinatorSayingWhichLine) {
   Cluster cluster("auth_file");
   const std::string file = WriteFile(cluster.dir() + "/tokens", "short user\n");

@@ -330,5 +330,30 @@ TEST_F(RegistryTest, ExpertLoadWindowsSumPerReplicaAndOverTheClusterWithABounded
   EXPECT_EQ(registry.Status().replicas_size(), 2);
 }
 
+// A coordinator that calls replicas over mutual TLS takes only replicas that serve it, and one
+// that calls in plaintext only plaintext ones: a mismatch would fail every request.
+TEST_F(RegistryTest, ReplicasMustServeTheWayTheCoordinatorCallsThem) {
+  Registry plain = MakeRegistry();
+  iv1::RegisterRequest tls = Worker("127.0.0.1:1001");
+  tls.set_replica_tls(true);
+  absl::StatusOr<std::string> refused = plain.Register(tls);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(refused.status().message(), "serves its replica over TLS"))
+      << refused.status();
+  EXPECT_TRUE(plain.Register(Worker("127.0.0.1:1002")).ok());
+
+  RegistryOptions options;
+  grpc::SslCredentialsOptions ssl;
+  options.replica_credentials = grpc::SslCredentials(ssl);
+  Registry mutual(options);
+  refused = mutual.Register(Worker("127.0.0.1:1003"));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_TRUE(absl::StrContains(refused.status().message(),
+                                "start the worker with --tls-cert and --tls-key"))
+      << refused.status();
+  EXPECT_TRUE(mutual.Register(tls).ok());
+}
+
 }  // namespace
 }  // namespace gemma::coordinator

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -64,8 +65,14 @@
 #include "proto/status_convert.h"
 
 ABSL_FLAG(std::string, coordinator_ca, "",
-          "PEM CA file to verify a coordinator that speaks TLS (its --tls-cert); none: "
-          "plaintext");
+          "PEM CA file to verify a coordinator that speaks TLS (its --tls-cert, or on its "
+          "internal port its --internal-tls-cert); with --tls-cert also the CA whose client "
+          "certificate the replica port accepts (the coordinator's); none: plaintext");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate of this worker (with --tls-key) for a coordinator's internal port "
+          "(mutual TLS, its --internal-ca signs it): presented when joining, and served on the "
+          "replica port, which then speaks TLS and accepts only the coordinator");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert");
 ABSL_FLAG(std::string, join_token, "",
           "the token a coordinator started with --auth-tokens asks workers for (a worker or "
           "admin token; default $GEMMA_JOIN_TOKEN); passed to the rank processes");
@@ -261,12 +268,81 @@ void StopRanks(std::vector<RankProcess>& ranks) {
   }
 }
 
+// This worker's certificate (--tls-cert, --tls-key), empty when it has none.
+gemma::CertificateFiles WorkerCertificate() {
+  return {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key)};
+}
+
+// The credentials of every channel to the coordinator: plaintext, TLS (--coordinator-ca), or
+// mutual TLS (and --tls-cert).
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> CoordinatorChannelCredentials() {
+  return gemma::ChannelCredentialsFor(absl::GetFlag(FLAGS_coordinator_ca), WorkerCertificate());
+}
+
+// Before any rank starts: the certificate is usable, and the coordinator answers over this
+// channel. Waits up to --register-timeout-s for a coordinator that is not up yet, and fails at
+// once, saying what to check, when the TLS handshake is refused.
+absl::Status CheckCoordinatorChannel() {
+  RETURN_IF_ERROR(gemma::CheckCertificate(WorkerCertificate()));
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                   CoordinatorChannelCredentials());
+  const std::string address = absl::GetFlag(FLAGS_coordinator);
+  auto stub = iv1::Coordinator::NewStub(grpc::CreateChannel(address, credentials));
+  const Clock::time_point deadline =
+      Clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_register_timeout_s));
+  std::string last;
+  int refusals = 0;
+  while (!g_stop.load()) {
+    // A heartbeat for no replica changes nothing; any answer shows the channel works.
+    iv1::HeartbeatRequest probe;
+    iv1::HeartbeatResponse response;
+    grpc::ClientContext context;
+    gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+    const grpc::Status status = stub->Heartbeat(&context, probe, &response);
+    if (status.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the coordinator at ", address, " does not take workers on this port (it has an "
+          "internal port, its --internal-listen): point --coordinator there"));
+    }
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE &&
+        status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+      return absl::OkStatus();
+    }
+    last = status.error_message();
+    std::string hint;
+    if (!absl::GetFlag(FLAGS_coordinator_ca).empty()) {
+      hint = gemma::HandshakeHint(last, !WorkerCertificate().cert.empty());
+    } else if (absl::StrContains(last, "Socket closed")) {
+      // A TLS server closes a plaintext connection at once.
+      hint = "it closed the connection at once: if it speaks TLS (its --tls-cert, or an "
+             "internal port with --internal-tls-cert), give its CA with --coordinator-ca";
+    }
+    // Twice in a row: a coordinator that is going down also closes sockets.
+    if (!hint.empty() && ++refusals >= 2) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot reach the coordinator at ", address, ": ", hint, " (", last, ")"));
+    }
+    if (hint.empty()) refusals = 0;
+    if (Clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  if (g_stop.load()) return absl::OkStatus();
+  return absl::DeadlineExceededError(absl::StrCat(
+      "the coordinator at ", address, " did not answer within ",
+      absl::GetFlag(FLAGS_register_timeout_s), " s (", last,
+      "); is it running and reachable? (--coordinator, --register-timeout-s",
+      absl::GetFlag(FLAGS_coordinator_ca).empty()
+          ? "; if it speaks TLS, give its CA with --coordinator-ca)"
+          : ")"));
+}
+
 // A worker started without --model: asks the coordinator for a model (Coordinator.Join) until
 // it gets one whose checkpoint it can read, then takes the assignment as its flags (and passes
 // them on to its rank processes). False when stopped while waiting.
 absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backend) {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                   gemma::CoordinatorCredentials(absl::GetFlag(FLAGS_coordinator_ca)));
+                   CoordinatorChannelCredentials());
   auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), credentials);
   auto stub = iv1::Coordinator::NewStub(channel);
   std::random_device random;
@@ -337,12 +413,14 @@ absl::Status Supervise() {
   if (absl::GetFlag(FLAGS_coordinator).empty()) {
     return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   }
+  signal(SIGTERM, OnSignal);
+  signal(SIGINT, OnSignal);
+  RETURN_IF_ERROR(CheckCoordinatorChannel());
+  if (g_stop.load()) return absl::OkStatus();
   if (absl::GetFlag(FLAGS_model).empty()) {
     const std::string backend = absl::GetFlag(FLAGS_backend);
     const int ranks = backend == "cuda" ? std::max(1, absl::GetFlag(FLAGS_gpus))
                                         : std::max(1, absl::GetFlag(FLAGS_cpu_ranks));
-    signal(SIGTERM, OnSignal);
-    signal(SIGINT, OnSignal);
     ASSIGN_OR_RETURN(const bool assigned, JoinForAssignment(ranks, backend));
     if (!assigned) return absl::OkStatus();  // stopped while waiting
   }
@@ -683,7 +761,17 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   std::string listen = absl::GetFlag(FLAGS_listen);
   // Each data-parallel group serves on its own port: the given one for the first.
   if (env.world.dp_group() > 0) listen = absl::StrCat(HostOf(listen), ":0");
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  // With a certificate the replica port speaks mutual TLS: only the coordinator (its client
+  // certificate signed by --coordinator-ca) may call it.
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
+      gemma::ServerCredentialsFor(WorkerCertificate(), WorkerCertificate().cert.empty()
+                                                           ? std::string()
+                                                           : absl::GetFlag(FLAGS_coordinator_ca));
+  if (!server_credentials.ok()) {
+    stop_engine();
+    return server_credentials.status();
+  }
+  builder.AddListeningPort(listen, *server_credentials, &port);
   builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -709,6 +797,7 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
       std::min<int64_t>(config.max_position_embeddings, absl::GetFlag(FLAGS_cache_tokens)));
   registration.set_world_size(env.world.world_size());
   registration.set_model_name(absl::GetFlag(FLAGS_model_name));
+  registration.set_replica_tls(!WorkerCertificate().cert.empty());
   if (env.world.mode() == gemma::parallel::ParallelMode::kDpEp) {
     const int groups = env.world.world_size() / env.world.tp_size();
     registration.set_parallel(absl::StrCat("dp-ep ep=", env.world.world_size(),
@@ -782,7 +871,7 @@ absl::Status RunRank() {
   // A peer rank that dies must surface as an error on the socket, not kill this process.
   signal(SIGPIPE, SIG_IGN);
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                   gemma::CoordinatorCredentials(absl::GetFlag(FLAGS_coordinator_ca)));
+                   CoordinatorChannelCredentials());
   auto channel = grpc::CreateChannel(coordinator, credentials);
   std::unique_ptr<iv1::Coordinator::Stub> stub = iv1::Coordinator::NewStub(channel);
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
