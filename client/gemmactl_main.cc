@@ -31,6 +31,8 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -170,11 +172,33 @@ absl::Status StreamGenerate(
   std::unique_ptr<grpc::ClientReader<gemma::v1::GenerateResponse>> reader =
       stub.Generate(&context, request);
   gemma::v1::GenerateResponse response;
+  int64_t tokens = 0;
+  bool finished = false;
   while (reader->Read(&response)) {
+    tokens += response.token_ids_size();
     on_response(response);
-    if (response.has_final()) *final = response.final();
+    if (response.has_final()) {
+      *final = response.final();
+      finished = true;
+    }
   }
-  return FromGrpc(reader->Finish());
+  const grpc::Status status = reader->Finish();
+  // A stream cut before its final message: the coordinator went away (or the network), and
+  // what was printed is not the whole answer.
+  const std::string lower = absl::AsciiStrToLower(status.error_message());
+  const bool transport = absl::StrContains(lower, "socket closed") ||
+                         absl::StrContains(lower, "connection reset") ||
+                         absl::StrContains(lower, "broken pipe") ||
+                         absl::StrContains(lower, "goaway") ||
+                         absl::StrContains(lower, "failed to connect");
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE && transport && !finished) {
+    return absl::UnavailableError(absl::StrCat(
+        "the connection to the coordinator at ", CoordinatorAddress(), " was lost after ",
+        tokens, tokens == 1 ? " token" : " tokens", " (", status.error_message(),
+        "): the request did not finish", tokens > 0 ? " and the output above is incomplete" : "",
+        "; send it again once `gemmactl status` answers"));
+  }
+  return FromGrpc(status);
 }
 
 void PrintFinal(const gemma::v1::GenerateFinal& final) {

@@ -1006,5 +1006,110 @@ TEST_F(RealClusterTest, EveryWorkerIsBackAfterEachCoordinatorRestart) {
   }
 }
 
+// The coordinator SIGKILLed under streaming clients: gemmactl and the official OpenAI client
+// each end at once with an error that says the stream was cut (neither hangs nor passes a short
+// answer off as whole), and so do the gRPC streams beside them; after a restart the worker is
+// back and serves.
+TEST_F(RealClusterTest, ACoordinatorKilledMidStreamGivesStreamingClientsAClearError) {
+  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  // Heartbeats stop while the worker is frozen: not for long enough to count.
+  StartCoordinator({"--http-listen", http, "--heartbeat-timeout-ms", "30000"});
+  const int index = cluster_->StartWorker(kTinyMoe, {"--threads", "1"});
+  ASSERT_TRUE(WaitHealthyReplicas(1, milliseconds(30000))) << cluster_->Log("worker0");
+  // The prompt runs to max_tokens on the tiny checkpoint (no end id on the way), and the tiny
+  // model streams a thousand tokens in well under a second: the worker is frozen (SIGSTOP)
+  // while the clients start (the OpenAI client, gemmactl and six gRPC streams, all within the
+  // worker's 16384 cached positions), thawed until each has streamed, and frozen again, so
+  // that every stream is in flight when the coordinator dies.
+  std::vector<pid_t> worker_pids = cluster_->RankPids(index);
+  worker_pids.push_back(cluster_->worker(index).pid());
+  auto freeze = [&](bool frozen) {
+    for (pid_t pid : worker_pids) kill(pid, frozen ? SIGSTOP : SIGCONT);
+  };
+  const std::string script = WriteFile(cluster_->dir() + "/stream.py", R"(
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="-", max_retries=0)
+chunks = 0
+try:
+    stream = client.completions.create(model="gemma-4", prompt=[2, 17, 301], max_tokens=3900,
+                                       stream=True)
+    for chunk in stream:
+        chunks += 1
+        print("chunk", chunks, flush=True)
+    print("finished after", chunks, "chunks", flush=True)
+except Exception as error:
+    print("error after", chunks, "chunks:", type(error).__name__, error, flush=True)
+    sys.exit(3)
+)");
+  const std::string py_out = cluster_->dir() + "/openai.out";
+  freeze(true);
+  ChildProcess openai({GEMMA_TEST_PYTHON, script, absl::StrCat("http://", http, "/v1")}, py_out);
+  std::vector<std::thread> threads;
+  std::vector<grpc::Status> statuses(6);
+  std::atomic<int> streaming{0};
+  ThreadJoiner joiner([&] { freeze(false); }, &threads);
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] {
+      bool counted = false;
+      statuses[i] = Generate(cluster_->inference(), TokenRequest({2, 17, 301}, 1000),
+                             milliseconds(120000),
+                             [&](const StreamResult& so_far) {
+                               if (!counted && !so_far.ids.empty()) {
+                                 counted = true;
+                                 streaming.fetch_add(1);
+                               }
+                             })
+                        .status;
+    });
+  }
+  const std::string out = cluster_->dir() + "/gemmactl.out";
+  ChildProcess gemmactl({kBin + "gemmactl", "--coordinator", cluster_->coordinator_address(),
+                         "generate", "--tokens", "2,17,301", "--max-tokens", "1000"},
+                        out);
+  // Every request sent to the replica (the status counts them), then a few steps each.
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        const gemma::v1::GetStatusResponse status = cluster_->Status();
+        return status.replicas_size() == 1 && status.replicas(0).outstanding() == 8;
+      },
+      milliseconds(30000)))
+      << cluster_->Status().DebugString() << ReadFileToString(py_out);
+  freeze(false);
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        return ReadFileToString(out).size() > 10 && streaming.load() == 6 &&
+               absl::StrContains(ReadFileToString(py_out), "chunk 1");
+      },
+      milliseconds(30000)))
+      << ReadFileToString(out) << streaming.load() << ReadFileToString(py_out);
+  freeze(true);
+  cluster_->coordinator().Kill();
+  const auto killed = Clock::now();
+
+  EXPECT_EQ(gemmactl.WaitForExitCode(milliseconds(10000)), 1) << ReadFileToString(out);
+  const std::string said = ReadFileToString(out);
+  EXPECT_TRUE(absl::StrContains(said, "the connection to the coordinator at " +
+                                          cluster_->coordinator_address() + " was lost after"))
+      << said;
+  EXPECT_TRUE(absl::StrContains(said, "the output above is incomplete")) << said;
+  EXPECT_EQ(openai.WaitForExitCode(milliseconds(10000)), 3) << ReadFileToString(py_out);
+  EXPECT_TRUE(absl::StrContains(ReadFileToString(py_out), "error after"))
+      << ReadFileToString(py_out);
+  for (std::thread& t : threads) t.join();
+  for (const grpc::Status& status : statuses) {
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  }
+  EXPECT_LT(Clock::now() - killed, std::chrono::seconds(10));
+  freeze(false);
+
+  std::string error;
+  ASSERT_TRUE(cluster_->RestartCoordinator(&error)) << error;
+  ASSERT_TRUE(WaitHealthyReplicas(1, milliseconds(15000)))
+      << cluster_->Log(absl::StrCat("worker", index)) << CoordinatorLog();
+  StreamResult again = Generate(cluster_->inference(), TokenRequest({2, 17, 301}, 8));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+  EXPECT_EQ(again.ids, GemmaGenerate(kTinyMoe, {2, 17, 301}, 8));
+}
+
 }  // namespace
 }  // namespace gemma::testing::cluster
