@@ -2,6 +2,8 @@
 
 #include <sqlite3.h>
 
+#include <cerrno>
+
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -58,6 +60,19 @@ CREATE TABLE IF NOT EXISTS files (
 );
 )sql";
 
+// The error of the last call on `db`: RESOURCE_EXHAUSTED saying so when the disk (or quota)
+// under the store is full, INTERNAL otherwise. Either way the change was rolled back.
+absl::Status StoreError(sqlite3* db, const std::string& message) {
+  const int code = sqlite3_errcode(db) & 0xff;
+  const int system = sqlite3_system_errno(db);
+  if (code == SQLITE_FULL || system == ENOSPC || system == EDQUOT) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "batch store: the disk under the coordinator's --data-dir is full (", message,
+        "); nothing of this change was stored: free space there and try again"));
+  }
+  return absl::InternalError(absl::StrCat("batch store: ", message));
+}
+
 // One prepared statement; binds by position (1-based), steps, reads columns.
 class Statement {
  public:
@@ -67,7 +82,7 @@ class Statement {
   ~Statement() { sqlite3_finalize(stmt_); }
   absl::Status status() const {
     if (rc_ == SQLITE_OK) return absl::OkStatus();
-    return absl::InternalError(absl::StrCat("batch store: ", sqlite3_errmsg(db_)));
+    return StoreError(db_, sqlite3_errmsg(db_));
   }
   Statement& Bind(int i, const std::string& v) {
     sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
@@ -87,7 +102,7 @@ class Statement {
     const int rc = sqlite3_step(stmt_);
     if (rc == SQLITE_ROW) return true;
     if (rc == SQLITE_DONE) return false;
-    return absl::InternalError(absl::StrCat("batch store: ", sqlite3_errmsg(db_)));
+    return StoreError(db_, sqlite3_errmsg(db_));
   }
   absl::Status Run() { return Step().status(); }
   // For the next row: the same statement, its bindings cleared (NULL).
@@ -112,8 +127,7 @@ class Statement {
 absl::Status Exec(sqlite3* db, const char* sql) {
   char* error = nullptr;
   if (sqlite3_exec(db, sql, nullptr, nullptr, &error) != SQLITE_OK) {
-    absl::Status status = absl::InternalError(
-        absl::StrCat("batch store: ", error != nullptr ? error : "unknown error"));
+    absl::Status status = StoreError(db, error != nullptr ? error : "unknown error");
     sqlite3_free(error);
     return status;
   }

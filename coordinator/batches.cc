@@ -340,7 +340,7 @@ void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
   // final response whose reason is "cancelled": that is no result, the item stays pending.
   const bool cancelled_final =
       has_final && result.response.final().finish_reason() == "cancelled";
-  const bool retry = code == grpc::StatusCode::UNAVAILABLE ||
+  bool retry = code == grpc::StatusCode::UNAVAILABLE ||
                      code == grpc::StatusCode::RESOURCE_EXHAUSTED ||
                      code == grpc::StatusCode::CANCELLED || (status.ok() && !has_final) ||
                      cancelled_final;
@@ -351,7 +351,14 @@ void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
       result.error_message = status.error_message();
     }
     auto committed = store_->Finish(item.batch_id, item.index, result);
-    if (!committed.ok()) LOG(ERROR) << "batch " << item.batch_id << ": " << committed.status();
+    if (!committed.ok()) {
+      // Not stored (a full disk, most likely): the item stays pending and runs again after
+      // retry_wait, so its result is neither lost nor stored twice.
+      LOG_EVERY_N(ERROR, 20) << "batch " << item.batch_id << " item " << item.index
+                             << ": its result cannot be stored, it will run again: "
+                             << committed.status();
+      retry = true;
+    }
   } else if (!stopping) {
     VLOG(1) << "batch " << item.batch_id << " item " << item.index << " waits: "
             << status.error_message();

@@ -26,9 +26,16 @@ void SendApiError(httplib::Response& response, const ApiError& error) {
 }
 
 void SendStatus(httplib::Response& response, const absl::Status& status) {
-  SendApiError(response, ApiErrorFromGrpc(grpc::Status(
-                             static_cast<grpc::StatusCode>(status.code()),
-                             std::string(status.message()))));
+  ApiError error = ApiErrorFromGrpc(grpc::Status(static_cast<grpc::StatusCode>(status.code()),
+                                                 std::string(status.message())));
+  // Here RESOURCE_EXHAUSTED is only ever the batch store's full disk: no rate limit, and no
+  // point in retrying soon.
+  if (status.code() == absl::StatusCode::kResourceExhausted) {
+    error.http_status = 507;
+    error.type = "server_error";
+    error.code = "insufficient_storage";
+  }
+  SendApiError(response, error);
 }
 
 json FileObject(const StoredFile& file) {

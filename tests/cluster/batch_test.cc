@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -19,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "gemma/v1/batches.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster/cluster_harness.h"
 
@@ -39,10 +41,11 @@ std::vector<int32_t> Prompt(int i) {
 
 class BatchTest : public ::testing::Test {
  protected:
-  void StartCluster(int workers) {
+  void StartCluster(int workers, std::vector<std::string> flags = {}) {
     data_dir_ = absl::StrCat(cluster_.dir(), "/data");
     std::string error;
-    ASSERT_TRUE(cluster_.StartCoordinator({"--data-dir", data_dir_}, &error)) << error;
+    flags.insert(flags.begin(), {"--data-dir", data_dir_});
+    ASSERT_TRUE(cluster_.StartCoordinator(flags, &error)) << error;
     for (int w = 0; w < workers; ++w) {
       cluster_.StartWorker(kTinyMoe, {"--tokenizer", kTinyMoe + "/tokenizer.json"});
     }
@@ -328,6 +331,116 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   EXPECT_TRUE(absl::StrContains(error_line["response"]["body"]["error"]["message"].get<std::string>(),
                                 "n other than 1"))
       << errors;
+}
+
+// The disk under --data-dir full (a 16 MiB tmpfs, filled up): a new batch is refused by gemmactl
+// and a file upload by the OpenAI files endpoint (507), both saying the disk is full and that
+// nothing was stored; what was stored stays readable; a batch running when the disk fills
+// loses no item and stores none twice; once space is freed the same batch is taken, and the
+// database passes SQLite's integrity check. Needs root (CI runs as root) to mount the tmpfs.
+TEST_F(BatchTest, AFullDataDirRefusesNewBatchesClearlyAndCorruptsNothing) {
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to mount a small tmpfs as the data dir";
+  const std::string data = absl::StrCat(cluster_.dir(), "/data");
+  std::filesystem::create_directories(data);
+  ToolRun mounted =
+      RunWithStdin({"/bin/mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", data}, "");
+  if (mounted.exit_code != 0) GTEST_SKIP() << "cannot mount a tmpfs here: " << mounted.err;
+  struct Unmount {
+    std::string dir;
+    ~Unmount() { RunWithStdin({"/bin/umount", "-l", dir}, ""); }
+  } unmount{data};
+  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  StartCluster(1, {"--http-listen", http, "--batch-max-in-flight-per-replica", "2"});
+  if (HasFatalFailure()) return;
+
+  auto items = [](int n, int max_tokens) {
+    std::vector<gemma::v1::BatchItem> list;
+    for (int i = 0; i < n; ++i) {
+      gemma::v1::BatchItem item;
+      item.set_custom_id(absl::StrCat("item-", i));
+      *item.mutable_request() = TokenRequest(Prompt(i), max_tokens);
+      list.push_back(item);
+    }
+    return list;
+  };
+  auto done = [](const gemma::v1::Batch& b) { return b.status() == "completed"; };
+  const gemma::v1::Batch stored = Create(items(6, 8));
+  ASSERT_TRUE(done(WaitFor(stored.id(), done)));
+  const std::vector<gemma::v1::BatchResult> stored_results = Results(stored.id());
+  ASSERT_EQ(stored_results.size(), 6u);
+
+  // A batch that runs while the disk fills up.
+  const gemma::v1::Batch running = Create(items(40, 24));
+  const std::string filler = data + "/filler";
+  auto fill = [&] {
+    std::ofstream out(filler, std::ios::binary | std::ios::app);
+    const std::string block(64 * 1024, 'x');
+    while (out.write(block.data(), block.size()) && out.flush()) {
+    }
+  };
+  fill();
+
+  std::string file;
+  for (int i = 0; i < 300; ++i) {
+    file += json{{"custom_id", absl::StrCat("q", i)},
+                 {"method", "POST"},
+                 {"url", "/v1/completions"},
+                 {"body", {{"model", "gemma-4"}, {"prompt", Prompt(i)}, {"max_tokens", 4}}}}
+                .dump() +
+            "\n";
+  }
+  const std::string input = WriteFile(cluster_.dir() + "/in.jsonl", file);
+  auto submit = [&](bool wait) {
+    std::vector<std::string> args = {"gemmactl", "--coordinator", cluster_.coordinator_address(),
+                                     "batch", "submit", input, "--json"};
+    if (wait) args.push_back("--wait");
+    return RunWithStdin(args, "", seconds(180));
+  };
+  fill();  // what the running batch freed meanwhile
+  ToolRun refused = submit(false);
+  EXPECT_EQ(refused.exit_code, 1) << refused.out;
+  EXPECT_TRUE(absl::StrContains(refused.err, "the disk under the coordinator's --data-dir is full"))
+      << refused.err;
+  EXPECT_TRUE(absl::StrContains(refused.err, "nothing of this change was stored")) << refused.err;
+  const size_t colon = http.rfind(':');
+  httplib::Client client(http.substr(0, colon), std::stoi(http.substr(colon + 1)));
+  fill();
+  httplib::MultipartFormDataItems upload = {{"purpose", "batch", "", ""},
+                                            {"file", file, "in.jsonl", "application/jsonl"}};
+  auto uploaded = client.Post("/v1/files", upload);
+  ASSERT_TRUE(uploaded);
+  EXPECT_EQ(uploaded->status, 507) << uploaded->body;
+  EXPECT_TRUE(absl::StrContains(uploaded->body, "is full")) << uploaded->body;
+  // What was stored reads as before.
+  const std::vector<gemma::v1::BatchResult> again = Results(stored.id());
+  ASSERT_EQ(again.size(), stored_results.size());
+  for (size_t i = 0; i < again.size(); ++i) {
+    EXPECT_EQ(again[i].SerializeAsString(), stored_results[i].SerializeAsString());
+  }
+
+  // Space again: the running batch ends with one result per item, and the refused one is taken.
+  std::this_thread::sleep_for(milliseconds(1500));
+  std::filesystem::remove(filler);
+  const gemma::v1::Batch finished = WaitFor(running.id(), done, seconds(180));
+  EXPECT_EQ(finished.status(), "completed");
+  std::set<std::string> seen;
+  for (const gemma::v1::BatchResult& r : Results(running.id())) {
+    EXPECT_TRUE(seen.insert(r.custom_id()).second) << r.custom_id() << " stored twice";
+    EXPECT_TRUE(r.has_response()) << r.custom_id() << ": " << r.error_message();
+  }
+  EXPECT_EQ(seen.size(), 40u);
+  ToolRun taken = submit(true);
+  EXPECT_EQ(taken.exit_code, 0) << taken.err;
+  EXPECT_TRUE(absl::StrContains(taken.err, "300/300 done")) << taken.err;
+
+  cluster_.Stop(milliseconds(10000));
+  ToolRun check = RunWithStdin(
+      {"/usr/bin/python3", "-c",
+       "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute("
+       "'pragma integrity_check').fetchone()[0])",
+       data + "/batches.db"},
+      "");
+  EXPECT_EQ(check.out, "ok\n") << check.err;
 }
 
 TEST_F(BatchTest, WithoutADataDirBatchesAreRefusedSayingHowToGetThem) {
