@@ -138,9 +138,6 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
                                   .Help("Rank balancedness around a replica's last placement "
                                         "switch: stage before, predicted, measured.")
                                   .Register(*prom_)) {
-  ttft_all_ = &ttft_.Add({}, kTtftBuckets);
-  itl_all_ = &itl_.Add({}, kItlBuckets);
-  e2e_all_ = &e2e_.Add({}, kE2eBuckets);
   if (per_expert_) {
     expert_tokens_ = &prometheus::BuildCounter()
                           .Name("gemma:expert_tokens_total")
@@ -149,16 +146,22 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
   }
 }
 
-void Metrics::FirstToken(double seconds) { ttft_all_->Observe(seconds); }
+// Family::Add returns the series of those labels when it exists (under the family's lock).
+void Metrics::FirstToken(const std::string& model, double seconds) {
+  ttft_.Add({{"model_name", model}}, kTtftBuckets).Observe(seconds);
+}
 
-void Metrics::InterToken(double seconds) { itl_all_->Observe(seconds); }
+void Metrics::InterToken(const std::string& model, double seconds) {
+  itl_.Add({{"model_name", model}}, kItlBuckets).Observe(seconds);
+}
 
-void Metrics::Finished(const std::string& finish_reason, int64_t prompt_tokens,
-                       int64_t generated_tokens, double seconds) {
-  success_.Add({{"finished_reason", finish_reason}}).Increment();
-  prompt_tokens_.Add({}).Increment(static_cast<double>(prompt_tokens));
-  generation_tokens_.Add({}).Increment(static_cast<double>(generated_tokens));
-  e2e_all_->Observe(seconds);
+void Metrics::Finished(const std::string& model, const std::string& finish_reason,
+                       int64_t prompt_tokens, int64_t generated_tokens, double seconds) {
+  success_.Add({{"model_name", model}, {"finished_reason", finish_reason}}).Increment();
+  prompt_tokens_.Add({{"model_name", model}}).Increment(static_cast<double>(prompt_tokens));
+  generation_tokens_.Add({{"model_name", model}})
+      .Increment(static_cast<double>(generated_tokens));
+  e2e_.Add({{"model_name", model}}, kE2eBuckets).Observe(seconds);
 }
 
 void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last) {
@@ -169,20 +172,29 @@ void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* la
 
 void Metrics::RefreshLocked() {
   const gemma::v1::GetStatusResponse status = registry_->Status();
-  int64_t running = 0, waiting = 0, healthy = 0, unhealthy = 0;
+  struct ModelGauges {
+    int64_t running = 0, waiting = 0, healthy = 0, unhealthy = 0;
+  };
+  std::map<std::string, ModelGauges> by_model;
+  // Every model served has its series, replicas or not.
+  for (const gemma::v1::ServedModel& m : status.models()) by_model[m.name()];
   std::set<std::string> seen;
   for (const gemma::v1::ReplicaStatus& r : status.replicas()) {
     seen.insert(r.id());
-    (r.healthy() ? healthy : unhealthy) += 1;
-    running += r.running();
-    waiting += r.waiting();
+    ModelGauges& gauges = by_model[r.model()];
+    (r.healthy() ? gauges.healthy : gauges.unhealthy) += 1;
+    gauges.running += r.running();
+    gauges.waiting += r.waiting();
     for (const gemma::v1::KvPoolUsage& pool : r.kv_pools()) {
       if (pool.name() != "full" || pool.pages_total() <= 0) continue;
       prometheus::Gauge*& gauge = kv_usage_by_replica_[r.id()];
-      if (gauge == nullptr) gauge = &kv_usage_.Add({{"replica", r.id()}});
+      if (gauge == nullptr) {
+        gauge = &kv_usage_.Add({{"replica", r.id()}, {"model_name", r.model()}});
+      }
       gauge->Set(static_cast<double>(pool.pages_used()) / pool.pages_total());
     }
-    AddGrowth(preemptions_.Add({}), r.preemptions(), &last_preemptions_[r.id()]);
+    AddGrowth(preemptions_.Add({{"model_name", r.model()}}), r.preemptions(),
+              &last_preemptions_[r.id()]);
   }
   for (auto it = kv_usage_by_replica_.begin(); it != kv_usage_by_replica_.end();) {
     if (seen.count(it->first) > 0) {
@@ -192,10 +204,17 @@ void Metrics::RefreshLocked() {
     kv_usage_.Remove(it->second);
     it = kv_usage_by_replica_.erase(it);
   }
-  running_.Add({}).Set(static_cast<double>(running));
-  waiting_.Add({}).Set(static_cast<double>(waiting));
-  replicas_.Add({{"state", "healthy"}}).Set(static_cast<double>(healthy));
-  replicas_.Add({{"state", "unhealthy"}}).Set(static_cast<double>(unhealthy));
+  for (const std::string& gone : gauge_models_) by_model[gone];  // to 0
+  gauge_models_.clear();
+  for (const auto& [model, gauges] : by_model) {
+    gauge_models_.insert(model);
+    running_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.running));
+    waiting_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.waiting));
+    replicas_.Add({{"model_name", model}, {"state", "healthy"}})
+        .Set(static_cast<double>(gauges.healthy));
+    replicas_.Add({{"model_name", model}, {"state", "unhealthy"}})
+        .Set(static_cast<double>(gauges.unhealthy));
+  }
 
   const gemma::v1::GetExpertLoadResponse load = registry_->ExpertLoad(false);
   for (const gemma::v1::ReplicaExpertLoad& r : load.replicas()) {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -37,10 +38,11 @@ class Metrics {
 
   // A stream's first token came `seconds` after the request arrived; a later token `seconds`
   // after the one before; the stream finished normally.
-  void FirstToken(double seconds);
-  void InterToken(double seconds);
-  void Finished(const std::string& finish_reason, int64_t prompt_tokens,
-                int64_t generated_tokens, double seconds);
+  // Each series carries the served model's name as `model_name`, as vLLM labels them.
+  void FirstToken(const std::string& model, double seconds);
+  void InterToken(const std::string& model, double seconds);
+  void Finished(const std::string& model, const std::string& finish_reason,
+                int64_t prompt_tokens, int64_t generated_tokens, double seconds);
 
   // Every metric in the Prometheus text exposition format (version 0.0.4).
   std::string Scrape();
@@ -79,9 +81,9 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>& rebalances_;
   prometheus::Family<prometheus::Gauge>& rebalance_balancedness_;
   prometheus::Family<prometheus::Counter>* expert_tokens_ = nullptr;
-  prometheus::Histogram* ttft_all_;
-  prometheus::Histogram* itl_all_;
-  prometheus::Histogram* e2e_all_;
+  // The models whose replica gauges were set at the last scrape (set to 0 when they have no
+  // replica left).
+  std::set<std::string> gauge_models_ ABSL_GUARDED_BY(mutex_);
 
   absl::Mutex mutex_;
   std::map<std::string, prometheus::Gauge*> kv_usage_by_replica_ ABSL_GUARDED_BY(mutex_);

@@ -16,7 +16,10 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "tests/cluster/cluster_harness.h"
 
 namespace gemma::testing::cluster {
@@ -48,7 +51,9 @@ TEST(ModelsTest, WorkersWithoutAModelAreAssignedAndRequestsReachTheirModel) {
         {"name": "dense", "path": ")", kTinyDense, R"(", "replicas": {"min": 1, "max": 1}},
         {"name": "moe", "path": ")", kTinyMoe, R"(", "replicas": {"min": 1, "max": 1}}]})"));
   std::string error;
-  ASSERT_TRUE(cluster.StartCoordinator({"--models", spec}, &error)) << error;
+  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  ASSERT_TRUE(cluster.StartCoordinator({"--models", spec, "--http-listen", http}, &error))
+      << error;
   // No --model: each asks the coordinator, which gives each model its replica.
   cluster.StartWorker("", {"--cpu-ranks", "1"});
   cluster.StartWorker("", {"--cpu-ranks", "1"});
@@ -71,6 +76,70 @@ TEST(ModelsTest, WorkersWithoutAModelAreAssignedAndRequestsReachTheirModel) {
   EXPECT_EQ(unknown.status.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_TRUE(absl::StrContains(unknown.status.error_message(), "served: dense, moe"))
       << unknown.status.error_message();
+
+  // The official OpenAI client sees both models, and each completion comes from its model.
+  const std::vector<int32_t> prompt = Prompt(40);
+  std::string prompt_list;
+  for (int32_t id : prompt) absl::StrAppend(&prompt_list, prompt_list.empty() ? "" : ",", id);
+  const std::string script = WriteFile(cluster.dir() + "/models.py", R"(
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="-", max_retries=0)
+print("models", sorted(m.id for m in client.models.list().data))
+prompt = [int(x) for x in sys.argv[2].split(",")]
+for model in ("dense", "moe"):
+    done = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+    print("text", model, repr(done.choices[0].text), done.model)
+try:
+    client.completions.create(model="llama", prompt=prompt, max_tokens=2)
+except openai.NotFoundError as error:
+    print("not found", error.message)
+)");
+  ToolRun client = RunWithStdin(
+      {GEMMA_TEST_PYTHON, script, absl::StrCat("http://", http, "/v1"), prompt_list}, "",
+      seconds(60));
+  ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
+  EXPECT_TRUE(absl::StrContains(client.out, "models ['dense', 'moe']")) << client.out;
+  for (const std::string model : {"dense", "moe"}) {
+    StreamResult r = Generate(cluster.inference(), ModelRequest(model, prompt, 12));
+    ASSERT_TRUE(r.status.ok());
+    ASSERT_FALSE(r.text.empty());
+    std::string quoted;
+    for (char c : r.text) {
+      if (c == '\'' || c == '\\') quoted += '\\';
+      quoted += c;
+    }
+    // Python's repr of the text; the plain-quote form covers the tiny vocabulary's pieces.
+    EXPECT_TRUE(absl::StrContains(client.out, "text " + model + " '" + quoted + "' " + model) ||
+                absl::StrContains(client.out, "text " + model + " \"" + r.text + "\" " + model))
+        << model << ": " << r.text << "\n" << client.out;
+  }
+  EXPECT_TRUE(absl::StrContains(client.out, "not found")) << client.out;
+  EXPECT_TRUE(absl::StrContains(client.out, "this server serves `dense`, `moe`")) << client.out;
+
+  // Metrics per model (vLLM's model_name label): 4 requests named each model and 4 more the
+  // default (dense), then one of each from the OpenAI client and one over gRPC; every replica
+  // healthy.
+  const size_t colon = http.rfind(':');
+  httplib::Client scraper(http.substr(0, colon), std::stoi(http.substr(colon + 1)));
+  auto scraped = scraper.Get("/metrics");
+  ASSERT_TRUE(scraped && scraped->status == 200);
+  auto value = [&](const std::string& family, const std::vector<std::string>& labels) {
+    double sum = 0;
+    for (absl::string_view line : absl::StrSplit(scraped->body, '\n')) {
+      if (!absl::StartsWith(line, family + "{")) continue;
+      bool all = true;
+      for (const std::string& label : labels) all = all && absl::StrContains(line, label);
+      double v = 0;
+      if (all && absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) sum += v;
+    }
+    return sum;
+  };
+  EXPECT_EQ(value("gemma:request_success_total", {"model_name=\"dense\""}), 10) << scraped->body;
+  EXPECT_EQ(value("gemma:request_success_total", {"model_name=\"moe\""}), 6) << scraped->body;
+  EXPECT_EQ(value("gemma:generation_tokens_total", {"model_name=\"moe\""}), 6 * 12);
+  EXPECT_EQ(value("gemma:time_to_first_token_seconds_count", {"model_name=\"dense\""}), 10);
+  EXPECT_EQ(value("gemma:replicas", {"model_name=\"moe\"", "state=\"healthy\""}), 1);
+  EXPECT_EQ(value("gemma:replicas", {"model_name=\"dense\"", "state=\"healthy\""}), 1);
 
   // Both models are at their max: a third worker waits, listed as free.
   cluster.StartWorker("", {"--cpu-ranks", "1"});
