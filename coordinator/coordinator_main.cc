@@ -99,7 +99,7 @@ ABSL_FLAG(int64_t, queue_wait_ms, 5000,
           "0: refused at once");
 ABSL_FLAG(int64_t, max_queued, 1024, "requests the admission queue holds; past it, refused at once");
 ABSL_FLAG(std::string, models, "",
-          "JSON file of the models served: per model its name, checkpoint path on the workers, "
+          "JSON or YAML (.yaml, .yml) file of the models served: per model its name, checkpoint path on the workers, "
           "replica layout and replica count (min/max); workers started without --model are "
           "assigned from it, requests pick one by name (\"model\"); the first is the default. "
           "Empty: one model, named --served-model-name");

@@ -4,9 +4,11 @@
 #include <set>
 #include <sstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/json_util.h"
 #include "nlohmann/json.hpp"
+#include "yaml-cpp/yaml.h"
 
 namespace gemma::coordinator {
 namespace {
@@ -56,12 +58,88 @@ absl::Status ReadString(const json& object, const std::string& where, const char
   return absl::OkStatus();
 }
 
+
+// A YAML node as JSON: maps, sequences, and scalars typed as YAML 1.2's core schema reads
+// plain scalars (integers, floats, true/false, null); quoted scalars stay strings.
+absl::StatusOr<json> YamlToJson(const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined:
+      return json(nullptr);
+    case YAML::NodeType::Sequence: {
+      json out = json::array();
+      for (const YAML::Node& item : node) {
+        absl::StatusOr<json> v = YamlToJson(item);
+        if (!v.ok()) return v.status();
+        out.push_back(*std::move(v));
+      }
+      return out;
+    }
+    case YAML::NodeType::Map: {
+      json out = json::object();
+      for (const auto& entry : node) {
+        if (!entry.first.IsScalar()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "--models: line ", entry.first.Mark().line + 1, ": a key must be a plain name"));
+        }
+        absl::StatusOr<json> v = YamlToJson(entry.second);
+        if (!v.ok()) return v.status();
+        out[entry.first.Scalar()] = *std::move(v);
+      }
+      return out;
+    }
+    case YAML::NodeType::Scalar: {
+      const std::string& text = node.Scalar();
+      if (node.Tag() == "!") return json(text);  // quoted
+      int64_t integer = 0;
+      if (!text.empty() && text.find_first_not_of("+-0123456789") == std::string::npos &&
+          YAML::convert<int64_t>::decode(node, integer)) {
+        return json(integer);
+      }
+      if (text == "true" || text == "True" || text == "TRUE") return json(true);
+      if (text == "false" || text == "False" || text == "FALSE") return json(false);
+      if (text == "~" || text == "null" || text == "Null" || text == "NULL") return json(nullptr);
+      double number = 0;
+      if (text.find_first_not_of("+-0123456789.eE") == std::string::npos &&
+          YAML::convert<double>::decode(node, number)) {
+        return json(number);
+      }
+      return json(text);
+    }
+  }
+  return json(nullptr);
+}
+
+absl::StatusOr<std::vector<ModelSpec>> SpecsFromJson(json root);
+
 }  // namespace
 
 absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view text) {
   absl::StatusOr<json> parsed = ParseJson(text, "--models: the file");
   if (!parsed.ok()) return parsed.status();
-  json root = *std::move(parsed);
+  return SpecsFromJson(*std::move(parsed));
+}
+
+absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecsYaml(absl::string_view text) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+  } catch (const YAML::Exception& error) {
+    return absl::InvalidArgumentError(absl::StrCat("--models: the file is not YAML: line ",
+                                                   error.mark.line + 1, ", column ",
+                                                   error.mark.column + 1, ": ", error.msg));
+  }
+  if (root.IsNull() || !root.IsDefined()) {
+    return absl::InvalidArgumentError("--models: the file is empty; it needs a \"models\" list");
+  }
+  absl::StatusOr<json> converted = YamlToJson(root);
+  if (!converted.ok()) return converted.status();
+  return SpecsFromJson(*std::move(converted));
+}
+
+namespace {
+
+absl::StatusOr<std::vector<ModelSpec>> SpecsFromJson(json root) {
   if (absl::Status s = OnlyKeys(root, "(top)", {"models"}); !s.ok()) return s;
   if (!root.contains("models") || !root["models"].is_array() || root["models"].empty()) {
     return Bad("models", "expected a non-empty list of models");
@@ -126,12 +204,16 @@ absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view text) {
   return specs;
 }
 
+}  // namespace
+
 absl::StatusOr<std::vector<ModelSpec>> ReadModelSpecs(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("--models ", path, ": cannot read the file"));
   std::stringstream text;
   text << in.rdbuf();
-  absl::StatusOr<std::vector<ModelSpec>> specs = ParseModelSpecs(text.str());
+  const bool yaml = absl::EndsWith(path, ".yaml") || absl::EndsWith(path, ".yml");
+  absl::StatusOr<std::vector<ModelSpec>> specs =
+      yaml ? ParseModelSpecsYaml(text.str()) : ParseModelSpecs(text.str());
   if (!specs.ok()) {
     return absl::Status(specs.status().code(),
                         absl::StrCat(path, ": ", specs.status().message()));

@@ -1,4 +1,4 @@
-// The models a coordinator serves (--models FILE, JSON): per model its served name, the
+// The models a coordinator serves (--models FILE, JSON or YAML): per model its served name, the
 // checkpoint path as the workers see it, the layout of one replica on one worker, and how many
 // replicas it wants. Knows no registry; the registry routes by these names and assigns free
 // workers from them.
@@ -32,7 +32,11 @@ struct ModelSpec {
 // field ("models[1].layout.ranks: ...") for a missing, mistyped or unknown field, a duplicate
 // name, or counts out of range.
 absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view json_text);
+// The same spec in YAML (a file ending in .yaml or .yml); a YAML syntax error names its line
+// and column.
+absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecsYaml(absl::string_view yaml_text);
 // NOT_FOUND naming the path when it cannot be read; the parse errors prefixed with the path.
+// YAML when the path ends in .yaml or .yml, JSON otherwise.
 absl::StatusOr<std::vector<ModelSpec>> ReadModelSpecs(const std::string& path);
 // "tp ranks=2", "dp-ep ranks=4 tp=1 redundant=4".
 std::string DescribeLayout(const ModelLayout& layout);

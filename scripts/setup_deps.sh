@@ -9,7 +9,7 @@ PACKAGES=(
   libabsl-dev libgoogle-glog-dev libgloo-dev nlohmann-json3-dev libsqlite3-dev libopenblas-dev
   prometheus-cpp-dev libcpp-httplib-dev libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev python3 python3-venv python3-prometheus-client chromium openssl
-  openssh-server libssl-dev
+  openssh-server libssl-dev libyaml-cpp-dev
 )
 
 # kubectl renders the Kubernetes manifests in the tests (kubectl kustomize); any kubectl will do.

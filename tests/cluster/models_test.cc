@@ -45,11 +45,13 @@ gemma::v1::GenerateRequest ModelRequest(const std::string& model,
 
 TEST(ModelsTest, WorkersWithoutAModelAreAssignedAndRequestsReachTheirModel) {
   Cluster cluster("models");
+  // The spec in YAML (ModelsFileErrorsNameTheField and the unit tests cover JSON).
   const std::string spec = WriteFile(
-      cluster.dir() + "/models.json",
-      absl::StrCat(R"({"models": [
-        {"name": "dense", "path": ")", kTinyDense, R"(", "replicas": {"min": 1, "max": 1}},
-        {"name": "moe", "path": ")", kTinyMoe, R"(", "replicas": {"min": 1, "max": 1}}]})"));
+      cluster.dir() + "/models.yaml",
+      absl::StrCat("models:\n  - name: dense\n    path: ", kTinyDense,
+                   "\n    replicas: {min: 1, max: 1}\n  - name: moe\n    path: ", kTinyMoe,
+                   "\n    layout:\n      mode: tp\n      ranks: 1\n"
+                   "    replicas: {min: 1, max: 1}\n"));
   std::string error;
   const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
   ASSERT_TRUE(cluster.StartCoordinator({"--models", spec, "--http-listen", http}, &error))
