@@ -164,7 +164,8 @@ absl::StatusOr<std::vector<ModelSpec>> SpecsFromJson(json root) {
     if (m.contains("layout")) {
       const json& l = m["layout"];
       const std::string lw = where + ".layout";
-      if (absl::Status s = OnlyKeys(l, lw, {"mode", "ranks", "tp", "redundant_experts"}); !s.ok()) {
+      if (absl::Status s = OnlyKeys(l, lw, {"mode", "ranks", "nodes", "tp", "redundant_experts"});
+          !s.ok()) {
         return s;
       }
       if (absl::Status s = ReadString(l, lw, "mode", false, &spec.layout.mode); !s.ok()) return s;
@@ -172,19 +173,20 @@ absl::StatusOr<std::vector<ModelSpec>> SpecsFromJson(json root) {
         return Bad(lw + ".mode", absl::StrCat("\"", spec.layout.mode, "\" is not tp or dp-ep"));
       }
       if (absl::Status s = ReadInt(l, lw, "ranks", 1, 4096, &spec.layout.ranks); !s.ok()) return s;
+      if (absl::Status s = ReadInt(l, lw, "nodes", 1, 1024, &spec.layout.nodes); !s.ok()) return s;
       if (absl::Status s = ReadInt(l, lw, "tp", 0, 4096, &spec.layout.tp); !s.ok()) return s;
       if (absl::Status s = ReadInt(l, lw, "redundant_experts", 0, 1 << 20,
                                    &spec.layout.redundant_experts);
           !s.ok()) {
         return s;
       }
-      if (spec.layout.mode == "dp-ep" && spec.layout.tp > 0 &&
-          spec.layout.ranks % spec.layout.tp != 0) {
-        return Bad(lw + ".tp", absl::StrCat(spec.layout.tp, " does not divide ranks ",
-                                            spec.layout.ranks));
+      const int world = spec.layout.ranks * spec.layout.nodes;
+      if (spec.layout.mode == "dp-ep" && spec.layout.tp > 0 && world % spec.layout.tp != 0) {
+        return Bad(lw + ".tp", absl::StrCat(spec.layout.tp, " does not divide the replica's ",
+                                            world, " ranks (ranks x nodes)"));
       }
-      if (spec.layout.mode == "tp" && spec.layout.tp > 0 && spec.layout.tp != spec.layout.ranks) {
-        return Bad(lw + ".tp", "in tp mode tp is the ranks; leave it out");
+      if (spec.layout.mode == "tp" && spec.layout.tp > 0 && spec.layout.tp != world) {
+        return Bad(lw + ".tp", "in tp mode tp is the replica's ranks; leave it out");
       }
     }
     if (m.contains("replicas")) {
@@ -223,7 +225,8 @@ absl::StatusOr<std::vector<ModelSpec>> ReadModelSpecs(const std::string& path) {
 
 std::string DescribeLayout(const ModelLayout& l) {
   std::string out = absl::StrCat(l.mode, " ranks=", l.ranks);
-  if (l.mode == "dp-ep") absl::StrAppend(&out, " tp=", l.tp > 0 ? l.tp : l.ranks);
+  if (l.nodes > 1) absl::StrAppend(&out, " nodes=", l.nodes);
+  if (l.mode == "dp-ep") absl::StrAppend(&out, " tp=", l.tp > 0 ? l.tp : l.ranks * l.nodes);
   if (l.redundant_experts > 0) absl::StrAppend(&out, " redundant=", l.redundant_experts);
   return out;
 }

@@ -14,7 +14,8 @@ namespace gemma::coordinator {
 
 struct ModelLayout {
   std::string mode = "tp";    // "tp" or "dp-ep"
-  int ranks = 1;              // rank processes of one replica (one worker's --cpu-ranks/--gpus)
+  int ranks = 1;              // rank processes on each worker of a replica (--cpu-ranks/--gpus)
+  int nodes = 1;              // workers that together form one replica (ranks x nodes ranks)
   int tp = 0;                 // dp-ep: ranks per data-parallel group (0: all of them)
   int redundant_experts = 0;  // spare expert slots (MoE)
 };
@@ -27,8 +28,8 @@ struct ModelSpec {
   int max_replicas = 1;  // never more replicas assigned than this
 };
 
-// {"models": [{"name": "...", "path": "...", "layout": {"mode": "tp", "ranks": 2, "tp": 0,
-// "redundant_experts": 0}, "replicas": {"min": 1, "max": 2}}, ...]}. INVALID_ARGUMENT naming the
+// {"models": [{"name": "...", "path": "...", "layout": {"mode": "tp", "ranks": 2, "nodes": 1,
+// "tp": 0, "redundant_experts": 0}, "replicas": {"min": 1, "max": 2}}, ...]}. INVALID_ARGUMENT naming the
 // field ("models[1].layout.ranks: ...") for a missing, mistyped or unknown field, a duplicate
 // name, or counts out of range.
 absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecs(absl::string_view json_text);
@@ -38,7 +39,7 @@ absl::StatusOr<std::vector<ModelSpec>> ParseModelSpecsYaml(absl::string_view yam
 // NOT_FOUND naming the path when it cannot be read; the parse errors prefixed with the path.
 // YAML when the path ends in .yaml or .yml, JSON otherwise.
 absl::StatusOr<std::vector<ModelSpec>> ReadModelSpecs(const std::string& path);
-// "tp ranks=2", "dp-ep ranks=4 tp=1 redundant=4".
+// "tp ranks=2", "dp-ep ranks=4 tp=1 redundant=4", "tp ranks=8 nodes=2".
 std::string DescribeLayout(const ModelLayout& layout);
 
 }  // namespace gemma::coordinator

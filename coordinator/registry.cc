@@ -443,7 +443,39 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
                                       return now - a.second > options_.assignment_timeout;
                                     }),
                      assignments_.end());
+  forming_.erase(std::remove_if(forming_.begin(), forming_.end(),
+                                [&](const Forming& f) {
+                                  return now - f.started > options_.assignment_timeout;
+                                }),
+                 forming_.end());
   gemma::internal::v1::JoinResponse response;
+  auto assign = [&](const ModelSpec& spec) {
+    free_workers_.erase(request.worker_id());
+    response.set_assigned(true);
+    response.set_model_name(spec.name);
+    response.set_model_path(spec.path);
+    response.set_mode(spec.layout.mode);
+    response.set_tp(spec.layout.tp);
+    response.set_redundant_experts(spec.layout.redundant_experts);
+  };
+  auto readable = [&](const ModelSpec& spec) {
+    return std::find(request.unreadable_models().begin(), request.unreadable_models().end(),
+                     spec.name) == request.unreadable_models().end();
+  };
+  // A replica of several workers that is still forming takes the next worker that fits it.
+  for (auto it = forming_.begin(); it != forming_.end(); ++it) {
+    const ModelSpec* spec = SpecOf(it->model);
+    if (spec == nullptr || spec->layout.ranks != request.ranks() || !readable(*spec)) continue;
+    assign(*spec);
+    response.set_replica(it->name);
+    response.set_nodes(it->nodes);
+    response.set_node_rank(it->next_node);
+    LOG(INFO) << "worker " << request.worker_id() << " on " << request.host()
+              << " assigned node " << it->next_node << " of " << it->nodes << " of replica "
+              << it->name << " (model " << it->model << ")";
+    if (++it->next_node == it->nodes) forming_.erase(it);
+    return response;
+  }
   FreeWorker& free = free_workers_[request.worker_id()];
   free.host = request.host();
   free.backend = request.backend();
@@ -459,8 +491,7 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
       unfit.push_back(absl::StrCat(spec.name, " needs ", spec.layout.ranks, " ranks"));
       continue;
     }
-    if (std::find(request.unreadable_models().begin(), request.unreadable_models().end(),
-                  spec.name) != request.unreadable_models().end()) {
+    if (!readable(spec)) {
       unfit.push_back(absl::StrCat(spec.name, ": this worker cannot read ", spec.path));
       continue;
     }
@@ -489,14 +520,20 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
                                            absl::StrJoin(unfit, "; "), ")"));
     return response;
   }
-  free_workers_.erase(request.worker_id());
   assignments_.emplace_back(best->name, now);
-  response.set_assigned(true);
-  response.set_model_name(best->name);
-  response.set_model_path(best->path);
-  response.set_mode(best->layout.mode);
-  response.set_tp(best->layout.tp);
-  response.set_redundant_experts(best->layout.redundant_experts);
+  assign(*best);
+  if (best->layout.nodes > 1) {
+    // The first worker of a new replica of several: it leads; the next ones that fit join it.
+    Forming forming;
+    forming.model = best->name;
+    forming.name = absl::StrCat(best->name, "-", ++formed_);
+    forming.nodes = best->layout.nodes;
+    forming.started = now;
+    response.set_replica(forming.name);
+    response.set_nodes(forming.nodes);
+    response.set_node_rank(0);
+    forming_.push_back(std::move(forming));
+  }
   LOG(INFO) << "worker " << request.worker_id() << " on " << request.host() << " ("
             << request.ranks() << " " << request.backend() << " ranks) assigned model "
             << best->name << " (" << DescribeLayout(best->layout) << ")";

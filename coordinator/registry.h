@@ -232,8 +232,20 @@ class Registry {
     Clock::time_point last_seen;
   };
   std::map<std::string, FreeWorker> free_workers_ ABSL_GUARDED_BY(mutex_);
-  // Models assigned to joining workers that have not registered yet: (model, when).
+  // Models assigned to joining workers that have not registered yet: (model, when); one per
+  // replica, however many workers form it.
   std::vector<std::pair<std::string, Clock::time_point>> assignments_ ABSL_GUARDED_BY(mutex_);
+  // Replicas of several workers (layout nodes > 1) still taking workers: the next joining
+  // worker that fits gets node `next_node` of `name`.
+  struct Forming {
+    std::string model;
+    std::string name;
+    int nodes = 1;
+    int next_node = 1;
+    Clock::time_point started;
+  };
+  std::vector<Forming> forming_ ABSL_GUARDED_BY(mutex_);
+  int64_t formed_ ABSL_GUARDED_BY(mutex_) = 0;  // replica names handed out
   // Healthy, not draining replicas of `model` (a placement group counts once) plus its recent
   // assignments.
   int ReplicasOfLocked(const std::string& model, Clock::time_point now) const

@@ -187,6 +187,41 @@ except openai.NotFoundError as error:
   EXPECT_EQ(again.ids, GemmaGenerate(kTinyMoe, Prompt(7), 8));
 }
 
+// A model whose replica spans two workers (layout nodes: 2): two workers started without
+// --model are assigned node 0 and node 1 of the same replica, which forms across them (tp=2,
+// one rank on each) and serves output equal to gemma-generate; a third worker waits.
+TEST(ModelsTest, AReplicaOfTwoWorkersFormsFromWorkersWithoutAModel) {
+  Cluster cluster("models_nodes");
+  const std::string spec = WriteFile(
+      cluster.dir() + "/models.yaml",
+      absl::StrCat("models:\n  - name: moe\n    path: ", kTinyMoe,
+                   "\n    layout: {mode: tp, ranks: 1, nodes: 2}\n"
+                   "    replicas: {min: 1, max: 1}\n"));
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({"--models", spec}, &error)) << error;
+  cluster.StartWorker("", {"--cpu-ranks", "1"});
+  cluster.StartWorker("", {"--cpu-ranks", "1"});
+  ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
+      << cluster.Log("coordinator") << cluster.Log("worker0") << cluster.Log("worker1");
+  const gemma::v1::GetStatusResponse status = cluster.Status();
+  ASSERT_EQ(status.replicas_size(), 1);
+  EXPECT_EQ(status.replicas(0).world_size(), 2);
+  EXPECT_EQ(status.replicas(0).model(), "moe");
+  EXPECT_TRUE(absl::StrContains(cluster.Log("coordinator"), "assigned node 1 of 2 of replica moe-1"))
+      << cluster.Log("coordinator");
+  for (uint32_t i = 0; i < 3; ++i) {
+    const std::vector<int32_t> prompt = Prompt(60 + i);
+    StreamResult r = Generate(cluster.inference(), ModelRequest("moe", prompt, 12));
+    ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.ids, GemmaGenerate(kTinyMoe, prompt, 12));
+  }
+  cluster.StartWorker("", {"--cpu-ranks", "1"});
+  EXPECT_TRUE(PollUntil([&] { return cluster.Status().free_workers_size() == 1; },
+                        milliseconds(15000)))
+      << cluster.Log("worker2");
+  cluster.Stop(milliseconds(10000));
+}
+
 TEST(ModelsTest, ModelsFileErrorsNameTheField) {
   Cluster cluster("models_errors");
   const std::string spec = WriteFile(

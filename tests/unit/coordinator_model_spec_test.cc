@@ -22,7 +22,7 @@ std::string Describe(const std::vector<ModelSpec>& specs) {
 
 TEST(ModelSpecTest, YamlAndJsonGiveTheSameModels) {
   const std::string json = R"({"models": [
-    {"name": "gemma-4-31b", "path": "/models/31b", "layout": {"mode": "tp", "ranks": 8},
+    {"name": "gemma-4-31b", "path": "/models/31b", "layout": {"mode": "tp", "ranks": 8, "nodes": 2},
      "replicas": {"min": 1, "max": 2}},
     {"name": "gemma-4-26b-a4b", "path": "/models/26b",
      "layout": {"mode": "dp-ep", "ranks": 8, "tp": 1, "redundant_experts": 32},
@@ -31,7 +31,7 @@ TEST(ModelSpecTest, YamlAndJsonGiveTheSameModels) {
 models:
   - name: gemma-4-31b
     path: /models/31b
-    layout: {mode: tp, ranks: 8}
+    layout: {mode: tp, ranks: 8, nodes: 2}
     replicas: {min: 1, max: 2}
   - name: gemma-4-26b-a4b
     path: "/models/26b"
@@ -50,7 +50,7 @@ models:
   ASSERT_TRUE(from_yaml.ok()) << from_yaml.status();
   EXPECT_EQ(Describe(*from_yaml), Describe(*from_json));
   EXPECT_EQ(Describe(*from_yaml),
-            "gemma-4-31b /models/31b tp ranks=8 1..2\n"
+            "gemma-4-31b /models/31b tp ranks=8 nodes=2 1..2\n"
             "gemma-4-26b-a4b /models/26b dp-ep ranks=8 tp=1 redundant=32 0..4\n");
 }
 
@@ -72,6 +72,8 @@ TEST(ModelSpecTest, YamlErrorsNameTheFieldOrTheLine) {
       {"", "the file is empty; it needs a \"models\" list"},
       {"models: []\n", "models: expected a non-empty list of models"},
       {"models:\n  - name: a\n", "models[0].path: required"},
+      {"models:\n  - name: a\n    path: /x\n    layout: {mode: dp-ep, ranks: 2, nodes: 2, tp: 3}\n",
+       "models[0].layout.tp: 3 does not divide the replica's 4 ranks (ranks x nodes)"},
   };
   for (const Case& c : cases) {
     absl::StatusOr<std::vector<ModelSpec>> specs = ParseModelSpecsYaml(c.yaml);

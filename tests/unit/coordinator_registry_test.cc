@@ -355,5 +355,56 @@ TEST_F(RegistryTest, ReplicasMustServeTheWayTheCoordinatorCallsThem) {
   EXPECT_TRUE(mutual.Register(tls).ok());
 }
 
+// A model whose replica spans two workers: the first worker that fits leads a new replica, the
+// next one completes it (same name, node 1), and with the model at its max a third waits; a
+// replica left half-formed past the assignment timeout stops taking workers.
+TEST_F(RegistryTest, ReplicasOfSeveralWorkersAreAssignedNodeByNode) {
+  RegistryOptions options;
+  options.now = [this] { return now_; };
+  options.assignment_timeout = milliseconds(10000);
+  ModelSpec spec;
+  spec.name = "big";
+  spec.path = "/models/big";
+  spec.layout.ranks = 2;
+  spec.layout.nodes = 2;
+  spec.min_replicas = 1;
+  spec.max_replicas = 2;
+  options.models = {spec};
+  options.default_model = "big";
+  Registry registry(options);
+  auto join = [&](const std::string& id, int ranks) {
+    iv1::JoinRequest request;
+    request.set_worker_id(id);
+    request.set_host("host-" + id);
+    request.set_backend("cpu");
+    request.set_ranks(ranks);
+    return registry.Join(request);
+  };
+  EXPECT_FALSE(join("w0", 1).assigned());  // 1 rank: the model needs 2 per worker
+  const iv1::JoinResponse a = join("w1", 2);
+  ASSERT_TRUE(a.assigned());
+  EXPECT_EQ(a.nodes(), 2);
+  EXPECT_EQ(a.node_rank(), 0);
+  EXPECT_EQ(a.replica(), "big-1");
+  const iv1::JoinResponse b = join("w2", 2);
+  ASSERT_TRUE(b.assigned());
+  EXPECT_EQ(b.replica(), "big-1");
+  EXPECT_EQ(b.node_rank(), 1);
+  // The second replica (max 2) starts with the next worker and is left half-formed.
+  const iv1::JoinResponse c = join("w3", 2);
+  ASSERT_TRUE(c.assigned());
+  EXPECT_EQ(c.replica(), "big-2");
+  EXPECT_EQ(c.node_rank(), 0);
+  now_ += milliseconds(11000);
+  // Both assignments lapsed unregistered, so a new replica starts; big-2 takes no one now.
+  const iv1::JoinResponse d = join("w4", 2);
+  ASSERT_TRUE(d.assigned());
+  EXPECT_EQ(d.replica(), "big-3");
+  EXPECT_EQ(d.node_rank(), 0);
+  const iv1::JoinResponse e = join("w5", 2);
+  EXPECT_EQ(e.replica(), "big-3");
+  EXPECT_EQ(e.node_rank(), 1);
+}
+
 }  // namespace
 }  // namespace gemma::coordinator

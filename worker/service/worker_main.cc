@@ -395,6 +395,16 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
       g_argv->push_back(absl::StrCat("--mode=", response.mode()));
       g_argv->push_back(absl::StrCat("--tp=", response.tp()));
       g_argv->push_back(absl::StrCat("--redundant_experts=", response.redundant_experts()));
+      if (response.nodes() > 1) {
+        LOG(INFO) << "node " << response.node_rank() << " of " << response.nodes()
+                  << " of replica " << response.replica();
+        absl::SetFlag(&FLAGS_replica, response.replica());
+        absl::SetFlag(&FLAGS_nodes, response.nodes());
+        absl::SetFlag(&FLAGS_node_rank, response.node_rank());
+        g_argv->push_back(absl::StrCat("--replica=", response.replica()));
+        g_argv->push_back(absl::StrCat("--nodes=", response.nodes()));
+        g_argv->push_back(absl::StrCat("--node_rank=", response.node_rank()));
+      }
       return true;
     }
     if (response.reason() != last_reason) {
