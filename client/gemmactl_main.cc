@@ -78,8 +78,8 @@ ABSL_FLAG(bool, wait, false,
           "until each replica runs its new placement");
 ABSL_FLAG(bool, dry_run, false, "rebalance: plan and report, switch nothing");
 ABSL_FLAG(std::string, model, "",
-          "generate, chat: the model to run on, by its served name (gemmactl status lists them; "
-          "default: the cluster's default model)");
+          "generate, chat: the model to run on; experts: the model whose load to show; by its "
+          "served name (gemmactl status lists them; default: the cluster's default model)");
 ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (default stdout)");
 ABSL_FLAG(std::string, errors, "",
           "batch results: the OpenAI error file (default OUTPUT.errors.jsonl, or stdout)");
@@ -95,7 +95,8 @@ constexpr char kUsage[] =
     "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--json] [--echo]\n"
     "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
-    "  gemmactl experts [--replica ID] [--json] [--watch [--interval-ms N]] [--record FILE]\n"
+    "  gemmactl experts [--model NAME] [--replica ID] [--json] [--watch [--interval-ms N]]\n"
+    "                   [--record FILE]\n"
     "      expert load: a layers x experts heatmap, each layer's balancedness, per-rank load;\n"
     "      --record appends each window as it arrives (JSON lines) until interrupted\n"
     "  gemmactl drain REPLICA   (admin) no new requests; it leaves once its requests are done\n"
@@ -629,6 +630,7 @@ absl::Status RecordExpertLoad(gemma::v1::Cluster::Stub& stub, const std::string&
   gemma::AddBearer(context, Token());
   gemma::v1::WatchExpertLoadRequest request;
   request.set_replica_id(replica);
+  request.set_model(absl::GetFlag(FLAGS_model));
   auto reader = stub.WatchExpertLoad(&context, request);
   std::cerr << "recording expert-load windows to " << path << " (Ctrl-C to stop)\n";
   gemma::v1::ExpertLoadWindow window;
@@ -664,8 +666,9 @@ absl::Status Experts() {
     gemma::AddBearer(context, Token());
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     gemma::v1::GetExpertLoadResponse response;
-    grpc::Status status =
-        stub->GetExpertLoad(&context, gemma::v1::GetExpertLoadRequest(), &response);
+    gemma::v1::GetExpertLoadRequest request;
+    request.set_model(absl::GetFlag(FLAGS_model));
+    grpc::Status status = stub->GetExpertLoad(&context, request, &response);
     if (!status.ok()) return FromGrpc(status);
     const gemma::v1::ExpertLoad* load = &response.totals();
     const gemma::v1::ReplicaExpertLoad* chosen = nullptr;
@@ -693,6 +696,7 @@ absl::Status Experts() {
       for (const gemma::v1::ReplicaExpertLoad& r : response.replicas()) {
         if (chosen == nullptr || &r == chosen) placements += RenderPlacement(r.replica_id(), r);
       }
+      if (!response.model().empty()) std::cout << "model " << response.model() << ": ";
       std::cout << RenderExpertLoad(*load, isatty(STDOUT_FILENO),
                                     chosen != nullptr ? &chosen->placement() : nullptr)
                 << placements << std::flush;

@@ -418,7 +418,14 @@ int Run() {
     });
     http.Get("/api/expert-load", [&registry, &json](const httplib::Request& request,
                                                      httplib::Response& response) {
-      json(registry.ExpertLoad(request.has_param("windows")), response);
+      auto load = registry.ExpertLoad(request.has_param("windows"),
+                                      request.get_param_value("model"));
+      if (!load.ok()) {
+        response.status = 404;
+        response.set_content(std::string(load.status().message()), "text/plain");
+        return;
+      }
+      json(*load, response);
     });
     // The OpenAI-compatible API, through this coordinator's own Inference service.
     gemma::coordinator::OpenAiBatchOptions file_options;

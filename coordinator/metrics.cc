@@ -208,6 +208,13 @@ void Metrics::RefreshLocked() {
   gauge_models_.clear();
   for (const auto& [model, gauges] : by_model) {
     gauge_models_.insert(model);
+    // Every model's request series exist from its first scrape on, at zero.
+    ttft_.Add({{"model_name", model}}, kTtftBuckets);
+    itl_.Add({{"model_name", model}}, kItlBuckets);
+    e2e_.Add({{"model_name", model}}, kE2eBuckets);
+    prompt_tokens_.Add({{"model_name", model}});
+    generation_tokens_.Add({{"model_name", model}});
+    preemptions_.Add({{"model_name", model}});
     running_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.running));
     waiting_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.waiting));
     replicas_.Add({{"model_name", model}, {"state", "healthy"}})

@@ -168,7 +168,7 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
     }
     for (const gemma::v1::ExpertLoad& window : request.expert_windows()) {
       if (!AddExpertLoad(window, &entry.expert_totals) ||
-          !AddExpertLoad(window, &expert_totals_)) {
+          !AddExpertLoad(window, &expert_totals_[entry.replica->model])) {
         LOG_EVERY_N(WARNING, 100) << "replica " << entry.replica->id << " sent an expert-load "
                                   << "window of another shape; dropped";
         continue;
@@ -181,6 +181,7 @@ bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
       }
       gemma::v1::ExpertLoadWindow recent;
       recent.set_replica_id(entry.replica->id);
+      recent.set_model(entry.replica->model);
       *recent.mutable_window() = std::move(numbered);
       recent_windows_.push_back(std::move(recent));
       while (recent_windows_.size() > kRecentWindowsKept) recent_windows_.pop_front();
@@ -566,13 +567,27 @@ bool AddExpertLoad(const gemma::v1::ExpertLoad& window, gemma::v1::ExpertLoad* t
   return true;
 }
 
-gemma::v1::GetExpertLoadResponse Registry::ExpertLoad(bool include_windows) const {
+absl::StatusOr<gemma::v1::GetExpertLoadResponse> Registry::ExpertLoad(
+    bool include_windows, absl::string_view model) const {
   absl::MutexLock lock(&mutex_);
+  const std::string resolved = model.empty() ? options_.default_model : std::string(model);
+  bool known = options_.models.empty() ? resolved == options_.default_model
+                                       : SpecOf(resolved) != nullptr;
+  for (const Entry& entry : entries_) known = known || entry.replica->model == resolved;
+  if (!known) {
+    return absl::NotFoundError(absl::StrCat("no model \"", resolved, "\" is served (served: ",
+                                            absl::StrJoin(ServedModelsLocked(), ", "), ")"));
+  }
   gemma::v1::GetExpertLoadResponse response;
-  *response.mutable_totals() = expert_totals_;
+  response.set_model(resolved);
+  if (auto totals = expert_totals_.find(resolved); totals != expert_totals_.end()) {
+    *response.mutable_totals() = totals->second;
+  }
   for (const Entry& entry : entries_) {
+    if (!model.empty() && entry.replica->model != resolved) continue;
     gemma::v1::ReplicaExpertLoad* replica = response.add_replicas();
     replica->set_replica_id(entry.replica->id);
+    replica->set_model(entry.replica->model);
     *replica->mutable_totals() = entry.expert_totals;
     *replica->mutable_placement() = entry.load.expert_placement();
     const std::string& key = entry.replica->placement_group.empty()
@@ -591,12 +606,13 @@ gemma::v1::GetExpertLoadResponse Registry::ExpertLoad(bool include_windows) cons
 }
 
 std::vector<gemma::v1::ExpertLoadWindow> Registry::WindowsAfter(
-    int64_t after_sequence, const std::string& replica_id) const {
+    int64_t after_sequence, const std::string& replica_id, const std::string& model) const {
   absl::MutexLock lock(&mutex_);
   std::vector<gemma::v1::ExpertLoadWindow> out;
   for (const gemma::v1::ExpertLoadWindow& w : recent_windows_) {
     if (w.window().sequence() <= after_sequence) continue;
     if (!replica_id.empty() && w.replica_id() != replica_id) continue;
+    if (!model.empty() && w.model() != model) continue;
     out.push_back(w);
   }
   return out;

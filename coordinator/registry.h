@@ -156,13 +156,20 @@ class Registry {
   std::chrono::milliseconds heartbeat_timeout() const { return options_.heartbeat_timeout; }
   int64_t max_outstanding_per_replica() const { return options_.max_outstanding_per_replica; }
   gemma::v1::GetStatusResponse Status() const;
-  // The totals over every window received (replicas gone included) and, per known replica,
-  // its totals and (with include_windows) its latest windows.
-  gemma::v1::GetExpertLoadResponse ExpertLoad(bool include_windows) const;
+  // The totals over every window received from `model`'s replicas (replicas gone included;
+  // empty: the default model) and, per known replica of it (every replica when `model` is
+  // empty), its totals and (with include_windows) its latest windows. NOT_FOUND naming the
+  // models served for a model that is not.
+  absl::StatusOr<gemma::v1::GetExpertLoadResponse> ExpertLoad(bool include_windows,
+                                                              absl::string_view model) const;
+  gemma::v1::GetExpertLoadResponse ExpertLoad(bool include_windows) const {
+    return *ExpertLoad(include_windows, "");
+  }
   // Windows numbered after `after_sequence`, oldest first (of `replica_id` alone when not
-  // empty), from the last kRecentWindowsKept received.
+  // empty, of `model`'s replicas when not empty), from the last kRecentWindowsKept received.
   std::vector<gemma::v1::ExpertLoadWindow> WindowsAfter(int64_t after_sequence,
-                                                        const std::string& replica_id) const;
+                                                        const std::string& replica_id,
+                                                        const std::string& model = "") const;
   // The number of the last window received (0: none yet).
   int64_t LastWindowSequence() const;
 
@@ -220,7 +227,8 @@ class Registry {
   bool have_reference_ ABSL_GUARDED_BY(mutex_) = false;
   uint32_t protocol_version_ ABSL_GUARDED_BY(mutex_) = 0;
   std::string fingerprint_ ABSL_GUARDED_BY(mutex_);
-  gemma::v1::ExpertLoad expert_totals_ ABSL_GUARDED_BY(mutex_);
+  // Per served model (models differ in shape).
+  std::map<std::string, gemma::v1::ExpertLoad> expert_totals_ ABSL_GUARDED_BY(mutex_);
   int64_t last_window_sequence_ ABSL_GUARDED_BY(mutex_) = 0;
   std::deque<gemma::v1::ExpertLoadWindow> recent_windows_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, GroupState> groups_ ABSL_GUARDED_BY(mutex_);

@@ -86,7 +86,10 @@ grpc::ServerUnaryReactor* ClusterService::GetExpertLoad(
       !auth.ok()) {
     return FinishUnary(context, auth);
   }
-  *response = registry_->ExpertLoad(request->include_windows());
+  absl::StatusOr<gemma::v1::GetExpertLoadResponse> load =
+      registry_->ExpertLoad(request->include_windows(), request->model());
+  if (!load.ok()) return FinishUnary(context, load.status());
+  *response = *std::move(load);
   return FinishUnary(context, absl::OkStatus());
 }
 
@@ -132,6 +135,7 @@ class WatchReactor : public grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow
   WatchReactor(Registry* registry, Timer* timer, const gemma::v1::WatchExpertLoadRequest& request)
       : registry_(registry), timer_(timer), state_(std::make_shared<State>()),
         replica_(request.replica_id()),
+        model_(request.model()),
         after_(request.after_sequence() > 0 ? request.after_sequence()
                                             : registry->LastWindowSequence()) {
     state_->reactor = this;
@@ -171,7 +175,9 @@ class WatchReactor : public grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow
   void PollLocked() {
     if (cancelled_ || finished_ || writing_) return;
     if (pending_.empty()) {
-      for (auto& w : registry_->WindowsAfter(after_, replica_)) pending_.push_back(std::move(w));
+      for (auto& w : registry_->WindowsAfter(after_, replica_, model_)) {
+        pending_.push_back(std::move(w));
+      }
     }
     if (!pending_.empty()) {
       current_ = std::move(pending_.front());
@@ -202,6 +208,7 @@ class WatchReactor : public grpc::ServerWriteReactor<gemma::v1::ExpertLoadWindow
   Timer* timer_;
   std::shared_ptr<State> state_;
   const std::string replica_;
+  const std::string model_;
   int64_t after_;
   std::deque<gemma::v1::ExpertLoadWindow> pending_;
   gemma::v1::ExpertLoadWindow current_;

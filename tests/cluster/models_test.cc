@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "google/protobuf/util/json_util.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "tests/cluster/cluster_harness.h"
@@ -142,6 +143,37 @@ except openai.NotFoundError as error:
   EXPECT_EQ(value("gemma:time_to_first_token_seconds_count", {"model_name=\"dense\""}), 10);
   EXPECT_EQ(value("gemma:replicas", {"model_name=\"moe\"", "state=\"healthy\""}), 1);
   EXPECT_EQ(value("gemma:replicas", {"model_name=\"dense\"", "state=\"healthy\""}), 1);
+
+  // The expert view per model: the MoE model's routing (16 experts), only its replica; the
+  // dense model has none; an unknown model is named with the models served.
+  auto experts = [&](const std::string& model) {
+    return RunWithStdin({"gemmactl", "--coordinator", cluster.coordinator_address(), "experts",
+                         "--json", "--model", model},
+                        "");
+  };
+  gemma::v1::GetExpertLoadResponse moe_load;
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        ToolRun run = experts("moe");
+        return run.exit_code == 0 &&
+               google::protobuf::util::JsonStringToMessage(run.out, &moe_load).ok() &&
+               moe_load.totals().counts_size() > 0;
+      },
+      milliseconds(15000)));
+  EXPECT_EQ(moe_load.model(), "moe");
+  EXPECT_EQ(moe_load.totals().num_experts(), 16);
+  ASSERT_EQ(moe_load.replicas_size(), 1);
+  EXPECT_EQ(moe_load.replicas(0).model(), "moe");
+  ToolRun dense_load = experts("dense");
+  EXPECT_EQ(dense_load.exit_code, 0) << dense_load.err;
+  gemma::v1::GetExpertLoadResponse dense;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(dense_load.out, &dense).ok());
+  EXPECT_EQ(dense.totals().counts_size(), 0);
+  ASSERT_EQ(dense.replicas_size(), 1);
+  EXPECT_EQ(dense.replicas(0).model(), "dense");
+  ToolRun unknown_load = experts("llama");
+  EXPECT_EQ(unknown_load.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(unknown_load.err, "served: dense, moe")) << unknown_load.err;
 
   // Both models are at their max: a third worker waits, listed as free.
   cluster.StartWorker("", {"--cpu-ranks", "1"});
