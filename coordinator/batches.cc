@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/status_macros.h"
 #include "coordinator/request_checks.h"
 #include "glog/logging.h"
@@ -487,6 +489,20 @@ grpc::Status BatchesService::StreamResults(grpc::ServerContext* context,
     }
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "client left");
+}
+
+std::vector<gemma::v1::BatchItem> OpenAiBatchItems(absl::string_view content) {
+  std::vector<gemma::v1::BatchItem> items;
+  int64_t line_number = 0;
+  for (absl::string_view line : absl::StrSplit(content, '\n')) {
+    ++line_number;
+    if (absl::StripAsciiWhitespace(line).empty()) continue;
+    gemma::v1::BatchItem item;
+    item.set_openai_line(std::string(line));
+    item.set_line(line_number);
+    items.push_back(std::move(item));
+  }
+  return items;
 }
 
 }  // namespace gemma::coordinator

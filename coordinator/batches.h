@@ -42,6 +42,10 @@ struct BatchOptions {
   std::chrono::hours completion_window{24};  // then pending items expire
 };
 
+// The items of an OpenAI batch input file (JSONL): one per non-blank line, numbered from 1 as
+// the file's lines are.
+std::vector<gemma::v1::BatchItem> OpenAiBatchItems(absl::string_view content);
+
 class BatchRunner {
  public:
   // `inference` reaches this coordinator's Inference service; `store`, `registry` and

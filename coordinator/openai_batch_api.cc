@@ -199,16 +199,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
       SendStatus(response, content.status());
       return;
     }
-    std::vector<gemma::v1::BatchItem> items;
-    int64_t line_number = 0;
-    for (absl::string_view line : absl::StrSplit(*content, '\n')) {
-      ++line_number;
-      if (absl::StripAsciiWhitespace(line).empty()) continue;
-      gemma::v1::BatchItem item;
-      item.set_openai_line(std::string(line));
-      item.set_line(line_number);
-      items.push_back(std::move(item));
-    }
+    std::vector<gemma::v1::BatchItem> items = OpenAiBatchItems(*content);
     auto batch = runner->Create(header, items);
     if (!batch.ok()) {
       SendStatus(response, batch.status());

@@ -38,6 +38,20 @@ const v1::ReplicaStatus* FindReplica(const v1::GetStatusResponse& status, int wo
   return nullptr;
 }
 
+// Polls the status until no healthy replica is at `address` (true) or `deadline` (false).
+bool WaitUnhealthy(Cluster& cluster, const std::string& address, Clock::time_point deadline) {
+  while (true) {
+    bool unhealthy = true;
+    const v1::GetStatusResponse status = cluster.Status();
+    for (const v1::ReplicaStatus& r : status.replicas()) {
+      if (r.address() == address && r.healthy()) unhealthy = false;
+    }
+    if (unhealthy) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+}
+
 TEST(ReplicaTest, TpReplicaOfTwoProcessesEqualsGemmaGenerate) {
   for (const std::string& model : {kTinyMoe, kTinyDense}) {
     SCOPED_TRACE(model);
@@ -236,16 +250,7 @@ TEST_F(TwoReplicasTest, KilledRankRequeuesStreamsAndRestartedWorkerRejoins) {
   const Clock::time_point killed_at = Clock::now();
 
   // The dead replica is marked unhealthy within the heartbeat timeout.
-  bool unhealthy = false;
-  while (!unhealthy && Clock::now() < killed_at + seconds(5)) {
-    unhealthy = true;
-    const v1::GetStatusResponse status = cluster_.Status();
-    for (const v1::ReplicaStatus& r : status.replicas()) {
-      if (r.address() == dead_address && r.healthy()) unhealthy = false;
-    }
-    if (!unhealthy) std::this_thread::sleep_for(milliseconds(10));
-  }
-  EXPECT_TRUE(unhealthy);
+  EXPECT_TRUE(WaitUnhealthy(cluster_, dead_address, killed_at + seconds(5)));
   EXPECT_LE(Clock::now() - killed_at, milliseconds(1500 + 500));
 
   for (std::thread& t : threads) t.join();
@@ -353,16 +358,7 @@ TEST_F(TwoReplicasTest, FrozenReplicaIsMovedOffAndRejoinsWhenResumed) {
   StartStreams(cluster_, kStreams, kTokens, &results, &threads);
   for (pid_t pid : frozen) ASSERT_EQ(kill(pid, SIGSTOP), 0);
   const Clock::time_point frozen_at = Clock::now();
-  bool unhealthy = false;
-  while (!unhealthy && Clock::now() < frozen_at + seconds(10)) {
-    unhealthy = true;
-    const v1::GetStatusResponse status = cluster_.Status();
-    for (const v1::ReplicaStatus& r : status.replicas()) {
-      if (r.address() == frozen_address && r.healthy()) unhealthy = false;
-    }
-    if (!unhealthy) std::this_thread::sleep_for(milliseconds(10));
-  }
-  EXPECT_TRUE(unhealthy);
+  EXPECT_TRUE(WaitUnhealthy(cluster_, frozen_address, frozen_at + seconds(10)));
   const auto detected = std::chrono::duration_cast<milliseconds>(Clock::now() - frozen_at);
   EXPECT_LE(detected, milliseconds(1500 + 1000)) << "heartbeat timeout 1500 ms";
   for (std::thread& t : threads) t.join();

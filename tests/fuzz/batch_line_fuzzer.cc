@@ -45,16 +45,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static Fixture* fixture = new Fixture;
   const absl::string_view content(reinterpret_cast<const char*>(data), size);
-  std::vector<gemma::v1::BatchItem> items;
-  int64_t line_number = 0;
-  for (absl::string_view line : absl::StrSplit(content, '\n')) {
-    ++line_number;
-    if (absl::StripAsciiWhitespace(line).empty()) continue;
-    gemma::v1::BatchItem item;
-    item.set_openai_line(std::string(line));
-    item.set_line(line_number);
-    items.push_back(std::move(item));
-  }
+  std::vector<gemma::v1::BatchItem> items = gemma::coordinator::OpenAiBatchItems(content);
   // The batch's endpoint: any (gRPC callers may leave it empty), or one of the two.
   static const char* const kEndpoints[] = {"", "/v1/chat/completions", "/v1/completions"};
   gemma::v1::CreateBatchHeader header;
