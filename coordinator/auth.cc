@@ -71,7 +71,9 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::FromFile(const std
       return absl::InvalidArgumentError(absl::StrCat(where, ": unknown role \"", fields[1],
                                                      "\" (roles: user, admin, worker)"));
     }
-    auth->tokens_[fields[0]] = Entry{role, fields.size() == 3 ? fields[2] : fields[1]};
+    // Unnamed tokens are told apart by their line (each owns its batches and files).
+    auth->tokens_[fields[0]] =
+        Entry{role, fields.size() == 3 ? fields[2] : absl::StrCat(fields[1], "@line", number)};
   }
   if (auth->tokens_.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(path, " has no token"));
@@ -83,7 +85,13 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::FromFile(const std
 absl::Status Authenticator::CheckHeader(absl::string_view authorization,
                                         const std::vector<Role>& allowed,
                                         absl::string_view what) const {
-  if (!enabled()) return absl::OkStatus();
+  return AuthenticateHeader(authorization, allowed, what).status();
+}
+
+absl::StatusOr<Principal> Authenticator::AuthenticateHeader(absl::string_view authorization,
+                                                            const std::vector<Role>& allowed,
+                                                            absl::string_view what) const {
+  if (!enabled()) return Principal{"", true};
   authorization = absl::StripAsciiWhitespace(authorization);
   if (authorization.empty()) {
     return absl::UnauthenticatedError(absl::StrCat(what, " needs a bearer token: ", kHowTo));
@@ -99,9 +107,9 @@ absl::Status Authenticator::CheckHeader(absl::string_view authorization,
                                                    "to this coordinator"));
   }
   const Role role = it->second.role;
-  if (role == Role::kAdmin) return absl::OkStatus();
+  if (role == Role::kAdmin) return Principal{it->second.name, true};
   for (Role r : allowed) {
-    if (r == role) return absl::OkStatus();
+    if (r == role) return Principal{it->second.name, false};
   }
   std::vector<std::string> names;
   for (Role r : allowed) names.push_back(RoleName(r));
@@ -112,10 +120,17 @@ absl::Status Authenticator::CheckHeader(absl::string_view authorization,
 
 absl::Status Authenticator::Check(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
                                   const std::vector<Role>& allowed, absl::string_view what) const {
-  if (!enabled()) return absl::OkStatus();
+  return Authenticate(metadata, allowed, what).status();
+}
+
+absl::StatusOr<Principal> Authenticator::Authenticate(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+    const std::vector<Role>& allowed, absl::string_view what) const {
+  if (!enabled()) return Principal{"", true};
   auto it = metadata.find("authorization");
-  if (it == metadata.end()) return CheckHeader("", allowed, what);
-  return CheckHeader(absl::string_view(it->second.data(), it->second.size()), allowed, what);
+  if (it == metadata.end()) return AuthenticateHeader("", allowed, what);
+  return AuthenticateHeader(absl::string_view(it->second.data(), it->second.size()), allowed,
+                            what);
 }
 
 }  // namespace gemma::coordinator

@@ -20,6 +20,16 @@ namespace gemma::coordinator {
 
 enum class Role { kUser, kAdmin, kWorker };
 
+// Who made a call: the name of its token (the tokens file's NAME, else its role and line) and
+// whether it may act on what others own (admin tokens, the coordinator's own calls, and every
+// call of an open coordinator, whose name is empty).
+struct Principal {
+  std::string name;
+  bool admin = false;
+  // Whether the principal may read or change what `owner` owns.
+  bool May(const std::string& owner) const { return admin || owner == name; }
+};
+
 class Authenticator {
  public:
   // Open: every call passes.
@@ -40,6 +50,13 @@ class Authenticator {
   // The same for an HTTP Authorization header's value.
   absl::Status CheckHeader(absl::string_view authorization, const std::vector<Role>& allowed,
                            absl::string_view what) const;
+  // Check and CheckHeader, saying who passed.
+  absl::StatusOr<Principal> Authenticate(
+      const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,
+      const std::vector<Role>& allowed, absl::string_view what) const;
+  absl::StatusOr<Principal> AuthenticateHeader(absl::string_view authorization,
+                                               const std::vector<Role>& allowed,
+                                               absl::string_view what) const;
 
  private:
   struct Entry {

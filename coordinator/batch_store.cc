@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS batches (
   expired_at INTEGER NOT NULL DEFAULT 0,
   cancelling_at INTEGER NOT NULL DEFAULT 0,
   cancelled_at INTEGER NOT NULL DEFAULT 0,
-  expires_at INTEGER NOT NULL DEFAULT 0
+  expires_at INTEGER NOT NULL DEFAULT 0,
+  owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS items (
   batch_id TEXT NOT NULL,
@@ -56,9 +57,14 @@ CREATE TABLE IF NOT EXISTS files (
   filename TEXT NOT NULL,
   bytes INTEGER NOT NULL,
   created_at INTEGER NOT NULL,
-  content BLOB NOT NULL
+  content BLOB NOT NULL,
+  owner TEXT NOT NULL DEFAULT ''
 );
 )sql";
+
+// A store written before batches and files had owners gets the column (owned by "", which
+// only admin tokens and open coordinators may see).
+absl::Status AddOwnerColumn(sqlite3* db, const char* table);
 
 // The error of the last call on `db`: RESOURCE_EXHAUSTED saying so when the disk (or quota)
 // under the store is full, INTERNAL otherwise. Either way the change was rolled back.
@@ -153,6 +159,18 @@ class Transaction {
   bool done_ = false;
 };
 
+absl::Status AddOwnerColumn(sqlite3* db, const char* table) {
+  Statement columns(db, absl::StrCat("PRAGMA table_info(", table, ")").c_str());
+  while (true) {
+    ASSIGN_OR_RETURN(bool row, columns.Step());
+    if (!row) break;
+    if (columns.Text(1) == "owner") return absl::OkStatus();
+  }
+  return Exec(db, absl::StrCat("ALTER TABLE ", table,
+                               " ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+                      .c_str());
+}
+
 const char* StampColumn(const std::string& status) {
   if (status == "in_progress") return "in_progress_at";
   if (status == "finalizing") return "finalizing_at";
@@ -184,6 +202,12 @@ absl::StatusOr<std::unique_ptr<BatchStore>> BatchStore::Open(const std::string& 
           absl::StrCat("the batch store ", path, " cannot be used: ", status.message()));
     }
   }
+  for (const char* table : {"batches", "files"}) {
+    if (absl::Status status = AddOwnerColumn(db, table); !status.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the batch store ", path, " cannot be used: ", status.message()));
+    }
+  }
   return store;
 }
 
@@ -207,10 +231,11 @@ absl::StatusOr<Batch> BatchStore::Create(const std::string& id,
   }
   {
     Statement insert(db_,
-                     "INSERT INTO batches (id, status, header, errors, created_at, expires_at) "
-                     "VALUES (?, 'validating', ?, ?, ?, ?)");
+                     "INSERT INTO batches (id, status, header, errors, created_at, expires_at, "
+                     "owner) VALUES (?, 'validating', ?, ?, ?, ?, ?)");
     insert.Bind(1, id).BindBlob(2, header.SerializeAsString());
     insert.BindBlob(3, errors.SerializeAsString()).Bind(4, now).Bind(5, expires_at);
+    insert.Bind(6, header.owner());
     RETURN_IF_ERROR(insert.Run());
   }
   Statement row(db_,
@@ -256,6 +281,7 @@ absl::StatusOr<Batch> BatchStore::GetLocked(const std::string& id) {
   batch.mutable_metadata()->insert(header.metadata().begin(), header.metadata().end());
   batch.set_endpoint(header.endpoint());
   batch.set_input_file_id(header.input_file_id());
+  batch.set_owner(header.owner());
   batch.set_created_at(q.Int(3));
   batch.set_in_progress_at(q.Int(4));
   batch.set_finalizing_at(q.Int(5));
@@ -282,7 +308,9 @@ absl::StatusOr<Batch> BatchStore::GetLocked(const std::string& id) {
 }
 
 absl::StatusOr<gemma::v1::ListBatchesResponse> BatchStore::List(int page_size,
-                                                                const std::string& page_token) {
+                                                                const std::string& page_token,
+                                                                const std::string& owner,
+                                                                bool everyone) {
   std::lock_guard<std::mutex> lock(mutex_);
   int64_t before = INT64_MAX;
   if (!page_token.empty()) {
@@ -295,8 +323,11 @@ absl::StatusOr<gemma::v1::ListBatchesResponse> BatchStore::List(int page_size,
     }
     before = q.Int(0);
   }
-  Statement q(db_, "SELECT id FROM batches WHERE num < ? ORDER BY num DESC LIMIT ?");
-  q.Bind(1, before).Bind(2, static_cast<int64_t>(page_size) + 1);
+  Statement q(db_,
+              "SELECT id FROM batches WHERE num < ? AND (? OR owner = ?) ORDER BY num DESC "
+              "LIMIT ?");
+  q.Bind(1, before).Bind(2, static_cast<int64_t>(everyone ? 1 : 0)).Bind(3, owner);
+  q.Bind(4, static_cast<int64_t>(page_size) + 1);
   std::vector<std::string> ids;
   while (true) {
     ASSIGN_OR_RETURN(bool row, q.Step());
@@ -439,20 +470,21 @@ absl::StatusOr<std::vector<gemma::v1::BatchResult>> BatchStore::Results(const st
 absl::Status BatchStore::PutFile(const StoredFile& file, const std::string& content) {
   std::lock_guard<std::mutex> lock(mutex_);
   Statement q(db_,
-              "INSERT INTO files (id, purpose, filename, bytes, created_at, content) VALUES "
-              "(?, ?, ?, ?, ?, ?)");
+              "INSERT INTO files (id, purpose, filename, bytes, created_at, content, owner) "
+              "VALUES (?, ?, ?, ?, ?, ?, ?)");
   q.Bind(1, file.id).Bind(2, file.purpose).Bind(3, file.filename).Bind(4, file.bytes);
-  q.Bind(5, file.created_at).BindBlob(6, content);
+  q.Bind(5, file.created_at).BindBlob(6, content).Bind(7, file.owner);
   return q.Run();
 }
 
 absl::StatusOr<StoredFile> BatchStore::GetFile(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Statement q(db_, "SELECT purpose, filename, bytes, created_at FROM files WHERE id = ?");
+  Statement q(db_,
+              "SELECT purpose, filename, bytes, created_at, owner FROM files WHERE id = ?");
   q.Bind(1, id);
   ASSIGN_OR_RETURN(bool row, q.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("no file ", id));
-  return StoredFile{id, q.Text(0), q.Text(1), q.Int(2), q.Int(3)};
+  return StoredFile{id, q.Text(0), q.Text(1), q.Int(2), q.Int(3), q.Text(4)};
 }
 
 absl::StatusOr<std::string> BatchStore::FileContent(const std::string& id) {

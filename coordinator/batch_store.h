@@ -57,6 +57,7 @@ struct StoredFile {
   std::string filename;
   int64_t bytes = 0;
   int64_t created_at = 0;
+  std::string owner;  // the uploader's token name ("" on an open coordinator)
 };
 
 class BatchStore {
@@ -72,9 +73,12 @@ class BatchStore {
                                           int64_t expires_at);
   // NOT_FOUND naming the id.
   absl::StatusOr<gemma::v1::Batch> Get(const std::string& id);
-  // Newest first; page_token is the id of the last batch of the previous page.
+  // Newest first; page_token is the id of the last batch of the previous page. Only `owner`'s
+  // batches unless `everyone`.
   absl::StatusOr<gemma::v1::ListBatchesResponse> List(int page_size,
-                                                      const std::string& page_token);
+                                                      const std::string& page_token,
+                                                      const std::string& owner = "",
+                                                      bool everyone = true);
   // Moves a batch to `status` and stamps the matching time (in_progress_at, ...). With `from`,
   // only a batch still in that status moves (ABORTED otherwise: someone else moved it first).
   absl::Status SetStatus(const std::string& id, const std::string& status, int64_t now,

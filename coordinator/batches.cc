@@ -374,12 +374,20 @@ void BatchRunner::RunItem(BatchItemRecord item, uint64_t thread_key) {
   wake_.notify_all();
 }
 
+absl::Status MayAccess(const Principal& who, const gemma::v1::Batch& batch) {
+  if (who.May(batch.owner())) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "batch ", batch.id(), " belongs to another user: only its owner or an admin token may see, "
+      "read or cancel it"));
+}
+
 absl::StatusOr<BatchRunner*> BatchesService::Runner(const grpc::ServerContext* context,
-                                                    absl::string_view what) const {
-  if (absl::Status auth = auth_->Check(context->client_metadata(), {Role::kUser}, what);
-      !auth.ok()) {
-    return auth;
-  }
+                                                    absl::string_view what,
+                                                    Principal* who) const {
+  absl::StatusOr<Principal> caller =
+      auth_->Authenticate(context->client_metadata(), {Role::kUser}, what);
+  if (!caller.ok()) return caller.status();
+  *who = *std::move(caller);
   BatchRunner* runner = runner_->load();
   if (runner == nullptr) {
     return absl::FailedPreconditionError(
@@ -391,7 +399,8 @@ absl::StatusOr<BatchRunner*> BatchesService::Runner(const grpc::ServerContext* c
 grpc::Status BatchesService::CreateBatch(grpc::ServerContext* context,
                                          grpc::ServerReader<gemma::v1::CreateBatchRequest>* reader,
                                          Batch* response) {
-  auto runner_or = Runner(context, "CreateBatch");
+  Principal who;
+  auto runner_or = Runner(context, "CreateBatch", &who);
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   gemma::v1::CreateBatchHeader header;
@@ -415,6 +424,7 @@ grpc::Status BatchesService::CreateBatch(grpc::ServerContext* context,
     }
     first = false;
   }
+  header.set_owner(who.name);
   auto batch = runner->Create(header, items);
   if (!batch.ok()) return ToGrpc(batch.status());
   *response = std::move(*batch);
@@ -424,11 +434,13 @@ grpc::Status BatchesService::CreateBatch(grpc::ServerContext* context,
 grpc::Status BatchesService::GetBatch(grpc::ServerContext* context,
                                       const gemma::v1::GetBatchRequest* request,
                                       Batch* response) {
-  auto runner_or = Runner(context, "GetBatch");
+  Principal who;
+  auto runner_or = Runner(context, "GetBatch", &who);
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   auto batch = runner->store().Get(request->id());
   if (!batch.ok()) return ToGrpc(batch.status());
+  if (absl::Status may = MayAccess(who, *batch); !may.ok()) return ToGrpc(may);
   *response = std::move(*batch);
   return grpc::Status::OK;
 }
@@ -436,7 +448,8 @@ grpc::Status BatchesService::GetBatch(grpc::ServerContext* context,
 grpc::Status BatchesService::ListBatches(grpc::ServerContext* context,
                                          const gemma::v1::ListBatchesRequest* request,
                                          gemma::v1::ListBatchesResponse* response) {
-  auto runner_or = Runner(context, "ListBatches");
+  Principal who;
+  auto runner_or = Runner(context, "ListBatches", &who);
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   if (request->page_size() < 0 || request->page_size() > 100) {
@@ -444,7 +457,7 @@ grpc::Status BatchesService::ListBatches(grpc::ServerContext* context,
                         absl::StrCat("page_size must be in [0, 100], got ", request->page_size()));
   }
   auto page = runner->store().List(request->page_size() == 0 ? 20 : request->page_size(),
-                                    request->page_token());
+                                    request->page_token(), who.name, who.admin);
   if (!page.ok()) return ToGrpc(page.status());
   *response = std::move(*page);
   return grpc::Status::OK;
@@ -453,9 +466,13 @@ grpc::Status BatchesService::ListBatches(grpc::ServerContext* context,
 grpc::Status BatchesService::CancelBatch(grpc::ServerContext* context,
                                          const gemma::v1::CancelBatchRequest* request,
                                          Batch* response) {
-  auto runner_or = Runner(context, "CancelBatch");
+  Principal who;
+  auto runner_or = Runner(context, "CancelBatch", &who);
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
+  auto owned = runner->store().Get(request->id());
+  if (!owned.ok()) return ToGrpc(owned.status());
+  if (absl::Status may = MayAccess(who, *owned); !may.ok()) return ToGrpc(may);
   auto batch = runner->Cancel(request->id());
   if (!batch.ok()) return ToGrpc(batch.status());
   *response = std::move(*batch);
@@ -465,7 +482,8 @@ grpc::Status BatchesService::CancelBatch(grpc::ServerContext* context,
 grpc::Status BatchesService::StreamResults(grpc::ServerContext* context,
                                            const gemma::v1::StreamResultsRequest* request,
                                            grpc::ServerWriter<gemma::v1::BatchResult>* writer) {
-  auto runner_or = Runner(context, "StreamResults");
+  Principal who;
+  auto runner_or = Runner(context, "StreamResults", &who);
   if (!runner_or.ok()) return ToGrpc(runner_or.status());
   BatchRunner* runner = *runner_or;
   if (request->offset() < 0) {
@@ -476,6 +494,7 @@ grpc::Status BatchesService::StreamResults(grpc::ServerContext* context,
     // The status first: results committed before a final status are all there.
     auto batch = runner->store().Get(request->id());
     if (!batch.ok()) return ToGrpc(batch.status());
+    if (absl::Status may = MayAccess(who, *batch); !may.ok()) return ToGrpc(may);
     const bool final = BatchFinal(batch->status());
     auto results = runner->store().Results(request->id(), offset, 256);
     if (!results.ok()) return ToGrpc(results.status());

@@ -42,6 +42,9 @@ struct BatchOptions {
   std::chrono::hours completion_window{24};  // then pending items expire
 };
 
+// PERMISSION_DENIED unless `who` may see batch `batch` (its owner, or an admin).
+absl::Status MayAccess(const Principal& who, const gemma::v1::Batch& batch);
+
 // The items of an OpenAI batch input file (JSONL): one per non-blank line, numbered from 1 as
 // the file's lines are.
 std::vector<gemma::v1::BatchItem> OpenAiBatchItems(absl::string_view content);
@@ -117,9 +120,9 @@ class BatchesService final : public gemma::v1::Batches::Service {
 
  private:
   // The runner for a call `what` (a user or admin token when tokens are on), or why not:
-  // FAILED_PRECONDITION saying how to get one.
-  absl::StatusOr<BatchRunner*> Runner(const grpc::ServerContext* context,
-                                      absl::string_view what) const;
+  // FAILED_PRECONDITION saying how to get one. `who` is set to the caller.
+  absl::StatusOr<BatchRunner*> Runner(const grpc::ServerContext* context, absl::string_view what,
+                                      Principal* who) const;
   const std::atomic<BatchRunner*>* runner_;
   const Authenticator* auth_;
 };

@@ -454,7 +454,7 @@ int Run() {
                                         internal_token, openai_options);
     if (batch_runner != nullptr) {
       gemma::coordinator::AddOpenAiBatchRoutes(http, batch_runner.get(), &openai_options,
-                                               file_options);
+                                               file_options, auth.get());
     }
     const std::string host = http_listen.substr(0, colon);
     const int bound = http_port == 0 ? http.bind_to_any_port(host)

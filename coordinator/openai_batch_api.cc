@@ -78,13 +78,52 @@ bool ResultFileId(const std::string& id, std::string* batch_id, bool* errors) {
   return false;
 }
 
+
+// The caller of an HTTP request (its token was checked before routing); false, with the error
+// sent, when it has none that passes.
+bool Caller(const Authenticator* auth, const httplib::Request& request,
+            httplib::Response& response, Principal* who) {
+  absl::StatusOr<Principal> caller = auth->AuthenticateHeader(
+      request.get_header_value("Authorization"), {Role::kUser}, request.path);
+  if (!caller.ok()) {
+    SendStatus(response, caller.status());
+    return false;
+  }
+  *who = *std::move(caller);
+  return true;
+}
+
+// PERMISSION_DENIED unless `who` uploaded the file (or is an admin).
+absl::Status MayAccessFile(const Principal& who, const StoredFile& file) {
+  if (who.May(file.owner)) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "file ", file.id, " belongs to another user: only its owner or an admin token may use it"));
+}
+
+// A file id: an uploaded file, or a batch's output or error file; OK when `who` may read it.
+absl::Status MayReadFile(BatchRunner& runner, const Principal& who, const std::string& id) {
+  std::string batch_id;
+  bool errors = false;
+  if (ResultFileId(id, &batch_id, &errors)) {
+    auto batch = runner.store().Get(batch_id);
+    if (!batch.ok()) return absl::NotFoundError(absl::StrCat("no file ", id));
+    return MayAccess(who, *batch);
+  }
+  auto file = runner.store().GetFile(id);
+  if (!file.ok()) return file.status();
+  return MayAccessFile(who, *file);
+}
+
 }  // namespace
 
 void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
-                          const OpenAiOptions* openai, const OpenAiBatchOptions& options) {
+                          const OpenAiOptions* openai, const OpenAiBatchOptions& options,
+                          const Authenticator* auth) {
   const size_t max_file_bytes = options.max_file_bytes;
-  http.Post("/v1/files", [runner, max_file_bytes](const httplib::Request& request,
-                                                  httplib::Response& response) {
+  http.Post("/v1/files", [runner, max_file_bytes, auth](const httplib::Request& request,
+                                                        httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
     if (!request.is_multipart_form_data() || !request.has_file("file")) {
       SendApiError(response, InvalidRequestError(
                                  "file", "send the file as multipart/form-data field \"file\""));
@@ -109,7 +148,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
       return;
     }
     StoredFile stored{NewId("file-"), purpose, file.filename,
-                      static_cast<int64_t>(file.content.size()), UnixNow()};
+                      static_cast<int64_t>(file.content.size()), UnixNow(), who.name};
     absl::Status put = runner->store().PutFile(stored, file.content);
     if (!put.ok()) {
       SendStatus(response, put);
@@ -117,9 +156,15 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     SendJson(response, FileObject(stored));
   });
-  http.Get(R"(/v1/files/([^/]+))", [runner](const httplib::Request& request,
-                                            httplib::Response& response) {
+  http.Get(R"(/v1/files/([^/]+))", [runner, auth](const httplib::Request& request,
+                                                  httplib::Response& response) {
     const std::string id = request.matches[1];
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
+    if (absl::Status may = MayReadFile(*runner, who, id); !may.ok()) {
+      SendStatus(response, may);
+      return;
+    }
     std::string batch_id;
     bool errors = false;
     if (ResultFileId(id, &batch_id, &errors)) {
@@ -128,7 +173,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
         SendStatus(response, absl::NotFoundError(absl::StrCat("no file ", id)));
         return;
       }
-      SendJson(response, FileObject({id, "batch_output", id + ".jsonl", 0, batch->created_at()}));
+      SendJson(response, FileObject({id, "batch_output", id + ".jsonl", 0, batch->created_at(), batch->owner()}));
       return;
     }
     auto file = runner->store().GetFile(id);
@@ -138,9 +183,16 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     SendJson(response, FileObject(*file));
   });
-  http.Get(R"(/v1/files/([^/]+)/content)", [runner, openai](const httplib::Request& request,
-                                                            httplib::Response& response) {
+  http.Get(R"(/v1/files/([^/]+)/content)", [runner, openai, auth](
+                                                  const httplib::Request& request,
+                                                  httplib::Response& response) {
     const std::string id = request.matches[1];
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
+    if (absl::Status may = MayReadFile(*runner, who, id); !may.ok()) {
+      SendStatus(response, may);
+      return;
+    }
     std::string batch_id;
     bool errors = false;
     absl::StatusOr<std::string> content =
@@ -153,8 +205,10 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     response.set_content(*content, "application/jsonl");
   });
-  http.Post("/v1/batches", [runner](const httplib::Request& request,
-                                    httplib::Response& response) {
+  http.Post("/v1/batches", [runner, auth](const httplib::Request& request,
+                                          httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
     json body = json::parse(request.body, nullptr, false);
     if (body.is_discarded() || !body.is_object()) {
       SendApiError(response, InvalidRequestError("", "the request body is not a JSON object"));
@@ -194,6 +248,11 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
         (*header.mutable_metadata())[k] = v.get<std::string>();
       }
     }
+    header.set_owner(who.name);
+    if (absl::Status may = MayReadFile(*runner, who, header.input_file_id()); !may.ok()) {
+      SendStatus(response, may);
+      return;
+    }
     auto content = runner->store().FileContent(header.input_file_id());
     if (!content.ok()) {
       SendStatus(response, content.status());
@@ -207,7 +266,10 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     SendJson(response, BatchObject(*batch));
   });
-  http.Get("/v1/batches", [runner](const httplib::Request& request, httplib::Response& response) {
+  http.Get("/v1/batches", [runner, auth](const httplib::Request& request,
+                                         httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
     int limit = 20;
     if (request.has_param("limit")) {
       try {
@@ -220,7 +282,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
         return;
       }
     }
-    auto page = runner->store().List(limit, request.get_param_value("after"));
+    auto page = runner->store().List(limit, request.get_param_value("after"), who.name, who.admin);
     if (!page.ok()) {
       SendStatus(response, page.status());
       return;
@@ -233,17 +295,32 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                         {"last_id", data.empty() ? json(nullptr) : data.back()["id"]},
                         {"has_more", !page->next_page_token().empty()}});
   });
-  http.Get(R"(/v1/batches/([^/]+))", [runner](const httplib::Request& request,
-                                              httplib::Response& response) {
+  http.Get(R"(/v1/batches/([^/]+))", [runner, auth](const httplib::Request& request,
+                                                    httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
     auto batch = runner->store().Get(request.matches[1]);
+    if (batch.ok()) {
+      if (absl::Status may = MayAccess(who, *batch); !may.ok()) batch = may;
+    }
     if (!batch.ok()) {
       SendStatus(response, batch.status());
       return;
     }
     SendJson(response, BatchObject(*batch));
   });
-  http.Post(R"(/v1/batches/([^/]+)/cancel)", [runner](const httplib::Request& request,
-                                                      httplib::Response& response) {
+  http.Post(R"(/v1/batches/([^/]+)/cancel)", [runner, auth](const httplib::Request& request,
+                                                            httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
+    auto owned = runner->store().Get(request.matches[1]);
+    if (owned.ok()) {
+      if (absl::Status may = MayAccess(who, *owned); !may.ok()) owned = may;
+    }
+    if (!owned.ok()) {
+      SendStatus(response, owned.status());
+      return;
+    }
     auto batch = runner->Cancel(request.matches[1]);
     if (!batch.ok()) {
       SendStatus(response, batch.status());

@@ -18,7 +18,10 @@ struct OpenAiBatchOptions {
   size_t max_file_bytes = size_t{256} << 20;
 };
 
+// Every route acts for the caller its bearer token names (auth): uploaded files and batches
+// belong to their creator, and only it or an admin token may see, read or cancel them.
 void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
-                          const OpenAiOptions* openai, const OpenAiBatchOptions& options);
+                          const OpenAiOptions* openai, const OpenAiBatchOptions& options,
+                          const Authenticator* auth);
 
 }  // namespace gemma::coordinator

@@ -23,13 +23,17 @@ using std::chrono::seconds;
 
 constexpr char kUser[] = "user-token-5f1c0a7e93";
 constexpr char kWorker[] = "worker-token-b2d84c1f06";
+constexpr char kOtherUser[] = "user-token-bob-77c2e910";
+constexpr char kAdmin[] = "admin-token-0e5d2b8a41";
 
 class AuthTest : public ::testing::Test {
  protected:
   void SetUp() override {
     const std::string tokens = WriteFile(cluster_.dir() + "/tokens",
                                          absl::StrCat("# token role name\n", kUser,
-                                                      " user alice\n", kWorker, " worker nodes\n"));
+                                                      " user alice\n", kWorker, " worker nodes\n",
+                                                      kOtherUser, " user bob\n", kAdmin,
+                                                      " admin ops\n"));
     http_ = absl::StrCat("127.0.0.1:", FreeLocalPort());
     std::string error;
     ASSERT_TRUE(cluster_.StartCoordinator({"--auth-tokens", tokens, "--http-listen", http_,
@@ -132,6 +136,93 @@ except openai.AuthenticationError as e:
   ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
   EXPECT_TRUE(absl::StrContains(client.out, "ok True")) << client.out;
   EXPECT_TRUE(absl::StrContains(client.out, "refused 401")) << client.out;
+}
+
+// Batches and uploaded files belong to the token that made them: another user can neither see,
+// read nor cancel them (gRPC through gemmactl, and the OpenAI files and batches endpoints), an
+// admin token can; each user's list holds only their own batches.
+TEST_F(AuthTest, BatchesAndFilesBelongToTheirOwner) {
+  std::string file;
+  for (int i = 0; i < 3; ++i) {
+    file += nlohmann::json{{"custom_id", absl::StrCat("q", i)},
+                           {"method", "POST"},
+                           {"url", "/v1/completions"},
+                           {"body", {{"model", "gemma-4"}, {"prompt", "private"}, {"max_tokens", 2}}}}
+                .dump() +
+            "\n";
+  }
+  const std::string input = WriteFile(cluster_.dir() + "/alice.jsonl", file);
+  ToolRun submitted = Gemmactl({"batch", "submit", input, "--json"}, kUser);
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+  const std::string id = nlohmann::json::parse(submitted.out)["id"];
+  EXPECT_EQ(nlohmann::json::parse(submitted.out)["owner"], "alice") << submitted.out;
+
+  for (const std::vector<std::string>& command :
+       {std::vector<std::string>{"batch", "status", id},
+        std::vector<std::string>{"batch", "results", id},
+        std::vector<std::string>{"batch", "cancel", id}}) {
+    ToolRun refused = Gemmactl(command, kOtherUser);
+    EXPECT_EQ(refused.exit_code, 1) << command[1];
+    EXPECT_TRUE(absl::StrContains(refused.err, "belongs to another user")) << refused.err;
+  }
+  ToolRun bob_list = Gemmactl({"batch", "list", "--json"}, kOtherUser);
+  EXPECT_EQ(bob_list.exit_code, 0) << bob_list.err;
+  EXPECT_FALSE(absl::StrContains(bob_list.out, id)) << bob_list.out;
+  ToolRun alice_list = Gemmactl({"batch", "list", "--json"}, kUser);
+  EXPECT_TRUE(absl::StrContains(alice_list.out, id)) << alice_list.out;
+  ToolRun admin = Gemmactl({"batch", "status", id}, kAdmin);
+  EXPECT_EQ(admin.exit_code, 0) << admin.err;
+  ToolRun admin_list = Gemmactl({"batch", "list", "--json"}, kAdmin);
+  EXPECT_TRUE(absl::StrContains(admin_list.out, id)) << admin_list.out;
+
+  // The same over HTTP: alice uploads a file and makes a batch of it; bob gets 403 for each.
+  const size_t colon = http_.rfind(':');
+  httplib::Client client(http_.substr(0, colon), std::stoi(http_.substr(colon + 1)));
+  auto as = [](const char* token) {
+    return httplib::Headers{{"Authorization", std::string("Bearer ") + token}};
+  };
+  httplib::MultipartFormDataItems upload = {{"purpose", "batch", "", ""},
+                                            {"file", file, "in.jsonl", "application/jsonl"}};
+  auto uploaded = client.Post("/v1/files", as(kUser), upload);
+  ASSERT_TRUE(uploaded && uploaded->status == 200) << (uploaded ? uploaded->body : "no answer");
+  const std::string file_id = nlohmann::json::parse(uploaded->body)["id"];
+  auto created = client.Post("/v1/batches", as(kUser),
+                             nlohmann::json{{"input_file_id", file_id},
+                                            {"endpoint", "/v1/completions"},
+                                            {"completion_window", "24h"}}
+                                 .dump(),
+                             "application/json");
+  ASSERT_TRUE(created && created->status == 200) << (created ? created->body : "no answer");
+  const std::string http_batch = nlohmann::json::parse(created->body)["id"];
+  auto bob_uses_file = client.Post("/v1/batches", as(kOtherUser),
+                                   nlohmann::json{{"input_file_id", file_id},
+                                                  {"endpoint", "/v1/completions"},
+                                                  {"completion_window", "24h"}}
+                                       .dump(),
+                                   "application/json");
+  ASSERT_TRUE(bob_uses_file);
+  EXPECT_EQ(bob_uses_file->status, 403) << bob_uses_file->body;
+  for (const std::string& path :
+       {"/v1/files/" + file_id, "/v1/files/" + file_id + "/content", "/v1/batches/" + http_batch}) {
+    auto got = client.Get(path, as(kOtherUser));
+    ASSERT_TRUE(got) << path;
+    EXPECT_EQ(got->status, 403) << path << ": " << got->body;
+    EXPECT_TRUE(absl::StrContains(got->body, "belongs to another user")) << got->body;
+    auto mine = client.Get(path, as(kUser));
+    ASSERT_TRUE(mine);
+    EXPECT_EQ(mine->status, 200) << path << ": " << mine->body;
+  }
+  auto cancelled = client.Post("/v1/batches/" + http_batch + "/cancel", as(kOtherUser), "",
+                               "application/json");
+  ASSERT_TRUE(cancelled);
+  EXPECT_EQ(cancelled->status, 403) << cancelled->body;
+  auto listed = client.Get("/v1/batches", as(kOtherUser));
+  ASSERT_TRUE(listed && listed->status == 200);
+  EXPECT_FALSE(absl::StrContains(listed->body, http_batch)) << listed->body;
+  auto by_admin = client.Post("/v1/batches/" + http_batch + "/cancel", as(kAdmin), "",
+                              "application/json");
+  ASSERT_TRUE(by_admin);
+  EXPECT_EQ(by_admin->status, 200) << by_admin->body;
 }
 
 // TLS on both ports (--tls-cert, a certificate made here by openssl for 127.0.0.1): a worker

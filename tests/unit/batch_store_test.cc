@@ -11,6 +11,8 @@
 #include <set>
 #include <string>
 
+#include <sqlite3.h>
+
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
@@ -160,15 +162,65 @@ TEST(BatchStoreTest, ListsNewestFirstInPagesAndNamesWhatIsMissing) {
   EXPECT_EQ((*store)->Get("batch_0")->counts().total(), 1);
 }
 
+// Batches belong to the token that created them: the list shows a user its own, an admin all;
+// a store written before owners existed gets the column, its batches owned by "".
+TEST(BatchStoreTest, ListsEachOwnersBatchesAndOwnersComeToOldStores) {
+  const std::string path = TempPath("owners.db");
+  {
+    // The schema of a store from before owners (batches and files without the column).
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db,
+                           "CREATE TABLE batches (num INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT "
+                           "NOT NULL UNIQUE, status TEXT NOT NULL, header BLOB NOT NULL, errors "
+                           "BLOB NOT NULL, created_at INTEGER NOT NULL DEFAULT 0, in_progress_at "
+                           "INTEGER NOT NULL DEFAULT 0, finalizing_at INTEGER NOT NULL DEFAULT 0, "
+                           "completed_at INTEGER NOT NULL DEFAULT 0, failed_at INTEGER NOT NULL "
+                           "DEFAULT 0, expired_at INTEGER NOT NULL DEFAULT 0, cancelling_at "
+                           "INTEGER NOT NULL DEFAULT 0, cancelled_at INTEGER NOT NULL DEFAULT 0, "
+                           "expires_at INTEGER NOT NULL DEFAULT 0);"
+                           "INSERT INTO batches (id, status, header, errors) VALUES "
+                           "('batch_old', 'completed', x'', x'');"
+                           "CREATE TABLE files (id TEXT PRIMARY KEY, purpose TEXT NOT NULL, "
+                           "filename TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER "
+                           "NOT NULL, content BLOB NOT NULL);",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  auto store = BatchStore::Open(path);
+  ASSERT_TRUE(store.ok()) << store.status();
+  for (const std::string owner : {"alice", "bob", "alice"}) {
+    gemma::v1::CreateBatchHeader header;
+    header.set_owner(owner);
+    static int n = 0;
+    ASSERT_TRUE((*store)->Create(absl::StrCat("batch_", owner, n++), header, Items(1), 1, 2).ok());
+  }
+  auto ids = [&](const std::string& owner, bool everyone) {
+    std::vector<std::string> out;
+    auto page = (*store)->List(10, "", owner, everyone);
+    EXPECT_TRUE(page.ok()) << page.status();
+    for (const auto& b : page->batches()) out.push_back(b.id() + ":" + b.owner());
+    return out;
+  };
+  EXPECT_EQ(ids("alice", false), (std::vector<std::string>{"batch_alice2:alice", "batch_alice0:alice"}));
+  EXPECT_EQ(ids("bob", false), (std::vector<std::string>{"batch_bob1:bob"}));
+  EXPECT_EQ(ids("", false), (std::vector<std::string>{"batch_old:"}));
+  EXPECT_EQ(ids("bob", true).size(), 4u);
+  ASSERT_TRUE((*store)->PutFile({"file-9", "batch", "x.jsonl", 1, 1, "bob"}, "x").ok());
+  EXPECT_EQ((*store)->GetFile("file-9")->owner, "bob");
+}
+
 TEST(BatchStoreTest, FilesRoundTripAndANonDatabaseIsRefusedByPath) {
   const std::string path = TempPath("files.db");
   auto store = BatchStore::Open(path);
   ASSERT_TRUE(store.ok());
   const std::string content("line one\n\0binary\n", 17);
-  ASSERT_TRUE((*store)->PutFile({"file-1", "batch", "in.jsonl", 17, 5}, content).ok());
+  ASSERT_TRUE((*store)->PutFile({"file-1", "batch", "in.jsonl", 17, 5, "alice"}, content).ok());
   auto file = (*store)->GetFile("file-1");
   ASSERT_TRUE(file.ok());
   EXPECT_EQ(file->filename, "in.jsonl");
+  EXPECT_EQ(file->owner, "alice");
   EXPECT_EQ(*(*store)->FileContent("file-1"), content);
   EXPECT_EQ((*store)->GetFile("file-2").status().code(), absl::StatusCode::kNotFound);
 
