@@ -413,9 +413,11 @@ absl::Status Status() {
     std::cout << "\n";
   }
   for (const gemma::v1::FreeWorker& w : response.free_workers()) {
-    std::cout << absl::StrFormat("free worker %s on %s: %d %s rank%s, waiting for a model\n",
+    std::cout << absl::StrFormat("free worker %s on %s: %d %s rank%s, %.1f GiB, waiting for a "
+                                 "model\n",
                                  w.worker_id(), w.host().empty() ? "-" : w.host(), w.ranks(),
-                                 w.backend(), w.ranks() == 1 ? "" : "s");
+                                 w.backend(), w.ranks() == 1 ? "" : "s",
+                                 static_cast<double>(w.memory_bytes()) / (1 << 30));
   }
   if (response.replicas_size() == 0) {
     std::cout << "no replica has registered\n";

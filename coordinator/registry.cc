@@ -345,6 +345,7 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     free->set_backend(worker.backend);
     free->set_ranks(worker.ranks);
     free->set_ms_since_seen(age.count());
+    free->set_memory_bytes(worker.memory_bytes);
   }
   return response;
 }
@@ -481,6 +482,7 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
   free.host = request.host();
   free.backend = request.backend();
   free.ranks = request.ranks();
+  free.memory_bytes = request.memory_bytes();
   free.last_seen = now;
   // The model its ranks fit, furthest below its min first (then the fewest replicas against its
   // max), never one at its max or one the worker cannot read.
@@ -493,7 +495,7 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
       continue;
     }
     if (!readable(spec)) {
-      unfit.push_back(absl::StrCat(spec.name, ": this worker cannot read ", spec.path));
+      unfit.push_back(absl::StrCat(spec.name, ": this worker cannot read ", spec.path, " or hold its weights"));
       continue;
     }
     const int have = ReplicasOfLocked(spec.name, now);

@@ -237,6 +237,7 @@ class Registry {
   struct FreeWorker {
     std::string host, backend;
     int32_t ranks = 0;
+    int64_t memory_bytes = 0;
     Clock::time_point last_seen;
   };
   std::map<std::string, FreeWorker> free_workers_ ABSL_GUARDED_BY(mutex_);

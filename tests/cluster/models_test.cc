@@ -185,7 +185,7 @@ except openai.NotFoundError as error:
   EXPECT_EQ(status.exit_code, 0) << status.err;
   EXPECT_TRUE(absl::StrContains(status.out, "model dense: 1 replica (wants 1..1")) << status.out;
   EXPECT_TRUE(absl::StrContains(status.out, "model moe: 1 replica (wants 1..1")) << status.out;
-  EXPECT_TRUE(absl::StrContains(status.out, "waiting for a model")) << status.out;
+  EXPECT_TRUE(absl::StrContains(status.out, " GiB, waiting for a model")) << status.out;
   EXPECT_TRUE(absl::StrContains(cluster.Log("worker2"), "no model needs this worker now"))
       << cluster.Log("worker2");
   // gemmactl names the model too.

@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
@@ -337,6 +338,28 @@ absl::Status CheckCoordinatorChannel() {
           : ")"));
 }
 
+// A field of /proc/meminfo in bytes ("MemTotal", "MemAvailable"); 0 when unknown.
+int64_t MemInfoBytes(const std::string& field) {
+  std::ifstream in("/proc/meminfo");
+  std::string name;
+  int64_t kib = 0;
+  std::string unit;
+  while (in >> name >> kib >> unit) {
+    if (name == field + ":") return kib * 1024;
+  }
+  return 0;
+}
+
+// The bytes of the checkpoint's weights (its safetensors files).
+int64_t CheckpointBytes(const std::string& dir) {
+  int64_t bytes = 0;
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    if (entry.path().extension() == ".safetensors") bytes += entry.file_size(error);
+  }
+  return bytes;
+}
+
 // A worker started without --model: asks the coordinator for a model (Coordinator.Join) until
 // it gets one whose checkpoint it can read, then takes the assignment as its flags (and passes
 // them on to its rank processes). False when stopped while waiting.
@@ -353,6 +376,7 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
   request.set_host(host);
   request.set_backend(backend);
   request.set_ranks(local_ranks);
+  request.set_memory_bytes(MemInfoBytes("MemTotal"));
   std::string last_reason;
   LOG(INFO) << "no --model: joining " << absl::GetFlag(FLAGS_coordinator) << " as worker "
             << request.worker_id() << " with " << local_ranks << " " << backend
@@ -381,6 +405,20 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
                      << "another";
         request.add_unreadable_models(response.model_name());
         continue;
+      }
+      // On CPU the weights live in this host's memory: this worker's share of them must fit.
+      if (backend == "cpu") {
+        const int64_t share = CheckpointBytes(response.model_path()) / std::max(1, response.nodes());
+        const int64_t available = MemInfoBytes("MemAvailable");
+        if (available > 0 && share > available) {
+          LOG(WARNING) << absl::StrFormat(
+              "assigned model %s, whose weights need %.1f GiB on this worker, but %.1f GiB of "
+              "memory is available; asking for another",
+              response.model_name(), static_cast<double>(share) / (1 << 30),
+              static_cast<double>(available) / (1 << 30));
+          request.add_unreadable_models(response.model_name());
+          continue;
+        }
       }
       LOG(INFO) << "assigned model " << response.model_name() << " (" << response.model_path()
                 << ", " << response.mode() << ")";
