@@ -67,8 +67,14 @@ absl::StatusOr<std::string> Registry::Register(
     protocol_version_ = request.protocol_version();
     fingerprint_ = request.model_fingerprint();
   }
-  // A worker this coordinator assigned to the model has arrived.
-  for (auto it = assignments_.begin(); it != assignments_.end(); ++it) {
+  // A worker this coordinator assigned to the model has arrived: once per replica (the other
+  // groups of a dp-ep replica, and a replica registering again, are not new arrivals).
+  const bool known_replica = std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
+    return e.replica->address == request.address() ||
+           (!request.placement_group().empty() &&
+            e.replica->placement_group == request.placement_group());
+  });
+  for (auto it = assignments_.begin(); !known_replica && it != assignments_.end(); ++it) {
     if (it->first == model) {
       assignments_.erase(it);
       break;

@@ -406,5 +406,38 @@ TEST_F(RegistryTest, ReplicasOfSeveralWorkersAreAssignedNodeByNode) {
   EXPECT_EQ(e.node_rank(), 1);
 }
 
+// An assignment counts toward its model's replicas until that replica registers, once: the
+// second dp-ep group of the same replica does not use up another worker's assignment.
+TEST_F(RegistryTest, OneReplicaUsesUpOneAssignmentWhateverItsGroups) {
+  RegistryOptions options;
+  options.now = [this] { return now_; };
+  ModelSpec spec;
+  spec.name = "moe";
+  spec.path = "/m";
+  spec.layout.ranks = 2;
+  spec.min_replicas = 0;
+  spec.max_replicas = 2;
+  options.models = {spec};
+  options.default_model = "moe";
+  Registry registry(options);
+  auto join = [&](const std::string& id) {
+    iv1::JoinRequest request;
+    request.set_worker_id(id);
+    request.set_ranks(2);
+    return registry.Join(request);
+  };
+  ASSERT_TRUE(join("w1").assigned());
+  ASSERT_TRUE(join("w2").assigned());
+  EXPECT_FALSE(join("w3").assigned());  // two replicas, both still loading
+  // w1's replica registers both its dp-ep groups; w2's assignment still counts.
+  for (const std::string address : {"127.0.0.1:1001", "127.0.0.1:1002"}) {
+    iv1::RegisterRequest group = Worker(address);
+    group.set_model_name("moe");
+    group.set_placement_group("replica-w1/");
+    ASSERT_TRUE(registry.Register(group).ok());
+  }
+  EXPECT_FALSE(join("w3").assigned());
+}
+
 }  // namespace
 }  // namespace gemma::coordinator
