@@ -4,9 +4,14 @@
 // rendezvous store), grpc.health.v1 and reflection, until SIGTERM or SIGINT.
 //   gemma-coordinator --listen HOST:PORT [--heartbeat-timeout-ms 3000]
 //                     [--max-outstanding-per-replica 256] [--max-attempts 3]
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -55,6 +60,10 @@ ABSL_FLAG(int64_t, max_outstanding_per_replica, 256,
 ABSL_FLAG(std::string, http_listen, "",
           "HOST:PORT of the HTTP port (/metrics in the Prometheus text format, /dashboard, the "
           "OpenAI-compatible /v1 API); empty: none");
+ABSL_FLAG(int32_t, http_threads, 512,
+          "threads serving the HTTP port: each open HTTP connection (a streaming request, an "
+          "idle keep-alive connection for up to 5 s) holds one, and connections beyond them "
+          "wait for one");
 ABSL_FLAG(bool, metrics_per_expert, false,
           "also export gemma:expert_tokens_total per layer and expert (layers x experts series)");
 ABSL_FLAG(std::string, served_model_name, "gemma-4",
@@ -136,6 +145,36 @@ constexpr char kUsage[] =
 std::string HostOf(const std::string& address) {
   const size_t colon = address.rfind(':');
   return colon == std::string::npos ? address : address.substr(0, colon);
+}
+
+constexpr int kHttpListenBacklog = 4096;
+
+// Raises the listen backlog of this process's listening TCP socket on `port` (the one a library
+// opened and keeps to itself); a warning when there is none.
+void RaiseListenBacklog(int port, int backlog) {
+  for (int fd = 0; fd < 4096; ++fd) {
+    sockaddr_storage address{};
+    socklen_t length = sizeof(address);
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) continue;
+    int bound_port = -1;
+    if (address.ss_family == AF_INET) {
+      bound_port = ntohs(reinterpret_cast<sockaddr_in*>(&address)->sin_port);
+    } else if (address.ss_family == AF_INET6) {
+      bound_port = ntohs(reinterpret_cast<sockaddr_in6*>(&address)->sin6_port);
+    }
+    int accepting = 0;
+    socklen_t size = sizeof(accepting);
+    if (bound_port != port || getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &size) != 0 ||
+        accepting == 0) {
+      continue;
+    }
+    if (listen(fd, backlog) != 0) {
+      LOG(WARNING) << "cannot raise the listen backlog of port " << port << ": "
+                   << strerror(errno);
+    }
+    return;
+  }
+  LOG(WARNING) << "no listening socket on port " << port << " to raise the backlog of";
 }
 
 std::atomic<bool> g_stop{false};
@@ -384,7 +423,13 @@ int Run() {
     return 1;
   }
   httplib::Server& http = *http_server;
-  http.new_task_queue = [] { return new httplib::ThreadPool(64); };
+  const int32_t http_threads = absl::GetFlag(FLAGS_http_threads);
+  if (http_threads < 1 || http_threads > 65536) {
+    std::cerr << "gemma-coordinator: --http-threads must be in [1, 65536]\n";
+    server->Shutdown();
+    return 1;
+  }
+  http.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
   std::thread http_thread;
   if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {
     const size_t colon = http_listen.rfind(':');
@@ -464,6 +509,10 @@ int Run() {
       server->Shutdown();
       return 1;
     }
+    // cpp-httplib listens with a backlog of 5: a burst of clients connecting at once overflows
+    // it, and the kernel drops or resets their handshakes. listen() again on the same socket
+    // only raises the backlog.
+    RaiseListenBacklog(bound, kHttpListenBacklog);
     http_thread = std::thread([&http] { http.listen_after_bind(); });
     // On stdout, for scripts that start the coordinator with port 0.
     std::printf("http serving on %s:%d\n", host.c_str(), bound);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -141,9 +142,13 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
         return replica.status();
       }
       if (!registry_->TryQueue(options_.max_queued)) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            replica.status().message(), "; and the admission queue is full (",
-            options_.max_queued, " requests waiting); retry later or add replicas"));
+        // The replica's message ends with its advice; the queue's state goes before it.
+        std::string message(replica.status().message());
+        constexpr absl::string_view kAdvice = "; retry later or add replicas";
+        if (absl::EndsWith(message, kAdvice)) message.resize(message.size() - kAdvice.size());
+        return absl::ResourceExhaustedError(
+            absl::StrCat(message, ", and the admission queue is full (", options_.max_queued,
+                         " requests waiting)", kAdvice));
       }
       absl::MutexLock lock(&mutex_);
       in_queue_ = true;
