@@ -100,6 +100,15 @@ absl::Status MayAccessFile(const Principal& who, const StoredFile& file) {
       "file ", file.id, " belongs to another user: only its owner or an admin token may use it"));
 }
 
+// Batch `id` when `who` may see it; NOT_FOUND or PERMISSION_DENIED otherwise.
+absl::StatusOr<gemma::v1::Batch> OwnedBatch(BatchRunner& runner, const Principal& who,
+                                            const std::string& id) {
+  auto batch = runner.store().Get(id);
+  if (!batch.ok()) return batch.status();
+  if (absl::Status may = MayAccess(who, *batch); !may.ok()) return may;
+  return batch;
+}
+
 // A file id: an uploaded file, or a batch's output or error file; OK when `who` may read it.
 absl::Status MayReadFile(BatchRunner& runner, const Principal& who, const std::string& id) {
   std::string batch_id;
@@ -299,10 +308,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                                                     httplib::Response& response) {
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
-    auto batch = runner->store().Get(request.matches[1]);
-    if (batch.ok()) {
-      if (absl::Status may = MayAccess(who, *batch); !may.ok()) batch = may;
-    }
+    auto batch = OwnedBatch(*runner, who, request.matches[1]);
     if (!batch.ok()) {
       SendStatus(response, batch.status());
       return;
@@ -313,10 +319,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                                                             httplib::Response& response) {
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
-    auto owned = runner->store().Get(request.matches[1]);
-    if (owned.ok()) {
-      if (absl::Status may = MayAccess(who, *owned); !may.ok()) owned = may;
-    }
+    auto owned = OwnedBatch(*runner, who, request.matches[1]);
     if (!owned.ok()) {
       SendStatus(response, owned.status());
       return;

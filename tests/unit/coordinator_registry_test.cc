@@ -28,6 +28,23 @@ class RegistryTest : public ::testing::Test {
     return Registry(options);
   }
 
+  // A registry serving one model of that layout (assignments lapse after 10 s).
+  Registry ModelRegistry(const std::string& name, int ranks, int nodes, int min, int max) {
+    RegistryOptions options;
+    options.now = [this] { return now_; };
+    options.assignment_timeout = milliseconds(10000);
+    ModelSpec spec;
+    spec.name = name;
+    spec.path = "/models/" + name;
+    spec.layout.ranks = ranks;
+    spec.layout.nodes = nodes;
+    spec.min_replicas = min;
+    spec.max_replicas = max;
+    options.models = {spec};
+    options.default_model = name;
+    return Registry(options);
+  }
+
   static iv1::RegisterRequest Worker(const std::string& address, int32_t vocab = 512,
                                      int64_t max_context = 4096) {
     iv1::RegisterRequest request;
@@ -359,19 +376,7 @@ TEST_F(RegistryTest, ReplicasMustServeTheWayTheCoordinatorCallsThem) {
 // next one completes it (same name, node 1), and with the model at its max a third waits; a
 // replica left half-formed past the assignment timeout stops taking workers.
 TEST_F(RegistryTest, ReplicasOfSeveralWorkersAreAssignedNodeByNode) {
-  RegistryOptions options;
-  options.now = [this] { return now_; };
-  options.assignment_timeout = milliseconds(10000);
-  ModelSpec spec;
-  spec.name = "big";
-  spec.path = "/models/big";
-  spec.layout.ranks = 2;
-  spec.layout.nodes = 2;
-  spec.min_replicas = 1;
-  spec.max_replicas = 2;
-  options.models = {spec};
-  options.default_model = "big";
-  Registry registry(options);
+  Registry registry = ModelRegistry("big", /*ranks=*/2, /*nodes=*/2, /*min=*/1, /*max=*/2);
   auto join = [&](const std::string& id, int ranks) {
     iv1::JoinRequest request;
     request.set_worker_id(id);
@@ -409,17 +414,7 @@ TEST_F(RegistryTest, ReplicasOfSeveralWorkersAreAssignedNodeByNode) {
 // An assignment counts toward its model's replicas until that replica registers, once: the
 // second dp-ep group of the same replica does not use up another worker's assignment.
 TEST_F(RegistryTest, OneReplicaUsesUpOneAssignmentWhateverItsGroups) {
-  RegistryOptions options;
-  options.now = [this] { return now_; };
-  ModelSpec spec;
-  spec.name = "moe";
-  spec.path = "/m";
-  spec.layout.ranks = 2;
-  spec.min_replicas = 0;
-  spec.max_replicas = 2;
-  options.models = {spec};
-  options.default_model = "moe";
-  Registry registry(options);
+  Registry registry = ModelRegistry("moe", /*ranks=*/2, /*nodes=*/1, /*min=*/0, /*max=*/2);
   auto join = [&](const std::string& id) {
     iv1::JoinRequest request;
     request.set_worker_id(id);
