@@ -290,8 +290,8 @@ TEST(MultiProcessPlacementTest, PlacementsThatDoNotFitAreRefused) {
   const std::string model = "--model=" + testing::GoldenPath("tiny-moe");
   const std::string tokens = absl::StrCat("--tokens=", kPrompt);
   // A placement over 4 ranks given to 2 rank processes: every rank fails, none hangs. Each
-  // refuses it after joining its peers, so rank 0 (which serves the rendezvous and gets there
-  // first) says why; a peer may instead see rank 0 leave.
+  // refuses it after joining its peers; one of them says why, and the other may instead see
+  // it leave.
   const std::string four = WriteBalancedPlacement(4, 4, 5);
   const auto start = Clock::now();
   const std::vector<int> codes = RunRanksForCodes(
@@ -303,10 +303,14 @@ TEST(MultiProcessPlacementTest, PlacementsThatDoNotFitAreRefused) {
                            << testing::ReadFileToString(Temp(absl::StrCat("gemma-generate", r,
                                                                           ".log")));
   }
+  // Usually rank 0 says why; when rank 1 checks first and leaves while rank 0 is still
+  // joining, rank 0 sees it leave and rank 1 has said why.
   const std::string log0 = testing::ReadFileToString(Temp("gemma-generate0.log"));
-  EXPECT_NE(log0.find("rank 0: --expert-placement " + four + ": the placement is for 4 ranks"),
-            std::string::npos)
-      << log0;
+  const std::string log1 = testing::ReadFileToString(Temp("gemma-generate1.log"));
+  const std::string why = ": --expert-placement " + four + ": the placement is for 4 ranks";
+  EXPECT_TRUE(log0.find("rank 0" + why) != std::string::npos ||
+              log1.find("rank 1" + why) != std::string::npos)
+      << log0 << "\n" << log1;
 
   // The rest fail before any peer is needed: ranks as threads of one process.
   const std::string dense = "--model=" + testing::GoldenPath("tiny-dense");
