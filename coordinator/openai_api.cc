@@ -22,6 +22,11 @@ struct StreamState {
 
 void SendError(httplib::Response& response, const ApiError& error) {
   response.status = error.http_status;
+  // A full cluster or no replica: worth trying again shortly (the OpenAI clients retry 429 and
+  // 503 after Retry-After).
+  if (error.http_status == 429 || error.http_status == 503) {
+    response.set_header("Retry-After", "1");
+  }
   response.set_content(Dump(json{{"error", error.ToJson()}}), "application/json");
 }
 

@@ -497,6 +497,8 @@ def judge_refusal(status, body_text, headers):
     msg = err.get("message") if isinstance(err, dict) else None
     shaped = isinstance(msg, str) and msg != "" and isinstance(err.get("type"), str)
     if status in (429, 503) and shaped and LIMIT_RE.search(msg):
+        if not headers.get("retry-after"):
+            return "refused_unclear", f"no Retry-After header: {msg}", None
         return "refused", msg, headers.get("retry-after")
     if status in (429, 503):
         return "refused_unclear", msg or body_text[:300], headers.get("retry-after")
