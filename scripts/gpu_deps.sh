@@ -72,6 +72,8 @@ SERVICES_PKGS=(
   zlib1g-dev libssl-dev libssl3 libc-ares-dev libc-ares2 libre2-dev libre2-9
   # pkg-config: gRPC's Findre2 module finds RE2 (no CMake config in Debian 12) through it.
   pkgconf pkgconf-bin libpkgconf3
+  # yaml-cpp: the coordinator reads YAML model specs.
+  libyaml-cpp-dev libyaml-cpp0.7
 )
 (( SERVICES )) && PKGS+=("${SERVICES_PKGS[@]}")
 
@@ -86,7 +88,10 @@ ASSUMED='^(libc6|libc6-dev|libgcc-s1|libstdc\+\+6|gcc-[0-9]+-base|liblzma5|zlib1
 #   libopenblas-dev, libopenblas0    empty metapackages that select a variant via alternatives
 #   libopenblas-openmp-dev, libopenblas-serial-dev, libopenblas0-openmp, libopenblas0-serial
 #                     the other variants
-NOT_NEEDED='^(googletest|libhiredis-dev|libibverbs-dev|liblzma-dev|libopenblas-dev|libopenblas0|libopenblas-(openmp|serial)-dev|libopenblas0-(openmp|serial))$'
+#   civetweb, libcivetweb-dev, libcurl4-openssl-dev, libprometheus-cpp-pull1.0,
+#   libprometheus-cpp-push1.0   prometheus-cpp's pull (civetweb) and push (curl) libraries: the
+#                     coordinator serves /metrics itself and links prometheus-cpp's core only
+NOT_NEEDED='^(googletest|libhiredis-dev|libibverbs-dev|liblzma-dev|libopenblas-dev|libopenblas0|libopenblas-(openmp|serial)-dev|libopenblas0-(openmp|serial)|civetweb|libcivetweb-dev|libcurl4-openssl-dev|libprometheus-cpp-(pull|push)1\.0)$'
 
 in_list() { local x; for x in "${PKGS[@]}"; do [[ "$x" == "$1" ]] && return 0; done; return 1; }
 
