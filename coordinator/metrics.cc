@@ -146,22 +146,36 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
   }
 }
 
-// Family::Add returns the series of those labels when it exists (under the family's lock).
-void Metrics::FirstToken(const std::string& model, double seconds) {
-  ttft_.Add({{"model_name", model}}, kTtftBuckets).Observe(seconds);
+const Metrics::ModelSeries& Metrics::Series(const std::string& model) {
+  absl::MutexLock lock(&series_mutex_);
+  auto [it, added] = series_.try_emplace(model);
+  if (added) {
+    ModelSeries& s = it->second;
+    const prometheus::Labels labels = {{"model_name", model}};
+    s.model = model;
+    s.ttft = &ttft_.Add(labels, kTtftBuckets);
+    s.itl = &itl_.Add(labels, kItlBuckets);
+    s.e2e = &e2e_.Add(labels, kE2eBuckets);
+    s.prompt_tokens = &prompt_tokens_.Add(labels);
+    s.generation_tokens = &generation_tokens_.Add(labels);
+  }
+  return it->second;
 }
 
-void Metrics::InterToken(const std::string& model, double seconds) {
-  itl_.Add({{"model_name", model}}, kItlBuckets).Observe(seconds);
+void Metrics::FirstToken(const ModelSeries& series, double seconds) {
+  series.ttft->Observe(seconds);
 }
 
-void Metrics::Finished(const std::string& model, const std::string& finish_reason,
+void Metrics::InterToken(const ModelSeries& series, double seconds) {
+  series.itl->Observe(seconds);
+}
+
+void Metrics::Finished(const ModelSeries& series, const std::string& finish_reason,
                        int64_t prompt_tokens, int64_t generated_tokens, double seconds) {
-  success_.Add({{"model_name", model}, {"finished_reason", finish_reason}}).Increment();
-  prompt_tokens_.Add({{"model_name", model}}).Increment(static_cast<double>(prompt_tokens));
-  generation_tokens_.Add({{"model_name", model}})
-      .Increment(static_cast<double>(generated_tokens));
-  e2e_.Add({{"model_name", model}}, kE2eBuckets).Observe(seconds);
+  success_.Add({{"model_name", series.model}, {"finished_reason", finish_reason}}).Increment();
+  series.prompt_tokens->Increment(static_cast<double>(prompt_tokens));
+  series.generation_tokens->Increment(static_cast<double>(generated_tokens));
+  series.e2e->Observe(seconds);
 }
 
 void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last) {
@@ -209,11 +223,7 @@ void Metrics::RefreshLocked() {
   for (const auto& [model, gauges] : by_model) {
     gauge_models_.insert(model);
     // Every model's request series exist from its first scrape on, at zero.
-    ttft_.Add({{"model_name", model}}, kTtftBuckets);
-    itl_.Add({{"model_name", model}}, kItlBuckets);
-    e2e_.Add({{"model_name", model}}, kE2eBuckets);
-    prompt_tokens_.Add({{"model_name", model}});
-    generation_tokens_.Add({{"model_name", model}});
+    Series(model);
     preemptions_.Add({{"model_name", model}});
     running_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.running));
     waiting_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.waiting));

@@ -38,10 +38,20 @@ class Metrics {
 
   // A stream's first token came `seconds` after the request arrived; a later token `seconds`
   // after the one before; the stream finished normally.
-  // Each series carries the served model's name as `model_name`, as vLLM labels them.
-  void FirstToken(const std::string& model, double seconds);
-  void InterToken(const std::string& model, double seconds);
-  void Finished(const std::string& model, const std::string& finish_reason,
+  // A model's request series (each labelled model_name, as vLLM labels them), looked up once
+  // per request rather than per token. The reference stays valid as long as this object.
+  struct ModelSeries {
+    std::string model;
+    prometheus::Histogram* ttft = nullptr;
+    prometheus::Histogram* itl = nullptr;
+    prometheus::Histogram* e2e = nullptr;
+    prometheus::Counter* prompt_tokens = nullptr;
+    prometheus::Counter* generation_tokens = nullptr;
+  };
+  const ModelSeries& Series(const std::string& model);
+  void FirstToken(const ModelSeries& series, double seconds);
+  void InterToken(const ModelSeries& series, double seconds);
+  void Finished(const ModelSeries& series, const std::string& finish_reason,
                 int64_t prompt_tokens, int64_t generated_tokens, double seconds);
 
   // Every metric in the Prometheus text exposition format (version 0.0.4).
@@ -85,6 +95,8 @@ class Metrics {
   // replica left).
   std::set<std::string> gauge_models_ ABSL_GUARDED_BY(mutex_);
 
+  absl::Mutex series_mutex_;
+  std::map<std::string, ModelSeries> series_ ABSL_GUARDED_BY(series_mutex_);
   absl::Mutex mutex_;
   std::map<std::string, prometheus::Gauge*> kv_usage_by_replica_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, int64_t> last_preemptions_ ABSL_GUARDED_BY(mutex_);

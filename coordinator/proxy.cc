@@ -515,18 +515,18 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     auto seconds = [](std::chrono::steady_clock::duration d) {
       return std::chrono::duration<double>(d).count();
     };
-    if (model_label_.empty()) model_label_ = registry_->ResolveModel(request_.model());
+    if (series_ == nullptr) series_ = &metrics->Series(registry_->ResolveModel(request_.model()));
     if (response.token_ids_size() > 0) {
       if (!first_token_counted_) {
-        metrics->FirstToken(model_label_, seconds(now - arrived_));
+        metrics->FirstToken(*series_, seconds(now - arrived_));
         first_token_counted_ = true;
       } else {
-        metrics->InterToken(model_label_, seconds(now - last_token_));
+        metrics->InterToken(*series_, seconds(now - last_token_));
       }
       last_token_ = now;
     }
     if (response.has_final()) {
-      metrics->Finished(model_label_, response.final().finish_reason(),
+      metrics->Finished(*series_, response.final().finish_reason(),
                         response.final().prompt_tokens(), response.final().generated_tokens(),
                         seconds(now - arrived_));
     }
@@ -556,8 +556,8 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   const std::chrono::steady_clock::time_point arrived_ = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point last_token_ ABSL_GUARDED_BY(mutex_);
   bool first_token_counted_ ABSL_GUARDED_BY(mutex_) = false;
-  // The served model's name, the model_name label of this request's metrics.
-  std::string model_label_ ABSL_GUARDED_BY(mutex_);
+  // The request series of its served model, looked up at its first message.
+  const Metrics::ModelSeries* series_ ABSL_GUARDED_BY(mutex_) = nullptr;
   bool counted_ ABSL_GUARDED_BY(mutex_) = false;  // in the registry's requests in flight
   std::vector<std::unique_ptr<Attempt>> attempts_ ABSL_GUARDED_BY(mutex_);
   ReplicaGenerateResponse message_;  // being read from the replica
