@@ -63,6 +63,22 @@ __global__ void GatherRowsKernel(const float* x, int64_t x_rows, const int32_t* 
   }
 }
 
+__global__ void GatherSumRowsKernel(const float* x, int64_t x_rows, const int32_t* idx, int64_t k,
+                                    int64_t dim, float* out) {
+  const int64_t r = blockIdx.x;
+  const int32_t* ids = idx + r * k;
+  for (int64_t i = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; i < dim;
+       i += int64_t{gridDim.y} * blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t src = ids[j];
+      if (src < 0) continue;
+      acc = src < x_rows ? acc + x[src * dim + i] : __int_as_float(0x7fc00000);
+    }
+    out[r * dim + i] = acc;
+  }
+}
+
 __global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slots,
                               int64_t row_elems, int64_t cache_rows, float* k_cache,
                               float* v_cache) {
@@ -130,6 +146,17 @@ cudaError_t GatherRows(const float* x, int64_t x_rows, const int32_t* rows, int6
   if (num_rows == 0) return cudaSuccess;
   GatherRowsKernel<<<static_cast<unsigned>(num_rows), RowThreads(dim), 0, stream>>>(
       x, x_rows, rows, dim, out);
+  return cudaGetLastError();
+}
+
+cudaError_t GatherSumRows(const float* x, int64_t x_rows, const int32_t* idx, int64_t rows,
+                          int64_t k, int64_t dim, float* out, cudaStream_t stream) {
+  if (rows == 0 || dim == 0) return cudaSuccess;
+  // A row over several blocks: few tokens come back per step in decode, each a row of hidden.
+  const unsigned threads = RowThreads(dim);
+  dim3 grid(static_cast<unsigned>(rows),
+            static_cast<unsigned>(std::min<int64_t>(CeilDiv(dim, threads), 16)));
+  GatherSumRowsKernel<<<grid, threads, 0, stream>>>(x, x_rows, idx, k, dim, out);
   return cudaGetLastError();
 }
 

@@ -31,6 +31,11 @@ cudaError_t Softcap(float* x, int64_t n, float cap, cudaStream_t stream);
 cudaError_t GatherRows(const float* x, int64_t x_rows, const int32_t* rows, int64_t num_rows,
                        int64_t dim, float* out, cudaStream_t stream);
 
+// out[r] = sum over j < k of x[idx[r * k + j]], added in j order onto zero; indices below zero
+// add nothing, indices at or past x_rows make the row NaN.
+cudaError_t GatherSumRows(const float* x, int64_t x_rows, const int32_t* idx, int64_t rows,
+                          int64_t k, int64_t dim, float* out, cudaStream_t stream);
+
 // cache[slots[t]] = src[t] for rows of row_elems floats (k and k_cache may be null); slots below
 // zero or at/after cache_rows are skipped.
 cudaError_t WriteKv(const float* k, const float* v, const int32_t* slots, int64_t num_tokens,

@@ -152,6 +152,17 @@ TEST_F(CudaOpsTest, ElementwiseOpsMatch) {
   cpu_->GatherRows(*x.cpu, *rows.cpu, 4, dim, *gathered.cpu);
   gpu_->GatherRows(*x.gpu, *rows.gpu, 4, dim, *gathered.gpu);
   ExpectClose(gathered, 4 * dim, "gather_rows");
+
+  // Combine of expert results: several rows per output, skipped slots, an empty row, and a
+  // row wider than one block.
+  for (const int64_t width : {dim, int64_t{5376}}) {
+    Pair src = F32(Random(9 * width));
+    Pair idx = I32({8, 0, -1, 3, -1, -1, -1, -1, -1, 5, 5, 2, 1, 7, 6, -1});
+    Pair summed = Poisoned(DType::kF32, 4 * width);
+    cpu_->GatherSumRows(*src.cpu, *idx.cpu, 4, 4, width, *summed.cpu);
+    gpu_->GatherSumRows(*src.gpu, *idx.gpu, 4, 4, width, *summed.gpu);
+    ExpectClose(summed, 4 * width, absl::StrCat("gather_sum_rows width ", width));
+  }
 }
 
 TEST_F(CudaOpsTest, HeadNormRopeMatchesForHeadDims256And512) {

@@ -192,6 +192,11 @@ class Backend {
   // out[r] = x[rows[r]]; rows i32 [num_rows]; x [*, dim].
   virtual void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
                           Buffer& out) = 0;
+  // out[r] = x[idx[r, 0]] + x[idx[r, 1]] + ... (rows of x [*, dim]), added left to right onto
+  // zero in f32; an index below zero adds nothing, so a row of only such indices is zero.
+  // idx i32 [rows, k]. Combines rows that came back from other ranks (expert dispatch).
+  virtual void GatherSumRows(const Buffer& x, const Buffer& idx, int64_t rows, int64_t k,
+                             int64_t dim, Buffer& out) = 0;
   // The k largest values of each row of x (rows x cols), largest first (lower index first on
   // ties): values f32 [rows, k] and their column + id_offset, i32 [rows, k].
   virtual void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,

@@ -1,8 +1,10 @@
 // Expert parallelism across ranks (dp-ep): each rank sends its share of a layer's routed tokens
 // to the ranks that hold a copy of their experts (eplb::Placement), runs its own slots on what
 // arrives, and gets one result row per (token, expert) back, summed per token in logical-expert
-// order, so where the experts sit never changes the order of the sum. Staged through host
-// memory over any Communicator (Gloo, in-process, NCCL with host buffers).
+// order, so where the experts sit never changes the order of the sum. Only the routing (ids and
+// weights) goes through the host; activation rows are gathered, exchanged and summed in the
+// backend's memory (device to device over NCCL; staged by the communicator's wrapper over Gloo
+// or the in-process group).
 #pragma once
 
 #include <cstdint>

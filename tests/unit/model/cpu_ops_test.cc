@@ -7,6 +7,7 @@
 #include <numeric>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/backend/cpu/cpu_backend.h"
 
@@ -413,6 +414,20 @@ TEST(TanhTest, GeluMulAndSoftcapMatchStdTanh) {
     EXPECT_NEAR(capped[i], ref, 1e-6 * std::max(1e-3, std::fabs(ref))) << logits[i];
     EXPECT_LE(std::fabs(capped[i]), cap);
   }
+}
+
+TEST(GatherSumRowsTest, SumsRowsLeftToRightAndSkipsNegativeIndices) {
+  CpuBackend backend;
+  const int64_t dim = 3;
+  // Rows whose sum depends on the order of addition in f32: 1e8 + 1 - 1e8 is 0 left to right.
+  auto x = F32(backend, {1e8f, 1.0f, 2.0f, 1.0f, 10.0f, 20.0f, -1e8f, 100.0f, 200.0f});
+  auto idx = I32(backend, {0, 1, 2, -1, -1, -1, 2, -1, 1});
+  auto out = *backend.Alloc(DType::kF32, 3 * dim);
+  backend.GatherSumRows(*x, *idx, 3, 3, dim, *out);
+  EXPECT_THAT(ReadF32(backend, *out, 3 * dim),
+              ::testing::ElementsAre(0.0f, 111.0f, 222.0f,  //
+                                     0.0f, 0.0f, 0.0f,      //
+                                     -1e8f, 110.0f, 220.0f));
 }
 
 }  // namespace

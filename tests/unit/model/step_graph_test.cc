@@ -178,6 +178,11 @@ class RecordingBackend final : public Backend {
     Buffer *xp = Pin(&x), *r = Pin(&rows), *o = Pin(&out);
     Run([=, this] { cpu_.GatherRows(*xp, *r, num_rows, dim, *o); });
   }
+  void GatherSumRows(const Buffer& x, const Buffer& idx, int64_t rows, int64_t k, int64_t dim,
+                     Buffer& out) override {
+    Buffer *xp = Pin(&x), *i = Pin(&idx), *o = Pin(&out);
+    Run([=, this] { cpu_.GatherSumRows(*xp, *i, rows, k, dim, *o); });
+  }
   // Host arguments: not capturable, as on CUDA.
   void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
             Buffer& values, Buffer& ids) override {

@@ -259,6 +259,25 @@ void CpuBackend::GatherRows(const Buffer& x, const Buffer& rows, int64_t num_row
   }
 }
 
+void CpuBackend::GatherSumRows(const Buffer& x, const Buffer& idx, int64_t rows, int64_t k,
+                               int64_t dim, Buffer& out) {
+  const float* xs = F32Data(x);
+  const int32_t* ids = I32Data(idx);
+  float* o = F32Data(out);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = o + r * dim;
+    std::fill(row, row + dim, 0.0f);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t src = ids[r * k + j];
+      if (src < 0) continue;
+      CHECK_LE((static_cast<int64_t>(src) + 1) * dim, x.numel())
+          << "row " << src << " outside the source";
+      const float* s = xs + static_cast<int64_t>(src) * dim;
+      for (int64_t i = 0; i < dim; ++i) row[i] += s[i];
+    }
+  }
+}
+
 namespace cpu {
 namespace {
 constexpr float kSqrt2OverPi = 0.7978845608028654f;

@@ -428,4 +428,10 @@ void CudaBackend::GatherRows(const Buffer& x, const Buffer& rows, int64_t num_ro
                                        F32Ptr(out), stream_));
 }
 
+void CudaBackend::GatherSumRows(const Buffer& x, const Buffer& idx, int64_t rows, int64_t k,
+                                int64_t dim, Buffer& out) {
+  GEMMA_CUDA_CHECK(kernels::GatherSumRows(F32Ptr(x), x.numel() / dim, I32Ptr(idx), rows, k, dim,
+                                          F32Ptr(out), stream_));
+}
+
 }  // namespace gemma

@@ -100,6 +100,8 @@ class CudaBackend final : public Backend {
   void Softcap(Buffer& x, int64_t n, float cap) override;
   void GatherRows(const Buffer& x, const Buffer& rows, int64_t num_rows, int64_t dim,
                   Buffer& out) override;
+  void GatherSumRows(const Buffer& x, const Buffer& idx, int64_t rows, int64_t k, int64_t dim,
+                     Buffer& out) override;
   void TopK(const Buffer& x, int64_t rows, int64_t cols, int64_t k, int64_t id_offset,
             Buffer& values, Buffer& ids) override;
   void LogSumExp(const Buffer& x, int64_t rows, int64_t cols,
