@@ -160,6 +160,16 @@ TEST(CliTest, BadFlagsAndInputsFailWithAClearMessage) {
        "--max-new-tokens"},
       {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --no-such-flag"),
        "no_such_flag"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --data-plane mpi"),
+       "--data-plane \"mpi\" is not one of auto, nccl, gloo"},
+      {"gemma-generate",
+       absl::StrCat("--model ", model,
+                    " --tokens 2 --data-plane nccl --world-size 2 --rank 0 --rendezvous "
+                    "127.0.0.1:1"),
+       "--data-plane nccl needs --backend cuda"},
+      {"gemma-generate",
+       absl::StrCat("--model ", model, " --tokens 2 --backend cuda --data-plane nccl --tp 2"),
+       "--data-plane nccl needs ranks as processes"},
   };
   for (const BadCase& c : cases) {
     RunResult r = RunTool(c.tool, c.args);

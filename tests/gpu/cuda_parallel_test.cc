@@ -4,6 +4,7 @@
 // against one CUDA rank on the same checkpoint: prompt logits, greedy and seeded sampled
 // continuations. Also NCCL for real on one rank: the whole collective suite with host buffers
 // staged through device memory. Skipped, saying so, where no CUDA device is present.
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,10 +14,13 @@
 #include "tests/testing/compare.h"
 #include "tests/testing/thread_replica.h"
 #include "tests/testing/tolerances.h"
+#include "tests/gpu/cuda_test_util.h"
 #include "tests/unit/parallel/collective_checks.h"
 #include "worker/backend/cuda/cuda_backend.h"
 #include "worker/backend/cuda/cuda_staging.h"
 #include "worker/engine/generate.h"
+#include "worker/parallel/expert_dispatch.h"
+#include "worker/parallel/in_process_communicator.h"
 #include "worker/parallel/nccl_communicator.h"
 #include "worker/parallel/staging_communicator.h"
 #include "worker/parallel/tcp_store.h"
@@ -150,6 +154,86 @@ TEST(CudaNcclStagingTest, EveryCollectiveOverNcclWithHostBuffers) {
   }
   EXPECT_GT(counters.bytes_to_device, 0u);
   EXPECT_TRUE(staged->healthy());
+}
+
+// The expert dispatch on the device through NCCL (one rank: NCCL sends to itself), against the
+// CPU backend's dispatch over the in-process group: the same rows, and no activation row
+// through the host (only the routing plan and counts are staged).
+class CudaDispatchTest : public testing::CudaVsCpuTest {};
+
+TEST_F(CudaDispatchTest, DeviceDispatchOverNcclMatchesTheCpuPathWithoutHostActivations) {
+  std::string why_not;
+  if (!parallel::NcclAvailable(&why_not)) GTEST_SKIP() << "NCCL test skipped: " << why_not;
+  const int64_t tokens = 5, hidden = 64, inter = 32, experts = 8, top_k = 2;
+  testing::Pair gate_up = Weight(Random(experts * 2 * inter * hidden, 0.3f), DType::kF32);
+  testing::Pair down = Weight(Random(experts * hidden * inter, 0.3f), DType::kF32);
+  std::vector<int32_t> ids;
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::vector<int32_t> all(experts);
+    for (int32_t e = 0; e < experts; ++e) all[e] = e;
+    std::shuffle(all.begin(), all.end(), rng_);
+    std::sort(all.begin(), all.begin() + top_k);
+    ids.insert(ids.end(), all.begin(), all.begin() + top_k);
+  }
+  testing::Pair id = I32(ids);
+  std::vector<float> w = Random(tokens * top_k);
+  for (float& v : w) v = std::fabs(v);
+  testing::Pair weights = F32(w);
+  testing::Pair x = F32(Random(tokens * hidden));
+  testing::Pair out = Poisoned(DType::kF32, tokens * hidden);
+  auto placement = eplb::StaticPlacement(1, experts, 1, 0);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  const eplb::CopyTable copies(*placement);
+  const parallel::ExpertDispatchShape shape{
+      .num_tokens = tokens, .hidden = hidden, .top_k = top_k, .layer = 0};
+  auto local_experts = [&](Backend& backend, const Buffer& gu, const Buffer& dn) {
+    return [&backend, &gu, &dn](const Buffer& xs, const Buffer& slots, const Buffer& ws,
+                                int64_t rows, int64_t k, Buffer& o) {
+      MoeExpertsArgs a;
+      a.x = &xs;
+      a.topk_ids = &slots;
+      a.topk_weights = &ws;
+      a.gate_up = &gu;
+      a.down = &dn;
+      a.num_tokens = rows;
+      a.hidden = 64;
+      a.inter = 32;
+      a.top_k = k;
+      a.num_local_experts = 8;
+      a.out = &o;
+      backend.MoeExperts(a);
+    };
+  };
+
+  parallel::InProcessGroup group(1);
+  std::unique_ptr<parallel::Communicator> host_comm = group.communicator(0);
+  absl::Status cpu_status = parallel::DispatchExperts(
+      *cpu_, *host_comm, shape, copies, {.num_ranks = 1, .ranks_per_node = 1}, *id.cpu,
+      *weights.cpu, *x.cpu, *out.cpu, local_experts(*cpu_, *gate_up.cpu, *down.cpu));
+  ASSERT_TRUE(cpu_status.ok()) << cpu_status;
+
+  CudaMemorySpace memory(*gpu_);
+  auto server = parallel::TcpStoreServer::Start("127.0.0.1", 0);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto store = parallel::TcpStoreClient::Connect("127.0.0.1", (*server)->port());
+  ASSERT_TRUE(store.ok()) << store.status();
+  parallel::NcclOptions nccl;
+  nccl.device = 0;
+  nccl.timeout = std::chrono::seconds(30);
+  auto comm = parallel::CreateNcclCommunicator(nccl, **store);
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  parallel::StagingCounters counters;
+  std::unique_ptr<parallel::Communicator> staged = parallel::WrapWithStaging(
+      *std::move(comm), parallel::CommunicatorMemory::kDevice, &memory, &counters);
+  absl::Status gpu_status = parallel::DispatchExperts(
+      *gpu_, *staged, shape, copies, {.num_ranks = 1, .ranks_per_node = 1}, *id.gpu,
+      *weights.gpu, *x.gpu, *out.gpu, local_experts(*gpu_, *gate_up.gpu, *down.gpu));
+  ASSERT_TRUE(gpu_status.ok()) << gpu_status;
+  ExpectClose(out, tokens * hidden, "dispatched experts over NCCL");
+  // The plan (counts, slots, weights) crossed through the host; one activation row alone is
+  // hidden floats, and the tokens' rows went out and came back device to device.
+  EXPECT_LT(counters.bytes_to_host, static_cast<uint64_t>(hidden * sizeof(float)));
+  EXPECT_EQ(staged->traffic().Calls(parallel::CollectiveOp::kAllToAllV), 4u);
 }
 
 }  // namespace

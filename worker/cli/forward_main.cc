@@ -45,7 +45,7 @@ absl::Status Run() {
     const int64_t vocab = loaded.model->config().vocab_size;
     return gemma::WriteNpy(absl::GetFlag(FLAGS_logits_out), gemma::DType::kF32,
                            {static_cast<int64_t>(logits.size()) / vocab, vocab}, logits.data());
-  });
+  }, absl::GetFlag(FLAGS_backend));
 }
 
 }  // namespace

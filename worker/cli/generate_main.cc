@@ -70,7 +70,7 @@ absl::Status Run() {
         gemma::cli::RankGenerate(env, *loaded.model, *loaded.cache, tokens, rank_options));
     if (env.writes_output()) std::cout << absl::StrJoin(output, " ") << "\n" << std::flush;
     return absl::OkStatus();
-  });
+  }, absl::GetFlag(FLAGS_backend));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "absl/flags/declare.h"
 #include "absl/status/statusor.h"
@@ -11,6 +12,7 @@
 #include "worker/replica/load.h"
 
 ABSL_DECLARE_FLAG(int64_t, prefill_chunk);
+ABSL_DECLARE_FLAG(std::string, backend);
 
 namespace gemma::cli {
 

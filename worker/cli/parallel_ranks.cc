@@ -23,6 +23,10 @@ ABSL_FLAG(std::string, rendezvous, "",
 ABSL_FLAG(std::string, interface, "", "network interface for Gloo (default: by --rendezvous host)");
 ABSL_FLAG(int32_t, comm_timeout_s, 60, "seconds before a collective or the rendezvous gives up");
 ABSL_FLAG(bool, check_routing, false, "compare a hash of each layer's routing across tp ranks");
+ABSL_FLAG(std::string, data_plane, "auto",
+          "ranks as processes on --backend cuda: what carries activations between them: auto "
+          "(NCCL when every rank has a GPU of its own, else Gloo), nccl, or gloo (staged "
+          "through the host)");
 
 namespace gemma::cli {
 namespace {
@@ -141,7 +145,8 @@ absl::Status RunThreads(const Plan& plan, const std::function<absl::Status(RankE
   return absl::OkStatus();
 }
 
-absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankEnv&)>& body) {
+absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankEnv&)>& body,
+                        parallel::DataPlane data_plane) {
   ASSIGN_OR_RETURN(WorldConfig world, WorldConfig::Create(plan.world));
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
   std::unique_ptr<parallel::TcpStoreServer> server;
@@ -166,6 +171,8 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
   options.timeout = timeout;
   options.control_timeout = timeout;
   options.check_routing = absl::GetFlag(FLAGS_check_routing);
+  options.data_plane = data_plane;
+  options.cuda_device = 0;
   // Rank 0 serves the store: it stays up until every rank is done with the control group.
   options.barrier_at_end = true;
   return replica::RunProcessRank(options, *store, body);
@@ -173,9 +180,21 @@ absl::Status RunProcess(const Plan& plan, const std::function<absl::Status(RankE
 
 }  // namespace
 
-absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body) {
+absl::Status RunOnRanks(const std::function<absl::Status(RankEnv&)>& body,
+                        const std::string& backend) {
   ASSIGN_OR_RETURN(Plan plan, PlanFromFlags());
-  return plan.processes ? RunProcess(plan, body) : RunThreads(plan, body);
+  ASSIGN_OR_RETURN(parallel::DataPlane data_plane,
+                   parallel::ParseDataPlane(absl::GetFlag(FLAGS_data_plane)));
+  if (data_plane == parallel::DataPlane::kNccl && backend != "cuda") {
+    return absl::InvalidArgumentError("--data-plane nccl needs --backend cuda");
+  }
+  if (data_plane == parallel::DataPlane::kNccl && !plan.processes) {
+    return absl::InvalidArgumentError(
+        "--data-plane nccl needs ranks as processes (--world-size, --rank, --rendezvous), one "
+        "GPU each; ranks as threads share one GPU and talk in-process");
+  }
+  if (backend != "cuda") data_plane = parallel::DataPlane::kGloo;
+  return plan.processes ? RunProcess(plan, body, data_plane) : RunThreads(plan, body);
 }
 
 }  // namespace gemma::cli

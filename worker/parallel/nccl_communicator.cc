@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/parallel/parallel_config.h"
+#include "worker/parallel/rendezvous.h"
 
 #if GEMMA_HAVE_NCCL
 
@@ -231,8 +232,21 @@ bool NcclAvailable(std::string* why_not) {
   return true;
 }
 
+absl::StatusOr<std::string> CudaDeviceIdentity(int device) {
+  std::string why_not;
+  if (!NcclAvailable(&why_not)) return absl::FailedPreconditionError(why_not);
+  if (device < 0) RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&device), "cudaGetDevice"));
+  cudaDeviceProp prop;
+  RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+  std::string id = "GPU-";
+  for (int i = 0; i < 16; ++i) {
+    absl::StrAppend(&id, absl::Hex(static_cast<uint8_t>(prop.uuid.bytes[i]), absl::kZeroPad2));
+  }
+  return id;
+}
+
 absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const NcclOptions& options,
-                                                                     TcpStoreClient& store) {
+                                                                     gloo::rendezvous::Store& store) {
   if (options.world_size <= 0 || options.rank < 0 || options.rank >= options.world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("NCCL: rank ", options.rank, " invalid for world_size ", options.world_size));
@@ -250,10 +264,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const NcclO
     if (rc != ncclSuccess) {
       return absl::UnavailableError(absl::StrCat("ncclGetUniqueId: ", ncclGetErrorString(rc)));
     }
-    RETURN_IF_ERROR(store.Set(options.unique_id_key,
-                              absl::string_view(reinterpret_cast<const char*>(&id), sizeof(id))));
+    RETURN_IF_ERROR(StoreSet(store, options.unique_id_key,
+                             absl::string_view(reinterpret_cast<const char*>(&id), sizeof(id))));
   } else {
-    ASSIGN_OR_RETURN(std::string bytes, store.Get(options.unique_id_key, options.timeout));
+    ASSIGN_OR_RETURN(std::string bytes, StoreGet(store, options.unique_id_key, options.timeout));
     if (bytes.size() != sizeof(id)) {
       return absl::DataLossError(absl::StrCat("NCCL unique id under ", options.unique_id_key,
                                               " has ", bytes.size(), " bytes, want ", sizeof(id)));
@@ -301,8 +315,13 @@ bool NcclAvailable(std::string* why_not) {
   return false;
 }
 
+absl::StatusOr<std::string> CudaDeviceIdentity(int) {
+  return absl::FailedPreconditionError(
+      "this build has no NCCL (GEMMA_ENABLE_CUDA is OFF or CUDA/NCCL was not found)");
+}
+
 absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const NcclOptions&,
-                                                                     TcpStoreClient&) {
+                                                                     gloo::rendezvous::Store&) {
   return absl::UnimplementedError(
       "NCCL communicator not built: GEMMA_ENABLE_CUDA is OFF or CUDA/NCCL was not found");
 }

@@ -9,7 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "worker/parallel/communicator.h"
-#include "worker/parallel/tcp_store.h"
+#include "gloo/rendezvous/store.h"
 
 namespace gemma::parallel {
 
@@ -27,6 +27,11 @@ struct NcclOptions {
 // True when this build has NCCL and a CUDA device is visible; otherwise false with the reason.
 bool NcclAvailable(std::string* why_not);
 
+// What tells GPUs apart across processes and hosts: the UUID of CUDA device `device` (the
+// current one when -1), as text. NCCL takes at most one rank per GPU, so the ranks of a replica
+// compare these before choosing it. FAILED_PRECONDITION without a device or without NCCL.
+absl::StatusOr<std::string> CudaDeviceIdentity(int device);
+
 // Rank 0 creates the ncclUniqueId and sets it in `store`; the others get it (waiting up to the
 // timeout). The communicator is non-blocking (ncclCommInitRankConfig, blocking = 0) and runs on
 // its own stream. Every call enqueues its work and then watches it: it polls
@@ -34,6 +39,6 @@ bool NcclAvailable(std::string* why_not);
 // ncclCommAbort and returns DEADLINE_EXCEEDED; an asynchronous NCCL error aborts and returns
 // UNAVAILABLE. AllToAllV is grouped ncclSend/ncclRecv with the caller's counts.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const NcclOptions& options,
-                                                                     TcpStoreClient& store);
+                                                                     gloo::rendezvous::Store& store);
 
 }  // namespace gemma::parallel

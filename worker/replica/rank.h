@@ -13,6 +13,7 @@
 #include "gloo/rendezvous/store.h"
 #include "worker/model/gemma4/model.h"
 #include "worker/parallel/communicator.h"
+#include "worker/parallel/data_plane.h"
 #include "worker/parallel/world_config.h"
 
 namespace gemma::replica {
@@ -32,6 +33,8 @@ struct RankEnv {
   // group).
   parallel::Communicator* group_control = nullptr;
   parallel::Communicator* leaders = nullptr;
+  // What carries the tensor- and expert-parallel collectives (kGloo or kNccl once decided).
+  parallel::DataPlane data_plane = parallel::DataPlane::kGloo;
   bool writes_output() const { return world.rank() == 0; }
 };
 
@@ -58,9 +61,15 @@ struct ProcessRankOptions {
   // Wait on the control group after the body, for a rank that must outlive its peers' use of
   // it (the one serving the rendezvous store).
   bool barrier_at_end = false;
+  // The data plane of the tensor- and expert-parallel groups (parallel::DecideDataPlane; the
+  // ranks publish their GPUs through the store to decide). Anything but kGloo is for ranks of
+  // a CUDA backend; `cuda_device` is the device this rank computes on.
+  parallel::DataPlane data_plane = parallel::DataPlane::kGloo;
+  int cuda_device = 0;
 };
 
-// Joins this rank's Gloo groups through `store` and runs `body` on the rank. An error of the
+// Joins this rank's groups through `store` (the control groups over Gloo; the data plane over
+// NCCL or Gloo, as options.data_plane decides) and runs `body` on the rank. An error of the
 // body comes back prefixed with the rank.
 absl::Status RunProcessRank(const ProcessRankOptions& options, gloo::rendezvous::Store& store,
                             const std::function<absl::Status(RankEnv&)>& body);

@@ -131,6 +131,10 @@ ABSL_FLAG(int32_t, tp, 0, "dp-ep mode: tensor-parallel ranks per data-parallel g
 ABSL_FLAG(int32_t, comm_timeout_s, 60, "seconds before a collective or the rendezvous gives up");
 ABSL_FLAG(std::string, interface, "", "network interface for Gloo (default: by --listen host)");
 ABSL_FLAG(bool, check_routing, false, "compare a hash of each layer's routing across tp ranks");
+ABSL_FLAG(std::string, data_plane, "auto",
+          "--backend cuda: what carries activations between the replica's GPU ranks: auto (NCCL "
+          "when every rank has a GPU of its own, else Gloo), nccl, or gloo (staged through the "
+          "host)");
 
 namespace {
 
@@ -512,6 +516,11 @@ absl::Status Supervise() {
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
+  }
+  ASSIGN_OR_RETURN(const gemma::parallel::DataPlane data_plane,
+                   gemma::parallel::ParseDataPlane(absl::GetFlag(FLAGS_data_plane)));
+  if (data_plane == gemma::parallel::DataPlane::kNccl && backend != "cuda") {
+    return absl::InvalidArgumentError("--data-plane nccl needs --backend cuda (and --gpus)");
   }
   const std::string tokenizer = TokenizerPath();
   if (!tokenizer.empty() && !std::filesystem::exists(tokenizer)) {
@@ -1003,6 +1012,12 @@ absl::Status RunRank() {
   options.interface = absl::GetFlag(FLAGS_interface);
   options.check_routing = absl::GetFlag(FLAGS_check_routing);
   options.timeout = timeout;
+  if (absl::GetFlag(FLAGS_backend) == "cuda") {
+    ASSIGN_OR_RETURN(options.data_plane,
+                     gemma::parallel::ParseDataPlane(absl::GetFlag(FLAGS_data_plane)));
+    // A GPU rank process sees one device (its CUDA_VISIBLE_DEVICES, set by StartRank).
+    options.cuda_device = 0;
+  }
   // Followers wait on the control group for as long as the replica is idle.
   options.control_timeout = std::chrono::hours(24 * 365);
   absl::Status status = gemma::replica::RunProcessRank(options, *store, body);
