@@ -74,6 +74,48 @@ cli_cuda_vs_cpu() {
 
 export -f cli_cuda_vs_cpu
 
+# Two rank processes on --backend cuda (tp = 2, then dp-ep over 2), against the CPU's ids. With
+# one GPU both ranks sit on it and --data-plane auto must fall back to Gloo, saying so; with two
+# or more each rank gets its own device and NCCL carries the collectives. Either way the log
+# must name the data plane the GPU count calls for.
+cli_process_ranks() {
+  local model="${ROOT}/tests/golden/data/tiny-moe" rc=0 args cpu cuda want gpus port dir
+  local tokens=(--tokens 2,17,301,45,99,7 --max-new-tokens 16)
+  local dev0="${CUDA_VISIBLE_DEVICES:-}" dev1="${CUDA_VISIBLE_DEVICES:-}"
+  dir="$(mktemp -d)"
+  gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+  want="data plane: Gloo"
+  if (( gpus >= 2 )); then want="data plane: NCCL"; dev0=0; dev1=1; fi
+  for args in "--tp 2" "--mode dp-ep --ep 2"; do
+    # shellcheck disable=SC2086  # args holds several flags
+    cpu="$("${BUILD}/bin/gemma-generate" --model "${model}" "${tokens[@]}" ${args} \
+      2>/dev/null)" || rc=1
+    port=$((29600 + RANDOM % 1000))
+    # As processes the world is --world-size: drop the thread-layout size flags.
+    args="${args/--tp 2/}"
+    args="${args/--ep 2/}"
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES="${dev1}" "${BUILD}/bin/gemma-generate" --model "${model}" \
+      "${tokens[@]}" --backend cuda ${args} --world-size 2 --rank 1 \
+      --rendezvous "127.0.0.1:${port}" --comm-timeout-s 60 >/dev/null 2>"${dir}/r1.err" &
+    # shellcheck disable=SC2086
+    cuda="$(CUDA_VISIBLE_DEVICES="${dev0}" "${BUILD}/bin/gemma-generate" --model "${model}" \
+      "${tokens[@]}" --backend cuda ${args} --world-size 2 --rank 0 \
+      --rendezvous "127.0.0.1:${port}" --comm-timeout-s 60 2>"${dir}/r0.err")" || rc=1
+    wait || rc=1
+    echo "[processes ${args:-tp}] cpu:  ${cpu}"
+    echo "[processes ${args:-tp}] cuda: ${cuda}"
+    grep -h "data plane" "${dir}/r0.err" || true
+    [[ -n "${cpu}" && "${cpu}" == "${cuda}" ]] || { echo "  MISMATCH"; rc=1; }
+    grep -q "${want}" "${dir}/r0.err" || { echo "  expected '${want}' in rank 0's log"; rc=1; }
+    [[ ${rc} == 0 ]] || cat "${dir}/r0.err" "${dir}/r1.err"
+  done
+  rm -rf "${dir}"
+  return "${rc}"
+}
+
+export -f cli_process_ranks
+
 # summary.md, after the table of steps: the engine loop's table on CUDA and its throughput
 # ratio at 32 sequences against one (docs/perf.md's target: at least 8x).
 engine_section() {
@@ -122,6 +164,8 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
     ctest --test-dir "${BUILD}" -L gpu -j 4 --output-on-failure --timeout 120 --no-tests=error
   if [[ -x "${BUILD}/bin/gemma-generate" ]]; then
     step "gemma-generate cuda = cpu" cli_cuda_vs_cpu.log 90 bash -c cli_cuda_vs_cpu
+    step "gemma-generate, 2 rank processes on cuda = cpu" cli_process_ranks.log 90 \
+      bash -c cli_process_ranks
   fi
   if [[ -x "${BUILD}/bin/cuda_decode_bench" ]]; then
     step "cuda_decode_bench (26B-A4B widths)" decode_bench.log 150 \
