@@ -99,6 +99,11 @@ ABSL_FLAG(std::string, internal_ca, "",
           "PEM CA of the workers' certificates: the internal port speaks mutual TLS (a worker "
           "joins only with a client certificate this CA signed, no join token needed) and the "
           "coordinator calls replicas over TLS, verifying their certificates against it");
+ABSL_FLAG(std::string, replica_tls_name, "",
+          "with --internal-ca: the DNS name every worker's certificate must carry, checked "
+          "instead of the host of the address it registers (for pods, whose addresses are not "
+          "known when their certificate is made: give all workers one certificate naming, "
+          "e.g., gemma-worker); empty: each worker's certificate must name its --advertise host");
 ABSL_FLAG(bool, insecure, false,
           "serve without TLS (no --tls-cert) or without tokens (no --auth-tokens): without "
           "this flag the coordinator refuses to start open");
@@ -252,6 +257,11 @@ int Run() {
       return 1;
     }
     registry_options.replica_credentials = *to_replicas;
+    registry_options.replica_tls_name = absl::GetFlag(FLAGS_replica_tls_name);
+  } else if (!absl::GetFlag(FLAGS_replica_tls_name).empty()) {
+    std::cerr << "gemma-coordinator: --replica-tls-name names the workers' certificates, which "
+                 "only --internal-ca asks for; give --internal-ca too, or drop it\n";
+    return 1;
   }
   gemma::coordinator::Registry registry(registry_options);
   gemma::coordinator::Store store;

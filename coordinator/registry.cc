@@ -92,10 +92,15 @@ absl::StatusOr<std::string> Registry::Register(
   auto replica = std::make_shared<Replica>();
   replica->id = absl::StrCat("r", next_id_++);
   replica->address = request.address();
-  replica->stub = gemma::internal::v1::Replica::NewStub(
-      grpc::CreateChannel(request.address(), options_.replica_credentials != nullptr
-                                                 ? options_.replica_credentials
-                                                 : grpc::InsecureChannelCredentials()));
+  grpc::ChannelArguments channel_args;
+  if (options_.replica_credentials != nullptr && !options_.replica_tls_name.empty()) {
+    channel_args.SetSslTargetNameOverride(options_.replica_tls_name);
+  }
+  replica->stub = gemma::internal::v1::Replica::NewStub(grpc::CreateCustomChannel(
+      request.address(),
+      options_.replica_credentials != nullptr ? options_.replica_credentials
+                                              : grpc::InsecureChannelCredentials(),
+      channel_args));
   replica->vocab_size = request.vocab_size();
   replica->max_context = request.max_context();
   replica->world_size = request.world_size();

@@ -87,6 +87,10 @@ struct RegistryOptions {
   // How the coordinator calls replicas: null for plaintext; mutual-TLS credentials
   // (--internal-ca), in which case only replicas that serve TLS may register.
   std::shared_ptr<grpc::ChannelCredentials> replica_credentials;
+  // With replica_credentials: the name every replica's certificate must carry, checked instead
+  // of the host of the address it registers (pods, whose addresses are not known when their
+  // certificate is made). Empty: the address's host.
+  std::string replica_tls_name;
   // A worker assigned a model counts toward its replicas this long before it registers.
   std::chrono::milliseconds assignment_timeout{120000};
 };

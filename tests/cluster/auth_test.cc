@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -287,6 +288,35 @@ print("models", [m.id for m in client.models.list().data])
   worker.WaitForExitCode(seconds(10));
 }
 
+// Certificates made by openssl in `dir`: CAs, and certificates they sign (by default for
+// 127.0.0.1 and localhost).
+class Pki {
+ public:
+  explicit Pki(std::string dir) : dir_(std::move(dir)) {}
+  void Ca(const std::string& name) {
+    Run({"req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", dir_ + name + ".key",
+         "-out", dir_ + name + ".crt", "-days", "2", "-subj", "/CN=" + name});
+  }
+  // Valid for `days` (negative: expired).
+  void Cert(const std::string& name, const std::string& ca, int days,
+            const std::string& san = "IP:127.0.0.1,DNS:localhost") {
+    const std::string ext = WriteFile(dir_ + name + ".ext", "subjectAltName=" + san + "\n");
+    Run({"req", "-newkey", "rsa:2048", "-nodes", "-keyout", dir_ + name + ".key", "-out",
+         dir_ + name + ".csr", "-subj", "/CN=" + name});
+    Run({"x509", "-req", "-in", dir_ + name + ".csr", "-CA", dir_ + ca + ".crt", "-CAkey",
+         dir_ + ca + ".key", "-CAcreateserial", "-out", dir_ + name + ".crt", "-days",
+         absl::StrCat(days), "-extfile", ext});
+  }
+
+ private:
+  void Run(std::vector<std::string> args) {
+    args.insert(args.begin(), "/usr/bin/openssl");
+    ToolRun run = RunWithStdin(args, "");
+    EXPECT_EQ(run.exit_code, 0) << run.err;
+  }
+  std::string dir_;
+};
+
 // Mutual TLS on a separate internal port (--internal-listen, --internal-ca), with certificates
 // made here by openssl: the public port no longer takes workers; a worker joins only with a
 // certificate the cluster CA signed (and serves its replica port over TLS, to the coordinator
@@ -294,30 +324,13 @@ print("models", [m.id for m in client.models.list().data])
 TEST(MutualTlsTest, OnlyWorkersCertifiedByTheClusterCaJoinTheInternalPort) {
   Cluster cluster("mtls");
   const std::string d = cluster.dir() + "/";
-  auto openssl = [&](std::vector<std::string> args) {
-    args.insert(args.begin(), "/usr/bin/openssl");
-    ToolRun run = RunWithStdin(args, "");
-    EXPECT_EQ(run.exit_code, 0) << run.err;
-  };
-  const std::string san = WriteFile(d + "san.ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-  auto make_ca = [&](const std::string& name) {
-    openssl({"req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d + name + ".key",
-             "-out", d + name + ".crt", "-days", "2", "-subj", "/CN=" + name});
-  };
-  // A certificate for 127.0.0.1 signed by `ca`, valid for `days` (negative: expired).
-  auto make_cert = [&](const std::string& name, const std::string& ca, int days) {
-    openssl({"req", "-newkey", "rsa:2048", "-nodes", "-keyout", d + name + ".key", "-out",
-             d + name + ".csr", "-subj", "/CN=" + name});
-    openssl({"x509", "-req", "-in", d + name + ".csr", "-CA", d + ca + ".crt", "-CAkey",
-             d + ca + ".key", "-CAcreateserial", "-out", d + name + ".crt", "-days",
-             absl::StrCat(days), "-extfile", san});
-  };
-  make_ca("cluster-ca");
-  make_ca("other-ca");
-  make_cert("coordinator", "cluster-ca", 2);
-  make_cert("worker", "cluster-ca", 2);
-  make_cert("stranger", "other-ca", 2);
-  make_cert("expired", "cluster-ca", -1);
+  Pki pki(d);
+  pki.Ca("cluster-ca");
+  pki.Ca("other-ca");
+  pki.Cert("coordinator", "cluster-ca", 2);
+  pki.Cert("worker", "cluster-ca", 2);
+  pki.Cert("stranger", "other-ca", 2);
+  pki.Cert("expired", "cluster-ca", -1);
   if (::testing::Test::HasFailure()) return;
 
   const std::string internal = absl::StrCat("127.0.0.1:", FreeLocalPort());
@@ -411,6 +424,56 @@ TEST(MutualTlsTest, OnlyWorkersCertifiedByTheClusterCaJoinTheInternalPort) {
     EXPECT_EQ(finished.error_code(), grpc::StatusCode::UNAVAILABLE) << finished.error_message();
   }
   cluster.Stop(milliseconds(10000));
+}
+
+// Pods get their addresses after their certificates are made: every worker presents one
+// certificate naming "gemma-worker" (no address), and --replica-tls-name makes the coordinator
+// check that name instead of each replica's address. The worker's plaintext --health-listen
+// port answers probes from the start, and stops answering SERVING when it drains.
+TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPlaintext) {
+  Cluster cluster("mtls_name");
+  const std::string d = cluster.dir() + "/";
+  Pki pki(d);
+  pki.Ca("cluster-ca");
+  pki.Cert("coordinator", "cluster-ca", 2);
+  pki.Cert("worker", "cluster-ca", 2, "DNS:gemma-worker");
+  if (::testing::Test::HasFailure()) return;
+  const std::string internal = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator(
+      {"--internal-listen", internal, "--internal-tls-cert", d + "coordinator.crt",
+       "--internal-tls-key", d + "coordinator.key", "--internal-ca", d + "cluster-ca.crt",
+       "--replica-tls-name", "gemma-worker"},
+      &error))
+      << error;
+  const std::string health = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  ChildProcess worker({kBin + "gemma-worker", "--model", kTinyMoe, "--threads", "1",
+                       "--coordinator", internal, "--coordinator-ca", d + "cluster-ca.crt",
+                       "--tls-cert", d + "worker.crt", "--tls-key", d + "worker.key",
+                       "--health-listen", health},
+                      d + "worker.log");
+  EXPECT_TRUE(WaitServing(health, Clock::now() + seconds(30))) << ReadFileToString(d + "worker.log");
+  ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
+      << ReadFileToString(d + "worker.log") << cluster.Log("coordinator");
+  // The coordinator reaches the replica (at 127.0.0.1, which the certificate does not name).
+  const std::vector<int32_t> prompt = {2, 17, 301, 44};
+  StreamResult result = Generate(cluster.inference(), TokenRequest(prompt, 8));
+  EXPECT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.ids, GemmaGenerate(kTinyMoe, prompt, 8));
+  worker.Signal(SIGTERM);
+  EXPECT_TRUE(PollUntil([&] { return !WaitServing(health, Clock::now() + milliseconds(200)); },
+                        milliseconds(10000)));
+  EXPECT_EQ(worker.WaitForExitCode(seconds(30)), 0) << ReadFileToString(d + "worker.log");
+  cluster.Stop(milliseconds(10000));
+}
+
+TEST(CoordinatorFlagsTest, ReplicaTlsNameWithoutInternalCaIsRefused) {
+  ToolRun run = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0", "--insecure",
+                              "--replica-tls-name", "gemma-worker"},
+                             "", seconds(20));
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(run.err, "--replica-tls-name names the workers' certificates"))
+      << run.err;
 }
 
 TEST(AuthFileTest, ABadTokensFileStopsTheCoordinatorSayingWhichLine) {

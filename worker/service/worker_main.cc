@@ -131,6 +131,11 @@ ABSL_FLAG(int32_t, tp, 0, "dp-ep mode: tensor-parallel ranks per data-parallel g
 ABSL_FLAG(int32_t, comm_timeout_s, 60, "seconds before a collective or the rendezvous gives up");
 ABSL_FLAG(std::string, interface, "", "network interface for Gloo (default: by --listen host)");
 ABSL_FLAG(bool, check_routing, false, "compare a hash of each layer's routing across tp ranks");
+ABSL_FLAG(std::string, health_listen, "",
+          "HOST:PORT of a plaintext port serving only grpc.health.v1, for probes (Kubernetes') "
+          "that cannot speak the mutual TLS of the replica port, and on every node of a replica "
+          "(only the group leaders serve --listen): SERVING while this worker and its rank "
+          "processes run, NOT_SERVING once it drains; empty: none");
 ABSL_FLAG(std::string, data_plane, "auto",
           "--backend cuda: what carries activations between the replica's GPU ranks: auto (NCCL "
           "when every rank has a GPU of its own, else Gloo), nccl, or gloo (staged through the "
@@ -461,6 +466,26 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
   return false;
 }
 
+// The --health-listen server: grpc.health.v1 alone, plaintext, in the supervisor (so it answers
+// on every node, while the model loads, and while the worker waits for an assignment).
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen) {
+  if (HostOf(listen).empty() || listen.rfind(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--health-listen \"", listen, "\" is not HOST:PORT"));
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("--health-listen: cannot listen on ", listen));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  LOG(INFO) << "health port (grpc.health.v1, plaintext) on " << HostOf(listen) << ":" << port;
+  return server;
+}
+
 absl::Status Supervise() {
   if (absl::GetFlag(FLAGS_coordinator).empty()) {
     return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
@@ -468,6 +493,10 @@ absl::Status Supervise() {
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
   RETURN_IF_ERROR(CheckCoordinatorChannel());
+  std::unique_ptr<grpc::Server> health;
+  if (const std::string listen = absl::GetFlag(FLAGS_health_listen); !listen.empty()) {
+    ASSIGN_OR_RETURN(health, StartHealthServer(listen));
+  }
   if (g_stop.load()) return absl::OkStatus();
   if (absl::GetFlag(FLAGS_model).empty()) {
     const std::string backend = absl::GetFlag(FLAGS_backend);
@@ -607,6 +636,7 @@ absl::Status Supervise() {
         kill(r.pid, SIGTERM);
         ++leaders;
       }
+      if (health != nullptr) health->GetHealthCheckService()->SetServingStatus(false);
       if (leaders == 0) break;  // nothing here serves requests: stop at once
       LOG(INFO) << "draining: the replica finishes its requests (up to --drain-grace-s "
                 << absl::GetFlag(FLAGS_drain_grace_s) << ") and leaves; SIGTERM again to stop now";
