@@ -35,7 +35,7 @@ CRD_SCHEMAS = {
 }
 # Injected into every pod of a LeaderWorkerSet by its controller.
 LWS_ENV = {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX"}
-LISTEN_FLAGS = {"listen", "http_listen"}
+LISTEN_FLAGS = {"listen", "http_listen", "internal_listen", "health_listen"}
 
 
 def validate_core(obj, where, problems):
