@@ -75,7 +75,7 @@ absl::StatusOr<std::string> Registry::Register(
             e.replica->placement_group == request.placement_group());
   });
   for (auto it = assignments_.begin(); !known_replica && it != assignments_.end(); ++it) {
-    if (it->first == model) {
+    if (it->model == model) {
       assignments_.erase(it);
       break;
     }
@@ -441,8 +441,8 @@ int Registry::ReplicasOfLocked(const std::string& model, Clock::time_point now) 
     if (std::find(groups.begin(), groups.end(), key) == groups.end()) groups.push_back(key);
   }
   int n = static_cast<int>(groups.size());
-  for (const auto& [name, at] : assignments_) {
-    if (name == model && now - at <= options_.assignment_timeout) ++n;
+  for (const Assignment& a : assignments_) {
+    if (a.model == model && now - a.at <= options_.assignment_timeout) ++n;
   }
   return n;
 }
@@ -452,8 +452,8 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
   const Clock::time_point now = Now();
   PruneLocked(now);
   assignments_.erase(std::remove_if(assignments_.begin(), assignments_.end(),
-                                    [&](const auto& a) {
-                                      return now - a.second > options_.assignment_timeout;
+                                    [&](const Assignment& a) {
+                                      return now - a.at > options_.assignment_timeout;
                                     }),
                      assignments_.end());
   forming_.erase(std::remove_if(forming_.begin(), forming_.end(),
@@ -475,18 +475,49 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
     return std::find(request.unreadable_models().begin(), request.unreadable_models().end(),
                      spec.name) == request.unreadable_models().end();
   };
+  // A worker that turned down what it was given (it cannot read the checkpoint, or its share
+  // does not fit) gives it back now rather than at the assignment timeout: its replica's
+  // assignment, or its node of a replica being formed, goes to the next worker that fits.
+  for (const std::string& declined : request.unreadable_models()) {
+    for (auto it = assignments_.begin(); it != assignments_.end(); ++it) {
+      if (it->model != declined || it->worker_id != request.worker_id()) continue;
+      LOG(INFO) << "worker " << request.worker_id() << " turned down model " << declined
+                << "; its assignment goes to the next worker that fits";
+      assignments_.erase(it);
+      break;
+    }
+    for (Forming& f : forming_) {
+      auto member = f.node_of.find(request.worker_id());
+      if (f.model != declined || member == f.node_of.end()) continue;
+      LOG(INFO) << "worker " << request.worker_id() << " turned down node " << member->second
+                << " of replica " << f.name << "; the next worker that fits takes it";
+      f.open_nodes.insert(std::lower_bound(f.open_nodes.begin(), f.open_nodes.end(),
+                                           member->second),
+                          member->second);
+      f.node_of.erase(member);
+    }
+  }
   // A replica of several workers that is still forming takes the next worker that fits it.
-  for (auto it = forming_.begin(); it != forming_.end(); ++it) {
-    const ModelSpec* spec = SpecOf(it->model);
-    if (spec == nullptr || spec->layout.ranks != request.ranks() || !readable(*spec)) continue;
+  for (Forming& f : forming_) {
+    const ModelSpec* spec = SpecOf(f.model);
+    if (f.open_nodes.empty() || spec == nullptr || spec->layout.ranks != request.ranks() ||
+        !readable(*spec)) {
+      continue;
+    }
+    const int node = f.open_nodes.front();
+    f.open_nodes.erase(f.open_nodes.begin());
+    f.node_of[request.worker_id()] = node;
+    if (node == 0) {
+      // The replica's leader came back (it holds the replica's assignment).
+      assignments_.push_back({f.model, request.worker_id(), now});
+    }
     assign(*spec);
-    response.set_replica(it->name);
-    response.set_nodes(it->nodes);
-    response.set_node_rank(it->next_node);
-    LOG(INFO) << "worker " << request.worker_id() << " on " << request.host()
-              << " assigned node " << it->next_node << " of " << it->nodes << " of replica "
-              << it->name << " (model " << it->model << ")";
-    if (++it->next_node == it->nodes) forming_.erase(it);
+    response.set_replica(f.name);
+    response.set_nodes(f.nodes);
+    response.set_node_rank(node);
+    LOG(INFO) << "worker " << request.worker_id() << " on " << request.host() << " assigned node "
+              << node << " of " << f.nodes << " of replica " << f.name << " (model " << f.model
+              << ")";
     return response;
   }
   FreeWorker& free = free_workers_[request.worker_id()];
@@ -534,7 +565,7 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
                                            absl::StrJoin(unfit, "; "), ")"));
     return response;
   }
-  assignments_.emplace_back(best->name, now);
+  assignments_.push_back({best->name, request.worker_id(), now});
   assign(*best);
   if (best->layout.nodes > 1) {
     // The first worker of a new replica of several: it leads; the next ones that fit join it.
@@ -542,6 +573,8 @@ gemma::internal::v1::JoinResponse Registry::Join(const gemma::internal::v1::Join
     forming.model = best->name;
     forming.name = absl::StrCat(best->name, "-", ++formed_);
     forming.nodes = best->layout.nodes;
+    for (int node = 1; node < forming.nodes; ++node) forming.open_nodes.push_back(node);
+    forming.node_of[request.worker_id()] = 0;
     forming.started = now;
     response.set_replica(forming.name);
     response.set_nodes(forming.nodes);

@@ -245,16 +245,24 @@ class Registry {
     Clock::time_point last_seen;
   };
   std::map<std::string, FreeWorker> free_workers_ ABSL_GUARDED_BY(mutex_);
-  // Models assigned to joining workers that have not registered yet: (model, when); one per
-  // replica, however many workers form it.
-  std::vector<std::pair<std::string, Clock::time_point>> assignments_ ABSL_GUARDED_BY(mutex_);
-  // Replicas of several workers (layout nodes > 1) still taking workers: the next joining
-  // worker that fits gets node `next_node` of `name`.
+  // Models assigned to joining workers that have not registered yet: one per replica, however
+  // many workers form it (the worker that leads it holds it). A worker that turns its model
+  // down (JoinRequest.unreadable_models) gives it back at once.
+  struct Assignment {
+    std::string model;
+    std::string worker_id;
+    Clock::time_point at;
+  };
+  std::vector<Assignment> assignments_ ABSL_GUARDED_BY(mutex_);
+  // Replicas of several workers (layout nodes > 1) being formed, kept until the assignment
+  // timeout: the next joining worker that fits gets the lowest of `open_nodes`; a worker that
+  // turns the model down gives its node back.
   struct Forming {
     std::string model;
     std::string name;
     int nodes = 1;
-    int next_node = 1;
+    std::vector<int> open_nodes;             // ascending
+    std::map<std::string, int> node_of;      // worker id -> its node
     Clock::time_point started;
   };
   std::vector<Forming> forming_ ABSL_GUARDED_BY(mutex_);

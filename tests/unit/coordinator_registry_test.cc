@@ -434,5 +434,47 @@ TEST_F(RegistryTest, OneReplicaUsesUpOneAssignmentWhateverItsGroups) {
   EXPECT_FALSE(join("w3").assigned());
 }
 
+// A worker that cannot take what it was assigned (an unreadable checkpoint, weights that do not
+// fit) says so when it joins again, and gives the assignment back at once: the model's slot,
+// or its node of a replica being formed, goes to the next worker instead of waiting out the
+// assignment timeout.
+TEST_F(RegistryTest, AnAssignmentTurnedDownGoesToTheNextWorkerAtOnce) {
+  auto join = [](Registry& registry, const std::string& id,
+                 std::vector<std::string> unreadable = {}) {
+    iv1::JoinRequest request;
+    request.set_worker_id(id);
+    request.set_ranks(2);
+    for (const std::string& m : unreadable) request.add_unreadable_models(m);
+    return registry.Join(request);
+  };
+  Registry one = ModelRegistry("small", /*ranks=*/2, /*nodes=*/1, /*min=*/1, /*max=*/1);
+  ASSERT_TRUE(join(one, "w1").assigned());
+  EXPECT_FALSE(join(one, "w2").assigned());  // the model's one replica is w1's, loading
+  const iv1::JoinResponse declined = join(one, "w1", {"small"});
+  EXPECT_FALSE(declined.assigned());
+  EXPECT_NE(declined.reason().find("cannot read"), std::string::npos) << declined.reason();
+  EXPECT_TRUE(join(one, "w2").assigned());
+
+  Registry big = ModelRegistry("big", /*ranks=*/2, /*nodes=*/2, /*min=*/1, /*max=*/1);
+  const iv1::JoinResponse leader = join(big, "w1");
+  ASSERT_TRUE(leader.assigned());
+  const iv1::JoinResponse second = join(big, "w2");
+  ASSERT_TRUE(second.assigned());
+  EXPECT_EQ(second.node_rank(), 1);
+  EXPECT_FALSE(join(big, "w3").assigned());  // big-1 is complete and the model at its max
+  EXPECT_FALSE(join(big, "w2", {"big"}).assigned());
+  const iv1::JoinResponse replacement = join(big, "w3");
+  ASSERT_TRUE(replacement.assigned());
+  EXPECT_EQ(replacement.replica(), leader.replica());
+  EXPECT_EQ(replacement.node_rank(), 1);
+  // The leader turns it down too: node 0 of the same replica goes to the next worker.
+  EXPECT_FALSE(join(big, "w1", {"big"}).assigned());
+  const iv1::JoinResponse new_leader = join(big, "w4");
+  ASSERT_TRUE(new_leader.assigned());
+  EXPECT_EQ(new_leader.replica(), leader.replica());
+  EXPECT_EQ(new_leader.node_rank(), 0);
+  EXPECT_FALSE(join(big, "w5").assigned());
+}
+
 }  // namespace
 }  // namespace gemma::coordinator
