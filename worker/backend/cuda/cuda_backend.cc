@@ -46,6 +46,11 @@ int32_t* I32Ptr(const Buffer& b) {
   CHECK(b.dtype() == DType::kI32) << "expected an I32 buffer, got " << DTypeName(b.dtype());
   return AsCuda(b).i32();
 }
+kernels::ElemType KvType(const Buffer& b) {
+  CHECK(b.dtype() == DType::kF32 || b.dtype() == DType::kBF16)
+      << "KV caches must be F32 or BF16, got " << DTypeName(b.dtype());
+  return b.dtype() == DType::kF32 ? kernels::ElemType::kF32 : kernels::ElemType::kBF16;
+}
 kernels::ElemType WeightType(const Buffer& b) {
   CHECK(b.dtype() == DType::kF32 || b.dtype() == DType::kBF16)
       << "weights must be F32 or BF16, got " << DTypeName(b.dtype());
@@ -407,11 +412,14 @@ void CudaBackend::WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots,
                           int64_t num_tokens, int64_t row_elems, Buffer* k_cache,
                           Buffer& v_cache) {
   CHECK((k == nullptr) == (k_cache == nullptr)) << "k and k_cache must both be given or not";
+  const kernels::ElemType cache_type = KvType(v_cache);
+  CHECK(k_cache == nullptr || k_cache->dtype() == v_cache.dtype())
+      << "k and v caches must share a dtype";
   GEMMA_CUDA_CHECK(kernels::WriteKv(k != nullptr ? F32Ptr(*k) : nullptr, F32Ptr(v),
                                     I32Ptr(slots), num_tokens, row_elems,
                                     v_cache.numel() / row_elems,
-                                    k_cache != nullptr ? F32Ptr(*k_cache) : nullptr,
-                                    F32Ptr(v_cache), stream_));
+                                    k_cache != nullptr ? AsCuda(*k_cache).data() : nullptr,
+                                    AsCuda(v_cache).data(), cache_type, stream_));
 }
 
 void CudaBackend::GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer& out) {
