@@ -73,6 +73,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(CudaBackendOpti
     return absl::InvalidArgumentError(
         absl::StrCat("CUDA device ", options.device, " requested, ", count, " present"));
   }
+  if (options.kv_dtype != DType::kF32 && options.kv_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache dtype ", DTypeName(options.kv_dtype), " is not one of F32, BF16"));
+  }
   std::unique_ptr<CudaBackend> b(new CudaBackend());
   b->options_ = options;
   auto fail = [](const char* what, cudaError_t err) {
@@ -111,7 +115,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(CudaBackendOpti
   if (b->blas_workspace_ == nullptr) return b->sticky_;
   cublasSetWorkspace(blas, AsCuda(*b->blas_workspace_).data(), options.blas_workspace_bytes);
   LOG(INFO) << "CUDA backend on device " << options.device << " with a " << (bytes >> 20)
-            << " MiB arena";
+            << " MiB arena, KV cache in " << DTypeName(options.kv_dtype);
   return b;
 }
 
