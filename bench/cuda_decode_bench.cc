@@ -754,6 +754,14 @@ absl::Status Run() {
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 
+  CudaBackendOptions backend_options;
+  const std::string kv_flag = absl::AsciiStrToLower(absl::GetFlag(FLAGS_kv_dtype));
+  if (kv_flag == "f32") {
+    backend_options.kv_dtype = DType::kF32;
+  } else if (kv_flag != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype: '", absl::GetFlag(FLAGS_kv_dtype), "' is neither bf16 nor f32"));
+  }
   if (CudaBackend::DeviceCount() <= 0) {
     return absl::FailedPreconditionError(
         "no CUDA device is visible to this process; cuda_decode_bench needs one");
@@ -768,14 +776,6 @@ absl::Status Run() {
     params += t.numel;
   }
 
-  CudaBackendOptions backend_options;
-  const std::string kv_flag = absl::AsciiStrToLower(absl::GetFlag(FLAGS_kv_dtype));
-  if (kv_flag == "f32") {
-    backend_options.kv_dtype = DType::kF32;
-  } else if (kv_flag != "bf16") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--kv-dtype: '", absl::GetFlag(FLAGS_kv_dtype), "' is neither bf16 nor f32"));
-  }
   ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(backend_options));
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
