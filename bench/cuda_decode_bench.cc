@@ -1,7 +1,8 @@
 // cuda_decode_bench: decode steps of the Gemma 4 26B-A4B or 31B network at its real widths on
 // the CUDA backend, against the memory-bandwidth floor of a step.
 //   cuda_decode_bench [--model 26b-a4b|31b --layers 6 --batch 1,8,32 --steps 64
-//                      --prompt-len 128 --dir DIR --keep --threads N --seed S --json]
+//                      --prompt-len 128 --kv-dtype bf16|f32 --dir DIR --keep --threads N
+//                      --seed S --json]
 //
 // 1. Measures the device-to-device copy bandwidth (bytes read plus written per second of a 1 GiB
 //    cudaMemcpyAsync, the fastest of 20; the same measurement as cuda_kernels_bench).
@@ -17,7 +18,7 @@
 //    deleted once the model is loaded (--keep keeps it, e.g. for gemma-engine-bench).
 // 3. Loads it on the CUDA backend (Model::Load, as the tools do). Then for each batch size B of
 //    --batch: prefills B seeded random prompts of --prompt-len tokens in one step (a fresh KV
-//    cache per batch size), runs 4 untimed decode steps (from whose routing the distinct
+//    cache per batch size, in --kv-dtype), runs 4 untimed decode steps (from whose routing the distinct
 //    experts per layer are counted), then times --steps decode steps as the engine runs them:
 //    one Model::Forward of one token per sequence with the last position's logits, then the
 //    greedy sample back on the host. Then --steps more steps without logits (Forward with
@@ -27,9 +28,9 @@
 //    a step must move over the measured bandwidth. Counted: every attention, dense-MLP, router
 //    and norm weight of every layer; the weights of each distinct expert the step's tokens
 //    select; the embedding rows; the output head; the KV cache each sequence reads (sliding
-//    layers at most the window) and writes, at the mean context of the timed steps; the f32
-//    logits (written, soft-capped in place, read by the sampler). Activations are left out
-//    (kilobytes per token).
+//    layers at most the window) and writes, at the mean context of the timed steps, in the
+//    cache's element type (the backend's default, bf16); the f32 logits (written, soft-capped
+//    in place, read by the sampler). Activations are left out (kilobytes per token).
 // Without a CUDA device (or in a build without it) it says so and exits 1.
 #include <cuda_runtime.h>
 #include <fcntl.h>
@@ -90,6 +91,8 @@ ABSL_FLAG(bool, keep, false, "keep the checkpoint directory (its path is printed
 ABSL_FLAG(int32_t, threads, 0, "threads writing the checkpoint (0: all cores)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the weights and the prompts");
 ABSL_FLAG(bool, json, false, "also print one JSON line with every number");
+ABSL_FLAG(std::string, kv_dtype, "bf16",
+          "KV-cache element type: bf16 (the CUDA backend's default) or f32 (to compare)");
 
 namespace gemma {
 namespace {
@@ -470,10 +473,11 @@ struct StepBytes {
 };
 
 // `experts_per_layer`: distinct experts the step's tokens select in each layer; `context`: the
-// positions each sequence holds after the step (mean over the timed steps).
+// positions each sequence holds after the step (mean over the timed steps); `kv_bytes`: bytes
+// of one element of the KV cache (its dtype's size).
 StepBytes CountStepBytes(const ModelConfig& c, int64_t batch,
                          const std::vector<double>& experts_per_layer, double context,
-                         bool with_head) {
+                         double kv_bytes, bool with_head) {
   StepBytes s;
   const double h = static_cast<double>(c.hidden_size), bf16 = 2, f32 = 4;
   const double b = static_cast<double>(batch);
@@ -493,7 +497,8 @@ StepBytes CountStepBytes(const ModelConfig& c, int64_t batch,
     s.norms += bf16 * ((c.enable_moe_block ? 8 : 4) * h + 2 * d + experts + 1);
     const double seen =
         c.IsFull(l) ? context : std::min(context, static_cast<double>(c.sliding_window));
-    s.kv += b * f32 * kv * d * kv_mats * (seen + 1);  // read what is seen, write the new row
+    // Read what is seen, write the new row.
+    s.kv += b * kv_bytes * kv * d * kv_mats * (seen + 1);
     s.flops += 2 * b *
                (attn_params + mlp_params + experts * h +
                 (c.enable_moe_block ? static_cast<double>(c.top_k_experts) * expert_params : 0));
@@ -628,8 +633,11 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
   const double context_layers = context_full + static_cast<double>(steps);
 
   // ---- report ----
-  const StepBytes full = CountStepBytes(config, batch, experts_per_layer, context_full, true);
-  const StepBytes lay = CountStepBytes(config, batch, experts_per_layer, context_layers, false);
+  const double kv_bytes = static_cast<double>(DTypeSize(cache->dtype()));
+  const StepBytes full =
+      CountStepBytes(config, batch, experts_per_layer, context_full, kv_bytes, true);
+  const StepBytes lay =
+      CountStepBytes(config, batch, experts_per_layer, context_layers, kv_bytes, false);
   const double full_floor = full.Total() / bandwidth * 1e3;
   const double layers_floor = lay.Total() / bandwidth * 1e3;
   const double head_floor = full.Head() / bandwidth * 1e3;
@@ -674,7 +682,9 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
                        mean_experts),
        full.experts);
   part("norm weights, scales, layer scalars", full.norms);
-  part(absl::StrFormat("KV cache read + written (f32, mean context %.0f)", context_full), full.kv);
+  part(absl::StrFormat("KV cache read + written (%s, mean context %.0f)",
+                       DTypeName(cache->dtype()), context_full),
+       full.kv);
   part("embedding rows", full.embed);
   part(absl::StrFormat("output head (tied embedding, %d x %d) and final norm", config.vocab_size,
                        config.hidden_size),
@@ -703,12 +713,12 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
         "\"layers_ms\": {\"p50\": %.4f, \"mean\": %.4f, \"p90\": %.4f}, "
         "\"layers_floor_ms\": %.4f, \"head_ms\": %.4f, \"head_floor_ms\": %.4f, "
         "\"step_bytes\": %.0f, \"step_flops\": %.0f, \"estimate_real_layers_ms\": %.4f, "
-        "\"estimate_real_layers_floor_ms\": %.4f, \"model\": \"%s\"}\n",
+        "\"estimate_real_layers_floor_ms\": %.4f, \"model\": \"%s\", \"kv_dtype\": \"%s\"}\n",
         bench.device, bandwidth / 1e9, layers, batch, steps, prompt_len, bench.weight_bytes,
         bench.write_s, bench.load_s, prefill_s * 1e3, mean_experts, full50, Mean(full_ms),
         Percentile(full_ms, 90), full_floor, layers50, Mean(layers_ms), Percentile(layers_ms, 90),
         layers_floor, head50, head_floor, full.Total(), full.flops, estimate_ms, estimate_floor,
-        bench.shape.name);
+        bench.shape.name, DTypeName(cache->dtype()));
   }
   return absl::OkStatus();
 }
@@ -744,6 +754,14 @@ absl::Status Run() {
   if (threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
   if (threads == 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 
+  CudaBackendOptions backend_options;
+  const std::string kv_flag = absl::AsciiStrToLower(absl::GetFlag(FLAGS_kv_dtype));
+  if (kv_flag == "f32") {
+    backend_options.kv_dtype = DType::kF32;
+  } else if (kv_flag != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype: '", absl::GetFlag(FLAGS_kv_dtype), "' is neither bf16 nor f32"));
+  }
   if (CudaBackend::DeviceCount() <= 0) {
     return absl::FailedPreconditionError(
         "no CUDA device is visible to this process; cuda_decode_bench needs one");
@@ -758,7 +776,7 @@ absl::Status Run() {
     params += t.numel;
   }
 
-  ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create());
+  ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(backend_options));
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   const size_t arena = backend->arena().capacity();
@@ -775,9 +793,9 @@ absl::Status Run() {
   for (int l = 0; l < layers; ++l) sliding += config.IsFull(l) ? 0 : 1;
   std::cout << absl::StrFormat(
       "cuda_decode_bench: Gemma 4 %s widths, %d layers (%d sliding, %d full), vocabulary "
-      "%d, bf16 weights (%.2fG parameters, %.2f GB), batch %s\n",
+      "%d, bf16 weights (%.2fG parameters, %.2f GB), KV cache in %s, batch %s\n",
       shape.name, layers, sliding, layers - sliding, config.vocab_size, params / 1e9, weight_bytes / 1e9,
-      absl::StrJoin(batches, ", "));
+      DTypeName(backend->KvCacheDType()), absl::StrJoin(batches, ", "));
   std::cout << absl::StrFormat(
       "device: %s (%d SMs, %.1f GiB); measured copy bandwidth %.1f GB/s (device-to-device, "
       "%d MiB, bytes read + written, fastest of %d)\n",

@@ -355,15 +355,19 @@ void BM_AddRmsNorm(benchmark::State& state) {
 }
 BENCHMARK(BM_AddRmsNorm)->Arg(1)->Arg(64)->UseManualTime();
 
-// Decode attention of one sequence of `len` cached tokens, 32 heads over `kv` KV heads.
+// Decode attention of one sequence of `len` cached tokens, 32 heads over `kv` KV heads, over a
+// cache of `cache_bytes` bytes an element: 2 (bf16, the CUDA backend's default) or 4 (f32).
 void BM_AttentionDecode(benchmark::State& state) {
   GEMMA_NEED_GPU(b);
   const int64_t d = state.range(0), len = state.range(1), heads = 32, kv = d == 512 ? 4 : 16;
+  const int64_t cache_bytes = state.range(2);
+  const DType cache_dtype = cache_bytes == 2 ? DType::kBF16 : DType::kF32;
+  state.SetLabel(cache_bytes == 2 ? "bf16 cache" : "f32 cache");
   const int64_t page = 16, pages = (len + page - 1) / page;
   const bool k_eq_v = d == 512;
   auto q = RandomBuffer(*b, DType::kF32, heads * d);
-  auto v_cache = RandomBuffer(*b, DType::kF32, pages * page * kv * d);
-  auto k_cache = k_eq_v ? nullptr : RandomBuffer(*b, DType::kF32, pages * page * kv * d);
+  auto v_cache = RandomBuffer(*b, cache_dtype, pages * page * kv * d);
+  auto k_cache = k_eq_v ? nullptr : RandomBuffer(*b, cache_dtype, pages * page * kv * d);
   auto k_norm = RandomBuffer(*b, DType::kBF16, d);
   auto out = *b->Alloc(DType::kF32, heads * d);
   std::vector<int32_t> table(pages);
@@ -398,14 +402,20 @@ void BM_AttentionDecode(benchmark::State& state) {
   a.head_dim = d;
   a.page_size = page;
   a.out = out.get();
-  // The cached keys and values (f32; on k_eq_v layers K is derived from V), plus q and out.
-  const Work work{4.0 * len * kv * d * (k_eq_v ? 1 : 2) + 8.0 * heads * d, 4.0 * heads * len * d};
+  // The cached keys and values (on k_eq_v layers K is derived from V), plus q and out (f32).
+  const Work work{static_cast<double>(cache_bytes) * len * kv * d * (k_eq_v ? 1 : 2) +
+                      8.0 * heads * d,
+                  4.0 * heads * len * d};
   Time(state, *b, work, [&] { b->Attention(a); });
 }
+// Each shape over the bf16 cache the backend keeps, then over an f32 cache for comparison.
 BENCHMARK(BM_AttentionDecode)
-    ->Args({256, 1024})
-    ->Args({512, 4096})
-    ->Args({512, 32768})
+    ->Args({256, 1024, 2})
+    ->Args({512, 4096, 2})
+    ->Args({512, 32768, 2})
+    ->Args({256, 1024, 4})
+    ->Args({512, 4096, 4})
+    ->Args({512, 32768, 4})
     ->UseManualTime();
 
 // 26B-A4B expert layer at decode: 128 experts, top-8, hidden 2816, expert width 704, bf16.

@@ -7,7 +7,10 @@
 // l, l + 32, ... of the accumulator. At the end the warps of each head merge their partial
 // (max, sum, accumulator) triples through shared memory. With a key split (blockIdx.z), each
 // block walks one slice and leaves its merged triple per head in scratch; MergeSplitsKernel
-// combines the slices.
+// combines the slices. The cache holds f32 or bf16 (a template parameter of the kernel): rows
+// are widened to f32 as they are loaded into shared memory, and everything after is f32.
+#include <cuda_bf16.h>
+
 #include <algorithm>
 
 #include "kernels/attention.h"
@@ -38,8 +41,12 @@ size_t SharedBytes(int64_t d) {
   return sizeof(float) * static_cast<size_t>(3 * kWarps * d + d / 2 + 3 * kWarps);
 }
 
-// kDims: dims per lane (head_dim <= 32 * kDims).
-template <int kDims>
+__device__ __forceinline__ float CacheToFloat(float x) { return x; }
+__device__ __forceinline__ float CacheToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// kDims: dims per lane (head_dim <= 32 * kDims); CacheT: float or __nv_bfloat16, the cache's
+// element (p.cache_type).
+template <int kDims, typename CacheT>
 __global__ void __launch_bounds__(kWarps * 32) PagedAttentionKernel(PagedAttentionParams p,
                                                                     int64_t hc) {
   extern __shared__ float smem[];
@@ -65,6 +72,8 @@ __global__ void __launch_bounds__(kWarps * 32) PagedAttentionKernel(PagedAttenti
   const int64_t key_lanes = kWarps / hc;
   const int64_t my_key_lane = warp / hc;
   const bool derive_k = p.k_cache == nullptr;
+  const CacheT* k_cache = static_cast<const CacheT*>(p.k_cache);
+  const CacheT* v_cache = static_cast<const CacheT*>(p.v_cache);
   const int64_t pairs = min(half, p.rope.rotary_pairs);
 
   // The sequence of token t: the last s with query_start[s] <= t.
@@ -127,10 +136,10 @@ __global__ void __launch_bounds__(kWarps * 32) PagedAttentionKernel(PagedAttenti
 #pragma unroll
       for (int i = 0; i < kDims; ++i) {
         const int64_t c = lane + 32 * i;
-        vreg[i] = c < d ? p.v_cache[base + c] : 0.0f;
+        vreg[i] = c < d ? CacheToFloat(v_cache[base + c]) : 0.0f;
         if (c < d) {
           my_val[c] = vreg[i];
-          if (!derive_k) my_key[c] = p.k_cache[base + c];
+          if (!derive_k) my_key[c] = CacheToFloat(k_cache[base + c]);
         }
       }
       if (derive_k) {
@@ -264,11 +273,11 @@ int64_t KeyBound(const PagedAttentionParams& p) {
   return p.window > 0 ? std::min(bound, p.window) : bound;
 }
 
-template <int kDims>
+template <int kDims, typename CacheT>
 cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const size_t bytes = SharedBytes(p.head_dim);
   if (bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(PagedAttentionKernel<kDims>,
+    cudaError_t err = cudaFuncSetAttribute(PagedAttentionKernel<kDims, CacheT>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
@@ -278,7 +287,7 @@ cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
   const int64_t hc = HeadChunk(p);
   dim3 grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_heads / hc),
             static_cast<unsigned>(splits));
-  PagedAttentionKernel<kDims><<<grid, kWarps * 32, bytes, stream>>>(p, hc);
+  PagedAttentionKernel<kDims, CacheT><<<grid, kWarps * 32, bytes, stream>>>(p, hc);
   if (splits > 1) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -286,6 +295,12 @@ cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
     MergeSplitsKernel<<<merge_grid, 128, 0, stream>>>(p, splits);
   }
   return cudaGetLastError();
+}
+
+template <int kDims>
+cudaError_t LaunchForCache(const PagedAttentionParams& p, cudaStream_t stream) {
+  return p.cache_type == ElemType::kF32 ? Launch<kDims, float>(p, stream)
+                                        : Launch<kDims, __nv_bfloat16>(p, stream);
 }
 
 }  // namespace
@@ -310,10 +325,10 @@ cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream) {
       p.num_seqs <= 0 || p.page_size <= 0) {
     return cudaErrorInvalidValue;
   }
-  if (p.head_dim <= 32) return Launch<1>(p, stream);
-  if (p.head_dim <= 128) return Launch<4>(p, stream);
-  if (p.head_dim <= 256) return Launch<8>(p, stream);
-  if (p.head_dim <= 512) return Launch<16>(p, stream);
+  if (p.head_dim <= 32) return LaunchForCache<1>(p, stream);
+  if (p.head_dim <= 128) return LaunchForCache<4>(p, stream);
+  if (p.head_dim <= 256) return LaunchForCache<8>(p, stream);
+  if (p.head_dim <= 512) return LaunchForCache<16>(p, stream);
   return cudaErrorInvalidValue;
 }
 

@@ -1,6 +1,7 @@
-// Paged attention over a KV cache laid out [num_pages, page_size, num_kv_heads, head_dim] f32,
-// for prefill and decode alike: causal, optionally with an inclusive sliding window, grouped
-// query heads, and K derived from cached V (K = RoPE(V * k_norm_weight)) on k_eq_v layers.
+// Paged attention over a KV cache laid out [num_pages, page_size, num_kv_heads, head_dim] in f32
+// or bf16, for prefill and decode alike: causal, optionally with an inclusive sliding window,
+// grouped query heads, and K derived from cached V (K = RoPE(V * k_norm_weight)) on k_eq_v
+// layers. Queries, scores, the softmax and the output are f32 whatever the cache holds.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,8 +14,11 @@ namespace gemma::kernels {
 
 struct PagedAttentionParams {
   const float* q = nullptr;        // [num_tokens, num_heads, head_dim], normed and rotated
-  const float* k_cache = nullptr;  // null: K derived from V
-  const float* v_cache = nullptr;
+  // Elements of cache_type; bf16 values are widened to f32 as they are read (on k_eq_v layers
+  // the derivation starts from the widened V).
+  const void* k_cache = nullptr;  // null: K derived from V
+  const void* v_cache = nullptr;
+  ElemType cache_type = ElemType::kF32;
   const void* k_norm_weight = nullptr;  // [head_dim], used when k_cache is null
   ElemType k_norm_type = ElemType::kF32;
   Rope rope;                            // rotation of derived keys

@@ -79,16 +79,22 @@ __global__ void GatherSumRowsKernel(const float* x, int64_t x_rows, const int32_
   }
 }
 
+__device__ __forceinline__ void StoreKv(float* dst, float x) { *dst = x; }
+__device__ __forceinline__ void StoreKv(__nv_bfloat16* dst, float x) {
+  *dst = __float2bfloat16_rn(x);
+}
+
+template <typename CacheT>
 __global__ void WriteKvKernel(const float* k, const float* v, const int32_t* slots,
-                              int64_t row_elems, int64_t cache_rows, float* k_cache,
-                              float* v_cache) {
+                              int64_t row_elems, int64_t cache_rows, CacheT* k_cache,
+                              CacheT* v_cache) {
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0 || slot >= cache_rows) return;
   for (int64_t i = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; i < row_elems;
        i += int64_t{gridDim.y} * blockDim.x) {
-    v_cache[slot * row_elems + i] = v[t * row_elems + i];
-    if (k_cache != nullptr) k_cache[slot * row_elems + i] = k[t * row_elems + i];
+    StoreKv(v_cache + slot * row_elems + i, v[t * row_elems + i]);
+    if (k_cache != nullptr) StoreKv(k_cache + slot * row_elems + i, k[t * row_elems + i]);
   }
 }
 
@@ -161,15 +167,22 @@ cudaError_t GatherSumRows(const float* x, int64_t x_rows, const int32_t* idx, in
 }
 
 cudaError_t WriteKv(const float* k, const float* v, const int32_t* slots, int64_t num_tokens,
-                    int64_t row_elems, int64_t cache_rows, float* k_cache, float* v_cache,
-                    cudaStream_t stream) {
+                    int64_t row_elems, int64_t cache_rows, void* k_cache, void* v_cache,
+                    ElemType cache_type, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   // A row over several blocks (a decode step writes one row of up to 4096 values per layer).
   const unsigned threads = RowThreads(row_elems);
   dim3 grid(static_cast<unsigned>(num_tokens),
             static_cast<unsigned>(std::min<int64_t>(CeilDiv(row_elems, threads), 64)));
-  WriteKvKernel<<<grid, threads, 0, stream>>>(k, v, slots, row_elems, cache_rows, k_cache,
-                                               v_cache);
+  if (cache_type == ElemType::kF32) {
+    WriteKvKernel<<<grid, threads, 0, stream>>>(k, v, slots, row_elems, cache_rows,
+                                                 static_cast<float*>(k_cache),
+                                                 static_cast<float*>(v_cache));
+  } else {
+    WriteKvKernel<<<grid, threads, 0, stream>>>(k, v, slots, row_elems, cache_rows,
+                                                 static_cast<__nv_bfloat16*>(k_cache),
+                                                 static_cast<__nv_bfloat16*>(v_cache));
+  }
   return cudaGetLastError();
 }
 

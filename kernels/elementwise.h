@@ -1,5 +1,6 @@
 // Element-wise and row-copy kernels: embedding gather, add, gated GELU, softcap, row gather,
-// KV-cache scatter and the f32 -> bf16 conversion used before bf16 matrix products.
+// KV-cache scatter (into an f32 or bf16 cache) and the f32 -> bf16 conversion used before bf16
+// matrix products.
 // Raw device pointers, sizes and a stream; each returns the launch error.
 #pragma once
 
@@ -36,11 +37,12 @@ cudaError_t GatherRows(const float* x, int64_t x_rows, const int32_t* rows, int6
 cudaError_t GatherSumRows(const float* x, int64_t x_rows, const int32_t* idx, int64_t rows,
                           int64_t k, int64_t dim, float* out, cudaStream_t stream);
 
-// cache[slots[t]] = src[t] for rows of row_elems floats (k and k_cache may be null); slots below
-// zero or at/after cache_rows are skipped.
+// cache[slots[t]] = src[t] for rows of row_elems values (k and k_cache may be null); slots below
+// zero or at/after cache_rows are skipped. k and v are f32; the caches hold `cache_type`: f32
+// rows are copied, bf16 rows rounded to nearest even (as F32ToBf16).
 cudaError_t WriteKv(const float* k, const float* v, const int32_t* slots, int64_t num_tokens,
-                    int64_t row_elems, int64_t cache_rows, float* k_cache, float* v_cache,
-                    cudaStream_t stream);
+                    int64_t row_elems, int64_t cache_rows, void* k_cache, void* v_cache,
+                    ElemType cache_type, cudaStream_t stream);
 
 // dst = bf16(src), round to nearest even, n elements.
 cudaError_t F32ToBf16(const float* src, int64_t n, void* dst, cudaStream_t stream);

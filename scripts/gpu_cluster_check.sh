@@ -5,8 +5,8 @@
 # gemma-coordinator, gemma-worker, gemmactl and gemma-generate, then on loopback:
 #
 #   1. the reference: gemma-generate --backend cpu, greedy, on 8 token-id prompts;
-#   2. a gemma-coordinator and one replica `gemma-worker --backend cuda --gpus 1` of
-#      tests/golden/data/tiny-moe; once it is healthy, alone in the cluster: 8 concurrent
+#   2. a gemma-coordinator and one replica `gemma-worker --backend cuda --gpus 1 --kv-dtype
+#      f32` of tests/golden/data/tiny-moe; once it is healthy, alone in the cluster: 8 concurrent
 #      `gemmactl generate --tokens ...` streams whose ids must equal the reference, 2 text
 #      streams, one `gemmactl chat` turn and `gemmactl status`;
 #   3. a second replica on the CPU (`--cpu-ranks 2`: tp=2, two rank processes); once the
@@ -322,9 +322,12 @@ if [[ ${BUILT} == 1 ]] && step "reference: gemma-generate --backend cpu" referen
   if step "coordinator serving on ${GEMMA_COORDINATOR}" coordinator_up.log 20 \
        bash -c 'wait_serving "$@"' wait_serving "${GEMMA_COORDINATOR}"; then
     WORKER_ARGS=(--coordinator "${GEMMA_COORDINATOR}" --model "${MODEL}")
-    # 1. The CUDA replica, alone in the cluster: every request goes to it.
+    # 1. The CUDA replica, alone in the cluster: every request goes to it. Its streams must
+    #    equal the CPU reference exactly, so it keeps an f32 KV cache (--kv-dtype f32): the
+    #    default bf16 cache's rounding can flip near-tie choices of the tiny random checkpoint
+    #    (the gpu tier checks the bf16 cache against the CPU within its bound).
     start "cuda replica" worker_cuda.log "${BIN}/gemma-worker" "${WORKER_ARGS[@]}" \
-      --backend cuda --gpus 1
+      --backend cuda --gpus 1 --kv-dtype f32
     CUDA_OK=0
     if step "CUDA replica (--backend cuda --gpus 1) healthy" cuda_replica.log 150 \
          bash -c 'wait_healthy "$@"' wait_healthy "${PGIDS[1]}" "${LOGS}/worker_cuda.log" 1; then

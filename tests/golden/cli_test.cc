@@ -90,16 +90,22 @@ TEST(CliTest, ForwardWritesTransformersLogitsAsNpy) {
   EXPECT_LE(cmp.Relative(), testing::kLogitRelTol) << cmp.ToString();
 }
 
+// Also with the KV-cache dtype spelled out: on the CPU, auto and f32 are the same f32 cache.
 TEST(CliTest, GeneratePrintsGreedyIdsOnOneLine) {
   nlohmann::json manifest = Manifest("tiny-dense");
   const auto& g = manifest["greedy"][1];
-  RunResult r = RunTool("gemma-generate",
-                    absl::StrCat("--model ", testing::GoldenPath("tiny-dense"), " --tokens ",
-                                 absl::StrJoin(g["prompt"].get<std::vector<int32_t>>(), ","),
-                                 " --max-new-tokens ", g["max_new_tokens"].get<int>()));
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_EQ(absl::StripAsciiWhitespace(r.output),
-            absl::StrJoin(g["output"].get<std::vector<int32_t>>(), " "));
+  for (const std::string& flags : {std::string(), std::string(" --kv-dtype f32"),
+                                   std::string(" --kv-dtype auto")}) {
+    RunResult r = RunTool("gemma-generate",
+                          absl::StrCat("--model ", testing::GoldenPath("tiny-dense"), " --tokens ",
+                                       absl::StrJoin(g["prompt"].get<std::vector<int32_t>>(), ","),
+                                       " --max-new-tokens ", g["max_new_tokens"].get<int>(),
+                                       flags));
+    ASSERT_EQ(r.exit_code, 0) << flags << ": " << r.output;
+    EXPECT_EQ(absl::StripAsciiWhitespace(r.output),
+              absl::StrJoin(g["output"].get<std::vector<int32_t>>(), " "))
+        << flags;
+  }
 }
 
 TEST(CliTest, RanksAsThreadsGiveTheSameIds) {
@@ -170,6 +176,11 @@ TEST(CliTest, BadFlagsAndInputsFailWithAClearMessage) {
       {"gemma-generate",
        absl::StrCat("--model ", model, " --tokens 2 --backend cuda --data-plane nccl --tp 2"),
        "--data-plane nccl needs ranks as processes"},
+      // The CPU backend is the fp32 reference: no bf16 cache there.
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --kv-dtype bf16"),
+       "--kv-dtype bf16 needs --backend cuda"},
+      {"gemma-generate", absl::StrCat("--model ", model, " --tokens 2 --kv-dtype f16"),
+       "--kv-dtype \"f16\" is not one of auto, f32, bf16"},
   };
   for (const BadCase& c : cases) {
     RunResult r = RunTool(c.tool, c.args);

@@ -1,11 +1,12 @@
 // The golden fixtures (transformers on tiny Gemma 4 checkpoints) on the CUDA backend: prompt
 // logits, the same through decode steps and chunked prefill over the paged cache, chosen
 // experts, and greedy continuations, all held to the CPU engine's bound. The backend keeps
-// activations in f32 in every product here (CudaBackendOptions::f32_products), so the bf16
-// checkpoint is computed as its fp32 reference is. The serving path, whose prefill products
-// round activations to bf16 for the tensor cores, is held against transformers' own bf16
-// computation: no further from the fp32 reference than twice that run (or kCudaRelTol), and
-// the same top-1 token wherever that run has it.
+// activations in f32 in every product here (CudaBackendOptions::f32_products) and its KV cache
+// in f32 (kv_dtype), so the bf16 checkpoint is computed as its fp32 reference is. The serving
+// path, whose prefill products round activations to bf16 for the tensor cores and whose KV
+// cache is bf16 (the defaults), is held against transformers' own bf16 computation: no further
+// from the fp32 reference than twice that run (or kCudaRelTol), and the same top-1 token
+// wherever that run has it.
 // Skipped, saying so, where no CUDA device is present.
 #include <algorithm>
 #include <fstream>
@@ -44,12 +45,16 @@ class CudaGoldenTest : public ::testing::TestWithParam<std::string> {
     ASSERT_NO_FATAL_FAILURE(LoadOnCuda(/*f32_products=*/true, backend_, model_, cache_));
   }
   // The fixture's model on a fresh CUDA backend (1 GiB arena) with a paged cache of 4-token
-  // pages; f32_products as CudaBackendOptions has it.
+  // pages; f32_products as CudaBackendOptions has it. With f32 products the KV cache is f32 too
+  // (the 1e-4 bound and exact expert choices are the fp32 reference's, and bf16 rounding of
+  // every cached key and value costs a few 1e-3); without, it keeps the backend's default
+  // (bf16), so the serving path checked is the one served.
   void LoadOnCuda(bool f32_products, std::unique_ptr<CudaBackend>& backend,
                   std::unique_ptr<gemma4::Model>& model, std::unique_ptr<KvCache>& cache) {
     CudaBackendOptions options;
     options.arena_bytes = size_t{1} << 30;
     options.f32_products = f32_products;
+    if (f32_products) options.kv_dtype = DType::kF32;
     auto b = CudaBackend::Create(options);
     ASSERT_TRUE(b.ok()) << b.status();
     backend = *std::move(b);
@@ -171,8 +176,9 @@ TEST_P(CudaGoldenTest, StepGraphsMatchEagerSteps) {
   EXPECT_LE(batch_cmp.Relative(), 1e-6) << "three sequences together: " << batch_cmp.ToString();
 }
 
-// The serving path (bf16 activations into the tensor-core products) on the bf16 checkpoint,
-// against transformers' bf16 run of the same prompts (recorded beside the fp32 reference).
+// The serving path (bf16 activations into the tensor-core products, the bf16 KV cache) on the
+// bf16 checkpoint, against transformers' bf16 run of the same prompts (recorded beside the fp32
+// reference; its cache is bf16 as well).
 TEST_P(CudaGoldenTest, ServingPathWithinTransformersBf16) {
   if (manifest_.value("weights_dtype", "") != "bfloat16") {
     GTEST_SKIP() << "f32 checkpoint: its products never round activations";
@@ -182,6 +188,7 @@ TEST_P(CudaGoldenTest, ServingPathWithinTransformersBf16) {
   std::unique_ptr<gemma4::Model> model;
   std::unique_ptr<KvCache> cache;
   ASSERT_NO_FATAL_FAILURE(LoadOnCuda(/*f32_products=*/false, backend, model, cache));
+  ASSERT_EQ(cache->dtype(), DType::kBF16) << "the serving path's KV cache is bf16";
   const int64_t vocab = model->config().vocab_size;
   auto top1 = [vocab](const std::vector<float>& logits, int64_t pos) {
     auto first = logits.begin() + pos * vocab;

@@ -1,8 +1,11 @@
 // Every op of the CUDA backend against the CPU backend on random inputs at awkward sizes: one
 // token, odd counts, exactly the sliding window and one past, head dims 256 and 512, partly
-// filled pages, experts that receive no token. Outputs start as NaN so an unwritten element
-// fails. Skipped, saying so, where no CUDA device is present.
+// filled pages, experts that receive no token; the KV write and attention also over the bf16
+// cache the CUDA backend keeps by default, against the CPU's f32 one. Outputs start as NaN so
+// an unwritten element fails. Skipped, saying so, where no CUDA device is present.
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -321,6 +324,317 @@ TEST_F(CudaAttentionTest, SlidingWindowAtExactlyTheWindowAndOnePast) {
   Run({256, w, false, {w, w + 1, w + 2}, {w, 1, 3}});
   Run({256, w, false, {w + 1, 2 * w + 1}, {w + 1, 2}});
   Run({512, w, false, {w, w + 1}, {1, w + 1}});
+}
+
+// A step's batch over a paged cache with shuffled physical pages, as the model lays it out:
+// per sequence its page-table row and every cached position's slot, split into what earlier
+// steps wrote and this step's new tokens (the queries).
+struct PagedBatch {
+  static constexpr int64_t kPageSize = 16;
+  PagedBatch(const AttentionCase& c, std::mt19937& rng) {
+    num_seqs = static_cast<int64_t>(c.seq_lens.size());
+    for (int32_t len : c.seq_lens) {
+      max_pages = std::max<int64_t>(max_pages, (len + kPageSize - 1) / kPageSize);
+    }
+    total_pages = max_pages * num_seqs + 3;
+    std::vector<int32_t> physical(total_pages);
+    std::iota(physical.begin(), physical.end(), 0);
+    std::shuffle(physical.begin(), physical.end(), rng);
+    table.assign(num_seqs * max_pages, -1);
+    query_start = {0};
+    int64_t next = 0;
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t pages = (c.seq_lens[s] + kPageSize - 1) / kPageSize;
+      for (int64_t p = 0; p < pages; ++p) table[s * max_pages + p] = physical[next++];
+      const int32_t first_new = c.seq_lens[s] - c.new_tokens[s];
+      for (int32_t i = 0; i < c.seq_lens[s]; ++i) {
+        const int32_t slot =
+            table[s * max_pages + i / kPageSize] * static_cast<int32_t>(kPageSize) +
+            i % static_cast<int32_t>(kPageSize);
+        (i < first_new ? old_slots : new_slots).push_back(slot);
+        if (i >= first_new) positions.push_back(i);
+      }
+      query_start.push_back(static_cast<int32_t>(positions.size()));
+    }
+  }
+  int64_t tokens() const { return static_cast<int64_t>(positions.size()); }
+  int64_t cache_rows() const { return total_pages * kPageSize; }
+
+  int64_t num_seqs = 0, max_pages = 0, total_pages = 0;
+  std::vector<int32_t> table, query_start, positions, old_slots, new_slots;
+};
+
+// The values a bf16 cache holds for `x`: rounded to nearest even, widened back to f32.
+std::vector<float> RoundedToBf16(std::vector<float> x) {
+  for (float& v : x) v = Bf16ToF32(F32ToBf16(v));
+  return x;
+}
+
+// WriteKv then Attention on the CUDA backend's default cache (bf16), against the CPU backend's
+// f32 cache fed the same f32 keys and values: earlier positions written by one WriteKv, the
+// step's new tokens by another (as the model writes them), then attention of the new tokens.
+// Three checks:
+//   - the bf16 cache holds exactly F32ToBf16 of what was written (round to nearest even), and
+//     rows no token was written to are untouched;
+//   - the output equals the CPU's attention over an f32 cache of those same rounded values to
+//     kCudaF32RelTol (only summation order and sincosf differ: the kernel's f32 arithmetic after
+//     the load is what the f32 cache gets);
+//   - against the CPU's unrounded f32 cache it is within kCudaBf16KvRelTol (2^-7 of the largest
+//     output). That bound is what the rounding costs: every cached key and value moves by at
+//     most 2^-9 of itself, so a query that sees one key returns that value within 2^-9, and
+//     with more keys the scores move too (q . dk, and on k_eq_v layers the key derived from
+//     the rounded V). At these shapes and distributions (q in [-0.2, 0.2], k and v in [-1, 1])
+//     a double-precision simulation of the same attention over rounded and unrounded caches
+//     gave 2e-3 to 3.3e-3 on average and 4.7e-3 at worst over 200 draws per shape, and the CPU
+//     backend over this test's own draws, rounded and not, 1.5e-3 to 4.7e-3.
+class CudaBf16KvTest : public CudaVsCpuTest {
+ protected:
+  // The cache buffers of one side: K (null on k_eq_v layers) and V.
+  struct Cache {
+    BufferPtr k, v;
+  };
+
+  // A cache of `rows` rows on `backend` in `dtype`, every element NaN.
+  Cache NanCache(Backend& backend, DType dtype, int64_t rows, int64_t row, bool k_eq_v) {
+    auto make = [&] {
+      BufferPtr b = *backend.Alloc(dtype, rows * row);
+      if (dtype == DType::kF32) {
+        std::vector<float> nan(rows * row, std::numeric_limits<float>::quiet_NaN());
+        backend.Write(*b, nan.data(), nan.size() * sizeof(float));
+      } else {
+        std::vector<uint16_t> nan(rows * row, 0x7fc0);
+        backend.Write(*b, nan.data(), nan.size() * sizeof(uint16_t));
+      }
+      EXPECT_TRUE(backend.Synchronize().ok());  // the host vectors die here
+      return b;
+    };
+    Cache c;
+    if (!k_eq_v) c.k = make();
+    c.v = make();
+    return c;
+  }
+
+  BufferPtr Upload(Backend& backend, DType dtype, const void* data, int64_t n) {
+    BufferPtr b = *backend.Alloc(dtype, n);
+    backend.Write(*b, data, n * 4);
+    EXPECT_TRUE(backend.Synchronize().ok());
+    return b;
+  }
+  BufferPtr UploadF32(Backend& backend, const std::vector<float>& v) {
+    return Upload(backend, DType::kF32, v.data(), static_cast<int64_t>(v.size()));
+  }
+  BufferPtr UploadI32(Backend& backend, const std::vector<int32_t>& v) {
+    return Upload(backend, DType::kI32, v.data(), static_cast<int64_t>(v.size()));
+  }
+
+  // WriteKv of the rows k and v (row floats each; k ignored on k_eq_v layers) at `slots`.
+  void Write(Backend& backend, const std::vector<float>& k, const std::vector<float>& v,
+             const std::vector<int32_t>& slots, int64_t row, Cache& cache) {
+    if (slots.empty()) return;
+    BufferPtr kb = cache.k != nullptr ? UploadF32(backend, k) : nullptr;
+    BufferPtr vb = UploadF32(backend, v);
+    BufferPtr sb = UploadI32(backend, slots);
+    backend.WriteKv(kb.get(), *vb, *sb, static_cast<int64_t>(slots.size()), row, cache.k.get(),
+                    *cache.v);
+    EXPECT_TRUE(backend.Synchronize().ok());  // the inputs die here
+  }
+
+  // Attention of the batch's new tokens over `cache` on `backend`; the output, read back.
+  std::vector<float> Attend(Backend& backend, const AttentionCase& c, const PagedBatch& batch,
+                            const std::vector<float>& q, const Cache& cache,
+                            const Buffer& k_norm) {
+    const int64_t n_out = batch.tokens() * c.heads * c.head_dim;
+    BufferPtr qb = UploadF32(backend, q);
+    BufferPtr pos = UploadI32(backend, batch.positions);
+    BufferPtr qs = UploadI32(backend, batch.query_start);
+    BufferPtr lens = UploadI32(backend, c.seq_lens);
+    BufferPtr pt = UploadI32(backend, batch.table);
+    BufferPtr out = UploadF32(backend, std::vector<float>(n_out, std::nanf("")));
+    BatchLayout l;
+    l.num_tokens = batch.tokens();
+    l.num_seqs = batch.num_seqs;
+    l.max_pages_per_seq = batch.max_pages;
+    l.positions = pos.get();
+    l.query_start = qs.get();
+    l.seq_lens = lens.get();
+    l.page_tables[1] = pt.get();
+    l.host_query_start = batch.query_start;
+    l.host_seq_lens = c.seq_lens;
+    backend.Attention(Args(c, l, *qb, cache, k_norm, *out));
+    return ReadF32(backend, *out, n_out);
+  }
+
+  static AttentionArgs Args(const AttentionCase& c, const BatchLayout& layout, const Buffer& q,
+                            const Cache& cache, const Buffer& k_norm, Buffer& out) {
+    const int64_t d = c.head_dim;
+    AttentionArgs a;
+    a.layout = &layout;
+    a.pool = 1;
+    a.q = &q;
+    a.k_cache = cache.k.get();
+    a.v_cache = cache.v.get();
+    a.k_norm_weight = &k_norm;
+    a.rope = RopeSpec{d, d == 512 ? 64 : d / 2, d == 512 ? 1e6 : 1e4, 1.0};
+    a.num_heads = c.heads;
+    a.num_kv_heads = c.kv_heads;
+    a.head_dim = d;
+    a.page_size = PagedBatch::kPageSize;
+    a.window = c.window;
+    a.scale = 1.0f;
+    a.out = &out;
+    return a;
+  }
+
+  void Run(const AttentionCase& c) {
+    ASSERT_EQ(gpu_->KvCacheDType(), DType::kBF16) << "the CUDA backend's default KV cache";
+    const std::string what =
+        absl::StrCat("bf16 cache d=", c.head_dim, " window=", c.window, " k_eq_v=", c.k_eq_v,
+                     " heads=", c.heads, "/", c.kv_heads);
+    const PagedBatch batch(c, rng_);
+    const int64_t row = c.kv_heads * c.head_dim, rows = batch.cache_rows();
+    const int64_t n_old = static_cast<int64_t>(batch.old_slots.size());
+    const int64_t n_new = static_cast<int64_t>(batch.new_slots.size());
+    // Keys and values as HeadNormRope leaves them (f32), and the queries.
+    const std::vector<float> k_old = Random(n_old * row), v_old = Random(n_old * row);
+    const std::vector<float> k_new = Random(n_new * row), v_new = Random(n_new * row);
+    const std::vector<float> q = Random(batch.tokens() * c.heads * c.head_dim, 0.2f);
+    Pair k_norm = Weight(Random(c.head_dim), DType::kBF16);
+
+    Cache gpu = NanCache(*gpu_, DType::kBF16, rows, row, c.k_eq_v);
+    Cache cpu = NanCache(*cpu_, DType::kF32, rows, row, c.k_eq_v);
+    Cache cpu_rounded = NanCache(*cpu_, DType::kF32, rows, row, c.k_eq_v);
+    Write(*gpu_, k_old, v_old, batch.old_slots, row, gpu);
+    Write(*gpu_, k_new, v_new, batch.new_slots, row, gpu);
+    Write(*cpu_, k_old, v_old, batch.old_slots, row, cpu);
+    Write(*cpu_, k_new, v_new, batch.new_slots, row, cpu);
+    Write(*cpu_, RoundedToBf16(k_old), RoundedToBf16(v_old), batch.old_slots, row, cpu_rounded);
+    Write(*cpu_, RoundedToBf16(k_new), RoundedToBf16(v_new), batch.new_slots, row, cpu_rounded);
+
+    // The cache's bits: each written row is F32ToBf16 of its source, every other row NaN.
+    auto check_bits = [&](const Buffer& buf, const std::vector<float>& old_rows,
+                          const std::vector<float>& new_rows, const char* name) {
+      std::vector<uint16_t> got(rows * row);
+      ASSERT_TRUE(gpu_->Read(buf, got.data(), got.size() * sizeof(uint16_t)).ok());
+      std::vector<uint16_t> want(rows * row, 0x7fc0);
+      for (int64_t t = 0; t < n_old; ++t) {
+        for (int64_t i = 0; i < row; ++i) {
+          want[batch.old_slots[t] * row + i] = F32ToBf16(old_rows[t * row + i]);
+        }
+      }
+      for (int64_t t = 0; t < n_new; ++t) {
+        for (int64_t i = 0; i < row; ++i) {
+          want[batch.new_slots[t] * row + i] = F32ToBf16(new_rows[t * row + i]);
+        }
+      }
+      int64_t wrong = 0, first_wrong = -1;
+      for (int64_t i = 0; i < rows * row; ++i) {
+        if (got[i] != want[i] && wrong++ == 0) first_wrong = i;
+      }
+      EXPECT_EQ(wrong, 0) << what << ": " << name << " cache differs from F32ToBf16 at "
+                          << wrong << " elements, the first at " << first_wrong;
+    };
+    if (!c.k_eq_v) check_bits(*gpu.k, k_old, k_new, "K");
+    check_bits(*gpu.v, v_old, v_new, "V");
+
+    const std::vector<float> ours = Attend(*gpu_, c, batch, q, gpu, *k_norm.gpu);
+    const std::vector<float> ref = Attend(*cpu_, c, batch, q, cpu, *k_norm.cpu);
+    const std::vector<float> ref_rounded = Attend(*cpu_, c, batch, q, cpu_rounded, *k_norm.cpu);
+    for (size_t i = 0; i < ours.size(); ++i) {
+      ASSERT_FALSE(std::isnan(ours[i])) << what << ": NaN (an unwritten key?) at " << i;
+    }
+    const testing::Comparison same_values = testing::Compare(ours, ref_rounded);
+    EXPECT_FALSE(same_values.nan_mismatch) << what;
+    EXPECT_LE(same_values.Relative(), testing::kCudaF32RelTol)
+        << what << ", against the CPU over the same rounded values: " << same_values.ToString();
+    const testing::Comparison against_f32 = testing::Compare(ours, ref);
+    EXPECT_FALSE(against_f32.nan_mismatch) << what;
+    EXPECT_LE(against_f32.Relative(), testing::kCudaBf16KvRelTol)
+        << what << ", against the CPU's f32 cache: " << against_f32.ToString();
+  }
+};
+
+// Sliding layers keep K and V at head_dim 256, within a window: decode steps of sequences
+// shorter than, inside and far past the window (the long one splits its keys over blocks),
+// a prefill crossing the window, and a prefill beside a chunk of a long sequence; groups of 4
+// query heads a KV head and of 2 (the 26B-A4B's sliding layers).
+TEST_F(CudaBf16KvTest, SlidingLayerWithKAndVAtHeadDim256) {
+  for (const auto& [heads, kv_heads] : std::vector<std::pair<int64_t, int64_t>>{{8, 2}, {16, 8}}) {
+    Run({256, 64, false, {1, 37, 100, 1500}, {1, 1, 1, 1}, heads, kv_heads});
+    Run({256, 64, false, {40, 90}, {40, 90}, heads, kv_heads});
+    Run({256, 64, false, {5, 200}, {5, 3}, heads, kv_heads});
+  }
+}
+
+// Full k_eq_v layers keep V only at head_dim 512 and derive K = RoPE(V * k_norm) from the bf16
+// values: decode (long ranges split over blocks), prefill, and a few queries at the end of a
+// long sequence; a group of 8 query heads a KV head, as both models' full layers.
+TEST_F(CudaBf16KvTest, KEqVLayerWithVOnlyAtHeadDim512) {
+  Run({512, 0, true, {1, 37, 1500}, {1, 1, 1}, 16, 2});
+  Run({512, 0, true, {40, 23}, {40, 23}, 16, 2});
+  Run({512, 0, true, {777}, {4}, 16, 2});
+}
+
+// A decode step's WriteKv and Attention on a bf16 cache, captured once as a CUDA graph (as the
+// model records decode steps) and replayed on new queries, keys and values, gives what eager
+// launches give, bit for bit: the kernels and their launch shapes are the same.
+TEST_F(CudaBf16KvTest, DecodeStepOnABf16CacheReplaysAsEagerLaunches) {
+  const std::vector<AttentionCase> cases = {{256, 64, false, {37, 100, 1500}, {1, 1, 1}, 16, 8},
+                                            {512, 0, true, {37, 1500}, {1, 1}, 16, 2}};
+  for (size_t key = 0; key < cases.size(); ++key) {
+    const AttentionCase& c = cases[key];
+    const PagedBatch batch(c, rng_);
+    const int64_t row = c.kv_heads * c.head_dim, n_new = batch.tokens();
+    const int64_t n_out = n_new * c.heads * c.head_dim;
+    Cache cache = NanCache(*gpu_, DType::kBF16, batch.cache_rows(), row, c.k_eq_v);
+    const int64_t n_old = static_cast<int64_t>(batch.old_slots.size());
+    Write(*gpu_, Random(n_old * row), Random(n_old * row), batch.old_slots, row, cache);
+    Pair k_norm = Weight(Random(c.head_dim), DType::kBF16);
+    BufferPtr q = UploadF32(*gpu_, Random(n_out, 0.2f));
+    BufferPtr k = UploadF32(*gpu_, Random(n_new * row)), v = UploadF32(*gpu_, Random(n_new * row));
+    BufferPtr slots = UploadI32(*gpu_, batch.new_slots);
+    BufferPtr pos = UploadI32(*gpu_, batch.positions), qs = UploadI32(*gpu_, batch.query_start);
+    BufferPtr lens = UploadI32(*gpu_, c.seq_lens), pt = UploadI32(*gpu_, batch.table);
+    BufferPtr out = *gpu_->Alloc(DType::kF32, n_out);
+    BatchLayout l;
+    l.num_tokens = n_new;
+    l.num_seqs = batch.num_seqs;
+    l.max_pages_per_seq = batch.max_pages;
+    l.positions = pos.get();
+    l.query_start = qs.get();
+    l.seq_lens = lens.get();
+    l.page_tables[1] = pt.get();
+    l.slots[1] = slots.get();
+    l.host_query_start = batch.query_start;
+    l.host_seq_lens = c.seq_lens;
+    auto step = [&] {
+      gpu_->WriteKv(c.k_eq_v ? nullptr : k.get(), *v, *slots, n_new, row, cache.k.get(),
+                    *cache.v);
+      gpu_->Attention(Args(c, l, *q, cache, *k_norm.gpu, *out));
+    };
+    ASSERT_TRUE(gpu_->BeginCapture().ok());
+    step();
+    ASSERT_TRUE(gpu_->EndCapture(static_cast<int64_t>(key)).ok());
+    for (int trial = 0; trial < 2; ++trial) {
+      const std::vector<float> q_in = Random(n_out, 0.2f), k_in = Random(n_new * row),
+                               v_in = Random(n_new * row);
+      gpu_->Write(*q, q_in.data(), q_in.size() * sizeof(float));
+      gpu_->Write(*k, k_in.data(), k_in.size() * sizeof(float));
+      gpu_->Write(*v, v_in.data(), v_in.size() * sizeof(float));
+      step();
+      const std::vector<float> eager = ReadF32(*gpu_, *out, n_out);
+      const std::vector<float> poison(n_out, std::nanf(""));
+      gpu_->Write(*out, poison.data(), poison.size() * sizeof(float));
+      ASSERT_TRUE(gpu_->Replay(static_cast<int64_t>(key)).ok());
+      const std::vector<float> replayed = ReadF32(*gpu_, *out, n_out);
+      int64_t differ = 0;
+      for (int64_t i = 0; i < n_out; ++i) {
+        if (std::memcmp(&eager[i], &replayed[i], sizeof(float)) != 0) ++differ;
+      }
+      EXPECT_EQ(differ, 0) << "case " << key << " trial " << trial << ": " << differ << " of "
+                           << n_out << " outputs differ between the replay and eager launches";
+    }
+  }
+  gpu_->DropGraphs();
 }
 
 TEST_F(CudaOpsTest, WriteKvScattersToSlots) {

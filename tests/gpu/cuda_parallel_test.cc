@@ -31,9 +31,13 @@ namespace {
 using testing::ReplicaCase;
 using testing::ReplicaRank;
 
-// `c.world` CUDA ranks on this GPU, each with its own backend (768 MiB of device memory) and
-// its communicators behind staging over the in-process groups; what was staged is counted in
-// counters[r].
+// `c.world` CUDA ranks on this GPU, each with its own backend (768 MiB of device memory, an
+// f32 KV cache) and its communicators behind staging over the in-process groups; what was
+// staged is counted in counters[r]. The cache is f32 because the ranks are held to one rank's
+// logits at 1e-4 and to its exact tokens: the split ranks sum o_proj and MLP partials in
+// another order, and rounding those last-bit differences to bf16 in the cache would now and
+// then turn one into a whole bf16 step of a key or value. What the cache holds is rank-local
+// (cuda_ops_test checks the bf16 cache against the CPU).
 testing::ReplicaOptions CudaRanks(const ReplicaCase& c,
                                   std::vector<parallel::StagingCounters>* counters) {
   counters->assign(c.world, {});
@@ -46,6 +50,7 @@ testing::ReplicaOptions CudaRanks(const ReplicaCase& c,
   o.make_backend = [](int, ReplicaRank& rank) -> absl::StatusOr<std::unique_ptr<Backend>> {
     CudaBackendOptions options;
     options.arena_bytes = size_t{768} << 20;
+    options.kv_dtype = DType::kF32;
     ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(options));
     rank.state = std::make_shared<CudaMemorySpace>(*backend);
     return std::unique_ptr<Backend>(std::move(backend));

@@ -71,6 +71,7 @@ struct AttentionArgs {
   const Buffer* k_cache = nullptr; // [num_pages, page_size, num_kv_heads, head_dim]; null when
                                    // K is derived from V (k_eq_v layers)
   const Buffer* v_cache = nullptr; // [num_pages, page_size, num_kv_heads, head_dim]
+                                   // (both in the backend's KvCacheDType())
   // For k_eq_v layers: K = RoPE(V * k_norm_weight), rotated with `rope`.
   const Buffer* k_norm_weight = nullptr;  // [head_dim]
   RopeSpec rope;
@@ -137,6 +138,10 @@ class Backend {
   // ---- memory ----
   // Uninitialised device memory.
   virtual absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) = 0;
+  // The element type the KV cache's pools are allocated in (KvCache::Create asks): F32, or
+  // BF16 on backends whose WriteKv rounds to bf16 and whose Attention widens it back to f32.
+  // Activations stay f32 either way.
+  virtual DType KvCacheDType() const { return DType::kF32; }
   // A weight from host memory of `src_dtype` (F32, BF16 or F16); the backend picks its storage
   // dtype (F32 or BF16). `src` may be freed after the call returns.
   virtual absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src,
@@ -178,8 +183,8 @@ class Backend {
   virtual void HeadNormRope(Buffer& x, const Buffer* w, const Buffer& positions,
                             int64_t num_tokens, int64_t num_heads, const RopeSpec& rope,
                             float eps) = 0;
-  // Scatters the new tokens' k and v [num_tokens, num_kv_heads, head_dim] into the caches at
-  // `slots` (k / k_cache may be null for V-only caches).
+  // Scatters the new tokens' k and v [num_tokens, num_kv_heads, head_dim] (f32) into the caches
+  // at `slots` (k / k_cache may be null for V-only caches), converting to the caches' dtype.
   virtual void WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots, int64_t num_tokens,
                        int64_t row_elems, Buffer* k_cache, Buffer& v_cache) = 0;
   virtual void Attention(const AttentionArgs& args) = 0;

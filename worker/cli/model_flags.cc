@@ -16,6 +16,9 @@
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
+ABSL_FLAG(std::string, kv_dtype, "auto",
+          "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
+          "the CPU backend is the fp32 reference)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(int64_t, cache_tokens, 4096,
           "KV-cache capacity in positions (raised to what the prompt and generation need)");
@@ -118,6 +121,7 @@ absl::StatusOr<replica::LoadOptions> RankLoadOptions(const RankEnv& env, int64_t
       .ranks_in_process = env.ranks_in_process,
       .cache_tokens = std::max(absl::GetFlag(FLAGS_cache_tokens), min_cache_tokens),
       .page_size = absl::GetFlag(FLAGS_page_size),
+      .kv_dtype = absl::GetFlag(FLAGS_kv_dtype),
       .parallel = env.parallel};
   ASSIGN_OR_RETURN(options.parallel.placement,
                    SharedPlacement(options.model_dir, env.parallel.layout.ep_size));

@@ -1,6 +1,6 @@
 // The flags gemma-forward and gemma-generate share to load one rank of a model: --model,
-// --backend, --threads, --page-size, --cache-tokens, --prefill-chunk, and where the experts sit
-// (--redundant-experts, --expert-placement).
+// --backend, --kv-dtype, --threads, --page-size, --cache-tokens, --prefill-chunk, and where the
+// experts sit (--redundant-experts, --expert-placement).
 #pragma once
 
 #include <cstdint>

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "glog/logging.h"
 #include "worker/backend/cpu/cpu_backend.h"
 #ifdef GEMMA_HAVE_CUDA_BACKEND
 #include "worker/backend/cuda/cuda_backend.h"
@@ -14,10 +15,27 @@
 
 namespace gemma::replica {
 
+absl::StatusOr<DType> ResolveKvDType(const std::string& kv_dtype, const std::string& backend) {
+  if (kv_dtype == "f32") return DType::kF32;
+  if (kv_dtype == "auto") return backend == "cuda" ? DType::kBF16 : DType::kF32;
+  if (kv_dtype != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype \"", kv_dtype, "\" is not one of auto, f32, bf16"));
+  }
+  if (backend != "cuda") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-dtype bf16 needs --backend cuda: the ", backend,
+        " backend keeps its KV cache in f32 (it is the fp32 reference); use --kv-dtype auto or "
+        "f32"));
+  }
+  return DType::kBF16;
+}
+
 absl::StatusOr<LoadedRank> LoadRank(const LoadOptions& o) {
   if (o.model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
   if (o.page_size <= 0) return absl::InvalidArgumentError("--page-size must be positive");
   if (o.threads < 0) return absl::InvalidArgumentError("--threads must be >= 0 (0: all cores)");
+  ASSIGN_OR_RETURN(const DType kv_dtype, ResolveKvDType(o.kv_dtype, o.backend));
   LoadedRank loaded;
   if (o.backend == "cuda") {
 #ifdef GEMMA_HAVE_CUDA_BACKEND
@@ -28,6 +46,7 @@ absl::StatusOr<LoadedRank> LoadRank(const LoadOptions& o) {
     CudaBackendOptions cuda_options;
     // Ranks sharing this process share its device: each takes a part of the free memory.
     cuda_options.arena_fraction /= std::max(1, o.ranks_in_process);
+    cuda_options.kv_dtype = kv_dtype;
     ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(cuda_options));
     loaded.memory = std::make_unique<CudaMemorySpace>(*cuda);
     loaded.backend = std::move(cuda);
@@ -37,6 +56,7 @@ absl::StatusOr<LoadedRank> LoadRank(const LoadOptions& o) {
         "-DGEMMA_ENABLE_CUDA=ON); use --backend cpu");
 #endif
   } else if (o.backend == "cpu") {
+    CHECK(kv_dtype == DType::kF32) << "ResolveKvDType gives f32 on the CPU";
     CpuBackendOptions options;
     options.num_threads = o.threads > 0
                               ? o.threads

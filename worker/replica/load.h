@@ -29,6 +29,9 @@ struct LoadOptions {
   // Positions the KV cache must hold, and its page size.
   int64_t cache_tokens = 4096;
   int64_t page_size = 16;
+  // The KV cache's element type, as the tools' --kv-dtype spells it: "auto" (bf16 on "cuda",
+  // f32 on "cpu"), "f32", or "bf16" ("cuda" only: the CPU backend is the fp32 reference).
+  std::string kv_dtype = "auto";
   // The rank's communicators and layout. On "cuda" they are wrapped so that each buffer
   // reaches them in the memory they read (device buffers staged through the host for Gloo and
   // the in-process group, host buffers through the device for NCCL).
@@ -44,6 +47,11 @@ struct LoadedRank {
   std::unique_ptr<gemma4::Model> model;
   std::unique_ptr<KvCache> cache;
 };
+
+// The KV-cache element type that `kv_dtype` (a --kv-dtype value) gives on `backend`.
+// INVALID_ARGUMENT naming the flag for a value other than auto, f32 and bf16, and for bf16 on
+// any backend but "cuda".
+absl::StatusOr<DType> ResolveKvDType(const std::string& kv_dtype, const std::string& backend);
 
 // INVALID_ARGUMENT for options out of range (naming the flag the tools spell them with).
 absl::StatusOr<LoadedRank> LoadRank(const LoadOptions& options);

@@ -80,6 +80,9 @@ ABSL_FLAG(std::string, join_token, "",
 ABSL_FLAG(std::string, coordinator, "", "coordinator address HOST:PORT");
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
+ABSL_FLAG(std::string, kv_dtype, "auto",
+          "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
+          "the CPU backend is the fp32 reference)");
 ABSL_FLAG(int32_t, cpu_ranks, 0, "--backend cpu: rank processes of the replica (default 1)");
 ABSL_FLAG(int32_t, gpus, 0, "--backend cuda: GPUs of the replica, one rank process each");
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -551,6 +554,9 @@ absl::Status Supervise() {
   if (data_plane == gemma::parallel::DataPlane::kNccl && backend != "cuda") {
     return absl::InvalidArgumentError("--data-plane nccl needs --backend cuda (and --gpus)");
   }
+  // Checked here so that a bad value stops the worker before it starts any rank process.
+  RETURN_IF_ERROR(
+      gemma::replica::ResolveKvDType(absl::GetFlag(FLAGS_kv_dtype), backend).status());
   const std::string tokenizer = TokenizerPath();
   if (!tokenizer.empty() && !std::filesystem::exists(tokenizer)) {
     return absl::InvalidArgumentError(absl::StrCat("--tokenizer ", tokenizer, " does not exist"));
@@ -985,6 +991,7 @@ absl::Status RunRank() {
                                                .ranks_in_process = absl::GetFlag(FLAGS_local_ranks),
                                                .cache_tokens = absl::GetFlag(FLAGS_cache_tokens),
                                                .page_size = absl::GetFlag(FLAGS_page_size),
+                                               .kv_dtype = absl::GetFlag(FLAGS_kv_dtype),
                                                .parallel = env.parallel}));
     if (env.control != nullptr) {
       // Ready only when every rank has loaded its slices; the rendezvous keys are done with.

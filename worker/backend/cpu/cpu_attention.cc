@@ -34,6 +34,16 @@ std::vector<float> RopeInvFreq(const RopeSpec& rope) {
 }
 
 namespace {
+// The CPU backend is the fp32 reference: its KvCacheDType() is F32, and a cache of another type
+// (one made for a bf16 backend) is a programming error, not something to convert silently.
+void CheckF32Cache(const Buffer* k_cache, const Buffer& v_cache) {
+  CHECK(v_cache.dtype() == DType::kF32 && (k_cache == nullptr || k_cache->dtype() == DType::kF32))
+      << "the CPU backend keeps its KV cache in f32 only; got a "
+      << DTypeName(k_cache != nullptr && k_cache->dtype() != DType::kF32 ? k_cache->dtype()
+                                                                         : v_cache.dtype())
+      << " cache (was it made for another backend?)";
+}
+
 void RotateWithFreqs(float* head, int64_t position, int64_t half, int64_t pairs,
                      const float* inv_freq) {
   for (int64_t i = 0; i < pairs; ++i) {
@@ -101,6 +111,7 @@ void CpuBackend::HeadNormRope(Buffer& x, const Buffer* w, const Buffer& position
 
 void CpuBackend::WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots, int64_t num_tokens,
                          int64_t row_elems, Buffer* k_cache, Buffer& v_cache) {
+  cpu::CheckF32Cache(k_cache, v_cache);
   const int32_t* slot = I32Data(slots);
   const float* vs = F32Data(v);
   float* vc = F32Data(v_cache);
@@ -121,6 +132,7 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   const int64_t num_kv = a.num_kv_heads;
   const int64_t group = a.num_heads / num_kv;
   CHECK_EQ(group * num_kv, a.num_heads);
+  cpu::CheckF32Cache(a.k_cache, *a.v_cache);
   const float* q = F32Data(*a.q);
   float* out = F32Data(*a.out);
   const float* kc = a.k_cache != nullptr ? F32Data(*a.k_cache) : nullptr;

@@ -60,6 +60,8 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
 
   absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
+  // The fp32 reference keeps its KV cache in f32; WriteKv and Attention CHECK that they get one.
+  DType KvCacheDType() const override { return DType::kF32; }
   absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src, int64_t numel) override;
   bool ThreadSafeUploads() const override { return true; }
   void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;

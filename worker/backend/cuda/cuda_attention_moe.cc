@@ -38,8 +38,11 @@ void CudaBackend::Attention(const AttentionArgs& a) {
       << "k_eq_v attention needs the k_norm weight";
   kernels::PagedAttentionParams p;
   p.q = F32Ptr(*a.q);
-  p.k_cache = a.k_cache != nullptr ? F32Ptr(*a.k_cache) : nullptr;
-  p.v_cache = F32Ptr(*a.v_cache);
+  CHECK(a.k_cache == nullptr || a.k_cache->dtype() == a.v_cache->dtype())
+      << "k and v caches must share a dtype";
+  p.k_cache = a.k_cache != nullptr ? AsCuda(*a.k_cache).data() : nullptr;
+  p.v_cache = AsCuda(*a.v_cache).data();
+  p.cache_type = KvType(*a.v_cache);
   if (a.k_cache == nullptr) {
     p.k_norm_weight = AsCuda(*a.k_norm_weight).data();
     p.k_norm_type = WeightType(*a.k_norm_weight);

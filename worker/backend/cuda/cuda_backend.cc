@@ -46,6 +46,11 @@ int32_t* I32Ptr(const Buffer& b) {
   CHECK(b.dtype() == DType::kI32) << "expected an I32 buffer, got " << DTypeName(b.dtype());
   return AsCuda(b).i32();
 }
+kernels::ElemType KvType(const Buffer& b) {
+  CHECK(b.dtype() == DType::kF32 || b.dtype() == DType::kBF16)
+      << "KV caches must be F32 or BF16, got " << DTypeName(b.dtype());
+  return b.dtype() == DType::kF32 ? kernels::ElemType::kF32 : kernels::ElemType::kBF16;
+}
 kernels::ElemType WeightType(const Buffer& b) {
   CHECK(b.dtype() == DType::kF32 || b.dtype() == DType::kBF16)
       << "weights must be F32 or BF16, got " << DTypeName(b.dtype());
@@ -67,6 +72,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(CudaBackendOpti
   if (options.device < 0 || options.device >= count) {
     return absl::InvalidArgumentError(
         absl::StrCat("CUDA device ", options.device, " requested, ", count, " present"));
+  }
+  if (options.kv_dtype != DType::kF32 && options.kv_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache dtype ", DTypeName(options.kv_dtype), " is not one of F32, BF16"));
   }
   std::unique_ptr<CudaBackend> b(new CudaBackend());
   b->options_ = options;
@@ -106,7 +115,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(CudaBackendOpti
   if (b->blas_workspace_ == nullptr) return b->sticky_;
   cublasSetWorkspace(blas, AsCuda(*b->blas_workspace_).data(), options.blas_workspace_bytes);
   LOG(INFO) << "CUDA backend on device " << options.device << " with a " << (bytes >> 20)
-            << " MiB arena";
+            << " MiB arena, KV cache in " << DTypeName(options.kv_dtype);
   return b;
 }
 
@@ -407,11 +416,14 @@ void CudaBackend::WriteKv(const Buffer* k, const Buffer& v, const Buffer& slots,
                           int64_t num_tokens, int64_t row_elems, Buffer* k_cache,
                           Buffer& v_cache) {
   CHECK((k == nullptr) == (k_cache == nullptr)) << "k and k_cache must both be given or not";
+  const kernels::ElemType cache_type = KvType(v_cache);
+  CHECK(k_cache == nullptr || k_cache->dtype() == v_cache.dtype())
+      << "k and v caches must share a dtype";
   GEMMA_CUDA_CHECK(kernels::WriteKv(k != nullptr ? F32Ptr(*k) : nullptr, F32Ptr(v),
                                     I32Ptr(slots), num_tokens, row_elems,
                                     v_cache.numel() / row_elems,
-                                    k_cache != nullptr ? F32Ptr(*k_cache) : nullptr,
-                                    F32Ptr(v_cache), stream_));
+                                    k_cache != nullptr ? AsCuda(*k_cache).data() : nullptr,
+                                    AsCuda(v_cache).data(), cache_type, stream_));
 }
 
 void CudaBackend::GeluMul(const Buffer& gate_up, int64_t n, int64_t inter, Buffer& out) {

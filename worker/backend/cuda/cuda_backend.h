@@ -34,6 +34,12 @@ struct CudaBackendOptions {
   // the fp32 reference's precision (and expert choices follow it) at several times the prefill
   // cost: for checks against the reference, not for serving.
   bool f32_products = false;
+  // Element type of the KV cache (KvCacheDType(), which KvCache::Create allocates its pools
+  // in): BF16 (the default; half the bytes of f32, written rounded to nearest even, widened to
+  // f32 inside attention) or F32 (the CPU reference's: with f32_products the results then
+  // follow it to its bound; the golden tests use it). Create refuses anything else. WriteKv and
+  // Attention take caches of either type whatever this says.
+  DType kv_dtype = DType::kBF16;
 };
 
 // The device memory region and its allocator, shared by the backend and its buffers so that
@@ -73,6 +79,7 @@ class CudaBackend final : public Backend {
   std::string Name() const override { return "cuda"; }
 
   absl::StatusOr<BufferPtr> Alloc(DType dtype, int64_t numel) override;
+  DType KvCacheDType() const override { return options_.kv_dtype; }
   absl::StatusOr<BufferPtr> UploadWeight(DType src_dtype, const void* src, int64_t numel) override;
   void Write(Buffer& dst, const void* src, size_t bytes, size_t offset = 0) override;
   absl::Status Read(const Buffer& src, void* dst, size_t bytes, size_t offset = 0) override;

@@ -24,5 +24,7 @@ float* F32Ptr(const Buffer& b);
 int32_t* I32Ptr(const Buffer& b);
 // The storage type of a weight buffer (F32 or BF16).
 kernels::ElemType WeightType(const Buffer& b);
+// The element type of a KV-cache buffer (F32 or BF16).
+kernels::ElemType KvType(const Buffer& b);
 
 }  // namespace gemma

@@ -36,7 +36,14 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& conf
     return absl::InvalidArgumentError(absl::StrCat("page_size must be positive, got ",
                                                    options.page_size));
   }
+  const DType dtype = backend.KvCacheDType();
+  if (dtype != DType::kF32 && dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat("the ", backend.Name(),
+                                                   " backend asks for a KV cache in ",
+                                                   DTypeName(dtype), "; only F32 and BF16 exist"));
+  }
   std::unique_ptr<KvCache> cache(new KvCache());
+  cache->dtype_ = dtype;
   cache->page_size_ = options.page_size;
   cache->window_ = config.sliding_window;
   for (int p = 0; p < 2; ++p) {
@@ -57,14 +64,23 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const ModelConfig& conf
     int pool = config.IsFull(l) ? kFullPool : kSlidingPool;
     const int64_t kv_heads = options.kv_heads_per_layer.empty() ? config.LayerKvHeads(l)
                                                                 : options.kv_heads_per_layer[l];
-    int64_t numel =
-        cache->pools_[pool]->num_pages() * options.page_size * kv_heads * config.LayerHeadDim(l);
-    ASSIGN_OR_RETURN(cache->v_[l], backend.Alloc(DType::kF32, numel));
+    const int64_t row = kv_heads * config.LayerHeadDim(l);
+    const int64_t numel = cache->pools_[pool]->num_pages() * options.page_size * row;
+    ASSIGN_OR_RETURN(cache->v_[l], backend.Alloc(dtype, numel));
     if (!config.LayerKEqV(l)) {
-      ASSIGN_OR_RETURN(cache->k_[l], backend.Alloc(DType::kF32, numel));
+      ASSIGN_OR_RETURN(cache->k_[l], backend.Alloc(dtype, numel));
     }
+    cache->bytes_per_token_[pool] +=
+        (config.LayerKEqV(l) ? 1 : 2) * row * static_cast<int64_t>(DTypeSize(dtype));
   }
   return cache;
+}
+
+int64_t KvCache::TotalBytes() const {
+  int64_t total = 0;
+  for (const BufferPtr& b : k_) total += b != nullptr ? static_cast<int64_t>(b->bytes()) : 0;
+  for (const BufferPtr& b : v_) total += static_cast<int64_t>(b->bytes());
+  return total;
 }
 
 int64_t KvCache::PagesNeeded(const SequenceKv& seq, int64_t new_length, int pool) const {

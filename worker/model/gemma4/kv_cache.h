@@ -1,6 +1,8 @@
 // The paged KV cache: per-layer storage in one page pool per layer type (sliding, full), and the
 // page bookkeeping of each sequence. Sliding layers keep only the pages a future query can still
-// see; full layers with k_eq_v store V only (the attention op derives K from it).
+// see; full layers with k_eq_v store V only (the attention op derives K from it). The storage is
+// in the backend's KvCacheDType() (f32 on the CPU, bf16 on CUDA by default); pages are counted
+// in positions, so a bf16 cache of the same pages takes half the bytes.
 #pragma once
 
 #include <cstdint>
@@ -55,10 +57,18 @@ class KvCache {
                                                          Backend& backend,
                                                          const KvCacheOptions& options);
 
-  // Storage of layer `layer_idx`: [num_pages, page_size, kv_heads, head_dim] f32. k() is null on
-  // k_eq_v layers.
+  // Storage of layer `layer_idx`: [num_pages, page_size, kv_heads, head_dim] of dtype(). k() is
+  // null on k_eq_v layers.
   Buffer* k(int layer_idx) { return k_[layer_idx].get(); }
   Buffer& v(int layer_idx) { return *v_[layer_idx]; }
+  // The element type of every layer's storage: the backend's KvCacheDType() at creation.
+  DType dtype() const { return dtype_; }
+  // Bytes one position takes in `pool`, over all of that pool's layers (K and V, or V alone on
+  // k_eq_v layers, of this rank's KV heads), and so the bytes of one page are page_size() times
+  // this.
+  int64_t BytesPerToken(int pool) const { return bytes_per_token_[pool]; }
+  // Bytes of every layer's storage (both pools).
+  int64_t TotalBytes() const;
   int64_t page_size() const { return page_size_; }
   int64_t sliding_window() const { return window_; }
   PagePool& pool(int pool) { return *pools_[pool]; }
@@ -81,6 +91,8 @@ class KvCache {
   KvCache() = default;
   int64_t page_size_ = 16;
   int64_t window_ = 0;
+  DType dtype_ = DType::kF32;
+  int64_t bytes_per_token_[2] = {0, 0};
   std::unique_ptr<PagePool> pools_[2];
   std::vector<BufferPtr> k_;
   std::vector<BufferPtr> v_;
