@@ -418,6 +418,106 @@ BENCHMARK(BM_AttentionDecode)
     ->Args({512, 32768, 4})
     ->UseManualTime();
 
+// A backend whose prefill attention takes the tensor-core kernel (tensor_core_attention), for
+// BM_AttentionPrefill; created on first use.
+CudaBackend* TensorCoreBackend() {
+  static std::unique_ptr<CudaBackend> backend = [] {
+    std::unique_ptr<CudaBackend> b;
+    CudaBackendOptions options;
+    options.arena_bytes = size_t{2} << 30;
+    options.tensor_core_attention = true;
+    auto created = CudaBackend::Create(options);
+    if (created.ok()) {
+      b = *std::move(created);
+    } else {
+      std::fprintf(stderr, "cuda_kernels_bench: %s\n", created.status().ToString().c_str());
+    }
+    return b;
+  }();
+  return backend.get();
+}
+
+// Prefill attention of one 8192-token prompt (positions 0 .. 8191) over a bf16 cache at the
+// 26B-A4B's shapes: range(0) 0 is a sliding layer (16 query heads over 8 KV heads, head_dim
+// 256, window 1024, K and V cached), 1 a full layer (16 over 2, head_dim 512, K derived from
+// V); range(1) 0 runs the f32 kernel (PagedAttention), 1 the tensor-core kernel
+// (PrefillAttention), so the two sit side by side. flops counts the two products over the keys
+// each query sees (4 x heads x head_dim a query-key pair), bytes the queries and outputs (f32)
+// and the cache read once; the floor is the larger of the two at the measured rates (the bf16
+// rate is the tensor-core kernel's ceiling; the f32 kernel has none so near).
+void BM_AttentionPrefill(benchmark::State& state) {
+  GEMMA_NEED_GPU(shared);
+  const bool full = state.range(0) == 1, tensor_core = state.range(1) == 1;
+  CudaBackend* b = tensor_core ? TensorCoreBackend() : shared;
+  if (b == nullptr) {
+    state.SkipWithError("no tensor-core backend");
+    return;
+  }
+  const int64_t tokens = 8192, heads = 16, kv = full ? 2 : 8, d = full ? 512 : 256;
+  const int64_t window = full ? 0 : 1024, page = 16, pages = tokens / page;
+  state.SetLabel(absl::StrCat(full ? "full, K = V" : "sliding", ", ",
+                              tensor_core ? "tensor-core kernel" : "f32 kernel"));
+  // Queries, keys and values uniform in [-1, 1): the timing does not depend on the values.
+  auto q = RandomBuffer(*b, DType::kF32, tokens * heads * d);
+  auto v_cache = RandomBuffer(*b, DType::kBF16, pages * page * kv * d, 11);
+  auto k_cache = full ? nullptr : RandomBuffer(*b, DType::kBF16, pages * page * kv * d, 13);
+  auto k_norm = RandomBuffer(*b, DType::kBF16, d, 17);
+  auto out = *b->Alloc(DType::kF32, tokens * heads * d);
+  std::vector<int32_t> table(pages), pos(tokens);
+  std::iota(table.begin(), table.end(), 0);
+  std::iota(pos.begin(), pos.end(), 0);
+  std::vector<int32_t> qs{0, static_cast<int32_t>(tokens)}, lens{static_cast<int32_t>(tokens)};
+  auto positions = *b->Alloc(DType::kI32, tokens), query_start = *b->Alloc(DType::kI32, 2),
+       seq_lens = *b->Alloc(DType::kI32, 1), page_table = *b->Alloc(DType::kI32, pages);
+  b->Write(*positions, pos.data(), tokens * 4);
+  b->Write(*query_start, qs.data(), 8);
+  b->Write(*seq_lens, lens.data(), 4);
+  b->Write(*page_table, table.data(), pages * 4);
+  if (!b->Synchronize().ok()) {  // the host vectors are the copies' sources
+    state.SkipWithError("CUDA error");
+    return;
+  }
+  BatchLayout layout;
+  layout.num_tokens = tokens;
+  layout.num_seqs = 1;
+  layout.max_pages_per_seq = pages;
+  layout.positions = positions.get();
+  layout.query_start = query_start.get();
+  layout.seq_lens = seq_lens.get();
+  layout.page_tables[0] = layout.page_tables[1] = page_table.get();
+  layout.host_query_start = qs;
+  layout.host_seq_lens = lens;
+  AttentionArgs a;
+  a.layout = &layout;
+  a.q = q.get();
+  a.k_cache = k_cache.get();
+  a.v_cache = v_cache.get();
+  a.k_norm_weight = k_norm.get();
+  a.rope = RopeSpec{d, full ? 64 : d / 2, full ? 1e6 : 1e4, 1.0};
+  a.num_heads = heads;
+  a.num_kv_heads = kv;
+  a.head_dim = d;
+  a.page_size = page;
+  a.window = window;
+  a.out = out.get();
+  double pairs = 0;  // query-key pairs: each query sees min(position + 1, window) keys
+  for (int64_t t = 0; t < tokens; ++t) pairs += window > 0 ? std::min(t + 1, window) : t + 1;
+  const Work work{8.0 * tokens * heads * d + 2.0 * tokens * kv * d * (full ? 1 : 2),
+                  4.0 * heads * d * pairs};
+  const auto paths = b->attention_paths();
+  Time(state, *b, work, [&] { b->Attention(a); });
+  if (tensor_core && b->attention_paths().tensor_core == paths.tensor_core) {
+    state.SkipWithError("the tensor-core kernel did not run");
+  }
+}
+BENCHMARK(BM_AttentionPrefill)
+    ->Args({0, 0})
+    ->Args({0, 1})
+    ->Args({1, 0})
+    ->Args({1, 1})
+    ->UseManualTime()
+    ->Iterations(3);
+
 // 26B-A4B expert layer at decode: 128 experts, top-8, hidden 2816, expert width 704, bf16.
 void BM_MoeExpertsDecode(benchmark::State& state) {
   GEMMA_NEED_GPU(b);

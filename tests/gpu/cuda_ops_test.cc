@@ -1,10 +1,12 @@
 // Every op of the CUDA backend against the CPU backend on random inputs at awkward sizes: one
 // token, odd counts, exactly the sliding window and one past, head dims 256 and 512, partly
 // filled pages, experts that receive no token; the KV write and attention also over the bf16
-// cache the CUDA backend keeps by default, against the CPU's f32 one. Outputs start as NaN so
-// an unwritten element fails. Skipped, saying so, where no CUDA device is present.
+// cache the CUDA backend keeps by default, against the CPU's f32 one; prefill attention on the
+// tensor-core kernel. Outputs start as NaN so an unwritten element fails. Skipped, saying so,
+// where no CUDA device is present.
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 
@@ -635,6 +637,204 @@ TEST_F(CudaBf16KvTest, DecodeStepOnABf16CacheReplaysAsEagerLaunches) {
     }
   }
   gpu_->DropGraphs();
+}
+
+// Prefill attention on the tensor-core kernel (CudaBackendOptions::tensor_core_attention),
+// against the CPU backend over an f32 cache of the cached values rounded to bf16 (which a bf16
+// cache holds, and which the kernel makes of an f32 cache's K and V as it loads them), so that
+// what differs is the kernel's own rounding: Q, K derived on k_eq_v layers (the CPU derives it
+// from the rounded V and keeps it f32) and the softmax weights P go into the bf16 products
+// rounded to nearest even, each off by at most 2^-9 of itself, with f32 accumulation. The
+// scores then move by a few 1e-3 (q . dk and dq . k summed over head_dim) and each weight by
+// 2^-9, and the output, a convex combination of the values, by a few 1e-3 of max |ref|: an
+// emulation of the kernel's tiling and rounding in double precision at these shapes and
+// distributions (q in [-0.2, 0.2], k and v in [-1, 1]) gave 2.3e-3 to 2.9e-3 at head_dim 256
+// and 3.7e-3 to 4.4e-3 at 512 over four draws. Held to kCudaRelTol (2^-7 of max |ref|), the
+// bound of the other products that round activations to bf16. Every comparison also checks
+// that the tensor-core kernel ran (the backend's path counter). The caches are filled directly
+// with random values; sequences bring prefixes already in the cache (nonzero first positions)
+// beside one-token rows, in one batch.
+class CudaTensorCoreAttentionTest : public CudaBf16KvTest {
+ protected:
+  void SetUp() override {
+    CudaBf16KvTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    gpu_.reset();  // its arena goes before the next backends take theirs
+    CudaBackendOptions options;
+    options.arena_bytes = size_t{2} << 30;
+    options.tensor_core_attention = true;
+    auto tc = CudaBackend::Create(options);
+    ASSERT_TRUE(tc.ok()) << tc.status();
+    gpu_ = *std::move(tc);
+    options.arena_bytes = size_t{1} << 30;
+    options.tensor_core_attention = false;
+    auto scalar = CudaBackend::Create(options);
+    ASSERT_TRUE(scalar.ok()) << scalar.status();
+    scalar_ = *std::move(scalar);
+  }
+
+  // A cache of the given rows on `backend` in `dtype` (bf16: rounded to nearest even).
+  Cache UploadCache(Backend& backend, DType dtype, const std::vector<float>& k,
+                    const std::vector<float>& v, bool k_eq_v) {
+    auto make = [&](const std::vector<float>& x) {
+      BufferPtr b = *backend.Alloc(dtype, static_cast<int64_t>(x.size()));
+      std::vector<uint16_t> bits;
+      if (dtype == DType::kF32) {
+        backend.Write(*b, x.data(), x.size() * sizeof(float));
+      } else {
+        bits.resize(x.size());
+        for (size_t i = 0; i < x.size(); ++i) bits[i] = F32ToBf16(x[i]);
+        backend.Write(*b, bits.data(), bits.size() * sizeof(uint16_t));
+      }
+      EXPECT_TRUE(backend.Synchronize().ok());  // the host copies die here
+      return b;
+    };
+    Cache c;
+    if (!k_eq_v) c.k = make(k);
+    c.v = make(v);
+    return c;
+  }
+
+  // Attention of the case's new tokens on the tensor-core backend (over a `dtype` cache) and
+  // on `ref` (over an f32 cache of the values rounded to bf16), the batch changed by `edit`
+  // where given. Returns the comparison of the two outputs; expects the tensor-core
+  // kernel to have run and no NaN.
+  testing::Comparison Compare(Backend& ref, const AttentionCase& c, DType dtype,
+                              const std::function<void(PagedBatch&)>& edit = nullptr) {
+    PagedBatch batch(c, rng_);
+    if (edit) edit(batch);
+    const int64_t row = c.kv_heads * c.head_dim, n = batch.cache_rows() * row;
+    const std::vector<float> k = Random(n), v = Random(n);
+    const std::vector<float> q = Random(batch.tokens() * c.heads * c.head_dim, 0.2f);
+    const std::vector<float> norm = Random(c.head_dim);
+    std::vector<uint16_t> norm_bits(norm.size());
+    for (size_t i = 0; i < norm.size(); ++i) norm_bits[i] = F32ToBf16(norm[i]);
+    BufferPtr norm_gpu = *gpu_->UploadWeight(DType::kBF16, norm_bits.data(), norm_bits.size());
+    BufferPtr norm_ref = *ref.UploadWeight(DType::kBF16, norm_bits.data(), norm_bits.size());
+    const Cache gpu_cache = UploadCache(*gpu_, dtype, k, v, c.k_eq_v);
+    const Cache ref_cache =
+        UploadCache(ref, DType::kF32, RoundedToBf16(k), RoundedToBf16(v), c.k_eq_v);
+    const int64_t before = gpu_->attention_paths().tensor_core;
+    const std::vector<float> ours = Attend(*gpu_, c, batch, q, gpu_cache, *norm_gpu);
+    const std::vector<float> want = Attend(ref, c, batch, q, ref_cache, *norm_ref);
+    EXPECT_EQ(gpu_->attention_paths().tensor_core, before + 1) << "the tensor-core kernel ran";
+    for (size_t i = 0; i < ours.size(); ++i) {
+      if (std::isnan(ours[i])) {
+        ADD_FAILURE() << "NaN (an unwritten row?) at " << i;
+        break;
+      }
+    }
+    return testing::Compare(ours, want);
+  }
+
+  void ExpectCloseToCpu(const AttentionCase& c, DType dtype) {
+    const testing::Comparison cmp = Compare(*cpu_, c, dtype);
+    EXPECT_FALSE(cmp.nan_mismatch);
+    EXPECT_LE(cmp.Relative(), testing::kCudaRelTol)
+        << "tensor-core attention d=" << c.head_dim << " window=" << c.window
+        << " k_eq_v=" << c.k_eq_v << " heads=" << c.heads << "/" << c.kv_heads
+        << " cache=" << DTypeName(dtype) << ": " << cmp.ToString();
+  }
+
+  std::unique_ptr<CudaBackend> scalar_;  // tensor_core_attention off
+};
+
+// Sliding layers (K and V cached, head_dim 256): windows of 64 (cutting 64-key tiles) and 1024
+// (the models'), groups of 2 query heads a KV head (the 26B-A4B's sliding layers) and 8; a
+// batch of 1, 37 and 300 new tokens after prefixes of 40, 100 and 1100 positions, and a prompt
+// from position 0; bf16 and f32 caches.
+TEST_F(CudaTensorCoreAttentionTest, SlidingLayersAtHeadDim256) {
+  for (const auto& [heads, kv_heads] : std::vector<std::pair<int64_t, int64_t>>{{16, 8}, {16, 2}}) {
+    for (int64_t window : {64, 1024}) {
+      for (DType dtype : {DType::kBF16, DType::kF32}) {
+        ExpectCloseToCpu({256, window, false, {41, 137, 1400}, {1, 37, 300}, heads, kv_heads},
+                         dtype);
+        ExpectCloseToCpu({256, window, false, {200}, {200}, heads, kv_heads}, dtype);
+      }
+    }
+  }
+}
+
+// Full k_eq_v layers (V cached, head_dim 512, K = RoPE(V * k_norm) derived in the kernel):
+// groups of 8 (both models' full layers), a mixed batch as above (a shorter prefix: every key
+// is visible, which the CPU reference pays for) and a prompt from 0.
+TEST_F(CudaTensorCoreAttentionTest, KEqVLayersAtHeadDim512) {
+  for (DType dtype : {DType::kBF16, DType::kF32}) {
+    ExpectCloseToCpu({512, 0, true, {41, 137, 700}, {1, 37, 300}, 16, 2}, dtype);
+    ExpectCloseToCpu({512, 0, true, {130}, {130}, 16, 2}, dtype);
+  }
+}
+
+// Other shapes the kernel takes, against the CPU: head dims that are multiples of 16 other
+// than the models' (80 on the 64-row tiles; 272 and 384 on the 32-row tiles, whose score
+// products split head_dim over two warps unevenly at 272), groups of 3 (one head a block, 64
+// tokens) and 16 (two blocks a group), K = V and not, windows that cut a sequence's first tile.
+TEST_F(CudaTensorCoreAttentionTest, OtherHeadDimsAndGroups) {
+  const std::vector<AttentionCase> cases = {
+      {80, 0, false, {90, 70}, {90, 20}, 8, 2},
+      {272, 40, true, {90, 70}, {90, 20}, 8, 2},
+      {384, 0, false, {90, 70}, {90, 20}, 8, 1},
+      {256, 100, false, {150, 3}, {140, 3}, 6, 2},
+      {512, 0, true, {150, 3}, {140, 3}, 32, 2},
+  };
+  for (const AttentionCase& c : cases) ExpectCloseToCpu(c, DType::kBF16);
+}
+
+// Pages of -1 inside the keys a query sees are skipped, as PagedAttention skips them (the CPU
+// reference refuses them): the tensor-core kernel against the f32 kernel on the GPU, with
+// every third page of each sequence's row unmapped.
+TEST_F(CudaTensorCoreAttentionTest, UnmappedPagesAreSkippedAsThePagedKernelSkipsThem) {
+  for (bool k_eq_v : {false, true}) {
+    const int64_t d = k_eq_v ? 512 : 256;
+    const AttentionCase c{d, k_eq_v ? 0 : 100, k_eq_v, {300, 90}, {200, 90}, 16, 2};
+    const testing::Comparison cmp = Compare(*scalar_, c, DType::kBF16, [](PagedBatch& b) {
+      for (int64_t s = 0; s < b.num_seqs; ++s) {
+        for (int64_t p = 1; p < b.max_pages; p += 3) b.table[s * b.max_pages + p] = -1;
+      }
+    });
+    EXPECT_FALSE(cmp.nan_mismatch);
+    EXPECT_LE(cmp.Relative(), testing::kCudaRelTol)
+        << "unmapped pages, k_eq_v=" << k_eq_v << ": " << cmp.ToString();
+  }
+}
+
+// The f32 kernel keeps every step with tensor_core_attention off (the default), every step
+// with f32_products (the exact-check mode), decode steps (one token a sequence), and head
+// dims the tensor-core kernel does not take; a prefill with the option on takes the
+// tensor-core kernel.
+TEST_F(CudaTensorCoreAttentionTest, WhichKernelEachStepTakes) {
+  CudaBackendOptions options;
+  options.arena_bytes = size_t{1} << 30;
+  options.tensor_core_attention = true;
+  options.f32_products = true;
+  auto exact = CudaBackend::Create(options);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  const AttentionCase prefill{256, 64, false, {100, 80}, {100, 80}, 8, 2};
+  const AttentionCase decode{256, 64, false, std::vector<int32_t>(70, 90),
+                             std::vector<int32_t>(70, 1), 8, 2};
+  const AttentionCase odd_dim{40, 0, false, {100, 80}, {100, 80}, 8, 2};
+  const PagedBatch batch(prefill, rng_), decode_batch(decode, rng_), odd_batch(odd_dim, rng_);
+  auto run = [&](CudaBackend& b, const AttentionCase& c, const PagedBatch& pb) {
+    const int64_t row = c.kv_heads * c.head_dim, n = pb.cache_rows() * row;
+    const Cache cache = UploadCache(b, DType::kBF16, RoundedToBf16(Random(n)),
+                                    RoundedToBf16(Random(n)), false);
+    const std::vector<float> norm(c.head_dim, 1.0f);
+    BufferPtr norm_b = *b.UploadWeight(DType::kF32, norm.data(), c.head_dim);
+    const std::vector<float> out =
+        Attend(b, c, pb, Random(pb.tokens() * c.heads * c.head_dim, 0.2f), cache, *norm_b);
+    EXPECT_TRUE(std::none_of(out.begin(), out.end(), [](float x) { return std::isnan(x); }));
+    return b.attention_paths();
+  };
+  auto expect = [](const CudaBackend::AttentionPathCounts& got, int64_t scalar,
+                   int64_t tensor_core, const char* what) {
+    EXPECT_EQ(got.scalar, scalar) << what;
+    EXPECT_EQ(got.tensor_core, tensor_core) << what;
+  };
+  expect(run(*scalar_, prefill, batch), 1, 0, "prefill, option off");
+  expect(run(**exact, prefill, batch), 1, 0, "prefill, option on with f32 products");
+  expect(run(*gpu_, decode, decode_batch), 1, 0, "decode, option on");
+  expect(run(*gpu_, odd_dim, odd_batch), 2, 0, "head_dim 40, option on");
+  expect(run(*gpu_, prefill, batch), 2, 1, "prefill, option on");
 }
 
 TEST_F(CudaOpsTest, WriteKvScattersToSlots) {

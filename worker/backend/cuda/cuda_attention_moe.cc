@@ -1,5 +1,10 @@
 // Paged attention and the MoE ops of the CUDA backend.
 //
+// Attention runs PagedAttention (f32 scores and softmax, one block per token and head chunk)
+// unless CudaBackendOptions::tensor_core_attention is set, f32_products is not, and the step
+// brings many query tokens per sequence (prefill): then the tiled tensor-core kernel
+// (PrefillAttention), where it supports the shapes.
+//
 // MoeExperts has two paths. Few tokens (decode), or while a CUDA graph is being captured: the
 // fused kernels read the selected experts' weights directly (one warp per output row), no host
 // round trip. Many tokens: rows are permuted by expert and the two products of every active
@@ -17,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "glog/logging.h"
 #include "kernels/attention.h"
+#include "kernels/prefill_attention.h"
 #include "kernels/moe.h"
 #include "worker/backend/cuda/cuda_backend.h"
 #include "worker/backend/cuda/cuda_check.h"
@@ -29,6 +35,12 @@ constexpr int64_t kMoeFusedMaxTokens = 16;
 // the experts get this many rows on average (measured on an H200 at the 26B-A4B widths: 8 rows
 // a 128-token prefill was 1.4x slower than fused, 64 rows 1.5x faster; docs/perf.md).
 constexpr int64_t kPerExpertMinRows = 32;
+// The tensor-core attention kernel serves a step of at least this many query tokens, averaging
+// at least kTensorCoreAttentionMinTokensPerSeq per sequence. Its blocks take up to 64 (token,
+// head) rows of one sequence each; decode steps (one token a sequence) would fill a block's
+// rows with a single query and lose the key splits of PagedAttention, so they stay there.
+constexpr int64_t kTensorCoreAttentionMinTokens = 64;
+constexpr int64_t kTensorCoreAttentionMinTokensPerSeq = 8;
 }  // namespace
 
 void CudaBackend::Attention(const AttentionArgs& a) {
@@ -61,6 +73,15 @@ void CudaBackend::Attention(const AttentionArgs& a) {
   p.window = a.window;
   p.scale = a.scale;
   p.out = F32Ptr(*a.out);
+  if (options_.tensor_core_attention && !options_.f32_products &&
+      layout.num_tokens >= kTensorCoreAttentionMinTokens &&
+      layout.num_tokens >= kTensorCoreAttentionMinTokensPerSeq * layout.num_seqs &&
+      kernels::PrefillAttentionSupports(p)) {
+    ++attention_paths_.tensor_core;
+    GEMMA_CUDA_CHECK(kernels::PrefillAttention(p, stream_));
+    return;
+  }
+  ++attention_paths_.scalar;
   std::shared_ptr<Buffer> scratch;
   if (const int64_t floats = kernels::PagedAttentionScratchFloats(p); floats > 0) {
     scratch = Scratch(DType::kF32, floats);

@@ -40,6 +40,13 @@ struct CudaBackendOptions {
   // follow it to its bound; the golden tests use it). Create refuses anything else. WriteKv and
   // Attention take caches of either type whatever this says.
   DType kv_dtype = DType::kBF16;
+  // Attention of steps with many query tokens per sequence (prefill) on the tensor-core kernel
+  // (kernels/prefill_attention.h: Q, K, V and the softmax weights rounded to bf16, f32
+  // accumulation) instead of the f32 kernel. Ignored with f32_products, which keeps the f32
+  // kernel for checks against the reference. Off by default: that kernel has not run on a
+  // device yet, and it becomes the serving default only once the gpu tier has passed with it
+  // on one (docs/perf.md).
+  bool tensor_core_attention = false;
 };
 
 // The device memory region and its allocator, shared by the backend and its buffers so that
@@ -142,6 +149,12 @@ class CudaBackend final : public Backend {
     int64_t per_expert = 0;  // one cuBLASLt product per active expert (no grouped GEMM)
   };
   const MoePathCounts& moe_paths() const { return moe_paths_; }
+  // Which attention kernel each Attention call ran.
+  struct AttentionPathCounts {
+    int64_t scalar = 0;       // PagedAttention: f32 scores and softmax, decode and prefill
+    int64_t tensor_core = 0;  // PrefillAttention: bf16 tensor-core products (prefill)
+  };
+  const AttentionPathCounts& attention_paths() const { return attention_paths_; }
 
   cudaStream_t stream() const { return stream_; }
   const DeviceArena& arena() const { return region_->arena; }
@@ -204,6 +217,7 @@ class CudaBackend final : public Backend {
   // product per active expert instead.
   bool grouped_gemm_unsupported_ = false;
   MoePathCounts moe_paths_;
+  AttentionPathCounts attention_paths_;
   // Host sources of UploadScratch copies that may still be in flight (a cudaMemcpyAsync from
   // pageable memory may read its source after the call returns).
   std::vector<std::vector<char>> upload_keepalive_;
