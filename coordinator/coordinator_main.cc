@@ -63,9 +63,8 @@ ABSL_FLAG(std::string, http_listen, "",
           "OpenAI-compatible /v1 API); empty: none");
 ABSL_FLAG(int32_t, http_threads, 512,
           "threads serving the HTTP port: each open HTTP connection (a streaming request, an "
-          "idle keep-alive connection for up to 5 s) holds one; an API request beyond them is "
-          "refused at once (429, Retry-After) instead of waiting, so keep this above what the "
-          "admission limits let in (replicas x --max-outstanding-per-replica + --max-queued)");
+          "idle keep-alive connection for up to 5 s) holds one, and connections beyond them "
+          "wait for one");
 ABSL_FLAG(bool, metrics_per_expert, false,
           "also export gemma:expert_tokens_total per layer and expert (layers x experts series)");
 ABSL_FLAG(std::string, served_model_name, "gemma-4",

@@ -26,12 +26,8 @@ int64_t HttpConnectionPool::overflowed() const {
 
 void HttpConnectionPool::enqueue(std::function<void()> fn) {
   std::unique_lock<std::mutex> lock(mutex_);
-  // A pool thread free for it (the common case), else an overflow thread, else wait for one.
-  slot_cv_.wait(lock, [this] {
-    return shutdown_ || idle_ > static_cast<int>(jobs_.size()) ||
-           overflow_running_ < max_overflow_;
-  });
-  if (shutdown_ || idle_ > static_cast<int>(jobs_.size())) {
+  // A worker is (or will be) free for it: the common case.
+  if (idle_ > static_cast<int>(jobs_.size()) || overflow_running_ >= max_overflow_ || shutdown_) {
     jobs_.push_back(std::move(fn));
     work_cv_.notify_one();
     return;
@@ -48,7 +44,6 @@ void HttpConnectionPool::enqueue(std::function<void()> fn) {
     std::lock_guard<std::mutex> done(mutex_);
     --overflow_running_;
     overflow_done_cv_.notify_all();
-    slot_cv_.notify_one();
   }).detach();
 }
 
@@ -59,7 +54,6 @@ void HttpConnectionPool::shutdown() {
     if (shutdown_ && workers_.empty()) return;
     shutdown_ = true;
     work_cv_.notify_all();
-    slot_cv_.notify_all();
     workers.swap(workers_);
   }
   for (std::thread& t : workers) t.join();
@@ -78,7 +72,6 @@ void HttpConnectionPool::Work() {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       ++idle_;
-      slot_cv_.notify_one();
       work_cv_.wait(lock, [this] { return shutdown_ || !jobs_.empty(); });
       --idle_;
       if (jobs_.empty()) return;  // shut down with nothing left

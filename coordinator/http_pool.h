@@ -3,9 +3,8 @@
 // is busy for a whole generation) behind all the others, unbounded, so its client waits
 // seconds for anything, even a refusal. Here such a connection is served at once on a
 // short-lived overflow thread instead, where OnOverflowThread() is true and the coordinator
-// answers 429 with Retry-After straight away and closes it. With `max_overflow` overflow
-// threads running too, the accepting thread waits for the first pool or overflow thread to
-// come free: nothing queues here, the listen backlog holds the connections meanwhile.
+// answers 429 with Retry-After straight away and closes it. Only past `max_overflow` overflow
+// threads do connections queue.
 #pragma once
 
 #include <condition_variable>
@@ -43,8 +42,6 @@ class HttpConnectionPool : public httplib::TaskQueue {
   mutable std::mutex mutex_;
   std::condition_variable work_cv_;
   std::condition_variable overflow_done_cv_;
-  // A pool thread went idle or an overflow thread finished.
-  std::condition_variable slot_cv_;
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> workers_;
   int idle_ = 0;
