@@ -30,7 +30,6 @@
 #include "coordinator/auth.h"
 #include "coordinator/batch_store.h"
 #include "coordinator/batches.h"
-#include "coordinator/http_pool.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/metrics.h"
 #include "coordinator/openai_api.h"
@@ -157,10 +156,6 @@ constexpr int kHttpListenBacklog = 4096;
 
 // Raises the listen backlog of this process's listening TCP socket on `port` (the one a library
 // opened and keeps to itself); a warning when there is none.
-// Connections served at once (to be refused) when every --http-threads thread is busy; beyond
-// these they queue.
-constexpr int kHttpOverflowThreads = 256;
-
 void RaiseListenBacklog(int port, int backlog) {
   for (int fd = 0; fd < 4096; ++fd) {
     sockaddr_storage address{};
@@ -444,9 +439,7 @@ int Run() {
     server->Shutdown();
     return 1;
   }
-  http.new_task_queue = [http_threads] {
-    return new gemma::coordinator::HttpConnectionPool(http_threads, kHttpOverflowThreads);
-  };
+  http.new_task_queue = [http_threads] { return new httplib::ThreadPool(http_threads); };
   std::thread http_thread;
   if (const std::string http_listen = absl::GetFlag(FLAGS_http_listen); !http_listen.empty()) {
     const size_t colon = http_listen.rfind(':');
@@ -495,26 +488,9 @@ int Run() {
                                          file_options.max_file_bytes));
     // The OpenAI API needs a user token when tokens are on (the OpenAI clients' api_key);
     // /metrics, /dashboard and its JSON stay open (read-only cluster state).
-    http.set_pre_routing_handler([&auth, http_threads](const httplib::Request& request,
-                                                       httplib::Response& response) {
+    http.set_pre_routing_handler([&auth](const httplib::Request& request,
+                                         httplib::Response& response) {
       if (request.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
-      if (gemma::coordinator::HttpConnectionPool::OnOverflowThread()) {
-        // Every HTTP thread is busy (streams hold one each): refuse at once rather than queue.
-        // /metrics and the dashboard, quick to answer, are still served on overflow threads.
-        gemma::coordinator::ApiError error;
-        error.message = absl::StrCat("all ", http_threads,
-                                     " HTTP threads of the coordinator (--http-threads, its limit "
-                                     "of requests served at once) are busy; retry shortly");
-        error.http_status = 429;
-        error.type = "rate_limit_error";
-        error.code = "server_busy";
-        response.status = 429;
-        response.set_header("Retry-After", "1");
-        response.set_header("Connection", "close");
-        response.set_content(gemma::coordinator::Dump(nlohmann::json{{"error", error.ToJson()}}),
-                             "application/json");
-        return httplib::Server::HandlerResponse::Handled;
-      }
       absl::Status allowed = auth->CheckHeader(request.get_header_value("Authorization"),
                                                {gemma::coordinator::Role::kUser}, request.path);
       if (allowed.ok()) return httplib::Server::HandlerResponse::Unhandled;

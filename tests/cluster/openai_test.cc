@@ -3,14 +3,10 @@
 // streamed and not, completions, the model list, OpenAI-shaped errors, and a batch through the
 // Files and Batches endpoints; each answer equals the same request sent through the gRPC API.
 // Raw HTTP covers what the client cannot send.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -28,21 +24,6 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 constexpr char kModelName[] = "tiny-moe";
-
-// A TCP connection to 127.0.0.1:port, or -1.
-int ConnectLocal(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return -1;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
 constexpr int64_t kMaxTokens = 8;
 constexpr char kPrompt[] = "In the beginning God created";
 
@@ -214,60 +195,6 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
                  json{{"model", kModelName}, {"prompt", kPrompt}, {"max_tokens", 2}}.dump());
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200) << ok->body;
-}
-
-// With every HTTP thread busy (two here, each held by a client that sent half its headers and
-// stalls), a new API request is refused at once with 429, Retry-After and a message naming
-// --http-threads, instead of queueing behind them; /metrics is still answered; once the
-// stalled clients go, requests are served again.
-TEST(HttpThreadsTest, BusyThreadsRefuseNewApiRequestsAtOnce) {
-  Cluster cluster("http_threads");
-  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
-  std::string error;
-  ASSERT_TRUE(cluster.StartCoordinator({"--http-listen", http, "--http-threads", "2",
-                                        "--served-model-name", kModelName},
-                                       &error))
-      << error;
-  const size_t colon = http.rfind(':');
-  const int port = std::stoi(http.substr(colon + 1));
-  httplib::Client client("127.0.0.1", port);
-  client.set_read_timeout(10, 0);
-  ASSERT_TRUE(PollUntil([&] { return static_cast<bool>(client.Get("/v1/models")); },
-                        milliseconds(10000)));
-  std::vector<int> stalled;
-  for (int i = 0; i < 2; ++i) {
-    const int fd = ConnectLocal(port);
-    ASSERT_GE(fd, 0);
-    const std::string partial = "GET /v1/models HTTP/1.1\r\nHost: x\r\n";
-    ASSERT_EQ(write(fd, partial.data(), partial.size()), static_cast<ssize_t>(partial.size()));
-    stalled.push_back(fd);
-  }
-  // Let the server hand both stalled connections to its two threads.
-  std::this_thread::sleep_for(milliseconds(300));
-  httplib::Client busy("127.0.0.1", port);
-  busy.set_read_timeout(10, 0);
-  const Clock::time_point asked = Clock::now();
-  auto refused = busy.Get("/v1/models");
-  const auto took = Clock::now() - asked;
-  ASSERT_TRUE(refused);
-  EXPECT_EQ(refused->status, 429) << refused->body;
-  EXPECT_EQ(refused->get_header_value("Retry-After"), "1");
-  EXPECT_TRUE(absl::StrContains(refused->body, "--http-threads")) << refused->body;
-  EXPECT_EQ(json::parse(refused->body)["error"]["type"], "rate_limit_error");
-  EXPECT_LT(took, milliseconds(1000));
-  httplib::Client metrics("127.0.0.1", port);
-  auto scraped = metrics.Get("/metrics");
-  ASSERT_TRUE(scraped);
-  EXPECT_EQ(scraped->status, 200);
-  for (int fd : stalled) close(fd);
-  EXPECT_TRUE(PollUntil(
-      [&] {
-        httplib::Client again("127.0.0.1", port);
-        auto served = again.Get("/v1/models");
-        return served && served->status == 200;
-      },
-      milliseconds(10000)));
-  cluster.Stop(milliseconds(10000));
 }
 
 }  // namespace
