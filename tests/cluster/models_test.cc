@@ -4,10 +4,13 @@
 // nothing to do listed as free; and scaling under a steady stream of requests (a replica added,
 // one drained with gemmactl drain, one stopped with SIGTERM) with zero failed requests.
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <string>
@@ -252,6 +255,86 @@ TEST(ModelsTest, AReplicaOfTwoWorkersFormsFromWorkersWithoutAModel) {
                         milliseconds(15000)))
       << cluster.Log("worker2");
   cluster.Stop(milliseconds(10000));
+}
+
+// A memory cgroup of `bytes` for the processes written to its cgroup.procs (v2, or v1's memory
+// hierarchy); empty, with the reason in *why, where this machine cannot make one (not root, no
+// memory controller).
+std::string MakeMemoryCgroup(const std::string& name, int64_t bytes, std::string* why) {
+  namespace fs = std::filesystem;
+  std::string dir, limit_file;
+  std::error_code error;
+  if (fs::exists("/sys/fs/cgroup/cgroup.controllers")) {
+    std::ofstream("/sys/fs/cgroup/cgroup.subtree_control") << "+memory";
+    dir = "/sys/fs/cgroup/" + name;
+    limit_file = "memory.max";
+  } else if (fs::exists("/sys/fs/cgroup/memory/memory.limit_in_bytes")) {
+    dir = "/sys/fs/cgroup/memory/" + name;
+    limit_file = "memory.limit_in_bytes";
+  } else {
+    *why = "no cgroup memory controller mounted";
+    return "";
+  }
+  if (!fs::create_directory(dir, error) && !fs::exists(dir)) {
+    *why = absl::StrCat("cannot make ", dir, ": ", error.message(), " (root needed)");
+    return "";
+  }
+  std::ofstream limit(dir + "/" + limit_file);
+  limit << bytes;
+  limit.close();
+  if (!limit || !fs::exists(dir + "/" + limit_file)) {
+    *why = absl::StrCat("cannot set ", dir, "/", limit_file);
+    return "";
+  }
+  return dir;
+}
+
+// A worker in a container (a memory cgroup of 512 MiB on a machine with far more) is assigned a
+// model whose weights (a 1 GiB sparse file) do not fit its limit: it measures what its cgroup
+// lets it hold, not the machine's memory, turns the model down, and the coordinator gives it
+// the model that fits at once, without waiting out the assignment.
+TEST(ModelsTest, AWorkerTurnsDownAModelItsCgroupCannotHoldAndGetsOneThatFits) {
+  Cluster cluster("models_cgroup");
+  std::string why;
+  const std::string cgroup =
+      MakeMemoryCgroup(absl::StrCat("gemma-test-", getpid()), int64_t{512} << 20, &why);
+  if (cgroup.empty()) GTEST_SKIP() << "memory cgroup test skipped: " << why;
+  const std::string huge = cluster.dir() + "/huge";
+  std::filesystem::create_directories(huge);
+  std::filesystem::copy_file(kTinyMoe + "/config.json", huge + "/config.json");
+  std::filesystem::resize_file(WriteFile(huge + "/model.safetensors", ""), int64_t{1} << 30);
+  const std::string spec = WriteFile(
+      cluster.dir() + "/models.yaml",
+      absl::StrCat("models:\n"
+                   "  - name: huge\n    path: ", huge,
+                   "\n    layout: {mode: tp, ranks: 1}\n    replicas: {min: 1, max: 1}\n"
+                   "  - name: moe\n    path: ", kTinyMoe,
+                   "\n    layout: {mode: tp, ranks: 1}\n    replicas: {min: 1, max: 1}\n"));
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({"--models", spec}, &error)) << error;
+  const std::string log = cluster.dir() + "/worker.log";
+  {
+    ChildProcess worker({"/bin/sh", "-c",
+                         absl::StrCat("echo $$ > ", cgroup, "/cgroup.procs && exec ", kBin,
+                                      "gemma-worker --coordinator ", cluster.coordinator_address(),
+                                      " --cpu-ranks 1 --threads 1")},
+                        log);
+    EXPECT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
+        << ReadFileToString(log) << cluster.Log("coordinator");
+    const gemma::v1::GetStatusResponse status = cluster.Status();
+    ASSERT_EQ(status.replicas_size(), 1);
+    EXPECT_EQ(status.replicas(0).model(), "moe");
+    const std::string text = ReadFileToString(log);
+    EXPECT_TRUE(absl::StrContains(text, "assigned model huge, whose weights need 1.0 GiB on this "
+                                        "worker, but 0."))
+        << text;
+    EXPECT_TRUE(absl::StrContains(cluster.Log("coordinator"), "turned down model huge"))
+        << cluster.Log("coordinator");
+    worker.Signal(SIGTERM);
+    worker.WaitForExitCode(seconds(30));
+  }
+  cluster.Stop(milliseconds(10000));
+  std::filesystem::remove(cgroup);
 }
 
 TEST(ModelsTest, ModelsFileErrorsNameTheField) {

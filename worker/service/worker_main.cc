@@ -40,6 +40,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
 #include "common/tool_main.h"
@@ -362,6 +363,75 @@ int64_t MemInfoBytes(const std::string& field) {
   return 0;
 }
 
+// One number from a cgroup file ("max", a missing file or a non-number: -1).
+int64_t CgroupNumber(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  std::string text;
+  if (!(in >> text)) return -1;
+  int64_t value = 0;
+  return absl::SimpleAtoi(text, &value) ? value : -1;
+}
+
+// The tightest memory limit of this process's cgroup and its ancestors, as (limit, in use
+// under it); (-1, 0) without one. cgroup v2 (memory.max, memory.current) and v1
+// (memory.limit_in_bytes, memory.usage_in_bytes), mounted where systemd and container
+// runtimes put them. In a pod or a container, /proc/meminfo shows the whole machine: this is
+// what the process may actually use.
+std::pair<int64_t, int64_t> CgroupMemoryLimit() {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line;
+  std::pair<int64_t, int64_t> tightest{-1, 0};
+  auto consider = [&](const std::filesystem::path& dir, const char* limit_file,
+                      const char* usage_file) {
+    const int64_t limit = CgroupNumber(dir / limit_file);
+    // cgroup v1 spells "no limit" as a page-rounded INT64_MAX.
+    if (limit <= 0 || limit >= (int64_t{1} << 62)) return;
+    const int64_t used = std::max<int64_t>(0, CgroupNumber(dir / usage_file));
+    if (tightest.first < 0 || limit - used < tightest.first - tightest.second) {
+      tightest = {limit, used};
+    }
+  };
+  while (std::getline(in, line)) {
+    // "ID:CONTROLLERS:PATH": "0::PATH" for v2, "N:memory:PATH" (among others) for v1.
+    const std::vector<std::string> parts = absl::StrSplit(line, absl::MaxSplits(':', 2));
+    if (parts.size() != 3) continue;
+    const std::vector<std::string> controllers = absl::StrSplit(parts[1], ',');
+    const bool v2 = parts[0] == "0" && parts[1].empty();
+    const bool v1 = std::find(controllers.begin(), controllers.end(), "memory") != controllers.end();
+    if (!v1 && !v2) continue;
+    const std::vector<std::string> roots =
+        v2 ? std::vector<std::string>{"/sys/fs/cgroup", "/sys/fs/cgroup/unified"}
+           : std::vector<std::string>{"/sys/fs/cgroup/memory"};
+    for (const std::string& root : roots) {
+      // The process's own cgroup, then each ancestor up to the mount's root.
+      std::filesystem::path rel = std::filesystem::path(parts[2]).relative_path();
+      for (;;) {
+        const std::filesystem::path dir = std::filesystem::path(root) / rel;
+        if (v2) {
+          consider(dir, "memory.max", "memory.current");
+        } else {
+          consider(dir, "memory.limit_in_bytes", "memory.usage_in_bytes");
+        }
+        if (rel.empty()) break;
+        rel = rel.parent_path();
+      }
+    }
+  }
+  return tightest;
+}
+
+// What this worker may hold: the machine's memory (/proc/meminfo "MemTotal", "MemAvailable"),
+// bounded by its cgroup's limit (a pod's or a container's).
+int64_t MemoryBytes(bool available) {
+  int64_t bytes = MemInfoBytes(available ? "MemAvailable" : "MemTotal");
+  const auto [limit, used] = CgroupMemoryLimit();
+  if (limit > 0) {
+    const int64_t bound = available ? std::max<int64_t>(0, limit - used) : limit;
+    bytes = bytes > 0 ? std::min(bytes, bound) : bound;
+  }
+  return bytes;
+}
+
 // The bytes of the checkpoint's weights (its safetensors files).
 int64_t CheckpointBytes(const std::string& dir) {
   int64_t bytes = 0;
@@ -388,7 +458,7 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
   request.set_host(host);
   request.set_backend(backend);
   request.set_ranks(local_ranks);
-  request.set_memory_bytes(MemInfoBytes("MemTotal"));
+  request.set_memory_bytes(MemoryBytes(/*available=*/false));
   std::string last_reason;
   LOG(INFO) << "no --model: joining " << absl::GetFlag(FLAGS_coordinator) << " as worker "
             << request.worker_id() << " with " << local_ranks << " " << backend
@@ -421,7 +491,7 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
       // On CPU the weights live in this host's memory: this worker's share of them must fit.
       if (backend == "cpu") {
         const int64_t share = CheckpointBytes(response.model_path()) / std::max(1, response.nodes());
-        const int64_t available = MemInfoBytes("MemAvailable");
+        const int64_t available = MemoryBytes(/*available=*/true);
         if (available > 0 && share > available) {
           LOG(WARNING) << absl::StrFormat(
               "assigned model %s, whose weights need %.1f GiB on this worker, but %.1f GiB of "
