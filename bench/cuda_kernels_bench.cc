@@ -357,6 +357,61 @@ BENCHMARK(BM_AddRmsNorm)->Arg(1)->Arg(64)->UseManualTime();
 
 // Decode attention of one sequence of `len` cached tokens, 32 heads over `kv` KV heads, over a
 // cache of `cache_bytes` bytes an element: 2 (bf16, the CUDA backend's default) or 4 (f32).
+// One sequence's step on the device: `tokens` queries at positions len - tokens .. len - 1 over
+// cache pages 0 .. pages - 1, as the model uploads them; null after a CUDA error.
+struct OneSequenceStep {
+  BufferPtr positions, query_start, seq_lens, page_table;
+  BatchLayout layout;
+};
+std::unique_ptr<OneSequenceStep> OneSequence(CudaBackend& b, int64_t tokens, int64_t len,
+                                             int64_t pages) {
+  auto step = std::make_unique<OneSequenceStep>();
+  std::vector<int32_t> table(pages), pos(tokens);
+  std::iota(table.begin(), table.end(), 0);
+  std::iota(pos.begin(), pos.end(), static_cast<int32_t>(len - tokens));
+  std::vector<int32_t> qs{0, static_cast<int32_t>(tokens)}, lens{static_cast<int32_t>(len)};
+  step->positions = *b.Alloc(DType::kI32, tokens);
+  step->query_start = *b.Alloc(DType::kI32, 2);
+  step->seq_lens = *b.Alloc(DType::kI32, 1);
+  step->page_table = *b.Alloc(DType::kI32, pages);
+  b.Write(*step->positions, pos.data(), tokens * 4);
+  b.Write(*step->query_start, qs.data(), 8);
+  b.Write(*step->seq_lens, lens.data(), 4);
+  b.Write(*step->page_table, table.data(), pages * 4);
+  if (!b.Synchronize().ok()) return nullptr;  // the host vectors are the copies' sources
+  BatchLayout& layout = step->layout;
+  layout.num_tokens = tokens;
+  layout.num_seqs = 1;
+  layout.max_pages_per_seq = pages;
+  layout.positions = step->positions.get();
+  layout.query_start = step->query_start.get();
+  layout.seq_lens = step->seq_lens.get();
+  layout.page_tables[0] = layout.page_tables[1] = step->page_table.get();
+  layout.host_query_start = qs;
+  layout.host_seq_lens = lens;
+  return step;
+}
+
+// Attention of `heads` query heads over `kv` KV heads of head_dim d on a step's layout; K is
+// derived from V (with k_norm and rope) where k_cache is null.
+AttentionArgs AttentionOver(const BatchLayout& layout, const Buffer& q, const Buffer* k_cache,
+                            const Buffer& v_cache, const Buffer& k_norm, RopeSpec rope,
+                            int64_t heads, int64_t kv, int64_t d, int64_t page, Buffer& out) {
+  AttentionArgs a;
+  a.layout = &layout;
+  a.q = &q;
+  a.k_cache = k_cache;
+  a.v_cache = &v_cache;
+  a.k_norm_weight = &k_norm;
+  a.rope = rope;
+  a.num_heads = heads;
+  a.num_kv_heads = kv;
+  a.head_dim = d;
+  a.page_size = page;
+  a.out = &out;
+  return a;
+}
+
 void BM_AttentionDecode(benchmark::State& state) {
   GEMMA_NEED_GPU(b);
   const int64_t d = state.range(0), len = state.range(1), heads = 32, kv = d == 512 ? 4 : 16;
@@ -370,38 +425,14 @@ void BM_AttentionDecode(benchmark::State& state) {
   auto k_cache = k_eq_v ? nullptr : RandomBuffer(*b, cache_dtype, pages * page * kv * d);
   auto k_norm = RandomBuffer(*b, DType::kBF16, d);
   auto out = *b->Alloc(DType::kF32, heads * d);
-  std::vector<int32_t> table(pages);
-  std::iota(table.begin(), table.end(), 0);
-  std::vector<int32_t> pos{static_cast<int32_t>(len - 1)}, qs{0, 1},
-      lens{static_cast<int32_t>(len)};
-  auto positions = *b->Alloc(DType::kI32, 1), query_start = *b->Alloc(DType::kI32, 2),
-       seq_lens = *b->Alloc(DType::kI32, 1), page_table = *b->Alloc(DType::kI32, pages);
-  b->Write(*positions, pos.data(), 4);
-  b->Write(*query_start, qs.data(), 8);
-  b->Write(*seq_lens, lens.data(), 4);
-  b->Write(*page_table, table.data(), pages * 4);
-  BatchLayout layout;
-  layout.num_tokens = 1;
-  layout.num_seqs = 1;
-  layout.max_pages_per_seq = pages;
-  layout.positions = positions.get();
-  layout.query_start = query_start.get();
-  layout.seq_lens = seq_lens.get();
-  layout.page_tables[0] = layout.page_tables[1] = page_table.get();
-  layout.host_query_start = qs;
-  layout.host_seq_lens = lens;
-  AttentionArgs a;
-  a.layout = &layout;
-  a.q = q.get();
-  a.k_cache = k_cache.get();
-  a.v_cache = v_cache.get();
-  a.k_norm_weight = k_norm.get();
-  a.rope = RopeSpec{d, d == 512 ? 64 : d / 2, 1e6, 1.0};
-  a.num_heads = heads;
-  a.num_kv_heads = kv;
-  a.head_dim = d;
-  a.page_size = page;
-  a.out = out.get();
+  std::unique_ptr<OneSequenceStep> step = OneSequence(*b, 1, len, pages);
+  if (step == nullptr) {
+    state.SkipWithError("CUDA error");
+    return;
+  }
+  const AttentionArgs a =
+      AttentionOver(step->layout, *q, k_cache.get(), *v_cache, *k_norm,
+                    RopeSpec{d, d == 512 ? 64 : d / 2, 1e6, 1.0}, heads, kv, d, page, *out);
   // The cached keys and values (on k_eq_v layers K is derived from V), plus q and out (f32).
   const Work work{static_cast<double>(cache_bytes) * len * kv * d * (k_eq_v ? 1 : 2) +
                       8.0 * heads * d,
@@ -463,43 +494,15 @@ void BM_AttentionPrefill(benchmark::State& state) {
   auto k_cache = full ? nullptr : RandomBuffer(*b, DType::kBF16, pages * page * kv * d, 13);
   auto k_norm = RandomBuffer(*b, DType::kBF16, d, 17);
   auto out = *b->Alloc(DType::kF32, tokens * heads * d);
-  std::vector<int32_t> table(pages), pos(tokens);
-  std::iota(table.begin(), table.end(), 0);
-  std::iota(pos.begin(), pos.end(), 0);
-  std::vector<int32_t> qs{0, static_cast<int32_t>(tokens)}, lens{static_cast<int32_t>(tokens)};
-  auto positions = *b->Alloc(DType::kI32, tokens), query_start = *b->Alloc(DType::kI32, 2),
-       seq_lens = *b->Alloc(DType::kI32, 1), page_table = *b->Alloc(DType::kI32, pages);
-  b->Write(*positions, pos.data(), tokens * 4);
-  b->Write(*query_start, qs.data(), 8);
-  b->Write(*seq_lens, lens.data(), 4);
-  b->Write(*page_table, table.data(), pages * 4);
-  if (!b->Synchronize().ok()) {  // the host vectors are the copies' sources
+  std::unique_ptr<OneSequenceStep> step = OneSequence(*b, tokens, tokens, pages);
+  if (step == nullptr) {
     state.SkipWithError("CUDA error");
     return;
   }
-  BatchLayout layout;
-  layout.num_tokens = tokens;
-  layout.num_seqs = 1;
-  layout.max_pages_per_seq = pages;
-  layout.positions = positions.get();
-  layout.query_start = query_start.get();
-  layout.seq_lens = seq_lens.get();
-  layout.page_tables[0] = layout.page_tables[1] = page_table.get();
-  layout.host_query_start = qs;
-  layout.host_seq_lens = lens;
-  AttentionArgs a;
-  a.layout = &layout;
-  a.q = q.get();
-  a.k_cache = k_cache.get();
-  a.v_cache = v_cache.get();
-  a.k_norm_weight = k_norm.get();
-  a.rope = RopeSpec{d, full ? 64 : d / 2, full ? 1e6 : 1e4, 1.0};
-  a.num_heads = heads;
-  a.num_kv_heads = kv;
-  a.head_dim = d;
-  a.page_size = page;
+  AttentionArgs a = AttentionOver(step->layout, *q, k_cache.get(), *v_cache, *k_norm,
+                                  RopeSpec{d, full ? 64 : d / 2, full ? 1e6 : 1e4, 1.0}, heads,
+                                  kv, d, page, *out);
   a.window = window;
-  a.out = out.get();
   double pairs = 0;  // query-key pairs: each query sees min(position + 1, window) keys
   for (int64_t t = 0; t < tokens; ++t) pairs += window > 0 ? std::min(t + 1, window) : t + 1;
   const Work work{8.0 * tokens * heads * d + 2.0 * tokens * kv * d * (full ? 1 : 2),

@@ -131,6 +131,33 @@ INSTANTIATE_TEST_SUITE_P(Layouts, CudaParallelTest,
                                            ReplicaCase{"tiny-moe", 4, 2, true}),
                          testing::ReplicaCaseName);
 
+// One NCCL rank on device 0 (its unique id through a TCP store of its own), behind a staging
+// communicator over `memory` that counts into `counters`; null, with a test failure, when it
+// cannot be made.
+std::unique_ptr<parallel::Communicator> OneRankNccl(CudaMemorySpace& memory,
+                                                    parallel::StagingCounters* counters) {
+  auto server = parallel::TcpStoreServer::Start("127.0.0.1", 0);
+  if (!server.ok()) {
+    ADD_FAILURE() << server.status();
+    return nullptr;
+  }
+  auto store = parallel::TcpStoreClient::Connect("127.0.0.1", (*server)->port());
+  if (!store.ok()) {
+    ADD_FAILURE() << store.status();
+    return nullptr;
+  }
+  parallel::NcclOptions nccl;
+  nccl.device = 0;
+  nccl.timeout = std::chrono::seconds(30);
+  auto comm = parallel::CreateNcclCommunicator(nccl, **store);
+  if (!comm.ok()) {
+    ADD_FAILURE() << comm.status();
+    return nullptr;
+  }
+  return parallel::WrapWithStaging(*std::move(comm), parallel::CommunicatorMemory::kDevice,
+                                   &memory, counters);
+}
+
 // NCCL for real on one GPU: every collective with host buffers, staged through device memory
 // (the model hands NCCL host buffers for routing checks and sampling candidates).
 TEST(CudaNcclStagingTest, EveryCollectiveOverNcclWithHostBuffers) {
@@ -141,18 +168,9 @@ TEST(CudaNcclStagingTest, EveryCollectiveOverNcclWithHostBuffers) {
   auto backend = CudaBackend::Create(options);
   ASSERT_TRUE(backend.ok()) << backend.status();
   CudaMemorySpace memory(**backend);
-  auto server = parallel::TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto store = parallel::TcpStoreClient::Connect("127.0.0.1", (*server)->port());
-  ASSERT_TRUE(store.ok()) << store.status();
-  parallel::NcclOptions nccl;
-  nccl.device = 0;
-  nccl.timeout = std::chrono::seconds(30);
-  auto comm = parallel::CreateNcclCommunicator(nccl, **store);
-  ASSERT_TRUE(comm.ok()) << comm.status();
   parallel::StagingCounters counters;
-  std::unique_ptr<parallel::Communicator> staged = parallel::WrapWithStaging(
-      *std::move(comm), parallel::CommunicatorMemory::kDevice, &memory, &counters);
+  std::unique_ptr<parallel::Communicator> staged = OneRankNccl(memory, &counters);
+  ASSERT_NE(staged, nullptr);
   for (uint64_t seed : {1u, 2u}) {
     absl::Status status = parallel::testing::RunAllCollectiveChecks(*staged, seed, true);
     EXPECT_TRUE(status.ok()) << status;
@@ -218,18 +236,9 @@ TEST_F(CudaDispatchTest, DeviceDispatchOverNcclMatchesTheCpuPathWithoutHostActiv
   ASSERT_TRUE(cpu_status.ok()) << cpu_status;
 
   CudaMemorySpace memory(*gpu_);
-  auto server = parallel::TcpStoreServer::Start("127.0.0.1", 0);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto store = parallel::TcpStoreClient::Connect("127.0.0.1", (*server)->port());
-  ASSERT_TRUE(store.ok()) << store.status();
-  parallel::NcclOptions nccl;
-  nccl.device = 0;
-  nccl.timeout = std::chrono::seconds(30);
-  auto comm = parallel::CreateNcclCommunicator(nccl, **store);
-  ASSERT_TRUE(comm.ok()) << comm.status();
   parallel::StagingCounters counters;
-  std::unique_ptr<parallel::Communicator> staged = parallel::WrapWithStaging(
-      *std::move(comm), parallel::CommunicatorMemory::kDevice, &memory, &counters);
+  std::unique_ptr<parallel::Communicator> staged = OneRankNccl(memory, &counters);
+  ASSERT_NE(staged, nullptr);
   absl::Status gpu_status = parallel::DispatchExperts(
       *gpu_, *staged, shape, copies, {.num_ranks = 1, .ranks_per_node = 1}, *id.gpu,
       *weights.gpu, *x.gpu, *out.gpu, local_experts(*gpu_, *gate_up.gpu, *down.gpu));
