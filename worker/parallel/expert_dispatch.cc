@@ -109,13 +109,17 @@ absl::Status DispatchExperts(Backend& backend, Communicator& comm,
                                  backend.RawData(*recv_x), recv_x_counts, DType::kF32));
   RETURN_IF_ERROR(comm.AllToAllV(send_m.data(), send_m_counts, recv_meta.data(), recv_m_counts,
                                  DType::kI32));
+  send_x.reset();  // sent: its rows are in recv_x now
+  // Host arrays the backend copies from (Write's sources stay valid until the next wait).
+  std::vector<int32_t> entry_pair, entry_slots, row_of;
+  std::vector<float> entry_weights;
   // Run the local slots over what arrived: one row per (pair, expert) entry, so each expert's
   // weighted output travels back on its own and the source sums them in expert order.
   ASSIGN_OR_RETURN(BufferPtr result, alloc(DType::kF32, total_entries * hidden));
   if (total_entries > 0) {
-    std::vector<int32_t> entry_pair(total_entries);
-    std::vector<int32_t> entry_slots(total_entries);
-    std::vector<float> entry_weights(total_entries);
+    entry_pair.resize(total_entries);
+    entry_slots.resize(total_entries);
+    entry_weights.resize(total_entries);
     int64_t row = 0;
     for (int64_t p = 0; p < total_pairs; ++p) {
       for (int64_t k = 0; k < top_k && recv_meta[p * meta + k] != -1; ++k) {
@@ -135,6 +139,7 @@ absl::Status DispatchExperts(Backend& backend, Communicator& comm,
     backend.Write(*ib, entry_slots.data(), entry_slots.size() * sizeof(int32_t));
     backend.Write(*wb, entry_weights.data(), entry_weights.size() * sizeof(float));
     backend.GatherRows(*recv_x, *pb, total_entries, hidden, *xb);
+    recv_x.reset();  // gathered into xb (stream order keeps it until the gather has run)
     run_local(*xb, *ib, *wb, total_entries, 1, *result);
   }
   // Send the results back the way they came; each token sums its experts' rows in k order
@@ -143,7 +148,7 @@ absl::Status DispatchExperts(Backend& backend, Communicator& comm,
   RETURN_IF_ERROR(comm.AllToAllV(backend.RawData(*result), recv_e_counts,
                                  backend.RawData(*returned), send_e_counts, DType::kF32));
   if (t > 0) {
-    std::vector<int32_t> row_of(t * top_k, -1);
+    row_of.assign(t * top_k, -1);
     int32_t row = 0;
     for (int r = 0; r < world; ++r) {
       for (int64_t tk : sent[r]) row_of[tk] = row++;
@@ -152,10 +157,8 @@ absl::Status DispatchExperts(Backend& backend, Communicator& comm,
     backend.Write(*combine, row_of.data(), row_of.size() * sizeof(int32_t));
     backend.GatherSumRows(*returned, *combine, t, top_k, hidden, out);
   }
-  // No wait for the device here: the next op that needs the host (the next layer's routing
-  // read, a staged collective) orders itself after this one's work, and the buffers above are
-  // released in stream order.
-  return absl::OkStatus();
+  // The host arrays above were Write sources: they must outlive the copies.
+  return backend.Synchronize();
 }
 
 }  // namespace gemma::parallel
