@@ -53,13 +53,14 @@ key ca.key
 openssl req -x509 -new -key ca.key -out ca.crt -days "${days}" -subj "/CN=gemma-cluster CA" \
   -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
 
-# sign SECRET CN SAN: SECRET/tls.key, SECRET/tls.crt (signed by the CA) and SECRET/ca.crt.
+# sign SECRET CN SAN USAGE: SECRET/tls.key, SECRET/tls.crt (signed by the CA, for USAGE:
+# serverAuth, clientAuth or both) and SECRET/ca.crt.
 sign() {
-  local dir="$1" cn="$2" san="$3"
+  local dir="$1" cn="$2" san="$3" usage="$4"
   mkdir -p "${dir}"
   key "${dir}/tls.key"
   openssl req -new -key "${dir}/tls.key" -out "${dir}/tls.csr" -subj "/CN=${cn}"
-  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "${san}" >"${dir}/ext"
+  printf 'subjectAltName=%s\nextendedKeyUsage=%s\n' "${san}" "${usage}" >"${dir}/ext"
   openssl x509 -req -in "${dir}/tls.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
     -out "${dir}/tls.crt" -days "${days}" -extfile "${dir}/ext" 2>/dev/null
   rm -f "${dir}/tls.csr" "${dir}/ext"
@@ -69,9 +70,11 @@ sign() {
 svc="gemma-coordinator"
 names="DNS:${svc},DNS:${svc}.${namespace},DNS:${svc}.${namespace}.svc"
 names="${names},DNS:${svc}.${namespace}.svc.cluster.local,DNS:localhost,IP:127.0.0.1"
-sign gemma-coordinator-tls "${svc}" "${names}"
-sign gemma-coordinator-internal "${svc}" "${names}"
-sign gemma-worker-tls gemma-worker "DNS:gemma-worker"
+# The public certificate only serves; the internal ones also present themselves as clients (the
+# coordinator calling replicas, workers joining).
+sign gemma-coordinator-tls "${svc}" "${names}" serverAuth
+sign gemma-coordinator-internal "${svc}" "${names}" serverAuth,clientAuth
+sign gemma-worker-tls gemma-worker "DNS:gemma-worker" serverAuth,clientAuth
 
 mkdir -p gemma-auth
 openssl rand -hex 24 >admin.token
@@ -81,13 +84,15 @@ printf '%s admin admin\n%s user user\n' "$(cat admin.token)" "$(cat user.token)"
 
 # secret NAME TYPE FILE...: one Secret of secrets.yaml, its files base64-encoded.
 secret() {
-  local name="$1" type="$2" f
+  local name="$1" type="$2" f data
   shift 2
   printf -- '---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: %s\n  namespace: %s\n' \
     "${name}" "${namespace}"
   printf 'type: %s\ndata:\n' "${type}"
   for f in "$@"; do
-    printf '  %s: %s\n' "${f}" "$(base64 -w0 "${name}/${f}")"
+    data="$(openssl base64 -A -in "${name}/${f}")"
+    [[ -n "${data}" ]] || { echo "make_cluster_secrets.sh: cannot encode ${name}/${f}" >&2; exit 1; }
+    printf '  %s: %s\n' "${f}" "${data}"
   done
 }
 {

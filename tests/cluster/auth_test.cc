@@ -455,6 +455,9 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
   EXPECT_TRUE(WaitServing(health, Clock::now() + seconds(30))) << ReadFileToString(d + "worker.log");
   ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
       << ReadFileToString(d + "worker.log") << cluster.Log("coordinator");
+  // Readiness: its ranks have loaded.
+  EXPECT_TRUE(WaitServing(health, Clock::now() + seconds(10), "gemma.worker.Ready"))
+      << ReadFileToString(d + "worker.log");
   // The coordinator reaches the replica (at 127.0.0.1, which the certificate does not name).
   const std::vector<int32_t> prompt = {2, 17, 301, 44};
   StreamResult result = Generate(cluster.inference(), TokenRequest(prompt, 8));
@@ -463,6 +466,7 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
   worker.Signal(SIGTERM);
   EXPECT_TRUE(PollUntil([&] { return !WaitServing(health, Clock::now() + milliseconds(200)); },
                         milliseconds(10000)));
+  EXPECT_FALSE(WaitServing(health, Clock::now() + milliseconds(200), "gemma.worker.Ready"));
   EXPECT_EQ(worker.WaitForExitCode(seconds(30)), 0) << ReadFileToString(d + "worker.log");
   cluster.Stop(milliseconds(10000));
 }

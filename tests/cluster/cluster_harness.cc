@@ -31,13 +31,18 @@ std::chrono::system_clock::time_point In(milliseconds ms) {
 
 namespace {
 
-// One grpc.health.v1.Health/Check of the overall service: true when it answers SERVING. The
-// request is the empty message; the response is field 1 (status) = 1 (SERVING): bytes 08 01.
-bool HealthServing(grpc::GenericStub& stub) {
+// One grpc.health.v1.Health/Check of `service` (empty: the server as a whole): true when it
+// answers SERVING. The request is field 1 (service, a string), absent when empty; the response
+// is field 1 (status) = 1 (SERVING): bytes 08 01.
+bool HealthServing(grpc::GenericStub& stub, const std::string& service = "") {
   grpc::ClientContext context;
   context.set_deadline(In(milliseconds(500)));
   grpc::CompletionQueue cq;
-  grpc::Slice empty("");
+  std::string body;
+  if (!service.empty()) {
+    body = std::string(1, '\x0a') + static_cast<char>(service.size()) + service;
+  }
+  grpc::Slice empty(body);
   grpc::ByteBuffer request(&empty, 1);
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> call =
       stub.PrepareUnaryCall(&context, "/grpc.health.v1.Health/Check", request, &cq);
@@ -61,11 +66,12 @@ bool HealthServing(grpc::GenericStub& stub) {
 
 }  // namespace
 
-bool WaitServing(const std::string& address, Clock::time_point deadline) {
+bool WaitServing(const std::string& address, Clock::time_point deadline,
+                 const std::string& service) {
   auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
   grpc::GenericStub stub(channel);
   while (Clock::now() < deadline) {
-    if (HealthServing(stub)) return true;
+    if (HealthServing(stub, service)) return true;
     channel->WaitForConnected(In(milliseconds(100)));
   }
   return false;

@@ -30,8 +30,10 @@ extern const std::string kTinyDense; // tests/golden/data/tiny-dense
 
 std::chrono::system_clock::time_point In(std::chrono::milliseconds ms);
 
-// True once grpc.health.v1 at `address` answers SERVING, false at `deadline`.
-bool WaitServing(const std::string& address, Clock::time_point deadline);
+// True once grpc.health.v1 at `address` answers SERVING for `service` (empty: the server as a
+// whole), false at `deadline`.
+bool WaitServing(const std::string& address, Clock::time_point deadline,
+                 const std::string& service = "");
 
 struct StreamResult {
   grpc::Status status;

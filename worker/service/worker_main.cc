@@ -22,6 +22,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -138,8 +139,12 @@ ABSL_FLAG(bool, check_routing, false, "compare a hash of each layer's routing ac
 ABSL_FLAG(std::string, health_listen, "",
           "HOST:PORT of a plaintext port serving only grpc.health.v1, for probes (Kubernetes') "
           "that cannot speak the mutual TLS of the replica port, and on every node of a replica "
-          "(only the group leaders serve --listen): SERVING while this worker and its rank "
-          "processes run, NOT_SERVING once it drains; empty: none");
+          "(only the group leaders serve --listen): the server's status is SERVING while this "
+          "worker runs (liveness) and NOT_SERVING once it drains; the service "
+          "gemma.worker.Ready is SERVING once its ranks have loaded the model and not draining "
+          "(readiness); empty: none");
+ABSL_FLAG(int32_t, ready_fd, -1,
+          "internal: a pipe to write one byte to once this rank and its peers have loaded");
 ABSL_FLAG(std::string, data_plane, "auto",
           "--backend cuda: what carries activations between the replica's GPU ranks: auto (NCCL "
           "when every rank has a GPU of its own, else Gloo), nccl, or gloo (staged through the "
@@ -207,12 +212,20 @@ absl::StatusOr<std::unique_ptr<gemma::eplb::Placement>> InitialPlacement(int exp
 struct RankProcess {
   int rank;
   pid_t pid;
+  int ready_fd = -1;  // read end of the pipe the rank writes a byte to once loaded (non-blocking)
+  bool ready = false;
 };
 
 // Starts the rank process `rank` of the replica, the `local`-th of this worker's `local_ranks`.
-absl::StatusOr<pid_t> StartRank(int rank, int local, int local_ranks, int world_size,
-                                const std::string& prefix, bool gpu) {
+absl::StatusOr<RankProcess> StartRank(int rank, int local, int local_ranks, int world_size,
+                                      const std::string& prefix, bool gpu) {
+  // The rank writes a byte to this pipe once every rank of the replica has loaded (readiness).
+  int ready[2];
+  if (pipe(ready) != 0) return absl::InternalError(absl::StrCat("pipe: ", strerror(errno)));
+  fcntl(ready[0], F_SETFD, FD_CLOEXEC);
+  fcntl(ready[0], F_SETFL, O_NONBLOCK);
   std::vector<std::string> args = *g_argv;
+  args.push_back(absl::StrCat("--ready_fd=", ready[1]));
   args.push_back(absl::StrCat("--rank=", rank));
   args.push_back(absl::StrCat("--world_size=", world_size));
   args.push_back(absl::StrCat("--local_ranks=", local_ranks));
@@ -227,6 +240,8 @@ absl::StatusOr<pid_t> StartRank(int rank, int local, int local_ranks, int world_
     if (visible != nullptr && *visible != '\0') {
       std::vector<std::string> list = absl::StrSplit(visible, ',');
       if (local >= static_cast<int>(list.size())) {
+        close(ready[0]);
+        close(ready[1]);
         return absl::InvalidArgumentError(absl::StrCat(
             "--gpus ", local_ranks, " but CUDA_VISIBLE_DEVICES lists ", list.size(), " devices"));
       }
@@ -237,7 +252,11 @@ absl::StatusOr<pid_t> StartRank(int rank, int local, int local_ranks, int world_
   }
   const pid_t parent = getpid();
   const pid_t pid = fork();
-  if (pid < 0) return absl::InternalError(absl::StrCat("fork failed: ", strerror(errno)));
+  if (pid < 0) {
+    close(ready[0]);
+    close(ready[1]);
+    return absl::InternalError(absl::StrCat("fork failed: ", strerror(errno)));
+  }
   if (pid == 0) {
     // The kernel kills this rank if the supervisor dies, even by SIGKILL.
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -246,7 +265,8 @@ absl::StatusOr<pid_t> StartRank(int rank, int local, int local_ranks, int world_
     execv("/proc/self/exe", argv.data());
     _exit(127);
   }
-  return pid;
+  close(ready[1]);
+  return RankProcess{rank, pid, ready[0]};
 }
 
 std::string DescribeExit(int status) {
@@ -372,24 +392,45 @@ int64_t CgroupNumber(const std::filesystem::path& file) {
   return absl::SimpleAtoi(text, &value) ? value : -1;
 }
 
-// The tightest memory limit of this process's cgroup and its ancestors, as (limit, in use
-// under it); (-1, 0) without one. cgroup v2 (memory.max, memory.current) and v1
+// The memory limits of this process's cgroup and its ancestors: the smallest limit, and the
+// least headroom under any of them (limit minus what is in use, not counting inactive file
+// cache, which the kernel reclaims first, as the kubelet's working set does not); -1 for both
+// without a limit. cgroup v2 (memory.max, memory.current) and v1
 // (memory.limit_in_bytes, memory.usage_in_bytes), mounted where systemd and container
 // runtimes put them. In a pod or a container, /proc/meminfo shows the whole machine: this is
 // what the process may actually use.
-std::pair<int64_t, int64_t> CgroupMemoryLimit() {
+// A field of a cgroup's memory.stat ("inactive_file", "total_inactive_file"); 0 when absent.
+int64_t CgroupStat(const std::filesystem::path& file, const std::string& field) {
+  std::ifstream in(file);
+  std::string name;
+  int64_t value = 0;
+  while (in >> name >> value) {
+    if (name == field) return value;
+  }
+  return 0;
+}
+
+struct CgroupMemory {
+  int64_t limit = -1;
+  int64_t headroom = -1;
+};
+
+CgroupMemory CgroupMemoryLimit() {
   std::ifstream in("/proc/self/cgroup");
   std::string line;
-  std::pair<int64_t, int64_t> tightest{-1, 0};
-  auto consider = [&](const std::filesystem::path& dir, const char* limit_file,
-                      const char* usage_file) {
-    const int64_t limit = CgroupNumber(dir / limit_file);
+  CgroupMemory tightest;
+  auto consider = [&](const std::filesystem::path& dir, bool v2) {
+    const int64_t limit =
+        CgroupNumber(dir / (v2 ? "memory.max" : "memory.limit_in_bytes"));
     // cgroup v1 spells "no limit" as a page-rounded INT64_MAX.
     if (limit <= 0 || limit >= (int64_t{1} << 62)) return;
-    const int64_t used = std::max<int64_t>(0, CgroupNumber(dir / usage_file));
-    if (tightest.first < 0 || limit - used < tightest.first - tightest.second) {
-      tightest = {limit, used};
-    }
+    const int64_t used =
+        std::max<int64_t>(0, CgroupNumber(dir / (v2 ? "memory.current" : "memory.usage_in_bytes")) -
+                                 CgroupStat(dir / "memory.stat",
+                                            v2 ? "inactive_file" : "total_inactive_file"));
+    const int64_t headroom = std::max<int64_t>(0, limit - used);
+    if (tightest.limit < 0 || limit < tightest.limit) tightest.limit = limit;
+    if (tightest.headroom < 0 || headroom < tightest.headroom) tightest.headroom = headroom;
   };
   while (std::getline(in, line)) {
     // "ID:CONTROLLERS:PATH": "0::PATH" for v2, "N:memory:PATH" (among others) for v1.
@@ -407,11 +448,7 @@ std::pair<int64_t, int64_t> CgroupMemoryLimit() {
       std::filesystem::path rel = std::filesystem::path(parts[2]).relative_path();
       for (;;) {
         const std::filesystem::path dir = std::filesystem::path(root) / rel;
-        if (v2) {
-          consider(dir, "memory.max", "memory.current");
-        } else {
-          consider(dir, "memory.limit_in_bytes", "memory.usage_in_bytes");
-        }
+        consider(dir, v2);
         if (rel.empty()) break;
         rel = rel.parent_path();
       }
@@ -424,9 +461,9 @@ std::pair<int64_t, int64_t> CgroupMemoryLimit() {
 // bounded by its cgroup's limit (a pod's or a container's).
 int64_t MemoryBytes(bool available) {
   int64_t bytes = MemInfoBytes(available ? "MemAvailable" : "MemTotal");
-  const auto [limit, used] = CgroupMemoryLimit();
-  if (limit > 0) {
-    const int64_t bound = available ? std::max<int64_t>(0, limit - used) : limit;
+  const CgroupMemory cgroup = CgroupMemoryLimit();
+  if (cgroup.limit > 0) {
+    const int64_t bound = available ? cgroup.headroom : cgroup.limit;
     bytes = bytes > 0 ? std::min(bytes, bound) : bound;
   }
   return bytes;
@@ -539,8 +576,12 @@ absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backe
   return false;
 }
 
+// The --health-listen server's service that is SERVING once this worker's ranks have loaded.
+constexpr char kReadyService[] = "gemma.worker.Ready";
+
 // The --health-listen server: grpc.health.v1 alone, plaintext, in the supervisor (so it answers
-// on every node, while the model loads, and while the worker waits for an assignment).
+// on every node, while the model loads, and while the worker waits for an assignment): the
+// server as a whole (liveness) SERVING from the start, kReadyService (readiness) once loaded.
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::string& listen) {
   if (HostOf(listen).empty() || listen.rfind(':') == std::string::npos) {
     return absl::InvalidArgumentError(
@@ -555,6 +596,7 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::strin
     return absl::UnavailableError(absl::StrCat("--health-listen: cannot listen on ", listen));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
+  server->GetHealthCheckService()->SetServingStatus(kReadyService, false);
   LOG(INFO) << "health port (grpc.health.v1, plaintext) on " << HostOf(listen) << ":" << port;
   return server;
 }
@@ -682,13 +724,13 @@ absl::Status Supervise() {
   std::vector<RankProcess> ranks;
   for (int local = 0; local < local_ranks; ++local) {
     const int rank = node_rank * local_ranks + local;
-    absl::StatusOr<pid_t> pid =
+    absl::StatusOr<RankProcess> started =
         StartRank(rank, local, local_ranks, world_size, prefix, backend == "cuda");
-    if (!pid.ok()) {
+    if (!started.ok()) {
       StopRanks(ranks);
-      return pid.status();
+      return started.status();
     }
-    ranks.push_back({rank, *pid});
+    ranks.push_back(*started);
   }
   LOG(INFO) << "supervising " << local_ranks << " rank process" << (local_ranks > 1 ? "es" : "")
             << " (" << backend << "), ranks " << node_rank * local_ranks << ".."
@@ -703,6 +745,7 @@ absl::Status Supervise() {
   // Set once a leader drained and left: the replica is done, and in dp-ep the other groups'
   // ranks then lose their lockstep peer and may exit with an error; that is not a failure.
   bool replica_left = false;
+  bool ready = false;  // every local rank has loaded (kReadyService)
   while (!g_force_stop.load()) {
     if (g_stop.load() && !draining) {
       draining = true;
@@ -713,9 +756,24 @@ absl::Status Supervise() {
         ++leaders;
       }
       if (health != nullptr) health->GetHealthCheckService()->SetServingStatus(false);
+      if (health != nullptr) health->GetHealthCheckService()->SetServingStatus(kReadyService, false);
       if (leaders == 0) break;  // nothing here serves requests: stop at once
       LOG(INFO) << "draining: the replica finishes its requests (up to --drain-grace-s "
                 << absl::GetFlag(FLAGS_drain_grace_s) << ") and leaves; SIGTERM again to stop now";
+    }
+    if (!ready && !draining) {
+      for (RankProcess& r : ranks) {
+        char byte = 0;
+        if (!r.ready && r.ready_fd >= 0 && read(r.ready_fd, &byte, 1) == 1) r.ready = true;
+      }
+      ready = std::all_of(ranks.begin(), ranks.end(), [](const RankProcess& r) { return r.ready; });
+      if (ready) {
+        LOG(INFO) << "ranks " << node_rank * local_ranks << ".." << (node_rank + 1) * local_ranks - 1
+                  << " loaded: ready";
+        if (health != nullptr) {
+          health->GetHealthCheckService()->SetServingStatus(kReadyService, true);
+        }
+      }
     }
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
@@ -738,6 +796,7 @@ absl::Status Supervise() {
               "rank ", it->rank, " (pid ", pid, ") ", DescribeExit(status),
               "; stopped the replica's other ranks"));
         }
+        if (it->ready_fd >= 0) close(it->ready_fd);
         ranks.erase(it);
         break;
       }
@@ -1068,6 +1127,12 @@ absl::Status RunRank() {
       RETURN_IF_ERROR(env.control->Barrier());
       if (rank == 0 && store != nullptr) store->Clear().IgnoreError();
     }
+    if (const int fd = absl::GetFlag(FLAGS_ready_fd); fd >= 0) {
+      // Tells the supervisor this rank is loaded (its readiness on --health-listen).
+      const char byte = 'r';
+      if (write(fd, &byte, 1) != 1) LOG(WARNING) << "could not tell the supervisor it loaded";
+      close(fd);
+    }
     const bool dp_ep = env.world.mode() == gemma::parallel::ParallelMode::kDpEp;
     gemma::parallel::Communicator* plans = dp_ep ? env.group_control : env.control;
     if (!group_leader) {
@@ -1089,15 +1154,17 @@ absl::Status RunRank() {
   store = std::make_unique<gemma::service::GrpcStore>(stub.get(),
                                                       absl::GetFlag(FLAGS_store_prefix), timeout);
   // Every node must agree on the replica's size before joining groups of that size.
-  const std::string layout = absl::StrCat(world_size, " ranks, --mode ", absl::GetFlag(FLAGS_mode),
-                                          " --tp ", absl::GetFlag(FLAGS_tp));
+  const std::string layout =
+      absl::StrCat(world_size, " ranks, --mode ", absl::GetFlag(FLAGS_mode), " --tp ",
+                   absl::GetFlag(FLAGS_tp), " --backend ", absl::GetFlag(FLAGS_backend),
+                   " --data-plane ", absl::GetFlag(FLAGS_data_plane));
   RETURN_IF_ERROR(store->Set(absl::StrCat("layout/", rank), layout));
   ASSIGN_OR_RETURN(std::string leader_layout, store->Get("layout/0", timeout));
   if (leader_layout != layout) {
     return absl::FailedPreconditionError(absl::StrCat(
         "rank ", rank, " sees the replica as ", layout, " but rank 0 as ", leader_layout,
-        "; every worker of a replica needs the same --nodes, --cpu-ranks (or --gpus), --mode "
-        "and --tp"));
+        "; every worker of a replica needs the same --nodes, --cpu-ranks (or --gpus), --mode, "
+        "--tp, --backend and --data-plane"));
   }
   gemma::replica::ProcessRankOptions options;
   ASSIGN_OR_RETURN(options.world.mode,
