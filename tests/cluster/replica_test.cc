@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <memory>
@@ -129,13 +130,21 @@ TEST_P(DpEpReplicaTest, ServesFromEachGroup) {
   Cluster cluster("dp_ep");
   std::string error;
   ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
-  cluster.StartWorker(kTinyMoe, {"--cpu-ranks", c.ranks, "--mode", "dp-ep", "--tp", c.tp});
+  // A fixed port, as in a pod: the second group serves on the next one, and advertises it.
+  const int port = FreeLocalPort();
+  cluster.StartWorker(kTinyMoe, {"--cpu-ranks", c.ranks, "--mode", "dp-ep", "--tp", c.tp,
+                                 "--listen", absl::StrCat("127.0.0.1:", port)});
   ASSERT_TRUE(cluster.WaitHealthy(2, Clock::now() + seconds(60))) << cluster.Log("worker0");
   const v1::GetStatusResponse status = cluster.Status();
+  std::vector<std::string> addresses;
   for (const v1::ReplicaStatus& r : status.replicas()) {
     EXPECT_EQ(r.world_size(), std::stoi(c.ranks));
     EXPECT_NE(r.parallel().find(c.parallel), std::string::npos) << r.parallel();
+    addresses.push_back(r.address());
   }
+  std::sort(addresses.begin(), addresses.end());
+  EXPECT_EQ(addresses, (std::vector<std::string>{absl::StrCat("127.0.0.1:", port),
+                                                 absl::StrCat("127.0.0.1:", port + 1)}));
   constexpr int kStreams = 8;
   std::vector<StreamResult> results(kStreams);
   std::vector<std::thread> threads;

@@ -981,8 +981,17 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
   grpc::ServerBuilder builder;
   int port = 0;
   std::string listen = absl::GetFlag(FLAGS_listen);
-  // Each data-parallel group serves on its own port: the given one for the first.
-  if (env.world.dp_group() > 0) listen = absl::StrCat(HostOf(listen), ":0");
+  // Each data-parallel group led from this node serves on its own port: the given one for the
+  // first, the next ports for the others (ephemeral ones with port 0), so that a pod's groups
+  // have fixed ports its network policy can name.
+  const int node_first_rank = absl::GetFlag(FLAGS_node_rank) * absl::GetFlag(FLAGS_local_ranks);
+  const int local_group =
+      std::max(0, env.world.rank() - node_first_rank) / std::max(1, env.world.tp_size());
+  if (local_group > 0) {
+    int base = 0;
+    if (!absl::SimpleAtoi(listen.substr(listen.rfind(':') + 1), &base)) base = 0;
+    listen = absl::StrCat(HostOf(listen), ":", base > 0 ? base + local_group : 0);
+  }
   // With a certificate the replica port speaks mutual TLS: only the coordinator (its client
   // certificate signed by --coordinator-ca) may call it.
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> server_credentials =
@@ -1002,7 +1011,12 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   }
   std::string address = absl::GetFlag(FLAGS_advertise);
-  if (address.empty()) address = absl::StrCat(HostOf(listen), ":", port);
+  if (address.empty()) {
+    address = absl::StrCat(HostOf(listen), ":", port);
+  } else if (local_group > 0) {
+    // --advertise names the first group's port; the others are where they listen.
+    address = absl::StrCat(HostOf(address), ":", port);
+  }
   // On stdout, for scripts that start workers with port 0.
   std::printf("replica serving on %s\n", address.c_str());
   std::fflush(stdout);
