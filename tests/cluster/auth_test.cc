@@ -450,7 +450,7 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
   ChildProcess worker({kBin + "gemma-worker", "--model", kTinyMoe, "--threads", "1",
                        "--coordinator", internal, "--coordinator-ca", d + "cluster-ca.crt",
                        "--tls-cert", d + "worker.crt", "--tls-key", d + "worker.key",
-                       "--health-listen", health},
+                       "--health-listen", health, "--coordinator-tls-name", "coordinator"},
                       d + "worker.log");
   EXPECT_TRUE(WaitServing(health, Clock::now() + seconds(30))) << ReadFileToString(d + "worker.log");
   ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(60)))
@@ -463,6 +463,32 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
   StreamResult result = Generate(cluster.inference(), TokenRequest(prompt, 8));
   EXPECT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.ids, GemmaGenerate(kTinyMoe, prompt, 8));
+  // Another holder of a certificate from the same CA (the workers' shared one) may not call the
+  // replica directly: --coordinator-tls-name admits the coordinator's certificate alone.
+  {
+    grpc::SslCredentialsOptions as_worker;
+    as_worker.pem_root_certs = ReadFileToString(d + "cluster-ca.crt");
+    as_worker.pem_cert_chain = ReadFileToString(d + "worker.crt");
+    as_worker.pem_private_key = ReadFileToString(d + "worker.key");
+    grpc::ChannelArguments args;
+    args.SetSslTargetNameOverride("gemma-worker");
+    auto stub = gemma::internal::v1::Replica::NewStub(grpc::CreateCustomChannel(
+        cluster.Status().replicas(0).address(), grpc::SslCredentials(as_worker), args));
+    gemma::internal::v1::ReplicaGenerateRequest request;
+    *request.mutable_request() = TokenRequest(prompt, 4);
+    grpc::ClientContext context;
+    context.set_deadline(In(milliseconds(5000)));
+    auto reader = stub->Generate(&context, request);
+    gemma::internal::v1::ReplicaGenerateResponse response;
+    int messages = 0;
+    while (reader->Read(&response)) ++messages;
+    const grpc::Status finished = reader->Finish();
+    EXPECT_EQ(messages, 0);
+    EXPECT_EQ(finished.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << finished.error_message();
+    EXPECT_TRUE(absl::StrContains(finished.error_message(), "--coordinator-tls-name"))
+        << finished.error_message();
+  }
   worker.Signal(SIGTERM);
   EXPECT_TRUE(PollUntil([&] { return !WaitServing(health, Clock::now() + milliseconds(200)); },
                         milliseconds(10000)));

@@ -226,8 +226,33 @@ class GenerateReactor final : public grpc::ServerWriteReactor<ReplicaGenerateRes
 
 }  // namespace
 
+// A call refused before it starts: finishes with `status` at once.
+class RefusedReactor final : public grpc::ServerWriteReactor<ReplicaGenerateResponse> {
+ public:
+  explicit RefusedReactor(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+// Whether the TLS client of `context` presents a certificate naming `name`.
+bool CallerNamed(grpc::CallbackServerContext* context, const std::string& name) {
+  const std::shared_ptr<const grpc::AuthContext> auth = context->auth_context();
+  if (auth == nullptr || !auth->IsPeerAuthenticated()) return false;
+  for (const char* property : {"x509_subject_alternative_name", "x509_common_name"}) {
+    for (const grpc::string_ref& value : auth->FindPropertyValues(property)) {
+      if (std::string(value.data(), value.size()) == name) return true;
+    }
+  }
+  return false;
+}
+
 grpc::ServerWriteReactor<ReplicaGenerateResponse>* ReplicaService::Generate(
-    grpc::CallbackServerContext* /*context*/, const ReplicaGenerateRequest* request) {
+    grpc::CallbackServerContext* context, const ReplicaGenerateRequest* request) {
+  if (!caller_name_.empty() && !CallerNamed(context, caller_name_)) {
+    return new RefusedReactor(grpc::Status(
+        grpc::StatusCode::PERMISSION_DENIED,
+        "this replica takes calls from its coordinator only (a certificate naming " +
+            caller_name_ + ", --coordinator-tls-name)"));
+  }
   return new GenerateReactor(engine_, tokenizer_, *request);
 }
 

@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "gemma/internal/v1/worker.grpc.pb.h"
 #include "common/tokenizer/tokenizer.h"
@@ -23,9 +25,13 @@ struct ReplicaLoad {
 
 class ReplicaService final : public gemma::internal::v1::Replica::CallbackService {
  public:
-  // `engine` (running on another thread) and `tokenizer` (may be null) are not owned.
-  ReplicaService(engine::Engine* engine, const tokenizer::Tokenizer* tokenizer)
-      : engine_(engine), tokenizer_(tokenizer) {}
+  // `engine` (running on another thread) and `tokenizer` (may be null) are not owned. With
+  // `caller_name`, a call is taken only from a TLS client whose certificate names it (a DNS
+  // subject alternative name or the common name): over mutual TLS, the coordinator alone, not
+  // every holder of a certificate from the same CA (another worker's, say).
+  ReplicaService(engine::Engine* engine, const tokenizer::Tokenizer* tokenizer,
+                 std::string caller_name = "")
+      : engine_(engine), tokenizer_(tokenizer), caller_name_(std::move(caller_name)) {}
 
   grpc::ServerWriteReactor<gemma::internal::v1::ReplicaGenerateResponse>* Generate(
       grpc::CallbackServerContext* context,
@@ -34,6 +40,7 @@ class ReplicaService final : public gemma::internal::v1::Replica::CallbackServic
  private:
   engine::Engine* engine_;
   const tokenizer::Tokenizer* tokenizer_;
+  std::string caller_name_;
 };
 
 }  // namespace gemma::service

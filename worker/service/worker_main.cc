@@ -143,6 +143,10 @@ ABSL_FLAG(std::string, health_listen, "",
           "worker runs (liveness) and NOT_SERVING once it drains; the service "
           "gemma.worker.Ready is SERVING once its ranks have loaded the model and not draining "
           "(readiness); empty: none");
+ABSL_FLAG(std::string, coordinator_tls_name, "",
+          "with --tls-cert: the replica port takes calls only from a client certificate naming "
+          "this (a DNS name or the common name of the coordinator's internal certificate, e.g. "
+          "gemma-coordinator); empty: any certificate --coordinator-ca signed");
 ABSL_FLAG(int32_t, ready_fd, -1,
           "internal: a pipe to write one byte to once this rank and its peers have loaded");
 ABSL_FLAG(std::string, data_plane, "auto",
@@ -975,7 +979,9 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     if (plans != nullptr && engine_status.ok()) leader->Stop().IgnoreError();
   };
 
-  gemma::service::ReplicaService service(engine.get(), tokenizer.get());
+  gemma::service::ReplicaService service(
+      engine.get(), tokenizer.get(),
+      WorkerCertificate().cert.empty() ? std::string() : absl::GetFlag(FLAGS_coordinator_tls_name));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
