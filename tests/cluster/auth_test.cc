@@ -317,6 +317,24 @@ class Pki {
   std::string dir_;
 };
 
+// A replica's Generate called directly (not through the coordinator) with `credentials`: the
+// responses it streamed and how it finished.
+std::pair<int, grpc::Status> CallReplica(
+    const std::string& address, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
+    const grpc::ChannelArguments& args, const std::vector<int32_t>& prompt) {
+  auto stub = gemma::internal::v1::Replica::NewStub(
+      grpc::CreateCustomChannel(address, credentials, args));
+  gemma::internal::v1::ReplicaGenerateRequest request;
+  *request.mutable_request() = TokenRequest(prompt, 4);
+  grpc::ClientContext context;
+  context.set_deadline(In(milliseconds(5000)));
+  auto reader = stub->Generate(&context, request);
+  gemma::internal::v1::ReplicaGenerateResponse response;
+  int messages = 0;
+  while (reader->Read(&response)) ++messages;
+  return {messages, reader->Finish()};
+}
+
 // Mutual TLS on a separate internal port (--internal-listen, --internal-ca), with certificates
 // made here by openssl: the public port no longer takes workers; a worker joins only with a
 // certificate the cluster CA signed (and serves its replica port over TLS, to the coordinator
@@ -403,17 +421,7 @@ TEST(MutualTlsTest, OnlyWorkersCertifiedByTheClusterCaJoinTheInternalPort) {
   ASSERT_GT(status.replicas_size(), 0);
   const std::string replica = status.replicas(0).address();
   auto call_replica = [&](const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
-    auto stub = gemma::internal::v1::Replica::NewStub(grpc::CreateChannel(replica, credentials));
-    gemma::internal::v1::ReplicaGenerateRequest request;
-    *request.mutable_request() = TokenRequest(prompt, 4);
-    grpc::ClientContext context;
-    context.set_deadline(In(milliseconds(5000)));
-    auto reader = stub->Generate(&context, request);
-    gemma::internal::v1::ReplicaGenerateResponse response;
-    int messages = 0;
-    while (reader->Read(&response)) ++messages;
-    const grpc::Status finished = reader->Finish();
-    return std::make_pair(messages, finished);
+    return CallReplica(replica, credentials, grpc::ChannelArguments(), prompt);
   };
   grpc::SslCredentialsOptions server_only;
   server_only.pem_root_certs = ReadFileToString(d + "cluster-ca.crt");
@@ -472,17 +480,8 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
     as_worker.pem_private_key = ReadFileToString(d + "worker.key");
     grpc::ChannelArguments args;
     args.SetSslTargetNameOverride("gemma-worker");
-    auto stub = gemma::internal::v1::Replica::NewStub(grpc::CreateCustomChannel(
-        cluster.Status().replicas(0).address(), grpc::SslCredentials(as_worker), args));
-    gemma::internal::v1::ReplicaGenerateRequest request;
-    *request.mutable_request() = TokenRequest(prompt, 4);
-    grpc::ClientContext context;
-    context.set_deadline(In(milliseconds(5000)));
-    auto reader = stub->Generate(&context, request);
-    gemma::internal::v1::ReplicaGenerateResponse response;
-    int messages = 0;
-    while (reader->Read(&response)) ++messages;
-    const grpc::Status finished = reader->Finish();
+    const auto [messages, finished] = CallReplica(cluster.Status().replicas(0).address(),
+                                                  grpc::SslCredentials(as_worker), args, prompt);
     EXPECT_EQ(messages, 0);
     EXPECT_EQ(finished.error_code(), grpc::StatusCode::PERMISSION_DENIED)
         << finished.error_message();
