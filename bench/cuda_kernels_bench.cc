@@ -40,19 +40,22 @@ constexpr int64_t kCopyMiB = 1024;   // the copy measured at start-up
 constexpr int64_t kGemmSize = 8192;  // m = n = k of the product measured at start-up
 constexpr int kFloorReps = 20;
 
+// A backend with `options`, or null (saying why) where none can be made.
+std::unique_ptr<CudaBackend> MakeBackend(const CudaBackendOptions& options) {
+  if (CudaBackend::DeviceCount() == 0) return nullptr;
+  auto created = CudaBackend::Create(options);
+  if (!created.ok()) {
+    std::fprintf(stderr, "cuda_kernels_bench: %s\n", created.status().ToString().c_str());
+    return nullptr;
+  }
+  return *std::move(created);
+}
+
 CudaBackend* SharedBackend() {
   static std::unique_ptr<CudaBackend> backend = [] {
-    std::unique_ptr<CudaBackend> b;
-    if (CudaBackend::DeviceCount() == 0) return b;
     CudaBackendOptions options;
     options.arena_bytes = size_t{8} << 30;
-    auto created = CudaBackend::Create(options);
-    if (created.ok()) {
-      b = *std::move(created);
-    } else {
-      std::fprintf(stderr, "cuda_kernels_bench: %s\n", created.status().ToString().c_str());
-    }
-    return b;
+    return MakeBackend(options);
   }();
   return backend.get();
 }
@@ -453,17 +456,10 @@ BENCHMARK(BM_AttentionDecode)
 // BM_AttentionPrefill; created on first use.
 CudaBackend* TensorCoreBackend() {
   static std::unique_ptr<CudaBackend> backend = [] {
-    std::unique_ptr<CudaBackend> b;
     CudaBackendOptions options;
     options.arena_bytes = size_t{2} << 30;
     options.tensor_core_attention = true;
-    auto created = CudaBackend::Create(options);
-    if (created.ok()) {
-      b = *std::move(created);
-    } else {
-      std::fprintf(stderr, "cuda_kernels_bench: %s\n", created.status().ToString().c_str());
-    }
-    return b;
+    return MakeBackend(options);
   }();
   return backend.get();
 }

@@ -496,6 +496,32 @@ TEST(MutualTlsTest, WorkersShareOneCertificateNamedByReplicaTlsNameAndProbeInPla
   cluster.Stop(milliseconds(10000));
 }
 
+// The worker's new flags refuse nonsense at start-up, saying which flag and why.
+TEST(WorkerFlagsTest, NewFlagsRefuseNonsenseNamingTheFlag) {
+  Cluster cluster("worker_flags");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  struct Bad {
+    std::vector<std::string> flags;
+    std::string expected;
+  };
+  for (const Bad& bad : std::vector<Bad>{
+           {{"--data-plane", "mpi"}, "--data-plane \"mpi\" is not one of auto, nccl, gloo"},
+           {{"--data-plane", "nccl"}, "--data-plane nccl needs --backend cuda"},
+           {{"--health-listen", "nowhere"}, "--health-listen \"nowhere\" is not HOST:PORT"},
+           {{"--coordinator-tls-name", "gemma-coordinator"},
+            "--coordinator-tls-name names the certificate the replica port admits"},
+           {{"--kv-dtype", "bf16"}, "--kv-dtype bf16 needs --backend cuda"}}) {
+    std::vector<std::string> args = {kBin + "gemma-worker", "--coordinator",
+                                     cluster.coordinator_address(), "--model", kTinyMoe};
+    args.insert(args.end(), bad.flags.begin(), bad.flags.end());
+    ToolRun run = RunWithStdin(args, "", seconds(30));
+    EXPECT_EQ(run.exit_code, 1) << bad.flags[0] << ": " << run.err;
+    EXPECT_TRUE(absl::StrContains(run.err, bad.expected)) << bad.flags[0] << ": " << run.err;
+  }
+  cluster.Stop(milliseconds(10000));
+}
+
 TEST(CoordinatorFlagsTest, ReplicaTlsNameWithoutInternalCaIsRefused) {
   ToolRun run = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0", "--insecure",
                               "--replica-tls-name", "gemma-worker"},

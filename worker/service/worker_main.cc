@@ -665,6 +665,11 @@ absl::Status Supervise() {
     return absl::InvalidArgumentError(
         absl::StrCat("--backend \"", backend, "\" is not one of cpu, cuda"));
   }
+  if (!absl::GetFlag(FLAGS_coordinator_tls_name).empty() && WorkerCertificate().cert.empty()) {
+    return absl::InvalidArgumentError(
+        "--coordinator-tls-name names the certificate the replica port admits, which only a "
+        "replica port with --tls-cert/--tls-key checks; give those too, or drop it");
+  }
   ASSIGN_OR_RETURN(const gemma::parallel::DataPlane data_plane,
                    gemma::parallel::ParseDataPlane(absl::GetFlag(FLAGS_data_plane)));
   if (data_plane == gemma::parallel::DataPlane::kNccl && backend != "cuda") {
