@@ -19,6 +19,8 @@
 #include "worker/backend/cuda/cuda_backend.h"
 #include "worker/backend/cuda/cuda_staging.h"
 #include "worker/engine/generate.h"
+#include "worker/model/gemma4/kv_cache.h"
+#include "worker/model/gemma4/model.h"
 #include "worker/parallel/expert_dispatch.h"
 #include "worker/parallel/in_process_communicator.h"
 #include "worker/parallel/nccl_communicator.h"
@@ -248,6 +250,50 @@ TEST_F(CudaDispatchTest, DeviceDispatchOverNcclMatchesTheCpuPathWithoutHostActiv
   // hidden floats, and the tokens' rows went out and came back device to device.
   EXPECT_LT(counters.bytes_to_host, static_cast<uint64_t>(hidden * sizeof(float)));
   EXPECT_EQ(staged->traffic().Calls(parallel::CollectiveOp::kAllToAllV), 4u);
+}
+
+// A tensor-parallel group over NCCL (one rank: NCCL sums with itself) lets decode steps be
+// recorded as CUDA graphs with their sums (NCCL in stream capture): the graph steps give the
+// eager steps' tokens, and each replay, awaited through the communicator's watchdog, leaves it
+// healthy. One rank's sum changes nothing; several GPUs are needed to see sums add up.
+TEST(CudaNcclGraphTest, DecodeGraphsHoldTheirNcclSums) {
+  std::string why_not;
+  if (!parallel::NcclAvailable(&why_not)) GTEST_SKIP() << "NCCL test skipped: " << why_not;
+  CudaBackendOptions options;
+  options.arena_bytes = size_t{768} << 20;
+  options.kv_dtype = DType::kF32;
+  auto backend = CudaBackend::Create(options);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  CudaMemorySpace memory(**backend);
+  parallel::StagingCounters counters;
+  std::unique_ptr<parallel::Communicator> tp = OneRankNccl(memory, &counters);
+  ASSERT_NE(tp, nullptr);
+  ASSERT_TRUE(tp->SupportsStreamOrdered());
+  for (const char* name : {"tiny-dense", "tiny-moe"}) {
+    SCOPED_TRACE(name);
+    gemma4::ModelParallel parallel;
+    parallel.tp_comm = tp.get();
+    auto model = gemma4::Model::Load(testing::GoldenPath(name), **backend, parallel);
+    ASSERT_TRUE(model.ok()) << model.status();
+    KvCacheOptions cache_options;
+    cache_options.page_size = 16;
+    cache_options.default_tokens = 256;
+    auto cache = KvCache::Create((*model)->config(), **backend, (*model)->CacheOptions(cache_options));
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    const std::vector<int32_t> prompt = testing::RandomPrompt(24, 7);
+    GenerateOptions greedy;
+    greedy.max_new_tokens = 16;
+    (*model)->set_use_graphs(false);
+    auto eager = Generate(**model, **cache, prompt, greedy);
+    ASSERT_TRUE(eager.ok()) << eager.status();
+    (*model)->set_use_graphs(true);
+    auto graph = Generate(**model, **cache, prompt, greedy);
+    ASSERT_TRUE(graph.ok()) << graph.status();
+    EXPECT_EQ(*graph, *eager);
+    EXPECT_GT((*model)->graph_captures(), 0);
+    EXPECT_GT((*model)->graph_replays(), (*model)->graph_captures());
+    EXPECT_TRUE(tp->healthy());
+  }
 }
 
 }  // namespace

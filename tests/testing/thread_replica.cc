@@ -28,7 +28,7 @@ ThreadReplica::ThreadReplica(ReplicaOptions options) : options_(std::move(option
     const int tp_rank = r % tp;
     gemma4::ModelParallel p;
     p.layout = {tp, tp_rank, options_.dp_ep ? world : tp, options_.dp_ep ? r : tp_rank};
-    p.check_routing = true;
+    p.check_routing = options_.check_routing;
     if (options_.placement.has_value()) p.placement = &*options_.placement;
     p.ranks_per_node = options_.ranks_per_node;
     if (tp > 1) {

@@ -42,6 +42,8 @@ struct ReplicaOptions {
   // The expert placement every rank starts with (none: the static one), and ranks per node.
   std::optional<eplb::Placement> placement;
   int ranks_per_node = 0;
+  // Compare each layer's routing across the tp group (a host round trip a layer).
+  bool check_routing = true;
   int64_t page_size = 4;
   int64_t cache_tokens = 512;
   // Rank r's backend; may set rank.state.

@@ -134,6 +134,9 @@ class Backend {
   }
   virtual bool HasGraph(int64_t /*key*/) const { return false; }
   virtual void DropGraphs() {}
+  // The queue every op is enqueued on, for communicators that enqueue collectives in the same
+  // order (Communicator::EnqueueAllReduce; a cudaStream_t on CUDA). Null: ops run as called.
+  virtual void* NativeStream() { return nullptr; }
 
   // ---- memory ----
   // Uninitialised device memory.

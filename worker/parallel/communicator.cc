@@ -161,6 +161,16 @@ void CountTraffic(CollectiveOp op, int rank, int world_size, size_t count, DType
   counters->calls[static_cast<size_t>(op)] += 1;
 }
 
+absl::Status Communicator::EnqueueAllReduce(void*, size_t, DType, void*) {
+  return absl::UnimplementedError(absl::StrCat(
+      backend_name(), " communicator: no stream-ordered all-reduce (use AllReduce)"));
+}
+
+absl::Status Communicator::AwaitStream(void*) {
+  return absl::UnimplementedError(
+      absl::StrCat(backend_name(), " communicator: no stream-ordered collectives to await"));
+}
+
 absl::Status CommunicatorBase::Precheck(CollectiveOp op) const {
   if (dead_reason_.empty()) return absl::OkStatus();
   return absl::UnavailableError(absl::StrCat(error_prefix(), OpContext(op, rank_, world_size_),

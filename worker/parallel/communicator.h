@@ -99,6 +99,18 @@ class Communicator {
 
   virtual absl::Status Barrier() = 0;
 
+  // ---- Stream-ordered sums (optional; NCCL has them) ----
+  // EnqueueAllReduce queues the in-place sum of `data` on `stream` (the backend's
+  // NativeStream(): a cudaStream_t for CUDA), after the work already queued there, and returns
+  // without waiting for it, so that a step graph can record it among the step's kernels. Its
+  // watchdog is AwaitStream(stream), called before anything else waits on that stream: it waits
+  // until the stream has drained, polling for asynchronous errors, and past the timeout aborts
+  // the communicator (DEADLINE_EXCEEDED); either way the communicator is dead after a failure.
+  // Implementations without it say false here and UNIMPLEMENTED below.
+  virtual bool SupportsStreamOrdered() const { return false; }
+  virtual absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream);
+  virtual absl::Status AwaitStream(void* stream);
+
   // False once any call has failed.
   virtual bool healthy() const = 0;
 
@@ -136,6 +148,11 @@ class ForwardingCommunicator : public Communicator {
     return inner_->Broadcast(data, count, dtype, root);
   }
   absl::Status Barrier() override { return inner_->Barrier(); }
+  bool SupportsStreamOrdered() const override { return inner_->SupportsStreamOrdered(); }
+  absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream) override {
+    return inner_->EnqueueAllReduce(data, count, dtype, stream);
+  }
+  absl::Status AwaitStream(void* stream) override { return inner_->AwaitStream(stream); }
 
  protected:
   Communicator& inner() const { return *inner_; }

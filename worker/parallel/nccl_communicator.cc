@@ -160,21 +160,73 @@ class NcclCommunicator : public CommunicatorBase {
     return Done(op, 0, DType::kF32, {}, 0);
   }
 
+  bool SupportsStreamOrdered() const override { return true; }
+
+  // On the caller's stream: inside a stream capture NCCL records the collective into the graph
+  // instead of launching it. Only the enqueue is waited for (a non-blocking communicator may
+  // answer ncclInProgress), never the work.
+  absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream) override {
+    const CollectiveOp op = CollectiveOp::kAllReduce;
+    RETURN_IF_ERROR(Precheck(op));
+    RETURN_IF_ERROR(ValidateReducible(op, rank_, dtype));
+    if (count == 0) return absl::OkStatus();
+    const std::string what = absl::StrCat("NCCL stream-ordered ", OpContext(op, rank_, world_size_));
+    absl::Status status = Enqueued(
+        what,
+        ncclAllReduce(data, data, count, ToNccl(dtype), ncclSum, comm_,
+                      static_cast<cudaStream_t>(stream)),
+        Clock::now() + timeout_);
+    if (!status.ok()) return Fail(status);
+    return Done(op, count, dtype, {}, 0);
+  }
+
+  absl::Status AwaitStream(void* stream) override {
+    if (!dead_reason_.empty()) {
+      return absl::UnavailableError(
+          absl::StrCat("NCCL await on rank ", rank_, ": communicator is dead after: ", dead_reason_));
+    }
+    absl::Status status =
+        Watch(absl::StrCat("NCCL stream-ordered work of rank ", rank_, " of ", world_size_),
+              static_cast<cudaStream_t>(stream), Clock::now() + timeout_);
+    return status.ok() ? status : Fail(status);
+  }
+
  private:
+  // The result of enqueueing: an immediate error, or the wait until the communicator has left
+  // ncclInProgress.
+  absl::Status Enqueued(const std::string& what, ncclResult_t enqueued,
+                        Clock::time_point deadline) {
+    if (enqueued != ncclSuccess && enqueued != ncclInProgress) {
+      return absl::UnavailableError(absl::StrCat(what, ": ", ncclGetErrorString(enqueued), " (",
+                                                 ncclGetLastError(comm_), ")"));
+    }
+    return WaitNotInProgress(comm_, deadline, what);
+  }
+
+  // Marks the communicator dead and aborts it (never destroy on a dead peer); returns `status`.
+  absl::Status Fail(absl::Status status) {
+    dead_reason_ = status.ToString();
+    LOG(ERROR) << "rank " << rank_ << ": " << status;
+    ncclCommAbort(comm_);
+    comm_aborted_ = true;
+    return status;
+  }
+
   // The watchdog: after enqueueing (result `enqueued`), waits for the work to finish while
   // polling for asynchronous errors; aborts the communicator past the deadline.
   absl::Status Run(CollectiveOp op, ncclResult_t enqueued) {
     const std::string what = absl::StrCat("NCCL ", OpContext(op, rank_, world_size_));
     const Clock::time_point deadline = Clock::now() + timeout_;
+    absl::Status status = Enqueued(what, enqueued, deadline);
+    if (status.ok()) status = Watch(what, stream_, deadline);
+    return status.ok() ? status : Fail(status);
+  }
+
+  // Waits until `stream` has drained, polling NCCL for asynchronous errors, up to `deadline`.
+  absl::Status Watch(const std::string& what, cudaStream_t stream, Clock::time_point deadline) {
     absl::Status status;
-    if (enqueued != ncclSuccess && enqueued != ncclInProgress) {
-      status = absl::UnavailableError(absl::StrCat(what, ": ", ncclGetErrorString(enqueued), " (",
-                                                   ncclGetLastError(comm_), ")"));
-    } else {
-      status = WaitNotInProgress(comm_, deadline, what);
-    }
     while (status.ok()) {
-      cudaError_t err = cudaStreamQuery(stream_);
+      cudaError_t err = cudaStreamQuery(stream);
       if (err == cudaSuccess) break;
       if (err != cudaErrorNotReady) {
         status = CudaStatus(err, what);
@@ -193,12 +245,6 @@ class NcclCommunicator : public CommunicatorBase {
         break;
       }
       std::this_thread::yield();
-    }
-    if (!status.ok()) {
-      dead_reason_ = status.ToString();
-      LOG(ERROR) << "rank " << rank_ << ": " << status;
-      ncclCommAbort(comm_);
-      comm_aborted_ = true;
     }
     return status;
   }

@@ -38,6 +38,9 @@ absl::StatusOr<std::string> CudaDeviceIdentity(int device);
 // ncclCommGetAsyncError and the stream until the work completes, and past the timeout calls
 // ncclCommAbort and returns DEADLINE_EXCEEDED; an asynchronous NCCL error aborts and returns
 // UNAVAILABLE. AllToAllV is grouped ncclSend/ncclRecv with the caller's counts.
+// EnqueueAllReduce enqueues on the caller's stream (recorded into a CUDA graph when that stream
+// is capturing) and waits only for NCCL to accept it; AwaitStream watches that stream with the
+// same deadline, error polling and abort.
 absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(const NcclOptions& options,
                                                                      gloo::rendezvous::Store& store);
 

@@ -4,6 +4,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
 namespace gemma::parallel {
@@ -79,6 +80,18 @@ class StagingCommunicator : public ForwardingCommunicator {
   absl::Status Barrier() override {
     RETURN_IF_ERROR(Begin());
     return inner().Barrier();
+  }
+
+  // Stream-ordered sums are never staged (a copy would need the host to wait): the buffer must
+  // already be where the inner communicator reads.
+  absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream) override {
+    if (count > 0 && Foreign(data)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stream-ordered all-reduce of a buffer in ",
+          inner_memory_ == CommunicatorMemory::kDevice ? "host" : "device", " memory over ",
+          backend_name(), ", which reads the other; use AllReduce, which stages it"));
+    }
+    return inner().EnqueueAllReduce(data, count, dtype, stream);
   }
 
  private:

@@ -201,6 +201,11 @@ class RecordingBackend final : public Backend {
     cpu_.Sample(logits, rows, vocab, params, ids);
   }
 
+  // The queue is the backend itself: an op enqueued here is recorded while a capture is under
+  // way and run at once otherwise, like a kernel on a CUDA stream.
+  void* NativeStream() override { return this; }
+  void Enqueue(std::function<void()> op) { Run(std::move(op)); }
+
   int captures = 0, replays = 0, drops = 0;
 
  private:
@@ -338,6 +343,125 @@ TEST_P(StepGraphTest, ReplayedDecodeStepsMatchEagerSteps) {
   auto batch_cmp = testing::Compare(*graph_batch, *eager_batch);
   EXPECT_FALSE(batch_cmp.nan_mismatch);
   EXPECT_LE(batch_cmp.Relative(), 1e-6) << batch_cmp.ToString();
+}
+
+// A tensor-parallel communicator whose sums go on the recording backend's queue, as NCCL's go
+// on a CUDA stream: recorded into the step graph during a capture, run when it replays. A sum
+// that fails surfaces at AwaitStream, as an asynchronous NCCL error does.
+class StreamOrderedComm final : public parallel::ForwardingCommunicator {
+ public:
+  explicit StreamOrderedComm(std::unique_ptr<parallel::Communicator> inner)
+      : ForwardingCommunicator(inner.get()), owned_(std::move(inner)) {}
+  bool SupportsStreamOrdered() const override { return true; }
+  absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream) override {
+    ++enqueued;
+    parallel::Communicator* inner = owned_.get();
+    static_cast<RecordingBackend*>(stream)->Enqueue([=, this] {
+      ++ran;
+      absl::Status status = inner->AllReduce(data, count, dtype);
+      if (!status.ok() && error_.ok()) error_ = status;
+    });
+    return absl::OkStatus();
+  }
+  absl::Status AwaitStream(void*) override {
+    ++awaited;
+    return error_;
+  }
+  absl::Status AllReduce(void* data, size_t count, DType dtype) override {
+    ++blocking;
+    return owned_->AllReduce(data, count, dtype);
+  }
+  int enqueued = 0, ran = 0, awaited = 0, blocking = 0;
+
+ private:
+  std::unique_ptr<parallel::Communicator> owned_;
+  absl::Status error_;
+};
+
+testing::ReplicaOptions RecordingTp2(const std::string& model, bool stream_ordered) {
+  testing::ReplicaOptions o;
+  o.model = model;
+  o.world = 2;
+  o.tp = 2;
+  o.check_routing = false;  // it reads the routing on the host, which no graph can
+  o.make_backend = [](int, testing::ReplicaRank&) -> absl::StatusOr<std::unique_ptr<Backend>> {
+    return std::unique_ptr<Backend>(std::make_unique<RecordingBackend>());
+  };
+  if (stream_ordered) {
+    o.wrap = [](int, std::unique_ptr<parallel::Communicator> comm, testing::ReplicaRank&)
+        -> std::unique_ptr<parallel::Communicator> {
+      return std::make_unique<StreamOrderedComm>(std::move(comm));
+    };
+  }
+  return o;
+}
+
+// tp = 2 whose sums can be enqueued on the step's queue: decode steps are recorded with their
+// sums and replayed, every replay is awaited through the communicator, and the tokens and
+// logits are those of eager steps (which wait for each sum).
+TEST_P(StepGraphTest, TensorParallelDecodeRecordsItsSums) {
+  testing::ThreadReplica replica(RecordingTp2(GetParam(), /*stream_ordered=*/true));
+  const std::vector<int32_t> prompt = {2, 45, 301, 7, 88, 120, 9, 33, 410, 5, 61};
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 10;
+  replica.RunAll([&](int r) {
+    testing::ReplicaRank& rank = replica.rank(r);
+    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
+    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
+    ASSERT_NE(comm, nullptr);
+    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
+    gemma4::Model& model = *rank.model;
+
+    model.set_use_graphs(false);
+    auto eager_logits = PromptLogits(model, *rank.cache, prompt, /*prefill_chunk=*/1);
+    auto eager = Generate(model, *rank.cache, prompt, greedy);
+    auto eager_sampled = Generate(model, *rank.cache, prompt, testing::SampledOptions());
+    ASSERT_TRUE(eager_logits.ok() && eager.ok() && eager_sampled.ok()) << "rank " << r;
+    EXPECT_EQ(comm->enqueued, 0);
+    EXPECT_EQ(backend->captures, 0);
+    const int blocking_eager = comm->blocking;
+
+    model.set_use_graphs(true);
+    auto graph_logits = PromptLogits(model, *rank.cache, prompt, /*prefill_chunk=*/1);
+    auto graph = Generate(model, *rank.cache, prompt, greedy);
+    auto graph_sampled = Generate(model, *rank.cache, prompt, testing::SampledOptions());
+    ASSERT_TRUE(graph_logits.ok()) << "rank " << r << ": " << graph_logits.status();
+    ASSERT_TRUE(graph.ok()) << "rank " << r << ": " << graph.status();
+    ASSERT_TRUE(graph_sampled.ok()) << "rank " << r << ": " << graph_sampled.status();
+    EXPECT_EQ(*graph, *eager) << "rank " << r;
+    EXPECT_EQ(*graph_sampled, *eager_sampled) << "rank " << r;
+    auto cmp = testing::Compare(*graph_logits, *eager_logits);
+    EXPECT_FALSE(cmp.nan_mismatch);
+    EXPECT_LE(cmp.Relative(), 1e-6) << "rank " << r << ": " << cmp.ToString();
+
+    EXPECT_GT(backend->captures, 0) << "rank " << r;
+    EXPECT_GT(backend->replays, 3 * backend->captures) << "rank " << r;
+    // Sums were recorded (once per capture, not per replay) and ran on every replay; each
+    // replay was awaited. The steps' sums no longer go through the blocking call, which only
+    // the steps outside graphs (prefill) and sampling still use.
+    EXPECT_GT(comm->enqueued, 0);
+    EXPECT_EQ(comm->ran, comm->enqueued / backend->captures * backend->replays)
+        << "rank " << r << ": every replay runs the recorded sums";
+    EXPECT_EQ(comm->awaited, backend->replays);
+    EXPECT_LT(comm->blocking - blocking_eager, blocking_eager / 2) << "rank " << r;
+  });
+}
+
+// Without stream-ordered sums (Gloo, or a group staged through the host) a tp step cannot be
+// recorded: decode runs eagerly.
+TEST_P(StepGraphTest, TensorParallelDecodeWithoutStreamOrderedSumsRunsEagerly) {
+  testing::ThreadReplica replica(RecordingTp2(GetParam(), /*stream_ordered=*/false));
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 4;
+  replica.RunAll([&](int r) {
+    testing::ReplicaRank& rank = replica.rank(r);
+    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
+    const std::vector<int32_t> prompt = {2, 45, 301, 7};
+    auto tokens = Generate(*rank.model, *rank.cache, prompt, greedy);
+    ASSERT_TRUE(tokens.ok()) << tokens.status();
+    EXPECT_EQ(static_cast<RecordingBackend*>(rank.backend.get())->captures, 0);
+    EXPECT_EQ(rank.model->graph_captures(), 0);
+  });
 }
 
 TEST(StepGraphCpuTest, CpuBackendRunsEagerly) {

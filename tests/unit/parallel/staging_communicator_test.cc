@@ -275,5 +275,26 @@ TEST(StagingErrorsTest, CopyFailureIsReturnedAndInvalidCountsAreCaughtBeforeCopy
   EXPECT_EQ(MemoryOf(*rank.comm), CommunicatorMemory::kHost);
 }
 
+// Stream-ordered sums are never staged (that would need the host to wait): a buffer in the
+// wrong memory is refused naming the fix, and one in the right memory reaches the inner
+// communicator, which says when it has no stream-ordered sums (the in-process group has none).
+TEST(StagingErrorsTest, StreamOrderedSumsAreNotStaged) {
+  InProcessGroup group(1, std::chrono::seconds(5));
+  std::vector<Rank> ranks = MakeRanks(group, CommunicatorMemory::kHost);
+  Rank& rank = ranks[0];
+  EXPECT_FALSE(rank.comm->SupportsStreamOrdered());
+  float* on_device = rank.space->Alloc<float>(4);
+  absl::Status status = rank.comm->EnqueueAllReduce(on_device, 4, DType::kF32, nullptr);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("use AllReduce"), std::string::npos) << status;
+  std::vector<float> on_host(4, 1.0f);
+  status = rank.comm->EnqueueAllReduce(on_host.data(), 4, DType::kF32, nullptr);
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnimplemented) << status;
+  EXPECT_NE(status.message().find("in-process"), std::string::npos) << status;
+  EXPECT_EQ(rank.comm->AwaitStream(nullptr).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(rank.space->waits, 0) << "a stream-ordered call waited for the device";
+  EXPECT_EQ(rank.counters.calls_staged, 0u);
+}
+
 }  // namespace
 }  // namespace gemma::parallel

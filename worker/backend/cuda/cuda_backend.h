@@ -141,6 +141,8 @@ class CudaBackend final : public Backend {
   bool HasGraph(int64_t key) const override { return graphs_.count(key) > 0; }
   void DropGraphs() override;
   bool capturing() const { return capturing_; }
+  // The step stream, on which NCCL sums of a tensor-parallel step graph are recorded.
+  void* NativeStream() override { return stream_; }
 
   // Which MoeExperts path each call took (tests use it to know a path ran).
   struct MoePathCounts {

@@ -133,6 +133,10 @@ KvCacheOptions Model::CacheOptions(KvCacheOptions base) const {
 
 absl::Status Model::TpAllReduce(Buffer& buffer, int64_t count) {
   if (parallel_.tp_comm == nullptr || count == 0) return absl::OkStatus();
+  if (stream_sums_) {
+    return parallel_.tp_comm->EnqueueAllReduce(backend_.RawData(buffer), count, DType::kF32,
+                                               backend_.NativeStream());
+  }
   return parallel_.tp_comm->AllReduce(backend_.RawData(buffer), count, DType::kF32);
 }
 
@@ -298,7 +302,14 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
   num_logit_rows_ = num_rows;
 
   if (slot) {
-    RETURN_IF_ERROR(graphs_.Run(*slot, [&] { return RunNetwork(layout, *in, cache); }));
+    stream_sums_ = parallel_.tp_comm != nullptr;  // GraphEligible: the comm enqueues on streams
+    absl::Status ran = graphs_.Run(*slot, [&] { return RunNetwork(layout, *in, cache); });
+    stream_sums_ = false;
+    RETURN_IF_ERROR(ran);
+    // The replay's sums wait on the peers: their watchdog, before anything else waits.
+    if (parallel_.tp_comm != nullptr) {
+      RETURN_IF_ERROR(parallel_.tp_comm->AwaitStream(backend_.NativeStream()));
+    }
   } else {
     RETURN_IF_ERROR(RunNetwork(layout, *in, cache));
   }
@@ -309,8 +320,16 @@ absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps
 
 bool Model::GraphEligible(std::span<const SequenceStep> steps) const {
   if (!use_graphs_ || !backend_.SupportsGraphs() || steps.empty() || observer_) return false;
-  // Collectives leave the stream (Gloo, staging) or need host round trips (dp-ep dispatch).
-  if (parallel_.tp_comm != nullptr || parallel_.ep_comm != nullptr) return false;
+  // The dp-ep dispatch needs host round trips (routing, counts); so do the routing check and
+  // experts with copies (MapToLocalSlots).
+  if (parallel_.ep_comm != nullptr || parallel_.check_routing) return false;
+  if (experts_ != nullptr && !experts_->copies->contiguous()) return false;
+  // Tensor-parallel sums go into the graph only where they can be enqueued on the step's
+  // stream (NCCL); Gloo and staged groups need the host.
+  if (parallel_.tp_comm != nullptr &&
+      (!parallel_.tp_comm->SupportsStreamOrdered() || backend_.NativeStream() == nullptr)) {
+    return false;
+  }
   for (const SequenceStep& step : steps) {
     if (step.tokens.size() != 1) return false;
   }

@@ -126,8 +126,11 @@ class Model {
   const eplb::Placement& placement() const;
 
   // Step graphs, on a backend that has them (CUDA): a step whose sequences each bring one token
-  // (decode), on one rank without an observer, is recorded once per shape (sequences, page-table
-  // width rounded up to a power of two, logit rows) and replayed after that. On by default.
+  // (decode), without an observer, is recorded once per shape (sequences, page-table width
+  // rounded up to a power of two, logit rows) and replayed after that. On one rank, or in a
+  // tensor-parallel group whose communicator enqueues its sums on the backend's stream (NCCL):
+  // the graph then holds the sums too, and each replay is awaited through the communicator's
+  // watchdog. Not in dp-ep (the dispatch reads the routing on the host). On by default.
   void set_use_graphs(bool on) { use_graphs_ = on; }
   int64_t graph_captures() const { return graphs_.captures(); }
   int64_t graph_replays() const { return graphs_.replays(); }
@@ -199,6 +202,9 @@ class Model {
   StepInputs step_inputs_;
   StepGraphs graphs_;
   bool use_graphs_ = true;
+  // True while a step graph is being recorded with a tensor-parallel group: its sums are
+  // enqueued on the backend's stream (recorded with the kernels) instead of waited for.
+  bool stream_sums_ = false;
 };
 
 }  // namespace gemma::gemma4
