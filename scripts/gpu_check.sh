@@ -50,8 +50,9 @@ BUILD="${ROOT}/build-gpu"
 [[ "${GPU_SERVICES}" == ON ]] && BUILD="${ROOT}/build-gpu-services"
 gpu_setup "${OUT}" "${2:-}"
 
-# Whole runs through the command-line tool: greedy tokens on the CUDA backend (one rank, tp = 2
-# and dp-ep as threads on this GPU) must equal the CPU backend's.
+# Whole runs through the command-line tool: greedy tokens on the CUDA backend (one rank with
+# decode graphs and without, tp = 2 and dp-ep as threads on this GPU) must equal the CPU
+# backend's.
 # The CUDA runs keep an f32 KV cache (--kv-dtype f32): the comparison is exact, and the default
 # bf16 cache rounds every cached key and value (a few 1e-3 of the attention output), which can
 # flip the near-tie choices of these tiny random checkpoints; the bf16 cache is checked against
@@ -61,7 +62,7 @@ gpu_setup "${OUT}" "${2:-}"
 cli_cuda_vs_cpu() {
   local model="${ROOT}/tests/golden/data/tiny-moe" rc=0 args cpu cuda err
   err="$(mktemp)"
-  for args in "" "--tp 2" "--mode dp-ep --ep 2" "--mode dp-ep --ep 4 --tp 2"; do
+  for args in "" "--enforce-eager" "--tp 2" "--mode dp-ep --ep 2" "--mode dp-ep --ep 4 --tp 2"; do
     # shellcheck disable=SC2086  # args holds several flags
     cpu="$("${BUILD}/bin/gemma-generate" --model "${model}" --tokens 2,17,301,45,99,7 \
       --max-new-tokens 16 ${args} 2>"${err}")" || { rc=1; cat "${err}"; }

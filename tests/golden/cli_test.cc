@@ -90,12 +90,14 @@ TEST(CliTest, ForwardWritesTransformersLogitsAsNpy) {
   EXPECT_LE(cmp.Relative(), testing::kLogitRelTol) << cmp.ToString();
 }
 
-// Also with the KV-cache dtype spelled out: on the CPU, auto and f32 are the same f32 cache.
+// Also with the KV-cache dtype spelled out (on the CPU, auto and f32 are the same f32 cache)
+// and with --enforce-eager (the CPU backend has no graphs: the same steps).
 TEST(CliTest, GeneratePrintsGreedyIdsOnOneLine) {
   nlohmann::json manifest = Manifest("tiny-dense");
   const auto& g = manifest["greedy"][1];
   for (const std::string& flags : {std::string(), std::string(" --kv-dtype f32"),
-                                   std::string(" --kv-dtype auto")}) {
+                                   std::string(" --kv-dtype auto"),
+                                   std::string(" --enforce-eager")}) {
     RunResult r = RunTool("gemma-generate",
                           absl::StrCat("--model ", testing::GoldenPath("tiny-dense"), " --tokens ",
                                        absl::StrJoin(g["prompt"].get<std::vector<int32_t>>(), ","),

@@ -38,6 +38,8 @@ ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "backend to run on: cpu or cuda (the first CUDA device)");
 ABSL_FLAG(std::string, kv_dtype, "auto",
           "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only)");
+ABSL_FLAG(bool, enforce_eager, false,
+          "no CUDA graphs: decode steps run their ops as called (to measure what graphs save)");
 ABSL_FLAG(std::string, concurrency, "1,8,32", "comma-separated numbers of concurrent requests");
 ABSL_FLAG(int64_t, prompt_len, 64, "prompt length in tokens, BOS included");
 ABSL_FLAG(int64_t, decode_tokens, 64, "tokens generated per request");
@@ -210,7 +212,8 @@ absl::Status Run() {
                                       .threads = threads,
                                       .cache_tokens = prompt_len + decode_tokens,
                                       .page_size = absl::GetFlag(FLAGS_page_size),
-                                      .kv_dtype = absl::GetFlag(FLAGS_kv_dtype)}));
+                                      .kv_dtype = absl::GetFlag(FLAGS_kv_dtype),
+                                      .enforce_eager = absl::GetFlag(FLAGS_enforce_eager)}));
   gemma4::Model& model = *loaded.model;
   if (model.config().vocab_size <= kFirstRandomId) {
     return absl::InvalidArgumentError("the vocabulary is too small for random prompts");

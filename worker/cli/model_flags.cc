@@ -19,6 +19,9 @@ ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among
 ABSL_FLAG(std::string, kv_dtype, "auto",
           "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
           "the CPU backend is the fp32 reference)");
+ABSL_FLAG(bool, enforce_eager, false,
+          "run every step's ops as called: no CUDA graphs (--backend cuda records decode steps, "
+          "NCCL sums of tensor-parallel ranks included, and replays them)");
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(int64_t, cache_tokens, 4096,
           "KV-cache capacity in positions (raised to what the prompt and generation need)");
@@ -122,6 +125,7 @@ absl::StatusOr<replica::LoadOptions> RankLoadOptions(const RankEnv& env, int64_t
       .cache_tokens = std::max(absl::GetFlag(FLAGS_cache_tokens), min_cache_tokens),
       .page_size = absl::GetFlag(FLAGS_page_size),
       .kv_dtype = absl::GetFlag(FLAGS_kv_dtype),
+      .enforce_eager = absl::GetFlag(FLAGS_enforce_eager),
       .parallel = env.parallel};
   ASSIGN_OR_RETURN(options.parallel.placement,
                    SharedPlacement(options.model_dir, env.parallel.layout.ep_size));

@@ -1,5 +1,5 @@
 // The flags gemma-forward and gemma-generate share to load one rank of a model: --model,
-// --backend, --kv-dtype, --threads, --page-size, --cache-tokens, --prefill-chunk, and where the
+// --backend, --kv-dtype, --enforce-eager, --threads, --page-size, --cache-tokens, --prefill-chunk, and where the
 // experts sit (--redundant-experts, --expert-placement).
 #pragma once
 

@@ -83,6 +83,7 @@ absl::StatusOr<LoadedRank> LoadRank(const LoadOptions& o) {
   }
   ASSIGN_OR_RETURN(loaded.model,
                    gemma4::Model::Load(o.model_dir, *loaded.backend, model_parallel));
+  loaded.model->set_use_graphs(!o.enforce_eager);
   KvCacheOptions cache_options;
   cache_options.page_size = o.page_size;
   cache_options.default_tokens = o.cache_tokens + o.page_size;

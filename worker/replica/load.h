@@ -32,6 +32,9 @@ struct LoadOptions {
   // The KV cache's element type, as the tools' --kv-dtype spells it: "auto" (bf16 on "cuda",
   // f32 on "cpu"), "f32", or "bf16" ("cuda" only: the CPU backend is the fp32 reference).
   std::string kv_dtype = "auto";
+  // --enforce-eager: every step runs its ops as called, with no step graphs (on "cuda" decode
+  // steps are otherwise recorded as CUDA graphs, NCCL sums included; see Model).
+  bool enforce_eager = false;
   // The rank's communicators and layout. On "cuda" they are wrapped so that each buffer
   // reaches them in the memory they read (device buffers staged through the host for Gloo and
   // the in-process group, host buffers through the device for NCCL).

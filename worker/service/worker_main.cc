@@ -85,6 +85,9 @@ ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
 ABSL_FLAG(std::string, kv_dtype, "auto",
           "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
           "the CPU backend is the fp32 reference)");
+ABSL_FLAG(bool, enforce_eager, false,
+          "run every step's ops as called: no CUDA graphs (--backend cuda records decode steps, "
+          "NCCL sums of tensor-parallel ranks included, and replays them)");
 ABSL_FLAG(int32_t, cpu_ranks, 0, "--backend cpu: rank processes of the replica (default 1)");
 ABSL_FLAG(int32_t, gpus, 0, "--backend cuda: GPUs of the replica, one rank process each");
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
@@ -1146,6 +1149,7 @@ absl::Status RunRank() {
                                                .cache_tokens = absl::GetFlag(FLAGS_cache_tokens),
                                                .page_size = absl::GetFlag(FLAGS_page_size),
                                                .kv_dtype = absl::GetFlag(FLAGS_kv_dtype),
+                                               .enforce_eager = absl::GetFlag(FLAGS_enforce_eager),
                                                .parallel = env.parallel}));
     if (env.control != nullptr) {
       // Ready only when every rank has loaded its slices; the rendezvous keys are done with.
