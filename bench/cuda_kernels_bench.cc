@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -517,14 +518,26 @@ BENCHMARK(BM_AttentionPrefill)
     ->UseManualTime()
     ->Iterations(3);
 
-// 26B-A4B expert layer at decode: 128 experts, top-8, hidden 2816, expert width 704, bf16.
-void BM_MoeExpertsDecode(benchmark::State& state) {
-  GEMMA_NEED_GPU(b);
-  const int64_t tokens = state.range(0), hidden = 2816, inter = 704, experts = 128, top_k = 8;
-  auto gate_up = RandomBuffer(*b, DType::kBF16, experts * 2 * inter * hidden);
-  auto down = RandomBuffer(*b, DType::kBF16, experts * hidden * inter);
-  auto x = RandomBuffer(*b, DType::kF32, tokens * hidden);
-  auto w = RandomBuffer(*b, DType::kF32, tokens * top_k);
+// The 26B-A4B's expert layer on `b`: 128 experts, top-8, hidden 2816, expert width 704, bf16
+// weights, `tokens` tokens whose ids are spread evenly over the experts (ascending per token).
+struct ExpertLayer {
+  BufferPtr x, w, id, out;
+  MoeExpertsArgs args;
+  Work work;  // the weights of every expert some token uses, the f32 rows in and out
+};
+std::unique_ptr<ExpertLayer> MakeExpertLayer(CudaBackend& b, int64_t tokens) {
+  const int64_t hidden = 2816, inter = 704, experts = 128, top_k = 8;
+  // The 1.5 GB of weights are made once per backend (on the host: seconds) and kept; the
+  // buffers share their backend's memory region, so they may outlive it at exit.
+  static std::map<CudaBackend*, std::pair<BufferPtr, BufferPtr>> weights;
+  auto& [gate_up, down] = weights[&b];
+  if (gate_up == nullptr) {
+    gate_up = RandomBuffer(b, DType::kBF16, experts * 2 * inter * hidden);
+    down = RandomBuffer(b, DType::kBF16, experts * hidden * inter);
+  }
+  auto layer = std::make_unique<ExpertLayer>();
+  layer->x = RandomBuffer(b, DType::kF32, tokens * hidden);
+  layer->w = RandomBuffer(b, DType::kF32, tokens * top_k);
   std::vector<int32_t> ids(tokens * top_k);
   for (int64_t i = 0; i < tokens * top_k; ++i) ids[i] = static_cast<int32_t>((i * 37) % experts);
   for (int64_t t = 0; t < tokens; ++t)
@@ -532,13 +545,14 @@ void BM_MoeExpertsDecode(benchmark::State& state) {
   std::vector<int32_t> distinct = ids;
   std::sort(distinct.begin(), distinct.end());
   const int64_t used = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
-  auto id = *b->Alloc(DType::kI32, tokens * top_k);
-  b->Write(*id, ids.data(), ids.size() * 4);
-  auto out = *b->Alloc(DType::kF32, tokens * hidden);
-  MoeExpertsArgs a;
-  a.x = x.get();
-  a.topk_ids = id.get();
-  a.topk_weights = w.get();
+  layer->id = *b.Alloc(DType::kI32, tokens * top_k);
+  b.Write(*layer->id, ids.data(), ids.size() * 4);
+  if (!b.Synchronize().ok()) return nullptr;  // `ids` dies here
+  layer->out = *b.Alloc(DType::kF32, tokens * hidden);
+  MoeExpertsArgs& a = layer->args;
+  a.x = layer->x.get();
+  a.topk_ids = layer->id.get();
+  a.topk_weights = layer->w.get();
   a.gate_up = gate_up.get();
   a.down = down.get();
   a.num_tokens = tokens;
@@ -546,13 +560,70 @@ void BM_MoeExpertsDecode(benchmark::State& state) {
   a.inter = inter;
   a.top_k = top_k;
   a.num_local_experts = experts;
-  a.out = out.get();
-  // The weights of every expert some token uses (bf16), plus the f32 input and output rows.
-  const Work work{2.0 * used * 3 * inter * hidden + 8.0 * tokens * hidden,
-                  2.0 * tokens * top_k * 3 * inter * hidden};
-  Time(state, *b, work, [&] { b->MoeExperts(a); });
+  a.out = layer->out.get();
+  layer->work = Work{2.0 * used * 3 * inter * hidden + 8.0 * tokens * hidden,
+                     2.0 * tokens * top_k * 3 * inter * hidden};
+  return layer;
+}
+
+void BM_MoeExpertsDecode(benchmark::State& state) {
+  GEMMA_NEED_GPU(b);
+  std::unique_ptr<ExpertLayer> layer = MakeExpertLayer(*b, state.range(0));
+  if (layer == nullptr) {
+    state.SkipWithError("CUDA error");
+    return;
+  }
+  Time(state, *b, layer->work, [&] { b->MoeExperts(layer->args); });
 }
 BENCHMARK(BM_MoeExpertsDecode)->Arg(1)->Arg(8)->Arg(32)->UseManualTime();
+
+// A backend whose expert products of many tokens are scheduled on the device
+// (device_scheduled_experts), for BM_MoeExpertsPrefill; created on first use.
+CudaBackend* ScheduledExpertsBackend() {
+  static std::unique_ptr<CudaBackend> backend = [] {
+    CudaBackendOptions options;
+    options.arena_bytes = size_t{6} << 30;
+    options.device_scheduled_experts = true;
+    return MakeBackend(options);
+  }();
+  return backend.get();
+}
+
+// The expert layer at prefill sizes (range(0) tokens), range(1) 0 on the default path (the
+// counts read back, then cuBLAS's grouped GEMM or one cuBLASLt product per expert, whichever
+// this cuBLAS offers) and 1 on the device-scheduled MoeGroupedGemm, side by side. The floor's
+// flops term (the products at the measured bf16 rate) is what both approach at 8K tokens.
+void BM_MoeExpertsPrefill(benchmark::State& state) {
+  GEMMA_NEED_GPU(shared);
+  const bool scheduled = state.range(1) == 1;
+  CudaBackend* b = scheduled ? ScheduledExpertsBackend() : shared;
+  if (b == nullptr) {
+    state.SkipWithError("no backend with device-scheduled experts");
+    return;
+  }
+  std::unique_ptr<ExpertLayer> layer = MakeExpertLayer(*b, state.range(0));
+  if (layer == nullptr) {
+    state.SkipWithError("CUDA error");
+    return;
+  }
+  const auto before = b->moe_paths();
+  Time(state, *b, layer->work, [&] { b->MoeExperts(layer->args); });
+  const auto after = b->moe_paths();
+  state.SetLabel(scheduled ? "device-scheduled MoeGroupedGemm"
+                 : after.grouped > before.grouped ? "cuBLAS grouped GEMM"
+                                                  : "cuBLASLt per expert");
+  if (scheduled && after.scheduled == before.scheduled) {
+    state.SkipWithError("the device-scheduled path did not run");
+  }
+}
+BENCHMARK(BM_MoeExpertsPrefill)
+    ->Args({128, 0})
+    ->Args({128, 1})
+    ->Args({1024, 0})
+    ->Args({1024, 1})
+    ->Args({8192, 0})
+    ->Args({8192, 1})
+    ->UseManualTime();
 
 void BM_SampleGreedy(benchmark::State& state) {
   GEMMA_NEED_GPU(b);

@@ -1,7 +1,8 @@
 // MoE kernels. The router runs in two kernels: the logits over blocks of experts (each block
 // normalises its token's row into shared memory, each warp one expert), then one warp per token
 // for the softmax and the top-k (at most 1024 experts). The fused expert path gives one warp per output row of the
-// selected expert's weights; the grouped path only permutes rows, its products are cuBLAS's.
+// selected expert's weights; the grouped path only permutes rows, its products are cuBLAS's or
+// MoeGroupedGemm's (moe_gemm.cu).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -243,7 +244,8 @@ __global__ void MoePermuteKernel(MoePermuteParams p) {
 }
 
 __global__ void MoeGeluMulKernel(const float* gate_up, int64_t rows, int64_t inter, void* out,
-                                 ElemType out_type) {
+                                 ElemType out_type, const int32_t* device_rows) {
+  if (device_rows != nullptr) rows = min(rows, static_cast<int64_t>(*device_rows));
   const int64_t total = rows * inter;
   for (int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; idx < total;
        idx += int64_t{gridDim.x} * blockDim.x) {
@@ -260,8 +262,9 @@ __global__ void MoeGeluMulKernel(const float* gate_up, int64_t rows, int64_t int
 }
 
 __global__ void MoeUnpermuteKernel(const int32_t* perm, const float* y, int64_t hidden,
-                                   float* slot_out) {
+                                   float* slot_out, const int32_t* device_rows) {
   const int64_t r = blockIdx.x;
+  if (device_rows != nullptr && r >= *device_rows) return;
   const int64_t slot = perm[r];
   for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) {
     slot_out[slot * hidden + i] = y[r * hidden + i];
@@ -337,18 +340,18 @@ cudaError_t MoePermute(const MoePermuteParams& p, cudaStream_t stream) {
 }
 
 cudaError_t MoeGeluMul(const float* gate_up, int64_t rows, int64_t inter, void* out,
-                       ElemType out_type, cudaStream_t stream) {
+                       ElemType out_type, cudaStream_t stream, const int32_t* device_rows) {
   if (rows * inter == 0) return cudaSuccess;
   MoeGeluMulKernel<<<FlatBlocks(rows * inter), kThreads, 0, stream>>>(gate_up, rows, inter, out,
-                                                                      out_type);
+                                                                      out_type, device_rows);
   return cudaGetLastError();
 }
 
 cudaError_t MoeUnpermute(const int32_t* perm, const float* y, int64_t rows, int64_t hidden,
-                         float* slot_out, cudaStream_t stream) {
+                         float* slot_out, cudaStream_t stream, const int32_t* device_rows) {
   if (rows == 0) return cudaSuccess;
   MoeUnpermuteKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(perm, y, hidden,
-                                                                           slot_out);
+                                                                           slot_out, device_rows);
   return cudaGetLastError();
 }
 

@@ -86,12 +86,50 @@ struct MoePermuteParams {
 };
 cudaError_t MoePermute(const MoePermuteParams& p, cudaStream_t stream);
 
-// out[r, i] = gelu_tanh(gate_up[r, i]) * gate_up[r, inter + i] stored as f32 or bf16.
+// out[r, i] = gelu_tanh(gate_up[r, i]) * gate_up[r, inter + i] stored as f32 or bf16, for
+// r < rows, or r < *device_rows (at most rows) where device_rows is given.
 cudaError_t MoeGeluMul(const float* gate_up, int64_t rows, int64_t inter, void* out,
-                       ElemType out_type, cudaStream_t stream);
+                       ElemType out_type, cudaStream_t stream,
+                       const int32_t* device_rows = nullptr);
 
-// slot_out[perm[r]] = y[r] for r < rows; y [rows, hidden].
+// slot_out[perm[r]] = y[r] for r < rows, or r < *device_rows (at most rows) where given;
+// y [rows, hidden].
 cudaError_t MoeUnpermute(const int32_t* perm, const float* y, int64_t rows, int64_t hidden,
-                         float* slot_out, cudaStream_t stream);
+                         float* slot_out, cudaStream_t stream,
+                         const int32_t* device_rows = nullptr);
+
+// ---- Grouped path scheduled on the device (no host round trip; capturable) ----
+// The counts stay on the device: MoeScheduleRows turns them into the permutation's offsets and
+// the row tiles of MoeGroupedGemm, whose blocks find their expert from those.
+
+// Rows of one expert a MoeGroupedGemm block computes.
+constexpr int64_t kMoeGemmRows = 64;
+// Row tiles MoeGroupedGemm must be launched over for at most `rows` rows spread over
+// `num_local` experts (each expert's last tile may be partial).
+inline int64_t MoeGemmMaxTiles(int64_t rows, int64_t num_local) {
+  return (rows + kMoeGemmRows - 1) / kMoeGemmRows + num_local;
+}
+
+// From counts [num_local]: offsets [num_local + 1], the exclusive prefix sum (offsets[num_local]
+// is the number of local rows); tile_start [num_local + 1], the prefix sum of
+// ceil(counts[e] / kMoeGemmRows); cursor [num_local] zeroed for MoePermute. One thread's work.
+cudaError_t MoeScheduleRows(const int32_t* counts, int64_t num_local, int32_t* offsets,
+                            int32_t* tile_start, int32_t* cursor, cudaStream_t stream);
+
+// out[r, :] = W_e in[r, :] for every row r in [offsets[e], offsets[e + 1]) of every local expert
+// e: in [max_rows, k] bf16 (rows grouped by expert, as MoePermute leaves them), weights
+// [num_local, n_out, k] bf16 (row n of expert e's matrix at (e * n_out + n) * k), out
+// [max_rows, n_out] f32; rows past offsets[num_local] are not written. bf16 tensor-core
+// products (nvcuda::wmma) with f32 accumulation in k order, one block per (row tile, 64
+// columns); blocks past tile_start[num_local] return at once.
+struct MoeGroupedGemmParams {
+  const void* in = nullptr;
+  const void* weights = nullptr;
+  const int32_t* offsets = nullptr;     // [num_local + 1]
+  const int32_t* tile_start = nullptr;  // [num_local + 1]
+  int64_t num_local = 0, max_rows = 0, n_out = 0, k = 0;
+  float* out = nullptr;
+};
+cudaError_t MoeGroupedGemm(const MoeGroupedGemmParams& p, cudaStream_t stream);
 
 }  // namespace gemma::kernels

@@ -48,12 +48,17 @@ class CudaGoldenTest : public ::testing::TestWithParam<std::string> {
   // pages; f32_products as CudaBackendOptions has it. With f32 products the KV cache is f32 too
   // (the 1e-4 bound and exact expert choices are the fp32 reference's, and bf16 rounding of
   // every cached key and value costs a few 1e-3); without, it keeps the backend's default
-  // (bf16), so the serving path checked is the one served.
+  // (bf16), so the serving path checked is the one served. `fast_paths` turns on the kernels
+  // that are off by default until a device has passed with them (tensor-core prefill attention,
+  // device-scheduled expert products).
   void LoadOnCuda(bool f32_products, std::unique_ptr<CudaBackend>& backend,
-                  std::unique_ptr<gemma4::Model>& model, std::unique_ptr<KvCache>& cache) {
+                  std::unique_ptr<gemma4::Model>& model, std::unique_ptr<KvCache>& cache,
+                  bool fast_paths = false) {
     CudaBackendOptions options;
     options.arena_bytes = size_t{1} << 30;
     options.f32_products = f32_products;
+    options.tensor_core_attention = fast_paths;
+    options.device_scheduled_experts = fast_paths;
     if (f32_products) options.kv_dtype = DType::kF32;
     auto b = CudaBackend::Create(options);
     ASSERT_TRUE(b.ok()) << b.status();
@@ -183,44 +188,54 @@ TEST_P(CudaGoldenTest, ServingPathWithinTransformersBf16) {
   if (manifest_.value("weights_dtype", "") != "bfloat16") {
     GTEST_SKIP() << "f32 checkpoint: its products never round activations";
   }
-  // Declared in this order so that the cache and model go before their backend.
-  std::unique_ptr<CudaBackend> backend;
-  std::unique_ptr<gemma4::Model> model;
-  std::unique_ptr<KvCache> cache;
-  ASSERT_NO_FATAL_FAILURE(LoadOnCuda(/*f32_products=*/false, backend, model, cache));
-  ASSERT_EQ(cache->dtype(), DType::kBF16) << "the serving path's KV cache is bf16";
-  const int64_t vocab = model->config().vocab_size;
-  auto top1 = [vocab](const std::vector<float>& logits, int64_t pos) {
-    auto first = logits.begin() + pos * vocab;
-    return std::max_element(first, first + vocab) - first;
-  };
-  int64_t positions = 0, hf_agree = 0, our_agree = 0;
-  for (const auto& prompt : manifest_["prompts"]) {
-    if (!prompt.contains("bf16_logits")) continue;
-    std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
-    std::vector<float> ref = Fixture(prompt["logits"]);
-    std::vector<float> hf_bf16 = Fixture(prompt["bf16_logits"]);
-    auto ours = PromptLogits(*model, *cache, tokens);
-    ASSERT_TRUE(ours.ok()) << ours.status();
-    ASSERT_EQ(ours->size(), ref.size());
-    const double hf_err = testing::Compare(hf_bf16, ref).Relative();
-    auto cmp = testing::Compare(*ours, ref);
-    EXPECT_FALSE(cmp.nan_mismatch);
-    EXPECT_LE(cmp.Relative(), std::max(testing::kCudaRelTol, 2 * hf_err))
-        << "prompt " << prompt["name"] << ": " << cmp.ToString()
-        << "; transformers bf16 against the same reference: relative " << hf_err;
-    const int64_t n = static_cast<int64_t>(tokens.size());
-    for (int64_t pos = 0; pos < n; ++pos) {
-      const auto want = top1(ref, pos);
-      ++positions;
-      if (top1(hf_bf16, pos) == want) ++hf_agree;
-      if (top1(*ours, pos) == want) ++our_agree;
+  // Also with the fast paths that are off by default, which must hold the same bound.
+  for (const bool fast_paths : {false, true}) {
+    SCOPED_TRACE(fast_paths ? "tensor-core attention and device-scheduled experts" : "defaults");
+    // Declared in this order so that the cache and model go before their backend.
+    std::unique_ptr<CudaBackend> backend;
+    std::unique_ptr<gemma4::Model> model;
+    std::unique_ptr<KvCache> cache;
+    ASSERT_NO_FATAL_FAILURE(
+        LoadOnCuda(/*f32_products=*/false, backend, model, cache, fast_paths));
+    ASSERT_EQ(cache->dtype(), DType::kBF16) << "the serving path's KV cache is bf16";
+    int64_t longest = 0;
+    const int64_t vocab = model->config().vocab_size;
+    auto top1 = [vocab](const std::vector<float>& logits, int64_t pos) {
+      auto first = logits.begin() + pos * vocab;
+      return std::max_element(first, first + vocab) - first;
+    };
+    int64_t positions = 0, hf_agree = 0, our_agree = 0;
+    for (const auto& prompt : manifest_["prompts"]) {
+      if (!prompt.contains("bf16_logits")) continue;
+      std::vector<int32_t> tokens = Tokens(prompt["tokens"]);
+      longest = std::max<int64_t>(longest, static_cast<int64_t>(tokens.size()));
+      std::vector<float> ref = Fixture(prompt["logits"]);
+      std::vector<float> hf_bf16 = Fixture(prompt["bf16_logits"]);
+      auto ours = PromptLogits(*model, *cache, tokens);
+      ASSERT_TRUE(ours.ok()) << ours.status();
+      ASSERT_EQ(ours->size(), ref.size());
+      const double hf_err = testing::Compare(hf_bf16, ref).Relative();
+      auto cmp = testing::Compare(*ours, ref);
+      EXPECT_FALSE(cmp.nan_mismatch);
+      EXPECT_LE(cmp.Relative(), std::max(testing::kCudaRelTol, 2 * hf_err))
+          << "prompt " << prompt["name"] << ": " << cmp.ToString()
+          << "; transformers bf16 against the same reference: relative " << hf_err;
+      const int64_t n = static_cast<int64_t>(tokens.size());
+      for (int64_t pos = 0; pos < n; ++pos) {
+        const auto want = top1(ref, pos);
+        ++positions;
+        if (top1(hf_bf16, pos) == want) ++hf_agree;
+        if (top1(*ours, pos) == want) ++our_agree;
+      }
+    }
+    ASSERT_GT(positions, 0) << "the bf16 fixture records no transformers bf16 logits";
+    EXPECT_GE(our_agree, hf_agree) << "top-1 agreement with the fp32 reference over " << positions
+                                   << " positions: ours " << our_agree << ", transformers bf16 "
+                                   << hf_agree;
+    if (fast_paths && model->config().enable_moe_block && longest > 16) {
+      EXPECT_GT(backend->moe_paths().scheduled, 0) << "the device-scheduled experts never ran";
     }
   }
-  ASSERT_GT(positions, 0) << "the bf16 fixture records no transformers bf16 logits";
-  EXPECT_GE(our_agree, hf_agree) << "top-1 agreement with the fp32 reference over " << positions
-                                 << " positions: ours " << our_agree << ", transformers bf16 "
-                                 << hf_agree;
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaGoldenTest,

@@ -947,6 +947,147 @@ TEST_F(CudaOpsTest, MoeExpertsMatchOnFusedAndGroupedPathsWithIdleExperts) {
   }
 }
 
+// The expert products scheduled on the device (CudaBackendOptions::device_scheduled_experts):
+// a backend that takes them for every step of more than 16 tokens with bf16 weights.
+class CudaScheduledExpertsTest : public CudaVsCpuTest {
+ protected:
+  void SetUp() override {
+    CudaVsCpuTest::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    gpu_.reset();  // its arena goes before the next backend takes one
+    CudaBackendOptions options;
+    options.arena_bytes = size_t{2} << 30;
+    options.device_scheduled_experts = true;
+    auto backend = CudaBackend::Create(options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    gpu_ = *std::move(backend);
+  }
+
+  // `tokens` rows of ascending distinct ids drawn from `pool`.
+  std::vector<int32_t> Ids(int64_t tokens, int64_t top_k, const std::vector<int32_t>& pool) {
+    std::vector<int32_t> ids;
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<int32_t> all = pool;
+      std::shuffle(all.begin(), all.end(), rng_);
+      std::sort(all.begin(), all.begin() + top_k);
+      ids.insert(ids.end(), all.begin(), all.begin() + top_k);
+    }
+    return ids;
+  }
+
+  struct Case {
+    Pair gate_up, down, id, w, x, out;
+    MoeExpertsArgs Args(bool gpu) const {
+      auto pick = [&](const Pair& p) { return gpu ? p.gpu.get() : p.cpu.get(); };
+      MoeExpertsArgs a;
+      a.x = pick(x);
+      a.topk_ids = pick(id);
+      a.topk_weights = pick(w);
+      a.gate_up = pick(gate_up);
+      a.down = pick(down);
+      a.out = pick(out);
+      return a;
+    }
+  };
+};
+
+// Against the CPU's products at awkward shapes: experts with several row tiles and one with
+// none, k not a multiple of the 32-wide stage (and, at hidden 60, not of the 8-wide vector
+// either), output widths that leave a partial column block, and a step where no slot is local
+// (all zeros). The path counter shows the scheduled kernels ran.
+TEST_F(CudaScheduledExpertsTest, MatchTheCpuAtAwkwardShapesAndIdleExperts) {
+  const int64_t experts = 16, top_k = 4, first = 4, local = 8;  // this rank owns 4..11
+  struct Shape {
+    int64_t hidden, inter;
+  };
+  for (const Shape shape : {Shape{64, 48}, Shape{60, 36}, Shape{256, 104}}) {
+    Case c;
+    c.gate_up = Weight(Random(local * 2 * shape.inter * shape.hidden, 0.3f), DType::kBF16);
+    c.down = Weight(Random(local * shape.hidden * shape.inter, 0.3f), DType::kBF16);
+    std::vector<int32_t> all_but_9, remote;
+    for (int32_t e = 0; e < experts; ++e) {
+      if (e != 9) all_but_9.push_back(e);
+      if (e < first || e >= first + local) remote.push_back(e);
+    }
+    for (int64_t tokens : {17, 300, 1000, -40}) {
+      const bool none_local = tokens < 0;
+      if (none_local) tokens = -tokens;
+      c.id = I32(Ids(tokens, top_k, none_local ? remote : all_but_9));
+      c.w = F32(Random(tokens * top_k));
+      c.x = F32(Random(tokens * shape.hidden));
+      c.out = Poisoned(DType::kF32, tokens * shape.hidden);
+      const std::string what = absl::StrCat("hidden=", shape.hidden, " inter=", shape.inter,
+                                            " tokens=", tokens, none_local ? " (none local)" : "");
+      const int64_t before = gpu_->moe_paths().scheduled;
+      for (bool gpu : {false, true}) {
+        MoeExpertsArgs a = c.Args(gpu);
+        a.num_tokens = tokens;
+        a.hidden = shape.hidden;
+        a.inter = shape.inter;
+        a.top_k = top_k;
+        a.first_expert = first;
+        a.num_local_experts = local;
+        (gpu ? static_cast<Backend&>(*gpu_) : static_cast<Backend&>(*cpu_)).MoeExperts(a);
+      }
+      EXPECT_EQ(gpu_->moe_paths().scheduled - before, 1) << what;
+      ExpectClose(c.out, tokens * shape.hidden, what, testing::kCudaRelTol);
+    }
+  }
+}
+
+// The scheduled path needs no host round trip: recorded in a CUDA graph, replays on new inputs
+// (other routing, so other counts per expert) give the eager launches' outputs bit for bit.
+// f32 weights and few tokens keep their paths.
+TEST_F(CudaScheduledExpertsTest, RecordedInAGraphAndLeftToOtherPathsWhereItDoesNotApply) {
+  const int64_t hidden = 128, inter = 64, experts = 8, top_k = 2, tokens = 96;
+  std::vector<int32_t> pool;
+  for (int32_t e = 0; e < experts; ++e) pool.push_back(e);
+  Case c;
+  c.gate_up = Weight(Random(experts * 2 * inter * hidden, 0.3f), DType::kBF16);
+  c.down = Weight(Random(experts * hidden * inter, 0.3f), DType::kBF16);
+  c.id = I32(Ids(tokens, top_k, pool));
+  c.w = F32(Random(tokens * top_k));
+  c.x = F32(Random(tokens * hidden));
+  c.out = Poisoned(DType::kF32, tokens * hidden);
+  MoeExpertsArgs a = c.Args(true);
+  a.num_tokens = tokens;
+  a.hidden = hidden;
+  a.inter = inter;
+  a.top_k = top_k;
+  a.num_local_experts = experts;
+  ASSERT_TRUE(gpu_->BeginCapture().ok());
+  gpu_->MoeExperts(a);
+  ASSERT_TRUE(gpu_->EndCapture(1).ok());
+  for (int trial = 0; trial < 3; ++trial) {
+    const std::vector<int32_t> ids = Ids(tokens, top_k, pool);
+    const std::vector<float> x = Random(tokens * hidden);
+    gpu_->Write(*c.id.gpu, ids.data(), ids.size() * sizeof(int32_t));
+    gpu_->Write(*c.x.gpu, x.data(), x.size() * sizeof(float));
+    gpu_->MoeExperts(a);
+    const std::vector<float> eager = ReadF32(*gpu_, *c.out.gpu, tokens * hidden);
+    const std::vector<float> poison(tokens * hidden, std::nanf(""));
+    gpu_->Write(*c.out.gpu, poison.data(), poison.size() * sizeof(float));
+    ASSERT_TRUE(gpu_->Replay(1).ok());
+    EXPECT_EQ(ReadF32(*gpu_, *c.out.gpu, tokens * hidden), eager) << "trial " << trial;
+  }
+  const CudaBackend::MoePathCounts before = gpu_->moe_paths();
+  Case f32;
+  f32.gate_up = Weight(Random(experts * 2 * inter * hidden, 0.3f), DType::kF32);
+  f32.down = Weight(Random(experts * hidden * inter, 0.3f), DType::kF32);
+  MoeExpertsArgs b = a;
+  b.gate_up = f32.gate_up.gpu.get();
+  b.down = f32.down.gpu.get();
+  gpu_->MoeExperts(b);  // f32 weights: cuBLAS's products
+  MoeExpertsArgs few = a;
+  few.num_tokens = 5;
+  gpu_->MoeExperts(few);  // decode-sized: the fused kernels
+  ASSERT_TRUE(gpu_->Synchronize().ok());
+  const CudaBackend::MoePathCounts after = gpu_->moe_paths();
+  EXPECT_EQ(after.scheduled, before.scheduled);
+  EXPECT_EQ(after.fused - before.fused, 1);
+  EXPECT_EQ((after.grouped + after.per_expert) - (before.grouped + before.per_expert), 1);
+}
+
 TEST_F(CudaOpsTest, TopKAndLogSumExpMatch) {
   const int64_t rows = 3, cols = 1001, k = 17;
   Pair x = F32(Random(rows * cols, 10.0f));

@@ -5,7 +5,7 @@
 // brings many query tokens per sequence (prefill): then the tiled tensor-core kernel
 // (PrefillAttention), where it supports the shapes.
 //
-// MoeExperts has two paths. Few tokens (decode), or while a CUDA graph is being captured: the
+// MoeExperts has three paths. Few tokens (decode), or while a CUDA graph is being captured: the
 // fused kernels read the selected experts' weights directly (one warp per output row), no host
 // round trip. Many tokens: rows are permuted by expert and the two products of every active
 // expert run as one cuBLAS grouped GEMM, or, where cuBLAS refuses the grouped GEMM for bf16
@@ -13,7 +13,10 @@
 // expert; the per-expert counts come back to the host first (one synchronisation per MoE
 // layer, as the design accepts for prefill). CudaBackendOptions::f32_products keeps every
 // token count on the fused kernels, which take f32 activations. Both end in the same
-// combine kernel, which sums each token's experts in ascending id order.
+// combine kernel, which sums each token's experts in ascending id order. With
+// CudaBackendOptions::device_scheduled_experts and bf16 weights, many tokens take the third:
+// the counts never leave the device (MoeScheduleRows), and MoeGroupedGemm's blocks find their
+// expert's rows there, so no synchronisation per MoE layer.
 #include <cublas_v2.h>
 
 #include <algorithm>
@@ -136,6 +139,11 @@ void CudaBackend::MoeExperts(const MoeExpertsArgs& a) {
   CHECK_LE(a.num_local_experts * a.hidden * a.inter, a.down->numel());
   const bool per_expert_pays =
       a.num_tokens * a.top_k >= kPerExpertMinRows * a.num_local_experts;
+  if (options_.device_scheduled_experts && !options_.f32_products &&
+      w_type == kernels::ElemType::kBF16 && a.num_tokens > kMoeFusedMaxTokens) {
+    MoeExpertsScheduled(a);
+    return;
+  }
   if (!capturing_ && !options_.f32_products && a.num_tokens > kMoeFusedMaxTokens &&
       (!grouped_gemm_unsupported_ || per_expert_pays)) {
     MoeExpertsGrouped(a, w_type);
@@ -282,6 +290,68 @@ void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
   GEMMA_CUDA_CHECK(s == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cudaErrorUnknown);
   GEMMA_CUDA_CHECK(
       kernels::MoeUnpermute(I32Ptr(*perm), F32Ptr(*y), rows, a.hidden, F32Ptr(*slot_out), stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeCombine(slots, F32Ptr(*a.topk_weights), F32Ptr(*slot_out),
+                                       a.hidden, F32Ptr(*a.out), stream_));
+}
+
+void CudaBackend::MoeExpertsScheduled(const MoeExpertsArgs& a) {
+  ++moe_paths_.scheduled;
+  const int64_t num_local = a.num_local_experts;
+  // Every local slot may fall to this rank: the row buffers take that many rows, and the
+  // kernels stop at the count the device holds.
+  const int64_t max_rows = a.num_tokens * a.top_k;
+  const kernels::MoeSlots slots = SlotsOf(a);
+  std::shared_ptr<Buffer> counts = Scratch(DType::kI32, num_local);
+  std::shared_ptr<Buffer> offsets = Scratch(DType::kI32, num_local + 1);
+  std::shared_ptr<Buffer> tile_start = Scratch(DType::kI32, num_local + 1);
+  std::shared_ptr<Buffer> cursor = Scratch(DType::kI32, num_local);
+  std::shared_ptr<Buffer> perm = Scratch(DType::kI32, max_rows);
+  std::shared_ptr<Buffer> xp = Scratch(DType::kBF16, max_rows * a.hidden);
+  std::shared_ptr<Buffer> gate_up_out = Scratch(DType::kF32, max_rows * 2 * a.inter);
+  std::shared_ptr<Buffer> act = Scratch(DType::kBF16, max_rows * a.inter);
+  std::shared_ptr<Buffer> y = Scratch(DType::kF32, max_rows * a.hidden);
+  std::shared_ptr<Buffer> slot_out = Scratch(DType::kF32, max_rows * a.hidden);
+  if (!counts || !offsets || !tile_start || !cursor || !perm || !xp || !gate_up_out || !act ||
+      !y || !slot_out) {
+    return;
+  }
+  GEMMA_CUDA_CHECK(cudaMemsetAsync(AsCuda(*counts).data(), 0, counts->bytes(), stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeCountLocal(slots, I32Ptr(*counts), stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeScheduleRows(I32Ptr(*counts), num_local, I32Ptr(*offsets),
+                                            I32Ptr(*tile_start), I32Ptr(*cursor), stream_));
+  const int32_t* local_rows = I32Ptr(*offsets) + num_local;  // on the device
+  kernels::MoePermuteParams pp;
+  pp.slots = slots;
+  pp.x = F32Ptr(*a.x);
+  pp.hidden = a.hidden;
+  pp.offsets = I32Ptr(*offsets);
+  pp.cursor = I32Ptr(*cursor);
+  pp.perm = I32Ptr(*perm);
+  pp.xp = AsCuda(*xp).data();
+  pp.xp_type = kernels::ElemType::kBF16;
+  GEMMA_CUDA_CHECK(kernels::MoePermute(pp, stream_));
+  kernels::MoeGroupedGemmParams gemm;
+  gemm.offsets = I32Ptr(*offsets);
+  gemm.tile_start = I32Ptr(*tile_start);
+  gemm.num_local = num_local;
+  gemm.max_rows = max_rows;
+  gemm.in = AsCuda(*xp).data();
+  gemm.weights = AsCuda(*a.gate_up).data();
+  gemm.n_out = 2 * a.inter;
+  gemm.k = a.hidden;
+  gemm.out = F32Ptr(*gate_up_out);
+  GEMMA_CUDA_CHECK(kernels::MoeGroupedGemm(gemm, stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeGeluMul(F32Ptr(*gate_up_out), max_rows, a.inter,
+                                       AsCuda(*act).data(), kernels::ElemType::kBF16, stream_,
+                                       local_rows));
+  gemm.in = AsCuda(*act).data();
+  gemm.weights = AsCuda(*a.down).data();
+  gemm.n_out = a.hidden;
+  gemm.k = a.inter;
+  gemm.out = F32Ptr(*y);
+  GEMMA_CUDA_CHECK(kernels::MoeGroupedGemm(gemm, stream_));
+  GEMMA_CUDA_CHECK(kernels::MoeUnpermute(I32Ptr(*perm), F32Ptr(*y), max_rows, a.hidden,
+                                         F32Ptr(*slot_out), stream_, local_rows));
   GEMMA_CUDA_CHECK(kernels::MoeCombine(slots, F32Ptr(*a.topk_weights), F32Ptr(*slot_out),
                                        a.hidden, F32Ptr(*a.out), stream_));
 }

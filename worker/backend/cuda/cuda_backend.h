@@ -47,6 +47,13 @@ struct CudaBackendOptions {
   // device yet, and it becomes the serving default only once the gpu tier has passed with it
   // on one (docs/perf.md).
   bool tensor_core_attention = false;
+  // Expert products of steps with many tokens (prefill) on kernels/moe.h's MoeGroupedGemm
+  // (bf16 weights only): the rows per expert are counted, scheduled and multiplied on the
+  // device, with no host round trip per MoE layer, instead of reading the counts back for
+  // cuBLAS's grouped GEMM (or one cuBLASLt product per expert where cuBLAS has none). Ignored
+  // with f32_products. Off by default until the gpu tier has passed with it and the benchmark
+  // has put it beside cuBLAS on a device (docs/perf.md).
+  bool device_scheduled_experts = false;
 };
 
 // The device memory region and its allocator, shared by the backend and its buffers so that
@@ -149,6 +156,7 @@ class CudaBackend final : public Backend {
     int64_t fused = 0;       // the fused kernels (few tokens, capture, f32 products)
     int64_t grouped = 0;     // cuBLAS's grouped GEMM over the permuted rows
     int64_t per_expert = 0;  // one cuBLASLt product per active expert (no grouped GEMM)
+    int64_t scheduled = 0;   // MoeGroupedGemm, scheduled on the device (no host round trip)
   };
   const MoePathCounts& moe_paths() const { return moe_paths_; }
   // Which attention kernel each Attention call ran.
@@ -192,6 +200,7 @@ class CudaBackend final : public Backend {
   bool RefuseWhileCapturing(const char* what);
   void MoeExpertsFused(const MoeExpertsArgs& a, kernels::ElemType w_type);
   void MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w_type);
+  void MoeExpertsScheduled(const MoeExpertsArgs& a);
 
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
