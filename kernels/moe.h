@@ -120,8 +120,8 @@ cudaError_t MoeScheduleRows(const int32_t* counts, int64_t num_local, int32_t* o
 // e: in [max_rows, k] bf16 (rows grouped by expert, as MoePermute leaves them), weights
 // [num_local, n_out, k] bf16 (row n of expert e's matrix at (e * n_out + n) * k), out
 // [max_rows, n_out] f32; rows past offsets[num_local] are not written. bf16 tensor-core
-// products (nvcuda::wmma) with f32 accumulation in k order, one block per (row tile, 64
-// columns); blocks past tile_start[num_local] return at once.
+// products (nvcuda::wmma) with f32 accumulation, one block per (row tile, 64 columns); blocks
+// past tile_start[num_local] return at once.
 struct MoeGroupedGemmParams {
   const void* in = nullptr;
   const void* weights = nullptr;
