@@ -110,6 +110,11 @@ class Communicator {
   virtual bool SupportsStreamOrdered() const { return false; }
   virtual absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream);
   virtual absl::Status AwaitStream(void* stream);
+  // Releases a failed communicator's transport at once (it is dead afterwards, failed or not).
+  // NCCL defers its abort to this call once it has enqueued stream-ordered work, since step
+  // graphs that recorded its collectives keep the abort waiting until they are destroyed: the
+  // owner drops those graphs, then calls Abort. Others release on failure; for them a no-op.
+  virtual void Abort() {}
 
   // False once any call has failed.
   virtual bool healthy() const = 0;
@@ -153,6 +158,7 @@ class ForwardingCommunicator : public Communicator {
     return inner_->EnqueueAllReduce(data, count, dtype, stream);
   }
   absl::Status AwaitStream(void* stream) override { return inner_->AwaitStream(stream); }
+  void Abort() override { inner_->Abort(); }
 
  protected:
   Communicator& inner() const { return *inner_; }

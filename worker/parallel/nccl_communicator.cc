@@ -74,7 +74,7 @@ class NcclCommunicator : public CommunicatorBase {
 
   ~NcclCommunicator() override {
     if (comm_aborted_) {
-      // Run() already aborted the communicator.
+      // Already aborted (on a failure, or by Abort()).
     } else if (dead_reason_.empty()) {
       ncclCommFinalize(comm_);
       if (!WaitNotInProgress(comm_, Clock::now() + timeout_, "ncclCommFinalize").ok()) {
@@ -171,6 +171,7 @@ class NcclCommunicator : public CommunicatorBase {
     RETURN_IF_ERROR(ValidateReducible(op, rank_, dtype));
     if (count == 0) return absl::OkStatus();
     const std::string what = absl::StrCat("NCCL stream-ordered ", OpContext(op, rank_, world_size_));
+    stream_ordered_ = true;  // a step graph may hold this collective from now on
     absl::Status status = Enqueued(
         what,
         ncclAllReduce(data, data, count, ToNccl(dtype), ncclSum, comm_,
@@ -191,6 +192,14 @@ class NcclCommunicator : public CommunicatorBase {
     return status.ok() ? status : Fail(status);
   }
 
+  void Abort() override {
+    if (comm_aborted_) return;
+    if (dead_reason_.empty()) dead_reason_ = "aborted by its owner";
+    LOG(WARNING) << "rank " << rank_ << ": aborting the NCCL communicator";
+    ncclCommAbort(comm_);
+    comm_aborted_ = true;
+  }
+
  private:
   // The result of enqueueing: an immediate error, or the wait until the communicator has left
   // ncclInProgress.
@@ -204,11 +213,19 @@ class NcclCommunicator : public CommunicatorBase {
   }
 
   // Marks the communicator dead and aborts it (never destroy on a dead peer); returns `status`.
+  // Once stream-ordered work was enqueued, step graphs may hold its collectives, and
+  // ncclCommAbort would wait for them to be destroyed (here, or inside a capture, forever):
+  // the abort is then left to Abort(), which the owner calls after dropping them.
   absl::Status Fail(absl::Status status) {
     dead_reason_ = status.ToString();
     LOG(ERROR) << "rank " << rank_ << ": " << status;
-    ncclCommAbort(comm_);
-    comm_aborted_ = true;
+    if (stream_ordered_) {
+      LOG(ERROR) << "rank " << rank_
+                 << ": NCCL abort deferred until the step graphs holding its collectives are "
+                    "dropped";
+    } else {
+      Abort();
+    }
     return status;
   }
 
@@ -260,6 +277,7 @@ class NcclCommunicator : public CommunicatorBase {
   int32_t* scratch_;
   const std::chrono::milliseconds timeout_;
   bool comm_aborted_ = false;
+  bool stream_ordered_ = false;  // EnqueueAllReduce was called
 };
 
 }  // namespace

@@ -207,6 +207,7 @@ class RecordingBackend final : public Backend {
   void Enqueue(std::function<void()> op) { Run(std::move(op)); }
 
   int captures = 0, replays = 0, drops = 0;
+  size_t graphs() const { return graphs_.size(); }
 
  private:
   struct Recording {
@@ -355,11 +356,21 @@ class StreamOrderedComm final : public parallel::ForwardingCommunicator {
   bool SupportsStreamOrdered() const override { return true; }
   absl::Status EnqueueAllReduce(void* data, size_t count, DType dtype, void* stream) override {
     ++enqueued;
+    if (enqueued == fail_enqueue) {
+      // Refused, as the staging wrapper refuses a buffer in the wrong memory: the
+      // communicator stays healthy.
+      return absl::InvalidArgumentError("enqueue refused (test)");
+    }
     parallel::Communicator* inner = owned_.get();
-    static_cast<RecordingBackend*>(stream)->Enqueue([=, this] {
+    backend_ = static_cast<RecordingBackend*>(stream);
+    backend_->Enqueue([=, this] {
       ++ran;
+      // A failed sum fails the rest of its replay on every rank alike (no rank waits on one
+      // that gave up), as an asynchronous NCCL error would.
+      if (ran == fail_run) error_ = absl::UnavailableError("peer lost during a replay (test)");
+      if (!error_.ok()) return;
       absl::Status status = inner->AllReduce(data, count, dtype);
-      if (!status.ok() && error_.ok()) error_ = status;
+      if (!status.ok()) error_ = status;
     });
     return absl::OkStatus();
   }
@@ -371,10 +382,19 @@ class StreamOrderedComm final : public parallel::ForwardingCommunicator {
     ++blocking;
     return owned_->AllReduce(data, count, dtype);
   }
-  int enqueued = 0, ran = 0, awaited = 0, blocking = 0;
+  bool healthy() const override { return error_.ok() && owned_->healthy(); }
+  void Abort() override {
+    ++aborts;
+    graphs_at_abort = backend_ != nullptr ? static_cast<int>(backend_->graphs()) : -1;
+  }
+  int enqueued = 0, ran = 0, awaited = 0, blocking = 0, aborts = 0;
+  int graphs_at_abort = -1;  // graphs the backend held when Abort was called
+  // Which enqueue (1-based) is refused, and which sum fails as it runs; 0: none.
+  int fail_enqueue = 0, fail_run = 0;
 
  private:
   std::unique_ptr<parallel::Communicator> owned_;
+  RecordingBackend* backend_ = nullptr;  // the queue sums were last enqueued on
   absl::Status error_;
 };
 
@@ -444,6 +464,64 @@ TEST_P(StepGraphTest, TensorParallelDecodeRecordsItsSums) {
         << "rank " << r << ": every replay runs the recorded sums";
     EXPECT_EQ(comm->awaited, backend->replays);
     EXPECT_LT(comm->blocking - blocking_eager, blocking_eager / 2) << "rank " << r;
+  });
+}
+
+// A sum that fails while a replay runs surfaces at the await: the step fails naming it, the
+// step graphs (which hold the dead communicator's collectives) are dropped and only then is
+// the communicator aborted, and no later step records or replays one over it.
+TEST_P(StepGraphTest, AFailedSumInAReplayDropsTheGraphsBeforeTheAbort) {
+  testing::ThreadReplica replica(RecordingTp2(GetParam(), /*stream_ordered=*/true));
+  const std::vector<int32_t> prompt = {2, 45, 301, 7, 88};
+  GenerateOptions greedy;
+  greedy.max_new_tokens = 12;
+  replica.RunAll([&](int r) {
+    testing::ReplicaRank& rank = replica.rank(r);
+    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
+    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
+    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
+    ASSERT_NE(comm, nullptr);
+    auto first = Generate(*rank.model, *rank.cache, prompt, greedy);
+    ASSERT_TRUE(first.ok()) << first.status();
+    ASSERT_GT(backend->graphs(), 0u);
+    comm->fail_run = comm->ran + 3;  // the third sum of the next replay
+    auto failed = Generate(*rank.model, *rank.cache, prompt, greedy);
+    ASSERT_FALSE(failed.ok());
+    EXPECT_NE(failed.status().message().find("peer lost during a replay"), std::string::npos)
+        << failed.status();
+    EXPECT_EQ(backend->graphs(), 0u) << "graphs holding the dead communicator's sums were kept";
+    EXPECT_EQ(comm->aborts, 1);
+    EXPECT_EQ(comm->graphs_at_abort, 0) << "aborted while graphs still held its collectives";
+    const int captures = backend->captures, replays = backend->replays;
+    (void)Generate(*rank.model, *rank.cache, prompt, greedy);  // fails or not: no graph over it
+    EXPECT_EQ(backend->captures, captures);
+    EXPECT_EQ(backend->replays, replays);
+  });
+}
+
+// A sum refused while a step is being recorded fails the step, and nothing of the part-way
+// recording is kept for a later step of that shape to replay, though the communicator lives on
+// (no abort) and so nothing else would drop it.
+TEST_P(StepGraphTest, ARecordingThatFailsPartWayIsNotKept) {
+  testing::ThreadReplica replica(RecordingTp2(GetParam(), /*stream_ordered=*/true));
+  replica.RunAll([&](int r) {
+    testing::ReplicaRank& rank = replica.rank(r);
+    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
+    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
+    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
+    ASSERT_NE(comm, nullptr);
+    comm->fail_enqueue = 2;  // the second sum of the first recorded step
+    GenerateOptions greedy;
+    greedy.max_new_tokens = 4;
+    const std::vector<int32_t> prompt = {2, 45, 301, 7};
+    auto failed = Generate(*rank.model, *rank.cache, prompt, greedy);
+    ASSERT_FALSE(failed.ok());
+    EXPECT_NE(failed.status().message().find("enqueue refused"), std::string::npos)
+        << failed.status();
+    EXPECT_EQ(backend->graphs(), 0u) << "a part-way recording was kept";
+    EXPECT_EQ(backend->replays, 0);
+    EXPECT_EQ(comm->aborts, 0);
+    EXPECT_TRUE(comm->healthy());
   });
 }
 

@@ -190,6 +190,26 @@ void Model::Observe(std::string_view name, const Buffer& buffer, std::vector<int
 
 absl::StatusOr<const Buffer*> Model::Forward(std::span<const SequenceStep> steps,
                                              KvCache& cache) {
+  return AfterFailure(DoForward(steps, cache));
+}
+
+absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& params) {
+  return AfterFailure(DoSample(params));
+}
+
+absl::StatusOr<std::vector<float>> Model::LogitsToHost() { return AfterFailure(DoLogitsToHost()); }
+
+void Model::ReleaseFailedCommunicators() {
+  for (parallel::Communicator* comm : {parallel_.tp_comm, parallel_.ep_comm}) {
+    if (comm == nullptr || comm->healthy()) continue;
+    // NCCL's abort waits for every graph that recorded its collectives: drop them first.
+    graphs_.Drop();
+    comm->Abort();
+  }
+}
+
+absl::StatusOr<const Buffer*> Model::DoForward(std::span<const SequenceStep> steps,
+                                               KvCache& cache) {
   const ModelConfig& c = config_;
   // ---- host metadata ----
   StepHost host;
@@ -327,7 +347,8 @@ bool Model::GraphEligible(std::span<const SequenceStep> steps) const {
   // Tensor-parallel sums go into the graph only where they can be enqueued on the step's
   // stream (NCCL); Gloo and staged groups need the host.
   if (parallel_.tp_comm != nullptr &&
-      (!parallel_.tp_comm->SupportsStreamOrdered() || backend_.NativeStream() == nullptr)) {
+      (!parallel_.tp_comm->SupportsStreamOrdered() || backend_.NativeStream() == nullptr ||
+       !parallel_.tp_comm->healthy())) {
     return false;
   }
   for (const SequenceStep& step : steps) {
@@ -396,7 +417,7 @@ absl::StatusOr<std::vector<int64_t>> Model::TakeExpertCounts() {
   return std::vector<int64_t>(counts.begin(), counts.end());
 }
 
-absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingParams>& given) {
+absl::StatusOr<std::vector<int32_t>> Model::DoSample(const std::vector<SamplingParams>& given) {
   const int64_t rows = num_logit_rows_;
   if (static_cast<int64_t>(given.size()) != rows) {
     return absl::InvalidArgumentError(absl::StrCat("Sample got ", given.size(),
@@ -424,7 +445,7 @@ absl::StatusOr<std::vector<int32_t>> Model::Sample(const std::vector<SamplingPar
   return ids;
 }
 
-absl::StatusOr<std::vector<float>> Model::LogitsToHost() {
+absl::StatusOr<std::vector<float>> Model::DoLogitsToHost() {
   const int64_t rows = num_logit_rows_;
   const int64_t local = dims_.vocab;
   std::vector<float> host(rows * config_.vocab_size);

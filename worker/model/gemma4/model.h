@@ -144,6 +144,18 @@ class Model {
       : config_(config), backend_(backend), parallel_(parallel), graphs_(backend) {}
   absl::Status EnsureScratch(int64_t num_tokens, int64_t num_rows);
   bool GraphEligible(std::span<const SequenceStep> steps) const;
+  // Forward, Sample and LogitsToHost, before ReleaseFailedCommunicators.
+  absl::StatusOr<const Buffer*> DoForward(std::span<const SequenceStep> steps, KvCache& cache);
+  absl::StatusOr<std::vector<int32_t>> DoSample(const std::vector<SamplingParams>& params);
+  absl::StatusOr<std::vector<float>> DoLogitsToHost();
+  // After a failure: each communicator that died has its step graphs dropped and is then
+  // aborted (Communicator::Abort), so that nothing is left waiting on a dead peer.
+  void ReleaseFailedCommunicators();
+  template <typename T>
+  T AfterFailure(T result) {
+    if (!result.ok()) ReleaseFailedCommunicators();
+    return result;
+  }
   // The network from the embedding to the (soft-capped) logits of the step in `layout`.
   absl::Status RunNetwork(const BatchLayout& layout, const StepInputs& in, KvCache& cache);
   absl::Status AttentionBlock(int layer_idx, const BatchLayout& layout, KvCache& cache);

@@ -6,6 +6,10 @@
 
 namespace gemma::gemma4 {
 
+StepGraphs::~StepGraphs() {
+  if (!inputs_.empty()) Drop();
+}
+
 int64_t StepGraphs::RoundPages(int64_t max_pages) {
   int64_t width = 1;
   while (width < max_pages) width *= 2;
@@ -50,7 +54,12 @@ absl::Status StepGraphs::Run(const Slot& slot, const std::function<absl::Status(
     RETURN_IF_ERROR(backend_.BeginCapture());
     absl::Status recorded = step();
     absl::Status ended = backend_.EndCapture(slot.key);
-    RETURN_IF_ERROR(recorded);
+    if (!recorded.ok()) {
+      // The step stopped part-way (a collective failed, say): the backend may have kept what
+      // was recorded up to there, which a later step of this shape would replay.
+      Drop();
+      return recorded;
+    }
     RETURN_IF_ERROR(ended);
     ++captures_;
   }

@@ -25,6 +25,11 @@ struct StepInputs {
 class StepGraphs {
  public:
   explicit StepGraphs(Backend& backend) : backend_(backend) {}
+  // Drops the backend's graphs if this model recorded any: a graph holding a communicator's
+  // collectives keeps NCCL from destroying that communicator while it lives.
+  ~StepGraphs();
+  StepGraphs(const StepGraphs&) = delete;
+  StepGraphs& operator=(const StepGraphs&) = delete;
 
   // One graph serves every page-table width up to the next power of two (the kernels read a
   // sequence's pages up to its length only; the rest of its row is -1).
@@ -43,7 +48,8 @@ class StepGraphs {
                               KvCache& cache, int num_layers);
 
   // Records `step` under the slot's key when its inputs are new (or the backend lost the
-  // graph), then replays it.
+  // graph), then replays it. A recording whose step failed is never kept (whatever the backend
+  // made of it): every graph and input is dropped.
   absl::Status Run(const Slot& slot, const std::function<absl::Status()>& step);
 
   void Drop();
