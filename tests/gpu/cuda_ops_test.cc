@@ -991,8 +991,8 @@ class CudaScheduledExpertsTest : public CudaVsCpuTest {
   };
 };
 
-// Against the CPU's products at awkward shapes: experts with several row tiles and one with
-// none, k not a multiple of the 32-wide stage (and, at hidden 60, not of the 8-wide vector
+// Against the CPU's products at awkward shapes: experts with several row tiles, two with none
+// (one in the middle, the last), k not a multiple of the 32-wide stage (and, at hidden 60, not of the 8-wide vector
 // either), output widths that leave a partial column block, and a step where no slot is local
 // (all zeros). The path counter shows the scheduled kernels ran.
 TEST_F(CudaScheduledExpertsTest, MatchTheCpuAtAwkwardShapesAndIdleExperts) {
@@ -1004,15 +1004,15 @@ TEST_F(CudaScheduledExpertsTest, MatchTheCpuAtAwkwardShapesAndIdleExperts) {
     Case c;
     c.gate_up = Weight(Random(local * 2 * shape.inter * shape.hidden, 0.3f), DType::kBF16);
     c.down = Weight(Random(local * shape.hidden * shape.inter, 0.3f), DType::kBF16);
-    std::vector<int32_t> all_but_9, remote;
+    std::vector<int32_t> idle_9_and_11, remote;
     for (int32_t e = 0; e < experts; ++e) {
-      if (e != 9) all_but_9.push_back(e);
+      if (e != 9 && e != 11) idle_9_and_11.push_back(e);
       if (e < first || e >= first + local) remote.push_back(e);
     }
     for (int64_t tokens : {17, 300, 1000, -40}) {
       const bool none_local = tokens < 0;
       if (none_local) tokens = -tokens;
-      c.id = I32(Ids(tokens, top_k, none_local ? remote : all_but_9));
+      c.id = I32(Ids(tokens, top_k, none_local ? remote : idle_9_and_11));
       c.w = F32(Random(tokens * top_k));
       c.x = F32(Random(tokens * shape.hidden));
       c.out = Poisoned(DType::kF32, tokens * shape.hidden);
