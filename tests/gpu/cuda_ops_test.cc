@@ -659,13 +659,10 @@ class CudaTensorCoreAttentionTest : public CudaBf16KvTest {
   void SetUp() override {
     CudaBf16KvTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    gpu_.reset();  // its arena goes before the next backends take theirs
     CudaBackendOptions options;
     options.arena_bytes = size_t{2} << 30;
     options.tensor_core_attention = true;
-    auto tc = CudaBackend::Create(options);
-    ASSERT_TRUE(tc.ok()) << tc.status();
-    gpu_ = *std::move(tc);
+    ASSERT_NO_FATAL_FAILURE(ReplaceGpu(options));
     options.arena_bytes = size_t{1} << 30;
     options.tensor_core_attention = false;
     auto scalar = CudaBackend::Create(options);
@@ -954,13 +951,10 @@ class CudaScheduledExpertsTest : public CudaVsCpuTest {
   void SetUp() override {
     CudaVsCpuTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    gpu_.reset();  // its arena goes before the next backend takes one
     CudaBackendOptions options;
     options.arena_bytes = size_t{2} << 30;
     options.device_scheduled_experts = true;
-    auto backend = CudaBackend::Create(options);
-    ASSERT_TRUE(backend.ok()) << backend.status();
-    gpu_ = *std::move(backend);
+    ASSERT_NO_FATAL_FAILURE(ReplaceGpu(options));
   }
 
   // `tokens` rows of ascending distinct ids drawn from `pool`.

@@ -38,6 +38,15 @@ class CudaVsCpuTest : public ::testing::Test {
     cpu_ = std::make_unique<CpuBackend>();
   }
 
+  // Replaces gpu_ by a backend with `options` (the old one's arena goes first); a test failure
+  // when it cannot be made.
+  void ReplaceGpu(const CudaBackendOptions& options) {
+    gpu_.reset();
+    auto backend = CudaBackend::Create(options);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    gpu_ = *std::move(backend);
+  }
+
   // Random values in [-scale, scale], never exactly zero.
   std::vector<float> Random(int64_t n, float scale = 1.0f) {
     std::uniform_real_distribution<float> dist(-scale, scale);

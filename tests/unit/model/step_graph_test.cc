@@ -416,6 +416,20 @@ testing::ReplicaOptions RecordingTp2(const std::string& model, bool stream_order
   return o;
 }
 
+// Runs fn on every rank of a RecordingTp2 replica with stream-ordered sums, with the rank's
+// communicator and backend.
+void OnEveryRank(testing::ThreadReplica& replica,
+                 const std::function<void(int r, testing::ReplicaRank& rank,
+                                          StreamOrderedComm* comm, RecordingBackend* backend)>& fn) {
+  replica.RunAll([&](int r) {
+    testing::ReplicaRank& rank = replica.rank(r);
+    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
+    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
+    ASSERT_NE(comm, nullptr) << "rank " << r;
+    fn(r, rank, comm, static_cast<RecordingBackend*>(rank.backend.get()));
+  });
+}
+
 // tp = 2 whose sums can be enqueued on the step's queue: decode steps are recorded with their
 // sums and replayed, every replay is awaited through the communicator, and the tokens and
 // logits are those of eager steps (which wait for each sum).
@@ -424,12 +438,8 @@ TEST_P(StepGraphTest, TensorParallelDecodeRecordsItsSums) {
   const std::vector<int32_t> prompt = {2, 45, 301, 7, 88, 120, 9, 33, 410, 5, 61};
   GenerateOptions greedy;
   greedy.max_new_tokens = 10;
-  replica.RunAll([&](int r) {
-    testing::ReplicaRank& rank = replica.rank(r);
-    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
-    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
-    ASSERT_NE(comm, nullptr);
-    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
+  OnEveryRank(replica, [&](int r, testing::ReplicaRank& rank, StreamOrderedComm* comm,
+                           RecordingBackend* backend) {
     gemma4::Model& model = *rank.model;
 
     model.set_use_graphs(false);
@@ -475,12 +485,8 @@ TEST_P(StepGraphTest, AFailedSumInAReplayDropsTheGraphsBeforeTheAbort) {
   const std::vector<int32_t> prompt = {2, 45, 301, 7, 88};
   GenerateOptions greedy;
   greedy.max_new_tokens = 12;
-  replica.RunAll([&](int r) {
-    testing::ReplicaRank& rank = replica.rank(r);
-    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
-    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
-    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
-    ASSERT_NE(comm, nullptr);
+  OnEveryRank(replica, [&](int, testing::ReplicaRank& rank, StreamOrderedComm* comm,
+                           RecordingBackend* backend) {
     auto first = Generate(*rank.model, *rank.cache, prompt, greedy);
     ASSERT_TRUE(first.ok()) << first.status();
     ASSERT_GT(backend->graphs(), 0u);
@@ -504,12 +510,8 @@ TEST_P(StepGraphTest, AFailedSumInAReplayDropsTheGraphsBeforeTheAbort) {
 // (no abort) and so nothing else would drop it.
 TEST_P(StepGraphTest, ARecordingThatFailsPartWayIsNotKept) {
   testing::ThreadReplica replica(RecordingTp2(GetParam(), /*stream_ordered=*/true));
-  replica.RunAll([&](int r) {
-    testing::ReplicaRank& rank = replica.rank(r);
-    ASSERT_NE(rank.model, nullptr) << "rank " << r << " did not load";
-    auto* comm = dynamic_cast<StreamOrderedComm*>(rank.tp_comm.get());
-    auto* backend = static_cast<RecordingBackend*>(rank.backend.get());
-    ASSERT_NE(comm, nullptr);
+  OnEveryRank(replica, [&](int, testing::ReplicaRank& rank, StreamOrderedComm* comm,
+                           RecordingBackend* backend) {
     comm->fail_enqueue = 2;  // the second sum of the first recorded step
     GenerateOptions greedy;
     greedy.max_new_tokens = 4;

@@ -129,6 +129,22 @@ kernels::MoeSlots SlotsOf(const MoeExpertsArgs& a) {
   s.num_local_experts = a.num_local_experts;
   return s;
 }
+
+// MoePermute of a's input rows into xp (as xp_type) by the device offsets.
+kernels::MoePermuteParams PermuteParams(const MoeExpertsArgs& a, const Buffer& offsets,
+                                        const Buffer& cursor, const Buffer& perm,
+                                        const Buffer& xp, kernels::ElemType xp_type) {
+  kernels::MoePermuteParams pp;
+  pp.slots = SlotsOf(a);
+  pp.x = F32Ptr(*a.x);
+  pp.hidden = a.hidden;
+  pp.offsets = I32Ptr(offsets);
+  pp.cursor = I32Ptr(cursor);
+  pp.perm = I32Ptr(perm);
+  pp.xp = AsCuda(xp).data();
+  pp.xp_type = xp_type;
+  return pp;
+}
 }  // namespace
 
 void CudaBackend::MoeExperts(const MoeExpertsArgs& a) {
@@ -216,16 +232,8 @@ void CudaBackend::MoeExpertsGrouped(const MoeExpertsArgs& a, kernels::ElemType w
   std::shared_ptr<Buffer> slot_out = Scratch(DType::kF32, num_slots * a.hidden);
   if (!offsets_d || !cursor || !perm || !xp || !gate_up_out || !act || !y || !slot_out) return;
   GEMMA_CUDA_CHECK(cudaMemsetAsync(AsCuda(*cursor).data(), 0, cursor->bytes(), stream_));
-  kernels::MoePermuteParams pp;
-  pp.slots = slots;
-  pp.x = F32Ptr(*a.x);
-  pp.hidden = a.hidden;
-  pp.offsets = I32Ptr(*offsets_d);
-  pp.cursor = I32Ptr(*cursor);
-  pp.perm = I32Ptr(*perm);
-  pp.xp = AsCuda(*xp).data();
-  pp.xp_type = w_type;
-  GEMMA_CUDA_CHECK(kernels::MoePermute(pp, stream_));
+  GEMMA_CUDA_CHECK(kernels::MoePermute(
+      PermuteParams(a, *offsets_d, *cursor, *perm, *xp, w_type), stream_));
 
   // One group per active expert (group size 1). Column-major, as in MatMul:
   // out^T [n_out, cnt] = W_e [k_in, n_out]^T . in^T [k_in, cnt].
@@ -320,16 +328,8 @@ void CudaBackend::MoeExpertsScheduled(const MoeExpertsArgs& a) {
   GEMMA_CUDA_CHECK(kernels::MoeScheduleRows(I32Ptr(*counts), num_local, I32Ptr(*offsets),
                                             I32Ptr(*tile_start), I32Ptr(*cursor), stream_));
   const int32_t* local_rows = I32Ptr(*offsets) + num_local;  // on the device
-  kernels::MoePermuteParams pp;
-  pp.slots = slots;
-  pp.x = F32Ptr(*a.x);
-  pp.hidden = a.hidden;
-  pp.offsets = I32Ptr(*offsets);
-  pp.cursor = I32Ptr(*cursor);
-  pp.perm = I32Ptr(*perm);
-  pp.xp = AsCuda(*xp).data();
-  pp.xp_type = kernels::ElemType::kBF16;
-  GEMMA_CUDA_CHECK(kernels::MoePermute(pp, stream_));
+  GEMMA_CUDA_CHECK(kernels::MoePermute(
+      PermuteParams(a, *offsets, *cursor, *perm, *xp, kernels::ElemType::kBF16), stream_));
   kernels::MoeGroupedGemmParams gemm;
   gemm.offsets = I32Ptr(*offsets);
   gemm.tile_start = I32Ptr(*tile_start);
