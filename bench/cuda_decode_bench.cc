@@ -1,8 +1,8 @@
 // cuda_decode_bench: decode steps of the Gemma 4 26B-A4B or 31B network at its real widths on
 // the CUDA backend, against the memory-bandwidth floor of a step.
 //   cuda_decode_bench [--model 26b-a4b|31b --layers 6 --batch 1,8,32 --steps 64
-//                      --prompt-len 128 --kv-dtype bf16|f32 --dir DIR --keep --threads N
-//                      --seed S --json]
+//                      --prompt-len 128 --kv-dtype bf16|f32 --tensor-core-attention
+//                      --device-scheduled-experts --dir DIR --keep --threads N --seed S --json]
 //
 // 1. Measures the device-to-device copy bandwidth (bytes read plus written per second of a 1 GiB
 //    cudaMemcpyAsync, the fastest of 20; the same measurement as cuda_kernels_bench).
@@ -93,6 +93,10 @@ ABSL_FLAG(uint64_t, seed, 1, "seed of the weights and the prompts");
 ABSL_FLAG(bool, json, false, "also print one JSON line with every number");
 ABSL_FLAG(std::string, kv_dtype, "bf16",
           "KV-cache element type: bf16 (the CUDA backend's default) or f32 (to compare)");
+ABSL_FLAG(bool, tensor_core_attention, false,
+          "prefill attention on the tensor-core kernel (CudaBackendOptions, off by default)");
+ABSL_FLAG(bool, device_scheduled_experts, false,
+          "prefill expert products scheduled on the device (CudaBackendOptions, off by default)");
 
 namespace gemma {
 namespace {
@@ -713,12 +717,15 @@ absl::Status RunBatch(const Bench& bench, int64_t batch) {
         "\"layers_ms\": {\"p50\": %.4f, \"mean\": %.4f, \"p90\": %.4f}, "
         "\"layers_floor_ms\": %.4f, \"head_ms\": %.4f, \"head_floor_ms\": %.4f, "
         "\"step_bytes\": %.0f, \"step_flops\": %.0f, \"estimate_real_layers_ms\": %.4f, "
-        "\"estimate_real_layers_floor_ms\": %.4f, \"model\": \"%s\", \"kv_dtype\": \"%s\"}\n",
+        "\"estimate_real_layers_floor_ms\": %.4f, \"model\": \"%s\", \"kv_dtype\": \"%s\", "
+        "\"tensor_core_attention\": %s, \"device_scheduled_experts\": %s}\n",
         bench.device, bandwidth / 1e9, layers, batch, steps, prompt_len, bench.weight_bytes,
         bench.write_s, bench.load_s, prefill_s * 1e3, mean_experts, full50, Mean(full_ms),
         Percentile(full_ms, 90), full_floor, layers50, Mean(layers_ms), Percentile(layers_ms, 90),
         layers_floor, head50, head_floor, full.Total(), full.flops, estimate_ms, estimate_floor,
-        bench.shape.name, DTypeName(cache->dtype()));
+        bench.shape.name, DTypeName(cache->dtype()),
+        absl::GetFlag(FLAGS_tensor_core_attention) ? "true" : "false",
+        absl::GetFlag(FLAGS_device_scheduled_experts) ? "true" : "false");
   }
   return absl::OkStatus();
 }
@@ -762,6 +769,8 @@ absl::Status Run() {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-dtype: '", absl::GetFlag(FLAGS_kv_dtype), "' is neither bf16 nor f32"));
   }
+  backend_options.tensor_core_attention = absl::GetFlag(FLAGS_tensor_core_attention);
+  backend_options.device_scheduled_experts = absl::GetFlag(FLAGS_device_scheduled_experts);
   if (CudaBackend::DeviceCount() <= 0) {
     return absl::FailedPreconditionError(
         "no CUDA device is visible to this process; cuda_decode_bench needs one");

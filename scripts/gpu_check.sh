@@ -27,7 +27,8 @@
 # skip, e.g. for a later call on the same machine), GPU_CHECK_SANITIZERS_TOOLS (default
 # "memcheck racecheck initcheck synccheck"), GPU_CHECK_SANITIZERS_FILTER (a gtest filter for the
 # sanitizer runs, default all), GPU_CHECK_ENGINE (0: leave the engine loop out, a skip),
-# GPU_CHECK_BENCH_MIN_TIME (default 0.2 s a case).
+# GPU_CHECK_BENCH_MIN_TIME (default 0.2 s a case), GPU_CHECK_FAST_PREFILL (1: the 8K prefill
+# again with the tensor-core attention and the device-scheduled experts on).
 # shellcheck disable=SC2317  # the functions below run through `bash -c` (export -f)
 set -uo pipefail
 
@@ -182,6 +183,13 @@ if [[ ${BUILT} == 1 && -x "${BUILD}/bin/cuda_ops_test" ]]; then
     # Prefill of one 8K-token prompt (the "prefill step" line), a few decode steps after it.
     step "cuda_decode_bench (26B-A4B, 8K-token prefill)" prefill_bench.log 150 \
       "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1 --steps 8 --prompt-len 8192 --json
+    # The same prefill with the kernels that are off by default, beside it (opt in: another
+    # checkpoint write and 150 s of the budget).
+    if [[ "${GPU_CHECK_FAST_PREFILL:-0}" == 1 ]]; then
+      step "cuda_decode_bench (26B-A4B, 8K-token prefill, fast paths on)" prefill_fast.log 150 \
+        "${BUILD}/bin/cuda_decode_bench" --layers 6 --batch 1 --steps 8 --prompt-len 8192 \
+        --tensor-core-attention --device-scheduled-experts --json
+    fi
   fi
   if [[ "${GPU_CHECK_ENGINE:-1}" == 0 ]]; then
     ROWS+=("| gemma-engine-bench --backend cuda | skipped (GPU_CHECK_ENGINE=0) | 0 s | |")
