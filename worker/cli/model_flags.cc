@@ -16,12 +16,8 @@
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda (every rank of this process on device 0)");
 ABSL_FLAG(int32_t, threads, 0, "CPU threads per rank (0: the cores divided among the ranks)");
-ABSL_FLAG(std::string, kv_dtype, "auto",
-          "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
-          "the CPU backend is the fp32 reference)");
-ABSL_FLAG(bool, enforce_eager, false,
-          "run every step's ops as called: no CUDA graphs (--backend cuda records decode steps, "
-          "NCCL sums of tensor-parallel ranks included, and replays them)");
+ABSL_FLAG(std::string, kv_dtype, "auto", gemma::replica::kKvDtypeFlagHelp);
+ABSL_FLAG(bool, enforce_eager, false, gemma::replica::kEnforceEagerFlagHelp);
 ABSL_FLAG(int64_t, page_size, 16, "KV-cache page size in tokens");
 ABSL_FLAG(int64_t, cache_tokens, 4096,
           "KV-cache capacity in positions (raised to what the prompt and generation need)");

@@ -51,6 +51,14 @@ struct LoadedRank {
   std::unique_ptr<KvCache> cache;
 };
 
+// The help of the --kv-dtype and --enforce-eager flags, which the tools and gemma-worker share.
+inline constexpr char kKvDtypeFlagHelp[] =
+    "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; the CPU "
+    "backend is the fp32 reference)";
+inline constexpr char kEnforceEagerFlagHelp[] =
+    "run every step's ops as called: no CUDA graphs (--backend cuda records decode steps, NCCL "
+    "sums of tensor-parallel ranks included, and replays them)";
+
 // The KV-cache element type that `kv_dtype` (a --kv-dtype value) gives on `backend`.
 // INVALID_ARGUMENT naming the flag for a value other than auto, f32 and bf16, and for bf16 on
 // any backend but "cuda".

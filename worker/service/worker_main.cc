@@ -82,12 +82,8 @@ ABSL_FLAG(std::string, join_token, "",
 ABSL_FLAG(std::string, coordinator, "", "coordinator address HOST:PORT");
 ABSL_FLAG(std::string, model, "", "Hugging Face Gemma 4 checkpoint directory");
 ABSL_FLAG(std::string, backend, "cpu", "cpu or cuda");
-ABSL_FLAG(std::string, kv_dtype, "auto",
-          "KV-cache element type: auto (bf16 on cuda, f32 on cpu), f32, or bf16 (cuda only; "
-          "the CPU backend is the fp32 reference)");
-ABSL_FLAG(bool, enforce_eager, false,
-          "run every step's ops as called: no CUDA graphs (--backend cuda records decode steps, "
-          "NCCL sums of tensor-parallel ranks included, and replays them)");
+ABSL_FLAG(std::string, kv_dtype, "auto", gemma::replica::kKvDtypeFlagHelp);
+ABSL_FLAG(bool, enforce_eager, false, gemma::replica::kEnforceEagerFlagHelp);
 ABSL_FLAG(int32_t, cpu_ranks, 0, "--backend cpu: rank processes of the replica (default 1)");
 ABSL_FLAG(int32_t, gpus, 0, "--backend cuda: GPUs of the replica, one rank process each");
 ABSL_FLAG(std::string, listen, "127.0.0.1:0",
