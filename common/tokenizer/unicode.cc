@@ -98,6 +98,20 @@ bool IsValidUtf8(std::string_view text) {
   return true;
 }
 
+bool IsUtf8Prefix(std::string_view text) {
+  size_t pos = 0;
+  while (pos < text.size()) {
+    bool complete = false;
+    const size_t len = ScanSequence(text, pos, &complete);
+    if (!complete) {
+      // Cut short by the end of the text (not by a bad byte) after a lead that starts one.
+      return pos + len == text.size() && ClassifyLead(static_cast<uint8_t>(text[pos])).length > 1;
+    }
+    pos += len;
+  }
+  return true;
+}
+
 std::string RepairUtf8(std::string_view text) {
   std::string out;
   out.reserve(text.size() + 8);

@@ -29,6 +29,10 @@ void AppendUtf8(uint32_t cp, std::string* out);
 
 bool IsValidUtf8(std::string_view text);
 
+// True when some bytes appended to `text` could make it valid UTF-8: it is valid, or valid but
+// for a last sequence cut short whose bytes so far are well-formed.
+bool IsUtf8Prefix(std::string_view text);
+
 // Replaces each maximal ill-formed subpart with U+FFFD, exactly as Python 3's
 // `bytes.decode("utf-8", errors="replace")`. Returns `text` unchanged if it is valid.
 std::string RepairUtf8(std::string_view text);

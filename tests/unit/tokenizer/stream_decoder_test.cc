@@ -52,6 +52,53 @@ TEST(StreamDecoderTest, InvalidByteRunBecomesReplacementCharsLikeFullDecode) {
   EXPECT_EQ(streamed, tokenizer.Decode(ids));
 }
 
+// A run that no later byte can mend is not held: its bytes come out as U+FFFD as soon as that
+// is certain (a stray continuation byte at once; a lead followed by a non-continuation at the
+// second byte), and so does every further byte of the run, while the whole still equals
+// Decode(). A valid run after a non-byte token is held again.
+TEST(StreamDecoderTest, ARunBeyondRepairStreamsReplacementCharsAtOnce) {
+  const Tokenizer& tokenizer = TestTokenizer();
+  const int32_t a = tokenizer.TokenToId("a");
+  StreamDecoder stream(&tokenizer);
+  std::vector<int32_t> ids;
+  auto push = [&](int32_t id) {
+    ids.push_back(id);
+    return stream.Push(id);
+  };
+  EXPECT_EQ(push(ByteId(0xB1)), "\uFFFD");  // a continuation byte cannot start a character
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(push(ByteId(0xB1)), "\uFFFD") << i;
+  EXPECT_EQ(push(ByteId(0xC3)), "\uFFFD");  // would be valid alone, but the run is lost
+  EXPECT_EQ(stream.held_bytes(), 0u);
+  EXPECT_EQ(push(a), "a");
+  EXPECT_EQ(push(ByteId(0xE2)), "");  // a new run: E2 82 could still become U+20AC
+  EXPECT_EQ(push(ByteId(0x82)), "");
+  EXPECT_EQ(push(ByteId(0x41)), "\uFFFD\uFFFD\uFFFD");  // 'A' cannot continue it
+  EXPECT_EQ(push(ByteId(0xF0)), "\uFFFD");
+  EXPECT_EQ(push(a), "a");
+  EXPECT_EQ(push(ByteId(0xED)), "");  // ED A0 would be a surrogate: lost at the second byte
+  EXPECT_EQ(push(ByteId(0xA0)), "\uFFFD\uFFFD");
+  std::string tail = stream.Finish();
+  EXPECT_EQ(tail, "");
+  std::string streamed;
+  StreamDecoder again(&tokenizer);
+  for (int32_t id : ids) streamed += again.Push(id);
+  streamed += again.Finish();
+  EXPECT_EQ(streamed, tokenizer.Decode(ids));
+}
+
+TEST(StreamDecoderTest, IsUtf8PrefixTellsMendableFromLost) {
+  EXPECT_TRUE(IsUtf8Prefix(""));
+  EXPECT_TRUE(IsUtf8Prefix("ab\xC3"));
+  EXPECT_TRUE(IsUtf8Prefix("\xF0\x9F\x98"));
+  EXPECT_TRUE(IsUtf8Prefix("\xE2\x82\xAC"));
+  EXPECT_FALSE(IsUtf8Prefix("\x80"));
+  EXPECT_FALSE(IsUtf8Prefix("\xC0"));      // overlong lead
+  EXPECT_FALSE(IsUtf8Prefix("\xE0\x80"));  // overlong second byte
+  EXPECT_FALSE(IsUtf8Prefix("\xF4\x90"));  // past U+10FFFF
+  EXPECT_FALSE(IsUtf8Prefix("\xC3" "a"));
+  EXPECT_FALSE(IsUtf8Prefix("\xFF"));
+}
+
 TEST(StreamDecoderTest, EveryPieceIsValidUtf8AndPiecesConcatenateToDecode) {
   const Tokenizer& tokenizer = TestTokenizer();
   const std::string text =
