@@ -345,6 +345,11 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
     return result;
   }
   request.set_max_tokens(max_tokens);
+  // A default the client never sent gives way to a long input instead of refusing it.
+  if (!Present(body, "max_tokens") &&
+      !(kind == ApiKind::kChat && Present(body, "max_completion_tokens"))) {
+    request.set_max_tokens_up_to_context(true);
+  }
 
   auto* sampling = request.mutable_sampling();
   double temperature = 1.0, top_p = 1.0;  // OpenAI's defaults

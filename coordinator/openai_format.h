@@ -25,6 +25,8 @@ struct OpenAiOptions {
   // Largest request body accepted (413 past it).
   size_t max_body_bytes = size_t{8} << 20;
   // max_tokens of a chat completion that names none (a completion's default is OpenAI's, 16).
+  // Either default is lowered to what the context leaves after a long input rather than
+  // refusing it (GenerateRequest.max_tokens_up_to_context).
   int64_t default_chat_max_tokens = 1024;
 };
 

@@ -46,9 +46,15 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
                            " ids"));
         }
       }
+      if (limits.max_context > 0 && ids.size() >= limits.max_context) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "input of ", ids.size(), " tokens leaves no room to generate: this cluster serves at "
+            "most ", limits.max_context, " positions; shorten the input to under ",
+            limits.max_context, " tokens"));
+      }
       // Compared without forming the sum: max_tokens may be near INT64_MAX.
-      if (limits.max_context > 0 && (ids.size() > limits.max_context ||
-                                     max_tokens > limits.max_context - ids.size())) {
+      if (limits.max_context > 0 && !request.max_tokens_up_to_context() &&
+          max_tokens > limits.max_context - ids.size()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "input of ", ids.size(), " tokens plus max_tokens ", max_tokens,
             " does not fit the context: this cluster serves at most ", limits.max_context,
@@ -93,7 +99,7 @@ absl::Status ValidateGenerateRequest(const GenerateRequest& request, const Model
           "the request has no input; set text, token_ids or chat");
   }
   if (request.input_case() != GenerateRequest::kTokenIds && limits.max_context > 0 &&
-      max_tokens >= limits.max_context) {
+      !request.max_tokens_up_to_context() && max_tokens >= limits.max_context) {
     // At least one input token besides the generated ones.
     return absl::InvalidArgumentError(absl::StrCat(
         "max_tokens ", max_tokens, " leaves no room for the input: this cluster serves at most ",

@@ -197,5 +197,52 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
   EXPECT_EQ(ok->status, 200) << ok->body;
 }
 
+// A request that names no max_tokens gets the default only as far as the context allows: a long
+// input generates up to the context's end instead of being refused (the default is the
+// server's, not the client's). A max_tokens the client names is still held to, with the room
+// left named, and an input that fills the context is refused saying so.
+TEST_F(OpenAiTest, AnUnnamedMaxTokensGivesWayToALongInput) {
+  constexpr int64_t kContext = 4096;  // tiny-moe's max_position_embeddings
+  json ids = json::array({2});
+  for (int i = 1; i < kContext - 5; ++i) ids.push_back(100 + i % 50);  // 5 positions left
+  auto served = Post("/v1/completions",
+                     json{{"model", kModelName}, {"prompt", ids}, {"temperature", 0}}.dump());
+  ASSERT_TRUE(served);
+  ASSERT_EQ(served->status, 200) << served->body;
+  json body = json::parse(served->body);
+  EXPECT_EQ(body["usage"]["prompt_tokens"], kContext - 5);
+  EXPECT_LE(body["usage"]["completion_tokens"].get<int64_t>(), 5) << served->body;
+  EXPECT_LE(body["usage"]["total_tokens"].get<int64_t>(), kContext) << served->body;
+
+  auto named = Post("/v1/completions", json{{"model", kModelName},
+                                            {"prompt", ids},
+                                            {"max_tokens", 16}}.dump());
+  ASSERT_TRUE(named);
+  EXPECT_EQ(named->status, 400) << named->body;
+  EXPECT_TRUE(absl::StrContains(named->body, "at most 5")) << named->body;
+
+  json full = ids;
+  for (int i = 0; i < 5; ++i) full.push_back(7);
+  auto no_room = Post("/v1/completions", json{{"model", kModelName}, {"prompt", full}}.dump());
+  ASSERT_TRUE(no_room);
+  EXPECT_EQ(no_room->status, 400) << no_room->body;
+  EXPECT_TRUE(absl::StrContains(no_room->body, "leaves no room")) << no_room->body;
+
+  // A chat of about 3800 tokens ("and " is two): the chat default (1024) would not fit; what
+  // is left does.
+  std::string words;
+  for (int i = 0; i < 1900; ++i) words += "and ";
+  auto chat = Post("/v1/chat/completions",
+                   json{{"model", kModelName},
+                        {"messages", json::array({{{"role", "user"}, {"content", words}}})},
+                        {"temperature", 0}}
+                       .dump());
+  ASSERT_TRUE(chat);
+  ASSERT_EQ(chat->status, 200) << chat->body.substr(0, 400);
+  json chat_body = json::parse(chat->body);
+  EXPECT_GT(chat_body["usage"]["prompt_tokens"].get<int64_t>(), kContext - 1024);
+  EXPECT_LE(chat_body["usage"]["total_tokens"].get<int64_t>(), kContext);
+}
+
 }  // namespace
 }  // namespace gemma::testing::cluster

@@ -121,16 +121,21 @@ absl::Status Engine::Validate(const Request& request) const {
   if (!request.stop_strings.empty() && options_.tokenizer == nullptr) {
     return absl::InvalidArgumentError("stop strings need an engine with a tokenizer");
   }
-  // The last generated token is never fed, so the cache holds prompt + max_tokens - 1 positions.
-  // Compared without forming prompt + max_tokens: max_tokens may be near INT64_MAX.
+  // Prompt and generated tokens together within the model's positions, as the coordinator and
+  // the OpenAI API count them (the last generated token is never fed, so the cache holds one
+  // position fewer). Compared without forming the sum: max_tokens may be near INT64_MAX.
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
-  if (prompt_tokens > config_.max_position_embeddings ||
-      request.max_tokens - 1 > config_.max_position_embeddings - prompt_tokens) {
+  const int64_t context = config_.max_position_embeddings;
+  if (prompt_tokens >= context) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt_tokens, " tokens leaves no room to generate in the model's ",
+        context, " positions; shorten the prompt to under ", context, " tokens"));
+  }
+  if (request.max_tokens > context - prompt_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt of ", prompt_tokens, " tokens plus max_tokens ", request.max_tokens,
-        " does not fit the model's ", config_.max_position_embeddings,
-        " positions; lower max_tokens to at most ",
-        std::max<int64_t>(0, config_.max_position_embeddings - prompt_tokens + 1)));
+        " does not fit the model's ", context, " positions; lower max_tokens to at most ",
+        context - prompt_tokens, " or shorten the prompt"));
   }
   const int64_t positions = prompt_tokens + request.max_tokens - 1;
   const int64_t full_pages =
@@ -144,6 +149,11 @@ absl::Status Engine::Validate(const Request& request) const {
 }
 
 absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback) {
+  if (request.max_tokens_up_to_context) {
+    const int64_t room = config_.max_position_embeddings -
+                         (static_cast<int64_t>(request.prompt.size()) - request.num_resumed);
+    if (room > 0 && request.max_tokens > room) request.max_tokens = room;
+  }
   RETURN_IF_ERROR(Validate(request));
   auto s = std::make_unique<Sequence>();
   s->tokens = request.prompt;

@@ -19,6 +19,9 @@ struct Request {
   std::vector<int32_t> prompt;  // token ids, BOS included; not empty
   SamplingParams sampling;  // position unused; an unset seed is drawn at submission
   int64_t max_tokens = kDefaultMaxTokens;  // generated tokens at most; >= 1
+  // Submit lowers max_tokens to the positions the prompt leaves in the model's context instead
+  // of refusing the request (a prompt that leaves none is still refused).
+  bool max_tokens_up_to_context = false;
   std::vector<int32_t> stop_token_ids;    // generation ends after emitting one of these
   std::vector<std::string> stop_strings;  // needs an engine with a tokenizer
   bool ignore_end_ids = false;            // do not stop at the model's end ids (benchmarks)

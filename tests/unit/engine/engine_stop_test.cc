@@ -259,6 +259,32 @@ TEST_F(EngineStopTest, SubmitRejectsBadRequests) {
   EXPECT_FALSE(engine->HasWork());
 }
 
+// Prompt and max_tokens together within max_position_embeddings (4096), as the coordinator
+// and the OpenAI API count them; with max_tokens_up_to_context a larger max_tokens is lowered
+// to the room left instead; a prompt that fills the context is refused either way.
+TEST_F(EngineStopTest, ContextLimitCountsPromptAndMaxTokensAndCanGiveWay) {
+  auto engine = MakeEngine({}, /*with_tokenizer=*/false);
+  auto with_prompt = [&](int64_t length, int64_t max_tokens, bool up_to_context) {
+    Request r = MakeRequest(1, max_tokens);
+    r.prompt.assign(length, 400);
+    r.prompt[0] = 2;
+    r.max_tokens_up_to_context = up_to_context;
+    return engine->Submit(r, nullptr).status();
+  };
+  // The KV pool (64 pages of 4) cannot hold such prompts, so these stop at the context check
+  // or pass it and meet the pool's: RESOURCE_EXHAUSTED means the context check let it through.
+  const absl::Status over = with_prompt(4090, 7, false);
+  EXPECT_EQ(over.code(), absl::StatusCode::kInvalidArgument) << over;
+  EXPECT_NE(std::string(over.message()).find("lower max_tokens to at most 6"), std::string::npos)
+      << over;
+  EXPECT_EQ(with_prompt(4090, 6, false).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(with_prompt(4090, 1024, true).code(), absl::StatusCode::kResourceExhausted);
+  const absl::Status full = with_prompt(4096, 1, true);
+  EXPECT_EQ(full.code(), absl::StatusCode::kInvalidArgument) << full;
+  EXPECT_NE(std::string(full.message()).find("leaves no room"), std::string::npos) << full;
+  EXPECT_FALSE(engine->HasWork());
+}
+
 TEST_F(EngineStopTest, CancelOfAWaitingRequestAnswersAtTheNextStep) {
   std::vector<int32_t> ids = Encode("Hello world, stop here please.");
   auto engine = MakeEngine({{1, ids}});
