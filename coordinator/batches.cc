@@ -34,9 +34,10 @@ absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_e
                                                    " bytes, over the limit of ",
                                                    options.max_line_bytes));
   }
-  nlohmann::json line = nlohmann::json::parse(item.openai_line(), nullptr, false);
-  if (line.is_discarded() || !line.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, " is not a JSON object"));
+  nlohmann::json line;
+  std::string parse_error;
+  if (!ParseJsonObject(item.openai_line(), where, &line, &parse_error)) {
+    return absl::InvalidArgumentError(parse_error);
   }
   if (!line.contains("custom_id") || !line["custom_id"].is_string() ||
       line["custom_id"].get<std::string>().empty()) {

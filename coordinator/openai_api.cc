@@ -41,9 +41,10 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
     SendError(response, e);
     return;
   }
-  json body = json::parse(http_request.body, nullptr, /*allow_exceptions=*/false);
-  if (body.is_discarded() || !body.is_object()) {
-    SendError(response, InvalidRequestError("", "the request body is not a JSON object"));
+  json body;
+  std::string parse_error;
+  if (!ParseJsonObject(http_request.body, "the request body", &body, &parse_error)) {
+    SendError(response, InvalidRequestError("", parse_error));
     return;
   }
   ParseResult parsed = ParseOpenAiRequest(body, kind, options);

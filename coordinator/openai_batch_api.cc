@@ -218,9 +218,10 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                                           httplib::Response& response) {
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
-    json body = json::parse(request.body, nullptr, false);
-    if (body.is_discarded() || !body.is_object()) {
-      SendApiError(response, InvalidRequestError("", "the request body is not a JSON object"));
+    json body;
+    std::string parse_error;
+    if (!ParseJsonObject(request.body, "the request body", &body, &parse_error)) {
+      SendApiError(response, InvalidRequestError("", parse_error));
       return;
     }
     for (const auto& [key, value] : body.items()) {

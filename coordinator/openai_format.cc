@@ -209,6 +209,26 @@ std::string Dump(const json& value) {
   return value.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+bool ParseJsonObject(const std::string& text, const std::string& what, json* out,
+                     std::string* error) {
+  try {
+    *out = json::parse(text);
+  } catch (const json::parse_error& e) {
+    // "[json.exception.parse_error.101] parse error at line 1, column 2: <reason>": keep the
+    // position and the reason, without the library's prefix.
+    std::string message = e.what();
+    const size_t at = message.find("parse error");
+    if (at != std::string::npos) message = message.substr(at);
+    *error = absl::StrCat(what, " is not valid JSON: ", message);
+    return false;
+  }
+  if (!out->is_object()) {
+    *error = absl::StrCat(what, " is a JSON ", out->type_name(), ", not an object");
+    return false;
+  }
+  return true;
+}
+
 std::string NewId(const char* prefix) {
   thread_local std::mt19937_64 rng(std::random_device{}());
   return absl::StrFormat("%s%016x%08x", prefix, rng(), static_cast<uint32_t>(rng()));

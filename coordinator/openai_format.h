@@ -71,6 +71,11 @@ ApiError ApiErrorFromGrpc(const grpc::Status& status);
 // JSON text; bytes that are not UTF-8 (a token's text may end inside a character) become
 // U+FFFD rather than an exception.
 std::string Dump(const nlohmann::json& value);
+// Parses `text` as one JSON object into *out. Otherwise false, with *error naming `what` and
+// saying what is wrong and where: "the request body is not valid JSON: syntax error while
+// parsing object key ... at line 1, column 2", or "... is a JSON array, not an object".
+bool ParseJsonObject(const std::string& text, const std::string& what, nlohmann::json* out,
+                     std::string* error);
 // "<prefix><24 random hex digits>".
 std::string NewId(const char* prefix);
 int64_t UnixNow();

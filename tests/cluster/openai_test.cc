@@ -170,9 +170,13 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
     EXPECT_TRUE(parsed.contains("error")) << response->body;
     return parsed.contains("error") ? parsed["error"] : json();
   };
-  EXPECT_NE(error_of("/v1/completions", "{not json", 400)["message"].get<std::string>().find(
-                "JSON"),
-            std::string::npos);
+  // A body that is not JSON, or not an object, says what is wrong and where.
+  const std::string not_json =
+      error_of("/v1/completions", "{not json", 400)["message"].get<std::string>();
+  EXPECT_TRUE(absl::StrContains(not_json, "the request body is not valid JSON")) << not_json;
+  EXPECT_TRUE(absl::StrContains(not_json, "at line 1, column 3")) << not_json;
+  const std::string array = error_of("/v1/chat/completions", "[1, 2]", 400)["message"];
+  EXPECT_EQ(array, "the request body is a JSON array, not an object");
   EXPECT_EQ(error_of("/v1/completions",
                      json{{"model", kModelName}, {"prompt", "x"}, {"best_of_luck", 1}}.dump(),
                      400)["param"],
