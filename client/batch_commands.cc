@@ -38,7 +38,9 @@ std::string Clock(double seconds) {
                    : absl::StrFormat("%d:%02d", s / 60, s % 60);
 }
 
-void PrintBatch(const Batch& b, bool json) {
+// One line per batch, then the items refused at submission; with `detail`, also where the
+// errors of items that failed while running are (they are results, not part of the batch).
+void PrintBatch(const Batch& b, bool json, bool detail = false) {
   if (json) {
     std::cout << ToJson(b) << "\n";
     return;
@@ -50,6 +52,13 @@ void PrintBatch(const Batch& b, bool json) {
   for (const auto& e : b.errors()) {
     std::cout << absl::StrFormat("  line %d (%s): %s: %s\n", e.line(), e.custom_id(), e.code(),
                                  e.message());
+  }
+  const int64_t ran_and_failed = b.counts().failed() - b.errors_size();
+  if (detail && ran_and_failed > 0) {
+    std::cout << absl::StrFormat(
+        "  %d item%s failed while running; each one's error: gemmactl batch results %s "
+        "--errors ERRORS.jsonl\n",
+        ran_and_failed, ran_and_failed == 1 ? "" : "s", b.id());
   }
 }
 
@@ -200,6 +209,20 @@ absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
 
 }  // namespace
 
+absl::Status CheckBatchArgs(const std::vector<std::string>& args) {
+  const std::string verb = args.empty() ? "" : args[0];
+  const size_t want = verb == "list" ? 1 : 2;
+  const bool known = verb == "submit" || verb == "status" || verb == "results" ||
+                     verb == "cancel" || verb == "list";
+  if (known && args.size() == want) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      verb.empty() ? "gemmactl batch needs a subcommand"
+      : known      ? absl::StrCat("gemmactl batch ", verb, " takes ",
+                                  verb == "list" ? "no argument" : "one argument")
+                   : absl::StrCat("unknown batch subcommand '", verb, "'"),
+      "; usage:\n", kBatchUsage));
+}
+
 absl::Status BatchCommand(const std::vector<std::string>& args,
                           const std::shared_ptr<grpc::Channel>& channel, const BatchFlags& flags) {
   auto stub = gemma::v1::Batches::NewStub(channel);
@@ -207,7 +230,7 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
   if (verb == "submit" && args.size() == 2) return Submit(*stub, args[1], flags);
   if (verb == "status" && args.size() == 2) {
     ASSIGN_OR_RETURN(Batch batch, Get(*stub, args[1], flags.token));
-    PrintBatch(batch, flags.json);
+    PrintBatch(batch, flags.json, /*detail=*/true);
     return absl::OkStatus();
   }
   if (verb == "results" && args.size() == 2) return Results(*stub, args[1], flags);
@@ -218,6 +241,11 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
     request.set_id(args[1]);
     Batch batch;
     RETURN_IF_ERROR(FromGrpc(stub->CancelBatch(&context, request, &batch)));
+    if (batch.status() == "completed" || batch.status() == "failed" ||
+        batch.status() == "expired") {
+      std::cerr << "batch " << batch.id() << " had already ended (" << batch.status()
+                << "): nothing to cancel\n";
+    }
     PrintBatch(batch, flags.json);
     return absl::OkStatus();
   }
@@ -236,7 +264,7 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
     } while (!token.empty());
     return absl::OkStatus();
   }
-  return absl::InvalidArgumentError(absl::StrCat("usage:\n", kBatchUsage));
+  return CheckBatchArgs(args);
 }
 
 }  // namespace gemma::client

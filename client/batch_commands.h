@@ -21,6 +21,10 @@ struct BatchFlags {
   std::string token;                   // bearer token ("" for an open coordinator)
 };
 
+// OK when `args` (after "batch") name a subcommand with its arguments; otherwise
+// INVALID_ARGUMENT saying what is wrong, with the usage. Checked before connecting.
+absl::Status CheckBatchArgs(const std::vector<std::string>& args);
+
 // `args`: the words after "batch" (e.g. {"submit", "in.jsonl"}). INVALID_ARGUMENT with the
 // usage for a malformed command.
 absl::Status BatchCommand(const std::vector<std::string>& args,

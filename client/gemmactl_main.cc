@@ -832,6 +832,11 @@ int main(int argc, char** argv) {
   } else if (command == "drain" && args.size() == 3) {
     status = Drain(args[2]);
   } else if (command == "batch") {
+    const std::vector<std::string> batch_args(args.begin() + 2, args.end());
+    if (const absl::Status usage = gemma::client::CheckBatchArgs(batch_args); !usage.ok()) {
+      std::cerr << "gemmactl: " << usage.message() << "\n";  // the usage keeps its lines
+      return 2;
+    }
     auto channel = Connect(CoordinatorAddress());
     if (channel.ok()) {
       gemma::client::BatchFlags flags;
@@ -841,7 +846,7 @@ int main(int argc, char** argv) {
       flags.errors = absl::GetFlag(FLAGS_errors);
       flags.model_name = absl::GetFlag(FLAGS_model_name);
       flags.token = Token();
-      status = gemma::client::BatchCommand({args.begin() + 2, args.end()}, *channel, flags);
+      status = gemma::client::BatchCommand(batch_args, *channel, flags);
     } else {
       status = channel.status();
     }

@@ -258,11 +258,11 @@ void BatchRunner::Advance() {
       from = "finalizing";
     }
     // Every result is committed: nothing to assemble (output files are written on reading).
-    const bool all_failed = batch->counts().completed() == 0 && batch->counts().total() > 0;
-    if (store_->SetStatus(id, all_failed ? "failed" : "completed", UnixNow(), from).ok()) {
-      LOG(INFO) << "batch " << id << (all_failed ? " failed: every item failed" : " completed")
-                << " (" << batch->counts().completed() << " completed, "
-                << batch->counts().failed() << " failed)";
+    // Completed even when every item failed, as OpenAI's batches are ("failed" is for an input
+    // refused as a whole): the counts and the error file say how the items fared.
+    if (store_->SetStatus(id, "completed", UnixNow(), from).ok()) {
+      LOG(INFO) << "batch " << id << " completed (" << batch->counts().completed()
+                << " completed, " << batch->counts().failed() << " failed)";
     }
   }
 }

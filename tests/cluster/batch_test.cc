@@ -331,6 +331,28 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   EXPECT_TRUE(absl::StrContains(error_line["response"]["body"]["error"]["message"].get<std::string>(),
                                 "n other than 1"))
       << errors;
+
+  // Every item failing while it runs (each input longer than the context, which only the
+  // replica's tokenizer finds): the batch still completes, as OpenAI's do ("failed" is for a
+  // file refused as a whole), and its status says where each item's error is.
+  std::string too_long;
+  for (int i = 0; i < 5000; ++i) too_long += "and ";
+  std::string failing;
+  for (int i = 0; i < 3; ++i) failing += line(absl::StrCat("long", i), chat(too_long)) + "\n";
+  ToolRun all_failed = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit",
+       WriteFile(dir + "/failing.jsonl", failing), "--wait", "--json"},
+      "", seconds(120));
+  ASSERT_EQ(all_failed.exit_code, 0) << all_failed.out << all_failed.err;
+  const json failed_batch = json::parse(all_failed.out);
+  EXPECT_EQ(failed_batch["status"], "completed") << all_failed.out;
+  EXPECT_EQ(failed_batch["counts"]["failed"], "3") << all_failed.out;  // proto JSON: int64 as text
+  ToolRun status = RunWithStdin({"gemmactl", "--coordinator", cluster_.coordinator_address(),
+                                 "batch", "status", failed_batch["id"]},
+                                "");
+  ASSERT_EQ(status.exit_code, 0) << status.err;
+  EXPECT_TRUE(absl::StrContains(status.out, "3 items failed while running")) << status.out;
+  EXPECT_TRUE(absl::StrContains(status.out, "gemmactl batch results")) << status.out;
 }
 
 // The disk under --data-dir full (a 16 MiB tmpfs, filled up): a new batch is refused by gemmactl

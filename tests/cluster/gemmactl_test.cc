@@ -500,6 +500,26 @@ TEST_F(GemmactlClusterTest, StatusIsATableOfReplicas) {
   }
 }
 
+// A malformed batch command is refused at once, before any connection, naming what is wrong,
+// with the usage on lines of its own.
+TEST(GemmactlNoClusterTest, MalformedBatchCommandsSayWhatIsWrongWithoutConnecting) {
+  const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  for (const auto& [args, want] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"batch", "get", "x"}, "unknown batch subcommand 'get'"},
+           {{"batch", "status"}, "gemmactl batch status takes one argument"},
+           {{"batch"}, "gemmactl batch needs a subcommand"}}) {
+    std::vector<std::string> command = {"gemmactl", "--coordinator", address};
+    command.insert(command.end(), args.begin(), args.end());
+    const auto start = std::chrono::steady_clock::now();
+    ToolRun run = RunWithStdin(command, "");
+    EXPECT_EQ(run.exit_code, 2) << run.err;
+    EXPECT_TRUE(absl::StrContains(run.err, want)) << run.err;
+    EXPECT_TRUE(absl::StrContains(run.err, "\ngemmactl batch results ID")) << run.err;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2))
+        << "waited for a coordinator";
+  }
+}
+
 TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
   const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
   ToolRun run = RunWithStdin(
