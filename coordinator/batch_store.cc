@@ -487,6 +487,36 @@ absl::StatusOr<StoredFile> BatchStore::GetFile(const std::string& id) {
   return StoredFile{id, q.Text(0), q.Text(1), q.Int(2), q.Int(3), q.Text(4)};
 }
 
+absl::StatusOr<std::vector<StoredFile>> BatchStore::ListFiles(int limit, const std::string& after,
+                                                               const std::string& owner,
+                                                               bool everyone,
+                                                               const std::string& purpose) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Statement q(db_,
+              "SELECT id, purpose, filename, bytes, created_at, owner FROM files "
+              "WHERE (? OR owner = ?) AND (? = '' OR purpose = ?) "
+              "AND (? = '' OR rowid < (SELECT rowid FROM files WHERE id = ?)) "
+              "ORDER BY rowid DESC LIMIT ?");
+  q.Bind(1, static_cast<int64_t>(everyone ? 1 : 0)).Bind(2, owner).Bind(3, purpose);
+  q.Bind(4, purpose).Bind(5, after).Bind(6, after).Bind(7, static_cast<int64_t>(limit));
+  std::vector<StoredFile> files;
+  while (true) {
+    ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    files.push_back({q.Text(0), q.Text(1), q.Text(2), q.Int(3), q.Int(4), q.Text(5)});
+  }
+  return files;
+}
+
+absl::Status BatchStore::DeleteFile(const std::string& id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Statement q(db_, "DELETE FROM files WHERE id = ?");
+  q.Bind(1, id);
+  RETURN_IF_ERROR(q.Run());
+  if (sqlite3_changes(db_) == 0) return absl::NotFoundError(absl::StrCat("no file ", id));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> BatchStore::FileContent(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
   Statement q(db_, "SELECT content FROM files WHERE id = ?");

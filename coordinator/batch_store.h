@@ -101,6 +101,13 @@ class BatchStore {
   absl::Status PutFile(const StoredFile& file, const std::string& content);
   absl::StatusOr<StoredFile> GetFile(const std::string& id);
   absl::StatusOr<std::string> FileContent(const std::string& id);
+  // Newest first, at most `limit`, only those uploaded before file `after` when it is given;
+  // only `owner`'s unless `everyone`, only of `purpose` unless it is empty.
+  absl::StatusOr<std::vector<StoredFile>> ListFiles(int limit, const std::string& after,
+                                                    const std::string& owner, bool everyone,
+                                                    const std::string& purpose);
+  // NOT_FOUND naming the id when there is no such file. Batches made from it keep their items.
+  absl::Status DeleteFile(const std::string& id);
 
  private:
   explicit BatchStore(sqlite3* db) : db_(db) {}

@@ -1,7 +1,9 @@
 #include "coordinator/openai_api.h"
 
 #include <memory>
+#include <regex>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/auth.h"
@@ -162,7 +164,64 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
       });
 }
 
+// The methods a /v1/ path takes (", "-separated), or "" for a path the API does not have.
+std::string AllowedMethods(const std::string& path) {
+  static const std::vector<std::pair<std::regex, std::string>> kRoutes = [] {
+    std::vector<std::pair<std::regex, std::string>> routes;
+    for (const auto& [pattern, methods] : std::vector<std::pair<const char*, const char*>>{
+             {"/v1/models", "GET"},
+             {"/v1/models/[^/]+", "GET"},
+             {"/v1/completions", "POST"},
+             {"/v1/chat/completions", "POST"},
+             {"/v1/files", "GET, POST"},
+             {"/v1/files/[^/]+", "GET, DELETE"},
+             {"/v1/files/[^/]+/content", "GET"},
+             {"/v1/batches", "GET, POST"},
+             {"/v1/batches/[^/]+", "GET"},
+             {"/v1/batches/[^/]+/cancel", "POST"}}) {
+      routes.emplace_back(std::regex(pattern), methods);
+    }
+    return routes;
+  }();
+  for (const auto& [route, methods] : kRoutes) {
+    if (std::regex_match(path, route)) return methods;
+  }
+  return "";
+}
+
 }  // namespace
+
+void AddOpenAiErrorBodies(httplib::Server& http) {
+  http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& request,
+                                                                 httplib::Response& response) {
+    if (!response.body.empty() || request.path.rfind("/v1/", 0) != 0) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    ApiError e;
+    e.http_status = response.status;
+    const std::string asked = absl::StrCat(request.method, " ", request.path);
+    if (response.status == 404) {
+      const std::string allowed = AllowedMethods(request.path);
+      if (allowed.empty()) {
+        e.message = absl::StrCat("no such endpoint: ", asked,
+                                 "; this server has the OpenAI API's /v1/models, /v1/completions, "
+                                 "/v1/chat/completions, /v1/files and /v1/batches");
+        e.code = "unknown_url";
+      } else {
+        e.http_status = 405;
+        e.message = absl::StrCat(request.path, " takes ", allowed, ", not ", request.method);
+        e.code = "method_not_allowed";
+        response.set_header("Allow", allowed);
+      }
+    } else {
+      e.message = absl::StrCat("the request ", asked, " could not be read as HTTP (status ",
+                               response.status, ")");
+    }
+    response.status = e.http_status;
+    SendError(response, e);
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+}
 
 void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> channel,
                      const std::string& internal_token, const OpenAiOptions& options) {

@@ -165,6 +165,77 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     SendJson(response, FileObject(stored));
   });
+  // The caller's uploaded files (an admin's: everyone's), newest first, as OpenAI lists them:
+  // `purpose`, `limit` (1 to 10000) and `after` (a file id) narrow the list.
+  http.Get("/v1/files", [runner, auth](const httplib::Request& request,
+                                       httplib::Response& response) {
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
+    int limit = 10000;
+    if (request.has_param("limit")) {
+      try {
+        limit = std::stoi(request.get_param_value("limit"));
+      } catch (...) {
+        limit = -1;
+      }
+      if (limit < 1 || limit > 10000) {
+        SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 10000]"));
+        return;
+      }
+    }
+    if (request.has_param("order") && request.get_param_value("order") != "desc") {
+      SendApiError(response, InvalidRequestError(
+                                 "order", "only order=desc (newest first) is supported"));
+      return;
+    }
+    // One more than asked for tells whether there are more.
+    auto files = runner->store().ListFiles(limit + 1, request.get_param_value("after"), who.name,
+                                           who.admin, request.get_param_value("purpose"));
+    if (!files.ok()) {
+      SendStatus(response, files.status());
+      return;
+    }
+    const bool has_more = static_cast<int>(files->size()) > limit;
+    if (has_more) files->pop_back();
+    json data = json::array();
+    for (const StoredFile& f : *files) data.push_back(FileObject(f));
+    SendJson(response, {{"object", "list"},
+                        {"data", data},
+                        {"first_id", data.empty() ? json(nullptr) : data.front()["id"]},
+                        {"last_id", data.empty() ? json(nullptr) : data.back()["id"]},
+                        {"has_more", has_more}});
+  });
+  http.Delete(R"(/v1/files/([^/]+))", [runner, auth](const httplib::Request& request,
+                                                     httplib::Response& response) {
+    const std::string id = request.matches[1];
+    Principal who;
+    if (!Caller(auth, request, response, &who)) return;
+    std::string batch_id;
+    bool errors = false;
+    if (ResultFileId(id, &batch_id, &errors)) {
+      SendApiError(response,
+                   InvalidRequestError("file_id", absl::StrCat(
+                                                      id, " is a batch's ",
+                                                      errors ? "error" : "output",
+                                                      " file, made from its results when read; "
+                                                      "it cannot be deleted on its own")));
+      return;
+    }
+    auto file = runner->store().GetFile(id);
+    if (!file.ok()) {
+      SendStatus(response, file.status());
+      return;
+    }
+    if (absl::Status may = MayAccessFile(who, *file); !may.ok()) {
+      SendStatus(response, may);
+      return;
+    }
+    if (absl::Status deleted = runner->store().DeleteFile(id); !deleted.ok()) {
+      SendStatus(response, deleted);
+      return;
+    }
+    SendJson(response, {{"id", id}, {"object", "file"}, {"deleted", true}});
+  });
   http.Get(R"(/v1/files/([^/]+))", [runner, auth](const httplib::Request& request,
                                                   httplib::Response& response) {
     const std::string id = request.matches[1];

@@ -158,6 +158,44 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   ASSERT_EQ(batch["error_file"].size(), 1u);
   EXPECT_EQ(batch["error_file"][0]["custom_id"], "b4");
   EXPECT_EQ(batch["error_file"][0]["response"]["status_code"], 400);
+
+  // files.list and files.delete: newest first; a deleted file is gone from the list and a 404,
+  // and the batch made from it keeps its results.
+  const json& files = out["files"];
+  EXPECT_TRUE(files["listed_newest_first"].get<bool>()) << files.dump();
+  EXPECT_TRUE(files["deleted"].get<bool>()) << files.dump();
+  EXPECT_EQ(files["listed_after_delete"], json::array({files["second"]})) << files.dump();
+  EXPECT_EQ(files["retrieved_after_delete"], 404) << files.dump();
+  EXPECT_EQ(files["batch_after_delete"]["completed"], 5) << files.dump();
+}
+
+// What httplib answers itself under /v1/ carries an OpenAI error body: an unknown path is a 404
+// naming it, a known path with another method a 405 with Allow.
+TEST_F(OpenAiTest, UnknownPathsAndWrongMethodsGetOpenAiErrors) {
+  const size_t colon = http_address_.rfind(':');
+  httplib::Client http(http_address_.substr(0, colon), std::stoi(http_address_.substr(colon + 1)));
+  auto error_in = [](const httplib::Result& r) {
+    EXPECT_TRUE(r);
+    if (!r) return json();
+    json parsed = json::parse(r->body, nullptr, false);
+    EXPECT_TRUE(parsed.contains("error")) << r->status << ": " << r->body;
+    return parsed.contains("error") ? parsed["error"] : json();
+  };
+  auto get_chat = http.Get("/v1/chat/completions");
+  EXPECT_EQ(get_chat->status, 405);
+  EXPECT_EQ(get_chat->get_header_value("Allow"), "POST");
+  EXPECT_EQ(error_in(get_chat)["message"], "/v1/chat/completions takes POST, not GET");
+  auto put_file = http.Put("/v1/files/file-1", "x", "text/plain");
+  EXPECT_EQ(put_file->status, 405);
+  EXPECT_EQ(put_file->get_header_value("Allow"), "GET, DELETE");
+  auto unknown = http.Get("/v1/embeddings");
+  EXPECT_EQ(unknown->status, 404);
+  EXPECT_TRUE(absl::StrContains(error_in(unknown)["message"].get<std::string>(),
+                                "no such endpoint: GET /v1/embeddings"));
+  // An error a handler sends keeps its own body.
+  auto no_model = http.Get("/v1/models/nope");
+  EXPECT_EQ(no_model->status, 404);
+  EXPECT_EQ(error_in(no_model)["code"], "model_not_found");
 }
 
 TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {

@@ -232,5 +232,35 @@ TEST(BatchStoreTest, FilesRoundTripAndANonDatabaseIsRefusedByPath) {
   EXPECT_NE(refused.status().message().find(garbage), std::string::npos);
 }
 
+// Files list newest first, one owner's or everyone's, by purpose, after a cursor; a deleted file
+// is gone (and deleting it again is NOT_FOUND).
+TEST(BatchStoreTest, FilesListByOwnerAndCursorAndDelete) {
+  auto store = BatchStore::Open(TempPath("list-files.db"));
+  ASSERT_TRUE(store.ok());
+  for (const auto& [id, owner] : std::vector<std::pair<std::string, std::string>>{
+           {"file-a", "alice"}, {"file-b", "bob"}, {"file-c", "alice"}, {"file-d", "alice"}}) {
+    ASSERT_TRUE((*store)->PutFile({id, "batch", id + ".jsonl", 1, 1, owner}, "x").ok());
+  }
+  auto ids = [&](int limit, const std::string& after, const std::string& owner, bool everyone,
+                 const std::string& purpose = "") {
+    std::vector<std::string> out;
+    auto files = (*store)->ListFiles(limit, after, owner, everyone, purpose);
+    EXPECT_TRUE(files.ok()) << files.status();
+    if (files.ok()) {
+      for (const StoredFile& f : *files) out.push_back(f.id);
+    }
+    return out;
+  };
+  using V = std::vector<std::string>;
+  EXPECT_EQ(ids(10, "", "alice", false), (V{"file-d", "file-c", "file-a"}));
+  EXPECT_EQ(ids(10, "", "", true), (V{"file-d", "file-c", "file-b", "file-a"}));
+  EXPECT_EQ(ids(1, "file-c", "", true), (V{"file-b"}));
+  EXPECT_EQ(ids(10, "", "", true, "fine-tune"), V{});
+  ASSERT_TRUE((*store)->DeleteFile("file-c").ok());
+  EXPECT_EQ(ids(10, "", "alice", false), (V{"file-d", "file-a"}));
+  EXPECT_EQ((*store)->DeleteFile("file-c").code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*store)->GetFile("file-c").status().code(), absl::StatusCode::kNotFound);
+}
+
 }  // namespace
 }  // namespace gemma::coordinator

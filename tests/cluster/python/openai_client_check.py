@@ -109,4 +109,22 @@ out["batch"] = {
     "output": [json.loads(l) for l in output.splitlines() if l.strip()],
     "error_file": [json.loads(l) for l in errors_text.splitlines() if l.strip()],
 }
+# The uploaded file is listed, and deleted: gone from the list, and retrieving it is a 404.
+second = client.files.create(file=("more.jsonl", io.BytesIO(lines[0].encode())), purpose="batch")
+listed = [f.id for f in client.files.list().data]
+deleted = client.files.delete(uploaded.id)
+try:
+    client.files.retrieve(uploaded.id)
+    retrieved_after_delete = None
+except openai.APIStatusError as e:
+    retrieved_after_delete = e.status_code
+out["files"] = {
+    "listed_newest_first": listed[:2] == [second.id, uploaded.id],
+    "deleted": deleted.deleted and deleted.id == uploaded.id,
+    "listed_after_delete": [f.id for f in client.files.list().data],
+    "second": second.id,
+    "retrieved_after_delete": retrieved_after_delete,
+    # The batch made from the deleted file keeps its results.
+    "batch_after_delete": client.batches.retrieve(batch.id).request_counts.model_dump(),
+}
 print(json.dumps(out))
