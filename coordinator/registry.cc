@@ -134,8 +134,16 @@ void Registry::PruneLocked(Clock::time_point now) {
 bool Registry::Heartbeat(const gemma::internal::v1::HeartbeatRequest& request) {
   absl::MutexLock lock(&mutex_);
   PruneLocked(Now());
-  for (Entry& entry : entries_) {
+  for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+    Entry& entry = *it;
     if (entry.replica->id != request.replica_id()) continue;
+    if (request.left() &&
+        (request.address().empty() || request.address() == entry.replica->address)) {
+      LOG(INFO) << "replica " << entry.replica->id << " at " << entry.replica->address
+                << " drained and left";
+      entries_.erase(it);
+      return true;
+    }
     if (!request.address().empty() && request.address() != entry.replica->address) {
       // The id was issued again (this coordinator restarted) to the replica at the entry's
       // address: the sender is another replica, and must register again.

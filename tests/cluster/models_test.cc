@@ -416,6 +416,16 @@ TEST(ScalingTest, ScaleUpDrainAndSigtermUnderSteadyTrafficFailNothing) {
   EXPECT_EQ(drain.exit_code, 0) << drain.err;
   EXPECT_TRUE(absl::StrContains(drain.out, "draining " + a_id)) << drain.out;
   EXPECT_EQ(cluster.worker(a).WaitForExitCode(milliseconds(40000)), 0) << cluster.Log("worker0");
+  // It said so as it left: the coordinator no longer lists it (rather than showing it
+  // unhealthy until its missed heartbeats make it forgotten, a minute later).
+  auto listed = [&](const std::string& id) {
+    const gemma::v1::GetStatusResponse status = cluster.Status();
+    for (const auto& r : status.replicas()) {
+      if (r.id() == id) return true;
+    }
+    return false;
+  };
+  EXPECT_FALSE(listed(a_id)) << "a drained replica is still listed";
   wait_done(8);
   // Another joins, and SIGTERM on the second drains it the same way.
   cluster.StartWorker(kTinyMoe, {});

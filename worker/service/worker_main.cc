@@ -1100,6 +1100,22 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  if (draining && !g_force_stop.load()) {
+    // A clean leave: the coordinator forgets the replica now rather than showing it unhealthy.
+    iv1::HeartbeatRequest left;
+    left.set_replica_id(*replica_id);
+    left.set_address(registration.address());
+    left.set_draining(true);
+    left.set_left(true);
+    iv1::HeartbeatResponse reply;
+    grpc::ClientContext context;
+    gemma::AddBearer(context, gemma::EnvToken(gemma::kJoinTokenEnv));
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(900));
+    if (const grpc::Status sent = stub.Heartbeat(&context, left, &reply); !sent.ok()) {
+      LOG(WARNING) << "could not tell the coordinator this replica left: "
+                   << sent.error_message();
+    }
+  }
   LOG(INFO) << "shutting down";
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop_engine();
