@@ -1,5 +1,6 @@
 #include "coordinator/openai_api.h"
 
+#include <chrono>
 #include <memory>
 #include <regex>
 #include <utility>
@@ -7,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "coordinator/auth.h"
+#include "coordinator/http_connection.h"
 
 namespace gemma::coordinator {
 namespace {
@@ -78,11 +80,21 @@ void Handle(const httplib::Request& http_request, httplib::Response& response, A
     gemma::v1::GenerateFinal final = state->first.final();
     bool has_final = state->first.has_final();
     gemma::v1::GenerateResponse next;
+    // A client that hangs up (a timeout, a retry) cancels the generation instead of leaving
+    // it to run to max_tokens for nobody; looked at between tokens, at most every 50 ms.
+    const HttpConnectionWatch client(http_request);
+    auto next_look = std::chrono::steady_clock::now();
     while (!has_final && state->reader->Read(&next)) {
       text += next.text();
       if (next.has_final()) {
         final = next.final();
         has_final = true;
+      } else if (const auto now = std::chrono::steady_clock::now(); now >= next_look) {
+        next_look = now + std::chrono::milliseconds(50);
+        if (client.ClientGone()) {
+          state->context.TryCancel();
+          break;
+        }
       }
     }
     while (state->reader->Read(&next)) {

@@ -11,6 +11,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/numbers.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
@@ -167,6 +169,43 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   EXPECT_EQ(files["listed_after_delete"], json::array({files["second"]})) << files.dump();
   EXPECT_EQ(files["retrieved_after_delete"], 404) << files.dump();
   EXPECT_EQ(files["batch_after_delete"]["completed"], 5) << files.dump();
+}
+
+// A client that gives up on a non-streamed completion (its read timeout) cancels the
+// generation: the replica stops well before max_tokens instead of generating for nobody.
+TEST_F(OpenAiTest, AClientThatHangsUpCancelsItsNonStreamedCompletion) {
+  const size_t colon = http_address_.rfind(':');
+  const std::string host = http_address_.substr(0, colon);
+  const int port = std::stoi(http_address_.substr(colon + 1));
+  auto generated = [&] {
+    httplib::Client http(host, port);
+    auto metrics = http.Get("/metrics");
+    if (!metrics || metrics->status != 200) return int64_t{-1};
+    int64_t total = 0;
+    for (absl::string_view line : absl::StrSplit(metrics->body, '\n')) {
+      if (!absl::StartsWith(line, "gemma:generation_tokens_total")) continue;
+      double value = 0;
+      if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &value)) total += value;
+    }
+    return total;
+  };
+  const int64_t before = generated();
+  ASSERT_GE(before, 0);
+  {
+    httplib::Client impatient(host, port);
+    impatient.set_read_timeout(0, 300000);  // 0.3 s
+    auto r = impatient.Post(
+        "/v1/completions",
+        json{{"model", kModelName}, {"prompt", kPrompt}, {"max_tokens", 4000}, {"temperature", 0}}
+            .dump(),
+        "application/json");
+    EXPECT_FALSE(r) << "the completion of 4000 tokens answered within 0.3 s";
+  }
+  // Once nothing is in flight, far fewer than 4000 tokens were generated.
+  ASSERT_TRUE(PollUntil([&] { return cluster_.Status().requests_in_flight() == 0; },
+                        milliseconds(20000)));
+  const int64_t spent = generated() - before;
+  EXPECT_LT(spent, 2500) << "the generation ran on after the client left";
 }
 
 // What httplib answers itself under /v1/ carries an OpenAI error body: an unknown path is a 404
