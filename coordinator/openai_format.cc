@@ -1,6 +1,8 @@
 #include "coordinator/openai_format.h"
 
 #include <chrono>
+#include <climits>
+#include <cmath>
 #include <functional>
 #include <random>
 #include <set>
@@ -86,8 +88,21 @@ bool ReadNumber(const json& body, const char* key, double lo, double hi, double*
 bool ReadInt(const json& body, const char* key, int64_t lo, int64_t* out, ApiError* error) {
   if (!Present(body, key)) return true;
   const json& v = body.at(key);
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)) {
+    *error = InvalidRequestError(key, absl::StrCat(key, " is too large: at most ", INT64_MAX));
+    return false;
+  }
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    *error = InvalidRequestError(
+        key, std::isfinite(d) && std::abs(d) >= 9.2e18
+                 ? absl::StrCat(key, " is too large: at most ", INT64_MAX)
+                 : absl::StrCat(key, " must be an integer, got ", v.dump()));
+    return false;
+  }
   if (!v.is_number_integer()) {
-    *error = InvalidRequestError(key, absl::StrCat(key, " must be an integer"));
+    *error = InvalidRequestError(key, absl::StrCat(key, " must be an integer, got a JSON ",
+                                                   v.type_name()));
     return false;
   }
   const int64_t x = v.get<int64_t>();
@@ -133,6 +148,10 @@ bool ReadPrompt(const json& body, gemma::v1::GenerateRequest* request, ApiError*
     prompt = json(prompt[0]);
   }
   if (prompt.is_string()) {
+    if (prompt.get<std::string>().empty()) {
+      *error = InvalidRequestError("prompt", "prompt is empty; give some text or token ids");
+      return false;
+    }
     request->set_text(prompt.get<std::string>());
     return true;
   }
@@ -333,8 +352,14 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
     return result;
   }
 
-  if (!Present(body, "model") || !body["model"].is_string()) {
+  if (!Present(body, "model")) {
     error = InvalidRequestError("model", "model is required (GET /v1/models lists the models served)");
+    return result;
+  }
+  if (!body["model"].is_string()) {
+    error = InvalidRequestError("model", absl::StrCat("model must be a string (a name GET "
+                                                      "/v1/models lists), got a JSON ",
+                                                      body["model"].type_name()));
     return result;
   }
   const std::string model = body["model"].get<std::string>();
@@ -374,9 +399,10 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
   auto* sampling = request.mutable_sampling();
   double temperature = 1.0, top_p = 1.0;  // OpenAI's defaults
   if (!ReadNumber(body, "temperature", 0, 2, &temperature, &error)) return result;
-  if (!ReadNumber(body, "top_p", 0, 1, &top_p, &error)) return result;
-  if (top_p <= 0) {
-    error = InvalidRequestError("top_p", "top_p must be greater than 0");
+  if (!ReadNumber(body, "top_p", -HUGE_VAL, HUGE_VAL, &top_p, &error)) return result;
+  if (!(top_p > 0 && top_p <= 1)) {
+    error = InvalidRequestError("top_p", absl::StrFormat("top_p must be in (0, 1]: above 0, at "
+                                                         "most 1, got %g", top_p));
     return result;
   }
   sampling->set_temperature(static_cast<float>(temperature));

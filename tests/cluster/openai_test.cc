@@ -254,6 +254,20 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
   EXPECT_TRUE(absl::StrContains(not_json, "at line 1, column 3")) << not_json;
   const std::string array = error_of("/v1/chat/completions", "[1, 2]", 400)["message"];
   EXPECT_EQ(array, "the request body is a JSON array, not an object");
+  // Each field's refusal says what is wrong with it, not something near it.
+  auto message_of = [&](const std::string& body) {
+    return error_of("/v1/completions", body, 400)["message"].get<std::string>();
+  };
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "max_tokens": 99999999999999999999})"),
+            "max_tokens is too large: at most 9223372036854775807");
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "max_tokens": 2.5})"),
+            "max_tokens must be an integer, got 2.5");
+  EXPECT_TRUE(absl::StrContains(message_of(R"({"model": 5, "prompt": "x"})"),
+                                "model must be a string"));
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": ""})"),
+            "prompt is empty; give some text or token ids");
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "top_p": 0})"),
+            "top_p must be in (0, 1]: above 0, at most 1, got 0");
   EXPECT_EQ(error_of("/v1/completions",
                      json{{"model", kModelName}, {"prompt", "x"}, {"best_of_luck", 1}}.dump(),
                      400)["param"],
