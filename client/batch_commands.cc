@@ -109,8 +109,18 @@ absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id
 
 absl::Status Submit(gemma::v1::Batches::Stub& stub, const std::string& path,
                     const BatchFlags& flags) {
+  std::error_code error;
+  if (std::filesystem::is_directory(path, error)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " is a directory; give an OpenAI batch input file (.jsonl)"));
+  }
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("cannot read ", path, ": ",
+                                            std::filesystem::exists(path, error)
+                                                ? "permission denied?"
+                                                : "no such file"));
+  }
   grpc::ClientContext context;
   gemma::AddBearer(context, flags.token);
   Batch batch;

@@ -282,6 +282,11 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
       {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit", twice}, "");
   EXPECT_EQ(repeated.exit_code, 1);
   EXPECT_TRUE(absl::StrContains(repeated.err, "appears twice")) << repeated.err;
+  // A directory is named as one, not read as an empty batch.
+  ToolRun directory = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit", dir}, "");
+  EXPECT_EQ(directory.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(directory.err, dir + " is a directory")) << directory.err;
 
   std::string file;
   for (int i = 0; i < 12; ++i) {
