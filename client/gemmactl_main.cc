@@ -10,9 +10,13 @@
 // the whole conversation (the optional system message, every earlier turn, the new user turn)
 // as GenerateRequest.chat, streams the model's reply and keeps it in the history, until EOF or
 // "/exit"; "/reset" forgets the history. Piped stdin gives one turn per line.
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <thread>
@@ -45,9 +49,11 @@
 #include "proto/placement_convert.h"
 #include "proto/tls.h"
 #include "common/flags.h"
+#include "common/status_macros.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
 #include "google/protobuf/util/json_util.h"
+#include "grpc/support/log.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/status_convert.h"
 
@@ -128,13 +134,84 @@ std::string TlsCa() {
   return flag.empty() ? gemma::EnvToken("GEMMA_TLS_CA") : flag;
 }
 
+// INVALID_ARGUMENT for what cannot be the coordinator's gRPC address: a URL, no port, a port
+// outside 1-65535. gRPC's own target forms (dns:, unix:, ipv4:, ipv6:, ...) pass as they are.
+absl::Status CheckAddress(const std::string& address) {
+  if (absl::StartsWith(address, "http://") || absl::StartsWith(address, "https://")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator \"", address, "\" is a URL; give HOST:PORT of the coordinator's gRPC "
+        "port (its --listen, 50051 by default; the HTTP API's port is another one)"));
+  }
+  for (const char* scheme : {"dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:"}) {
+    if (absl::StartsWith(address, scheme)) return absl::OkStatus();
+  }
+  const size_t colon = address.rfind(':');
+  const size_t bracket = address.rfind(']');
+  if (colon == std::string::npos || (bracket != std::string::npos && colon < bracket)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator \"", address, "\" has no port; give HOST:PORT (the coordinator's "
+        "--listen, 50051 by default)"));
+  }
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("--coordinator \"", address, "\": port \"",
+                                                   address.substr(colon + 1),
+                                                   "\" is not a number in 1-65535"));
+  }
+  return absl::OkStatus();
+}
+
+// True when HOST:PORT answers a plain HTTP request (within half a second): the coordinator's
+// HTTP port given where its gRPC port belongs.
+bool AnswersHttp(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) return false;
+  std::string host = address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), address.substr(colon + 1).c_str(), &hints, &found) != 0) {
+    return false;
+  }
+  bool http = false;
+  for (addrinfo* a = found; a != nullptr && !http; a = a->ai_next) {
+    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK, a->ai_protocol);
+    if (fd < 0) continue;
+    pollfd p{fd, POLLOUT, 0};
+    const bool connected = (connect(fd, a->ai_addr, a->ai_addrlen) == 0 || errno == EINPROGRESS) &&
+                           poll(&p, 1, 500) == 1 && (p.revents & POLLOUT) != 0;
+    int error = 0;
+    socklen_t length = sizeof(error);
+    if (connected && getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error == 0) {
+      const char request[] = "GET / HTTP/1.0\r\n\r\n";
+      char reply[5] = {};
+      p = {fd, POLLIN, 0};
+      http = send(fd, request, sizeof(request) - 1, MSG_NOSIGNAL) > 0 && poll(&p, 1, 500) == 1 &&
+             recv(fd, reply, sizeof(reply), 0) == static_cast<ssize_t>(sizeof(reply)) &&
+             std::memcmp(reply, "HTTP/", sizeof(reply)) == 0;
+    }
+    close(fd);
+  }
+  freeaddrinfo(found);
+  return http;
+}
+
 absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& address) {
+  RETURN_IF_ERROR(CheckAddress(address));
   auto credentials = gemma::CoordinatorCredentials(TlsCa());
   if (!credentials.ok()) return credentials.status();
   auto channel = grpc::CreateChannel(address, *credentials);
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
   if (!channel->WaitForConnected(deadline)) {
+    if (AnswersHttp(address)) {
+      return absl::UnavailableError(absl::StrCat(
+          address, " answers HTTP, not gRPC: is it the coordinator's --http-listen port? "
+          "gemmactl talks to its gRPC --listen port (50051 by default)"));
+    }
     return absl::UnavailableError(absl::StrCat(
         "cannot reach the coordinator at ", address, " within ",
         absl::GetFlag(FLAGS_connect_timeout_ms), " ms; set --coordinator or $GEMMA_COORDINATOR",
@@ -810,6 +887,9 @@ absl::Status Rebalance() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(kUsage);
+  // gRPC's own log lines ("E1206 ... SSL_ERROR_SSL ...") would come before gemmactl's one-line
+  // error that says the same in words; GRPC_VERBOSITY set by the user keeps them.
+  if (std::getenv("GRPC_VERBOSITY") == nullptr) gpr_set_log_function([](gpr_log_func_args*) {});
   // -o is --output, as users of other tools expect (Abseil has no short flags).
   static char kOutputFlag[] = "--output";
   for (int i = 1; i < argc; ++i) {

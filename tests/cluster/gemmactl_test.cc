@@ -520,6 +520,35 @@ TEST(GemmactlNoClusterTest, MalformedBatchCommandsSayWhatIsWrongWithoutConnectin
   }
 }
 
+// An address that cannot be the coordinator's gRPC port is refused at once saying why, and an
+// HTTP port (the coordinator's --http-listen, say) is named as one.
+TEST(GemmactlNoClusterTest, AddressesThatCannotBeTheCoordinatorsAreNamed) {
+  for (const auto& [address, want] : std::vector<std::pair<std::string, std::string>>{
+           {"127.0.0.1", "has no port"},
+           {"127.0.0.1:99999", "is not a number in 1-65535"},
+           {"http://127.0.0.1:8000", "is a URL"}}) {
+    const auto start = std::chrono::steady_clock::now();
+    ToolRun run = RunWithStdin({"gemmactl", "--coordinator", address, "status"}, "");
+    EXPECT_EQ(run.exit_code, 1) << run.err;
+    EXPECT_TRUE(absl::StrContains(run.err, want)) << run.err;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2)) << address;
+  }
+  httplib::Server http;
+  http.Get("/", [](const httplib::Request&, httplib::Response& r) { r.set_content("hi", "text/plain"); });
+  const int port = http.bind_to_any_port("127.0.0.1");
+  ASSERT_GT(port, 0);
+  std::thread serving([&] { http.listen_after_bind(); });
+  ToolRun run = RunWithStdin({"gemmactl", "--coordinator", absl::StrCat("127.0.0.1:", port),
+                              "--connect-timeout-ms", "500", "status"},
+                             "");
+  http.stop();
+  serving.join();
+  EXPECT_EQ(run.exit_code, 1) << run.err;
+  EXPECT_TRUE(absl::StrContains(run.err, "answers HTTP, not gRPC")) << run.err;
+  // One line: gRPC's own log lines are kept out of it.
+  EXPECT_EQ(std::count(run.err.begin(), run.err.end(), '\n'), 1) << run.err;
+}
+
 TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
   const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
   ToolRun run = RunWithStdin(
