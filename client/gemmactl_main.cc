@@ -309,10 +309,12 @@ absl::Status Generate(const std::vector<char*>& args) {
   const bool json = absl::GetFlag(FLAGS_json);
   const bool ids = request.has_token_ids();
   bool first = true;
+  bool printed = false;  // a refused request prints nothing, not even a newline
   gemma::v1::GenerateFinal final;
   const absl::Status status = StreamGenerate(
       *stub, request,
       [&](const gemma::v1::GenerateResponse& response) {
+        printed = true;
         if (json) {
           std::cout << ToJson(response) << "\n" << std::flush;
         } else if (ids) {
@@ -326,7 +328,7 @@ absl::Status Generate(const std::vector<char*>& args) {
         }
       },
       &final);
-  if (!json) std::cout << "\n";
+  if (!json && printed) std::cout << "\n";
   if (!status.ok()) return status;
   if (!json) PrintFinal(final);
   return absl::OkStatus();
