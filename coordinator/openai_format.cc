@@ -318,11 +318,12 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
 
   static const std::set<std::string> kCompletionFields = {
       "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-      "stream", "stream_options", "suffix"};
+      "stream", "stream_options", "suffix", "skip_special_tokens"};
   static const std::set<std::string> kChatFields = {
       "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
       "top_k", "seed", "stop", "n", "stream", "stream_options", "tools", "tool_choice",
-      "functions", "function_call", "top_logprobs", "modalities", "audio", "reasoning_effort"};
+      "functions", "function_call", "top_logprobs", "modalities", "audio", "reasoning_effort",
+      "skip_special_tokens"};
   const auto& known = kind == ApiKind::kChat ? kChatFields : kCompletionFields;
   for (const auto& [key, value] : body.items()) {
     if (known.count(key)) continue;
@@ -407,6 +408,16 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
   }
   sampling->set_temperature(static_cast<float>(temperature));
   if (top_p < 1) sampling->set_top_p(static_cast<float>(top_p));
+  // An extension (vLLM's), true by default as there: special tokens stay out of the text.
+  bool skip_special = true;
+  if (Present(body, "skip_special_tokens")) {
+    if (!body["skip_special_tokens"].is_boolean()) {
+      error = InvalidRequestError("skip_special_tokens", "skip_special_tokens must be true or false");
+      return result;
+    }
+    skip_special = body["skip_special_tokens"].get<bool>();
+  }
+  request.set_skip_special_tokens(skip_special);
   if (Present(body, "top_k")) {  // an extension (vLLM's): -1 or 0 keeps every token
     int64_t top_k = 0;
     if (!ReadInt(body, "top_k", -1, &top_k, &error)) return result;

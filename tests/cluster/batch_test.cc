@@ -324,6 +324,7 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
     m->set_role("user");
     m->set_content(absl::StrCat("Verse ", custom_id.substr(1)));
     alone.set_max_tokens(5);
+    alone.set_skip_special_tokens(true);  // as the OpenAI API's bodies are by default
     StreamResult reference = Generate(cluster_.inference(), alone);
     EXPECT_EQ(body["choices"][0]["message"]["content"], reference.text) << custom_id;
     EXPECT_EQ(body["usage"]["completion_tokens"], reference.final.generated_tokens());

@@ -55,9 +55,11 @@ class OpenAiTest : public ::testing::Test {
     return http.Post(path, body, "application/json");
   }
 
-  // The gRPC API's greedy answer to `request` (text or chat input).
+  // The gRPC API's greedy answer to `request` (text or chat input), its text without special
+  // tokens as the HTTP API gives it by default.
   StreamResult Grpc(gemma::v1::GenerateRequest request) {
     request.set_max_tokens(kMaxTokens);
+    request.set_skip_special_tokens(true);
     return Generate(cluster_.inference(), request);
   }
 
@@ -268,6 +270,8 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
             "prompt is empty; give some text or token ids");
   EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "top_p": 0})"),
             "top_p must be in (0, 1]: above 0, at most 1, got 0");
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "skip_special_tokens": "no"})"),
+            "skip_special_tokens must be true or false");
   EXPECT_EQ(error_of("/v1/completions",
                      json{{"model", kModelName}, {"prompt", "x"}, {"best_of_luck", 1}}.dump(),
                      400)["param"],

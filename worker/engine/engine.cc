@@ -160,7 +160,9 @@ absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback
   s->num_prompt_tokens = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
   s->sampling = request.sampling;
   if (options_.tokenizer != nullptr) {
-    s->decoder = std::make_unique<tokenizer::StreamDecoder>(options_.tokenizer);
+    s->decoder = std::make_unique<tokenizer::StreamDecoder>(
+        options_.tokenizer,
+        tokenizer::DecodeOptions{.skip_special_tokens = request.skip_special_tokens});
     if (!request.stop_strings.empty()) {
       s->matcher = std::make_unique<tokenizer::StopStringMatcher>(request.stop_strings);
     }

@@ -22,6 +22,8 @@ struct Request {
   // Submit lowers max_tokens to the positions the prompt leaves in the model's context instead
   // of refusing the request (a prompt that leaves none is still refused).
   bool max_tokens_up_to_context = false;
+  // Leave special tokens out of the text (and out of what stop strings match); ids keep them.
+  bool skip_special_tokens = false;
   std::vector<int32_t> stop_token_ids;    // generation ends after emitting one of these
   std::vector<std::string> stop_strings;  // needs an engine with a tokenizer
   bool ignore_end_ids = false;            // do not stop at the model's end ids (benchmarks)

@@ -190,6 +190,34 @@ TEST_F(EngineStopTest, TextWithoutStopIsReleasedWhole) {
   EXPECT_EQ(collector["a"].tokens, ids);
 }
 
+// skip_special_tokens leaves special tokens (here <bos> and a control token) out of the text,
+// and out of what stop strings see, while the ids keep them; without it they are text.
+TEST_F(EngineStopTest, SkipSpecialTokensKeepsThemOutOfTheTextOnly) {
+  const int32_t bos = tokenizer_->TokenToId("<bos>");
+  const int32_t turn = tokenizer_->TokenToId("<|turn>");
+  ASSERT_GE(bos, 0);
+  ASSERT_GE(turn, 0);
+  std::vector<int32_t> ids = Encode("Hello");
+  ids.insert(ids.begin() + 1, bos);
+  ids.push_back(turn);
+  const std::vector<int32_t> world = Encode(" world");
+  ids.insert(ids.end(), world.begin(), world.end());
+  auto engine = MakeEngine({{1, ids}, {2, ids}});
+  Collector collector;
+  Request skip = MakeRequest(1, static_cast<int64_t>(ids.size()));
+  skip.skip_special_tokens = true;
+  Request keep = MakeRequest(2, static_cast<int64_t>(ids.size()));
+  ASSERT_TRUE(engine->Submit(skip, collector.For("skip")).ok());
+  ASSERT_TRUE(engine->Submit(keep, collector.For("keep")).ok());
+  ASSERT_TRUE(engine->RunUntilIdle().ok());
+  EXPECT_EQ(collector["skip"].text, tokenizer_->Decode(ids, {.skip_special_tokens = true}));
+  EXPECT_EQ(collector["skip"].text.find("<"), std::string::npos) << collector["skip"].text;
+  EXPECT_EQ(collector["keep"].text, tokenizer_->Decode(ids));
+  EXPECT_NE(collector["keep"].text.find("<|turn>"), std::string::npos) << collector["keep"].text;
+  EXPECT_EQ(collector["skip"].tokens, ids);
+  EXPECT_EQ(collector["keep"].tokens, ids);
+}
+
 TEST_F(EngineStopTest, EndIdsStopTokensAndMaxTokensReportTheirReasons) {
   std::vector<int32_t> hello = Encode("Hello world");
   ASSERT_GE(hello.size(), 2u);
