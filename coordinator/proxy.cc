@@ -516,6 +516,7 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       return std::chrono::duration<double>(d).count();
     };
     if (series_ == nullptr) series_ = &metrics->Series(registry_->ResolveModel(request_.model()));
+    relayed_tokens_ += response.token_ids_size();
     if (response.token_ids_size() > 0) {
       if (!first_token_counted_) {
         metrics->FirstToken(*series_, seconds(now - arrived_));
@@ -526,15 +527,31 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
       last_token_ = now;
     }
     if (response.has_final()) {
+      final_counted_ = true;
       metrics->Finished(*series_, response.final().finish_reason(),
                         response.final().prompt_tokens(), response.final().generated_tokens(),
                         seconds(now - arrived_));
     }
   }
 
+  // A request that ends without its final message, cancelled by its client or cut after
+  // tokens went out, counts as finished_reason "abort" (as vLLM counts them) with the tokens
+  // its client got, so that request and token totals add up.
+  void CountAbortLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    Metrics* metrics = options_.metrics;
+    if (metrics == nullptr || final_counted_) return;
+    if (status.error_code() != grpc::StatusCode::CANCELLED && relayed_tokens_ == 0) return;
+    if (series_ == nullptr) series_ = &metrics->Series(registry_->ResolveModel(request_.model()));
+    final_counted_ = true;
+    metrics->Finished(*series_, "abort", 0, relayed_tokens_,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - arrived_)
+                          .count());
+  }
+
   void FinishLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     if (finished_) return;
     finished_ = true;
+    if (!status.ok()) CountAbortLocked(status);
     LeaveQueueLocked();
     StopWatchdogLocked();
     if (counted_) registry_->RequestEnded();  // before the client can see the end
@@ -556,6 +573,8 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
   const std::chrono::steady_clock::time_point arrived_ = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point last_token_ ABSL_GUARDED_BY(mutex_);
   bool first_token_counted_ ABSL_GUARDED_BY(mutex_) = false;
+  bool final_counted_ ABSL_GUARDED_BY(mutex_) = false;
+  int64_t relayed_tokens_ ABSL_GUARDED_BY(mutex_) = 0;  // token ids sent to the client
   // The request series of its served model, looked up at its first message.
   const Metrics::ModelSeries* series_ ABSL_GUARDED_BY(mutex_) = nullptr;
   bool counted_ ABSL_GUARDED_BY(mutex_) = false;  // in the registry's requests in flight

@@ -208,6 +208,12 @@ TEST_F(OpenAiTest, AClientThatHangsUpCancelsItsNonStreamedCompletion) {
                         milliseconds(20000)));
   const int64_t spent = generated() - before;
   EXPECT_LT(spent, 2500) << "the generation ran on after the client left";
+  // It counts as an aborted request, with the tokens that were generated for it.
+  EXPECT_GT(spent, 0) << "the aborted request's tokens were not counted";
+  httplib::Client http(host, port);
+  auto metrics = http.Get("/metrics");
+  ASSERT_TRUE(metrics);
+  EXPECT_TRUE(absl::StrContains(metrics->body, "finished_reason=\"abort\"")) << metrics->body;
 }
 
 // What httplib answers itself under /v1/ carries an OpenAI error body: an unknown path is a 404
