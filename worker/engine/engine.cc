@@ -137,22 +137,39 @@ absl::Status Engine::Validate(const Request& request) const {
         " does not fit the model's ", context, " positions; lower max_tokens to at most ",
         context - prompt_tokens, " or shorten the prompt"));
   }
+  // More positions than the whole full-layer KV pool holds can never be served here: a
+  // refusal that says what fits, not a "full, retry later".
   const int64_t positions = prompt_tokens + request.max_tokens - 1;
   const int64_t full_pages =
       CeilDiv(positions, cache_->page_size()) + options_.scheduler.headroom_pages;
   if (full_pages > cache_->pool(kFullPool).num_pages()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the request needs ", full_pages, " full-layer KV pages, the pool has ",
-        cache_->pool(kFullPool).num_pages()));
+    const int64_t holds =
+        (cache_->pool(kFullPool).num_pages() - options_.scheduler.headroom_pages) *
+        cache_->page_size();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt of ", prompt_tokens, " tokens plus max_tokens ", request.max_tokens,
+        " needs ", positions, " KV-cache positions; this replica's cache holds at most ", holds,
+        " for one request (the worker's --cache-tokens); ",
+        holds - prompt_tokens + 1 > 0
+            ? absl::StrCat("lower max_tokens to at most ", holds - prompt_tokens + 1,
+                           " or shorten the prompt")
+            : std::string("shorten the prompt")));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> Engine::Submit(Request request, OutputCallback callback) {
   if (request.max_tokens_up_to_context) {
-    const int64_t room = config_.max_position_embeddings -
-                         (static_cast<int64_t>(request.prompt.size()) - request.num_resumed);
-    if (room > 0 && request.max_tokens > room) request.max_tokens = room;
+    // What the model's context leaves, and what the full-layer KV pool can hold at all (the
+    // cache holds prompt + max_tokens - 1 positions, past the scheduler's headroom).
+    const int64_t prompt = static_cast<int64_t>(request.prompt.size()) - request.num_resumed;
+    const int64_t pool_positions =
+        (cache_->pool(kFullPool).num_pages() - options_.scheduler.headroom_pages) *
+        cache_->page_size();
+    // At least 1: a prompt that leaves no room is then refused for the prompt, not max_tokens.
+    const int64_t room = std::max<int64_t>(
+        1, std::min(config_.max_position_embeddings - prompt, pool_positions - prompt + 1));
+    if (request.max_tokens > room) request.max_tokens = room;
   }
   RETURN_IF_ERROR(Validate(request));
   auto s = std::make_unique<Sequence>();
