@@ -507,7 +507,7 @@ int Run() {
     });
     gemma::coordinator::AddOpenAiRoutes(http, server->InProcessChannel(grpc::ChannelArguments()),
                                         internal_token, openai_options);
-    gemma::coordinator::AddOpenAiErrorBodies(http);
+    gemma::coordinator::AddOpenAiErrorBodies(http, batch_runner != nullptr);
     if (batch_runner != nullptr) {
       gemma::coordinator::AddOpenAiBatchRoutes(http, batch_runner.get(), &openai_options,
                                                file_options, auth.get());

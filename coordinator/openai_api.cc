@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "coordinator/auth.h"
 #include "coordinator/http_connection.h"
@@ -203,16 +204,23 @@ std::string AllowedMethods(const std::string& path) {
 
 }  // namespace
 
-void AddOpenAiErrorBodies(httplib::Server& http) {
-  http.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& request,
-                                                                 httplib::Response& response) {
+void AddOpenAiErrorBodies(httplib::Server& http, bool batches) {
+  http.set_error_handler(httplib::Server::HandlerWithResponse([batches](
+                                                                  const httplib::Request& request,
+                                                                  httplib::Response& response) {
     if (!response.body.empty() || request.path.rfind("/v1/", 0) != 0) {
       return httplib::Server::HandlerResponse::Unhandled;
     }
     ApiError e;
     e.http_status = response.status;
     const std::string asked = absl::StrCat(request.method, " ", request.path);
-    if (response.status == 404) {
+    const bool batch_path = absl::StartsWith(request.path, "/v1/files") ||
+                            absl::StartsWith(request.path, "/v1/batches");
+    if (response.status == 404 && batch_path && !batches) {
+      e.message = absl::StrCat(asked, ": this coordinator keeps no files or batches; start it "
+                                      "with --data-dir DIR for the Files and Batches API");
+      e.code = "unknown_url";
+    } else if (response.status == 404) {
       const std::string allowed = AllowedMethods(request.path);
       if (allowed.empty()) {
         e.message = absl::StrCat("no such endpoint: ", asked,
@@ -225,6 +233,12 @@ void AddOpenAiErrorBodies(httplib::Server& http) {
         e.code = "method_not_allowed";
         response.set_header("Allow", allowed);
       }
+    } else if (response.status == 413) {
+      e.message = absl::StrCat("the request ", asked, " is larger than this server takes");
+    } else if (response.status >= 500) {
+      e.type = "server_error";
+      e.message = absl::StrCat("the server failed on ", asked, " (status ", response.status,
+                               "); see the coordinator's log");
     } else {
       e.message = absl::StrCat("the request ", asked, " could not be read as HTTP (status ",
                                response.status, ")");

@@ -22,8 +22,9 @@ namespace gemma::coordinator {
 
 // Errors that httplib answers itself under /v1/ (no route for the path, or not for the
 // method: 405 with Allow; a request it cannot parse) get an OpenAI error body saying what was
-// asked instead of an empty one. Errors the handlers send keep theirs.
-void AddOpenAiErrorBodies(httplib::Server& http);
+// asked instead of an empty one. Errors the handlers send keep theirs. Without `batches` (no
+// --data-dir), the Files and Batches paths say what they need instead of a 405.
+void AddOpenAiErrorBodies(httplib::Server& http, bool batches);
 
 // Adds the routes to `http`. `channel` reaches the coordinator's Inference service; it and
 // `options` must outlive the server's handlers.

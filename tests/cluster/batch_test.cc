@@ -473,7 +473,10 @@ TEST_F(BatchTest, AFullDataDirRefusesNewBatchesClearlyAndCorruptsNothing) {
 
 TEST_F(BatchTest, WithoutADataDirBatchesAreRefusedSayingHowToGetThem) {
   std::string error;
-  ASSERT_TRUE(cluster_.StartCoordinator({}, &error)) << error;
+  const int http_port = FreeLocalPort();
+  ASSERT_TRUE(cluster_.StartCoordinator(
+      {"--http-listen", absl::StrCat("127.0.0.1:", http_port)}, &error))
+      << error;
   Connect();
   grpc::ClientContext context;
   gemma::v1::ListBatchesRequest request;
@@ -481,6 +484,14 @@ TEST_F(BatchTest, WithoutADataDirBatchesAreRefusedSayingHowToGetThem) {
   grpc::Status status = batches_->ListBatches(&context, request, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_TRUE(absl::StrContains(status.error_message(), "--data-dir")) << status.error_message();
+  // The HTTP API's Files and Batches paths say the same (not "405 takes GET, not GET").
+  httplib::Client http("127.0.0.1", http_port);
+  for (const char* path : {"/v1/files", "/v1/batches"}) {
+    auto answer = http.Get(path);
+    ASSERT_TRUE(answer) << path;
+    EXPECT_EQ(answer->status, 404) << path;
+    EXPECT_TRUE(absl::StrContains(answer->body, "--data-dir")) << answer->body;
+  }
 }
 
 }  // namespace
