@@ -224,7 +224,8 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     {
       absl::MutexLock lock(&mutex_);
       watchdog_pending_ = false;
-      if (!finished_ && upstream_active_ && broken_.ok()) {
+      // Once the final response went out the replica owes nothing: leaving now is fine.
+      if (!finished_ && upstream_active_ && broken_.ok() && !final_relayed_) {
         const auto now = Timer::Clock::now();
         const Replica& replica = *attempts_.back()->replica;
         if (!registry_->IsHealthy(replica)) {
@@ -327,14 +328,16 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     attempt_ended_ = false;
     const grpc::Status status = attempt_status_;
     if (finished_) return;
+    // The final response reached the client: the request is done, whatever the replica did
+    // after (left, or was cut off, before its call closed).
+    if (final_relayed_) {
+      FinishLocked(grpc::Status::OK);
+      return;
+    }
     if (!broken_.ok()) {  // the replica sent what no replica may send
       const grpc::Status broken = broken_;
       broken_ = grpc::Status::OK;
       FailOverLocked(broken);
-      return;
-    }
-    if (final_relayed_) {
-      FinishLocked(grpc::Status::OK);
       return;
     }
     const bool client_cancelled = cancelled_ || client_gone_ || context_->IsCancelled();
@@ -371,7 +374,13 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     registry_->MarkFailed(failed, what);
     failed_ids_.push_back(failed.id);
     failures_.push_back(what);
-    if (static_cast<int64_t>(relayed_ids_.size()) >= request_.max_tokens()) {
+    // A max_tokens that gave way to the context was reached when prompt and tokens fill it
+    // (the replica lowered it; another would refuse to resume with nothing left to generate).
+    const bool context_full = request_.max_tokens_up_to_context() && have_prompt_ &&
+                              failed.max_context > 0 &&
+                              static_cast<int64_t>(prompt_ids_.size() + relayed_ids_.size()) >=
+                                  failed.max_context;
+    if (static_cast<int64_t>(relayed_ids_.size()) >= request_.max_tokens() || context_full) {
       // Every id reached the client, only the final response is missing: send it here.
       LOG(WARNING) << "request '" << request_.request_id() << "': " << what
                    << "; every id was streamed, the coordinator ends the stream";

@@ -106,7 +106,9 @@ except openai.NotFoundError as error:
   ASSERT_EQ(client.exit_code, 0) << client.out << client.err;
   EXPECT_TRUE(absl::StrContains(client.out, "models ['dense', 'moe']")) << client.out;
   for (const std::string model : {"dense", "moe"}) {
-    StreamResult r = Generate(cluster.inference(), ModelRequest(model, prompt, 12));
+    gemma::v1::GenerateRequest request = ModelRequest(model, prompt, 12);
+    request.set_skip_special_tokens(true);  // as the OpenAI API's text is by default
+    StreamResult r = Generate(cluster.inference(), request);
     ASSERT_TRUE(r.status.ok());
     ASSERT_FALSE(r.text.empty());
     std::string quoted;

@@ -1100,6 +1100,10 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  LOG(INFO) << "shutting down";
+  // The calls still open (their last messages on the way) end first: the coordinator is told
+  // the replica left only once nothing it relays can be cut.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (draining && !g_force_stop.load()) {
     // A clean leave: the coordinator forgets the replica now rather than showing it unhealthy.
     iv1::HeartbeatRequest left;
@@ -1116,8 +1120,6 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
                    << sent.error_message();
     }
   }
-  LOG(INFO) << "shutting down";
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop_engine();
   return engine_status;
 }
