@@ -3,8 +3,10 @@
 #include <sqlite3.h>
 
 #include <cerrno>
-
+#include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -61,10 +63,6 @@ CREATE TABLE IF NOT EXISTS files (
   owner TEXT NOT NULL DEFAULT ''
 );
 )sql";
-
-// A store written before batches and files had owners gets the column (owned by "", which
-// only admin tokens and open coordinators may see).
-absl::Status AddOwnerColumn(sqlite3* db, const char* table);
 
 // The error of the last call on `db`: RESOURCE_EXHAUSTED saying so when the disk (or quota)
 // under the store is full, INTERNAL otherwise. Either way the change was rolled back.
@@ -159,16 +157,19 @@ class Transaction {
   bool done_ = false;
 };
 
-absl::Status AddOwnerColumn(sqlite3* db, const char* table) {
+// Adds `column` (its SQL type and default in `definition`) to a table of a store made before
+// it existed. A store written before batches and files had owners gets the owner column
+// (owned by "", which only admin tokens and open coordinators may see).
+absl::Status AddColumn(sqlite3* db, const char* table, const char* column,
+                       const char* definition) {
   Statement columns(db, absl::StrCat("PRAGMA table_info(", table, ")").c_str());
   while (true) {
     ASSIGN_OR_RETURN(bool row, columns.Step());
     if (!row) break;
-    if (columns.Text(1) == "owner") return absl::OkStatus();
+    if (columns.Text(1) == column) return absl::OkStatus();
   }
-  return Exec(db, absl::StrCat("ALTER TABLE ", table,
-                               " ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-                      .c_str());
+  return Exec(db,
+              absl::StrCat("ALTER TABLE ", table, " ADD COLUMN ", column, " ", definition).c_str());
 }
 
 const char* StampColumn(const std::string& status) {
@@ -202,8 +203,14 @@ absl::StatusOr<std::unique_ptr<BatchStore>> BatchStore::Open(const std::string& 
           absl::StrCat("the batch store ", path, " cannot be used: ", status.message()));
     }
   }
-  for (const char* table : {"batches", "files"}) {
-    if (absl::Status status = AddOwnerColumn(db, table); !status.ok()) {
+  // Columns newer than some stores: the owner of batches and files, and deleted files (kept
+  // as rows without content, so that a list's cursor past one still finds its place).
+  for (const auto& [table, column, definition] :
+       std::vector<std::tuple<const char*, const char*, const char*>>{
+           {"batches", "owner", "TEXT NOT NULL DEFAULT ''"},
+           {"files", "owner", "TEXT NOT NULL DEFAULT ''"},
+           {"files", "deleted", "INTEGER NOT NULL DEFAULT 0"}}) {
+    if (absl::Status status = AddColumn(db, table, column, definition); !status.ok()) {
       return absl::FailedPreconditionError(
           absl::StrCat("the batch store ", path, " cannot be used: ", status.message()));
     }
@@ -480,7 +487,8 @@ absl::Status BatchStore::PutFile(const StoredFile& file, const std::string& cont
 absl::StatusOr<StoredFile> BatchStore::GetFile(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
   Statement q(db_,
-              "SELECT purpose, filename, bytes, created_at, owner FROM files WHERE id = ?");
+              "SELECT purpose, filename, bytes, created_at, owner FROM files "
+              "WHERE id = ? AND deleted = 0");
   q.Bind(1, id);
   ASSIGN_OR_RETURN(bool row, q.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("no file ", id));
@@ -494,7 +502,7 @@ absl::StatusOr<std::vector<StoredFile>> BatchStore::ListFiles(int limit, const s
   std::lock_guard<std::mutex> lock(mutex_);
   Statement q(db_,
               "SELECT id, purpose, filename, bytes, created_at, owner FROM files "
-              "WHERE (? OR owner = ?) AND (? = '' OR purpose = ?) "
+              "WHERE deleted = 0 AND (? OR owner = ?) AND (? = '' OR purpose = ?) "
               "AND (? = '' OR rowid < (SELECT rowid FROM files WHERE id = ?)) "
               "ORDER BY rowid DESC LIMIT ?");
   q.Bind(1, static_cast<int64_t>(everyone ? 1 : 0)).Bind(2, owner).Bind(3, purpose);
@@ -510,7 +518,8 @@ absl::StatusOr<std::vector<StoredFile>> BatchStore::ListFiles(int limit, const s
 
 absl::Status BatchStore::DeleteFile(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Statement q(db_, "DELETE FROM files WHERE id = ?");
+  // The row stays, without its content, for list cursors that name it.
+  Statement q(db_, "UPDATE files SET deleted = 1, content = X'' WHERE id = ? AND deleted = 0");
   q.Bind(1, id);
   RETURN_IF_ERROR(q.Run());
   if (sqlite3_changes(db_) == 0) return absl::NotFoundError(absl::StrCat("no file ", id));
@@ -519,7 +528,7 @@ absl::Status BatchStore::DeleteFile(const std::string& id) {
 
 absl::StatusOr<std::string> BatchStore::FileContent(const std::string& id) {
   std::lock_guard<std::mutex> lock(mutex_);
-  Statement q(db_, "SELECT content FROM files WHERE id = ?");
+  Statement q(db_, "SELECT content FROM files WHERE id = ? AND deleted = 0");
   q.Bind(1, id);
   ASSIGN_OR_RETURN(bool row, q.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("no file ", id));

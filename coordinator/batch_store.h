@@ -106,7 +106,9 @@ class BatchStore {
   absl::StatusOr<std::vector<StoredFile>> ListFiles(int limit, const std::string& after,
                                                     const std::string& owner, bool everyone,
                                                     const std::string& purpose);
-  // NOT_FOUND naming the id when there is no such file. Batches made from it keep their items.
+  // NOT_FOUND naming the id when there is no such file. Its content is freed; its row stays
+  // (hidden) so that a list's `after` naming it still works. Batches made from it keep their
+  // items.
   absl::Status DeleteFile(const std::string& id);
 
  private:

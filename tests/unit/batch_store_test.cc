@@ -258,6 +258,9 @@ TEST(BatchStoreTest, FilesListByOwnerAndCursorAndDelete) {
   EXPECT_EQ(ids(10, "", "", true, "fine-tune"), V{});
   ASSERT_TRUE((*store)->DeleteFile("file-c").ok());
   EXPECT_EQ(ids(10, "", "alice", false), (V{"file-d", "file-a"}));
+  // A cursor naming a deleted file still finds its place (list a page, delete it, go on).
+  EXPECT_EQ(ids(10, "file-c", "", true), (V{"file-b", "file-a"}));
+  EXPECT_EQ((*store)->FileContent("file-c").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ((*store)->DeleteFile("file-c").code(), absl::StatusCode::kNotFound);
   EXPECT_EQ((*store)->GetFile("file-c").status().code(), absl::StatusCode::kNotFound);
 }
