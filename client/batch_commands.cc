@@ -251,8 +251,9 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
     request.set_id(args[1]);
     Batch batch;
     RETURN_IF_ERROR(FromGrpc(stub->CancelBatch(&context, request, &batch)));
+    // The call moves a running batch to "cancelling"; any other end state was there before.
     if (batch.status() == "completed" || batch.status() == "failed" ||
-        batch.status() == "expired") {
+        batch.status() == "expired" || batch.status() == "cancelled") {
       std::cerr << "batch " << batch.id() << " had already ended (" << batch.status()
                 << "): nothing to cancel\n";
     }

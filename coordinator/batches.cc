@@ -258,11 +258,15 @@ void BatchRunner::Advance() {
       from = "finalizing";
     }
     // Every result is committed: nothing to assemble (output files are written on reading).
-    // Completed even when every item failed, as OpenAI's batches are ("failed" is for an input
-    // refused as a whole): the counts and the error file say how the items fared.
-    if (store_->SetStatus(id, "completed", UnixNow(), from).ok()) {
-      LOG(INFO) << "batch " << id << " completed (" << batch->counts().completed()
-                << " completed, " << batch->counts().failed() << " failed)";
+    // Completed even when every item failed while running, as OpenAI's batches are; "failed"
+    // is for an input refused whole, here every line refused at submission.
+    const bool input_refused =
+        batch->counts().total() > 0 && batch->errors_size() == batch->counts().total();
+    const char* final_status = input_refused ? "failed" : "completed";
+    if (store_->SetStatus(id, final_status, UnixNow(), from).ok()) {
+      LOG(INFO) << "batch " << id << " " << final_status << " ("
+                << batch->counts().completed() << " completed, " << batch->counts().failed()
+                << " failed" << (input_refused ? ": every line was refused" : "") << ")";
     }
   }
 }

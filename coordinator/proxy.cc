@@ -552,7 +552,10 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
     if (status.error_code() != grpc::StatusCode::CANCELLED && relayed_tokens_ == 0) return;
     if (series_ == nullptr) series_ = &metrics->Series(registry_->ResolveModel(request_.model()));
     final_counted_ = true;
-    metrics->Finished(*series_, "abort", 0, relayed_tokens_,
+    // The prompt counts once a replica has taken it (it says so with its first message).
+    metrics->Finished(*series_, "abort",
+                      have_prompt_ ? static_cast<int64_t>(prompt_ids_.size()) : 0,
+                      relayed_tokens_,
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - arrived_)
                           .count());
   }

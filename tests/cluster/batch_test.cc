@@ -359,6 +359,21 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   ASSERT_EQ(status.exit_code, 0) << status.err;
   EXPECT_TRUE(absl::StrContains(status.out, "3 items failed while running")) << status.out;
   EXPECT_TRUE(absl::StrContains(status.out, "gemmactl batch results")) << status.out;
+
+  // Every line refused at submission: the input failed as a whole, as OpenAI marks it.
+  std::string refused_lines;
+  for (int i = 0; i < 2; ++i) {
+    json body = chat("x");
+    body["n"] = 2;
+    refused_lines += line(absl::StrCat("r", i), body) + "\n";
+  }
+  ToolRun all_refused = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "submit",
+       WriteFile(dir + "/refused.jsonl", refused_lines), "--wait", "--json"},
+      "", seconds(60));
+  const json refused_batch = json::parse(all_refused.out, nullptr, false);
+  ASSERT_FALSE(refused_batch.is_discarded()) << all_refused.out << all_refused.err;
+  EXPECT_EQ(refused_batch["status"], "failed") << all_refused.out;
 }
 
 // The disk under --data-dir full (a 16 MiB tmpfs, filled up): a new batch is refused by gemmactl
