@@ -72,9 +72,9 @@ int64_t Scheduler::FitTokens(const Sequence& sequence, int64_t want, int64_t hea
 }
 
 int64_t Scheduler::PagesStillNeeded(const Sequence& s, int pool) const {
-  // Its last position: the prompt (resumed ids included) plus what it may still generate.
-  const int64_t final_length =
-      s.num_prompt_tokens - s.request.num_resumed + std::max<int64_t>(1, s.request.max_tokens);
+  // Its last position: the prompt plus everything it may generate (max_tokens counts the
+  // resumed ids, which num_prompt_tokens leaves out).
+  const int64_t final_length = s.num_prompt_tokens + std::max<int64_t>(1, s.request.max_tokens);
   if (pool == kFullPool) return cache_->PagesNeeded(s.kv, final_length, pool);
   // Sliding layers hold at most a window and a step's chunk (plus page rounding) at a time.
   const int64_t page = cache_->page_size();
@@ -103,8 +103,7 @@ int64_t Scheduler::HeldPages(const Sequence& s, int pool) {
 }
 
 int64_t Scheduler::StepsLeft(const Sequence& s) const {
-  const int64_t final_length =
-      s.num_prompt_tokens - s.request.num_resumed + std::max<int64_t>(1, s.request.max_tokens);
+  const int64_t final_length = s.num_prompt_tokens + std::max<int64_t>(1, s.request.max_tokens);
   // One step per token still to generate, plus the prefill chunks still to feed.
   const int64_t to_generate =
       std::max<int64_t>(0, final_length - static_cast<int64_t>(s.tokens.size()));

@@ -163,6 +163,29 @@ TEST_F(EngineStopTest, ResumedRequestDeliversExactlyTheRest) {
   }
 }
 
+// A resumed request reserves the KV pages of its whole length (prompt plus every token it may
+// generate, the resumed ones included), so a request admitted beside it never makes it run out
+// of pages: with 64 full pages of 4, a resumed request of 3 + 200 positions (51 pages) and a
+// fresh one of 3 + 120 (31 pages) cannot both be reserved, and the second waits instead of
+// forcing a preemption later.
+TEST_F(EngineStopTest, AResumedRequestReservesItsWholeLength) {
+  std::vector<int32_t> long_script(200), short_script(120);
+  for (size_t i = 0; i < long_script.size(); ++i) long_script[i] = 400 + static_cast<int32_t>(i % 50);
+  for (size_t i = 0; i < short_script.size(); ++i) short_script[i] = 450 + static_cast<int32_t>(i % 40);
+  auto engine = MakeEngine({{1, long_script}, {2, short_script}}, /*with_tokenizer=*/false);
+  Request resumed = MakeRequest(1, 200);
+  resumed.prompt.insert(resumed.prompt.end(), long_script.begin(), long_script.begin() + 100);
+  resumed.num_resumed = 100;
+  Collector collector;
+  ASSERT_TRUE(engine->Submit(resumed, collector.For("resumed")).ok());
+  ASSERT_TRUE(engine->Submit(MakeRequest(2, 120), collector.For("fresh")).ok());
+  ASSERT_TRUE(engine->RunUntilIdle().ok());
+  EXPECT_EQ(collector["resumed"].tokens,
+            std::vector<int32_t>(long_script.begin() + 100, long_script.end()));
+  EXPECT_EQ(collector["fresh"].tokens, short_script);
+  EXPECT_EQ(engine->counters().preemptions, 0);
+}
+
 TEST_F(EngineStopTest, ResumeBeyondItsLimitsIsInvalid) {
   auto engine = MakeEngine({{7, Encode("Hello world")}});
   Request r = MakeRequest(7, 4);
