@@ -4,6 +4,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/match.h"
@@ -173,11 +174,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     if (!Caller(auth, request, response, &who)) return;
     int limit = 10000;
     if (request.has_param("limit")) {
-      try {
-        limit = std::stoi(request.get_param_value("limit"));
-      } catch (...) {
-        limit = -1;
-      }
+      if (!absl::SimpleAtoi(request.get_param_value("limit"), &limit)) limit = -1;
       if (limit < 1 || limit > 10000) {
         SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 10000]"));
         return;
@@ -353,11 +350,7 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     if (!Caller(auth, request, response, &who)) return;
     int limit = 20;
     if (request.has_param("limit")) {
-      try {
-        limit = std::stoi(request.get_param_value("limit"));
-      } catch (...) {
-        limit = -1;
-      }
+      if (!absl::SimpleAtoi(request.get_param_value("limit"), &limit)) limit = -1;
       if (limit < 1 || limit > 100) {
         SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 100]"));
         return;
