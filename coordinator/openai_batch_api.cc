@@ -80,6 +80,23 @@ bool ResultFileId(const std::string& id, std::string* batch_id, bool* errors) {
 }
 
 
+// A list's `limit` query parameter: `fallback` (`most` unless given) when absent; false, with
+// the error sent, when it is not a whole number in [1, most].
+bool ListLimit(const httplib::Request& request, httplib::Response& response, int most,
+               int* limit, int fallback = 0) {
+  *limit = fallback > 0 ? fallback : most;
+  if (!request.has_param("limit")) return true;
+  if (!absl::SimpleAtoi(request.get_param_value("limit"), limit) || *limit < 1 ||
+      *limit > most) {
+    SendApiError(response, InvalidRequestError(
+                               "limit", absl::StrCat("limit must be a whole number in [1, ", most,
+                                                     "], got \"",
+                                                     request.get_param_value("limit"), "\"")));
+    return false;
+  }
+  return true;
+}
+
 // The caller of an HTTP request (its token was checked before routing); false, with the error
 // sent, when it has none that passes.
 bool Caller(const Authenticator* auth, const httplib::Request& request,
@@ -172,14 +189,8 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                                        httplib::Response& response) {
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
-    int limit = 10000;
-    if (request.has_param("limit")) {
-      if (!absl::SimpleAtoi(request.get_param_value("limit"), &limit)) limit = -1;
-      if (limit < 1 || limit > 10000) {
-        SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 10000]"));
-        return;
-      }
-    }
+    int limit = 0;
+    if (!ListLimit(request, response, 10000, &limit)) return;
     if (request.has_param("order") && request.get_param_value("order") != "desc") {
       SendApiError(response, InvalidRequestError(
                                  "order", "only order=desc (newest first) is supported"));
@@ -348,14 +359,8 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
                                          httplib::Response& response) {
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
-    int limit = 20;
-    if (request.has_param("limit")) {
-      if (!absl::SimpleAtoi(request.get_param_value("limit"), &limit)) limit = -1;
-      if (limit < 1 || limit > 100) {
-        SendApiError(response, InvalidRequestError("limit", "limit must be in [1, 100]"));
-        return;
-      }
-    }
+    int limit = 0;
+    if (!ListLimit(request, response, 100, &limit, 20)) return;
     auto page = runner->store().List(limit, request.get_param_value("after"), who.name, who.admin);
     if (!page.ok()) {
       SendStatus(response, page.status());

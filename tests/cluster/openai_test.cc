@@ -239,6 +239,10 @@ TEST_F(OpenAiTest, UnknownPathsAndWrongMethodsGetOpenAiErrors) {
   EXPECT_EQ(unknown->status, 404);
   EXPECT_TRUE(absl::StrContains(error_in(unknown)["message"].get<std::string>(),
                                 "no such endpoint: GET /v1/embeddings"));
+  // A list's limit must be wholly a number.
+  auto bad_limit = http.Get("/v1/files?limit=10abc");
+  EXPECT_EQ(bad_limit->status, 400);
+  EXPECT_EQ(error_in(bad_limit)["message"], "limit must be a whole number in [1, 10000], got \"10abc\"");
   // An error a handler sends keeps its own body.
   auto no_model = http.Get("/v1/models/nope");
   EXPECT_EQ(no_model->status, 404);
