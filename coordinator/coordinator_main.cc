@@ -39,6 +39,7 @@
 #include "coordinator/services.h"
 #include "coordinator/store.h"
 #include "proto/parse_errors.h"
+#include "proto/listen.h"
 #include "proto/tls.h"
 #include "glog/logging.h"
 #include "google/protobuf/util/json_util.h"
@@ -238,6 +239,14 @@ int Run() {
                                               absl::GetFlag(FLAGS_internal_tls_key),
                                               "--internal-tls-cert", "--internal-tls-key"};
   const std::string internal_ca = absl::GetFlag(FLAGS_internal_ca);
+  for (const auto& [flag, value] : {std::pair{"listen", absl::GetFlag(FLAGS_listen)},
+                                    std::pair{"internal-listen", internal_listen}}) {
+    if (value.empty() && std::string(flag) == "internal-listen") continue;
+    if (absl::Status checked = gemma::CheckListenAddress(flag, value); !checked.ok()) {
+      std::cerr << "gemma-coordinator: " << checked.message() << "\n";
+      return 1;
+    }
+  }
   if (internal_listen.empty() && (!internal_cert.cert.empty() || !internal_ca.empty())) {
     std::cerr << "gemma-coordinator: --internal-tls-cert and --internal-ca are for the internal "
                  "port: give --internal-listen HOST:PORT too\n";
@@ -376,7 +385,7 @@ int Run() {
     return 1;
   }
   if (tls_cert.empty()) LOG(WARNING) << "no --tls-cert: the gRPC and HTTP ports speak plaintext";
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *credentials, &port);
+  gemma::ListenExclusively(builder, absl::GetFlag(FLAGS_listen), *credentials, &port);
   builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&inference);
   builder.RegisterService(&cluster);
@@ -387,13 +396,14 @@ int Run() {
   } else {
     grpc::ServerBuilder internal_builder;
     int internal_port = 0;
-    internal_builder.AddListeningPort(internal_listen, *internal_credentials, &internal_port);
+    gemma::ListenExclusively(internal_builder, internal_listen, *internal_credentials,
+                             &internal_port);
     internal_builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
     internal_builder.RegisterService(&coordinator);
     internal_server = internal_builder.BuildAndStart();
     if (internal_server == nullptr || internal_port == 0) {
       std::cerr << "gemma-coordinator: cannot listen on --internal-listen " << internal_listen
-                << "\n";
+                << " (in use by another process?)\n";
       return 1;
     }
     // On stdout, for scripts that start the coordinator with port 0.
@@ -410,7 +420,8 @@ int Run() {
   builder.RegisterService(&batches_service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen) << "\n";
+    std::cerr << "gemma-coordinator: cannot listen on " << absl::GetFlag(FLAGS_listen)
+              << " (in use by another process?)\n";
     return 1;
   }
   if (batch_store != nullptr) {

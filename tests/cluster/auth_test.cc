@@ -511,7 +511,9 @@ TEST(WorkerFlagsTest, NewFlagsRefuseNonsenseNamingTheFlag) {
            {{"--health-listen", "nowhere"}, "--health-listen \"nowhere\" is not HOST:PORT"},
            {{"--coordinator-tls-name", "gemma-coordinator"},
             "--coordinator-tls-name names the certificate the replica port admits"},
-           {{"--kv-dtype", "bf16"}, "--kv-dtype bf16 needs --backend cuda"}}) {
+           {{"--kv-dtype", "bf16"}, "--kv-dtype bf16 needs --backend cuda"},
+           {{"--listen", "127.0.0.1:99999"},
+            "--listen \"127.0.0.1:99999\" is not HOST:PORT with a port in 0-65535"}}) {
     std::vector<std::string> args = {kBin + "gemma-worker", "--coordinator",
                                      cluster.coordinator_address(), "--model", kTinyMoe};
     args.insert(args.end(), bad.flags.begin(), bad.flags.end());
@@ -519,6 +521,40 @@ TEST(WorkerFlagsTest, NewFlagsRefuseNonsenseNamingTheFlag) {
     EXPECT_EQ(run.exit_code, 1) << bad.flags[0] << ": " << run.err;
     EXPECT_TRUE(absl::StrContains(run.err, bad.expected)) << bad.flags[0] << ": " << run.err;
   }
+  cluster.Stop(milliseconds(10000));
+}
+
+// Addresses are checked before anything waits on them: a worker's --coordinator that is not
+// HOST:PORT is refused at once (not after the registration timeout).
+TEST(WorkerFlagsTest, ACoordinatorAddressThatIsNotHostPortIsRefusedAtOnce) {
+  for (const std::string address : {"nohostport", "http://127.0.0.1:50051", "127.0.0.1:0"}) {
+    const auto start = std::chrono::steady_clock::now();
+    ToolRun run = RunWithStdin(
+        {kBin + "gemma-worker", "--coordinator", address, "--model", kTinyMoe}, "", seconds(30));
+    EXPECT_EQ(run.exit_code, 1) << address << ": " << run.err;
+    EXPECT_TRUE(absl::StrContains(run.err, "is not HOST:PORT of the coordinator")) << run.err;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(5)) << address;
+  }
+}
+
+// A port out of range is refused naming the flag (gRPC would wrap 99999 to 34463), and a
+// second coordinator on a port in use fails instead of sharing it (SO_REUSEPORT would let the
+// kernel split clients and workers between the two).
+TEST(CoordinatorFlagsTest, ListenPortsAreCheckedAndNotShared) {
+  ToolRun wrapped = RunWithStdin(
+      {"gemma-coordinator", "--listen", "127.0.0.1:99999", "--insecure"}, "", seconds(20));
+  EXPECT_EQ(wrapped.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(wrapped.err, "--listen \"127.0.0.1:99999\" is not HOST:PORT"))
+      << wrapped.err;
+  Cluster cluster("shared_port");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  ToolRun second = RunWithStdin(
+      {"gemma-coordinator", "--listen", cluster.coordinator_address(), "--insecure"}, "",
+      seconds(20));
+  EXPECT_EQ(second.exit_code, 1) << second.err;
+  EXPECT_TRUE(absl::StrContains(second.err, "cannot listen on " + cluster.coordinator_address()))
+      << second.err;
   cluster.Stop(milliseconds(10000));
 }
 

@@ -64,6 +64,7 @@
 #include "proto/bearer.h"
 #include "proto/parse_errors.h"
 #include "proto/placement_convert.h"
+#include "proto/listen.h"
 #include "proto/tls.h"
 #include "proto/status_convert.h"
 
@@ -329,7 +330,16 @@ absl::Status CheckCoordinatorChannel() {
       Clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_register_timeout_s));
   std::string last;
   int refusals = 0;
+  const Clock::time_point started = Clock::now();
+  bool said_waiting = false;
   while (!g_stop.load()) {
+    if (!said_waiting && Clock::now() - started >= std::chrono::seconds(5)) {
+      // Silence while retrying looks like a hang: say what is being waited for.
+      LOG(WARNING) << "waiting for the coordinator at " << address << " (" << last
+                   << "); retrying until --register-timeout-s "
+                   << absl::GetFlag(FLAGS_register_timeout_s) << " s";
+      said_waiting = true;
+    }
     // A heartbeat for no replica changes nothing; any answer shows the channel works.
     iv1::HeartbeatRequest probe;
     iv1::HeartbeatResponse response;
@@ -593,10 +603,11 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::strin
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  gemma::ListenExclusively(builder, listen, grpc::InsecureServerCredentials(), &port);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    return absl::UnavailableError(absl::StrCat("--health-listen: cannot listen on ", listen));
+    return absl::UnavailableError(absl::StrCat("--health-listen: cannot listen on ", listen,
+                                               " (in use by another process?)"));
   }
   server->GetHealthCheckService()->SetServingStatus(true);
   server->GetHealthCheckService()->SetServingStatus(kReadyService, false);
@@ -605,9 +616,19 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartHealthServer(const std::strin
 }
 
 absl::Status Supervise() {
-  if (absl::GetFlag(FLAGS_coordinator).empty()) {
+  const std::string coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (coordinator.empty()) {
     return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   }
+  // Addresses are checked before anything waits on them.
+  if (coordinator.find("://") != std::string::npos ||
+      !gemma::CheckListenAddress("coordinator", coordinator).ok() ||
+      absl::EndsWith(coordinator, ":0")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator \"", coordinator, "\" is not HOST:PORT of the coordinator (its --listen, "
+        "or its --internal-listen when it has one)"));
+  }
+  RETURN_IF_ERROR(gemma::CheckListenAddress("listen", absl::GetFlag(FLAGS_listen)));
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
   RETURN_IF_ERROR(CheckCoordinatorChannel());
@@ -899,6 +920,9 @@ bool SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
   if (!status.ok()) {
     LOG_EVERY_N(WARNING, 10) << "heartbeat to " << absl::GetFlag(FLAGS_coordinator)
                              << " failed: " << status.error_message();
+  } else if (!reply.known() && draining) {
+    LOG(WARNING) << "the coordinator does not know replica " << *replica_id
+                 << " (it restarted?); draining, so not registering again";
   } else if (!reply.known()) {
     LOG(WARNING) << "the coordinator does not know replica " << *replica_id
                  << "; registering again";
@@ -909,6 +933,10 @@ bool SendHeartbeat(iv1::Coordinator::Stub& stub, std::string* replica_id,
       LOG(WARNING) << again.status();
     }
   }
+  // A draining replica that the coordinator forgot (it restarted) does not register again:
+  // nothing new is to come here, and the requests it served went with the old coordinator.
+  // Taken as announced, so the replica leaves once idle.
+  if (draining && status.ok() && !reply.known()) return true;
   return status.ok() && reply.known();
 }
 
@@ -1012,13 +1040,14 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
     stop_engine();
     return server_credentials.status();
   }
-  builder.AddListeningPort(listen, *server_credentials, &port);
+  gemma::ListenExclusively(builder, listen, *server_credentials, &port);
   builder.experimental().SetInterceptorCreators(gemma::ParseErrorInterceptors());
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     stop_engine();
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", listen, " (in use by another process?)"));
   }
   std::string address = absl::GetFlag(FLAGS_advertise);
   if (address.empty()) {
