@@ -115,7 +115,8 @@ absl::StatusOr<Principal> Authenticator::AuthenticateHeader(absl::string_view au
   for (Role r : allowed) names.push_back(RoleName(r));
   return absl::PermissionDeniedError(absl::StrCat(
       what, " is not for the ", RoleName(role), " role of token \"", it->second.name,
-      "\" (it needs ", absl::StrJoin(names, " or "), ", or admin)"));
+      "\" (it needs ", names.empty() ? "an admin token" : absl::StrJoin(names, " or ") + " or admin",
+      ")"));
 }
 
 absl::Status Authenticator::Check(const std::multimap<grpc::string_ref, grpc::string_ref>& metadata,

@@ -91,6 +91,10 @@ TEST_F(AuthTest, OnlyTheRightTokensGetIn) {
   EXPECT_TRUE(absl::StrContains(worker.err, "PERMISSION_DENIED")) << worker.err;
   ToolRun user = Gemmactl({"generate", "--tokens", "2,17,301", "--max-tokens", "4"}, kUser);
   EXPECT_EQ(user.exit_code, 0) << user.err;
+  // What only an admin may do says so.
+  ToolRun drain = Gemmactl({"drain", "r1"}, kUser);
+  EXPECT_EQ(drain.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(drain.err, "(it needs an admin token)")) << drain.err;
 
   // A batch: its items go through the coordinator's own calls.
   const std::string file = WriteFile(
