@@ -6,8 +6,11 @@
 //                     [--max-outstanding-per-replica 256] [--max-attempts 3]
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -356,6 +359,25 @@ int Run() {
       std::cerr << "gemma-coordinator: cannot create --data-dir " << data_dir << ": "
                 << error.message() << "\n";
       return 1;
+    }
+    // One coordinator a data directory: a second would run the same batches (its results would
+    // stay one per item, but every item could run twice). The lock goes with the process.
+    const std::string lock_path = data_dir + "/coordinator.lock";
+    const int lock_fd = open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (lock_fd < 0 || flock(lock_fd, LOCK_EX | LOCK_NB) != 0) {
+      std::string holder;
+      if (lock_fd >= 0) {
+        char pid[32] = {};
+        if (pread(lock_fd, pid, sizeof(pid) - 1, 0) > 0) holder = absl::StrCat(" (pid ", pid, ")");
+      }
+      std::cerr << "gemma-coordinator: --data-dir " << data_dir
+                << " is in use by another coordinator" << holder
+                << "; give each coordinator its own --data-dir\n";
+      return 1;
+    }
+    const std::string pid = std::to_string(getpid());
+    if (ftruncate(lock_fd, 0) != 0 || pwrite(lock_fd, pid.data(), pid.size(), 0) < 0) {
+      LOG(WARNING) << "cannot write the pid into " << lock_path;
     }
     auto opened = gemma::coordinator::BatchStore::Open(data_dir + "/batches.db");
     if (!opened.ok()) {

@@ -562,6 +562,26 @@ TEST(CoordinatorFlagsTest, ListenPortsAreCheckedAndNotShared) {
   cluster.Stop(milliseconds(10000));
 }
 
+// One coordinator a --data-dir: a second on another port but the same directory is refused
+// naming the first's pid (both would run the same batches); once the first is gone, the
+// directory is free again.
+TEST(CoordinatorFlagsTest, ADataDirServesOneCoordinator) {
+  Cluster cluster("shared_data_dir");
+  const std::string data = cluster.dir() + "/data";
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({"--data-dir", data}, &error)) << error;
+  ToolRun second = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0", "--insecure",
+                                 "--data-dir", data},
+                                "", seconds(20));
+  EXPECT_EQ(second.exit_code, 1) << second.err;
+  EXPECT_TRUE(absl::StrContains(second.err, "is in use by another coordinator (pid "))
+      << second.err;
+  cluster.Stop(milliseconds(10000));
+  Cluster again("shared_data_dir_again");
+  ASSERT_TRUE(again.StartCoordinator({"--data-dir", data}, &error)) << error;
+  again.Stop(milliseconds(10000));
+}
+
 TEST(CoordinatorFlagsTest, ReplicaTlsNameWithoutInternalCaIsRefused) {
   ToolRun run = RunWithStdin({"gemma-coordinator", "--listen", "127.0.0.1:0", "--insecure",
                               "--replica-tls-name", "gemma-worker"},
