@@ -517,7 +517,8 @@ TEST(WorkerFlagsTest, NewFlagsRefuseNonsenseNamingTheFlag) {
             "--coordinator-tls-name names the certificate the replica port admits"},
            {{"--kv-dtype", "bf16"}, "--kv-dtype bf16 needs --backend cuda"},
            {{"--listen", "127.0.0.1:99999"},
-            "--listen \"127.0.0.1:99999\" is not HOST:PORT with a port in 0-65535"}}) {
+            "--listen \"127.0.0.1:99999\" is not HOST:PORT with a port in 0-65535"},
+           {{"--cache-tokens", "0"}, "raise --cache-tokens (0)"}}) {
     std::vector<std::string> args = {kBin + "gemma-worker", "--coordinator",
                                      cluster.coordinator_address(), "--model", kTinyMoe};
     args.insert(args.end(), bad.flags.begin(), bad.flags.end());

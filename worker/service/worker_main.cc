@@ -965,9 +965,16 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
       loaded.model.get(), plans,
       std::chrono::milliseconds(absl::GetFlag(FLAGS_placement_load_delay_ms)));
   gemma::replica::LeaderExecutor* leader = executor.get();
-  ASSIGN_OR_RETURN(std::unique_ptr<gemma::engine::Engine> engine,
-                   gemma::engine::Engine::Create(std::move(executor), loaded.model->config(),
-                                                 loaded.cache.get(), options));
+  absl::StatusOr<std::unique_ptr<gemma::engine::Engine>> created = gemma::engine::Engine::Create(
+      std::move(executor), loaded.model->config(), loaded.cache.get(), options);
+  if (!created.ok()) {
+    // The pools are sized from --cache-tokens (and --page-size): name them.
+    return absl::Status(created.status().code(),
+                        absl::StrCat(created.status().message(), "; raise --cache-tokens (",
+                                     absl::GetFlag(FLAGS_cache_tokens), ") or lower --page-size (",
+                                     absl::GetFlag(FLAGS_page_size), ")"));
+  }
+  std::unique_ptr<gemma::engine::Engine> engine = *std::move(created);
   gemma::service::ReplicaLoad load;
   for (int pool = 0; pool < 2; ++pool) {
     load.pages_total[pool] = loaded.cache->pool(pool).num_pages();
