@@ -117,10 +117,19 @@ grpc::ServerUnaryReactor* ClusterService::Rebalance(grpc::CallbackServerContext*
   }
   *response = rebalancer_->Rebalance(*request);
   if (!request->replica_id().empty() && response->replicas_size() == 0) {
+    // Say which of the conditions the named replica misses.
+    std::string why = "is not known (gemmactl status lists the replicas)";
+    const gemma::v1::GetStatusResponse status = registry_->Status();
+    for (const gemma::v1::ReplicaStatus& r : status.replicas()) {
+      if (r.id() != request->replica_id()) continue;
+      why = !r.healthy() ? "is not healthy"
+                         : absl::StrCat("has no experts spread over ranks to move (its model ",
+                                        r.model(), " is dense, or one rank holds every expert: ",
+                                        r.parallel(), ")");
+    }
     return FinishUnary(context, absl::NotFoundError(absl::StrCat(
-                                    "no healthy replica ", request->replica_id(),
-                                    " with experts spread over ranks (gemmactl status lists "
-                                    "the replicas)")));
+                                    "nothing to rebalance: replica ", request->replica_id(), " ",
+                                    why)));
   }
   return FinishUnary(context, absl::OkStatus());
 }

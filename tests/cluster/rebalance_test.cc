@@ -182,7 +182,16 @@ TEST(RebalanceErrorsTest, RefusedWhereItCannotApply) {
                                   "rebalance", "--replica", "r99"},
                                  "");
   EXPECT_NE(unknown.exit_code, 0);
-  EXPECT_TRUE(absl::StrContains(unknown.err, "no healthy replica r99")) << unknown.err;
+  EXPECT_TRUE(absl::StrContains(unknown.err, "replica r99 is not known")) << unknown.err;
+  // The dense replica named: said to have no experts to move, not to be missing.
+  const gemma::v1::GetStatusResponse status = dense.Status();
+  ASSERT_EQ(status.replicas_size(), 1);
+  ToolRun named = RunWithStdin({"gemmactl", "--coordinator", dense.coordinator_address(),
+                                "rebalance", "--replica", status.replicas(0).id()},
+                               "");
+  EXPECT_NE(named.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(named.err, "has no experts spread over ranks to move"))
+      << named.err;
 }
 
 }  // namespace
