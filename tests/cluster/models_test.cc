@@ -359,6 +359,28 @@ TEST(ModelsTest, ModelsFileErrorsNameTheField) {
   EXPECT_TRUE(absl::StrContains(run.err, "models[0].layout.rank: unknown field")) << run.err;
 }
 
+// SIGTERM to a worker's whole process group (kill -- -PGID, systemd's default KillMode)
+// reaches its rank processes directly as well as through the supervisor: that is still one
+// drain, not the "second SIGTERM" that leaves at once, so the replica drains, tells the
+// coordinator it left and exits 0.
+TEST(ScalingTest, SigtermToTheWholeProcessGroupStillDrainsAndLeaves) {
+  Cluster cluster("group_sigterm");
+  std::string error;
+  ASSERT_TRUE(cluster.StartCoordinator({}, &error)) << error;
+  const int w = cluster.StartWorker(kTinyMoe, {"--cpu-ranks", "2"});
+  ASSERT_TRUE(cluster.WaitHealthy(1, Clock::now() + seconds(30))) << cluster.Log("worker0");
+  const pid_t supervisor = cluster.worker(w).pid();
+  std::vector<pid_t> group = {supervisor};
+  std::ifstream children(absl::StrCat("/proc/", supervisor, "/task/", supervisor, "/children"));
+  for (pid_t child; children >> child;) group.push_back(child);
+  ASSERT_EQ(group.size(), 3u) << "the supervisor and its two rank processes";
+  for (pid_t pid : group) kill(pid, SIGTERM);  // as a group kill delivers it
+  EXPECT_EQ(cluster.worker(w).WaitForExitCode(milliseconds(40000)), 0) << cluster.Log("worker0");
+  EXPECT_TRUE(absl::StrContains(cluster.Log("coordinator"), "drained and left"))
+      << cluster.Log("coordinator");
+  EXPECT_EQ(cluster.Status().replicas_size(), 0) << "the replica is still listed";
+}
+
 TEST(ScalingTest, ScaleUpDrainAndSigtermUnderSteadyTrafficFailNothing) {
   Cluster cluster("scaling");
   std::string error;

@@ -27,6 +27,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <ctime>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -164,10 +165,21 @@ constexpr uint32_t kProtocolVersion = 1;
 constexpr auto kStopGrace = std::chrono::seconds(10);
 
 std::atomic<bool> g_stop{false};
-// A second SIGTERM or SIGINT: leave now, without draining.
+// A second SIGTERM or SIGINT, a second or more after the first: leave now, without draining.
+// Sooner it is the same stop: a SIGTERM to the whole process group (kill -- -PGID, systemd's
+// KillMode=control-group, `timeout`) reaches a rank both directly and through its supervisor.
 std::atomic<bool> g_force_stop{false};
+std::atomic<int64_t> g_first_stop_ns{0};
+int64_t MonotonicNs() {  // async-signal-safe
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return static_cast<int64_t>(now.tv_sec) * 1000000000 + now.tv_nsec;
+}
 void OnSignal(int) {
-  if (g_stop.exchange(true)) g_force_stop.store(true);
+  const int64_t now = MonotonicNs();
+  if (!g_stop.load()) g_first_stop_ns.store(now);
+  if (!g_stop.exchange(true)) return;
+  if (now - g_first_stop_ns.load() >= 1000000000) g_force_stop.store(true);
 }
 
 // The command line as given, for starting the rank processes.
@@ -1184,7 +1196,19 @@ absl::Status RunRank() {
       signal(SIGTERM, OnSignal);
       signal(SIGINT, OnSignal);
     } else {
-      // The supervisor's SIGTERM ends a follower at once; Ctrl-C is the supervisor's to handle.
+      // The supervisor's SIGTERM ends a follower at once; one sent to the whole process group
+      // (which the supervisor got too, and drains) is ignored, since ending here would cut the
+      // group's lockstep mid-drain. Ctrl-C is the supervisor's to handle.
+      struct sigaction action {};
+      action.sa_sigaction = [](int, siginfo_t* info, void*) {
+        if (info != nullptr && info->si_pid == getppid()) {
+          signal(SIGTERM, SIG_DFL);
+          raise(SIGTERM);
+        }
+      };
+      action.sa_flags = SA_SIGINFO;
+      sigemptyset(&action.sa_mask);
+      sigaction(SIGTERM, &action, nullptr);
       signal(SIGINT, SIG_IGN);
     }
     ASSIGN_OR_RETURN(std::unique_ptr<gemma::eplb::Placement> placement,
