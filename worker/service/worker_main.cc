@@ -332,12 +332,24 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> CoordinatorChannelCred
 // Before any rank starts: the certificate is usable, and the coordinator answers over this
 // channel. Waits up to --register-timeout-s for a coordinator that is not up yet, and fails at
 // once, saying what to check, when the TLS handshake is refused.
+// A channel to the coordinator that reconnects within a second or two of it coming back (a
+// restart): gRPC's default backoff grows to minutes, and the replica's heartbeats, its
+// registration again and so its requests would wait that long.
+std::shared_ptr<grpc::Channel> CoordinatorChannel(
+    const std::string& address, const std::shared_ptr<grpc::ChannelCredentials>& credentials) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 250);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  return grpc::CreateCustomChannel(address, credentials, args);
+}
+
 absl::Status CheckCoordinatorChannel() {
   RETURN_IF_ERROR(gemma::CheckCertificate(WorkerCertificate()));
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                    CoordinatorChannelCredentials());
   const std::string address = absl::GetFlag(FLAGS_coordinator);
-  auto stub = iv1::Coordinator::NewStub(grpc::CreateChannel(address, credentials));
+  auto stub = iv1::Coordinator::NewStub(CoordinatorChannel(address, credentials));
   const Clock::time_point deadline =
       Clock::now() + std::chrono::seconds(absl::GetFlag(FLAGS_register_timeout_s));
   std::string last;
@@ -510,7 +522,7 @@ int64_t CheckpointBytes(const std::string& dir) {
 absl::StatusOr<bool> JoinForAssignment(int local_ranks, const std::string& backend) {
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                    CoordinatorChannelCredentials());
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), credentials);
+  auto channel = CoordinatorChannel(absl::GetFlag(FLAGS_coordinator), credentials);
   auto stub = iv1::Coordinator::NewStub(channel);
   std::random_device random;
   iv1::JoinRequest request;
@@ -1184,7 +1196,7 @@ absl::Status RunRank() {
   signal(SIGPIPE, SIG_IGN);
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                    CoordinatorChannelCredentials());
-  auto channel = grpc::CreateChannel(coordinator, credentials);
+  auto channel = CoordinatorChannel(coordinator, credentials);
   std::unique_ptr<iv1::Coordinator::Stub> stub = iv1::Coordinator::NewStub(channel);
   const auto timeout = std::chrono::seconds(absl::GetFlag(FLAGS_comm_timeout_s));
   const std::string backend = absl::GetFlag(FLAGS_backend);
