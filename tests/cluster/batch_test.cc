@@ -122,9 +122,11 @@ class BatchTest : public ::testing::Test {
 };
 
 TEST_F(BatchTest, ThreeHundredItemsSurviveACoordinatorKillAndAReplicaKill) {
-  StartCluster(2);
+  // One item in flight per replica: the batch must still be running when each kill comes (with
+  // workers back within a second or two of the restart, four in flight finished it first).
+  StartCluster(2, {"--batch-max-in-flight-per-replica", "1"});
   constexpr int kItems = 300;
-  constexpr int64_t kMaxTokens = 6;
+  constexpr int64_t kMaxTokens = 32;  // enough work per item that each kill finds it running
   std::vector<gemma::v1::BatchItem> items;
   std::set<std::string> invalid;
   for (int i = 0; i < kItems; ++i) {
