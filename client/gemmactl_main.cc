@@ -49,6 +49,7 @@
 #include "proto/placement_convert.h"
 #include "proto/tls.h"
 #include "common/flags.h"
+#include "common/host_port.h"
 #include "common/status_macros.h"
 #include "gemma/v1/cluster.grpc.pb.h"
 #include "gemma/v1/inference.grpc.pb.h"
@@ -145,18 +146,15 @@ absl::Status CheckAddress(const std::string& address) {
   for (const char* scheme : {"dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:"}) {
     if (absl::StartsWith(address, scheme)) return absl::OkStatus();
   }
-  const size_t colon = address.rfind(':');
-  const size_t bracket = address.rfind(']');
-  if (colon == std::string::npos || (bracket != std::string::npos && colon < bracket)) {
+  std::string host, port;
+  if (!gemma::SplitHostPort(address, &host, &port)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--coordinator \"", address, "\" has no port; give HOST:PORT (the coordinator's "
         "--listen, 50051 by default)"));
   }
-  int port = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+  if (gemma::PortOf(address, /*lo=*/1) < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--coordinator \"", address, "\": port \"",
-                                                   address.substr(colon + 1),
-                                                   "\" is not a number in 1-65535"));
+                                                   port, "\" is not a number in 1-65535"));
   }
   return absl::OkStatus();
 }
@@ -164,16 +162,12 @@ absl::Status CheckAddress(const std::string& address) {
 // True when HOST:PORT answers a plain HTTP request (within half a second): the coordinator's
 // HTTP port given where its gRPC port belongs.
 bool AnswersHttp(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) return false;
-  std::string host = address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  std::string host, port;
+  if (!gemma::SplitHostPort(address, &host, &port)) return false;
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* found = nullptr;
-  if (getaddrinfo(host.c_str(), address.substr(colon + 1).c_str(), &hints, &found) != 0) {
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) {
     return false;
   }
   bool http = false;

@@ -65,6 +65,7 @@
 #include "proto/bearer.h"
 #include "proto/parse_errors.h"
 #include "proto/placement_convert.h"
+#include "common/host_port.h"
 #include "proto/listen.h"
 #include "proto/tls.h"
 #include "proto/status_convert.h"
@@ -645,9 +646,7 @@ absl::Status Supervise() {
     return absl::InvalidArgumentError("--coordinator HOST:PORT is required");
   }
   // Addresses are checked before anything waits on them.
-  if (coordinator.find("://") != std::string::npos ||
-      !gemma::CheckListenAddress("coordinator", coordinator).ok() ||
-      absl::EndsWith(coordinator, ":0")) {
+  if (coordinator.find("://") != std::string::npos || gemma::PortOf(coordinator, /*lo=*/1) < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--coordinator \"", coordinator, "\" is not HOST:PORT of the coordinator (its --listen, "
         "or its --internal-listen when it has one)"));
