@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
@@ -41,6 +42,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "client/batch_commands.h"
@@ -116,6 +118,109 @@ constexpr char kUsage[] =
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)\n"
     "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one\n"
     "  --tls-ca FILE (default $GEMMA_TLS_CA) for a coordinator that speaks TLS";
+
+// What `gemmactl COMMAND --help` (or `gemmactl help COMMAND`) prints: the command's usage
+// and the flags it reads, each with its description and default, then the connection flags
+// every command shares.
+struct CommandHelp {
+  const char* name;
+  const char* usage;
+  std::vector<const char*> flags;  // Abseil's names (underscores)
+};
+
+const std::vector<CommandHelp>& CommandHelps() {
+  static const auto* helps = new std::vector<CommandHelp>{
+      {"generate",
+       "gemmactl generate \"text\" | generate --tokens 2,17,301 [--max-tokens N] "
+       "[--temperature T] [--model NAME] [--json]\n"
+       "  streams one completion of the text (or of the token ids) to stdout",
+       {"tokens", "max_tokens", "temperature", "model", "json"}},
+      {"chat",
+       "gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--model NAME] "
+       "[--json] [--echo]\n"
+       "  one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends",
+       {"system", "max_tokens", "temperature", "model", "json", "echo"}},
+      {"status",
+       "gemmactl status [--json]\n"
+       "  a table of the replicas: model, state, parallelism, requests, KV pool use",
+       {"json"}},
+      {"experts",
+       "gemmactl experts [--model NAME] [--replica ID] [--json] [--watch [--interval-ms N]] "
+       "[--record FILE]\n"
+       "  expert load: a layers x experts heatmap, each layer's balancedness, per-rank load",
+       {"model", "replica", "json", "watch", "interval_ms", "record"}},
+      {"drain",
+       "gemmactl drain REPLICA   (admin)\n"
+       "  the replica takes no new requests and leaves once its requests are done",
+       {}},
+      {"rebalance",
+       "gemmactl rebalance [--replica ID] [--dry-run] [--wait] [--json]   (admin)\n"
+       "  fits each replica's expert placement (copies of hot experts in its spare slots) to\n"
+       "  its recent load and switches to it live; prints balancedness before and predicted",
+       {"replica", "dry_run", "wait", "json"}},
+      {"batch",
+       "gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
+       "gemmactl batch status ID | list | cancel ID [--json]\n"
+       "gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl] [--model-name NAME]",
+       {"wait", "json", "output", "errors", "model_name"}},
+  };
+  return *helps;
+}
+
+void PrintFlagHelp(std::ostream& out, absl::string_view name) {
+  const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+  if (flag == nullptr) return;
+  std::string dashed(name);
+  std::replace(dashed.begin(), dashed.end(), '_', '-');
+  out << "  --" << dashed << "  " << flag->Help();
+  const std::string fallback = flag->DefaultValue();
+  if (!fallback.empty()) out << " (default: " << fallback << ")";
+  out << "\n";
+}
+
+// The command `gemmactl ARGS --help` asks about, or nullptr: the first argument that names a
+// command ("help batch" names batch).
+const CommandHelp* HelpedCommand(int argc, char** argv) {
+  bool help = false;
+  const CommandHelp* command = nullptr;
+  for (int i = 1; i < argc; ++i) {
+    const absl::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (arg == "--help" || arg == "-h" || arg == "-help") {
+      help = true;
+      continue;
+    }
+    if (command != nullptr || absl::StartsWith(arg, "-")) continue;
+    // A word right after "--flag" (no "=") is that flag's value unless the flag is a switch.
+    if (i > 1 && absl::StartsWith(argv[i - 1], "--") && !absl::StrContains(argv[i - 1], "=")) {
+      std::string name(absl::string_view(argv[i - 1]).substr(2));
+      std::replace(name.begin(), name.end(), '-', '_');
+      const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+      if (flag != nullptr && !flag->IsOfType<bool>()) continue;
+    }
+    if (arg == "help") {  // `gemmactl help COMMAND`
+      help = true;
+      continue;
+    }
+    for (const CommandHelp& c : CommandHelps()) {
+      if (arg == c.name) command = &c;
+    }
+  }
+  return help ? command : nullptr;
+}
+
+void PrintCommandHelp(const CommandHelp& command) {
+  std::cout << "usage:\n  " << absl::StrReplaceAll(command.usage, {{"\n", "\n  "}}) << "\n";
+  if (!command.flags.empty()) {
+    std::cout << "\nflags:\n";
+    for (const char* name : command.flags) PrintFlagHelp(std::cout, name);
+  }
+  std::cout << "\nconnection flags (every command):\n";
+  for (const char* name : {"coordinator", "token", "tls_ca", "timeout_ms", "connect_timeout_ms"}) {
+    PrintFlagHelp(std::cout, name);
+  }
+  std::cout << "\ngemmactl --help lists every command.\n" << std::flush;
+}
 
 std::string CoordinatorAddress() {
   std::string address = absl::GetFlag(FLAGS_coordinator);
@@ -892,7 +997,15 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--") == 0) break;
     if (std::strcmp(argv[i], "-o") == 0) argv[i] = kOutputFlag;
   }
+  if (const CommandHelp* command = HelpedCommand(argc, argv); command != nullptr) {
+    PrintCommandHelp(*command);
+    return 0;
+  }
   std::vector<char*> args = gemma::ParseFlags(argc, argv);
+  if (args.size() == 2 && std::strcmp(args[1], "help") == 0) {
+    std::cout << "gemmactl: " << kUsage << "\n";
+    return 0;
+  }
   absl::Status status;
   const std::string command = args.size() >= 2 ? args[1] : "";
   if (command == "generate") {

@@ -12,6 +12,7 @@
 #include <regex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -547,6 +548,33 @@ TEST(GemmactlNoClusterTest, AddressesThatCannotBeTheCoordinatorsAreNamed) {
   EXPECT_TRUE(absl::StrContains(run.err, "answers HTTP, not gRPC")) << run.err;
   // One line: gRPC's own log lines are kept out of it.
   EXPECT_EQ(std::count(run.err.begin(), run.err.end(), '\n'), 1) << run.err;
+}
+
+// `gemmactl COMMAND --help` (and `gemmactl help COMMAND`) answers about that command: its
+// usage and the flags it reads, not the whole tool's help; it exits 0 without connecting.
+TEST(GemmactlNoClusterTest, EachCommandHasItsOwnHelp) {
+  const std::string address = absl::StrCat("127.0.0.1:", FreeLocalPort());
+  for (const auto& [args, want, not_want] :
+       std::vector<std::tuple<std::vector<std::string>, std::string, std::string>>{
+           {{"batch", "--help"}, "gemmactl batch results ID", "--interval-ms"},
+           {{"batch", "submit", "-h"}, "--model-name", "--system"},
+           {{"help", "experts"}, "--interval-ms", "--model-name"},
+           {{"chat", "--help"}, "--system", "--dry-run"},
+           {{"--json", "rebalance", "--help"}, "--dry-run", "--tokens"}}) {
+    std::vector<std::string> command = {"gemmactl", "--coordinator", address};
+    command.insert(command.end(), args.begin(), args.end());
+    ToolRun run = RunWithStdin(command, "");
+    EXPECT_EQ(run.exit_code, 0) << args[0] << ": " << run.err;
+    EXPECT_TRUE(absl::StartsWith(run.out, "usage:\n  gemmactl ")) << run.out;
+    EXPECT_TRUE(absl::StrContains(run.out, want)) << run.out;
+    EXPECT_FALSE(absl::StrContains(run.out, not_want)) << run.out;
+    EXPECT_TRUE(absl::StrContains(run.out, "--coordinator")) << run.out;  // shared flags too
+  }
+  // Without a command: the whole tool's usage, still exit 0.
+  ToolRun all = RunWithStdin({"gemmactl", "help"}, "");
+  EXPECT_EQ(all.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(all.out, "gemmactl batch submit")) << all.out;
+  EXPECT_TRUE(absl::StrContains(all.out, "gemmactl experts")) << all.out;
 }
 
 TEST(GemmactlNoClusterTest, ChatWithoutACoordinatorIsAClearError) {
