@@ -83,16 +83,17 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
       balancedness_(prometheus::BuildGauge()
                         .Name("gemma:expert_balancedness")
                         .Help("Mean over max tokens per expert of a layer, over everything "
-                              "routed so far: 1 is even.")
+                              "a model's replicas routed so far: 1 is even.")
                         .Register(*prom_)),
       balancedness_overall_(prometheus::BuildGauge()
                                 .Name("gemma:expert_balancedness_overall")
                                 .Help("Mean over layers of mean tokens per expert, over the mean "
-                                      "over layers of the busiest expert's tokens.")
+                                      "over layers of the busiest expert's tokens, per model.")
                                 .Register(*prom_)),
       hottest_share_(prometheus::BuildGauge()
                          .Name("gemma:expert_hottest_share")
-                         .Help("The busiest expert's share of a layer's routed tokens.")
+                         .Help("The busiest expert's share of a layer's routed tokens, per "
+                               "model.")
                          .Register(*prom_)),
       rank_tokens_(prometheus::BuildCounter()
                        .Name("gemma:expert_rank_tokens_total")
@@ -141,7 +142,8 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
   if (per_expert_) {
     expert_tokens_ = &prometheus::BuildCounter()
                           .Name("gemma:expert_tokens_total")
-                          .Help("Tokens routed to each expert of each layer, over the cluster.")
+                          .Help("Tokens routed to each expert of each layer, over each "
+                                "model's replicas.")
                           .Register(*prom_);
   }
 }
@@ -233,49 +235,54 @@ void Metrics::RefreshLocked() {
         .Set(static_cast<double>(gauges.unhealthy));
   }
 
+  // Expert series, each labelled with its model (as the request series are): per replica for
+  // the replicas that route to experts (a dense replica reports no load and has no placement,
+  // so it gets none), and per MoE model over all of its replicas.
   const gemma::v1::GetExpertLoadResponse load = registry_->ExpertLoad(false);
   for (const gemma::v1::ReplicaExpertLoad& r : load.replicas()) {
     const gemma::v1::ExpertLoad& t = r.totals();
+    if (t.num_experts() == 0 && r.placement().num_ranks() <= 1) continue;
+    const std::string& model = r.model();
     for (int l = 0; l < t.num_layers(); ++l) {
       int64_t tokens = 0;
       for (int e = 0; e < t.num_experts(); ++e) tokens += t.counts(l * t.num_experts() + e);
-      AddGrowth(expert_layer_tokens_.Add({{"replica", r.replica_id()},
+      AddGrowth(expert_layer_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()},
                                           {"layer", std::to_string(l)}}),
                 tokens, &last_layer_tokens_[{r.replica_id(), l}]);
     }
-    AddGrowth(recomputed_tokens_.Add({{"replica", r.replica_id()}}), t.recomputed_tokens(),
+    AddGrowth(recomputed_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()}}), t.recomputed_tokens(),
               &last_recomputed_[r.replica_id()]);
     // The placement: its epoch and copies, and the last switch's balancedness.
     const gemma::v1::ExpertPlacement& placement = r.placement();
     absl::StatusOr<eplb::Placement> placed = absl::NotFoundError("none");
     if (placement.num_ranks() > 1) {
-      placement_epoch_.Add({{"replica", r.replica_id()}}).Set(static_cast<double>(placement.epoch()));
+      placement_epoch_.Add({{"model_name", model}, {"replica", r.replica_id()}}).Set(static_cast<double>(placement.epoch()));
       placed = PlacementFromProto(placement);
     }
     if (placed.ok()) {
-      redundant_slots_.Add({{"replica", r.replica_id()}}).Set(placed->redundant());
+      redundant_slots_.Add({{"model_name", model}, {"replica", r.replica_id()}}).Set(placed->redundant());
       for (int l = 0; l < placed->num_layers; ++l) {
         std::vector<int> copies(placed->num_experts, 0);
         for (int rank = 0; rank < placed->num_ranks; ++rank) {
           for (int32_t e : placed->RankSlots(l, rank)) ++copies[e];
         }
-        expert_copies_max_.Add({{"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+        expert_copies_max_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
             .Set(*std::max_element(copies.begin(), copies.end()));
       }
     }
     std::map<std::string, int> states;
     for (const gemma::v1::RebalanceRecord& s : r.switches()) ++states[s.state()];
     for (const char* state : {"offered", "active", "abandoned"}) {
-      rebalances_.Add({{"replica", r.replica_id()}, {"state", state}}).Set(states[state]);
+      rebalances_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"state", state}}).Set(states[state]);
     }
     if (r.switches_size() > 0) {
       const gemma::v1::RebalanceRecord& last = r.switches(r.switches_size() - 1);
-      rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "before"}})
+      rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "before"}})
           .Set(last.balancedness_before());
-      rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "predicted"}})
+      rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "predicted"}})
           .Set(last.balancedness_predicted());
       if (last.balancedness_measured() >= 0) {
-        rebalance_balancedness_.Add({{"replica", r.replica_id()}, {"stage", "measured"}})
+        rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "measured"}})
             .Set(last.balancedness_measured());
       }
     }
@@ -301,7 +308,7 @@ void Metrics::RefreshLocked() {
       }
       double total = 0, max = 0;
       for (int rank = 0; rank < ranks; ++rank) {
-        AddGrowth(rank_tokens_.Add({{"replica", r.replica_id()},
+        AddGrowth(rank_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()},
                                     {"layer", std::to_string(l)},
                                     {"rank", std::to_string(rank)}}),
                   static_cast<int64_t>(per_rank[rank]), &last_rank_tokens_[{r.replica_id(), l, rank}]);
@@ -309,39 +316,45 @@ void Metrics::RefreshLocked() {
         max = std::max(max, per_rank[rank]);
       }
       const double balance = max > 0 ? total / ranks / max : 1.0;
-      rank_balancedness_.Add({{"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+      rank_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
           .Set(balance);
       balance_sum += balance;
     }
     if (t.num_layers() > 0) {
-      rank_balancedness_overall_.Add({{"replica", r.replica_id()}})
+      rank_balancedness_overall_.Add({{"model_name", model}, {"replica", r.replica_id()}})
           .Set(balance_sum / t.num_layers());
     }
   }
-  const gemma::v1::ExpertLoad& t = load.totals();
-  if (t.num_layers() == 0 || t.num_experts() == 0) return;
-  double sum_mean = 0, sum_max = 0;
-  for (int l = 0; l < t.num_layers(); ++l) {
-    int64_t total = 0, max = 0;
-    for (int e = 0; e < t.num_experts(); ++e) {
-      const int64_t c = t.counts(l * t.num_experts() + e);
-      total += c;
-      max = std::max(max, c);
-      if (expert_tokens_ != nullptr) {
-        AddGrowth(expert_tokens_->Add({{"layer", std::to_string(l)},
-                                       {"expert", std::to_string(e)}}),
-                  c, &last_expert_tokens_[{l, e}]);
+  for (const auto& [model, gauges] : by_model) {
+    absl::StatusOr<gemma::v1::GetExpertLoadResponse> model_load = registry_->ExpertLoad(false, model);
+    if (!model_load.ok()) continue;
+    const gemma::v1::ExpertLoad& t = model_load->totals();
+    if (t.num_layers() == 0 || t.num_experts() == 0) continue;
+    double sum_mean = 0, sum_max = 0;
+    for (int l = 0; l < t.num_layers(); ++l) {
+      int64_t total = 0, max = 0;
+      for (int e = 0; e < t.num_experts(); ++e) {
+        const int64_t c = t.counts(l * t.num_experts() + e);
+        total += c;
+        max = std::max(max, c);
+        if (expert_tokens_ != nullptr) {
+          AddGrowth(expert_tokens_->Add({{"model_name", model},
+                                         {"layer", std::to_string(l)},
+                                         {"expert", std::to_string(e)}}),
+                    c, &last_expert_tokens_[{model, l, e}]);
+        }
       }
+      const double mean = static_cast<double>(total) / t.num_experts();
+      const std::string layer = std::to_string(l);
+      balancedness_.Add({{"model_name", model}, {"layer", layer}}).Set(max > 0 ? mean / max : 1.0);
+      hottest_share_.Add({{"model_name", model}, {"layer", layer}})
+          .Set(total > 0 ? static_cast<double>(max) / total : 0.0);
+      sum_mean += mean;
+      sum_max += static_cast<double>(max);
     }
-    const double mean = static_cast<double>(total) / t.num_experts();
-    const std::string layer = std::to_string(l);
-    balancedness_.Add({{"layer", layer}}).Set(max > 0 ? mean / max : 1.0);
-    hottest_share_.Add({{"layer", layer}})
-        .Set(total > 0 ? static_cast<double>(max) / total : 0.0);
-    sum_mean += mean;
-    sum_max += static_cast<double>(max);
+    balancedness_overall_.Add({{"model_name", model}})
+        .Set(sum_max > 0 ? sum_mean / sum_max : 1.0);
   }
-  balancedness_overall_.Add({}).Set(sum_max > 0 ? sum_mean / sum_max : 1.0);
 }
 
 std::string Metrics::Scrape() {

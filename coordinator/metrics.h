@@ -101,7 +101,7 @@ class Metrics {
   std::map<std::string, prometheus::Gauge*> kv_usage_by_replica_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, int64_t> last_preemptions_ ABSL_GUARDED_BY(mutex_);
   std::map<std::tuple<std::string, int>, int64_t> last_layer_tokens_ ABSL_GUARDED_BY(mutex_);
-  std::map<std::tuple<int, int>, int64_t> last_expert_tokens_ ABSL_GUARDED_BY(mutex_);
+  std::map<std::tuple<std::string, int, int>, int64_t> last_expert_tokens_ ABSL_GUARDED_BY(mutex_);
   std::map<std::tuple<std::string, int, int>, int64_t> last_rank_tokens_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, int64_t> last_recomputed_ ABSL_GUARDED_BY(mutex_);
 };

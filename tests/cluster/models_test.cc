@@ -176,6 +176,21 @@ except openai.NotFoundError as error:
   EXPECT_EQ(dense.totals().counts_size(), 0);
   ASSERT_EQ(dense.replicas_size(), 1);
   EXPECT_EQ(dense.replicas(0).model(), "dense");
+  // The expert series are the MoE model's, labelled with it, although the default model is
+  // the dense one: one balancedness per layer of moe, none for dense or its replica.
+  scraped = scraper.Get("/metrics");
+  ASSERT_TRUE(scraped && scraped->status == 200);
+  const int moe_layers = moe_load.totals().num_layers();
+  ASSERT_GT(moe_layers, 0);
+  int moe_balancedness = 0;
+  for (absl::string_view line : absl::StrSplit(scraped->body, '\n')) {
+    if (!absl::StartsWith(line, "gemma:expert_")) continue;
+    EXPECT_TRUE(absl::StrContains(line, "model_name=\"moe\"")) << line;
+    if (absl::StartsWith(line, "gemma:expert_balancedness{")) ++moe_balancedness;
+  }
+  EXPECT_EQ(moe_balancedness, moe_layers) << scraped->body;
+  EXPECT_GT(value("gemma:expert_routed_tokens_total", {"model_name=\"moe\""}), 0)
+      << scraped->body;
   ToolRun unknown_load = experts("llama");
   EXPECT_EQ(unknown_load.exit_code, 1);
   EXPECT_TRUE(absl::StrContains(unknown_load.err, "served: dense, moe")) << unknown_load.err;
