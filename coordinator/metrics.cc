@@ -61,8 +61,15 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
                              .Register(*prom_)),
       success_(prometheus::BuildCounter()
                    .Name("gemma:request_success_total")
-                   .Help("Requests that finished normally, by finish reason.")
+                   .Help("Requests that finished, by finish reason (abort: cancelled by the "
+                         "client, or cut after tokens went out).")
                    .Register(*prom_)),
+      failures_(prometheus::BuildCounter()
+                    .Name("gemma:request_failure_total")
+                    .Help("Requests that ended with an error before any token, by reason (the "
+                          "gRPC status code: invalid_argument, resource_exhausted, "
+                          "deadline_exceeded, unavailable, not_found, ...).")
+                    .Register(*prom_)),
       ttft_(prometheus::BuildHistogram()
                 .Name("gemma:time_to_first_token_seconds")
                 .Help("Seconds from a request's arrival to its first token.")
@@ -178,6 +185,10 @@ void Metrics::Finished(const ModelSeries& series, const std::string& finish_reas
   series.prompt_tokens->Increment(static_cast<double>(prompt_tokens));
   series.generation_tokens->Increment(static_cast<double>(generated_tokens));
   series.e2e->Observe(seconds);
+}
+
+void Metrics::Failed(const std::string& model, const std::string& reason) {
+  failures_.Add({{"model_name", model}, {"reason", reason}}).Increment();
 }
 
 void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last) {

@@ -53,6 +53,12 @@ class Metrics {
   void InterToken(const ModelSeries& series, double seconds);
   void Finished(const ModelSeries& series, const std::string& finish_reason,
                 int64_t prompt_tokens, int64_t generated_tokens, double seconds);
+  // A request ended with an error before its final message and before any token went out
+  // (refused at admission, timed out in the admission queue, no replica could run it, ...):
+  // gemma:request_failure_total{model_name, reason}, the reason being the gRPC status code in
+  // lower case ("invalid_argument", "resource_exhausted", "deadline_exceeded", ...). `model`
+  // is empty for a model not served here (a client's name must not add series).
+  void Failed(const std::string& model, const std::string& reason);
 
   // Every metric in the Prometheus text exposition format (version 0.0.4).
   std::string Scrape();
@@ -74,6 +80,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& prompt_tokens_;
   prometheus::Family<prometheus::Counter>& generation_tokens_;
   prometheus::Family<prometheus::Counter>& success_;
+  prometheus::Family<prometheus::Counter>& failures_;
   prometheus::Family<prometheus::Histogram>& ttft_;
   prometheus::Family<prometheus::Histogram>& itl_;
   prometheus::Family<prometheus::Histogram>& e2e_;

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
@@ -545,11 +546,19 @@ class ProxyReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
 
   // A request that ends without its final message, cancelled by its client or cut after
   // tokens went out, counts as finished_reason "abort" (as vLLM counts them) with the tokens
-  // its client got, so that request and token totals add up.
+  // its client got, so that request and token totals add up; one that failed before any token
+  // counts as a failure by its status code.
   void CountAbortLocked(const grpc::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     Metrics* metrics = options_.metrics;
     if (metrics == nullptr || final_counted_) return;
-    if (status.error_code() != grpc::StatusCode::CANCELLED && relayed_tokens_ == 0) return;
+    if (status.error_code() != grpc::StatusCode::CANCELLED && relayed_tokens_ == 0) {
+      final_counted_ = true;
+      metrics->Failed(registry_->Serves(request_.model()) ? registry_->ResolveModel(request_.model())
+                                                          : std::string(),
+                      absl::AsciiStrToLower(absl::StatusCodeToString(
+                          static_cast<absl::StatusCode>(status.error_code()))));
+      return;
+    }
     if (series_ == nullptr) series_ = &metrics->Series(registry_->ResolveModel(request_.model()));
     final_counted_ = true;
     // The prompt counts once a replica has taken it (it says so with its first message).

@@ -217,11 +217,7 @@ absl::StatusOr<std::shared_ptr<Replica>> Registry::Pick(const std::vector<std::s
   const Clock::time_point now = Now();
   PruneLocked(now);
   const std::string model = ResolveModelLocked(model_name);
-  const bool known = SpecOf(model) != nullptr ||
-                     std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
-                       return e.replica->model == model;
-                     });
-  if (!known && !(options_.models.empty() && model == options_.default_model)) {
+  if (!ServesLocked(model)) {
     return absl::NotFoundError(absl::StrCat("model \"", model, "\" is not served here; served: ",
                                             absl::StrJoin(ServedModelsLocked(), ", ")));
   }
@@ -377,6 +373,18 @@ std::string Registry::ResolveModelLocked(absl::string_view model) const {
 std::string Registry::ResolveModel(absl::string_view model) const {
   absl::MutexLock lock(&mutex_);
   return ResolveModelLocked(model);
+}
+
+bool Registry::ServesLocked(const std::string& resolved) const {
+  if (SpecOf(resolved) != nullptr) return true;
+  if (options_.models.empty() && resolved == options_.default_model) return true;
+  return std::any_of(entries_.begin(), entries_.end(),
+                     [&](const Entry& e) { return e.replica->model == resolved; });
+}
+
+bool Registry::Serves(absl::string_view model) const {
+  absl::MutexLock lock(&mutex_);
+  return ServesLocked(ResolveModelLocked(model));
 }
 
 const ModelSpec* Registry::SpecOf(const std::string& model) const {

@@ -131,6 +131,9 @@ class Registry {
   ModelLimits Limits(absl::string_view model = "") const;
   // The served name `model` stands for (the default model when empty).
   std::string ResolveModel(absl::string_view model) const;
+  // Whether `model` (empty: the default) is served here: listed in --models, or the model of
+  // a replica, or the default model of a coordinator without --models.
+  bool Serves(absl::string_view model) const;
   // Every model name served: those of `models`, then any other a replica registered.
   std::vector<std::string> ServedModels() const;
 
@@ -272,6 +275,7 @@ class Registry {
   int ReplicasOfLocked(const std::string& model, Clock::time_point now) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   std::string ResolveModelLocked(absl::string_view model) const;
+  bool ServesLocked(const std::string& resolved) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   std::vector<std::string> ServedModelsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   const ModelSpec* SpecOf(const std::string& model) const;
 };

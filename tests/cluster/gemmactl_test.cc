@@ -257,6 +257,16 @@ TEST_F(GemmactlClusterTest, MetricsParseAndCountTheRequests) {
     if (routed < want_routed) std::this_thread::sleep_for(milliseconds(200));
   }
   ASSERT_EQ(routed, want_routed);
+  // Two refused requests: a bad temperature, and a model not served here (counted without
+  // its name: a client's names must not add series).
+  v1::GenerateRequest bad = TokenRequest(prompt, 4);
+  bad.mutable_sampling()->set_temperature(-1);
+  EXPECT_EQ(Generate(cluster_.inference(), bad).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::GenerateRequest unknown = TokenRequest(prompt, 4);
+  unknown.set_model("no-such-model");
+  EXPECT_EQ(Generate(cluster_.inference(), unknown).status.error_code(),
+            grpc::StatusCode::NOT_FOUND);
 
   const size_t colon = http_address_.rfind(':');
   httplib::Client http(http_address_.substr(0, colon), std::stoi(http_address_.substr(colon + 1)));
@@ -301,6 +311,15 @@ print(json.dumps(out))
   }
   EXPECT_EQ(families.at("gemma:request_success")["type"], "counter");
   EXPECT_EQ(total("gemma:request_success", "gemma:request_success_total"), 3);
+  EXPECT_EQ(families.at("gemma:request_failure")["type"], "counter");
+  std::map<std::string, double> failures;
+  for (const auto& s : families.at("gemma:request_failure")["samples"]) {
+    failures[absl::StrCat(s[1].value("model_name", ""), "/", s[1]["reason"].get<std::string>())] +=
+        s[2].get<double>();
+  }
+  EXPECT_EQ(failures, (std::map<std::string, double>{{"/not_found", 1},
+                                                     {"gemma-4/invalid_argument", 1}}))
+      << response->body;
   EXPECT_EQ(total("gemma:prompt_tokens", "gemma:prompt_tokens_total"), 3.0 * prompt.size());
   EXPECT_EQ(total("gemma:generation_tokens", "gemma:generation_tokens_total"), generated);
   EXPECT_EQ(families.at("gemma:time_to_first_token_seconds")["type"], "histogram");
