@@ -3,7 +3,8 @@ scripts/make_cluster_secrets.sh, the coordinator and a worker started with exact
 the rendered manifests give them (addresses moved to 127.0.0.1, each mounted Secret read from
 the folder the script wrote for it). The worker must join over mutual TLS with the one
 certificate every pod shares, gemmactl and the official OpenAI client must get answers with the
-CA and a token, and nothing may get in without them.
+CA and a token, and nothing may get in without them. The coordinator answers its probes as the
+kubelet sends them (no token, no certificate check).
 
   secure_manifests_test.py BUILD_DIR
 """
@@ -137,6 +138,13 @@ class SecureManifestsTest(unittest.TestCase):
 
         # A worker exactly as the LeaderWorkerSet runs it, its $(VARS) as the pod would have them.
         spec, c = container(self.find("LeaderWorkerSet"))
+        # Its gRPC probes (plaintext, as the kubelet's are) ask the --health-listen port, whose
+        # answers auth_test's MutualTlsTest checks; readiness asks for loaded ranks.
+        health_port = next(int(a.rpartition(":")[2]) for a in c["args"]
+                           if a.startswith("--health-listen="))
+        self.assertEqual(c["readinessProbe"]["grpc"]["port"], health_port)
+        self.assertEqual(c["readinessProbe"]["grpc"]["service"], "gemma.worker.Ready")
+        self.assertEqual(c["livenessProbe"]["grpc"]["port"], health_port)
         mounts = secret_mounts(spec, c, self.secrets)
         env = {"POD_IP": "127.0.0.1", "LWS_NAME": "gemma-workers", "LWS_GROUP_INDEX": "0",
                "LWS_GROUP_SIZE": "1", "LWS_WORKER_INDEX": "0"}
@@ -166,6 +174,20 @@ class SecureManifestsTest(unittest.TestCase):
         self.assertIn('"healthy":true', status.stdout if status else "",
                       self.log("worker") + self.log("coordinator"))
         print(f"healthy after {time.time() - started:.1f} s", file=sys.stderr)
+
+        # The coordinator's probes as the kubelet sends them: the manifest's scheme and path on
+        # the HTTP port, no token, the certificate not verified; 200 to 399 is success.
+        spec, c = container(self.find("Deployment"))
+        http_port = next(p["containerPort"] for p in c["ports"] if p.get("name") == "http")
+        for kind in ("readinessProbe", "livenessProbe"):
+            get = c[kind]["httpGet"]
+            self.assertIn(get["port"], (http_port, "http"), kind)
+            unverified = ssl.create_default_context()
+            unverified.check_hostname = False
+            unverified.verify_mode = ssl.CERT_NONE
+            url = f"{get.get('scheme', 'HTTP').lower()}://{http}{get['path']}"
+            with urllib.request.urlopen(url, context=unverified, timeout=10) as probe:
+                self.assertTrue(200 <= probe.status < 400, f"{kind} {url}: {probe.status}")
 
         generated = self.gemmactl("generate", "In the beginning", "--max-tokens", "8")
         self.assertEqual(generated.returncode, 0, generated.stderr)
