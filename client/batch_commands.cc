@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -49,11 +50,21 @@ void PrintBatch(const Batch& b, bool json, bool detail = false) {
                                b.id(), b.status(), b.counts().completed() + b.counts().failed(),
                                b.counts().total(), b.counts().failed(), b.prompt_tokens(),
                                b.completion_tokens());
-  for (const auto& e : b.errors()) {
+  // A list shows a few refusals a batch; status (detail) up to the 100 the batch keeps.
+  const int shown = std::min(b.errors_size(), detail ? b.errors_size() : 5);
+  for (int i = 0; i < shown; ++i) {
+    const auto& e = b.errors(i);
     std::cout << absl::StrFormat("  line %d (%s): %s: %s\n", e.line(), e.custom_id(), e.code(),
                                  e.message());
   }
-  const int64_t ran_and_failed = b.counts().failed() - b.errors_size();
+  const int64_t refused = std::max<int64_t>(b.refused(), b.errors_size());
+  if (refused > shown) {
+    std::cout << absl::StrFormat(
+        "  ... and %d more refused line%s; each one's error: gemmactl batch results %s "
+        "--errors ERRORS.jsonl\n",
+        refused - shown, refused - shown == 1 ? "" : "s", b.id());
+  }
+  const int64_t ran_and_failed = b.counts().failed() - refused;
   if (detail && ran_and_failed > 0) {
     std::cout << absl::StrFormat(
         "  %d item%s failed while running; each one's error: gemmactl batch results %s "

@@ -302,7 +302,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const std::string& addres
   RETURN_IF_ERROR(CheckAddress(address));
   auto credentials = gemma::CoordinatorCredentials(TlsCa());
   if (!credentials.ok()) return credentials.status();
-  auto channel = grpc::CreateChannel(address, *credentials);
+  // Replies above gRPC's 4 MiB default (a page of 100 batches, each with its listed refusals)
+  // are read rather than failed.
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  auto channel = grpc::CreateCustomChannel(address, *credentials, args);
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
   if (!channel->WaitForConnected(deadline)) {

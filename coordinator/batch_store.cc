@@ -227,9 +227,13 @@ absl::StatusOr<Batch> BatchStore::Create(const std::string& id,
   std::lock_guard<std::mutex> lock(mutex_);
   Transaction transaction(db_);
   RETURN_IF_ERROR(transaction.begun());
+  // The first refusals are kept with the batch (what its object shows); a file of 100,000 bad
+  // lines made every reply of a batch or a list of batches megabytes. All of them are results.
   Batch errors;
   for (size_t i = 0; i < items.size(); ++i) {
     if (!items[i].refused) continue;
+    errors.set_refused(errors.refused() + 1);
+    if (errors.errors_size() >= kBatchErrorsListed) continue;
     auto* e = errors.add_errors();
     e->set_line(items[i].line);
     e->set_custom_id(items[i].custom_id);
@@ -280,6 +284,12 @@ absl::StatusOr<Batch> BatchStore::GetLocked(const std::string& id) {
   Batch batch;
   if (!batch.ParseFromString(q.Text(2))) {
     return absl::DataLossError(absl::StrCat("batch ", id, ": its stored errors do not parse"));
+  }
+  // Stores written before the cap kept every refusal and no count.
+  if (batch.refused() == 0) batch.set_refused(batch.errors_size());
+  if (batch.errors_size() > kBatchErrorsListed) {
+    batch.mutable_errors()->DeleteSubrange(kBatchErrorsListed,
+                                           batch.errors_size() - kBatchErrorsListed);
   }
   batch.set_id(id);
   batch.set_status(q.Text(0));

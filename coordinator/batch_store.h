@@ -22,6 +22,9 @@ struct sqlite3;
 
 namespace gemma::coordinator {
 
+// The refusals a batch keeps with itself (Batch.errors); Batch.refused counts them all.
+inline constexpr int kBatchErrorsListed = 100;
+
 // What an item asks for, and for an OpenAI line its endpoint (how its result is written out).
 struct BatchItemRecord {
   std::string batch_id;

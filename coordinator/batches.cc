@@ -261,7 +261,7 @@ void BatchRunner::Advance() {
     // Completed even when every item failed while running, as OpenAI's batches are; "failed"
     // is for an input refused whole, here every line refused at submission.
     const bool input_refused =
-        batch->counts().total() > 0 && batch->errors_size() == batch->counts().total();
+        batch->counts().total() > 0 && batch->refused() == batch->counts().total();
     const char* final_status = input_refused ? "failed" : "completed";
     if (store_->SetStatus(id, final_status, UnixNow(), from).ok()) {
       LOG(INFO) << "batch " << id << " " << final_status << " ("

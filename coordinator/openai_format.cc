@@ -579,6 +579,15 @@ json BatchObject(const gemma::v1::Batch& batch) {
                       {"param", nullptr},
                       {"line", e.line() > 0 ? json(e.line()) : json(nullptr)}});
     }
+    if (batch.refused() > batch.errors_size()) {
+      data.push_back(
+          {{"code", "more_errors"},
+           {"message", absl::StrCat(batch.refused() - batch.errors_size(),
+                                    " more lines were refused; every refused line's error is in "
+                                    "the batch's error file")},
+           {"param", nullptr},
+           {"line", nullptr}});
+    }
     errors = {{"object", "list"}, {"data", data}};
   }
   const bool final = BatchFinal(batch.status());

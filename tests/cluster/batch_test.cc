@@ -362,9 +362,10 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   EXPECT_TRUE(absl::StrContains(status.out, "3 items failed while running")) << status.out;
   EXPECT_TRUE(absl::StrContains(status.out, "gemmactl batch results")) << status.out;
 
-  // Every line refused at submission: the input failed as a whole, as OpenAI marks it.
+  // Every line refused at submission: the input failed as a whole, as OpenAI marks it. The
+  // batch keeps its first 100 refusals and counts all 150; gemmactl names how many more.
   std::string refused_lines;
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 150; ++i) {
     json body = chat("x");
     body["n"] = 2;
     refused_lines += line(absl::StrCat("r", i), body) + "\n";
@@ -376,6 +377,13 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   const json refused_batch = json::parse(all_refused.out, nullptr, false);
   ASSERT_FALSE(refused_batch.is_discarded()) << all_refused.out << all_refused.err;
   EXPECT_EQ(refused_batch["status"], "failed") << all_refused.out;
+  EXPECT_EQ(refused_batch["errors"].size(), 100u);
+  EXPECT_EQ(refused_batch["refused"], "150");  // proto JSON: int64 as text
+  ToolRun listed = RunWithStdin(
+      {"gemmactl", "--coordinator", cluster_.coordinator_address(), "batch", "list"}, "");
+  ASSERT_EQ(listed.exit_code, 0) << listed.err;
+  EXPECT_TRUE(absl::StrContains(listed.out, "... and 145 more refused lines")) << listed.out;
+  EXPECT_LT(std::count(listed.out.begin(), listed.out.end(), '\n'), 30) << listed.out;
 }
 
 // The disk under --data-dir full (a 16 MiB tmpfs, filled up): a new batch is refused by gemmactl

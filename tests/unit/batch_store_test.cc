@@ -164,6 +164,25 @@ TEST(BatchStoreTest, ListsNewestFirstInPagesAndNamesWhatIsMissing) {
 
 // Batches belong to the token that created them: the list shows a user its own, an admin all;
 // a store written before owners existed gets the column, its batches owned by "".
+// A file of many bad lines: the batch keeps the first kBatchErrorsListed refusals and counts
+// them all (every one is a failed result), so its object stays small however many there are.
+TEST(BatchStoreTest, ABatchKeepsItsFirstRefusalsAndCountsThemAll) {
+  auto store = BatchStore::Open(TempPath("refusals.db"));
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto batch = (*store)->Create("batch_r", {}, Items(1000, 2), 100, 200);  // 500 refused
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  EXPECT_EQ(batch->refused(), 500);
+  EXPECT_EQ(batch->counts().failed(), 500);
+  ASSERT_EQ(batch->errors_size(), kBatchErrorsListed);
+  EXPECT_EQ(batch->errors(0).custom_id(), "req-0");
+  EXPECT_EQ(batch->errors(kBatchErrorsListed - 1).custom_id(),
+            absl::StrCat("req-", 2 * (kBatchErrorsListed - 1)));
+  EXPECT_LT(batch->ByteSizeLong(), 20000u);
+  auto results = (*store)->Results("batch_r", 0, 1000);
+  ASSERT_TRUE(results.ok()) << results.status();
+  EXPECT_EQ(results->size(), 500u);  // the refusals are results, all of them
+}
+
 TEST(BatchStoreTest, ListsEachOwnersBatchesAndOwnersComeToOldStores) {
   const std::string path = TempPath("owners.db");
   {
