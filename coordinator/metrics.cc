@@ -39,6 +39,12 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
                    .Name("gemma:num_requests_waiting")
                    .Help("Sequences waiting in the replicas' queues (last heartbeats).")
                    .Register(*prom_)),
+      queued_(prometheus::BuildGauge()
+                   .Name("gemma:num_requests_queued")
+                   .Help("Requests in the coordinator's admission queue, waiting for a replica "
+                         "with room (all models); a replica's own queue is "
+                         "num_requests_waiting.")
+                   .Register(*prom_)),
       kv_usage_(prometheus::BuildGauge()
                     .Name("gemma:kv_cache_usage_perc")
                     .Help("KV-cache usage of the full-attention pool, 1 = full, per replica.")
@@ -199,6 +205,7 @@ void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* la
 
 void Metrics::RefreshLocked() {
   const gemma::v1::GetStatusResponse status = registry_->Status();
+  queued_.Add({}).Set(static_cast<double>(status.requests_queued()));
   struct ModelGauges {
     int64_t running = 0, waiting = 0, healthy = 0, unhealthy = 0;
   };

@@ -74,6 +74,7 @@ class Metrics {
   std::shared_ptr<prometheus::Registry> prom_ = std::make_shared<prometheus::Registry>();
   prometheus::Family<prometheus::Gauge>& running_;
   prometheus::Family<prometheus::Gauge>& waiting_;
+  prometheus::Family<prometheus::Gauge>& queued_;
   prometheus::Family<prometheus::Gauge>& kv_usage_;
   prometheus::Family<prometheus::Gauge>& replicas_;
   prometheus::Family<prometheus::Counter>& preemptions_;

@@ -23,11 +23,14 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "glog/logging.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
+#include "httplib.h"
 #include "tests/cluster/cluster_harness.h"
 
 namespace gemma::testing::cluster {
@@ -878,8 +881,22 @@ TEST_F(RealClusterTest, FullClusterIsResourceExhausted) {
 // With every replica full a request waits in the admission queue instead of being refused,
 // and runs once a slot frees; past the queue's bound the next is refused at once, saying so.
 TEST_F(RealClusterTest, AdmissionQueueHoldsARequestUntilAReplicaFrees) {
+  const std::string http = absl::StrCat("127.0.0.1:", FreeLocalPort());
   StartCoordinator({"--max-outstanding-per-replica", "1", "--queue-wait-ms", "30000",
-                    "--max-queued", "1"});
+                    "--max-queued", "1", "--http-listen", http});
+  httplib::Client scraper("127.0.0.1", std::stoi(http.substr(http.rfind(':') + 1)));
+  auto metric = [&](const std::string& sample) {
+    auto scraped = scraper.Get("/metrics");
+    if (!scraped || scraped->status != 200) return -1.0;
+    for (absl::string_view line : absl::StrSplit(scraped->body, '\n')) {
+      double v = 0;
+      if (absl::StartsWith(line, sample + " ") &&
+          absl::SimpleAtod(line.substr(sample.size() + 1), &v)) {
+        return v;
+      }
+    }
+    return 0.0;
+  };
   StartWorker(1);
   grpc::ClientContext long_context;
   long_context.set_deadline(In(seconds(60)));
@@ -896,6 +913,10 @@ TEST_F(RealClusterTest, AdmissionQueueHoldsARequestUntilAReplicaFrees) {
   EXPECT_TRUE(absl::StrContains(refused.status.error_message(),
                                 "the admission queue is full (1 requests waiting)"))
       << refused.status.error_message();
+  // Both in the metrics: the queue (what an autoscaler reads) and the refusal.
+  EXPECT_EQ(metric("gemma:num_requests_queued"), 1);
+  EXPECT_EQ(metric("gemma:request_failure_total{model_name=\"gemma-4\",reason=\"resource_exhausted\"}"),
+            1);
   long_context.TryCancel();
   while (long_reader->Read(&response)) {
   }
@@ -903,6 +924,7 @@ TEST_F(RealClusterTest, AdmissionQueueHoldsARequestUntilAReplicaFrees) {
   EXPECT_TRUE(queued.status.ok()) << queued.status.error_message();
   EXPECT_FALSE(queued.ids.empty());
   EXPECT_EQ(cluster_->Status().requests_queued(), 0);
+  EXPECT_EQ(metric("gemma:num_requests_queued"), 0);
 }
 
 // Streams `request`, SIGKILLs the worker serving it after a few ids (then runs `after_kill`),

@@ -330,6 +330,8 @@ print(json.dumps(out))
   EXPECT_EQ(total("gemma:inter_token_latency_seconds", "gemma:inter_token_latency_seconds_count"),
             generated - 3);
   EXPECT_EQ(total("gemma:num_requests_running", "gemma:num_requests_running"), 0);
+  EXPECT_EQ(families.at("gemma:num_requests_queued")["type"], "gauge");
+  EXPECT_EQ(total("gemma:num_requests_queued", "gemma:num_requests_queued"), 0);
   EXPECT_EQ(total("gemma:expert_routed_tokens", "gemma:expert_routed_tokens_total"), routed);
   int balanced_layers = 0;
   for (const auto& s : families.at("gemma:expert_balancedness")["samples"]) {
