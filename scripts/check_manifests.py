@@ -9,7 +9,9 @@
   3. every port a probe or a Service names is a port its container declares, and every port a
      container declares is one its binary listens on (a --listen / --http-listen flag);
   4. every $(VAR) in a container's args is an environment variable it defines (or one the
-     LeaderWorkerSet controller injects).
+     LeaderWorkerSet controller injects);
+  5. every Service, NetworkPolicy and PodDisruptionBudget selects some pod template, and a
+     ScaledObject's query reads its own namespace's metrics.
 
   check_manifests.py --flags FLAGS.json RENDERED.yaml...
 
@@ -149,6 +151,41 @@ def check(docs, flags, problems):
                                                 f"{container.get('name')}", flags,
                                                 kind == "LeaderWorkerSet", problems))
             declared_by_label.append((template.get("metadata", {}).get("labels", {}), declared))
+    # A NetworkPolicy or PodDisruptionBudget whose pod selector matches no pod template
+    # protects nothing (kustomize's commonLabels reach the selectors but not the pod template
+    # inside a LeaderWorkerSet, a kind it does not know).
+    all_labels = [labels for labels, _ in declared_by_label]
+
+    def selects_some_pod(match_labels):
+        return any(all(labels.get(k) == v for k, v in match_labels.items())
+                   for labels in all_labels)
+
+    for obj in docs:
+        kind = obj.get("kind")
+        where = f"{kind}/{obj.get('metadata', {}).get('name')}"
+        selectors = []
+        if kind == "NetworkPolicy":
+            selectors.append(("podSelector", obj["spec"].get("podSelector", {})))
+            for rule in obj["spec"].get("ingress", []) + obj["spec"].get("egress", []):
+                for peer in rule.get("from", []) + rule.get("to", []):
+                    if "podSelector" in peer and "namespaceSelector" not in peer:
+                        selectors.append(("a peer's podSelector", peer["podSelector"]))
+        elif kind == "PodDisruptionBudget":
+            selectors.append(("selector", obj["spec"].get("selector", {})))
+        elif kind == "ScaledObject":
+            # Its Prometheus query must read this namespace's coordinator, not every one.
+            namespace = obj.get("metadata", {}).get("namespace")
+            for trigger in obj["spec"].get("triggers", []):
+                query = trigger.get("metadata", {}).get("query", "")
+                for series in re.findall(r"gemma:\w+(?:\{[^}]*\})?", query):
+                    if f'namespace="{namespace}"' not in series:
+                        problems.append(f"{where}: query term {series!r} is not limited to its "
+                                        f'namespace (namespace="{namespace}")')
+        for what, selector in selectors:
+            match = selector.get("matchLabels", {})
+            if match and not selects_some_pod(match):
+                problems.append(f"{where}: {what} {match} matches no pod template")
+
     for where, service in services:
         selector = service["spec"].get("selector", {})
         targets = [d for labels, d in declared_by_label

@@ -33,8 +33,10 @@
 #                          and gemmactl --tls-ca here (the same path on this machine)
 #   --auth-tokens F        gemma-coordinator --auth-tokens
 #   --join-token-file F    the workers' join token (their $GEMMA_JOIN_TOKEN, the default of
-#                          --join-token), read on each host: not on any command line. gemmactl
-#                          here uses $GEMMA_TOKEN and $GEMMA_TLS_CA as always
+#                          --join-token), read on each host: not on any command line
+#   --token-file F         on this machine: the user or admin token gemmactl here sends to
+#                          wait for and show the replicas (default: $GEMMA_TOKEN, as gemmactl's
+#                          own default; a coordinator with --auth-tokens needs one of them)
 #   --cpu                  CPU workers (--backend cpu --cpu-ranks GPUS), for testing
 #   --expect N             healthy replicas to wait for (default: the number of hosts)
 #   --timeout S            seconds start waits for them (default 600)
@@ -218,6 +220,7 @@ TLS_KEY=""
 TLS_CA=""
 AUTH_TOKENS=""
 JOIN_TOKEN_FILE=""
+TOKEN_FILE=""
 CPU=0
 EXPECT=""
 TIMEOUT=600
@@ -250,6 +253,7 @@ while (( $# > 0 )); do
     --tls-ca) TLS_CA="$2" ;;
     --auth-tokens) AUTH_TOKENS="$2" ;;
     --join-token-file) JOIN_TOKEN_FILE="$2" ;;
+    --token-file) TOKEN_FILE="$2" ;;
     --expect) need_number "$1" "$2"; EXPECT="$2" ;;
     --timeout) need_number "$1" "$2"; TIMEOUT="$2" ;;
     --drain-timeout) need_number "$1" "$2"; DRAIN_TIMEOUT="$2" ;;
@@ -312,6 +316,11 @@ COORD="${COORD_HOST}:${PORT}"
 GEMMACTL="${GEMMACTL:-${ROOT}/build/bin/gemmactl}"
 [[ -x "${GEMMACTL}" ]] || GEMMACTL="$(command -v gemmactl || true)"
 CTL=()
+if [[ -n "${TOKEN_FILE}" ]]; then
+  [[ -r "${TOKEN_FILE}" ]] || usage_error "--token-file ${TOKEN_FILE}: cannot read it (on this machine)"
+  GEMMA_TOKEN="$(head -n 1 "${TOKEN_FILE}" | tr -d '[:space:]')"
+  export GEMMA_TOKEN  # gemmactl's default token; never on a command line
+fi
 if [[ -n "${GEMMACTL}" ]]; then
   CTL=("${GEMMACTL}" --coordinator "${COORD}")
   [[ -z "${TLS_CA}" ]] || CTL+=(--tls-ca "${TLS_CA}")
@@ -352,11 +361,18 @@ ctl_status() {
   "${CTL[@]}" status "$@"
 }
 
+# Sets HEALTHY to the healthy replicas gemmactl here sees and CTL_ERROR to its error ("" when it
+# answered).
 healthy_replicas() {
   local json n
-  json="$(ctl_status --json 2>/dev/null)" || { echo 0; return; }
+  HEALTHY=0
+  CTL_ERROR=""
+  if ! json="$(ctl_status --json 2> "${CTL_ERR_FILE}")"; then
+    CTL_ERROR="$(tail -n 1 "${CTL_ERR_FILE}")"
+    return
+  fi
   n="$(grep -oE '"healthy": ?true' <<< "${json}" | wc -l)" || true
-  echo "$((n + 0))"
+  HEALTHY=$((n + 0))
 }
 
 # --- actions ----------------------------------------------------------------------------------
@@ -400,11 +416,21 @@ do_start() {
   log "waiting up to ${TIMEOUT}s for ${EXPECT} healthy replicas (gemmactl --coordinator ${COORD})"
   local start=${SECONDS} deadline=$((SECONDS + TIMEOUT)) healthy=0 last=-1 next_print=0
   local next_check=$((SECONDS + 10))
+  CTL_ERR_FILE="$(mktemp)"
+  trap 'rm -f "${CTL_ERR_FILE}"' EXIT
   while :; do
-    healthy="$(healthy_replicas)"
+    healthy_replicas
+    healthy=${HEALTHY}
     (( healthy >= EXPECT )) && break
+    # A refused token will not start working: say so now rather than after the timeout.
+    if [[ "${CTL_ERROR}" == *UNAUTHENTICATED* || "${CTL_ERROR}" == *PERMISSION_DENIED* ]]; then
+      echo "launch_cluster.sh: gemmactl here cannot read the cluster's status: ${CTL_ERROR}" >&2
+      echo "  give a user or admin token of --auth-tokens with --token-file FILE (on this" >&2
+      echo "  machine) or \$GEMMA_TOKEN; the cluster keeps running ('$0 ${HOSTS_FILE} stop' stops it)" >&2
+      exit 1
+    fi
     if (( healthy != last || SECONDS >= next_print )); then
-      log "healthy ${healthy}/${EXPECT} ($((SECONDS - start))s)"
+      log "healthy ${healthy}/${EXPECT} ($((SECONDS - start))s)${CTL_ERROR:+; gemmactl: ${CTL_ERROR#gemmactl: }}"
       last=${healthy}
       next_print=$((SECONDS + 5))
     fi

@@ -14,7 +14,7 @@
 # the tokens to OUT/admin.token and OUT/user.token for gemmactl (--token) and the OpenAI API.
 #
 #   scripts/make_cluster_secrets.sh [--namespace gemma] [--days 365] OUT
-#   kubectl apply -n gemma -f OUT/secrets.yaml
+#   kubectl apply -f OUT/secrets.yaml      # the Secrets name their --namespace themselves
 set -euo pipefail
 
 namespace=gemma

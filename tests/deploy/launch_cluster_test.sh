@@ -225,6 +225,29 @@ say "stop: no gemma process left ($SECONDS s)"
 [[ "$(grep -c "not running" "${WORK}/stop2.out")" == 3 ]] || fail "a second stop did not say nothing runs"
 say "second stop: nothing runs"
 
+# With tokens: start without a token for gemmactl here stops at once naming the way out (it
+# printed "healthy 0/2" until its timeout); with --token-file it waits for the replicas.
+printf 'join-secret-0123456789 worker\nuser-secret-0123456789 user alice\n' > "${WORK}/tokens"
+echo join-secret-0123456789 > "${WORK}/join-token"
+echo user-secret-0123456789 > "${WORK}/user-token"
+# (--insecure stays: plaintext on purpose; the tokens still hold.)
+LC_AUTH=("${LC[@]}" --auth-tokens "${WORK}/tokens" --join-token-file "${WORK}/join-token"
+         --expect 1)
+started=${SECONDS}
+if env -u GEMMA_TOKEN "${LC_AUTH[@]}" start > "${WORK}/start5.out" 2>&1; then
+  fail "start with --auth-tokens and no token here exited 0"
+fi
+grep -q "cannot read the cluster's status: .*UNAUTHENTICATED" "${WORK}/start5.out" ||
+  fail "start without a token did not name the refusal: $(tail -n 3 "${WORK}/start5.out")"
+grep -q -- "--token-file" "${WORK}/start5.out" || fail "start without a token did not name --token-file"
+(( SECONDS - started < 40 )) || fail "start without a token took $((SECONDS - started)) s"
+env -u GEMMA_TOKEN "${LC_AUTH[@]}" --token-file "${WORK}/user-token" start > "${WORK}/start6.out" 2>&1 ||
+  fail "start with --token-file exited $?: $(tail -n 5 "${WORK}/start6.out")"
+grep -q "healthy [12]/1" "${WORK}/start6.out" || fail "start with --token-file did not see the replicas"
+"${LC[@]}" stop > "${WORK}/stop3.out" 2>&1 || fail "stop after the token start exited $?"
+[[ "$(count_gemma)" == 0 ]] || fail "gemma processes left after stop: $(count_gemma)"
+say "with tokens: no token here named at once; --token-file waits for the replicas"
+
 # Open without --insecure: the coordinator refuses to start, and start says so at once.
 LC_OPEN=()
 for a in "${LC[@]}"; do [[ "${a}" == --insecure ]] || LC_OPEN+=("${a}"); done
