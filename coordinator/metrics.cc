@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "coordinator/openai_format.h"
 #include "eplb/placement.h"
 #include "prometheus/text_serializer.h"
 #include "proto/placement_convert.h"
@@ -67,8 +68,10 @@ Metrics::Metrics(const Registry* registry, bool per_expert)
                              .Register(*prom_)),
       success_(prometheus::BuildCounter()
                    .Name("gemma:request_success_total")
-                   .Help("Requests that finished, by finish reason (abort: cancelled by the "
-                         "client, or cut after tokens went out).")
+                   .Help("Requests that finished, by finish reason as vLLM names them: stop "
+                         "(an end or stop token, a stop string), length (max_tokens or the "
+                         "context), abort (cancelled by the client, or cut after tokens went "
+                         "out).")
                    .Register(*prom_)),
       failures_(prometheus::BuildCounter()
                     .Name("gemma:request_failure_total")
@@ -187,7 +190,10 @@ void Metrics::InterToken(const ModelSeries& series, double seconds) {
 
 void Metrics::Finished(const ModelSeries& series, const std::string& finish_reason,
                        int64_t prompt_tokens, int64_t generated_tokens, double seconds) {
-  success_.Add({{"model_name", series.model}, {"finished_reason", finish_reason}}).Increment();
+  // vLLM's label values (stop, length, abort), so that its dashboards' filters work here.
+  std::string reason = OpenAiFinishReason(finish_reason);
+  if (reason == "cancelled") reason = "abort";
+  success_.Add({{"model_name", series.model}, {"finished_reason", reason}}).Increment();
   series.prompt_tokens->Increment(static_cast<double>(prompt_tokens));
   series.generation_tokens->Increment(static_cast<double>(generated_tokens));
   series.e2e->Observe(seconds);

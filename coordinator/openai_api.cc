@@ -1,6 +1,7 @@
 #include "coordinator/openai_api.h"
 
 #include <chrono>
+#include <exception>
 #include <memory>
 #include <regex>
 #include <utility>
@@ -10,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "coordinator/auth.h"
 #include "coordinator/http_connection.h"
+#include "glog/logging.h"
 
 namespace gemma::coordinator {
 namespace {
@@ -205,6 +207,20 @@ std::string AllowedMethods(const std::string& path) {
 }  // namespace
 
 void AddOpenAiErrorBodies(httplib::Server& http, bool batches) {
+  // A handler that throws is a defect: log what and where, and answer 500 (the error handler
+  // below writes its body, which points at this log).
+  http.set_exception_handler([](const httplib::Request& request, httplib::Response& response,
+                                std::exception_ptr error) {
+    std::string what = "an exception that is not a std::exception";
+    try {
+      std::rethrow_exception(error);
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    LOG(ERROR) << "HTTP " << request.method << " " << request.path << " failed: " << what;
+    response.status = 500;
+  });
   http.set_error_handler(httplib::Server::HandlerWithResponse([batches](
                                                                   const httplib::Request& request,
                                                                   httplib::Response& response) {

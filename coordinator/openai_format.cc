@@ -240,6 +240,14 @@ bool ParseJsonObject(const std::string& text, const std::string& what, json* out
     if (at != std::string::npos) message = message.substr(at);
     *error = absl::StrCat(what, " is not valid JSON: ", message);
     return false;
+  } catch (const json::exception& e) {
+    // A number past the range of a double ("1e999"): the library's out_of_range.406.
+    std::string message = e.what();
+    const size_t at = message.find("] ");
+    if (at != std::string::npos) message = message.substr(at + 2);
+    *error = absl::StrCat(what, " cannot be read: ", message,
+                          " (numbers must fit a 64-bit float)");
+    return false;
   }
   if (!out->is_object()) {
     *error = absl::StrCat(what, " is a JSON ", out->type_name(), ", not an object");

@@ -311,6 +311,11 @@ print(json.dumps(out))
   }
   EXPECT_EQ(families.at("gemma:request_success")["type"], "counter");
   EXPECT_EQ(total("gemma:request_success", "gemma:request_success_total"), 3);
+  // vLLM's finish reasons, so that its dashboards' filters find them.
+  for (const auto& s : families.at("gemma:request_success")["samples"]) {
+    const std::string reason = s[1]["finished_reason"];
+    EXPECT_TRUE(reason == "stop" || reason == "length" || reason == "abort") << reason;
+  }
   EXPECT_EQ(families.at("gemma:request_failure")["type"], "counter");
   std::map<std::string, double> failures;
   for (const auto& s : families.at("gemma:request_failure")["samples"]) {

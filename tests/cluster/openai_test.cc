@@ -264,6 +264,11 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
       error_of("/v1/completions", "{not json", 400)["message"].get<std::string>();
   EXPECT_TRUE(absl::StrContains(not_json, "the request body is not valid JSON")) << not_json;
   EXPECT_TRUE(absl::StrContains(not_json, "at line 1, column 3")) << not_json;
+  // A number past a double's range is a 400 too (it was an unlogged 500).
+  const std::string overflow =
+      error_of("/v1/chat/completions",
+               R"({"model": "tiny-moe", "messages": [], "temperature": 1e999})", 400)["message"];
+  EXPECT_TRUE(absl::StrContains(overflow, "number overflow")) << overflow;
   const std::string array = error_of("/v1/chat/completions", "[1, 2]", 400)["message"];
   EXPECT_EQ(array, "the request body is a JSON array, not an object");
   // Each field's refusal says what is wrong with it, not something near it.
