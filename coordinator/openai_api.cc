@@ -249,6 +249,26 @@ void AddOpenAiErrorBodies(httplib::Server& http, bool batches) {
         e.code = "method_not_allowed";
         response.set_header("Allow", allowed);
       }
+    } else if (response.status == 400 && !request.has_header("Content-Length") &&
+               !request.has_header("Transfer-Encoding") &&
+               (request.method == "POST" || request.method == "PUT" ||
+                request.method == "PATCH" || request.method == "DELETE")) {
+      // httplib 0.11 reads such a request's body to the end of the connection (RFC 9112 says it
+      // has none), so it fails after the read timeout. Say what to send instead; a path that
+      // does not take the method at all is a 405 first.
+      const std::string allowed = AllowedMethods(request.path);
+      if (!allowed.empty() && !absl::StrContains(allowed, request.method)) {
+        e.http_status = 405;
+        e.message = absl::StrCat(request.path, " takes ", allowed, ", not ", request.method);
+        e.code = "method_not_allowed";
+        response.set_header("Allow", allowed);
+      } else {
+        e.http_status = 411;
+        e.message = absl::StrCat(asked, " came without Content-Length: send its length with "
+                                        "the body (an empty body: Content-Length: 0, e.g. curl "
+                                        "-d '')");
+        e.code = "length_required";
+      }
     } else if (response.status == 413) {
       e.message = absl::StrCat("the request ", asked, " is larger than this server takes");
     } else if (response.status >= 500) {

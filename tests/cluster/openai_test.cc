@@ -3,10 +3,14 @@
 // streamed and not, completions, the model list, OpenAI-shaped errors, and a batch through the
 // Files and Batches endpoints; each answer equals the same request sent through the gRPC API.
 // Raw HTTP covers what the client cannot send.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -243,6 +247,38 @@ TEST_F(OpenAiTest, UnknownPathsAndWrongMethodsGetOpenAiErrors) {
   auto bad_limit = http.Get("/v1/files?limit=10abc");
   EXPECT_EQ(bad_limit->status, 400);
   EXPECT_EQ(error_in(bad_limit)["message"], "limit must be a whole number in [1, 10000], got \"10abc\"");
+  // A POST without Content-Length (curl -X POST with no -d, as OpenAI's own cancel example
+  // sends): httplib waits for a body to the end of the connection, then fails; the answer says
+  // what to send, or that the path takes no POST. Both at once: each waits out the read timeout.
+  auto raw_post = [&](const std::string& path) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(std::stoi(http_address_.substr(colon + 1)));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    std::string reply;
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      const std::string text = absl::StrCat("POST ", path, " HTTP/1.1\r\nHost: x\r\n\r\n");
+      if (write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size())) {
+        char buffer[4096];
+        ssize_t n;
+        while ((n = read(fd, buffer, sizeof(buffer))) > 0) {
+          reply.append(buffer, n);
+          if (reply.find("\r\n\r\n") != std::string::npos && reply.find('}') != std::string::npos) break;
+        }
+      }
+    }
+    close(fd);
+    return reply;
+  };
+  std::string cancel_reply, models_reply;
+  std::thread cancel([&] { cancel_reply = raw_post("/v1/batches/batch_x/cancel"); });
+  models_reply = raw_post("/v1/models");
+  cancel.join();
+  EXPECT_TRUE(absl::StartsWith(cancel_reply, "HTTP/1.1 411")) << cancel_reply;
+  EXPECT_TRUE(absl::StrContains(cancel_reply, "Content-Length: 0")) << cancel_reply;
+  EXPECT_TRUE(absl::StartsWith(models_reply, "HTTP/1.1 405")) << models_reply;
+  EXPECT_TRUE(absl::StrContains(models_reply, "Allow: GET")) << models_reply;
   // An error a handler sends keeps its own body.
   auto no_model = http.Get("/v1/models/nope");
   EXPECT_EQ(no_model->status, 404);
