@@ -4,8 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -30,7 +32,7 @@ using gemma::v1::Batch;
 constexpr char kBatchUsage[] =
     "gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "gemmactl batch status ID | list | cancel ID [--json]\n"
-    "gemmactl batch results ID [-o OUT.jsonl] [--errors ERR.jsonl]";
+    "gemmactl batch results ID [--output|-o OUT.jsonl] [--errors ERR.jsonl] [--wait]";
 
 
 std::string Clock(double seconds) {
@@ -171,13 +173,32 @@ class Output {
   explicit Output(std::string path) : path_(std::move(path)) {
     if (!path_.empty() && path_ != "-") {
       temp_ = path_ + ".partial";
+      errno = 0;
       file_.open(temp_, std::ios::binary | std::ios::trunc);
+      if (!file_.good()) error_ = errno;
     }
   }
-  bool ok() const { return temp_.empty() || file_.good(); }
+  // OK, or why the file cannot be written (naming it).
+  absl::Status status() const {
+    if (temp_.empty() || file_.good()) return absl::OkStatus();
+    const std::string why = absl::StrCat("cannot write ", temp_, " (for ", path_, "): ",
+                                         error_ != 0 ? std::strerror(error_) : "open failed");
+    if (error_ == EACCES || error_ == EPERM || error_ == EROFS) {
+      return absl::PermissionDeniedError(why);
+    }
+    return absl::FailedPreconditionError(why);
+  }
   std::ostream& stream() { return temp_.empty() ? std::cout : file_; }
+  // A run that fails leaves no temporary file (the results stay on the coordinator).
+  ~Output() {
+    if (temp_.empty() || closed_) return;
+    file_.close();
+    std::error_code ignored;
+    std::filesystem::remove(temp_, ignored);
+  }
   absl::Status Close() {
     if (temp_.empty()) return absl::OkStatus();
+    closed_ = true;
     file_.close();
     if (!file_) return absl::DataLossError(absl::StrCat("cannot write ", temp_));
     std::error_code error;
@@ -189,21 +210,34 @@ class Output {
  private:
   std::string path_, temp_;
   std::ofstream file_;
+  int error_ = 0;
+  bool closed_ = false;
 };
 
 absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
                      const BatchFlags& flags) {
   ASSIGN_OR_RETURN(Batch batch, Get(stub, id, flags.token));
+  if (!coordinator::BatchFinal(batch.status())) {
+    const std::string progress =
+        absl::StrFormat("batch %s is %s (%d/%d done)", id, batch.status(),
+                        batch.counts().completed() + batch.counts().failed(),
+                        batch.counts().total());
+    if (!flags.wait) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          progress, ": its results are whole once it ends. gemmactl batch results ", id,
+          " --wait writes them as items finish until then; gemmactl batch status ", id,
+          " shows its progress"));
+    }
+    std::cerr << progress << ": writing results as items finish, until it ends\n";
+  }
   const bool to_stdout = flags.output.empty() || flags.output == "-";
   std::string errors_path = flags.errors;
   if (errors_path.empty()) {
     errors_path = to_stdout ? "-" : absl::StrCat(flags.output, ".errors.jsonl");
   }
   Output out(flags.output), errors(errors_path);
-  if (!out.ok() || !errors.ok()) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("cannot write ", flags.output, " or ", errors_path));
-  }
+  RETURN_IF_ERROR(out.status());
+  RETURN_IF_ERROR(errors.status());
   grpc::ClientContext context;
   gemma::AddBearer(context, flags.token);
   gemma::v1::StreamResultsRequest request;

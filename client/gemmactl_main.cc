@@ -83,7 +83,8 @@ ABSL_FLAG(std::string, record, "",
           "experts: append every expert-load window as it arrives to this file, one JSON "
           "object a line, until interrupted");
 ABSL_FLAG(bool, wait, false,
-          "batch submit: follow the batch to its end with a progress bar; rebalance: wait "
+          "batch submit: follow the batch to its end with a progress bar; batch results: of a "
+          "batch still running, write results as items finish until it ends; rebalance: wait "
           "until each replica runs its new placement");
 ABSL_FLAG(bool, dry_run, false, "rebalance: plan and report, switch nothing");
 ABSL_FLAG(std::string, model, "",
@@ -114,7 +115,7 @@ constexpr char kUsage[] =
     "      its recent load and switches to it live; prints balancedness before and predicted\n"
     "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
-    "  gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl]\n"
+    "  gemmactl batch results ID [--output|-o OUT.jsonl] [--errors ERR.jsonl] [--wait]\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)\n"
     "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one\n"
     "  --tls-ca FILE (default $GEMMA_TLS_CA) for a coordinator that speaks TLS";
@@ -161,7 +162,8 @@ const std::vector<CommandHelp>& CommandHelps() {
       {"batch",
        "gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
        "gemmactl batch status ID | list | cancel ID [--json]\n"
-       "gemmactl batch results ID [--output OUT.jsonl] [--errors ERR.jsonl] [--model-name NAME]",
+       "gemmactl batch results ID [--output|-o OUT.jsonl] [--errors ERR.jsonl] [--model-name NAME] "
+       "[--wait]",
        {"wait", "json", "output", "errors", "model_name"}},
   };
   return *helps;

@@ -225,6 +225,23 @@ TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
   }
   const gemma::v1::Batch created = Create(items);
   WaitFor(created.id(), [](const gemma::v1::Batch& b) { return b.counts().completed() >= 4; });
+  // gemmactl's results of a running batch: refused at once saying so, or with --wait written
+  // as items finish until the batch ends (here: its cancellation).
+  const std::string coordinator = cluster_.coordinator_address();
+  ToolRun early = RunWithStdin({"gemmactl", "--coordinator", coordinator, "batch", "results",
+                                created.id()},
+                               "", seconds(10));
+  EXPECT_EQ(early.exit_code, 1) << early.err;
+  EXPECT_TRUE(absl::StrContains(early.err, "is in_progress")) << early.err;
+  EXPECT_TRUE(absl::StrContains(early.err, "--wait")) << early.err;
+  const std::string out = cluster_.dir() + "/running.jsonl";
+  ToolRun waited;
+  std::thread waiting([&] {
+    waited = RunWithStdin({"gemmactl", "--coordinator", coordinator, "batch", "results",
+                           created.id(), "--wait", "-o", out},
+                          "", seconds(120));
+  });
+  std::this_thread::sleep_for(milliseconds(300));
   grpc::ClientContext context;
   gemma::v1::CancelBatchRequest cancel;
   cancel.set_id(created.id());
@@ -241,6 +258,11 @@ TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
   // Nothing runs after the cancellation; what finished stays readable.
   std::this_thread::sleep_for(milliseconds(500));
   EXPECT_EQ(Get(created.id()).counts().completed(), batch.counts().completed());
+  waiting.join();
+  EXPECT_EQ(waited.exit_code, 0) << waited.err;
+  EXPECT_TRUE(absl::StrContains(waited.err, "writing results as items finish")) << waited.err;
+  const std::string written = ReadFileToString(out);
+  EXPECT_EQ(std::count(written.begin(), written.end(), '\n'), batch.counts().completed());
   const auto results = Results(created.id());
   EXPECT_EQ(static_cast<int64_t>(results.size()), batch.counts().completed());
   // Each a whole result (its end id or max_tokens), none a call cut short by the cancel.
