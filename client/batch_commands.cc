@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -93,9 +94,34 @@ absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id
   const bool tty = isatty(STDERR_FILENO);
   const auto start = std::chrono::steady_clock::now();
   int64_t first_tokens = -1;
+  // The batch lives on the coordinator: one that restarts (or a network blip) is waited out
+  // for up to two minutes, saying so, before giving up with the way back to the batch.
+  constexpr auto kOutage = std::chrono::minutes(2);
+  std::optional<std::chrono::steady_clock::time_point> unreachable_since;
   while (true) {
     auto batch = Get(stub, id, flags.token);
-    if (!batch.ok()) return batch.status();
+    if (!batch.ok() && batch.status().code() == absl::StatusCode::kUnavailable) {
+      const auto now = std::chrono::steady_clock::now();
+      if (!unreachable_since) {
+        unreachable_since = now;
+        std::cerr << (tty ? "\n" : "") << "the coordinator does not answer ("
+                  << batch.status().message() << "); batch " << id
+                  << " runs on there: waiting for it to come back\n";
+      }
+      if (now - *unreachable_since < kOutage) {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+        continue;
+      }
+    }
+    if (!batch.ok()) {
+      return absl::Status(batch.status().code(),
+                          absl::StrCat(batch.status().message(), " (batch ", id,
+                                       " may still be running: gemmactl batch status ", id, ")"));
+    }
+    if (unreachable_since) {
+      std::cerr << "the coordinator answers again\n";
+      unreachable_since.reset();
+    }
     const auto& c = batch->counts();
     const int64_t done = c.completed() + c.failed();
     const double elapsed =
@@ -238,22 +264,46 @@ absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
   Output out(flags.output), errors(errors_path);
   RETURN_IF_ERROR(out.status());
   RETURN_IF_ERROR(errors.status());
-  grpc::ClientContext context;
-  gemma::AddBearer(context, flags.token);
-  gemma::v1::StreamResultsRequest request;
-  request.set_id(id);
-  auto reader = stub.StreamResults(&context, request);
-  gemma::v1::BatchResult result;
   int64_t ok = 0, failed = 0;
-  while (reader->Read(&result)) {
-    const bool error = result.error_code() != 0;
-    (error ? errors : out).stream()
-        << coordinator::Dump(coordinator::BatchOutputLine(result, id, flags.model_name,
-                                                          batch.created_at()))
-        << "\n";
-    ++(error ? failed : ok);
+  // Results are numbered in the order they finished, so a stream cut by a coordinator restart
+  // resumes after the last one written (waited out for up to two minutes, as submit --wait).
+  std::optional<std::chrono::steady_clock::time_point> unreachable_since;
+  while (true) {
+    grpc::ClientContext context;
+    gemma::AddBearer(context, flags.token);
+    gemma::v1::StreamResultsRequest request;
+    request.set_id(id);
+    request.set_offset(ok + failed);
+    auto reader = stub.StreamResults(&context, request);
+    gemma::v1::BatchResult result;
+    bool progressed = false;
+    while (reader->Read(&result)) {
+      const bool error = result.error_code() != 0;
+      (error ? errors : out).stream()
+          << coordinator::Dump(coordinator::BatchOutputLine(result, id, flags.model_name,
+                                                            batch.created_at()))
+          << "\n";
+      ++(error ? failed : ok);
+      progressed = true;
+    }
+    const grpc::Status finished = reader->Finish();
+    if (finished.ok()) break;
+    if (finished.error_code() != grpc::StatusCode::UNAVAILABLE || !flags.wait) {
+      return FromGrpc(finished, absl::StrCat("reading the results of ", id));
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (progressed || !unreachable_since) {
+      if (!unreachable_since) {
+        std::cerr << "the coordinator does not answer (" << finished.error_message()
+                  << "); resuming after result " << ok + failed << " when it is back\n";
+      }
+      unreachable_since = now;
+    } else if (now - *unreachable_since > std::chrono::minutes(2)) {
+      return FromGrpc(finished, absl::StrCat("reading the results of ", id, " (", ok + failed,
+                                             " written; batch ", id, " may still be running)"));
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(1));
   }
-  RETURN_IF_ERROR(FromGrpc(reader->Finish(), absl::StrCat("reading the results of ", id)));
   RETURN_IF_ERROR(out.Close());
   RETURN_IF_ERROR(errors.Close());
   std::cerr << absl::StrFormat("%d results%s, %d errors%s\n", ok,

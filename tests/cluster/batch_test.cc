@@ -277,6 +277,68 @@ TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
   }
 }
 
+// gemmactl follows a batch across a coordinator restart: submit --wait keeps its progress bar
+// going (saying the coordinator is away), and results --wait resumes after the last result it
+// wrote, so the output file has every item exactly once.
+TEST_F(BatchTest, GemmactlFollowsABatchAcrossACoordinatorRestart) {
+  StartCluster(1, {"--batch-max-in-flight-per-replica", "1"});
+  std::string file;
+  for (int i = 0; i < 60; ++i) {
+    file += json{{"custom_id", absl::StrCat("f", i)},
+                 {"method", "POST"},
+                 {"url", "/v1/completions"},
+                 {"body", {{"model", "gemma-4"}, {"prompt", absl::StrCat("Verse ", i)},
+                           {"max_tokens", 24}, {"temperature", 0}}}}
+                .dump() +
+            "\n";
+  }
+  const std::string input = WriteFile(cluster_.dir() + "/follow.jsonl", file);
+  const std::string coordinator = cluster_.coordinator_address();
+  ToolRun submitted;
+  std::thread submitting([&] {
+    submitted = RunWithStdin({"gemmactl", "--coordinator", coordinator, "batch", "submit", input,
+                              "--wait", "--json"},
+                             "", seconds(180));
+  });
+  // The batch appears; a follower of its results starts; then the coordinator restarts.
+  std::string id;
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        grpc::ClientContext context;
+        gemma::v1::ListBatchesResponse page;
+        if (!batches_->ListBatches(&context, gemma::v1::ListBatchesRequest(), &page).ok() ||
+            page.batches_size() == 0) {
+          return false;
+        }
+        id = page.batches(0).id();
+        return page.batches(0).counts().completed() >= 5;
+      },
+      milliseconds(30000)));
+  const std::string out = cluster_.dir() + "/follow.out.jsonl";
+  ToolRun results;
+  std::thread following([&] {
+    results = RunWithStdin({"gemmactl", "--coordinator", coordinator, "batch", "results", id,
+                            "--wait", "-o", out},
+                           "", seconds(180));
+  });
+  WaitFor(id, [](const gemma::v1::Batch& b) { return b.counts().completed() >= 10; });
+  std::string error;
+  ASSERT_TRUE(cluster_.RestartCoordinator(&error)) << error;
+  Connect();
+  submitting.join();
+  following.join();
+  ASSERT_EQ(submitted.exit_code, 0) << submitted.err;
+  EXPECT_TRUE(absl::StrContains(submitted.err, "waiting for it to come back")) << submitted.err;
+  EXPECT_EQ(json::parse(submitted.out)["status"], "completed") << submitted.out;
+  ASSERT_EQ(results.exit_code, 0) << results.err;
+  EXPECT_TRUE(absl::StrContains(results.err, "resuming after result")) << results.err;
+  std::set<std::string> seen;
+  for (absl::string_view text : absl::StrSplit(ReadFileToString(out), '\n', absl::SkipEmpty())) {
+    EXPECT_TRUE(seen.insert(json::parse(text)["custom_id"].get<std::string>()).second) << text;
+  }
+  EXPECT_EQ(seen.size(), 60u) << results.err;
+}
+
 TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   StartCluster(1);
   const std::string dir = cluster_.dir();
