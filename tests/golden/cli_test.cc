@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -145,6 +146,33 @@ struct BadCase {
   std::string args;
   std::string expected;  // substring of the error message
 };
+
+// gemma-tokenize takes its text (or ids) as arguments as well as on stdin, the same either way;
+// --chat, which reads a file, refuses a stray argument (it was ignored: an empty encoding).
+TEST(CliTest, TokenizeTakesTextAsArgumentsOrStdin) {
+  const std::string tokenizer = testing::GoldenPath("tiny-moe/tokenizer.json");
+  const std::string text = absl::StrCat(::testing::TempDir(), "/tokenize_in_", getpid(), ".txt");
+  {
+    std::ofstream out(text);
+    out << "In the beginning";
+  }
+  RunResult piped = RunTool("gemma-tokenize", absl::StrCat("--tokenizer ", tokenizer,
+                                                            " --encode < ", text));
+  RunResult argued = RunTool("gemma-tokenize", absl::StrCat("--tokenizer ", tokenizer,
+                                                             " --encode 'In the beginning'"));
+  ASSERT_EQ(piped.exit_code, 0) << piped.output;
+  ASSERT_EQ(argued.exit_code, 0) << argued.output;
+  EXPECT_FALSE(absl::StripAsciiWhitespace(piped.output).empty());
+  EXPECT_EQ(argued.output, piped.output);
+  RunResult decoded = RunTool("gemma-tokenize", absl::StrCat("--tokenizer ", tokenizer,
+                                                              " --decode ", piped.output));
+  ASSERT_EQ(decoded.exit_code, 0) << decoded.output;
+  EXPECT_EQ(decoded.output, "In the beginning");
+  RunResult chat = RunTool("gemma-tokenize", absl::StrCat("--tokenizer ", tokenizer,
+                                                           " --chat ", text, " stray"));
+  EXPECT_EQ(chat.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(chat.output, "unexpected argument \"stray\"")) << chat.output;
+}
 
 TEST(CliTest, BadFlagsAndInputsFailWithAClearMessage) {
   const std::string model = testing::GoldenPath("tiny-dense");

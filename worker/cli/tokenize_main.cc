@@ -2,7 +2,9 @@
 // and for checking a tokenizer file by hand.
 //
 //   gemma-tokenize --tokenizer tokenizer.json --encode < text      ids, space-separated
-//   gemma-tokenize --tokenizer tokenizer.json --decode < ids       text
+//   gemma-tokenize --tokenizer tokenizer.json --encode "text"      the same (arguments joined
+//                                                                  by spaces instead of stdin)
+//   gemma-tokenize --tokenizer tokenizer.json --decode < ids       text (or ids as arguments)
 //   gemma-tokenize --tokenizer tokenizer.json --chat chat.json     {"prompt": ..., "ids": ...}
 #include <cstdio>
 #include <fstream>
@@ -53,11 +55,14 @@ std::string ReadAll(std::istream& in) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "encodes, decodes and renders chat prompts with a tokenizer.json\n"
-      "  gemma-tokenize --tokenizer tokenizer.json --encode < text\n"
-      "  gemma-tokenize --tokenizer tokenizer.json --decode < ids\n"
+      "  gemma-tokenize --tokenizer tokenizer.json --encode < text   (or --encode \"text\")\n"
+      "  gemma-tokenize --tokenizer tokenizer.json --decode < ids    (or --decode 2 17 301)\n"
       "  gemma-tokenize --tokenizer tokenizer.json --chat chat.json");
-  gemma::ParseFlags(argc, argv);
+  const std::vector<char*> positional = gemma::ParseFlags(argc, argv);
   google::InitGoogleLogging(argv[0]);
+  // Text (or ids) given as arguments is the input instead of stdin, joined by spaces.
+  std::vector<std::string> words(positional.begin() + 1, positional.end());
+  auto input = [&] { return words.empty() ? ReadAll(std::cin) : absl::StrJoin(words, " "); };
   const std::string path = absl::GetFlag(FLAGS_tokenizer);
   const int modes = absl::GetFlag(FLAGS_encode) + absl::GetFlag(FLAGS_decode) +
                     !absl::GetFlag(FLAGS_chat).empty();
@@ -66,6 +71,10 @@ int main(int argc, char** argv) {
         "usage: --tokenizer FILE.json and exactly one of --encode, --decode, "
         "--chat FILE.json");
   }
+  if (!words.empty() && !absl::GetFlag(FLAGS_chat).empty()) {
+    return Fail("--chat reads its messages from the file it names; unexpected argument \"" +
+                words[0] + "\"");
+  }
   auto tokenizer = tok::Tokenizer::FromFile(path);
   if (!tokenizer.ok()) return Fail(std::string(tokenizer.status().ToString()));
 
@@ -73,16 +82,16 @@ int main(int argc, char** argv) {
     tok::EncodeOptions options;
     options.add_special_tokens = absl::GetFlag(FLAGS_add_special_tokens);
     options.split_special_tokens = absl::GetFlag(FLAGS_split_special_tokens);
-    const std::vector<int32_t> ids = (*tokenizer)->Encode(ReadAll(std::cin), options);
+    const std::vector<int32_t> ids = (*tokenizer)->Encode(input(), options);
     std::cout << absl::StrJoin(ids, " ") << "\n";
     return 0;
   }
   if (absl::GetFlag(FLAGS_decode)) {
-    std::string input = ReadAll(std::cin);
-    for (char& c : input) {
+    std::string text = input();
+    for (char& c : text) {
       if (c == ',' || c == '[' || c == ']') c = ' ';
     }
-    std::istringstream stream(input);
+    std::istringstream stream(text);
     std::vector<int32_t> ids;
     std::string word;
     while (stream >> word) {
