@@ -389,6 +389,10 @@ int Run() {
   gemma::coordinator::OpenAiOptions openai_options;
   openai_options.model_name = registry.ResolveModel("");
   openai_options.served_models = [&registry] { return registry.ServedModels(); };
+  openai_options.max_model_len = [&registry](const std::string& model) {
+    return registry.Limits(model).max_context;
+  };
+  openai_options.created = gemma::coordinator::UnixNow();
   std::unique_ptr<gemma::coordinator::BatchRunner> batch_runner;
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

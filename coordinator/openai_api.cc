@@ -293,13 +293,17 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
     return opts->served_models ? opts->served_models()
                                : std::vector<std::string>{opts->model_name};
   };
-  http.Get("/v1/models", [served](const httplib::Request&, httplib::Response& response) {
+  auto model_object = [opts](const std::string& name) {
+    return ModelObject(name, opts->created, opts->max_model_len ? opts->max_model_len(name) : 0);
+  };
+  http.Get("/v1/models", [served, model_object](const httplib::Request&,
+                                                httplib::Response& response) {
     json data = json::array();
-    for (const std::string& name : served()) data.push_back(ModelObject(name));
+    for (const std::string& name : served()) data.push_back(model_object(name));
     response.set_content(Dump(json{{"object", "list"}, {"data", data}}), "application/json");
   });
-  http.Get(R"(/v1/models/([^/]+))", [served](const httplib::Request& request,
-                                              httplib::Response& response) {
+  http.Get(R"(/v1/models/([^/]+))", [served, model_object](const httplib::Request& request,
+                                                            httplib::Response& response) {
     const std::vector<std::string> names = served();
     if (std::find(names.begin(), names.end(), std::string(request.matches[1])) == names.end()) {
       ApiError e = InvalidRequestError("model", absl::StrCat("The model `", std::string(request.matches[1]),
@@ -309,7 +313,7 @@ void AddOpenAiRoutes(httplib::Server& http, std::shared_ptr<grpc::Channel> chann
       SendError(response, e);
       return;
     }
-    response.set_content(Dump(ModelObject(std::string(request.matches[1]))), "application/json");
+    response.set_content(Dump(model_object(std::string(request.matches[1]))), "application/json");
   });
   http.Post("/v1/completions", [stub, opts, internal_token](const httplib::Request& request,
                                                              httplib::Response& response) {

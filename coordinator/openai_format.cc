@@ -261,8 +261,14 @@ std::string NewId(const char* prefix) {
   return absl::StrFormat("%s%016x%08x", prefix, rng(), static_cast<uint32_t>(rng()));
 }
 
-json ModelObject(const std::string& name) {
-  return {{"id", name}, {"object", "model"}, {"created", 0}, {"owned_by", "gemma-cluster"}};
+json ModelObject(const std::string& name, int64_t created, int64_t max_model_len) {
+  json model = {{"id", name},
+                {"object", "model"},
+                {"created", created},
+                {"owned_by", "gemma-cluster"},
+                {"root", name}};
+  if (max_model_len > 0) model["max_model_len"] = max_model_len;
+  return model;
 }
 
 int64_t UnixNow() {

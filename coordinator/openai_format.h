@@ -22,6 +22,11 @@ struct OpenAiOptions {
   // by GET /v1/models (a request's "model" then picks the replicas).
   std::string model_name = "gemma-4";
   std::function<std::vector<std::string>()> served_models;
+  // A model's context (positions one request may use) over its healthy replicas; 0 or unset:
+  // unknown (GET /v1/models then leaves out max_model_len).
+  std::function<int64_t(const std::string&)> max_model_len;
+  // Unix seconds the models were first served (the "created" of /v1/models).
+  int64_t created = 0;
   // Largest request body accepted (413 past it).
   size_t max_body_bytes = size_t{8} << 20;
   // max_tokens of a chat completion that names none (a completion's default is OpenAI's, 16).
@@ -79,7 +84,10 @@ bool ParseJsonObject(const std::string& text, const std::string& what, nlohmann:
 // "<prefix><24 random hex digits>".
 std::string NewId(const char* prefix);
 int64_t UnixNow();
-nlohmann::json ModelObject(const std::string& name);
+// A model object of /v1/models; max_model_len (vLLM's field, which clients size requests by)
+// when known (> 0).
+nlohmann::json ModelObject(const std::string& name, int64_t created = 0,
+                           int64_t max_model_len = 0);
 // {"prompt_tokens", "completion_tokens", "total_tokens"}.
 nlohmann::json Usage(const gemma::v1::GenerateFinal& final);
 // A response ("text_completion", "chat.completion") or stream chunk around `choices`.

@@ -83,6 +83,8 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   const json out = json::parse(run.out);
 
   EXPECT_EQ(out["models"], json::array({kModelName}));
+  EXPECT_EQ(out["max_model_len"], json::array({cluster_.Status().replicas(0).max_context()}));
+  EXPECT_GT(out["created"][0].get<int64_t>(), 1700000000);
 
   gemma::v1::GenerateRequest chat_request;
   auto* message = chat_request.mutable_chat()->add_messages();

@@ -10,7 +10,11 @@ import openai
 
 base_url, model, prompt, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
-out = {"models": [m.id for m in client.models.list().data]}
+listed = client.models.list().data
+out = {"models": [m.id for m in listed],
+       # vLLM's extra field, which clients read to size requests
+       "max_model_len": [getattr(m, "max_model_len", None) for m in listed],
+       "created": [m.created for m in listed]}
 
 messages = [{"role": "user", "content": prompt}]
 chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
