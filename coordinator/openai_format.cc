@@ -1,5 +1,6 @@
 #include "coordinator/openai_format.h"
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -92,6 +93,17 @@ bool ReadInt(const json& body, const char* key, int64_t lo, int64_t* out, ApiErr
     *error = InvalidRequestError(key, absl::StrCat(key, " is too large: at most ", INT64_MAX));
     return false;
   }
+  if (v.is_number_float() && std::isfinite(v.get<double>()) &&
+      v.get<double>() == std::trunc(v.get<double>()) && std::abs(v.get<double>()) < 9.2e18) {
+    // A whole number written as a float (100.0): its integer, as pydantic's lax mode takes it.
+    const int64_t x = static_cast<int64_t>(v.get<double>());
+    if (x < lo) {
+      *error = InvalidRequestError(key, absl::StrCat(key, " must be at least ", lo, ", got ", x));
+      return false;
+    }
+    *out = x;
+    return true;
+  }
   if (v.is_number_float()) {
     const double d = v.get<double>();
     *error = InvalidRequestError(
@@ -157,11 +169,22 @@ bool ReadPrompt(const json& body, gemma::v1::GenerateRequest* request, ApiError*
   }
   if (prompt.is_array() && !prompt.empty()) {
     auto* ids = request->mutable_token_ids();
+    const bool prompts = std::all_of(prompt.begin(), prompt.end(), [](const json& p) {
+      return p.is_string() || p.is_array();
+    });
+    if (prompts) {
+      *error = Unsupported("prompt", "more than one prompt per request");
+      return false;
+    }
+    size_t index = 0;
     for (const json& id : prompt) {
       if (!id.is_number_integer()) {
-        *error = Unsupported("prompt", "more than one prompt per request");
+        *error = InvalidRequestError(
+            "prompt", absl::StrCat("prompt[", index, "] must be a token id (a whole number), got ",
+                                   Dump(id), "; a prompt is a string or a list of token ids"));
         return false;
       }
+      ++index;
       const int64_t v = id.get<int64_t>();
       if (v < 0 || v > INT32_MAX) {
         *error = InvalidRequestError("prompt", absl::StrCat("token id ", v, " is not a valid id"));
@@ -208,7 +231,18 @@ bool ReadMessages(const json& body, gemma::v1::GenerateRequest* request, ApiErro
       }
     }
     std::string content;
+    if (!Present(message, "content") && role != "assistant") {
+      *error = InvalidRequestError(
+          param + ".content",
+          absl::StrCat(param, ".content is required for a ", role, " message (a string or a "
+                              "list of text parts)"));
+      return false;
+    }
     if (Present(message, "content") && !ReadContent(message["content"], index, &content, error)) {
+      return false;
+    }
+    if (Present(message, "name") && !message["name"].is_string()) {
+      *error = InvalidRequestError(param + ".name", absl::StrCat(param, ".name must be a string"));
       return false;
     }
     auto* m = chat->add_messages();
@@ -339,6 +373,20 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
       "functions", "function_call", "top_logprobs", "modalities", "audio", "reasoning_effort",
       "skip_special_tokens"};
   const auto& known = kind == ApiKind::kChat ? kChatFields : kCompletionFields;
+  if (Present(body, "user") && !body["user"].is_string()) {
+    error = InvalidRequestError("user", "user must be a string");
+    return result;
+  }
+  if (Present(body, "metadata")) {
+    const json& metadata = body["metadata"];
+    const bool strings = metadata.is_object() &&
+                         std::all_of(metadata.begin(), metadata.end(),
+                                     [](const json& v) { return v.is_string(); });
+    if (!strings) {
+      error = InvalidRequestError("metadata", "metadata must be an object of string values");
+      return result;
+    }
+  }
   for (const auto& [key, value] : body.items()) {
     if (known.count(key)) continue;
     bool harmless_field = false;
@@ -442,13 +490,19 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
     sampling->set_top_k(top_k < 0 ? 0 : static_cast<int32_t>(top_k));
   }
   if (Present(body, "seed")) {
-    if (!body["seed"].is_number_integer()) {
-      error = InvalidRequestError("seed", "seed must be an integer");
+    // A 64-bit signed integer, as vLLM takes it (each value its own stream: negative seeds map
+    // above 2^63, where no non-negative one goes).
+    const json& seed = body["seed"];
+    const bool integer = seed.is_number_integer() &&
+                         !(seed.is_number_unsigned() &&
+                           seed.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX));
+    if (!integer) {
+      error = InvalidRequestError(
+          "seed", absl::StrCat("seed must be an integer in [", INT64_MIN, ", ", INT64_MAX,
+                               "], got ", Dump(seed)));
       return result;
     }
-    sampling->set_seed(body["seed"].is_number_unsigned()
-                           ? body["seed"].get<uint64_t>()
-                           : static_cast<uint64_t>(body["seed"].get<int64_t>()));
+    sampling->set_seed(static_cast<uint64_t>(seed.get<int64_t>()));
   }
   if (Present(body, "stop")) {
     const json& stop = body["stop"];

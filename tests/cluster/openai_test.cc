@@ -325,6 +325,28 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
             "top_p must be in (0, 1]: above 0, at most 1, got 0");
   EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "skip_special_tokens": "no"})"),
             "skip_special_tokens must be true or false");
+  // A list of ids with something else in it says so (it read "more than one prompt").
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": [2, 1228.5]})"),
+            "prompt[1] must be a token id (a whole number), got 1228.5; a prompt is a string or "
+            "a list of token ids");
+  EXPECT_TRUE(absl::StrContains(message_of(R"({"model": "tiny-moe", "prompt": ["a", "b"]})"),
+                                "more than one prompt per request"));
+  // Seeds are 64-bit signed integers (2^64 read "must be an integer"; -1 and 2^64-1 were one).
+  EXPECT_TRUE(absl::StartsWith(
+      message_of(R"({"model": "tiny-moe", "prompt": "x", "seed": 18446744073709551615})"),
+      "seed must be an integer in [-9223372036854775808, 9223372036854775807]"));
+  EXPECT_EQ(message_of(R"({"model": "tiny-moe", "prompt": "x", "user": 5})"),
+            "user must be a string");
+  EXPECT_EQ(error_of("/v1/chat/completions",
+                     R"({"model": "tiny-moe", "messages": [{"role": "user", "content": null}]})",
+                     400)["message"],
+            "messages[0].content is required for a user message (a string or a list of text "
+            "parts)");
+  // A whole number written as a float is that number, as pydantic (vLLM) takes it.
+  auto whole = Post("/v1/completions",
+                    R"({"model": "tiny-moe", "prompt": "x", "max_tokens": 2.0, "seed": 7})");
+  ASSERT_TRUE(whole);
+  EXPECT_EQ(whole->status, 200) << whole->body;
   EXPECT_EQ(error_of("/v1/completions",
                      json{{"model", kModelName}, {"prompt", "x"}, {"best_of_luck", 1}}.dump(),
                      400)["param"],
