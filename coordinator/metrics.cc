@@ -251,6 +251,11 @@ void Metrics::RefreshLocked() {
     // Every model's request series exist from its first scrape on, at zero.
     Series(model);
     preemptions_.Add({{"model_name", model}});
+    // The usual failure reasons exist from the start at zero, so rate() and dashboards see them.
+    for (const char* reason :
+         {"invalid_argument", "resource_exhausted", "deadline_exceeded", "unavailable"}) {
+      failures_.Add({{"model_name", model}, {"reason", reason}});
+    }
     running_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.running));
     waiting_.Add({{"model_name", model}}).Set(static_cast<double>(gauges.waiting));
     replicas_.Add({{"model_name", model}, {"state", "healthy"}})
