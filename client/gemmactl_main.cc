@@ -611,9 +611,9 @@ absl::Status Status() {
     std::cout << "no replica has registered\n";
     return absl::OkStatus();
   }
-  std::vector<std::string> header = {"ID",    "ADDRESS",  "MODEL", "HEALTH",     "PARALLEL",
-                                     "WORLD", "RUN/WAIT", "OUTSTANDING"};
-  std::vector<bool> right = {false, false, false, false, false, true, true, true};
+  std::vector<std::string> header = {"ID",       "NAME",  "ADDRESS",  "MODEL",      "HEALTH",
+                                     "PARALLEL", "WORLD", "RUN/WAIT", "OUTSTANDING"};
+  std::vector<bool> right = {false, false, false, false, false, false, true, true, true};
   for (const std::string& name : pool_names) {
     header.push_back(absl::StrCat("KV ", name));
     right.push_back(true);
@@ -626,6 +626,7 @@ absl::Status Status() {
   for (const gemma::v1::ReplicaStatus& replica : response.replicas()) {
     std::vector<std::string> row = {
         replica.id(),
+        replica.name().empty() ? "-" : replica.name(),
         replica.address(),
         replica.model().empty() ? "-" : replica.model(),
         !replica.healthy() ? "UNHEALTHY" : replica.draining() ? "draining" : "healthy",

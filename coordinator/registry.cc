@@ -107,11 +107,14 @@ absl::StatusOr<std::string> Registry::Register(
   replica->parallel = request.parallel();
   replica->placement_group = request.placement_group();
   replica->model = model;
+  replica->name = request.name();
   Entry entry;
   entry.replica = replica;
   entry.last_heartbeat = Now();
   entries_.push_back(std::move(entry));
-  LOG(INFO) << "replica " << replica->id << " registered at " << replica->address
+  LOG(INFO) << "replica " << replica->id
+            << (replica->name.empty() ? "" : absl::StrCat(" (", replica->name, ")"))
+            << " registered at " << replica->address
             << ", fingerprint " << request.model_fingerprint() << ", vocab "
             << request.vocab_size() << ", max context " << request.max_context() << ", "
             << request.world_size() << " rank(s) " << request.parallel() << ", model " << model;
@@ -326,6 +329,7 @@ gemma::v1::GetStatusResponse Registry::Status() const {
     status->set_preemptions_per_s(entry.preemptions_per_s);
     status->set_max_context(entry.replica->max_context);
     status->set_model(entry.replica->model);
+    status->set_name(entry.replica->name);
     status->set_draining(entry.draining());
   }
   for (const std::string& name : ServedModelsLocked()) {

@@ -44,6 +44,7 @@ struct Replica {
   // Entries of one replica (its dp-ep groups) share it; empty: the entry is the replica.
   std::string placement_group;
   std::string model;  // its served name
+  std::string name;   // its worker's --replica NAME, for operators ("" when none)
   std::atomic<int64_t> outstanding{0};
 };
 

@@ -101,7 +101,8 @@ ABSL_FLAG(int32_t, register_timeout_s, 60,
           "how long to keep trying to reach the coordinator at start-up");
 ABSL_FLAG(int32_t, heartbeat_ms, 1000, "milliseconds between heartbeats to the coordinator");
 ABSL_FLAG(std::string, replica, "",
-          "name of the replica when it spans several nodes (the same on each of its workers)");
+          "name of the replica: the same on each of its workers when it spans several nodes "
+          "(they meet by it); shown beside its id in gemmactl status");
 ABSL_FLAG(int32_t, nodes, 1, "workers (nodes) that together form the replica");
 ABSL_FLAG(int32_t, node_rank, 0, "this worker's place among them, 0..nodes-1 (0 leads)");
 ABSL_FLAG(std::string, model_name, "",
@@ -1102,6 +1103,7 @@ absl::Status RunLeader(gemma::replica::RankEnv& env, gemma::replica::LoadedRank&
       std::min<int64_t>(config.max_position_embeddings, absl::GetFlag(FLAGS_cache_tokens)));
   registration.set_world_size(env.world.world_size());
   registration.set_model_name(absl::GetFlag(FLAGS_model_name));
+  registration.set_name(absl::GetFlag(FLAGS_replica));
   registration.set_replica_tls(!WorkerCertificate().cert.empty());
   if (env.world.mode() == gemma::parallel::ParallelMode::kDpEp) {
     const int groups = env.world.world_size() / env.world.tp_size();
