@@ -244,8 +244,8 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     }
     SendJson(response, {{"id", id}, {"object", "file"}, {"deleted", true}});
   });
-  http.Get(R"(/v1/files/([^/]+))", [runner, auth](const httplib::Request& request,
-                                                  httplib::Response& response) {
+  http.Get(R"(/v1/files/([^/]+))", [runner, openai, auth](const httplib::Request& request,
+                                                          httplib::Response& response) {
     const std::string id = request.matches[1];
     Principal who;
     if (!Caller(auth, request, response, &who)) return;
@@ -261,7 +261,15 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
         SendStatus(response, absl::NotFoundError(absl::StrCat("no file ", id)));
         return;
       }
-      SendJson(response, FileObject({id, "batch_output", id + ".jsonl", 0, batch->created_at(), batch->owner()}));
+      // Its size is that of the lines it holds now (rendered, as its content is).
+      absl::StatusOr<std::string> content = ResultFile(*runner, batch_id, errors, openai->model_name);
+      if (!content.ok()) {
+        SendStatus(response, content.status());
+        return;
+      }
+      SendJson(response, FileObject({id, "batch_output", id + ".jsonl",
+                                     static_cast<int64_t>(content->size()), batch->created_at(),
+                                     batch->owner()}));
       return;
     }
     auto file = runner->store().GetFile(id);
@@ -320,10 +328,35 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
       SendApiError(response, InvalidRequestError("endpoint", "endpoint is required"));
       return;
     }
-    if (body.contains("completion_window") && body["completion_window"] != "24h") {
-      SendApiError(response,
-                   InvalidRequestError("completion_window", "completion_window must be \"24h\""));
+    // Required, as OpenAI's API (and its client) has it.
+    if (!body.contains("completion_window") || body["completion_window"] != "24h") {
+      SendApiError(response, InvalidRequestError(
+                                 "completion_window",
+                                 body.contains("completion_window")
+                                     ? "completion_window must be \"24h\""
+                                     : "completion_window is required: \"24h\""));
       return;
+    }
+    // OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+    if (body.contains("metadata") && !body["metadata"].is_null()) {
+      const json& metadata = body["metadata"];
+      std::string wrong;
+      if (!metadata.is_object()) {
+        wrong = "metadata must be an object of strings";
+      } else if (metadata.size() > 16) {
+        wrong = absl::StrCat("metadata has ", metadata.size(), " keys; at most 16");
+      } else {
+        for (const auto& [k, v] : metadata.items()) {
+          if (k.size() > 64) wrong = absl::StrCat("metadata key \"", k.substr(0, 16), "...\" is longer than 64 characters");
+          if (!v.is_string()) wrong = "metadata values are strings";
+          else if (v.get<std::string>().size() > 512) wrong = absl::StrCat("metadata[\"", k, "\"] is longer than 512 characters");
+          if (!wrong.empty()) break;
+        }
+      }
+      if (!wrong.empty()) {
+        SendApiError(response, InvalidRequestError("metadata", wrong));
+        return;
+      }
     }
     gemma::v1::CreateBatchHeader header;
     header.set_input_file_id(body["input_file_id"].get<std::string>());
@@ -361,9 +394,15 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
     if (!Caller(auth, request, response, &who)) return;
     int limit = 0;
     if (!ListLimit(request, response, 100, &limit, 20)) return;
-    auto page = runner->store().List(limit, request.get_param_value("after"), who.name, who.admin);
+    const std::string after = request.get_param_value("after");
+    auto page = runner->store().List(limit, after, who.name, who.admin);
     if (!page.ok()) {
-      SendStatus(response, page.status());
+      // The store names its cursor page_token (gemmactl's word); this API calls it after.
+      SendStatus(response, page.status().code() == absl::StatusCode::kInvalidArgument
+                               ? absl::InvalidArgumentError(absl::StrCat(
+                                     "after=\"", after, "\" names no batch you can see; give "
+                                     "the id of a batch of the previous page (its last_id)"))
+                               : page.status());
       return;
     }
     json data = json::array();

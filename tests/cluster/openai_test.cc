@@ -148,6 +148,7 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   EXPECT_EQ(batch["counts"]["completed"], 5);
   EXPECT_EQ(batch["counts"]["failed"], 1);
   EXPECT_EQ(batch["metadata"]["job"], "check");
+  EXPECT_EQ(batch["output_file_bytes_match"], true);
   EXPECT_TRUE(batch["listed"].get<bool>());
   ASSERT_EQ(batch["errors"].size(), 1u);
   EXPECT_EQ(batch["errors"][0]["line"], 5);
@@ -375,6 +376,40 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
 // input generates up to the context's end instead of being refused (the default is the
 // server's, not the client's). A max_tokens the client names is still held to, with the room
 // left named, and an input that fills the context is refused saying so.
+// POST /v1/batches checks its fields as OpenAI's does: completion_window is required, metadata
+// is at most 16 string pairs of bounded size; a list's unknown cursor names the parameter the
+// client sent (after), not the store's name for it.
+TEST_F(OpenAiTest, BatchCreationAndListingCheckTheirFields) {
+  auto error_of = [&](const std::string& body) {
+    auto response = Post("/v1/batches", body);
+    EXPECT_TRUE(response);
+    if (!response) return json();
+    EXPECT_EQ(response->status, 400) << body << " -> " << response->body;
+    return json::parse(response->body, nullptr, false)["error"];
+  };
+  const json base = {{"input_file_id", "file-none"}, {"endpoint", "/v1/chat/completions"}};
+  EXPECT_EQ(error_of(base.dump())["message"], "completion_window is required: \"24h\"");
+  json many = base;
+  many["completion_window"] = "24h";
+  for (int i = 0; i < 17; ++i) many["metadata"][absl::StrCat("k", i)] = "v";
+  json wrong = error_of(many.dump());
+  EXPECT_EQ(wrong["message"], "metadata has 17 keys; at most 16");
+  EXPECT_EQ(wrong["param"], "metadata");
+  json text = base;
+  text["completion_window"] = "24h";
+  text["metadata"] = "not an object";
+  EXPECT_EQ(error_of(text.dump())["message"], "metadata must be an object of strings");
+  const size_t colon = http_address_.rfind(':');
+  httplib::Client http(http_address_.substr(0, colon), std::stoi(http_address_.substr(colon + 1)));
+  auto listed = http.Get("/v1/batches?after=batch_nope");
+  ASSERT_TRUE(listed);
+  EXPECT_EQ(listed->status, 400);
+  EXPECT_TRUE(absl::StartsWith(
+      json::parse(listed->body)["error"]["message"].get<std::string>(),
+      "after=\"batch_nope\" names no batch you can see"))
+      << listed->body;
+}
+
 TEST_F(OpenAiTest, AnUnnamedMaxTokensGivesWayToALongInput) {
   constexpr int64_t kContext = 4096;  // tiny-moe's max_position_embeddings
   json ids = json::array({2});

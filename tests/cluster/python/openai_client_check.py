@@ -112,6 +112,9 @@ out["batch"] = {
     "errors": [e.model_dump() for e in (batch.errors.data if batch.errors else [])],
     "output": [json.loads(l) for l in output.splitlines() if l.strip()],
     "error_file": [json.loads(l) for l in errors_text.splitlines() if l.strip()],
+    # The output file's object gives its size (it said 0).
+    "output_file_bytes_match": (client.files.retrieve(batch.output_file_id).bytes
+                                == len(output.encode()) if batch.output_file_id else None),
 }
 # The uploaded file is listed, and deleted: gone from the list, and retrieving it is a 404.
 second = client.files.create(file=("more.jsonl", io.BytesIO(lines[0].encode())), purpose="batch")
