@@ -44,10 +44,11 @@ absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_e
     return absl::InvalidArgumentError(absl::StrCat(where, " has no custom_id (a string)"));
   }
   out->custom_id = line["custom_id"].get<std::string>();
-  auto refuse = [&](const std::string& code, const std::string& message) {
+  auto refuse = [&](const std::string& code, const std::string& message,
+                    absl::StatusCode grpc_code = absl::StatusCode::kInvalidArgument) {
     out->refused = true;
     out->error_code = code;
-    out->grpc_code = static_cast<int32_t>(absl::StatusCode::kInvalidArgument);
+    out->grpc_code = static_cast<int32_t>(grpc_code);
     out->error_message = message;
     return absl::OkStatus();
   };
@@ -73,8 +74,11 @@ absl::Status ReadOpenAiLine(const BatchItem& item, const std::string& required_e
   ParseResult parsed = ParseOpenAiRequest(
       line["body"], url == kChatEndpoint ? ApiKind::kChat : ApiKind::kCompletion, openai);
   if (!parsed.ok) {
+    // A model not served is a 404 in the error file, as the interactive API answers it.
     return refuse(parsed.error.code.empty() ? "invalid_request" : parsed.error.code,
-                  parsed.error.message);
+                  parsed.error.message,
+                  parsed.error.http_status == 404 ? absl::StatusCode::kNotFound
+                                                  : absl::StatusCode::kInvalidArgument);
   }
   if (parsed.parsed.stream) return refuse("invalid_request", "stream is not allowed in a batch");
   out->request = parsed.parsed.request;

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
@@ -568,7 +569,7 @@ ApiError ApiErrorFromGrpc(const grpc::Status& status) {
       break;
     case grpc::StatusCode::NOT_FOUND:
       e.http_status = 404;
-      e.code = "not_found";
+      e.code = absl::StartsWith(e.message, "The model `") ? "model_not_found" : "not_found";
       break;
     case grpc::StatusCode::UNAUTHENTICATED:
       e.http_status = 401;

@@ -144,14 +144,15 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   // The batch: five results equal to the chats sent alone, the sixth refused with its line.
   const json& batch = out["batch"];
   EXPECT_EQ(batch["status"], "completed");
-  EXPECT_EQ(batch["counts"]["total"], 6);
+  EXPECT_EQ(batch["counts"]["total"], 7);
   EXPECT_EQ(batch["counts"]["completed"], 5);
-  EXPECT_EQ(batch["counts"]["failed"], 1);
+  EXPECT_EQ(batch["counts"]["failed"], 2);
   EXPECT_EQ(batch["metadata"]["job"], "check");
   EXPECT_EQ(batch["output_file_bytes_match"], true);
   EXPECT_TRUE(batch["listed"].get<bool>());
-  ASSERT_EQ(batch["errors"].size(), 1u);
+  ASSERT_EQ(batch["errors"].size(), 2u);
   EXPECT_EQ(batch["errors"][0]["line"], 5);
+  EXPECT_EQ(batch["errors"][1]["code"], "model_not_found");
   ASSERT_EQ(batch["output"].size(), 5u);
   for (const json& line : batch["output"]) {
     const std::string custom_id = line["custom_id"];
@@ -166,9 +167,13 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
         << custom_id;
     EXPECT_EQ(line["response"]["body"]["model"], kModelName);
   }
-  ASSERT_EQ(batch["error_file"].size(), 1u);
+  ASSERT_EQ(batch["error_file"].size(), 2u);
   EXPECT_EQ(batch["error_file"][0]["custom_id"], "b4");
   EXPECT_EQ(batch["error_file"][0]["response"]["status_code"], 400);
+  // A model not served: 404 model_not_found, as the interactive API answers (it was a 400).
+  EXPECT_EQ(batch["error_file"][1]["custom_id"], "b6");
+  EXPECT_EQ(batch["error_file"][1]["response"]["status_code"], 404);
+  EXPECT_EQ(batch["error_file"][1]["response"]["body"]["error"]["code"], "model_not_found");
 
   // files.list and files.delete: newest first; a deleted file is gone from the list and a 404,
   // and the batch made from it keeps its results.

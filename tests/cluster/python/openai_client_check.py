@@ -86,11 +86,13 @@ import io
 import time
 
 lines = []
-for i in range(6):
+for i in range(7):
     body = {"model": model, "messages": [{"role": "user", "content": f"{prompt} {i}"}],
             "max_tokens": max_tokens, "temperature": 0}
     if i == 4:
         body["tools"] = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    if i == 6:
+        body["model"] = "no-such-model"
     lines.append(json.dumps({"custom_id": f"b{i}", "method": "POST",
                              "url": "/v1/chat/completions", "body": body}))
 uploaded = client.files.create(file=("batch.jsonl", io.BytesIO("\n".join(lines).encode())),
