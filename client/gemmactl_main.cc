@@ -94,7 +94,8 @@ ABSL_FLAG(std::string, output, "", "batch results: the OpenAI output file (defau
 ABSL_FLAG(std::string, errors, "",
           "batch results: the OpenAI error file (default OUTPUT.errors.jsonl, or stdout)");
 ABSL_FLAG(std::string, model_name, "gemma-4",
-          "batch results: the \"model\" written in OpenAI response bodies");
+          "batch results: the \"model\" written in the OpenAI response bodies of items that "
+          "named none (the others say the model they named)");
 
 namespace {
 

@@ -464,7 +464,8 @@ absl::StatusOr<std::vector<gemma::v1::BatchResult>> BatchStore::Results(const st
                                                                         int64_t limit) {
   std::lock_guard<std::mutex> lock(mutex_);
   Statement q(db_,
-              "SELECT seq, custom_id, line, response, error_code, error_message, endpoint FROM items "
+              "SELECT seq, custom_id, line, response, error_code, error_message, endpoint, request "
+              "FROM items "
               "WHERE batch_id = ? AND seq >= ? ORDER BY seq LIMIT ?");
   q.Bind(1, id).Bind(2, offset).Bind(3, limit);
   std::vector<gemma::v1::BatchResult> out;
@@ -479,6 +480,8 @@ absl::StatusOr<std::vector<gemma::v1::BatchResult>> BatchStore::Results(const st
     r.set_error_code(static_cast<int32_t>(q.Int(4)));
     r.set_error_message(q.Text(5));
     r.set_endpoint(q.Text(6));
+    gemma::v1::GenerateRequest request;
+    if (request.ParseFromString(q.Text(7))) r.set_model(request.model());
     out.push_back(std::move(r));
   }
   return out;

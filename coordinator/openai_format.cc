@@ -622,7 +622,8 @@ json BatchOutputLine(const gemma::v1::BatchResult& result, const std::string& ba
           result.endpoint() == "/v1/chat/completions" ? ApiKind::kChat : ApiKind::kCompletion;
       body = ResponseBody(kind, absl::StrCat(kind == ApiKind::kChat ? "chatcmpl-" : "cmpl-",
                                              request_id),
-                          created, model_name, r.text(), r.final());
+                          created, result.model().empty() ? model_name : result.model(), r.text(),
+                          r.final());
     }
     response = {{"status_code", 200}, {"request_id", request_id}, {"body", body}};
   }

@@ -391,8 +391,9 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   const std::string id = batch["id"];
 
   const std::string out = dir + "/out.jsonl";
+  // --model-name is for items that named no model; these named gemma-4, which their bodies say.
   ToolRun results = RunWithStdin({"gemmactl", "--coordinator", cluster_.coordinator_address(),
-                                  "batch", "results", id, "-o", out},
+                                  "batch", "results", id, "-o", out, "--model-name", "other"},
                                  "");
   ASSERT_EQ(results.exit_code, 0) << results.err;
   EXPECT_FALSE(std::filesystem::exists(out + ".partial"));
@@ -404,6 +405,7 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
     EXPECT_EQ(line_out["response"]["status_code"], 200);
     const json& body = line_out["response"]["body"];
     EXPECT_EQ(body["object"], "chat.completion");
+    EXPECT_EQ(body["model"], "gemma-4");
     // Equal to the same chat sent alone.
     gemma::v1::GenerateRequest alone;
     auto* m = alone.mutable_chat()->add_messages();
