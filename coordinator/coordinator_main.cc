@@ -527,6 +527,7 @@ int Run() {
     // /metrics, /dashboard and its JSON stay open (read-only cluster state).
     http.set_pre_routing_handler([&auth](const httplib::Request& request,
                                          httplib::Response& response) {
+      gemma::coordinator::ReadMissingBodyAsEmpty(request);
       if (request.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
       absl::Status allowed = auth->CheckHeader(request.get_header_value("Authorization"),
                                                {gemma::coordinator::Role::kUser}, request.path);

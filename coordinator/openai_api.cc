@@ -206,6 +206,13 @@ std::string AllowedMethods(const std::string& path) {
 
 }  // namespace
 
+void ReadMissingBodyAsEmpty(const httplib::Request& request) {
+  if (request.has_header("Content-Length") || request.has_header("Transfer-Encoding")) return;
+  // httplib's request object is not const where it lives (Server::process_request's local);
+  // the handler's signature is.
+  const_cast<httplib::Request&>(request).headers.emplace("Content-Length", "0");
+}
+
 void AddOpenAiErrorBodies(httplib::Server& http, bool batches) {
   // A handler that throws is a defect: log what and where, and answer 500 (the error handler
   // below writes its body, which points at this log).
@@ -248,26 +255,6 @@ void AddOpenAiErrorBodies(httplib::Server& http, bool batches) {
         e.message = absl::StrCat(request.path, " takes ", allowed, ", not ", request.method);
         e.code = "method_not_allowed";
         response.set_header("Allow", allowed);
-      }
-    } else if (response.status == 400 && !request.has_header("Content-Length") &&
-               !request.has_header("Transfer-Encoding") &&
-               (request.method == "POST" || request.method == "PUT" ||
-                request.method == "PATCH" || request.method == "DELETE")) {
-      // httplib 0.11 reads such a request's body to the end of the connection (RFC 9112 says it
-      // has none), so it fails after the read timeout. Say what to send instead; a path that
-      // does not take the method at all is a 405 first.
-      const std::string allowed = AllowedMethods(request.path);
-      if (!allowed.empty() && !absl::StrContains(allowed, request.method)) {
-        e.http_status = 405;
-        e.message = absl::StrCat(request.path, " takes ", allowed, ", not ", request.method);
-        e.code = "method_not_allowed";
-        response.set_header("Allow", allowed);
-      } else {
-        e.http_status = 411;
-        e.message = absl::StrCat(asked, " came without Content-Length: send its length with "
-                                        "the body (an empty body: Content-Length: 0, e.g. curl "
-                                        "-d '')");
-        e.code = "length_required";
       }
     } else if (response.status == 413) {
       e.message = absl::StrCat("the request ", asked, " is larger than this server takes");

@@ -24,6 +24,13 @@ namespace gemma::coordinator {
 // method: 405 with Allow; a request it cannot parse) get an OpenAI error body saying what was
 // asked instead of an empty one. Errors the handlers send keep theirs. Without `batches` (no
 // --data-dir), the Files and Batches paths say what they need instead of a 405.
+// A request without Content-Length or Transfer-Encoding has no body (RFC 9112, 6.3), but
+// httplib 0.11 reads a POST's body to the end of the connection, failing after its read
+// timeout: curl -X POST without -d (OpenAI's own cancel example) got a 400 five seconds later.
+// Called from the pre-routing handler, which runs before the body is read, this gives such a
+// request "Content-Length: 0", so it is routed with an empty body.
+void ReadMissingBodyAsEmpty(const httplib::Request& request);
+
 void AddOpenAiErrorBodies(httplib::Server& http, bool batches);
 
 // Adds the routes to `http`. `channel` reaches the coordinator's Inference service; it and

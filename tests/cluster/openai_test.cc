@@ -256,8 +256,9 @@ TEST_F(OpenAiTest, UnknownPathsAndWrongMethodsGetOpenAiErrors) {
   EXPECT_EQ(bad_limit->status, 400);
   EXPECT_EQ(error_in(bad_limit)["message"], "limit must be a whole number in [1, 10000], got \"10abc\"");
   // A POST without Content-Length (curl -X POST with no -d, as OpenAI's own cancel example
-  // sends): httplib waits for a body to the end of the connection, then fails; the answer says
-  // what to send, or that the path takes no POST. Both at once: each waits out the read timeout.
+  // sends) has an empty body and is answered at once: routed (a cancel of an unknown batch is
+  // its 404), or a 405 where the path takes no POST. httplib read such a body to the end of the
+  // connection and failed with a 400 after its read timeout.
   auto raw_post = [&](const std::string& path) {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
@@ -279,12 +280,12 @@ TEST_F(OpenAiTest, UnknownPathsAndWrongMethodsGetOpenAiErrors) {
     close(fd);
     return reply;
   };
-  std::string cancel_reply, models_reply;
-  std::thread cancel([&] { cancel_reply = raw_post("/v1/batches/batch_x/cancel"); });
-  models_reply = raw_post("/v1/models");
-  cancel.join();
-  EXPECT_TRUE(absl::StartsWith(cancel_reply, "HTTP/1.1 411")) << cancel_reply;
-  EXPECT_TRUE(absl::StrContains(cancel_reply, "Content-Length: 0")) << cancel_reply;
+  const auto asked = std::chrono::steady_clock::now();
+  const std::string cancel_reply = raw_post("/v1/batches/batch_x/cancel");
+  const std::string models_reply = raw_post("/v1/models");
+  EXPECT_LT(std::chrono::steady_clock::now() - asked, std::chrono::seconds(2));
+  EXPECT_TRUE(absl::StartsWith(cancel_reply, "HTTP/1.1 404")) << cancel_reply;
+  EXPECT_TRUE(absl::StrContains(cancel_reply, "batch_x")) << cancel_reply;
   EXPECT_TRUE(absl::StartsWith(models_reply, "HTTP/1.1 405")) << models_reply;
   EXPECT_TRUE(absl::StrContains(models_reply, "Allow: GET")) << models_reply;
   // An error a handler sends keeps its own body.
