@@ -234,11 +234,15 @@ absl::StatusOr<Batch> BatchStore::Create(const std::string& id,
     if (!items[i].refused) continue;
     errors.set_refused(errors.refused() + 1);
     if (errors.errors_size() >= kBatchErrorsListed) continue;
+    // Each cut to a bounded size (a line may be a megabyte; its item keeps everything).
+    auto cut = [](const std::string& text, size_t most) {
+      return text.size() <= most ? text : text.substr(0, most - 3) + "...";
+    };
     auto* e = errors.add_errors();
     e->set_line(items[i].line);
-    e->set_custom_id(items[i].custom_id);
-    e->set_code(items[i].error_code);
-    e->set_message(items[i].error_message);
+    e->set_custom_id(cut(items[i].custom_id, 256));
+    e->set_code(cut(items[i].error_code, 64));
+    e->set_message(cut(items[i].error_message, 1024));
   }
   {
     Statement insert(db_,

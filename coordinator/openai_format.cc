@@ -127,6 +127,16 @@ bool ReadInt(const json& body, const char* key, int64_t lo, int64_t* out, ApiErr
   return true;
 }
 
+// A client's JSON value for an error message, cut to 64 characters: messages are stored with
+// batches and echoed back, so one must not carry a megabyte the client sent.
+std::string Excerpt(std::string text) {
+  if (text.size() > 64) text = text.substr(0, 61) + "...";
+  return text;
+}
+std::string Excerpt(const json& value) {
+  return Excerpt(value.dump(-1, ' ', false, json::error_handler_t::replace));
+}
+
 // A chat message's content: a string, or text parts.
 bool ReadContent(const json& content, size_t index, std::string* out, ApiError* error) {
   const std::string param = absl::StrCat("messages[", index, "].content");
@@ -182,7 +192,7 @@ bool ReadPrompt(const json& body, gemma::v1::GenerateRequest* request, ApiError*
       if (!id.is_number_integer()) {
         *error = InvalidRequestError(
             "prompt", absl::StrCat("prompt[", index, "] must be a token id (a whole number), got ",
-                                   Dump(id), "; a prompt is a string or a list of token ids"));
+                                   Excerpt(id), "; a prompt is a string or a list of token ids"));
         return false;
       }
       ++index;
@@ -216,13 +226,13 @@ bool ReadMessages(const json& body, gemma::v1::GenerateRequest* request, ApiErro
     std::string role = message["role"].get<std::string>();
     if (role == "developer") role = "system";
     if (role == "tool" || role == "function") {
-      *error = Unsupported(param + ".role", absl::StrCat("the role \"", role, "\""));
+      *error = Unsupported(param + ".role", absl::StrCat("the role ", Excerpt(json(role))));
       return false;
     }
     if (role != "system" && role != "user" && role != "assistant") {
       *error = InvalidRequestError(param + ".role",
-                       absl::StrCat("unknown role \"", role,
-                                    "\"; use system, developer, user or assistant"));
+                       absl::StrCat("unknown role ", Excerpt(json(role)),
+                                    "; use system, developer, user or assistant"));
       return false;
     }
     for (const char* key : {"tool_calls", "function_call", "audio"}) {
@@ -395,12 +405,13 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
       if (key != h.key) continue;
       harmless_field = true;
       if (!value.is_null() && !h.harmless(value)) {
-        error = Unsupported(key, absl::StrCat(key, " = ", Dump(value)));
+        error = Unsupported(key, absl::StrCat(key, " = ", Excerpt(value)));
         return result;
       }
     }
     if (!harmless_field) {
-      error = InvalidRequestError(key, absl::StrCat("Unrecognized request argument supplied: ", key));
+      error = InvalidRequestError(Excerpt(key), absl::StrCat("Unrecognized request argument supplied: ",
+                                                           Excerpt(key)));
       return result;
     }
   }
@@ -430,7 +441,7 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
   const std::vector<std::string> served =
       options.served_models ? options.served_models() : std::vector<std::string>{options.model_name};
   if (std::find(served.begin(), served.end(), model) == served.end()) {
-    error = InvalidRequestError("model", absl::StrCat("The model `", model, "` does not exist; this server "
+    error = InvalidRequestError("model", absl::StrCat("The model `", Excerpt(model), "` does not exist; this server "
                                           "serves `", absl::StrJoin(served, "`, `"), "`"));
     error.http_status = 404;
     error.code = "model_not_found";
@@ -493,14 +504,20 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
   if (Present(body, "seed")) {
     // A 64-bit signed integer, as vLLM takes it (each value its own stream: negative seeds map
     // above 2^63, where no non-negative one goes).
-    const json& seed = body["seed"];
+    json seed = body["seed"];
+    // A whole number written as a float (7.0) is that integer, as for the other integer fields.
+    if (seed.is_number_float() && std::isfinite(seed.get<double>()) &&
+        seed.get<double>() == std::trunc(seed.get<double>()) &&
+        std::abs(seed.get<double>()) < 9.2e18) {
+      seed = static_cast<int64_t>(seed.get<double>());
+    }
     const bool integer = seed.is_number_integer() &&
                          !(seed.is_number_unsigned() &&
                            seed.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX));
     if (!integer) {
       error = InvalidRequestError(
           "seed", absl::StrCat("seed must be an integer in [", INT64_MIN, ", ", INT64_MAX,
-                               "], got ", Dump(seed)));
+                               "], got ", Excerpt(seed)));
       return result;
     }
     sampling->set_seed(static_cast<uint64_t>(seed.get<int64_t>()));

@@ -162,8 +162,6 @@ TEST(BatchStoreTest, ListsNewestFirstInPagesAndNamesWhatIsMissing) {
   EXPECT_EQ((*store)->Get("batch_0")->counts().total(), 1);
 }
 
-// Batches belong to the token that created them: the list shows a user its own, an admin all;
-// a store written before owners existed gets the column, its batches owned by "".
 // A file of many bad lines: the batch keeps the first kBatchErrorsListed refusals and counts
 // them all (every one is a failed result), so its object stays small however many there are.
 TEST(BatchStoreTest, ABatchKeepsItsFirstRefusalsAndCountsThemAll) {
@@ -178,11 +176,23 @@ TEST(BatchStoreTest, ABatchKeepsItsFirstRefusalsAndCountsThemAll) {
   EXPECT_EQ(batch->errors(kBatchErrorsListed - 1).custom_id(),
             absl::StrCat("req-", 2 * (kBatchErrorsListed - 1)));
   EXPECT_LT(batch->ByteSizeLong(), 20000u);
+  // However long what a refused line carried, the batch keeps a bounded excerpt.
+  std::vector<NewBatchItem> long_items = Items(3, 1);
+  for (NewBatchItem& item : long_items) {
+    item.custom_id = std::string(100000, 'c') + item.custom_id;
+    item.error_message = std::string(1 << 20, 'm');
+  }
+  auto long_batch = (*store)->Create("batch_long", {}, long_items, 100, 200);
+  ASSERT_TRUE(long_batch.ok()) << long_batch.status();
+  ASSERT_EQ(long_batch->errors_size(), 3);
+  EXPECT_LT(long_batch->ByteSizeLong(), 5000u);
   auto results = (*store)->Results("batch_r", 0, 1000);
   ASSERT_TRUE(results.ok()) << results.status();
   EXPECT_EQ(results->size(), 500u);  // the refusals are results, all of them
 }
 
+// Batches belong to the token that created them: the list shows a user its own, an admin all;
+// a store written before owners existed gets the column, its batches owned by "".
 TEST(BatchStoreTest, ListsEachOwnersBatchesAndOwnersComeToOldStores) {
   const std::string path = TempPath("owners.db");
   {
