@@ -100,7 +100,10 @@ absl::StatusOr<Batch> Wait(gemma::v1::Batches::Stub& stub, const std::string& id
   std::optional<std::chrono::steady_clock::time_point> unreachable_since;
   while (true) {
     auto batch = Get(stub, id, flags.token);
-    if (!batch.ok() && batch.status().code() == absl::StatusCode::kUnavailable) {
+    // Refused connections are UNAVAILABLE; a Service whose pod is restarting may instead let
+    // the call hang until its deadline.
+    if (!batch.ok() && (batch.status().code() == absl::StatusCode::kUnavailable ||
+                        batch.status().code() == absl::StatusCode::kDeadlineExceeded)) {
       const auto now = std::chrono::steady_clock::now();
       if (!unreachable_since) {
         unreachable_since = now;
@@ -178,7 +181,7 @@ absl::Status Submit(gemma::v1::Batches::Stub& stub, const std::string& path,
   writer->WritesDone();
   RETURN_IF_ERROR(FromGrpc(writer->Finish(), absl::StrCat("submitting ", path)));
   std::cerr << absl::StrFormat("batch %s: %d items from %s (%d refused)\n", batch.id(), items,
-                               path, batch.errors_size());
+                               path, std::max<int64_t>(batch.refused(), batch.errors_size()));
   if (!flags.wait) {
     PrintBatch(batch, flags.json);
     return absl::OkStatus();
@@ -224,12 +227,12 @@ class Output {
   }
   absl::Status Close() {
     if (temp_.empty()) return absl::OkStatus();
-    closed_ = true;
     file_.close();
     if (!file_) return absl::DataLossError(absl::StrCat("cannot write ", temp_));
     std::error_code error;
     std::filesystem::rename(temp_, path_, error);
     if (error) return absl::DataLossError(absl::StrCat("cannot rename ", temp_, ": ", error.message()));
+    closed_ = true;  // renamed: nothing for the destructor to remove
     return absl::OkStatus();
   }
 
@@ -288,7 +291,10 @@ absl::Status Results(gemma::v1::Batches::Stub& stub, const std::string& id,
     }
     const grpc::Status finished = reader->Finish();
     if (finished.ok()) break;
-    if (finished.error_code() != grpc::StatusCode::UNAVAILABLE || !flags.wait) {
+    const bool outage = finished.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                        finished.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+                        finished.error_code() == grpc::StatusCode::CANCELLED;  // its shutdown
+    if (!outage || !flags.wait) {
       return FromGrpc(finished, absl::StrCat("reading the results of ", id));
     }
     const auto now = std::chrono::steady_clock::now();

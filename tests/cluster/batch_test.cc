@@ -116,6 +116,15 @@ class BatchTest : public ::testing::Test {
     return results;
   }
 
+  // Joins a thread when the test leaves, also through a failed ASSERT (a joinable thread's
+  // destructor would end the whole test binary).
+  struct JoinOnExit {
+    std::thread& thread;
+    ~JoinOnExit() {
+      if (thread.joinable()) thread.join();
+    }
+  };
+
   Cluster cluster_{"batch"};
   std::string data_dir_;
   std::unique_ptr<gemma::v1::Batches::Stub> batches_;
@@ -241,7 +250,10 @@ TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
                            created.id(), "--wait", "-o", out},
                           "", seconds(120));
   });
-  std::this_thread::sleep_for(milliseconds(300));
+  JoinOnExit join_waiting{waiting};
+  // gemmactl has read the batch (still running) once it opens its temporary output file.
+  EXPECT_TRUE(PollUntil([&] { return std::filesystem::exists(out + ".partial"); },
+                        milliseconds(10000)));
   grpc::ClientContext context;
   gemma::v1::CancelBatchRequest cancel;
   cancel.set_id(created.id());
@@ -300,6 +312,7 @@ TEST_F(BatchTest, GemmactlFollowsABatchAcrossACoordinatorRestart) {
                               "--wait", "--json"},
                              "", seconds(180));
   });
+  JoinOnExit join_submitting{submitting};
   // The batch appears; a follower of its results starts; then the coordinator restarts.
   std::string id;
   ASSERT_TRUE(PollUntil(
@@ -321,6 +334,7 @@ TEST_F(BatchTest, GemmactlFollowsABatchAcrossACoordinatorRestart) {
                             "--wait", "-o", out},
                            "", seconds(180));
   });
+  JoinOnExit join_following{following};
   WaitFor(id, [](const gemma::v1::Batch& b) { return b.counts().completed() >= 10; });
   std::string error;
   ASSERT_TRUE(cluster_.RestartCoordinator(&error)) << error;
