@@ -378,10 +378,6 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
   EXPECT_EQ(ok->status, 200) << ok->body;
 }
 
-// A request that names no max_tokens gets the default only as far as the context allows: a long
-// input generates up to the context's end instead of being refused (the default is the
-// server's, not the client's). A max_tokens the client names is still held to, with the room
-// left named, and an input that fills the context is refused saying so.
 // POST /v1/batches checks its fields as OpenAI's does: completion_window is required, metadata
 // is at most 16 string pairs of bounded size; a list's unknown cursor names the parameter the
 // client sent (after), not the store's name for it.
@@ -416,6 +412,10 @@ TEST_F(OpenAiTest, BatchCreationAndListingCheckTheirFields) {
       << listed->body;
 }
 
+// A request that names no max_tokens gets the default only as far as the context allows: a long
+// input generates up to the context's end instead of being refused (the default is the
+// server's, not the client's). A max_tokens the client names is still held to, with the room
+// left named, and an input that fills the context is refused saying so.
 TEST_F(OpenAiTest, AnUnnamedMaxTokensGivesWayToALongInput) {
   constexpr int64_t kContext = 4096;  // tiny-moe's max_position_embeddings
   json ids = json::array({2});
