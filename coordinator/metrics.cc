@@ -209,6 +209,17 @@ void Metrics::AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* la
   *last = value;
 }
 
+template <typename T>
+T& Metrics::Owned(prometheus::Family<T>& family, const std::string& replica,
+                  const prometheus::Labels& labels) {
+  T& metric = family.Add(labels);
+  auto& owned = replica_series_[replica];
+  if (owned.find(&metric) == owned.end()) {
+    owned.emplace(&metric, [&family, &metric] { family.Remove(&metric); });
+  }
+  return metric;
+}
+
 void Metrics::RefreshLocked() {
   const gemma::v1::GetStatusResponse status = registry_->Status();
   queued_.Add({}).Set(static_cast<double>(status.requests_queued()));
@@ -268,50 +279,52 @@ void Metrics::RefreshLocked() {
   // the replicas that route to experts (a dense replica reports no load and has no placement,
   // so it gets none), and per MoE model over all of its replicas.
   const gemma::v1::GetExpertLoadResponse load = registry_->ExpertLoad(false);
+  std::set<std::string> listed;
   for (const gemma::v1::ReplicaExpertLoad& r : load.replicas()) {
+    listed.insert(r.replica_id());
     const gemma::v1::ExpertLoad& t = r.totals();
     if (t.num_experts() == 0 && r.placement().num_ranks() <= 1) continue;
     const std::string& model = r.model();
     for (int l = 0; l < t.num_layers(); ++l) {
       int64_t tokens = 0;
       for (int e = 0; e < t.num_experts(); ++e) tokens += t.counts(l * t.num_experts() + e);
-      AddGrowth(expert_layer_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()},
+      AddGrowth(Owned(expert_layer_tokens_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()},
                                           {"layer", std::to_string(l)}}),
                 tokens, &last_layer_tokens_[{r.replica_id(), l}]);
     }
-    AddGrowth(recomputed_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()}}), t.recomputed_tokens(),
+    AddGrowth(Owned(recomputed_tokens_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}}), t.recomputed_tokens(),
               &last_recomputed_[r.replica_id()]);
     // The placement: its epoch and copies, and the last switch's balancedness.
     const gemma::v1::ExpertPlacement& placement = r.placement();
     absl::StatusOr<eplb::Placement> placed = absl::NotFoundError("none");
     if (placement.num_ranks() > 1) {
-      placement_epoch_.Add({{"model_name", model}, {"replica", r.replica_id()}}).Set(static_cast<double>(placement.epoch()));
+      Owned(placement_epoch_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}}).Set(static_cast<double>(placement.epoch()));
       placed = PlacementFromProto(placement);
     }
     if (placed.ok()) {
-      redundant_slots_.Add({{"model_name", model}, {"replica", r.replica_id()}}).Set(placed->redundant());
+      Owned(redundant_slots_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}}).Set(placed->redundant());
       for (int l = 0; l < placed->num_layers; ++l) {
         std::vector<int> copies(placed->num_experts, 0);
         for (int rank = 0; rank < placed->num_ranks; ++rank) {
           for (int32_t e : placed->RankSlots(l, rank)) ++copies[e];
         }
-        expert_copies_max_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+        Owned(expert_copies_max_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
             .Set(*std::max_element(copies.begin(), copies.end()));
       }
     }
     std::map<std::string, int> states;
     for (const gemma::v1::RebalanceRecord& s : r.switches()) ++states[s.state()];
     for (const char* state : {"offered", "active", "abandoned"}) {
-      rebalances_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"state", state}}).Set(states[state]);
+      Owned(rebalances_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"state", state}}).Set(states[state]);
     }
     if (r.switches_size() > 0) {
       const gemma::v1::RebalanceRecord& last = r.switches(r.switches_size() - 1);
-      rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "before"}})
+      Owned(rebalance_balancedness_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"stage", "before"}})
           .Set(last.balancedness_before());
-      rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "predicted"}})
+      Owned(rebalance_balancedness_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"stage", "predicted"}})
           .Set(last.balancedness_predicted());
       if (last.balancedness_measured() >= 0) {
-        rebalance_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"stage", "measured"}})
+        Owned(rebalance_balancedness_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"stage", "measured"}})
             .Set(last.balancedness_measured());
       }
     }
@@ -337,7 +350,7 @@ void Metrics::RefreshLocked() {
       }
       double total = 0, max = 0;
       for (int rank = 0; rank < ranks; ++rank) {
-        AddGrowth(rank_tokens_.Add({{"model_name", model}, {"replica", r.replica_id()},
+        AddGrowth(Owned(rank_tokens_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()},
                                     {"layer", std::to_string(l)},
                                     {"rank", std::to_string(rank)}}),
                   static_cast<int64_t>(per_rank[rank]), &last_rank_tokens_[{r.replica_id(), l, rank}]);
@@ -345,14 +358,28 @@ void Metrics::RefreshLocked() {
         max = std::max(max, per_rank[rank]);
       }
       const double balance = max > 0 ? total / ranks / max : 1.0;
-      rank_balancedness_.Add({{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
+      Owned(rank_balancedness_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}, {"layer", std::to_string(l)}})
           .Set(balance);
       balance_sum += balance;
     }
     if (t.num_layers() > 0) {
-      rank_balancedness_overall_.Add({{"model_name", model}, {"replica", r.replica_id()}})
+      Owned(rank_balancedness_overall_, r.replica_id(), {{"model_name", model}, {"replica", r.replica_id()}})
           .Set(balance_sum / t.num_layers());
     }
+  }
+  // A replica the registry no longer lists (gone past --forget-after) takes its series along;
+  // each re-registration is a new id, so they would pile up with every worker restart.
+  for (auto it = replica_series_.begin(); it != replica_series_.end();) {
+    if (listed.count(it->first) > 0) {
+      ++it;
+      continue;
+    }
+    for (auto& [metric, remove] : it->second) remove();
+    const std::string gone = it->first;
+    std::erase_if(last_layer_tokens_, [&](const auto& e) { return std::get<0>(e.first) == gone; });
+    std::erase_if(last_rank_tokens_, [&](const auto& e) { return std::get<0>(e.first) == gone; });
+    last_recomputed_.erase(gone);
+    it = replica_series_.erase(it);
   }
   for (const auto& [model, gauges] : by_model) {
     absl::StatusOr<gemma::v1::GetExpertLoadResponse> model_load = registry_->ExpertLoad(false, model);

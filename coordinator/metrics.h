@@ -14,6 +14,7 @@
 // the expert series are refreshed from the registry at each scrape.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <set>
 #include <memory>
@@ -68,6 +69,10 @@ class Metrics {
   // Adds to a counter the growth of a cumulative value reported from elsewhere (a replica
   // restarting from 0 adds its new value).
   static void AddGrowth(prometheus::Counter& counter, int64_t value, int64_t* last);
+  // family.Add(labels), remembered as one of `replica`'s series, removed with the replica.
+  template <typename T>
+  T& Owned(prometheus::Family<T>& family, const std::string& replica,
+           const prometheus::Labels& labels) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const Registry* const registry_;
   const bool per_expert_;
@@ -112,6 +117,9 @@ class Metrics {
   std::map<std::tuple<std::string, int, int>, int64_t> last_expert_tokens_ ABSL_GUARDED_BY(mutex_);
   std::map<std::tuple<std::string, int, int>, int64_t> last_rank_tokens_ ABSL_GUARDED_BY(mutex_);
   std::map<std::string, int64_t> last_recomputed_ ABSL_GUARDED_BY(mutex_);
+  // Per replica, its expert series and how to remove each.
+  std::map<std::string, std::map<const void*, std::function<void()>>> replica_series_
+      ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace gemma::coordinator

@@ -237,6 +237,20 @@ except openai.NotFoundError as error:
   StreamResult again = Generate(cluster.inference(), ModelRequest("moe", Prompt(7), 8));
   ASSERT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_EQ(again.ids, GemmaGenerate(kTinyMoe, Prompt(7), 8));
+  // The drained replica, gone from the registry, takes its expert series along (each worker
+  // restart is a new replica id: they would pile up).
+  ASSERT_TRUE(PollUntil(
+      [&] {
+        const gemma::v1::GetStatusResponse now = cluster.Status();
+        for (const auto& r : now.replicas()) {
+          if (r.id() == moe_id) return false;
+        }
+        return true;
+      },
+      milliseconds(15000)));
+  scraped = scraper.Get("/metrics");
+  ASSERT_TRUE(scraped && scraped->status == 200);
+  EXPECT_FALSE(absl::StrContains(scraped->body, "replica=\"" + moe_id + "\"")) << scraped->body;
 }
 
 // A model whose replica spans two workers (layout nodes: 2): two workers started without
