@@ -195,8 +195,13 @@ absl::StatusOr<Batch> BatchRunner::Create(const gemma::v1::CreateBatchHeader& he
   const int64_t expires =
       now + std::chrono::duration_cast<std::chrono::seconds>(options_.completion_window).count();
   RETURN_IF_ERROR(store_->Create(id, header, rows, now, expires).status());
-  RETURN_IF_ERROR(store_->SetStatus(id, "in_progress", UnixNow()));
-  LOG(INFO) << "batch " << id << ": " << rows.size() << " items";
+  // Every line refused: the input failed validation, as OpenAI ends such a batch, at once (it
+  // went through in_progress, which its creator saw as "8000/8000 done").
+  const bool all_refused =
+      std::all_of(rows.begin(), rows.end(), [](const NewBatchItem& row) { return row.refused; });
+  RETURN_IF_ERROR(store_->SetStatus(id, all_refused ? "failed" : "in_progress", UnixNow()));
+  LOG(INFO) << "batch " << id << ": " << rows.size() << " items"
+            << (all_refused ? ", every one refused: failed" : "");
   wake_.notify_all();
   return store_->Get(id);
 }

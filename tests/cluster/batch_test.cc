@@ -477,6 +477,8 @@ TEST_F(BatchTest, GemmactlSubmitsAnOpenAiFileAndWritesItsOutputFiles) {
   const json refused_batch = json::parse(all_refused.out, nullptr, false);
   ASSERT_FALSE(refused_batch.is_discarded()) << all_refused.out << all_refused.err;
   EXPECT_EQ(refused_batch["status"], "failed") << all_refused.out;
+  // Failed from the start: never shown as running.
+  EXPECT_FALSE(absl::StrContains(all_refused.err, "in_progress")) << all_refused.err;
   EXPECT_EQ(refused_batch["errors"].size(), 100u);
   EXPECT_EQ(refused_batch["refused"], "150");  // proto JSON: int64 as text
   ToolRun listed = RunWithStdin(
