@@ -1,11 +1,14 @@
 #include "coordinator/openai_batch_api.h"
 
+#include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/match.h"
 #include "absl/strings/strip.h"
@@ -261,15 +264,31 @@ void AddOpenAiBatchRoutes(httplib::Server& http, BatchRunner* runner,
         SendStatus(response, absl::NotFoundError(absl::StrCat("no file ", id)));
         return;
       }
-      // Its size is that of the lines it holds now (rendered, as its content is).
-      absl::StatusOr<std::string> content = ResultFile(*runner, batch_id, errors, openai->model_name);
-      if (!content.ok()) {
-        SendStatus(response, content.status());
-        return;
+      // Its size is that of the lines it holds now (rendered, as its content is), kept once
+      // the batch has ended and its results no longer change, so polling the object does not
+      // render a large file each time.
+      static absl::Mutex sizes_mutex;
+      static auto* sizes = new std::map<std::string, int64_t>();
+      std::optional<int64_t> bytes;
+      {
+        absl::MutexLock lock(&sizes_mutex);
+        if (auto it = sizes->find(id); it != sizes->end()) bytes = it->second;
       }
-      SendJson(response, FileObject({id, "batch_output", id + ".jsonl",
-                                     static_cast<int64_t>(content->size()), batch->created_at(),
-                                     batch->owner()}));
+      if (!bytes) {
+        absl::StatusOr<std::string> content =
+            ResultFile(*runner, batch_id, errors, openai->model_name);
+        if (!content.ok()) {
+          SendStatus(response, content.status());
+          return;
+        }
+        bytes = static_cast<int64_t>(content->size());
+        if (BatchFinal(batch->status())) {
+          absl::MutexLock lock(&sizes_mutex);
+          (*sizes)[id] = *bytes;
+        }
+      }
+      SendJson(response, FileObject({id, "batch_output", id + ".jsonl", *bytes,
+                                     batch->created_at(), batch->owner()}));
       return;
     }
     auto file = runner->store().GetFile(id);
