@@ -346,17 +346,21 @@ absl::Status BatchCommand(const std::vector<std::string>& args,
   }
   if (verb == "results" && args.size() == 2) return Results(*stub, args[1], flags);
   if (verb == "cancel" && args.size() == 2) {
+    // What it was before says whether this cancel stopped it: a running batch with nothing in
+    // flight goes straight to "cancelled", which is no sign that it had ended.
+    ASSIGN_OR_RETURN(const Batch before, Get(*stub, args[1], flags.token));
     grpc::ClientContext context;
     gemma::AddBearer(context, flags.token);
     gemma::v1::CancelBatchRequest request;
     request.set_id(args[1]);
     Batch batch;
     RETURN_IF_ERROR(FromGrpc(stub->CancelBatch(&context, request, &batch)));
-    // The call moves a running batch to "cancelling"; any other end state was there before.
-    if (batch.status() == "completed" || batch.status() == "failed" ||
-        batch.status() == "expired" || batch.status() == "cancelled") {
-      std::cerr << "batch " << batch.id() << " had already ended (" << batch.status()
+    if (coordinator::BatchFinal(before.status())) {
+      std::cerr << "batch " << batch.id() << " had already ended (" << before.status()
                 << "): nothing to cancel\n";
+    } else {
+      std::cerr << "batch " << batch.id() << " " << batch.status()
+                << ": no new items start; results already in stay readable\n";
     }
     PrintBatch(batch, flags.json);
     return absl::OkStatus();

@@ -254,15 +254,19 @@ TEST_F(BatchTest, CancellingStopsTheRestAndKeepsWhatFinished) {
   // gemmactl has read the batch (still running) once it opens its temporary output file.
   EXPECT_TRUE(PollUntil([&] { return std::filesystem::exists(out + ".partial"); },
                         milliseconds(10000)));
-  grpc::ClientContext context;
-  gemma::v1::CancelBatchRequest cancel;
-  cancel.set_id(created.id());
-  gemma::v1::Batch cancelling;
-  ASSERT_TRUE(batches_->CancelBatch(&context, cancel, &cancelling).ok());
-  EXPECT_TRUE(cancelling.status() == "cancelling" || cancelling.status() == "cancelled")
-      << cancelling.status();
+  // Cancelled with gemmactl, which says it stopped the batch (a batch with nothing in flight
+  // goes straight to cancelled, which it read as "had already ended").
+  ToolRun cancelled = RunWithStdin(
+      {"gemmactl", "--coordinator", coordinator, "batch", "cancel", created.id()}, "");
+  ASSERT_EQ(cancelled.exit_code, 0) << cancelled.err;
+  EXPECT_TRUE(absl::StrContains(cancelled.err, "no new items start")) << cancelled.err;
+  EXPECT_FALSE(absl::StrContains(cancelled.err, "had already ended")) << cancelled.err;
   const gemma::v1::Batch batch =
       WaitFor(created.id(), [](const gemma::v1::Batch& b) { return b.status() == "cancelled"; });
+  ToolRun again = RunWithStdin(
+      {"gemmactl", "--coordinator", coordinator, "batch", "cancel", created.id()}, "");
+  EXPECT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_TRUE(absl::StrContains(again.err, "had already ended (cancelled)")) << again.err;
   ASSERT_EQ(batch.status(), "cancelled");
   EXPECT_GE(batch.counts().completed(), 4);
   EXPECT_LT(batch.counts().completed(), 200);
