@@ -102,8 +102,9 @@ namespace {
 constexpr char kUsage[] =
     "talks to a gemma-coordinator\n"
     "  gemmactl generate \"text\" | generate --tokens 2,17,301 [--max-tokens N] "
-    "[--temperature T] [--json]\n"
-    "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--json] [--echo]\n"
+    "[--temperature T] [--model NAME] [--json]\n"
+    "  gemmactl chat [--system \"text\"] [--max-tokens N] [--temperature T] [--model NAME] "
+    "[--json] [--echo]\n"
     "      one user turn per line of stdin; /reset forgets the conversation, /exit or EOF ends\n"
     "  gemmactl status [--json]\n"
     "  gemmactl experts [--model NAME] [--replica ID] [--json] [--watch [--interval-ms N]]\n"
@@ -116,7 +117,9 @@ constexpr char kUsage[] =
     "      its recent load and switches to it live; prints balancedness before and predicted\n"
     "  gemmactl batch submit FILE.jsonl [--wait]   an OpenAI batch input file\n"
     "  gemmactl batch status ID | list | cancel ID [--json]\n"
-    "  gemmactl batch results ID [--output|-o OUT.jsonl] [--errors ERR.jsonl] [--wait]\n"
+    "  gemmactl batch results ID [--output|-o OUT.jsonl] [--errors ERR.jsonl] [--model-name NAME] "
+    "[--wait]\n"
+    "  gemmactl COMMAND --help   that command's usage and flags\n"
     "  --coordinator HOST:PORT (default $GEMMA_COORDINATOR, else localhost:50051)\n"
     "  --token TOKEN (default $GEMMA_TOKEN) for a coordinator that asks for one\n"
     "  --tls-ca FILE (default $GEMMA_TLS_CA) for a coordinator that speaks TLS";
@@ -1052,6 +1055,18 @@ int main(int argc, char** argv) {
       status = channel.status();
     }
   } else {
+    bool known = false;
+    for (const CommandHelp& c : CommandHelps()) known = known || command == c.name;
+    if (command.empty()) {
+      std::cerr << "gemmactl: no command given\n";
+    } else if (command == "help" && args.size() >= 3) {
+      std::cerr << "gemmactl: no command \"" << args[2] << "\" to help with\n";
+    } else if (!known) {
+      std::cerr << "gemmactl: unknown command \"" << command << "\"\n";
+    } else {
+      std::cerr << "gemmactl: wrong arguments for " << command << " (gemmactl " << command
+                << " --help)\n";
+    }
     std::cerr << "gemmactl: " << kUsage << "\n";
     return 2;
   }

@@ -601,6 +601,10 @@ TEST(GemmactlNoClusterTest, EachCommandHasItsOwnHelp) {
     EXPECT_FALSE(absl::StrContains(run.out, not_want)) << run.out;
     EXPECT_TRUE(absl::StrContains(run.out, "--coordinator")) << run.out;  // shared flags too
   }
+  // An unknown command is named as one, before the usage.
+  ToolRun unknown = RunWithStdin({"gemmactl", "nosuch"}, "");
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_TRUE(absl::StartsWith(unknown.err, "gemmactl: unknown command \"nosuch\"\n")) << unknown.err;
   // Without a command: the whole tool's usage, still exit 0.
   ToolRun all = RunWithStdin({"gemmactl", "help"}, "");
   EXPECT_EQ(all.exit_code, 0);
