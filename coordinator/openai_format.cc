@@ -377,12 +377,12 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
 
   static const std::set<std::string> kCompletionFields = {
       "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n",
-      "stream", "stream_options", "suffix", "skip_special_tokens"};
+      "stream", "stream_options", "suffix", "skip_special_tokens", "ignore_eos"};
   static const std::set<std::string> kChatFields = {
       "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
       "top_k", "seed", "stop", "n", "stream", "stream_options", "tools", "tool_choice",
       "functions", "function_call", "top_logprobs", "modalities", "audio", "reasoning_effort",
-      "skip_special_tokens"};
+      "skip_special_tokens", "ignore_eos"};
   const auto& known = kind == ApiKind::kChat ? kChatFields : kCompletionFields;
   if (Present(body, "user") && !body["user"].is_string()) {
     error = InvalidRequestError("user", "user must be a string");
@@ -492,6 +492,14 @@ ParseResult ParseOpenAiRequest(const json& body, ApiKind kind, const OpenAiOptio
     skip_special = body["skip_special_tokens"].get<bool>();
   }
   request.set_skip_special_tokens(skip_special);
+  // An extension (vLLM's): do not stop at the model's end ids (benchmarks ask for it).
+  if (Present(body, "ignore_eos")) {
+    if (!body["ignore_eos"].is_boolean()) {
+      error = InvalidRequestError("ignore_eos", "ignore_eos must be true or false");
+      return result;
+    }
+    request.set_ignore_eos(body["ignore_eos"].get<bool>());
+  }
   if (Present(body, "top_k")) {  // an extension (vLLM's): -1 or 0 keeps every token
     int64_t top_k = 0;
     if (!ReadInt(body, "top_k", -1, &top_k, &error)) return result;

@@ -378,6 +378,32 @@ TEST_F(OpenAiTest, BadBodiesGetOpenAiErrors) {
   EXPECT_EQ(ok->status, 200) << ok->body;
 }
 
+// ignore_eos (vLLM's extension, which benchmark tools send): the same seeded sampling runs past
+// the end id that stopped it, to exactly max_tokens. Hot sampling over the tiny vocabulary
+// reaches an end id within a few hundred tokens.
+TEST_F(OpenAiTest, IgnoreEosRunsPastTheEndIdToMaxTokens) {
+  auto complete = [&](bool ignore_eos) {
+    json body = {{"model", kModelName}, {"prompt", json::array({2, 17, 301})},
+                 {"max_tokens", 3000}, {"temperature", 2}, {"seed", 11}};
+    if (ignore_eos) body["ignore_eos"] = true;
+    auto response = Post("/v1/completions", body.dump());
+    EXPECT_TRUE(response && response->status == 200) << (response ? response->body : "");
+    return response ? json::parse(response->body, nullptr, false) : json();
+  };
+  const json stopped = complete(false);
+  const json ran_on = complete(true);
+  ASSERT_EQ(stopped["choices"][0]["finish_reason"], "stop") << stopped.dump();
+  EXPECT_LT(stopped["usage"]["completion_tokens"].get<int64_t>(), 3000);
+  EXPECT_EQ(ran_on["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(ran_on["usage"]["completion_tokens"], 3000);
+  EXPECT_TRUE(absl::StartsWith(ran_on["choices"][0]["text"].get<std::string>(),
+                               stopped["choices"][0]["text"].get<std::string>()));
+  auto refused = Post("/v1/completions", json{{"model", kModelName}, {"prompt", "x"},
+                                              {"ignore_eos", "yes"}}.dump());
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->status, 400);
+}
+
 // POST /v1/batches checks its fields as OpenAI's does: completion_window is required, metadata
 // is at most 16 string pairs of bounded size; a list's unknown cursor names the parameter the
 // client sent (after), not the store's name for it.

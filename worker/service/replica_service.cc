@@ -87,6 +87,7 @@ absl::StatusOr<engine::Request> ToEngineRequest(const ReplicaGenerateRequest& ca
   request.max_tokens = proto.max_tokens() > 0 ? proto.max_tokens() : kDefaultMaxTokens;
   request.max_tokens_up_to_context = proto.max_tokens_up_to_context();
   request.skip_special_tokens = proto.skip_special_tokens();
+  request.ignore_end_ids = proto.ignore_eos();
   request.priority = proto.priority();
   request.stop_token_ids.assign(proto.stop_token_ids().begin(), proto.stop_token_ids().end());
   request.stop_strings.assign(proto.stop_strings().begin(), proto.stop_strings().end());
