@@ -60,8 +60,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     CHECK_EQ(batch.status().code(), absl::StatusCode::kInvalidArgument) << batch.status();
     return 0;
   }
-  CHECK_EQ(batch->status(), "in_progress");
+  // Running, or failed at once when every line was refused (the input did not validate).
+  CHECK_EQ(batch->status(), batch->refused() == static_cast<int64_t>(items.size()) ? "failed"
+                                                                                  : "in_progress");
   CHECK_EQ(batch->counts().total(), static_cast<int64_t>(items.size()));
+  CHECK_LE(batch->errors_size(), kBatchErrorsListed);
   (void)Dump(BatchObject(*batch));
   auto results = (*store)->Results(batch->id(), 0, batch->counts().total());
   CHECK(results.ok()) << results.status();
