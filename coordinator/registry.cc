@@ -637,10 +637,7 @@ absl::StatusOr<gemma::v1::GetExpertLoadResponse> Registry::ExpertLoad(
     bool include_windows, absl::string_view model) const {
   absl::MutexLock lock(&mutex_);
   const std::string resolved = model.empty() ? options_.default_model : std::string(model);
-  bool known = options_.models.empty() ? resolved == options_.default_model
-                                       : SpecOf(resolved) != nullptr;
-  for (const Entry& entry : entries_) known = known || entry.replica->model == resolved;
-  if (!known) {
+  if (!ServesLocked(resolved)) {
     return absl::NotFoundError(absl::StrCat("no model \"", resolved, "\" is served (served: ",
                                             absl::StrJoin(ServedModelsLocked(), ", "), ")"));
   }
