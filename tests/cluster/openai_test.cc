@@ -116,6 +116,8 @@ TEST_F(OpenAiTest, OfficialClientGetsWhatTheGrpcApiGives) {
   EXPECT_EQ(out["completion"]["usage"]["completion_tokens"], text.final.generated_tokens());
   EXPECT_EQ(out["completion_stream"]["text"], text.text);
   EXPECT_TRUE(out["seeded_equal"].get<bool>());
+  EXPECT_EQ(out["ignore_eos"]["finish_reason"], "length") << out["ignore_eos"].dump();
+  EXPECT_EQ(out["ignore_eos"]["completion_tokens"], 8) << out["ignore_eos"].dump();
 
   // Refusals, as the client raises them: status and the OpenAI error object.
   const json& errors = out["errors"];

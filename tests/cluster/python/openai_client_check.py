@@ -56,6 +56,11 @@ out["completion_stream"] = {"text": "".join(pieces)}
 seeded = [client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
                                     temperature=0.9, seed=7).choices[0].text for _ in range(2)]
 out["seeded_equal"] = seeded[0] == seeded[1]
+# vLLM's ignore_eos as its users send it through the official client (extra_body).
+ignored = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+out["ignore_eos"] = {"finish_reason": ignored.choices[0].finish_reason,
+                     "completion_tokens": ignored.usage.completion_tokens}
 
 errors = {}
 def expect_error(name, call):
